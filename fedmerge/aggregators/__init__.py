@@ -1,0 +1,41 @@
+"""Aggregators: one module per method, registered by name.
+
+>>> from fedmerge.aggregators import available, create, merge
+>>> sorted(available())[:3]
+['dare_linear', 'dare_ties', 'della']
+"""
+
+from fedmerge.aggregators import (  # noqa: F401  (import registers each method)
+    dare_linear,
+    dare_ties,
+    della,
+    fedavg,
+    magmax,
+    median,
+    task_arithmetic,
+    ties,
+    trimmed_mean,
+)
+from fedmerge.aggregators.base import (
+    Aggregator,
+    Prepared,
+    available,
+    create,
+    derive_generator,
+    derive_seed,
+    get,
+    merge,
+    register,
+)
+
+__all__ = [
+    "Aggregator",
+    "Prepared",
+    "available",
+    "create",
+    "derive_generator",
+    "derive_seed",
+    "get",
+    "merge",
+    "register",
+]

@@ -1,0 +1,293 @@
+"""The streaming aggregator interface and the registry.
+
+Life cycle of one merge::
+
+    agg = create("ties", density=0.2, seed=7, round=3)
+    agg.begin(reference_shapes)          # name → shape of every tensor of the delta
+    for delta, n in replies:             # as replies arrive
+        agg.add(delta, weight=n, client_id=cid)
+    merged = agg.finalize()              # name → fp32 tensor
+
+``add`` accepts, per tensor, a dense tensor (fp32, fp16, bf16, fp64) or a
+:class:`~fedmerge.delta.SparseTensor`; everything is accumulated in fp32. Dense deltas are held
+in a group of at most ``group_size`` clients and folded together (see
+:mod:`fedmerge.aggregators.kernels`), so memory is O(P + group_size·P) whatever the number of
+clients; sparse deltas are folded at once. Aggregators whose ``streaming`` flag is False (the
+coordinate-wise median and trimmed mean) must buffer every delta: O(N·P).
+
+Randomness: every stochastic step draws from a ``torch.Generator`` derived from
+(seed, round, client id, tensor name) by :func:`derive_generator`, so results do not depend on
+arrival order or on which tensors are processed first; ``add(..., generator=g)`` overrides it
+with one generator consumed over the tensors in sorted-name order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeAlias, TypeVar
+
+import torch
+
+from fedmerge.delta.sparse import SparseTensor
+from fedmerge.delta.state_dict import check_shapes
+from fedmerge.errors import AggregatorStateError, ConfigError, InvalidSubmission, UnknownAggregatorError
+
+DeltaTensor: TypeAlias = torch.Tensor | SparseTensor
+ClientDelta: TypeAlias = Mapping[str, DeltaTensor]
+
+
+def derive_seed(seed: int, round: int, client: str | int, name: str = "") -> int:
+    """A 63-bit seed from (seed, round, client, tensor name): stable across runs and platforms."""
+    digest = hashlib.blake2b(f"{seed}|{round}|{client}|{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def derive_generator(
+    seed: int, round: int, client: str | int, name: str = "", device: torch.device | str = "cpu"
+) -> torch.Generator:
+    """A fresh ``torch.Generator`` seeded by :func:`derive_seed`."""
+    return torch.Generator(device=device).manual_seed(derive_seed(seed, round, client, name))
+
+
+@dataclass
+class Prepared:
+    """A client tensor after the aggregator's per-client step (trim, drop, ...).
+
+    ``threshold`` > 0 asks the fold to keep only entries with |x| ≥ threshold (a fused TIES trim).
+    """
+
+    data: DeltaTensor
+    threshold: float = 0.0
+
+
+def check_fraction(
+    name: str, value: float, *, low: float = 0.0, high: float = 1.0, open_low: bool = False
+) -> float:
+    """Validate a hyper-parameter in [low, high] (or (low, high] with ``open_low``)."""
+    v = float(value)
+    ok = (v > low if open_low else v >= low) and v <= high and math.isfinite(v)
+    if not ok:
+        bracket = "(" if open_low else "["
+        raise ConfigError(f"{name} must be in {bracket}{low}, {high}], got {value!r}")
+    return v
+
+
+class Aggregator(ABC):
+    """Base class: the begin/add/finalize state machine, validation, grouping and randomness."""
+
+    name: ClassVar[str]
+    streaming: ClassVar[bool] = True  # memory independent of the number of clients
+    averaging: ClassVar[bool] = False  # identical client deltas (any weights) merge to that delta
+    stochastic: ClassVar[bool] = False
+    identity_params: ClassVar[dict[str, Any]] = {}  # parameters under which `averaging` holds
+
+    def __init__(
+        self,
+        *,
+        seed: int = 0,
+        round: int = 0,
+        group_size: int = 8,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if int(group_size) < 1:
+            raise ConfigError(f"group_size must be ≥ 1, got {group_size!r}")
+        self.seed = int(seed)
+        self.round = int(round)
+        self.group_size = int(group_size)
+        self.device = torch.device(device)
+        self._shapes: dict[str, tuple[int, ...]] | None = None
+        self._pending: list[tuple[dict[str, Prepared], float]] = []
+        self._acc: dict[str, list[torch.Tensor]] = {}
+        self._num_clients = 0
+        self._total_weight = 0.0
+        self._finalized = False
+
+    # ------------------------------------------------------------------ public interface
+    @property
+    def params(self) -> dict[str, Any]:
+        """The method's hyper-parameters, exactly as used (recorded in version manifests)."""
+        return {"seed": self.seed, "round": self.round}
+
+    @property
+    def num_clients(self) -> int:
+        return self._num_clients
+
+    def begin(self, reference_shapes: Mapping[str, Sequence[int]]) -> None:
+        """Start a merge over tensors with these names and shapes."""
+        if self._shapes is not None and not self._finalized:
+            raise AggregatorStateError(f"{self.name}: begin() called twice; call finalize() first")
+        if not reference_shapes:
+            raise ConfigError(f"{self.name}: reference_shapes is empty; nothing to merge")
+        self._shapes = {k: tuple(int(d) for d in v) for k, v in reference_shapes.items()}
+        self._pending, self._acc = [], {}
+        self._num_clients, self._total_weight, self._finalized = 0, 0.0, False
+
+    def add(
+        self,
+        client_delta: ClientDelta,
+        weight: float = 1.0,
+        *,
+        client_id: str | int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        """Fold one client's delta in. ``weight`` is e.g. its number of examples (≥ 0, finite)."""
+        shapes = self._require_begun()
+        cid = self._num_clients if client_id is None else client_id
+        w = float(weight)
+        if not math.isfinite(w) or w < 0:
+            raise InvalidSubmission(f"client {cid}: weight must be finite and ≥ 0, got {weight!r}")
+        check_shapes({k: tuple(v.shape) for k, v in client_delta.items()}, shapes, what=f"client {cid} delta")
+        for key in sorted(client_delta):
+            dtype = client_delta[key].dtype
+            if not dtype.is_floating_point:
+                raise InvalidSubmission(
+                    f"client {cid}: tensor {key!r} has dtype {dtype}; deltas must be floating"
+                )
+        prepared: dict[str, Prepared] = {}
+        for key in sorted(shapes):
+            gen = generator if generator is not None else self._generator(cid, key)
+            prepared[key] = self._prepare(key, client_delta[key], gen)
+        sparse = {k: p for k, p in prepared.items() if isinstance(p.data, SparseTensor)}
+        for key, item in sparse.items():
+            self._fold_sparse(key, item, w)
+        dense = {k: p for k, p in prepared.items() if k not in sparse}
+        if dense:
+            self._pending.append((dense, w))
+        self._num_clients += 1
+        self._total_weight += w
+        if len(self._pending) >= self.group_size:
+            self._flush()
+
+    def finalize(self) -> dict[str, torch.Tensor]:
+        """The merged delta: name → fp32 tensor with the reference shape."""
+        shapes = self._require_begun()
+        if self._num_clients == 0:
+            raise AggregatorStateError(f"{self.name}: finalize() before any add(); no client delta to merge")
+        self._flush()
+        out = {key: self._finalize_tensor(key, shape).reshape(shape) for key, shape in shapes.items()}
+        self._finalized = True
+        self._acc = {}
+        return out
+
+    # ------------------------------------------------------------------ subclass hooks
+    def _prepare(self, key: str, x: DeltaTensor, generator: torch.Generator) -> Prepared:
+        """Per-client step before folding (trim, random drop, ...). Default: none."""
+        return Prepared(x)
+
+    @abstractmethod
+    def _fold_dense(self, key: str, items: list[Prepared], weights: list[float]) -> None:
+        """Fold a group of dense client tensors for one parameter into the accumulators."""
+
+    @abstractmethod
+    def _fold_sparse(self, key: str, item: Prepared, weight: float) -> None:
+        """Fold one client's sparse tensor for one parameter into the accumulators."""
+
+    @abstractmethod
+    def _finalize_tensor(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """The merged flat fp32 tensor for one parameter."""
+
+    # ------------------------------------------------------------------ helpers for subclasses
+    def _accumulators(self, key: str, count: int, fill: float = 0.0) -> list[torch.Tensor]:
+        """``count`` flat fp32 accumulators for ``key``, allocated on first use."""
+        if key not in self._acc:
+            assert self._shapes is not None
+            numel = math.prod(self._shapes[key])
+            self._acc[key] = [
+                torch.full((numel,), fill, dtype=torch.float32, device=self.device) for _ in range(count)
+            ]
+        return self._acc[key]
+
+    def _generator(self, client: str | int, key: str) -> torch.Generator:
+        return derive_generator(self.seed, self.round, client, key)
+
+    def _require_begun(self) -> dict[str, tuple[int, ...]]:
+        if self._shapes is None:
+            raise AggregatorStateError(f"{self.name}: call begin(reference_shapes) before add()/finalize()")
+        if self._finalized:
+            raise AggregatorStateError(f"{self.name}: this merge is finalized; call begin() to start another")
+        return self._shapes
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        weights = [w for _, w in self._pending]
+        for key in self._pending[0][0]:
+            self._fold_dense(key, [items[key] for items, _ in self._pending], weights)
+        self._pending = []
+
+
+def dense_of(x: DeltaTensor) -> torch.Tensor:
+    return x.to_dense() if isinstance(x, SparseTensor) else x
+
+
+# ---------------------------------------------------------------------- registry
+A = TypeVar("A", bound=type[Aggregator])
+_REGISTRY: dict[str, type[Aggregator]] = {}
+
+
+def register(cls: A) -> A:
+    """Class decorator: make an aggregator available by its ``name``."""
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ConfigError(f"aggregator name {cls.name!r} is registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available() -> list[str]:
+    """Names of every registered aggregator."""
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> type[Aggregator]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownAggregatorError(
+            f"no aggregator named {name!r}; available: {', '.join(available())}"
+        ) from None
+
+
+def create(name: str, **params: Any) -> Aggregator:
+    """Instantiate a registered aggregator, reporting unknown or invalid parameters clearly."""
+    cls = get(name)
+    accepted = _accepted_params(cls)
+    unknown = sorted(set(params) - accepted)
+    if unknown:
+        raise ConfigError(f"aggregator {name!r} does not take {unknown}; it accepts {sorted(accepted)}")
+    return cls(**params)
+
+
+def _accepted_params(cls: type[Aggregator]) -> set[str]:
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init: Callable[..., Any] | None = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        for p in inspect.signature(init).parameters.values():
+            if p.kind is p.KEYWORD_ONLY or (p.kind is p.POSITIONAL_OR_KEYWORD and p.name != "self"):
+                names.add(p.name)
+    return names
+
+
+def merge(
+    name: str,
+    deltas: Sequence[ClientDelta],
+    weights: Sequence[float] | None = None,
+    **params: Any,
+) -> dict[str, torch.Tensor]:
+    """One-shot merge: ``create(name, **params)``, begin, add each delta (client ids 0..N−1), finalize."""
+    if not deltas:
+        raise ConfigError("merge() needs at least one delta")
+    ws = [1.0] * len(deltas) if weights is None else list(weights)
+    if len(ws) != len(deltas):
+        raise ConfigError(f"got {len(deltas)} deltas but {len(ws)} weights")
+    agg = create(name, **params)
+    agg.begin({k: tuple(v.shape) for k, v in deltas[0].items()})
+    for i, (delta, w) in enumerate(zip(deltas, ws, strict=True)):
+        agg.add(delta, w, client_id=i)
+    return agg.finalize()

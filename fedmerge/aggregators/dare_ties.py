@@ -1,0 +1,38 @@
+"""DARE-TIES (Yu et al. 2024, DARE, combined with TIES' sign election, as in mergekit and peft).
+
+    τ̃_i = m_i ⊙ τ_i / density,  m_i ~ Bernoulli(density)        (DARE drop and rescale)
+    γ = sgn(Σ_i v_i τ̃_i);  τ = λ · Σ_{i: sgn(τ̃_i)=γ} w_i τ̃_i / D  (TIES elect + disjoint mean)
+
+Options as in :mod:`fedmerge.aggregators.ties` (sign_election, vote_weighting, divisor) and
+:mod:`fedmerge.aggregators.sparsify` (rescale). Streams in O(P).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from fedmerge.aggregators.base import DeltaTensor, Prepared, check_fraction, register
+from fedmerge.aggregators.sparsify import check_rescale, dare_drop
+from fedmerge.aggregators.ties import SignConsensusAggregator
+
+
+@register
+class DareTies(SignConsensusAggregator):
+    name: ClassVar[str] = "dare_ties"
+    stochastic: ClassVar[bool] = True
+    averaging: ClassVar[bool] = True
+    identity_params: ClassVar[dict[str, object]] = {"density": 1.0}
+
+    def __init__(self, *, density: float = 0.5, rescale: str = "inverse", **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.density = check_fraction("density", density, open_low=True)
+        self.rescale = check_rescale(rescale)
+
+    @property
+    def params(self) -> dict[str, object]:
+        return {**super().params, "density": self.density, "rescale": self.rescale}
+
+    def _prepare(self, key: str, x: DeltaTensor, generator: torch.Generator) -> Prepared:
+        return Prepared(dare_drop(x, self.density, generator, self.rescale))

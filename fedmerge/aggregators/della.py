@@ -1,0 +1,46 @@
+"""DELLA (Deep et al. 2024, "DELLA-Merging: Reducing Interference in Model Merging through
+Magnitude-Based Sampling"), with the drop step defined as mergekit's ``della_magprune``.
+
+    p_i = (density − ε) + 2ε · r_i,  r_i = row-wise magnitude rank of τ_i normalised to [0, 1]
+    τ̃_i = m_i ⊙ τ_i / p_i,  m_i ~ Bernoulli(p_i)                          (MAGPRUNE)
+    τ = λ · Σ_{i: sgn(τ̃_i)=γ} w_i τ̃_i / D,  γ = sgn(Σ v_i τ̃_i)           (elect + fuse, as TIES)
+
+density ± ε must lie in (0, 1). Ranking needs the whole tensor, so DELLA densifies sparse inputs.
+Streams in O(P).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from fedmerge.aggregators.base import DeltaTensor, Prepared, check_fraction, dense_of, register
+from fedmerge.aggregators.sparsify import check_rescale, della_drop
+from fedmerge.aggregators.ties import SignConsensusAggregator
+from fedmerge.errors import ConfigError
+
+
+@register
+class Della(SignConsensusAggregator):
+    name: ClassVar[str] = "della"
+    stochastic: ClassVar[bool] = True
+
+    def __init__(
+        self, *, density: float = 0.5, epsilon: float = 0.1, rescale: str = "inverse", **kwargs: object
+    ) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.density = check_fraction("density", density, open_low=True)
+        self.epsilon = check_fraction("epsilon", epsilon)
+        if self.density < 1.0 and not (self.density - self.epsilon > 0 and self.density + self.epsilon < 1):
+            raise ConfigError(
+                f"DELLA needs density ± epsilon inside (0, 1); got density={density}, epsilon={epsilon}"
+            )
+        self.rescale = check_rescale(rescale)
+
+    @property
+    def params(self) -> dict[str, object]:
+        return {**super().params, "density": self.density, "epsilon": self.epsilon, "rescale": self.rescale}
+
+    def _prepare(self, key: str, x: DeltaTensor, generator: torch.Generator) -> Prepared:
+        return Prepared(della_drop(dense_of(x), self.density, self.epsilon, generator, self.rescale))

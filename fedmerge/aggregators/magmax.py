@@ -1,0 +1,41 @@
+"""MagMax (Marczak et al. 2024, "MagMax: Leveraging Model Merging for Seamless Continual Learning").
+
+    τ_j = λ · τ_{i*, j},   i* = argmax_i |τ_{i, j}|        (per coordinate j)
+
+Weights are ignored (the method has none). On an exact tie in magnitude the positive value wins,
+so the result does not depend on client order. Streams in O(P) (one accumulator).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from fedmerge.aggregators.base import Aggregator, Prepared, register
+from fedmerge.aggregators.kernels import max_abs_dense, max_abs_sparse
+from fedmerge.delta.sparse import SparseTensor
+
+
+@register
+class MagMax(Aggregator):
+    name: ClassVar[str] = "magmax"
+    averaging: ClassVar[bool] = True
+
+    def __init__(self, *, scaling: float = 1.0, **common: object) -> None:
+        super().__init__(**common)  # type: ignore[arg-type]
+        self.scaling = float(scaling)
+
+    @property
+    def params(self) -> dict[str, object]:
+        return {**super().params, "scaling": self.scaling}
+
+    def _fold_dense(self, key: str, items: list[Prepared], weights: list[float]) -> None:
+        max_abs_dense([it.data for it in items], self._accumulators(key, 1)[0])  # type: ignore[misc]
+
+    def _fold_sparse(self, key: str, item: Prepared, weight: float) -> None:
+        assert isinstance(item.data, SparseTensor)
+        max_abs_sparse(item.data.indices, item.data.values, self._accumulators(key, 1)[0])
+
+    def _finalize_tensor(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
+        return self._accumulators(key, 1)[0] * self.scaling
