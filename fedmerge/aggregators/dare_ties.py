@@ -23,7 +23,7 @@ class DareTies(SignConsensusAggregator):
     name: ClassVar[str] = "dare_ties"
     stochastic: ClassVar[bool] = True
     averaging: ClassVar[bool] = True
-    identity_params: ClassVar[dict[str, object]] = {"density": 1.0}
+    identity_params: ClassVar[dict[str, object]] = {"density": 1.0, "divisor": "weight"}
 
     def __init__(self, *, density: float = 0.5, rescale: str = "inverse", **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]

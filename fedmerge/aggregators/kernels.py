@@ -149,23 +149,16 @@ if HAVE_NUMBA:
 
     @njit(parallel=True, cache=True)
     def _count_band(a, lo, hi):
-        """(#{a > hi}, #{lo ≤ a ≤ hi}) in one parallel pass."""
-        n = a.shape[0]
-        nblocks = (n + 65536 - 1) // 65536
-        above = np.zeros(nblocks, np.int64)
-        band = np.zeros(nblocks, np.int64)
-        for b in prange(nblocks):
-            ca = 0
-            cb = 0
-            for j in range(b * 65536, min(b * 65536 + 65536, n)):
-                v = abs(a[j])
-                if v > hi:
-                    ca += 1
-                elif v >= lo:
-                    cb += 1
-            above[b] = ca
-            band[b] = cb
-        return above.sum(), band.sum()
+        """(#{|a| > hi}, #{lo ≤ |a| ≤ hi}) in one parallel pass."""
+        above = 0
+        band = 0
+        for j in prange(a.shape[0]):
+            v = abs(a[j])
+            if v > hi:
+                above += 1
+            elif v >= lo:
+                band += 1
+        return above, band
 
     @njit(cache=True)
     def _gather_band(a, lo, hi, out):

@@ -116,7 +116,7 @@ class SignConsensusAggregator(Aggregator):
 class Ties(SignConsensusAggregator):
     name: ClassVar[str] = "ties"
     averaging: ClassVar[bool] = True
-    identity_params: ClassVar[dict[str, object]] = {"density": 1.0}
+    identity_params: ClassVar[dict[str, object]] = {"density": 1.0, "divisor": "weight"}
 
     def __init__(self, *, density: float = 0.2, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]

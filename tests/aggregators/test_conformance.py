@@ -1,0 +1,211 @@
+"""Properties every registered aggregator must have (parametrised over the whole registry)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from fedmerge.aggregators import available, create, get, merge
+from fedmerge.delta import SparseTensor
+from fedmerge.errors import (
+    AggregatorStateError,
+    ConfigError,
+    IncompatibleDeltasError,
+    InvalidSubmission,
+    UnknownAggregatorError,
+)
+
+ALL = available()
+SHAPES = {"layer.weight": (12, 20), "layer.bias": (20,), "emb": (7, 3, 2)}
+
+
+def random_deltas(n: int, shapes: dict[str, tuple[int, ...]], seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [{k: torch.randn(s, generator=g) for k, s in shapes.items()} for _ in range(n)]
+
+
+AVERAGING = [n for n in ALL if get(n).averaging]
+
+
+def run(name: str, deltas, weights, ids=None, **params):  # type: ignore[no-untyped-def]
+    agg = create(name, **params)
+    agg.begin({k: v.shape for k, v in deltas[0].items()})
+    for i, (d, w) in enumerate(zip(deltas, weights, strict=True)):
+        agg.add(d, w, client_id=i if ids is None else ids[i])
+    return agg.finalize()
+
+
+def assert_close(a, b, tol=1e-5):  # type: ignore[no-untyped-def]
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=tol, rtol=tol, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_registry_has_the_required_methods() -> None:
+    assert {
+        "fedavg",
+        "task_arithmetic",
+        "ties",
+        "dare_linear",
+        "dare_ties",
+        "della",
+        "magmax",
+        "trimmed_mean",
+        "median",
+    } <= set(ALL)
+
+
+@pytest.mark.parametrize("name", AVERAGING)
+@pytest.mark.parametrize("n", [1, 4])
+def test_identical_inputs_give_the_input_back(name: str, n: int) -> None:
+    (d,) = random_deltas(1, SHAPES, seed=3)
+    out = run(name, [d] * n, [float(i + 1) for i in range(n)], **get(name).identity_params)
+    assert_close(out, d)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_client_order_does_not_matter(name: str) -> None:
+    ds = random_deltas(6, SHAPES, seed=4)
+    ws = [1.0, 2.0, 0.5, 3.0, 1.0, 4.0]
+    ids = [f"client-{i}" for i in range(6)]
+    order = list(range(6))
+    random.Random(0).shuffle(order)
+    a = run(name, ds, ws, ids)
+    b = run(name, [ds[i] for i in order], [ws[i] for i in order], [ids[i] for i in order])
+    assert_close(a, b)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_zero_deltas_give_zero(name: str) -> None:
+    zeros = [{k: torch.zeros(s) for k, s in SHAPES.items()} for _ in range(3)]
+    out = run(name, zeros, [1.0, 2.0, 3.0])
+    for k, v in out.items():
+        assert v.shape == SHAPES[k]
+        assert torch.count_nonzero(v) == 0, k
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_all_zero_coordinates_stay_zero_and_finite(name: str) -> None:
+    ds = random_deltas(4, {"w": (8, 8)}, seed=5)
+    for d in ds:
+        d["w"][:, 3] = 0.0  # an all-zero column across every client
+    out = run(name, ds, [1.0, 1.0, 2.0, 2.0])
+    assert torch.isfinite(out["w"]).all()
+    assert torch.count_nonzero(out["w"][:, 3]) == 0
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("group_size", [1, 3])
+def test_grouping_does_not_change_the_result(name: str, group_size: int) -> None:
+    ds = random_deltas(7, SHAPES, seed=6)
+    ws = [float(i + 1) for i in range(7)]
+    assert_close(run(name, ds, ws, group_size=group_size), run(name, ds, ws, group_size=8))
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if n != "della"])
+def test_sparse_inputs_equal_dense_inputs(name: str) -> None:
+    ds = random_deltas(4, SHAPES, seed=7)
+    for d in ds:  # make them genuinely sparse
+        for k in d:
+            d[k] = torch.where(d[k].abs() > 1.0, d[k], torch.zeros(()))
+    sparse = [{k: SparseTensor.from_dense(v) for k, v in d.items()} for d in ds]
+    params = {"density": 1.0} if name in ("dare_linear", "dare_ties") else {}
+    assert_close(run(name, sparse, [1, 2, 3, 4], **params), run(name, ds, [1, 2, 3, 4], **params))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_bf16_and_fp16_inputs_accumulate_in_fp32(name: str) -> None:
+    ds = random_deltas(4, SHAPES, seed=8)
+    for dtype in (torch.bfloat16, torch.float16):
+        low = [{k: v.to(dtype) for k, v in d.items()} for d in ds]
+        ref = [{k: v.float() for k, v in d.items()} for d in low]  # the same values, in fp32
+        out = run(name, low, [1, 2, 3, 4])
+        assert all(v.dtype == torch.float32 for v in out.values())
+        assert_close(out, run(name, ref, [1, 2, 3, 4]))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_mismatched_shapes_and_names_raise_naming_the_key(name: str) -> None:
+    ds = random_deltas(2, SHAPES, seed=9)
+    agg = create(name)
+    agg.begin(SHAPES)
+    agg.add(ds[0])
+    bad = dict(ds[1])
+    bad["layer.bias"] = torch.zeros(21)
+    with pytest.raises(IncompatibleDeltasError, match=r"layer\.bias") as err:
+        agg.add(bad)
+    assert err.value.key == "layer.bias"
+    missing = {k: v for k, v in ds[1].items() if k != "emb"}
+    with pytest.raises(IncompatibleDeltasError, match="missing tensor 'emb'"):
+        agg.add(missing)
+    extra = {**ds[1], "surprise": torch.zeros(2)}
+    with pytest.raises(IncompatibleDeltasError, match="surprise"):
+        agg.add(extra)
+    # the rejected submissions changed nothing: the merge equals the merge of the first delta alone
+    agg.add(ds[1])
+    assert_close(agg.finalize(), run(name, ds, [1.0, 1.0]))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_state_machine_and_bad_weights(name: str) -> None:
+    agg = create(name)
+    with pytest.raises(AggregatorStateError, match="begin"):
+        agg.add({"w": torch.zeros(2)})
+    agg.begin({"w": (2,)})
+    with pytest.raises(AggregatorStateError, match="before any add"):
+        agg.finalize()
+    for w in (float("nan"), -1.0, float("inf")):
+        with pytest.raises(InvalidSubmission, match="weight"):
+            agg.add({"w": torch.ones(2)}, w)
+    with pytest.raises(InvalidSubmission, match="floating"):
+        agg.add({"w": torch.ones(2, dtype=torch.int64)})
+    agg.add({"w": torch.ones(2)}, 1.0)
+    agg.finalize()
+    with pytest.raises(AggregatorStateError, match="finalized"):
+        agg.add({"w": torch.ones(2)})
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_memory_is_bounded_by_the_group(name: str) -> None:
+    agg = create(name, group_size=4)
+    agg.begin({"w": (16,)})
+    for i in range(21):
+        agg.add({"w": torch.randn(16)}, 1.0, client_id=i)
+        assert len(agg._pending) < 4  # never more than one group of dense deltas is held
+    assert agg.num_clients == 21
+    if get(name).streaming:
+        assert len(agg._acc["w"]) <= 5 and all(a.numel() == 16 for a in agg._acc["w"])
+
+
+def test_unknown_names_and_parameters_are_reported() -> None:
+    with pytest.raises(UnknownAggregatorError, match=r"available: .*ties"):
+        create("tiez")
+    with pytest.raises(ConfigError, match="does not take \\['dnesity'\\]"):
+        create("ties", dnesity=0.3)
+    with pytest.raises(ConfigError, match="density"):
+        create("ties", density=1.5)
+    with pytest.raises(ConfigError, match="sign_election"):
+        create("ties", sign_election="majority")
+    with pytest.raises(ConfigError, match="density ± epsilon"):
+        create("della", density=0.1, epsilon=0.2)
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if get(n).stochastic])
+def test_randomness_is_seeded_per_seed_round_and_client(name: str) -> None:
+    ds = random_deltas(3, SHAPES, seed=10)
+    base = merge(name, ds, seed=1, round=2)
+    assert_close(base, merge(name, ds, seed=1, round=2), tol=0)
+    assert not torch.equal(base["layer.weight"], merge(name, ds, seed=2, round=2)["layer.weight"])
+    assert not torch.equal(base["layer.weight"], merge(name, ds, seed=1, round=3)["layer.weight"])
+
+
+def test_sign_vote_tie_elects_positive() -> None:
+    a = {"w": torch.tensor([1.0, -2.0, 3.0])}
+    b = {"w": torch.tensor([-1.0, 2.0, -1.0])}
+    out = merge("ties", [a, b], density=1.0)["w"]
+    # coordinate 0 and 1: the vote sums to 0 → + is elected → the positive entry survives
+    torch.testing.assert_close(out, torch.tensor([1.0, 2.0, 3.0]))
+    freq = merge("ties", [a, b], density=1.0, sign_election="frequency")["w"]
+    torch.testing.assert_close(freq, torch.tensor([1.0, 2.0, 3.0]))  # every coordinate is a 1:1 tie
