@@ -33,6 +33,7 @@ from typing import Any, ClassVar, TypeAlias, TypeVar
 
 import torch
 
+from fedmerge.aggregators.kernels import zeros
 from fedmerge.delta.sparse import SparseTensor
 from fedmerge.delta.state_dict import check_shapes
 from fedmerge.errors import AggregatorStateError, ConfigError, InvalidSubmission, UnknownAggregatorError
@@ -58,11 +59,13 @@ def derive_generator(
 class Prepared:
     """A client tensor after the aggregator's per-client step (trim, drop, ...).
 
-    ``threshold`` > 0 asks the fold to keep only entries with |x| ≥ threshold (a fused TIES trim).
+    A fused TIES trim: the fold keeps entry j iff |x_j| > threshold, or |x_j| == threshold and
+    j < tie_cut (see :func:`fedmerge.aggregators.kernels.topk_threshold`). The defaults keep all.
     """
 
     data: DeltaTensor
     threshold: float = 0.0
+    tie_cut: int = 2**62
 
 
 def check_fraction(
@@ -192,14 +195,12 @@ class Aggregator(ABC):
         """The merged flat fp32 tensor for one parameter."""
 
     # ------------------------------------------------------------------ helpers for subclasses
-    def _accumulators(self, key: str, count: int, fill: float = 0.0) -> list[torch.Tensor]:
-        """``count`` flat fp32 accumulators for ``key``, allocated on first use."""
+    def _accumulators(self, key: str, count: int) -> list[torch.Tensor]:
+        """``count`` flat fp32 zero accumulators for ``key``, allocated on first use."""
         if key not in self._acc:
             assert self._shapes is not None
             numel = math.prod(self._shapes[key])
-            self._acc[key] = [
-                torch.full((numel,), fill, dtype=torch.float32, device=self.device) for _ in range(count)
-            ]
+            self._acc[key] = [zeros(numel, self.device) for _ in range(count)]
         return self._acc[key]
 
     def _generator(self, client: str | int, key: str) -> torch.Generator:

@@ -16,7 +16,7 @@ import torch
 
 from fedmerge.aggregators.base import DeltaTensor, Prepared, check_fraction, register
 from fedmerge.aggregators.linear import LinearAggregator
-from fedmerge.aggregators.sparsify import check_rescale, dare_drop
+from fedmerge.aggregators.sparsify import check_mask_rng, check_rescale, dare_drop
 
 
 @register
@@ -29,6 +29,7 @@ class DareLinear(LinearAggregator):
         *,
         density: float = 0.5,
         rescale: str = "inverse",
+        mask_rng: str = "splitmix64",
         scaling: float = 1.0,
         normalize: bool = False,
         **common: object,
@@ -36,10 +37,11 @@ class DareLinear(LinearAggregator):
         super().__init__(scaling=scaling, normalize=normalize, **common)
         self.density = check_fraction("density", density, open_low=True)
         self.rescale = check_rescale(rescale)
+        self.mask_rng = check_mask_rng(mask_rng)
 
     @property
     def params(self) -> dict[str, object]:
-        return {**super().params, "density": self.density, "rescale": self.rescale}
+        return {**super().params, "density": self.density, "rescale": self.rescale, "mask_rng": self.mask_rng}
 
     def _prepare(self, key: str, x: DeltaTensor, generator: torch.Generator) -> Prepared:
-        return Prepared(dare_drop(x, self.density, generator, self.rescale))
+        return Prepared(dare_drop(x, self.density, generator, self.rescale, self.mask_rng))

@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 
 from fedmerge.aggregators.base import DeltaTensor, Prepared, check_fraction, register
-from fedmerge.aggregators.sparsify import check_rescale, dare_drop
+from fedmerge.aggregators.sparsify import check_mask_rng, check_rescale, dare_drop
 from fedmerge.aggregators.ties import SignConsensusAggregator
 
 
@@ -25,14 +25,22 @@ class DareTies(SignConsensusAggregator):
     averaging: ClassVar[bool] = True
     identity_params: ClassVar[dict[str, object]] = {"density": 1.0, "divisor": "weight"}
 
-    def __init__(self, *, density: float = 0.5, rescale: str = "inverse", **kwargs: object) -> None:
+    def __init__(
+        self,
+        *,
+        density: float = 0.5,
+        rescale: str = "inverse",
+        mask_rng: str = "splitmix64",
+        **kwargs: object,
+    ) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.density = check_fraction("density", density, open_low=True)
         self.rescale = check_rescale(rescale)
+        self.mask_rng = check_mask_rng(mask_rng)
 
     @property
     def params(self) -> dict[str, object]:
-        return {**super().params, "density": self.density, "rescale": self.rescale}
+        return {**super().params, "density": self.density, "rescale": self.rescale, "mask_rng": self.mask_rng}
 
     def _prepare(self, key: str, x: DeltaTensor, generator: torch.Generator) -> Prepared:
-        return Prepared(dare_drop(x, self.density, generator, self.rescale))
+        return Prepared(dare_drop(x, self.density, generator, self.rescale, self.mask_rng))

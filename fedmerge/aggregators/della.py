@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 
 from fedmerge.aggregators.base import DeltaTensor, Prepared, check_fraction, dense_of, register
-from fedmerge.aggregators.sparsify import check_rescale, della_drop
+from fedmerge.aggregators.sparsify import check_mask_rng, check_rescale, della_drop
 from fedmerge.aggregators.ties import SignConsensusAggregator
 from fedmerge.errors import ConfigError
 
@@ -27,7 +27,13 @@ class Della(SignConsensusAggregator):
     stochastic: ClassVar[bool] = True
 
     def __init__(
-        self, *, density: float = 0.5, epsilon: float = 0.1, rescale: str = "inverse", **kwargs: object
+        self,
+        *,
+        density: float = 0.5,
+        epsilon: float = 0.1,
+        rescale: str = "inverse",
+        mask_rng: str = "splitmix64",
+        **kwargs: object,
     ) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.density = check_fraction("density", density, open_low=True)
@@ -37,10 +43,19 @@ class Della(SignConsensusAggregator):
                 f"DELLA needs density ± epsilon inside (0, 1); got density={density}, epsilon={epsilon}"
             )
         self.rescale = check_rescale(rescale)
+        self.mask_rng = check_mask_rng(mask_rng)
 
     @property
     def params(self) -> dict[str, object]:
-        return {**super().params, "density": self.density, "epsilon": self.epsilon, "rescale": self.rescale}
+        return {
+            **super().params,
+            "density": self.density,
+            "epsilon": self.epsilon,
+            "rescale": self.rescale,
+            "mask_rng": self.mask_rng,
+        }
 
     def _prepare(self, key: str, x: DeltaTensor, generator: torch.Generator) -> Prepared:
-        return Prepared(della_drop(dense_of(x), self.density, self.epsilon, generator, self.rescale))
+        return Prepared(
+            della_drop(dense_of(x), self.density, self.epsilon, generator, self.rescale, self.mask_rng)
+        )

@@ -62,7 +62,7 @@ if HAVE_NUMBA:
                 acc[idx[k]] += wg * val[k]
 
     @njit(parallel=True, cache=True, fastmath=True)
-    def _sign_split_dense(xs, thr, vote_w, w, count_w, mode, S, P, N, Pc, Nc):
+    def _sign_split_dense(xs, thr, cut, vote_w, w, count_w, mode, S, P, N, Pc, Nc):
         n = S.shape[0]
         nblocks = (n + BLOCK - 1) // BLOCK
         zero = np.float32(0.0)
@@ -77,13 +77,15 @@ if HAVE_NUMBA:
             nc_ = Nc[lo:hi]
             for g in range(len(xs)):
                 t = thr[g]
+                c = cut[g] - lo  # entries tied with the threshold are kept only before this index
                 vg = vote_w[g]
                 wg = w[g]
                 cg = count_w[g]
                 x = xs[g][lo:hi]
                 for j in range(hi - lo):
                     v = x[j]
-                    v = v if abs(v) >= t else zero
+                    m = abs(v)
+                    v = v if (m > t or (m == t and j < c)) else zero
                     pv = max(v, zero)
                     nv = min(v, zero)
                     if mode == VOTE_TOTAL:
@@ -95,27 +97,24 @@ if HAVE_NUMBA:
                     pc_[j] += cg if v > zero else zero
                     nc_[j] += cg if v < zero else zero
 
-    @njit(parallel=True, cache=True)
+    @njit(parallel=True, cache=True, fastmath=True)
     def _sign_split_sparse(idx, val, t, vg, wg, cg, mode, S, P, N, Pc, Nc):
         n = idx.shape[0]
         nblocks = (n + BLOCK - 1) // BLOCK
         zero = np.float32(0.0)
-        for b in prange(nblocks):
+        one = np.float32(1.0)
+        for b in prange(nblocks):  # branch-free: the sign of a delta is unpredictable
             for k in range(b * BLOCK, min(b * BLOCK + BLOCK, n)):
                 v = val[k]
-                if abs(v) < t or v == zero:
-                    continue
+                v = v if abs(v) >= t else zero
                 j = idx[k]
-                if mode == VOTE_TOTAL:
-                    S[j] += vg * v
-                else:
-                    S[j] += vg if v > zero else -vg
-                if v > zero:
-                    P[j] += wg * v
-                    Pc[j] += cg
-                else:
-                    N[j] += wg * v
-                    Nc[j] += cg
+                pos = one if v > zero else zero
+                neg = one if v < zero else zero
+                S[j] += vg * (v if mode == VOTE_TOTAL else pos - neg)
+                P[j] += wg * v * pos
+                N[j] += wg * v * neg
+                Pc[j] += cg * pos
+                Nc[j] += cg * neg
 
     @njit(parallel=True, cache=True, fastmath=True)
     def _max_abs_dense(xs, acc):
@@ -161,14 +160,148 @@ if HAVE_NUMBA:
         return above, band
 
     @njit(cache=True)
-    def _gather_band(a, lo, hi, out):
-        k = 0
-        for j in range(a.shape[0]):
+    def _band_count_block(a, lo, hi, start, stop):
+        c = 0
+        for j in range(start, stop):
             v = abs(a[j])
-            if lo <= v <= hi:
+            c += 1 if (v >= lo and v <= hi) else 0
+        return c
+
+    @njit(cache=True)
+    def _band_fill_block(a, lo, hi, start, stop, out, k, end):
+        # branch-free append: write every value, advance only on a hit (10× faster than `if hit: write`)
+        for j in range(start, stop):
+            v = abs(a[j])
+            if k < end:
                 out[k] = v
-                k += 1
-        return k
+            k += 1 if (v >= lo and v <= hi) else 0
+
+    @njit(parallel=True, cache=True)
+    def _gather_band(a, lo, hi, out):
+        """Write every |a_j| with lo ≤ |a_j| ≤ hi into ``out`` (block counts, prefix sum, parallel fill)."""
+        n = a.shape[0]
+        nblocks = (n + 65536 - 1) // 65536
+        counts = np.zeros(nblocks + 1, np.int64)
+        for b in prange(nblocks):
+            counts[b + 1] = _band_count_block(a, lo, hi, b * 65536, min(b * 65536 + 65536, n))
+        offsets = np.cumsum(counts)
+        for b in prange(nblocks):
+            _band_fill_block(a, lo, hi, b * 65536, min(b * 65536 + 65536, n), out, offsets[b], offsets[b + 1])
+        return offsets[nblocks]
+
+    @njit(cache=True)
+    def _tie_cut(a, thr, r):
+        """Index just after the r-th entry with |a_j| == thr (0 when r == 0)."""
+        if r <= 0:
+            return 0
+        seen = 0
+        for j in range(a.shape[0]):
+            if abs(a[j]) == thr:
+                seen += 1
+                if seen == r:
+                    return j + 1
+        return a.shape[0]
+
+
+if HAVE_NUMBA:
+
+    @njit(parallel=True, cache=True, fastmath=True)
+    def _disjoint_mean(S, P, N, Pc, Nc, scale, out):
+        for j in prange(S.shape[0]):
+            if S[j] >= 0:
+                d = Pc[j]
+                out[j] = scale * P[j] / (d if d != 0 else np.float32(1.0))
+            else:
+                d = Nc[j]
+                out[j] = scale * N[j] / (d if d != 0 else np.float32(1.0))
+
+
+def disjoint_mean(acc: Sequence[torch.Tensor], scale: float) -> torch.Tensor:
+    """λ · (S ≥ 0 ? P / Pc : N / Nc), with a zero divisor read as 1 (the coordinate is then 0)."""
+    S, P, N, Pc, Nc = acc
+    if _use_numba(S):
+        out = torch.empty_like(S)
+        _disjoint_mean(_np(S), _np(P), _np(N), _np(Pc), _np(Nc), np.float32(scale), _np(out))
+        return out
+    positive = S >= 0
+    total = torch.where(positive, P, N)
+    div = torch.where(positive, Pc, Nc)
+    return total / torch.where(div == 0, torch.ones_like(div), div) * scale
+
+
+_GOLDEN = 0x9E3779B97F4A7C15
+_MIX1 = 0xBF58476D1CE4E5B9
+_MIX2 = 0x94D049BB133111EB
+
+if HAVE_NUMBA:
+
+    @njit(inline="always")
+    def _splitmix_uniform(seed, j):
+        """Output j of SplitMix64 seeded with ``seed``, as a uniform double in [0, 1)."""
+        z = seed + (np.uint64(j) + np.uint64(1)) * np.uint64(_GOLDEN)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(_MIX1)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(_MIX2)
+        z = z ^ (z >> np.uint64(31))
+        return np.float64(z >> np.uint64(11)) * (1.0 / 9007199254740992.0)
+
+    @njit(parallel=True, cache=True)
+    def _uniform(seed, out):
+        for j in prange(out.shape[0]):
+            out[j] = _splitmix_uniform(seed, j)
+
+    @njit(parallel=True, cache=True)
+    def _bernoulli_scale(x, density, scale, seed, out):
+        for j in prange(x.shape[0]):
+            out[j] = x[j] * scale if _splitmix_uniform(seed, j) < density else np.float32(0.0)
+
+
+def _splitmix_uniform_torch(seed: int, n: int, device: torch.device) -> torch.Tensor:
+    """The same stream as the numba path, in int64 torch arithmetic (bits wrap like uint64)."""
+
+    def as_signed(v: int) -> int:
+        return v - (1 << 64) if v >= 1 << 63 else v
+
+    def shr(z: torch.Tensor, k: int) -> torch.Tensor:  # logical shift right on int64
+        return (z >> k) & ((1 << (64 - k)) - 1)
+
+    j = torch.arange(1, n + 1, dtype=torch.int64, device=device)
+    z = j * as_signed(_GOLDEN) + as_signed(seed)
+    z = (z ^ shr(z, 30)) * as_signed(_MIX1)
+    z = (z ^ shr(z, 27)) * as_signed(_MIX2)
+    z = z ^ shr(z, 31)
+    return shr(z, 11).double() * (1.0 / 9007199254740992.0)
+
+
+def seeded_uniform(n: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """n uniforms in [0, 1) (fp64): outputs 0..n−1 of SplitMix64 seeded with ``seed`` (counter-based,
+    so any party holding the seed regenerates the same values, in parallel, on any device)."""
+    dev = torch.device(device)
+    if HAVE_NUMBA and dev.type == "cpu":
+        out = np.empty(n, dtype=np.float64)
+        _uniform(np.uint64(seed % (1 << 64)), out)
+        return torch.from_numpy(out)
+    return _splitmix_uniform_torch(seed % (1 << 64), n, dev)
+
+
+def seeded_bernoulli_scale(x: torch.Tensor, density: float, scale: float, seed: int) -> torch.Tensor:
+    """x_j · scale where u_j < density, else 0, with u = :func:`seeded_uniform` (one fused pass)."""
+    flat = x.detach().reshape(-1)
+    if _use_numba(flat):
+        out = torch.from_numpy(np.empty(flat.numel(), dtype=np.float32))
+        _bernoulli_scale(
+            _np(flat.contiguous()), density, np.float32(scale), np.uint64(seed % (1 << 64)), _np(out)
+        )
+        return out.reshape(x.shape)
+    keep = seeded_uniform(flat.numel(), seed, flat.device) < density
+    return torch.where(keep, flat.float() * scale, torch.zeros((), device=flat.device)).reshape(x.shape)
+
+
+def zeros(numel: int, device: torch.device) -> torch.Tensor:
+    """A flat fp32 zero tensor; on the CPU from calloc, so pages are faulted in lazily by the
+    (parallel) kernels that first touch them instead of by one thread here."""
+    if device.type == "cpu":
+        return torch.from_numpy(np.zeros(numel, dtype=np.float32))
+    return torch.zeros(numel, dtype=torch.float32, device=device)
 
 
 def _use_numba(*tensors: torch.Tensor) -> bool:
@@ -212,6 +345,7 @@ def weighted_sum_sparse(
 def sign_split_dense(
     xs: Sequence[torch.Tensor],
     thresholds: Sequence[float],
+    tie_cuts: Sequence[int],
     vote_weights: Sequence[float],
     weights: Sequence[float],
     count_weights: Sequence[float],
@@ -225,6 +359,7 @@ def sign_split_dense(
         _sign_split_dense(
             typed.List([_np(x) for x in flats]),
             _as_f32(thresholds),
+            np.asarray(tie_cuts, dtype=np.int64),
             _as_f32(vote_weights),
             _as_f32(weights),
             _as_f32(count_weights),
@@ -232,8 +367,10 @@ def sign_split_dense(
             *[_np(a) for a in acc],
         )
         return
-    for x, t, vg, wg, cg in zip(flats, thresholds, vote_weights, weights, count_weights, strict=True):
-        v = torch.where(x.abs() >= t, x, torch.zeros((), device=x.device))
+    for x, t, cut, vg, wg, cg in zip(
+        flats, thresholds, tie_cuts, vote_weights, weights, count_weights, strict=True
+    ):
+        v = torch.where(keep_mask(x, t, cut), x, torch.zeros((), device=x.device))
         pos, neg = v > 0, v < 0
         S.add_(v if mode == VOTE_TOTAL else pos.float() - neg.float(), alpha=float(vg))
         P.add_(v.clamp(min=0), alpha=float(wg))
@@ -301,21 +438,28 @@ def max_abs_sparse(indices: torch.Tensor, values: torch.Tensor, acc: torch.Tenso
     acc[idx] = torch.where(take, vals, cur)
 
 
-def topk_threshold(x: torch.Tensor, k: int) -> tuple[float, bool]:
-    """The k-th largest |x| and whether ``|x| ≥ threshold`` selects exactly k entries.
+def keep_mask(flat: torch.Tensor, threshold: float, tie_cut: int) -> torch.Tensor:
+    """|x_j| > t, or |x_j| == t and j < tie_cut: the top-k selection :func:`topk_threshold` describes."""
+    mag = flat.abs()
+    tied = (mag == threshold) & (torch.arange(flat.numel(), device=flat.device) < tie_cut)
+    return (mag > threshold) | tied
 
-    The selection is inexact only when several entries tie in magnitude at the threshold; callers
-    then use :func:`trim_topk`, which breaks the tie by position. CPU fp32 path: estimate the quantile
-    from a strided sample, then count and gather only the values in a band around the estimate (two
-    passes over x instead of a full selection); if the band misses, fall back to ``torch.kthvalue``.
-    ``k ≤ 0`` gives +inf (keep nothing) and ``k ≥ numel`` gives 0 (keep everything).
+
+def topk_threshold(x: torch.Tensor, k: int) -> tuple[float, int]:
+    """Describe the top-k entries of |x| as (threshold t, tie cut c), exactly.
+
+    Entry j is selected iff |x_j| > t, or |x_j| == t and j < c: entries tied in magnitude at the
+    threshold are taken in flat order until exactly k are selected (c = numel when all ties fit).
+    CPU fp32 path: estimate the quantile from a strided sample, then count and gather only the
+    values in a band around the estimate (two parallel passes instead of a full selection); if the
+    band misses, fall back to ``torch.kthvalue``. ``k ≤ 0`` selects nothing, ``k ≥ numel`` everything.
     """
     flat = x.detach().reshape(-1)
     n = flat.numel()
     if k <= 0:
-        return float("inf"), True
+        return float("inf"), 0
     if k >= n:
-        return 0.0, True
+        return 0.0, n
     if _use_numba(flat) and n >= 1 << 16:
         a = _np(flat.contiguous())
         sample = np.sort(np.abs(a[:: max(1, n // 65536)]))
@@ -331,22 +475,23 @@ def topk_threshold(x: torch.Tensor, k: int) -> tuple[float, bool]:
             _gather_band(a, np.float32(lo), np.float32(hi), buf)
             rank = k - above  # the rank-th largest inside the band
             thr = np.partition(buf, band - rank)[band - rank]
-            return float(thr), int(above + np.count_nonzero(buf >= thr)) == k
+            greater = int(above + np.count_nonzero(buf > thr))
+            tied = int(np.count_nonzero(buf == thr))
+            cut = n if greater + tied == k else int(_tie_cut(a, thr, k - greater))
+            return float(thr), cut
     mag = flat.abs().float()
     thr_t = mag.kthvalue(n - k + 1).values
-    return float(thr_t), int((mag >= thr_t).sum()) == k
+    greater = int((mag > thr_t).sum())
+    tied_idx = torch.nonzero(mag == thr_t).reshape(-1)
+    if greater + tied_idx.numel() == k:
+        return float(thr_t), n
+    return float(thr_t), int(tied_idx[k - greater - 1]) + 1
 
 
 def trim_topk(x: torch.Tensor, k: int) -> torch.Tensor:
     """x with all but its k largest-magnitude entries set to zero; ties at the threshold are broken
     by flat position (earlier entries are kept), so exactly k entries survive."""
-    thr, exact = topk_threshold(x, k)
+    thr, cut = topk_threshold(x, k)
     flat = x.reshape(-1)
-    mag = flat.abs()
-    keep = mag >= thr
-    if not exact:
-        above = mag > thr
-        tied = torch.nonzero(mag == thr).reshape(-1)
-        keep = above.clone()
-        keep[tied[: k - int(above.sum())]] = True
+    keep = keep_mask(flat, thr, cut)
     return torch.where(keep, flat, torch.zeros((), dtype=x.dtype, device=x.device)).reshape(x.shape)

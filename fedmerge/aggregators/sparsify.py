@@ -6,6 +6,11 @@
   rank entries by |τ| (rank 1 = smallest), normalise ranks to r ∈ [0, 1], keep each entry with
   probability p = (density − ε) + 2ε·r and rescale kept entries by 1/p.
 
+Masks: ``mask_rng="splitmix64"`` (default) draws u_j = output j of SplitMix64 seeded from the
+client's generator and keeps entry j iff u_j < p_j — counter-based, so it is computed in one
+parallel pass and anyone holding the seed (a client, a secure-aggregation peer) regenerates the
+same mask. ``mask_rng="torch"`` uses ``torch.bernoulli(..., generator)``, the draw peft makes.
+
 ``rescale``: ``"inverse"`` divides by the keep probability (the papers' unbiased estimator, as peft
 and FusionBench do); ``"l1"`` instead rescales the kept entries so that ‖τ̃‖₁ = ‖τ‖₁ (mergekit's
 ``rescale_norm: l1``); ``"none"`` keeps the raw masked values.
@@ -17,12 +22,46 @@ from typing import Literal
 
 import torch
 
-from fedmerge.aggregators.kernels import trim_topk
+from fedmerge.aggregators.kernels import seeded_bernoulli_scale, seeded_uniform, trim_topk
 from fedmerge.delta.sparse import SparseTensor
 from fedmerge.errors import ConfigError
 
 Rescale = Literal["inverse", "l1", "none"]
 RESCALES = ("inverse", "l1", "none")
+MASK_RNGS = ("splitmix64", "torch")
+
+
+def check_mask_rng(mask_rng: str) -> str:
+    if mask_rng not in MASK_RNGS:
+        raise ConfigError(f"mask_rng must be one of {MASK_RNGS}, got {mask_rng!r}")
+    return mask_rng
+
+
+def seed_from(generator: torch.Generator) -> int:
+    """A 62-bit seed drawn from ``generator`` (so derived and caller-given generators both work)."""
+    return int(torch.randint(0, 2**62, (1,), generator=generator))
+
+
+def _keep(
+    shape: tuple[int, ...],
+    probs: torch.Tensor | float,
+    generator: torch.Generator,
+    mask_rng: str,
+    device: torch.device,
+) -> torch.Tensor:
+    """A 0/1 fp32 mask with P(keep_j) = probs_j."""
+    if mask_rng == "torch":
+        p = (
+            probs
+            if isinstance(probs, torch.Tensor)
+            else torch.full(shape, probs, dtype=torch.float32, device=device)
+        )
+        return torch.bernoulli(p, generator=generator)
+    n = 1
+    for d in shape:
+        n *= d
+    u = seeded_uniform(n, seed_from(generator), device).reshape(shape)
+    return (u < probs).float()
 
 
 def check_rescale(rescale: str) -> str:
@@ -66,25 +105,29 @@ def _rescaled(
 
 
 def dare_drop(
-    x: torch.Tensor | SparseTensor, density: float, generator: torch.Generator, rescale: str = "inverse"
+    x: torch.Tensor | SparseTensor,
+    density: float,
+    generator: torch.Generator,
+    rescale: str = "inverse",
+    mask_rng: str = "splitmix64",
 ) -> torch.Tensor | SparseTensor:
     """DARE: m ~ Bernoulli(density) per entry, τ̃ = rescale(m ⊙ τ). Density 1 returns τ unchanged.
 
-    For a dense fp32 tensor the mask is ``torch.bernoulli(full(density), generator)``, the same
-    draw peft makes, so a generator seeded like peft's global RNG gives peft's mask.
+    With ``mask_rng="torch"`` a dense fp32 tensor gets ``torch.bernoulli(full(density), generator)``,
+    the same draw as peft, so a generator seeded like peft's global RNG reproduces peft's mask.
     """
     if density >= 1.0:
         return x
     if isinstance(x, SparseTensor):
-        vals = x.values
-        mask = torch.bernoulli(
-            torch.full(vals.shape, density, dtype=torch.float32, device=vals.device), generator=generator
+        mask = _keep(tuple(x.values.shape), density, generator, mask_rng, x.values.device)
+        return SparseTensor(
+            indices=x.indices, values=_rescaled(x.values, mask, density, rescale), shape=x.shape
         )
-        return SparseTensor(indices=x.indices, values=_rescaled(vals, mask, density, rescale), shape=x.shape)
-    mask = torch.bernoulli(
-        torch.full(x.shape, density, dtype=torch.float32, device=x.device), generator=generator
-    )
-    return _rescaled(x, mask, density, rescale)
+    if mask_rng == "splitmix64" and rescale != "l1":  # fused mask-and-scale, one pass
+        return seeded_bernoulli_scale(
+            x, density, 1.0 / density if rescale == "inverse" else 1.0, seed_from(generator)
+        )
+    return _rescaled(x, _keep(tuple(x.shape), density, generator, mask_rng, x.device), density, rescale)
 
 
 def della_keep_probabilities(x: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
@@ -99,11 +142,16 @@ def della_keep_probabilities(x: torch.Tensor, density: float, epsilon: float) ->
 
 
 def della_drop(
-    x: torch.Tensor, density: float, epsilon: float, generator: torch.Generator, rescale: str = "inverse"
+    x: torch.Tensor,
+    density: float,
+    epsilon: float,
+    generator: torch.Generator,
+    rescale: str = "inverse",
+    mask_rng: str = "splitmix64",
 ) -> torch.Tensor:
     """DELLA's MAGPRUNE: magnitude-ranked keep probabilities, Bernoulli mask, rescale by 1/p."""
     if density >= 1.0:
         return x
     probs = della_keep_probabilities(x, density, epsilon)
-    mask = torch.bernoulli(probs, generator=generator)
+    mask = _keep(tuple(x.shape), probs, generator, mask_rng, x.device)
     return _rescaled(x, mask, probs, rescale)

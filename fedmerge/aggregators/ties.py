@@ -27,6 +27,7 @@ from fedmerge.aggregators.base import Aggregator, DeltaTensor, Prepared, check_f
 from fedmerge.aggregators.kernels import (
     VOTE_FREQUENCY,
     VOTE_TOTAL,
+    disjoint_mean,
     sign_split_dense,
     sign_split_sparse,
     topk_threshold,
@@ -82,6 +83,7 @@ class SignConsensusAggregator(Aggregator):
         sign_split_dense(
             [it.data for it in items],  # type: ignore[misc]
             [it.threshold for it in items],
+            [it.tie_cut for it in items],
             votes,
             weights,
             counts,
@@ -104,12 +106,7 @@ class SignConsensusAggregator(Aggregator):
         )
 
     def _finalize_tensor(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
-        S, P, N, Pc, Nc = self._accumulators(key, 5)
-        positive = S >= 0
-        total = torch.where(positive, P, N)
-        div = torch.where(positive, Pc, Nc)
-        div = torch.where(div == 0, torch.ones_like(div), div)
-        return total / div * self.scaling
+        return disjoint_mean(self._accumulators(key, 5), self.scaling)
 
 
 @register
@@ -131,7 +128,5 @@ class Ties(SignConsensusAggregator):
             return Prepared(x)
         if isinstance(x, SparseTensor):
             return Prepared(trim(x, self.density))
-        threshold, exact = topk_threshold(x, keep_count(x.numel(), self.density))
-        if exact:  # fused: the fold keeps |x| ≥ threshold, no trimmed copy is made
-            return Prepared(x, threshold)
-        return Prepared(trim(x, self.density))  # ties in magnitude at the threshold: exact top-k copy
+        threshold, tie_cut = topk_threshold(x, keep_count(x.numel(), self.density))
+        return Prepared(x, threshold, tie_cut)  # the trim is fused into the fold: no trimmed copy

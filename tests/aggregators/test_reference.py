@@ -9,7 +9,13 @@ from peft.utils import merge_utils
 from scipy import stats
 
 from fedmerge.aggregators import create
-from fedmerge.aggregators.kernels import topk_threshold, trim_topk
+from fedmerge.aggregators.kernels import (
+    _splitmix_uniform_torch,
+    keep_mask,
+    seeded_uniform,
+    topk_threshold,
+    trim_topk,
+)
 
 TOL = dict(atol=1e-6, rtol=1e-6)
 
@@ -61,8 +67,47 @@ def test_dare_matches_peft_with_the_same_masks(name: str, density: float) -> Non
     ws = [1.0, 0.5, 2.0, 1.5]
     torch.manual_seed(1234)  # peft draws its Bernoulli masks from the global RNG, client after client
     ref = getattr(merge_utils, name)(xs, torch.tensor(ws), density)
-    out = run_one(name, xs, ws, generator=torch.Generator().manual_seed(1234), density=density)
+    gen = torch.Generator().manual_seed(1234)
+    out = run_one(name, xs, ws, generator=gen, density=density, mask_rng="torch")
     torch.testing.assert_close(out, ref, **TOL)
+
+
+def splitmix64_reference(seed: int, n: int) -> list[float]:
+    """SplitMix64 (Steele, Lea & Flood 2014) written out in plain Python integers."""
+    mask, state, out = (1 << 64) - 1, seed, []
+    for _ in range(n):
+        state = (state + 0x9E3779B97F4A7C15) & mask
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        out.append((z ^ (z >> 31)) >> 11)
+    return [v / 2**53 for v in out]
+
+
+@pytest.mark.parametrize("seed", [0, 7, 2**62 + 5])
+def test_seeded_uniform_is_splitmix64_on_every_path(seed: int) -> None:
+    ref = torch.tensor(splitmix64_reference(seed, 257), dtype=torch.float64)
+    assert torch.equal(seeded_uniform(257, seed), ref)
+    assert torch.equal(_splitmix_uniform_torch(seed, 257, torch.device("cpu")), ref)  # the GPU path
+
+
+@pytest.mark.parametrize("name", ["dare_linear", "dare_ties", "della"])
+def test_splitmix_masks_match_the_plain_definition(name: str) -> None:
+    """With mask_rng=splitmix64 the mask of client i is u < p for u regenerated from its seed."""
+    x = torch.randn(40, 30, generator=torch.Generator().manual_seed(3))
+    gen_seed = 77
+    seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(gen_seed)))
+    u = torch.tensor(splitmix64_reference(seed, x.numel()), dtype=torch.float64).reshape(x.shape)
+    params: dict = {"density": 0.4}
+    if name == "della":
+        params["epsilon"] = 0.1
+        ranks = torch.argsort(torch.argsort(x.abs(), dim=1), dim=1).float()
+        probs = 0.3 + ranks / ranks.max(1, keepdim=True).values * 0.2
+    else:
+        probs = torch.full(x.shape, 0.4)
+    expected = torch.where(u < probs, x / probs, torch.zeros(()))
+    out = run_one(name, [x], [1.0], generator=torch.Generator().manual_seed(gen_seed), **params)
+    torch.testing.assert_close(out, expected, **TOL)
 
 
 def test_dare_keeps_the_expected_fraction_and_is_unbiased() -> None:
@@ -90,7 +135,8 @@ def test_della_matches_plain_reference() -> None:
     majority = torch.where(t.sum(0) >= 0, 1.0, -1.0)
     mask = t.sign() == majority
     ref = (t * torch.tensor(ws)[:, None, None] * mask).sum(0) / mask.sum(0).clamp(min=1)
-    out = run_one("della", xs, ws, generator=torch.Generator().manual_seed(99), density=density, epsilon=eps)
+    gen = torch.Generator().manual_seed(99)
+    out = run_one("della", xs, ws, generator=gen, density=density, epsilon=eps, mask_rng="torch")
     torch.testing.assert_close(out, ref, **TOL)
 
 
@@ -135,17 +181,31 @@ def test_robust_methods_resist_one_outlier() -> None:
 def test_topk_threshold_is_exact(n: int, density: float) -> None:
     x = torch.randn(n, generator=torch.Generator().manual_seed(n))
     k = int(density * n)
-    thr, exact = topk_threshold(x, k)
-    assert exact
-    assert int((x.abs() >= thr).sum()) == k
+    thr, cut = topk_threshold(x, k)
+    assert int(keep_mask(x, thr, cut).sum()) == k
     if 0 < k < n:
         assert thr == torch.topk(x.abs(), k).values.min().item()
+
+
+@pytest.mark.parametrize("n", [1000, 300_000])
+def test_topk_threshold_with_many_ties_selects_exactly_k_in_flat_order(n: int) -> None:
+    x = torch.randint(-3, 4, (n,), generator=torch.Generator().manual_seed(1)).float()
+    for k in (1, n // 7, n // 2, n - 1):
+        thr, cut = topk_threshold(x, k)
+        keep = keep_mask(x, thr, cut)
+        assert int(keep.sum()) == k
+        assert bool(x.abs()[keep].min() >= x.abs()[~keep].max())  # a true top-k by magnitude
+        tied = torch.nonzero(x.abs() == thr).reshape(-1)
+        kept_tied = torch.nonzero((x.abs() == thr) & keep).reshape(-1)
+        assert torch.equal(kept_tied, tied[: len(kept_tied)])  # the earliest tied entries are the ones kept
 
 
 def test_trim_topk_breaks_magnitude_ties_by_position() -> None:
     x = torch.tensor([1.0, -1.0, 1.0, 0.5, 1.0, -2.0])
     out = trim_topk(x, 3)  # -2 plus the first two of the four tied ±1 entries
     assert out.tolist() == [1.0, -1.0, 0.0, 0.0, 0.0, -2.0]
+    ties = run_one("ties", [x, x], [1.0, 1.0], density=0.5)  # the fused trim makes the same choice
+    assert ties.tolist() == [1.0, -1.0, 0.0, 0.0, 0.0, -2.0]
     big = torch.zeros(100_000)
     big[::2] = 1.0  # 50 000 ties at the threshold
     assert int((trim_topk(big, 10_000) != 0).sum()) == 10_000
