@@ -1,0 +1,268 @@
+"""Index coding stage: where the carried values sit. Lossless; the smallest coding wins per tensor.
+
+For sorted unique flat indices i_0 < … < i_{k−1} in a tensor of n entries:
+
+| coding | bytes | notes |
+|---|---|---|
+| coo | 4k | int32 little-endian (only when n ≤ 2³¹) |
+| bitmap | ⌈n/8⌉ | bit i (LSB-first) set iff i is carried; wins above ~3 % density |
+| varint | Σ_j ⌈bitlen(g_j)/7⌉ | gaps g_0 = i_0, g_j = i_j − i_{j−1} − 1 as LEB128 |
+| rice | ⌈Σ_j (1 + r + ⌊g_j/2^r⌋)/8⌉ | Golomb-Rice (Golomb 1966, Rice 1979), see below |
+
+Rice: ⌊g/2^r⌋ in unary (ones ended by a zero), then the r low bits of g, LSB-first; r is chosen per
+tensor to minimise the size.
+
+Rice coding of the gaps is within a few percent of the entropy of a Bernoulli(k/n) support
+(≈ 5.3 bits per index at 10 % density against 8 for varint and 8/0.1 = 80 for the bitmap), which
+is what brings top-10 % + int8 under 5 % of dense fp32. Decoders check every index is in bounds
+and strictly increasing, that exactly nnz indices are present and that no byte is left over;
+they never read past a payload and allocate only O(nnz) (bitmap: O(n) for a payload of n/8 bytes).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+
+from fedmerge.codec.errors import InvalidIndices, PayloadSizeMismatch
+
+CODINGS = ("coo", "bitmap", "varint", "rice")
+MAX_RICE_K = 40
+_VARINT_LIMITS = np.array([1 << (7 * j) for j in range(1, 9)], dtype=np.int64)
+
+
+def gaps_of(indices: np.ndarray) -> np.ndarray:
+    """g_0 = i_0, g_j = i_j − i_{j−1} − 1 (non-negative for strictly increasing indices)."""
+    if indices.size == 0:
+        return indices.astype(np.int64)
+    gaps = np.empty(indices.size, dtype=np.int64)
+    gaps[0] = indices[0]
+    np.subtract(indices[1:], indices[:-1], out=gaps[1:])
+    gaps[1:] -= 1
+    return gaps
+
+
+def sizes(indices: np.ndarray, numel: int) -> dict[str, tuple[int, int]]:
+    """coding → (payload bytes, rice parameter) for every coding applicable to this tensor."""
+    k = int(indices.size)
+    gaps = gaps_of(indices)
+    out = {"bitmap": ((numel + 7) // 8, 0), "varint": (_varint_size(gaps), 0), "rice": _best_rice(gaps)}
+    if numel <= 1 << 31:
+        out["coo"] = (4 * k, 0)
+    return out
+
+
+def choose(indices: np.ndarray, numel: int, coding: str) -> tuple[str, int]:
+    """(coding, rice_k): the requested coding, or for ``auto`` the smallest (ties: order of CODINGS)."""
+    options = sizes(indices, numel)
+    if coding != "auto":
+        if coding not in options:
+            coding = "varint"  # coo cannot address tensors above 2^31 entries
+        return coding, options[coding][1]
+    best = min(CODINGS, key=lambda c: (options[c][0], CODINGS.index(c)) if c in options else (1 << 62, 0))
+    return best, options[best][1]
+
+
+def encode(coding: str, indices: np.ndarray, numel: int, rice_k: int) -> bytes:
+    """Payload bytes for sorted unique int64 ``indices``."""
+    if coding == "coo":
+        return indices.astype("<i4").tobytes()
+    if coding == "bitmap":
+        mask = np.zeros(numel, dtype=np.uint8)
+        mask[indices] = 1
+        return np.packbits(mask, bitorder="little").tobytes()
+    gaps = gaps_of(indices)
+    if coding == "varint":
+        buf = np.empty(_varint_size(gaps), dtype=np.uint8)
+        _varint_encode(gaps, buf)
+        return buf.tobytes()
+    nbits = int(np.sum(gaps >> rice_k)) + gaps.size * (1 + rice_k)
+    buf = np.zeros((nbits + 7) // 8, dtype=np.uint8)
+    _rice_encode(gaps, rice_k, buf)
+    return buf.tobytes()
+
+
+def check_length(coding: str, length: int, numel: int, nnz: int, rice_k: int, *, name: str) -> None:
+    """Refuse a payload length impossible for (coding, numel, nnz) before anything is decoded."""
+    if coding == "coo":
+        ok, want = length == 4 * nnz, f"4·nnz = {4 * nnz}"
+    elif coding == "bitmap":
+        ok, want = length == (numel + 7) // 8, f"⌈numel/8⌉ = {(numel + 7) // 8}"
+    elif coding == "varint":
+        ok, want = nnz <= length <= 10 * nnz, f"between nnz = {nnz} and 10·nnz"
+    else:
+        ok, want = (
+            8 * length >= nnz * (1 + rice_k) and (nnz > 0 or length == 0),
+            (f"at least nnz·(1+rice_k) = {nnz * (1 + rice_k)} bits"),
+        )
+    if not ok:
+        raise PayloadSizeMismatch(f"{coding} index payload is {length} bytes, expected {want}", name)
+
+
+def decode(coding: str, data: bytes, numel: int, nnz: int, rice_k: int, *, name: str) -> torch.Tensor:
+    """Sorted unique int64 indices; raises :class:`InvalidIndices` naming ``name`` on any inconsistency."""
+    check_length(coding, len(data), numel, nnz, rice_k, name=name)
+    raw = np.frombuffer(data, dtype=np.uint8)
+    if coding == "coo":
+        idx = np.frombuffer(data, dtype="<i4").astype(np.int64)
+        _check_sorted(idx, numel, name)
+        return torch.from_numpy(idx)
+    if coding == "bitmap":
+        bits = np.unpackbits(raw, bitorder="little")
+        if bits[numel:].any():
+            raise InvalidIndices(f"bitmap has bits set past numel = {numel}", name)
+        idx = np.flatnonzero(bits[:numel]).astype(np.int64)
+        if idx.size != nnz:
+            raise InvalidIndices(f"bitmap marks {idx.size} positions but nnz = {nnz}", name)
+        return torch.from_numpy(idx)
+    out = np.empty(nnz, dtype=np.int64)
+    if coding == "varint":
+        status = _varint_decode(raw, nnz, numel, out)
+    else:
+        status = _rice_decode(raw, nnz, numel, rice_k, out)
+    if status != 0:
+        raise InvalidIndices(
+            f"{coding} index payload is corrupt: {_STATUS[status]} (numel = {numel}, nnz = {nnz})", name
+        )
+    return torch.from_numpy(out)
+
+
+_STATUS = {
+    -1: "it ends before nnz indices were read",
+    -2: "a varint is longer than 9 bytes",
+    -3: "an index is at or beyond numel",
+    -4: "bytes or bits are left over after nnz indices",
+}
+
+
+def _check_sorted(idx: np.ndarray, numel: int, name: str) -> None:
+    if idx.size and (idx[0] < 0 or idx[-1] >= numel):
+        raise InvalidIndices(f"an index is outside [0, {numel}) (first {idx[0]}, last {idx[-1]})", name)
+    if idx.size > 1 and not bool(np.all(idx[1:] > idx[:-1])):
+        bad = int(np.argmin(idx[1:] > idx[:-1]))
+        raise InvalidIndices(
+            f"indices are not strictly increasing at position {bad + 1} ({idx[bad]}, {idx[bad + 1]})", name
+        )
+    if idx.size and (idx.min() < 0 or idx.max() >= numel):
+        raise InvalidIndices(f"an index is outside [0, {numel})", name)
+
+
+def _varint_size(gaps: np.ndarray) -> int:
+    if gaps.size == 0:
+        return 0
+    return int(gaps.size + sum(int(np.count_nonzero(gaps >= lim)) for lim in _VARINT_LIMITS))
+
+
+def _best_rice(gaps: np.ndarray) -> tuple[int, int]:
+    """(bytes, r) for the Rice parameter r minimising the payload, searched around log2(mean gap)."""
+    if gaps.size == 0:
+        return 0, 0
+    centre = int(np.log2(max(float(gaps.mean()), 1.0)))
+    best = (1 << 62, 0)
+    for r in range(max(0, centre - 2), min(MAX_RICE_K, centre + 2) + 1):
+        nbits = int(np.sum(gaps >> r)) + gaps.size * (1 + r)
+        best = min(best, ((nbits + 7) // 8, r))
+    return best
+
+
+@numba.njit(cache=True, nogil=True)
+def _varint_encode(gaps: np.ndarray, out: np.ndarray) -> int:
+    j = 0
+    for i in range(gaps.size):
+        g = gaps[i]
+        while g >= 128:
+            out[j] = (g & 127) | 128
+            j += 1
+            g >>= 7
+        out[j] = g
+        j += 1
+    return j
+
+
+@numba.njit(cache=True, nogil=True)
+def _varint_decode(data: np.ndarray, nnz: int, numel: int, out: np.ndarray) -> int:
+    pos = 0
+    n = data.size
+    prev = np.int64(-1)
+    for i in range(nnz):
+        g = np.int64(0)
+        shift = 0
+        while True:
+            if pos >= n:
+                return -1
+            b = np.int64(data[pos])
+            pos += 1
+            g |= (b & 127) << shift
+            if g >= numel:
+                return -3
+            if b < 128:
+                break
+            shift += 7
+            if shift > 56:
+                return -2
+        idx = prev + 1 + g
+        if idx >= numel:
+            return -3
+        out[i] = idx
+        prev = idx
+    if pos != n:
+        return -4
+    return 0
+
+
+@numba.njit(cache=True, nogil=True)
+def _rice_encode(gaps: np.ndarray, r: int, out: np.ndarray) -> int:
+    bp = 0
+    low_mask = (1 << r) - 1
+    for i in range(gaps.size):
+        g = gaps[i]
+        q = g >> r
+        for _ in range(q):
+            out[bp >> 3] |= np.uint8(1 << (bp & 7))
+            bp += 1
+        bp += 1  # the terminating zero
+        rem = g & low_mask
+        for j in range(r):
+            if (rem >> j) & 1:
+                out[bp >> 3] |= np.uint8(1 << (bp & 7))
+            bp += 1
+    return bp
+
+
+@numba.njit(cache=True, nogil=True)
+def _rice_decode(data: np.ndarray, nnz: int, numel: int, r: int, out: np.ndarray) -> int:
+    nbits = data.size * 8
+    bp = 0
+    prev = np.int64(-1)
+    limit_q = numel >> r
+    for i in range(nnz):
+        q = 0
+        while True:
+            if bp >= nbits:
+                return -1
+            bit = (data[bp >> 3] >> (bp & 7)) & 1
+            bp += 1
+            if bit == 0:
+                break
+            q += 1
+            if q > limit_q:
+                return -3
+        if bp + r > nbits:
+            return -1
+        rem = np.int64(0)
+        for j in range(r):
+            rem |= np.int64((data[bp >> 3] >> (bp & 7)) & 1) << j
+            bp += 1
+        idx = prev + 1 + ((q << r) | rem)
+        if idx >= numel:
+            return -3
+        out[i] = idx
+        prev = idx
+    if (bp + 7) // 8 != data.size:
+        return -4
+    while bp < nbits:
+        if (data[bp >> 3] >> (bp & 7)) & 1:
+            return -4
+        bp += 1
+    return 0

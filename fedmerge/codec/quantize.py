@@ -1,0 +1,188 @@
+"""Value quantisation stage: how the carried values are stored.
+
+| encoding | bytes/value | error bound per value |
+|---|---|---|
+| fp32 | 4 | 0 (lossless for fp32 input) |
+| fp16 | 2 | round-to-nearest: ≤ 2⁻¹¹·|x| for normal values, ≤ 2⁻²⁵ absolute below 2⁻¹⁴ |
+| bf16 | 2 | round-to-nearest-even: ≤ 2⁻⁸·|x| (≤ 2⁻¹³³ absolute for subnormals) |
+| int8 | 1 + 4/B | q = round(x/s), s = max|x_block|/127, x̂ = q·s: |x − x̂| ≤ s/2 |
+| int4 | ½ + 4/B | q = round(x/s), s = max|x_block|/7, stored as q+8 in a nibble: |x − x̂| ≤ s/2 |
+
+Blocks are B = ``block_size`` consecutive carried values; scales are little-endian fp32. Blockwise
+absmax quantisation follows Dettmers et al. 2022 ("8-bit Optimizers via Block-wise Quantization").
+Rounding is deterministic round-half-to-even. Decoding always returns fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+import torch
+
+from fedmerge.codec.sparsify import StageProperties
+from fedmerge.errors import CodecError
+
+ENCODINGS = ("fp32", "fp16", "bf16", "int8", "int4")
+_QMAX = {"int8": 127, "int4": 7}
+
+PROPERTIES: dict[str, StageProperties] = {
+    "fp32": StageProperties(True, "x̂ = x"),
+    "fp16": StageProperties(False, "|x − x̂| ≤ 2⁻¹¹|x| + 2⁻²⁵"),
+    "bf16": StageProperties(False, "|x − x̂| ≤ 2⁻⁸|x| + 2⁻¹³³"),
+    "int8": StageProperties(False, "|x − x̂| ≤ s_b/2, s_b = max_block|x|/127"),
+    "int4": StageProperties(False, "|x − x̂| ≤ s_b/2, s_b = max_block|x|/7"),
+}
+
+
+@dataclass(frozen=True)
+class QuantizedValues:
+    """Encoded values, their block scales (empty unless int8/int4) and, if asked for, x̂ in fp32."""
+
+    data: bytes
+    scales: bytes
+    reconstructed: torch.Tensor | None
+
+
+def value_bytes(encoding: str, count: int) -> int:
+    """Exact length of the value payload for ``count`` values."""
+    if encoding == "fp32":
+        return 4 * count
+    if encoding in ("fp16", "bf16"):
+        return 2 * count
+    if encoding == "int8":
+        return count
+    return (count + 1) // 2
+
+
+def scale_bytes(encoding: str, count: int, block_size: int) -> int:
+    """Exact length of the block-scale payload (4 bytes per block of ``block_size`` values)."""
+    if encoding not in _QMAX:
+        return 0
+    return 4 * ((count + block_size - 1) // block_size)
+
+
+def encode(
+    values: torch.Tensor, encoding: str, block_size: int, *, name: str, reconstruct: bool
+) -> QuantizedValues:
+    """Quantise 1-D finite fp32 ``values``; raise :class:`CodecError` (naming ``name``) on fp16 overflow."""
+    if encoding == "fp32":
+        return QuantizedValues(values.numpy().tobytes(), b"", values if reconstruct else None)
+    if encoding in ("fp16", "bf16"):
+        low = values.to(torch.float16 if encoding == "fp16" else torch.bfloat16)
+        if encoding == "fp16" and not bool(torch.isfinite(low).all()):
+            worst = float(values.abs().max())
+            raise CodecError(
+                f"tensor {name!r} has |x| = {worst:.3g} beyond the fp16 range (65504); "
+                "use values='bf16' or 'int8'"
+            )
+        data = low.view(torch.int16).numpy().tobytes()
+        return QuantizedValues(data, b"", low.float() if reconstruct else None)
+    n = values.numel()
+    q_np = np.empty(n, dtype=np.int8)
+    scales_np = np.empty((n + block_size - 1) // block_size, dtype=np.float32)
+    _quantize_blocks(values.numpy(), block_size, np.float32(_QMAX[encoding]), q_np, scales_np)
+    rec = None
+    if reconstruct:
+        rec_np = np.empty(n, dtype=np.float32)
+        _dequantize_blocks(q_np, scales_np, block_size, rec_np)
+        rec = torch.from_numpy(rec_np)
+    data = q_np.tobytes() if encoding == "int8" else _pack_nibbles(torch.from_numpy(q_np))
+    return QuantizedValues(data, scales_np.astype("<f4").tobytes(), rec)
+
+
+def decode(encoding: str, data: bytes, scales: bytes, count: int, block_size: int) -> torch.Tensor:
+    """fp32 values from a payload whose lengths the caller has checked (value_bytes / scale_bytes)."""
+    if encoding == "fp32":
+        return torch.from_numpy(np.frombuffer(data, dtype="<f4").astype(np.float32))
+    if encoding == "fp16":
+        return torch.from_numpy(np.frombuffer(data, dtype="<f2").astype(np.float32))
+    if encoding == "bf16":
+        wide = np.frombuffer(data, dtype="<u2").astype(np.uint32) << np.uint32(16)
+        return torch.from_numpy(wide.view(np.float32))
+    s = np.frombuffer(scales, dtype="<f4").astype(np.float32)
+    q = np.frombuffer(data, dtype=np.int8) if encoding == "int8" else _unpack_nibbles(data, count)
+    out = np.empty(count, dtype=np.float32)
+    _dequantize_blocks(q, s, block_size, out)
+    return torch.from_numpy(out)
+
+
+def error_bound(values: torch.Tensor, encoding: str, block_size: int) -> torch.Tensor:
+    """Per-value bound on |x − x̂| that :func:`encode` guarantees (tests check it elementwise)."""
+    a = values.abs()
+    if encoding == "fp32":
+        return torch.zeros_like(a)
+    if encoding == "fp16":
+        return a * 2.0**-11 + 2.0**-25
+    if encoding == "bf16":
+        return a * 2.0**-8 + 2.0**-133
+    scales = _block_absmax(values, block_size) / _QMAX[encoding]
+    per_value = _blockwise(torch.ones_like(a), scales, block_size)
+    return per_value * 0.5 * (1 + 1e-6) + a * 1e-7
+
+
+def _block_absmax(values: torch.Tensor, block_size: int) -> torch.Tensor:
+    n = values.numel()
+    full = n // block_size
+    parts = []
+    if full:
+        parts.append(values[: full * block_size].view(full, block_size).abs().amax(dim=1))
+    if n > full * block_size:
+        parts.append(values[full * block_size :].abs().amax().reshape(1))
+    return torch.cat(parts) if parts else torch.zeros(0)
+
+
+def _blockwise(values: torch.Tensor, per_block: torch.Tensor, block_size: int) -> torch.Tensor:
+    """values[i] * per_block[i // block_size], as a new fp32 tensor."""
+    out = values.to(torch.float32, copy=True)
+    n = out.numel()
+    full = n // block_size
+    if full:
+        out[: full * block_size].view(full, block_size).mul_(per_block[:full, None])
+    if n > full * block_size:
+        out[full * block_size :].mul_(per_block[full])
+    return out
+
+
+def _pack_nibbles(q: torch.Tensor) -> bytes:
+    nib = (q.numpy().astype(np.int16) + 8).astype(np.uint8)
+    if nib.size % 2:
+        nib = np.append(nib, np.uint8(8))
+    return (nib[0::2] | (nib[1::2] << np.uint8(4))).tobytes()
+
+
+def _unpack_nibbles(data: bytes, count: int) -> np.ndarray:
+    raw = np.frombuffer(data, dtype=np.uint8)
+    out = np.empty(raw.size * 2, dtype=np.int8)
+    out[0::2] = raw & 0x0F
+    out[1::2] = raw >> 4
+    return out[:count] - np.int8(8)
+
+
+@numba.njit(cache=True, nogil=True)
+def _quantize_blocks(
+    values: np.ndarray, block: int, qmax: np.float32, q: np.ndarray, scales: np.ndarray
+) -> None:
+    """s_b = max|x_b|/qmax; q = clamp(round_half_even(x · (1/s_b)), −qmax, qmax) (q = 0 when s_b = 0)."""
+    n = values.size
+    for b in range(scales.size):
+        lo, hi = b * block, min(n, (b + 1) * block)
+        amax = np.float32(0.0)
+        for i in range(lo, hi):
+            a = abs(values[i])
+            if a > amax:
+                amax = a
+        s = np.float32(amax / qmax)
+        scales[b] = s
+        inv = np.float32(1.0) / s if s > 0 else np.float32(0.0)
+        for i in range(lo, hi):
+            r = np.rint(values[i] * inv)
+            q[i] = np.int8(min(qmax, max(-qmax, r)))
+
+
+@numba.njit(cache=True, nogil=True)
+def _dequantize_blocks(q: np.ndarray, scales: np.ndarray, block: int, out: np.ndarray) -> None:
+    """x̂_i = q_i · s_{i // block} in fp32."""
+    for i in range(out.size):
+        out[i] = np.float32(q[i]) * scales[i // block]

@@ -1,0 +1,186 @@
+"""Validation on decode: every declared size is checked against limits and payload lengths BEFORE
+anything is allocated, then checksums, then content (indices, finiteness, names and shapes).
+
+Order (each step refuses with a specific :class:`~fedmerge.codec.errors.PackageError`):
+
+1. package length ≤ ``max_package_bytes``                     → DeclaredSizeTooLarge
+2. protobuf parses                                             → MalformedPackage
+3. ``format_version`` known                                    → UnsupportedFormatVersion
+4. header sizes: tensor count, metadata, names, ndim, numel, Σnumel, nnz ≤ numel, block size,
+   known enums and dtype                    → DeclaredSizeTooLarge / MalformedPackage / UnsupportedDtype
+5. exact payload lengths implied by the header                 → PayloadSizeMismatch
+6. names and shapes against the base version (if given)        → TensorNameMismatch / TensorShapeMismatch
+7. package checksum, then each tensor's checksum               → ChecksumMismatch
+8. indices in bounds, strictly increasing, count = nnz        → InvalidIndices
+9. values and block scales finite                              → NonFiniteValues
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from fedmerge.codec import index_coding, quantize
+from fedmerge.codec.errors import (
+    DeclaredSizeTooLarge,
+    MalformedPackage,
+    PayloadSizeMismatch,
+    TensorNameMismatch,
+    TensorShapeMismatch,
+    UnsupportedDtype,
+)
+from fedmerge.codec.sparsify import RANDOMK_ONE
+from fedmerge.v1 import delta_pb2
+
+VALUE_ENCODINGS: dict[int, str] = {
+    delta_pb2.VALUE_ENCODING_FP32: "fp32",
+    delta_pb2.VALUE_ENCODING_FP16: "fp16",
+    delta_pb2.VALUE_ENCODING_BF16: "bf16",
+    delta_pb2.VALUE_ENCODING_INT8: "int8",
+    delta_pb2.VALUE_ENCODING_INT4: "int4",
+}
+INDEX_ENCODINGS: dict[int, str] = {
+    delta_pb2.INDEX_ENCODING_DENSE: "dense",
+    delta_pb2.INDEX_ENCODING_COO_INT32: "coo",
+    delta_pb2.INDEX_ENCODING_BITMAP: "bitmap",
+    delta_pb2.INDEX_ENCODING_GAP_VARINT: "varint",
+    delta_pb2.INDEX_ENCODING_GAP_RICE: "rice",
+    delta_pb2.INDEX_ENCODING_SEEDED: "seeded",
+}
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Upper bounds a decoder enforces before allocating (defaults suit models up to ~30 B parameters)."""
+
+    max_package_bytes: int = (1 << 31) - 1  # protobuf's own message limit
+    max_tensors: int = 100_000
+    max_tensor_numel: int = 1 << 31
+    max_total_numel: int = 1 << 35
+    max_ndim: int = 8
+    max_name_bytes: int = 1024
+    max_metadata_bytes: int = 1 << 16
+    max_block_size: int = 1 << 20
+
+
+@dataclass(frozen=True)
+class TensorHeader:
+    """A tensor's header after validation: decoded enums, numel, shape."""
+
+    name: str
+    shape: tuple[int, ...]
+    numel: int
+    dtype: str
+    values: str
+    index: str
+
+
+def check_package_size(length: int, limits: DecodeLimits) -> None:
+    if length > limits.max_package_bytes:
+        raise DeclaredSizeTooLarge(
+            f"package is {length} bytes, above max_package_bytes = {limits.max_package_bytes}; "
+            "send a sparser delta or raise DecodeLimits.max_package_bytes"
+        )
+
+
+def check_package_header(pkg: delta_pb2.DeltaPackage, limits: DecodeLimits) -> None:
+    """Sizes and enums of the package header (step 4, package part)."""
+    if len(pkg.tensors) > limits.max_tensors:
+        raise DeclaredSizeTooLarge(
+            f"package declares {len(pkg.tensors)} tensors, above max_tensors = {limits.max_tensors}"
+        )
+    meta_bytes = sum(len(k) + len(v) for k, v in pkg.metadata.items())
+    meta_bytes += sum(len(t) for t in pkg.lora_target_modules) + len(pkg.client_id)
+    meta_bytes += len(pkg.base_version_id) + len(pkg.base_version_hash)
+    if meta_bytes > limits.max_metadata_bytes:
+        raise DeclaredSizeTooLarge(
+            f"package metadata is {meta_bytes} bytes, above max_metadata_bytes = {limits.max_metadata_bytes}"
+        )
+    if pkg.kind not in (delta_pb2.DELTA_KIND_TASK_VECTOR, delta_pb2.DELTA_KIND_LORA):
+        raise MalformedPackage(f"package kind {pkg.kind} is not task_vector (1) or lora (2)")
+    if not math.isfinite(pkg.lora_alpha):
+        raise MalformedPackage(f"lora_alpha = {pkg.lora_alpha} is not finite")
+
+
+def check_tensor_header(td: delta_pb2.TensorDelta, limits: DecodeLimits, total_numel: int) -> TensorHeader:
+    """Sizes, enums, dtype and exact payload lengths of one tensor (steps 4 and 5), before any allocation."""
+    name = td.name
+    if len(name.encode()) > limits.max_name_bytes or not name:
+        raise DeclaredSizeTooLarge(
+            f"tensor name of {len(name.encode())} bytes is empty or above "
+            f"max_name_bytes = {limits.max_name_bytes}",
+            name[:64],
+        )
+    if len(td.shape) > limits.max_ndim:
+        raise DeclaredSizeTooLarge(f"{len(td.shape)} dimensions, above max_ndim = {limits.max_ndim}", name)
+    numel = math.prod(td.shape)  # Python ints: no overflow, and cheap for ndim <= max_ndim
+    if numel > limits.max_tensor_numel:
+        raise DeclaredSizeTooLarge(
+            f"declares shape {tuple(td.shape)} = {numel} entries, "
+            f"above max_tensor_numel = {limits.max_tensor_numel}; "
+            "refused before allocation",
+            name,
+        )
+    if total_numel + numel > limits.max_total_numel:
+        raise DeclaredSizeTooLarge(
+            f"package exceeds max_total_numel = {limits.max_total_numel} entries", name
+        )
+    if td.dtype not in DTYPES:
+        raise UnsupportedDtype(f"dtype {td.dtype[:32]!r} is not one of {', '.join(DTYPES)}", name)
+    if td.value_encoding not in VALUE_ENCODINGS:
+        raise MalformedPackage(f"unknown value_encoding {td.value_encoding}", name)
+    if td.index_encoding not in INDEX_ENCODINGS:
+        raise MalformedPackage(f"unknown index_encoding {td.index_encoding}", name)
+    values, index = VALUE_ENCODINGS[td.value_encoding], INDEX_ENCODINGS[td.index_encoding]
+    nnz = td.nnz
+    if nnz > numel or (index == "dense" and nnz != numel):
+        raise MalformedPackage(f"nnz = {nnz} is impossible for numel = {numel} with {index} indices", name)
+    quantised = values in ("int8", "int4")
+    if quantised and not 1 <= td.block_size <= limits.max_block_size:
+        raise MalformedPackage(f"block_size = {td.block_size} outside [1, {limits.max_block_size}]", name)
+    if index == "rice" and td.rice_k > index_coding.MAX_RICE_K:
+        raise MalformedPackage(f"rice_k = {td.rice_k} above {index_coding.MAX_RICE_K}", name)
+    if index == "seeded" and td.keep_threshold > RANDOMK_ONE:
+        raise MalformedPackage(f"keep_threshold = {td.keep_threshold} above 2^53", name)
+    _expect_len("value", len(td.values), quantize.value_bytes(values, nnz), name)
+    block = td.block_size if quantised else 1
+    _expect_len("block-scale", len(td.block_scales), quantize.scale_bytes(values, nnz, block), name)
+    if index in ("dense", "seeded"):
+        _expect_len("index", len(td.indices), 0, name)
+    else:
+        index_coding.check_length(index, len(td.indices), numel, nnz, td.rice_k, name=name)
+    return TensorHeader(name, tuple(int(d) for d in td.shape), numel, td.dtype, values, index)
+
+
+def check_expected(headers: list[TensorHeader], expected: Mapping[str, tuple[int, ...]] | None) -> None:
+    """Names unique; with ``expected`` (the base version's shapes), the same names and shapes (step 6)."""
+    seen: set[str] = set()
+    for h in headers:
+        if h.name in seen:
+            raise TensorNameMismatch("appears twice in the package", h.name)
+        seen.add(h.name)
+    if expected is None:
+        return
+    for h in headers:
+        if h.name not in expected:
+            raise TensorNameMismatch(
+                "is not a tensor of the base version; was the delta computed against another model?", h.name
+            )
+        if tuple(expected[h.name]) != h.shape:
+            raise TensorShapeMismatch(
+                f"declares shape {h.shape} but the base version has {tuple(expected[h.name])}", h.name
+            )
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise TensorNameMismatch(
+            f"is missing from the package ({len(missing)} base tensors missing); "
+            "send every tensor, zeros included",
+            missing[0],
+        )
+
+
+def _expect_len(what: str, got: int, want: int, name: str) -> None:
+    if got != want:
+        raise PayloadSizeMismatch(f"{what} payload is {got} bytes but the header implies {want}", name)

@@ -1,0 +1,368 @@
+"""LoRA adapters: peft files ⇄ factors ⇄ dense deltas, and exact or fast merging.
+
+A LoRA module (Hu et al. 2021) adds ΔW = s·B·A to a base weight W (out × in), with A (r × in),
+B (out × r) and scaling s = α/r (α/√r with rsLoRA, Kalajdzievski 2023). Keys follow peft:
+``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight``; the matching base weight is
+``<module>.weight`` (e.g. ``model.layers.0.self_attn.q_proj.weight``).
+
+Aggregation spaces for clients i with normalised weights w_i (:func:`merge_lora`):
+
+- ``product`` (default): merge the dense ΔW_i = s_i·B_i·A_i with any aggregator, then re-factorise
+  by truncated SVD to the target rank. Exact before truncation; the relative residual
+  ‖ΔW − s·B'A'‖_F / ‖ΔW‖_F is reported per module (Eckart–Young: it is the smallest possible).
+- ``stack``: ΔW = Σ w_i s_i B_i A_i = [w_1 s_1 B_1 | … | w_n s_n B_n] · [A_1; …; A_n], rank Σ r_i.
+  Exact, linear averaging only (FLoRA, Wang et al. 2024).
+- ``factors``: A = Σ w_i A_i, B = Σ w_i B_i (FedIT, Zhang et al. 2024; Flower's FlowerTune). Fast but
+  inexact: Σ w_i B_i A_i ≠ (Σ w_i B_i)(Σ w_i A_i) in general.
+
+``product`` is the default because it is exact up to a reported truncation and works with every
+aggregator (TIES, DARE…), which need the dense update.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fedmerge.errors import ConfigError, IncompatibleDeltasError
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."
+_A, _B = ".lora_A.weight", ".lora_B.weight"
+
+Space = Literal["product", "stack", "factors"]
+DenseAggregator = Callable[
+    [Sequence[Mapping[str, torch.Tensor]], Sequence[float]], Mapping[str, torch.Tensor]
+]
+
+
+class LoraError(ConfigError):
+    """An adapter cannot be read, written or merged as asked (the message names the file or module)."""
+
+
+@dataclass
+class LoraModule:
+    """One adapted weight: ΔW = scaling · B · A (transposed when the base stores W as in × out)."""
+
+    A: torch.Tensor  # r × in
+    B: torch.Tensor  # out × r
+    scaling: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+    def delta(self) -> torch.Tensor:
+        """ΔW = scaling · B · A in fp32."""
+        return self.scaling * (self.B.float() @ self.A.float())
+
+
+@dataclass
+class LoraAdapter:
+    """Factors keyed by base weight name, the adapter settings, and what peft's config held besides."""
+
+    modules: dict[str, LoraModule]
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...] = ()
+    use_rslora: bool = False
+    fan_in_fan_out: bool = False
+    config: dict[str, Any] = field(default_factory=dict)  # the rest of adapter_config.json, kept on save
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # non-LoRA tensors of the adapter file
+    residuals: dict[str, float] = field(
+        default_factory=dict
+    )  # relative SVD residual per module, if factorised
+
+
+def scaling_for(alpha: float, rank: int, use_rslora: bool = False) -> float:
+    """peft's scaling: α/r, or α/√r with rsLoRA."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+# ------------------------------------------------------------------------------------------------ I/O
+
+
+def load_peft_adapter(directory: str | Path) -> LoraAdapter:
+    """Read ``adapter_config.json`` + ``adapter_model.safetensors`` written by peft (LoRA only)."""
+    d = Path(directory)
+    try:
+        config = json.loads((d / ADAPTER_CONFIG).read_text())
+        tensors = load_file(str(d / ADAPTER_WEIGHTS))
+    except (OSError, ValueError) as exc:
+        raise LoraError(f"cannot read a peft adapter from {d}: {exc}") from exc
+    if config.get("peft_type", "LORA") != "LORA":
+        raise LoraError(f"{d / ADAPTER_CONFIG}: peft_type {config.get('peft_type')!r} is not LORA")
+    if config.get("use_dora"):
+        raise LoraError(f"{d / ADAPTER_CONFIG}: DoRA adapters are not supported (ΔW is not s·B·A)")
+    if config.get("alpha_pattern"):
+        raise LoraError(f"{d / ADAPTER_CONFIG}: alpha_pattern is not supported; use one lora_alpha")
+    alpha, use_rslora = float(config["lora_alpha"]), bool(config.get("use_rslora", False))
+    modules: dict[str, LoraModule] = {}
+    extra: dict[str, torch.Tensor] = {}
+    for key in sorted(tensors):
+        if key.endswith(_A):
+            module = key[: -len(_A)]
+            b_key = module + _B
+            if b_key not in tensors:
+                raise LoraError(f"{d / ADAPTER_WEIGHTS}: {key!r} has no matching {b_key!r}")
+            a, b = tensors[key], tensors[b_key]
+            if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+                raise LoraError(f"{key!r}: A {tuple(a.shape)} and B {tuple(b.shape)} are not r×in and out×r")
+            name = module.removeprefix(PEFT_PREFIX) + ".weight"
+            modules[name] = LoraModule(a, b, scaling_for(alpha, int(a.shape[0]), use_rslora))
+        elif not key.endswith(_B):
+            extra[key] = tensors[key]
+    targets = config.get("target_modules") or ()
+    return LoraAdapter(
+        modules=modules,
+        rank=int(config["r"]),
+        alpha=alpha,
+        target_modules=(targets,) if isinstance(targets, str) else tuple(sorted(targets)),
+        use_rslora=use_rslora,
+        fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
+        config=config,
+        extra=extra,
+    )
+
+
+def save_peft_adapter(adapter: LoraAdapter, directory: str | Path) -> None:
+    """Write the adapter as peft does; B is rescaled so that peft's α/r_m gives back exactly each ΔW.
+
+    Modules whose rank differs from ``adapter.rank`` are listed in ``rank_pattern``.
+    """
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = dict(adapter.extra)
+    rank_pattern: dict[str, int] = {}
+    for name, mod in sorted(adapter.modules.items()):
+        module = name.removesuffix(".weight")
+        peft_scaling = scaling_for(adapter.alpha, mod.rank, adapter.use_rslora)
+        tensors[PEFT_PREFIX + module + _A] = mod.A.contiguous()
+        tensors[PEFT_PREFIX + module + _B] = (mod.B * (mod.scaling / peft_scaling)).contiguous()
+        if mod.rank != adapter.rank:
+            rank_pattern[module] = mod.rank
+    config = dict(adapter.config)
+    config.update(
+        peft_type="LORA",
+        r=adapter.rank,
+        lora_alpha=adapter.alpha,
+        target_modules=sorted(adapter.target_modules)
+        or sorted({n.removesuffix(".weight").rsplit(".", 1)[-1] for n in adapter.modules}),
+        use_rslora=adapter.use_rslora,
+        fan_in_fan_out=adapter.fan_in_fan_out,
+        rank_pattern=rank_pattern,
+        alpha_pattern={},
+    )
+    save_file(tensors, str(d / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (d / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+# ------------------------------------------------------------------------------------ ΔW ⇄ factors
+
+
+def lora_to_delta(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
+    """Base weight name → ΔW = s·B·A (fp32, transposed to in × out when ``fan_in_fan_out``)."""
+    return {
+        name: (m.delta().T if adapter.fan_in_fan_out else m.delta()) for name, m in adapter.modules.items()
+    }
+
+
+def factorize(delta_w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Truncated SVD: (A r×in, B out×r, ‖ΔW − B·A‖_F / ‖ΔW‖_F) with B·A the best rank-r approximation.
+
+    ΔW = U Σ Vᵀ; B = U_r Σ_r^½, A = Σ_r^½ V_rᵀ (the singular values are split evenly). The residual is
+    computed from the dropped singular values: sqrt(Σ_{i>r} σ_i²) / sqrt(Σ_i σ_i²) (0 for ΔW = 0).
+    """
+    if delta_w.dim() != 2:
+        raise LoraError(f"factorize needs a 2-D ΔW, got shape {tuple(delta_w.shape)}")
+    if rank < 1:
+        raise LoraError(f"rank must be >= 1, got {rank}")
+    u, s, vh = torch.linalg.svd(delta_w.float(), full_matrices=False)
+    r = min(rank, int(s.numel()))
+    root = s[:r].sqrt()
+    b = u[:, :r] * root
+    a = root[:, None] * vh[:r]
+    if r < rank:  # pad with zero directions so every module has the requested rank
+        a = torch.cat([a, a.new_zeros(rank - r, a.shape[1])])
+        b = torch.cat([b, b.new_zeros(b.shape[0], rank - r)], dim=1)
+    total = float(s.double().pow(2).sum())
+    dropped = float(s[r:].double().pow(2).sum())
+    return a.contiguous(), b.contiguous(), math.sqrt(dropped / total) if total > 0 else 0.0
+
+
+def delta_to_lora(
+    delta: Mapping[str, torch.Tensor],
+    rank: int,
+    alpha: float | None = None,
+    *,
+    target_modules: Sequence[str] | None = None,
+    use_rslora: bool = False,
+) -> LoraAdapter:
+    """Factorise every 2-D ΔW (or those whose module name ends with one of ``target_modules``).
+
+    ``alpha`` defaults to ``rank`` (scaling 1). Each module's relative residual is in ``.residuals``.
+    """
+    alpha = float(rank if alpha is None else alpha)
+    scaling = scaling_for(alpha, rank, use_rslora)
+    modules: dict[str, LoraModule] = {}
+    residuals: dict[str, float] = {}
+    for name in sorted(delta):
+        module = name.removesuffix(".weight")
+        selected = target_modules is None or any(
+            module == t or module.endswith("." + t) for t in target_modules
+        )
+        if not selected:
+            continue
+        if delta[name].dim() != 2:
+            if target_modules is None:
+                continue
+            raise LoraError(f"{name!r} has shape {tuple(delta[name].shape)}; LoRA adapts 2-D weights only")
+        a, b, residuals[name] = factorize(delta[name], rank)
+        modules[name] = LoraModule(a, b / scaling, scaling)
+    if not modules:
+        raise LoraError("no 2-D tensor matched target_modules; nothing to factorise")
+    targets = (
+        tuple(sorted(target_modules))
+        if target_modules
+        else tuple(sorted({n.removesuffix(".weight").rsplit(".", 1)[-1] for n in modules}))
+    )
+    return LoraAdapter(modules, rank, alpha, targets, use_rslora, residuals=residuals)
+
+
+# -------------------------------------------------------------------------------------------- merging
+
+
+def merge_lora(
+    adapters: Sequence[LoraAdapter],
+    weights: Sequence[float] | None = None,
+    space: Space = "product",
+    aggregator: str | DenseAggregator | None = None,
+    *,
+    rank: int | None = None,
+    **params: Any,
+) -> LoraAdapter:
+    """Merge adapters in the chosen space (module docstring); weights default to equal.
+
+    ``aggregator`` (product space only): None = weighted mean with weights normalised to sum 1; a
+    name = ``fedmerge.aggregators.merge(name, deltas, weights, **params)``; or a callable
+    ``(deltas, weights) -> merged``. ``rank`` (product space) defaults to the largest input rank.
+    """
+    ws = _weights(adapters, weights)
+    _check_same_modules(adapters)
+    if space == "product":
+        deltas = [lora_to_delta(ad) for ad in adapters]
+        merged = _aggregate(deltas, ws, aggregator, params)
+        target = rank or max(ad.rank for ad in adapters)
+        first = adapters[0]
+        out = delta_to_lora(merged, target, alpha=float(target), target_modules=None)
+        if first.fan_in_fan_out:
+            raise LoraError(
+                "product space with fan_in_fan_out adapters is not supported; use stack or factors"
+            )
+        out.target_modules, out.config = first.target_modules, dict(first.config)
+        return out
+    if aggregator is not None or params:
+        raise LoraError(
+            f"space={space!r} averages linearly; aggregator and its params apply to space='product'"
+        )
+    norm = [w / sum(ws) for w in ws]
+    if space == "stack":
+        return _stack(adapters, norm)
+    if space == "factors":
+        return _factors(adapters, norm)
+    raise LoraError(f"space must be 'product', 'stack' or 'factors', got {space!r}")
+
+
+def _weights(adapters: Sequence[LoraAdapter], weights: Sequence[float] | None) -> list[float]:
+    if not adapters:
+        raise LoraError("merge_lora needs at least one adapter")
+    ws = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
+    if len(ws) != len(adapters):
+        raise LoraError(f"got {len(adapters)} adapters but {len(ws)} weights")
+    if any(w < 0 or not math.isfinite(w) for w in ws) or sum(ws) <= 0:
+        raise LoraError(f"weights must be finite, >= 0 and not all 0, got {ws}")
+    return ws
+
+
+def _check_same_modules(adapters: Sequence[LoraAdapter]) -> None:
+    ref = adapters[0]
+    for i, ad in enumerate(adapters[1:], start=1):
+        if set(ad.modules) != set(ref.modules):
+            diff = sorted(set(ad.modules) ^ set(ref.modules))
+            raise IncompatibleDeltasError(
+                f"adapter {i} does not adapt the same modules as adapter 0 (first difference: {diff[0]!r})",
+                diff[0],
+            )
+        for name, m in ad.modules.items():
+            r = ref.modules[name]
+            if (m.B.shape[0], m.A.shape[1]) != (r.B.shape[0], r.A.shape[1]):
+                raise IncompatibleDeltasError(
+                    f"module {name!r} is {m.B.shape[0]}×{m.A.shape[1]} in adapter {i} but "
+                    f"{r.B.shape[0]}×{r.A.shape[1]} in adapter 0",
+                    name,
+                )
+        if ad.fan_in_fan_out != ref.fan_in_fan_out:
+            raise IncompatibleDeltasError(f"adapter {i} differs from adapter 0 in fan_in_fan_out")
+
+
+def _aggregate(
+    deltas: list[dict[str, torch.Tensor]],
+    weights: list[float],
+    aggregator: str | DenseAggregator | None,
+    params: Mapping[str, Any],
+) -> dict[str, torch.Tensor]:
+    if aggregator is None:
+        if params:
+            raise LoraError(f"the default weighted mean takes no parameters, got {sorted(params)}")
+        total = sum(weights)
+        return {k: sum(w / total * d[k] for w, d in zip(weights, deltas, strict=True)) for k in deltas[0]}  # type: ignore[misc]
+    if isinstance(aggregator, str):
+        from fedmerge.aggregators import merge  # imported lazily: aggregators are optional for LoRA I/O
+
+        return merge(aggregator, deltas, weights, **params)
+    return dict(aggregator(deltas, weights))
+
+
+def _stack(adapters: Sequence[LoraAdapter], norm: list[float]) -> LoraAdapter:
+    modules = {}
+    for name in adapters[0].modules:
+        parts = [ad.modules[name] for ad in adapters]
+        a = torch.cat([m.A.float() for m in parts], dim=0)
+        b = torch.cat([w * m.scaling * m.B.float() for w, m in zip(norm, parts, strict=True)], dim=1)
+        modules[name] = LoraModule(a, b, 1.0)
+    rank = sum(ad.rank for ad in adapters)
+    first = adapters[0]
+    return LoraAdapter(
+        modules, rank, float(rank), first.target_modules, False, first.fan_in_fan_out, dict(first.config)
+    )
+
+
+def _factors(adapters: Sequence[LoraAdapter], norm: list[float]) -> LoraAdapter:
+    first = adapters[0]
+    modules = {}
+    for name, ref in first.modules.items():
+        parts = [ad.modules[name] for ad in adapters]
+        if any(m.rank != ref.rank or not math.isclose(m.scaling, ref.scaling) for m in parts):
+            raise LoraError(
+                f"factor averaging needs equal rank and scaling for every adapter; module {name!r} differs"
+            )
+        a = sum(w * m.A.float() for w, m in zip(norm, parts, strict=True))
+        b = sum(w * m.B.float() for w, m in zip(norm, parts, strict=True))
+        modules[name] = LoraModule(a, b, ref.scaling)  # type: ignore[arg-type]
+    return LoraAdapter(
+        modules,
+        first.rank,
+        first.alpha,
+        first.target_modules,
+        first.use_rslora,
+        first.fan_in_fan_out,
+        dict(first.config),
+    )
