@@ -1,0 +1,213 @@
+"""Model-store throughput and streaming memory: ``python -m bench store [--quick]``.
+
+* commit: ``ModelStore.commit_base`` (per-tensor content-addressed blobs, sha256, fsync, manifest,
+  SQLite transaction) against ``safetensors.torch.save_file`` of the same tensors (no fsync).
+  A second reference adds one fsync to ``save_file``: the store's writes are durable, the plain
+  ``save_file`` ones are still in the page cache when it returns.
+* export: ``ModelStore.export`` (materialise, re-hash every blob on read, stream into HF shards,
+  fsync, atomic rename) against ``load_file`` + ``save_file`` of the same tensors.
+  Ratios are reference time / store time (≥ 1 means the store is faster); best of ``--repeats``.
+* peak RSS: a fresh interpreter exports a model twice the memory budget (base + one delta, so the
+  export really sums) and reports its peak-RSS growth as a fraction of the model size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from safetensors.torch import load_file, save_file
+
+from fedmerge.store import ModelStore
+
+TENSOR_ELEMS = 1 << 20  # 4 MiB fp32 tensors
+
+CHILD = textwrap.dedent(
+    """
+    import json, sys
+    from fedmerge.store import ModelStore
+    store = ModelStore.open(sys.argv[1])
+    def hwm():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    open("/proc/self/clear_refs", "w").write("5")  # reset the peak RSS (VmHWM) to the current RSS
+    before = hwm()
+    store.export("latest", sys.argv[2], max_shard_bytes=int(sys.argv[3]))
+    after = hwm()
+    print(json.dumps({"before": before, "after": after}))
+    """
+)
+
+
+def make_model(total_bytes: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    n = max(1, total_bytes // (TENSOR_ELEMS * 4))
+    return {f"layers.{i:03d}.weight": torch.randn(1024, TENSOR_ELEMS // 1024, generator=g) for i in range(n)}
+
+
+def best_of(repeats: int, fn: Callable[[], None]) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def measure_throughput(work: Path, model: dict[str, torch.Tensor], repeats: int) -> dict[str, float]:
+    counter = iter(range(10**6))
+
+    def ref_save() -> None:
+        save_file(model, work / f"ref-{next(counter)}.safetensors")
+
+    def store_commit() -> None:
+        with ModelStore.open(work / f"store-{next(counter)}") as store:
+            store.commit_base(model, name="bench")
+
+    def ref_save_fsync() -> None:
+        path = work / f"ref-{next(counter)}.safetensors"
+        save_file(model, path)
+        with path.open("rb+") as fh:
+            os.fsync(fh.fileno())
+
+    t_ref_save = best_of(repeats, ref_save)
+    t_ref_save_fsync = best_of(repeats, ref_save_fsync)
+    t_commit = best_of(repeats, store_commit)
+    src = work / "ref-0.safetensors"
+    store_dir = work / "store-export"
+    with ModelStore.open(store_dir) as store:
+        store.commit_base(model, name="bench")
+
+    def ref_export() -> None:
+        save_file(load_file(src), work / f"ref-out-{next(counter)}.safetensors")
+
+    def store_export() -> None:
+        with ModelStore.open(store_dir) as store:
+            store.export("latest", work / f"out-{next(counter)}")
+
+    t_ref_export = best_of(repeats, ref_export)
+    t_export = best_of(repeats, store_export)
+    return {
+        "t_ref_save": t_ref_save,
+        "t_ref_save_fsync": t_ref_save_fsync,
+        "t_commit": t_commit,
+        "t_ref_export": t_ref_export,
+        "t_export": t_export,
+    }
+
+
+def measure_peak_rss(work: Path, model_bytes: int) -> dict[str, float]:
+    store_dir = work / "store-rss"
+    with ModelStore.open(store_dir) as store:
+        base = make_model(model_bytes, seed=1)
+        root = store.commit_base(base, name="big")
+        delta = {k: torch.full_like(v, 0.5) for k, v in base.items()}
+        store.commit(
+            delta,
+            parents=[root.id],
+            method="fedavg",
+            params={},
+            contributors=[],
+            round=1,
+            metrics={},
+            privacy=None,
+        )
+        actual = sum(t.numel() * t.element_size() for t in base.values())
+        del base, delta
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, str(store_dir), str(work / "rss-out"), str(actual // 4)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    stats = json.loads(proc.stdout.strip().splitlines()[-1])
+    growth = stats["after"] - stats["before"]
+    return {"model_bytes": actual, "rss_growth": growth, "frac": growth / actual}
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench store", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small sizes, about a minute on 2 cores")
+    parser.add_argument("--model-mb", type=int, default=None, help="model size for throughput (MiB)")
+    parser.add_argument("--budget-mb", type=int, default=None, help="memory budget; the RSS model is 2x this")
+    parser.add_argument("--repeats", type=int, default=None)
+    args = parser.parse_args(argv)
+    model_mb = args.model_mb or (64 if args.quick else 512)
+    budget_mb = args.budget_mb or (128 if args.quick else 1024)
+    repeats = args.repeats or (3 if args.quick else 5)
+    torch.set_num_threads(1)
+    console = Console()
+    with tempfile.TemporaryDirectory(prefix="fedmerge-bench-store-") as tmp:
+        work = Path(tmp)
+        model = make_model(model_mb << 20, seed=0)
+        nbytes = sum(t.numel() * t.element_size() for t in model.values())
+        t = measure_throughput(work, model, repeats)
+        del model
+        for p in work.iterdir():
+            if p.name != "store-export":
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        rss = measure_peak_rss(work, 2 * (budget_mb << 20))
+    mb = nbytes / 2**20
+    table = Table(title=f"model store vs plain safetensors ({mb:.0f} MiB, best of {repeats})")
+    for col in ("operation", "store s", "store MiB/s", "reference s", "reference MiB/s", "ratio"):
+        table.add_column(col, justify="right" if col != "operation" else "left")
+    commit_ratio = t["t_ref_save"] / t["t_commit"]
+    export_ratio = t["t_ref_export"] / t["t_export"]
+    table.add_row(
+        "commit vs save_file",
+        f"{t['t_commit']:.3f}",
+        f"{mb / t['t_commit']:.0f}",
+        f"{t['t_ref_save']:.3f}",
+        f"{mb / t['t_ref_save']:.0f}",
+        f"{commit_ratio:.2f}",
+    )
+    table.add_row(
+        "commit vs save_file+fsync",
+        f"{t['t_commit']:.3f}",
+        f"{mb / t['t_commit']:.0f}",
+        f"{t['t_ref_save_fsync']:.3f}",
+        f"{mb / t['t_ref_save_fsync']:.0f}",
+        f"{t['t_ref_save_fsync'] / t['t_commit']:.2f}",
+    )
+    table.add_row(
+        "export vs load_file+save_file",
+        f"{t['t_export']:.3f}",
+        f"{mb / t['t_export']:.0f}",
+        f"{t['t_ref_export']:.3f}",
+        f"{mb / t['t_ref_export']:.0f}",
+        f"{export_ratio:.2f}",
+    )
+    console.print(table)
+    console.print(
+        f"export of a {rss['model_bytes'] / 2**20:.0f} MiB model (2x a {budget_mb} MiB budget): "
+        f"peak RSS grew "
+        f"{rss['rss_growth'] / 2**20:.1f} MiB = {rss['frac']:.3f} of the model"
+    )
+    result = {
+        "benchmark": "store",
+        "quick": bool(args.quick),
+        "model_mib": round(mb, 1),
+        "commit_vs_safetensors": round(commit_ratio, 3),
+        "export_vs_safetensors": round(export_ratio, 3),
+        "commit_vs_safetensors_fsync": round(t["t_ref_save_fsync"] / t["t_commit"], 3),
+        "export_peak_rss_frac_of_model": round(rss["frac"], 4),
+        "export_peak_rss_growth_mib": round(rss["rss_growth"] / 2**20, 1),
+        "rss_model_mib": round(rss["model_bytes"] / 2**20, 1),
+        "commit_mib_s": round(mb / t["t_commit"], 1),
+        "export_mib_s": round(mb / t["t_export"], 1),
+    }
+    print(json.dumps(result))
+    return 0

@@ -1,0 +1,238 @@
+"""Content-addressed blob storage: each blob is named by the sha256 of its bytes.
+
+A blob holds one tensor as a one-tensor safetensors file (key ``"tensor"``), so identical tensors
+are stored once whatever parameter name they carry. :class:`BlobBackend` is the small interface
+the store needs; :class:`LocalBlobBackend` implements it on a directory:
+
+    <root>/blobs/<first 2 hex>/<64 hex>.safetensors     a committed blob
+    <root>/tmp/<random>.partial                         a blob being written (never referenced)
+
+Writes are crash-safe: bytes go to a temporary file, which is fsynced, then renamed onto its final
+name (atomic on POSIX); :meth:`BlobBackend.sync` fsyncs the directories so the renames survive a
+power loss. A reader therefore sees a blob whole or not at all. An object-store backend would
+implement the same protocol (``local_path`` then being a read-through cache).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import re
+import secrets
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from fedmerge.store.errors import CorruptBlobError, MissingBlobError
+from fedmerge.store.safetensors_format import (
+    SafetensorsFormatError,
+    encode_single,
+    parse_header,
+    tensor_from_buffer,
+)
+
+BLOB_KEY = "tensor"
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+Buffer = bytes | memoryview
+
+
+class BlobBackend(Protocol):
+    """Where blobs live. Digests are lowercase sha256 hex strings of the blob's bytes."""
+
+    def has(self, digest: str) -> bool:
+        """Whether a complete blob named ``digest`` exists."""
+        ...
+
+    def put(self, digest: str, parts: Sequence[Buffer]) -> bool:
+        """Store the concatenation of ``parts`` under ``digest`` atomically; False if it already existed.
+
+        The caller guarantees ``digest`` is the sha256 of the bytes. An existing blob is kept (and its
+        age reset, so a grace-period ``gc`` does not remove it under a commit that is reusing it).
+        """
+        ...
+
+    def local_path(self, digest: str) -> Path:
+        """A local file holding the blob's bytes, for memory-mapped reads."""
+        ...
+
+    def size(self, digest: str) -> int: ...
+
+    def mtime(self, digest: str) -> float:
+        """Seconds since the epoch when the blob was last written or reused."""
+        ...
+
+    def delete(self, digest: str) -> None: ...
+
+    def digests(self) -> Iterator[str]:
+        """Every stored digest (order unspecified)."""
+        ...
+
+    def sync(self) -> None:
+        """Make every completed :meth:`put` durable (directory entries included)."""
+        ...
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so the renames and unlinks inside it are durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(final: Path, parts: Sequence[Buffer], tmp_dir: Path) -> None:
+    """Write ``parts`` to a temporary file in ``tmp_dir``, fsync it, rename it onto ``final``."""
+    tmp = tmp_dir / f"{secrets.token_hex(8)}.partial"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        for part in parts:
+            view = memoryview(part)
+            while view.nbytes:
+                written = os.write(fd, view)
+                view = view[written:]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(tmp, final)
+
+
+class LocalBlobBackend:
+    """:class:`BlobBackend` on a local directory (see the module docstring for the layout)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.blob_dir = self.root / "blobs"
+        self.tmp_dir = self.root / "tmp"
+        self.blob_dir.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self._dirty: set[Path] = set()
+
+    def local_path(self, digest: str) -> Path:
+        if not _DIGEST.match(digest):
+            raise MissingBlobError(f"{digest!r} is not a sha256 hex digest; the manifest is damaged")
+        return self.blob_dir / digest[:2] / f"{digest}.safetensors"
+
+    def has(self, digest: str) -> bool:
+        return self.local_path(digest).is_file()
+
+    def put(self, digest: str, parts: Sequence[Buffer]) -> bool:
+        final = self.local_path(digest)
+        if final.is_file():
+            os.utime(final)
+            return False
+        final.parent.mkdir(exist_ok=True)
+        write_atomic(final, parts, self.tmp_dir)
+        self._dirty.add(final.parent)
+        return True
+
+    def size(self, digest: str) -> int:
+        return self.local_path(digest).stat().st_size
+
+    def mtime(self, digest: str) -> float:
+        return self.local_path(digest).stat().st_mtime
+
+    def delete(self, digest: str) -> None:
+        path = self.local_path(digest)
+        path.unlink()
+        self._dirty.add(path.parent)
+
+    def digests(self) -> Iterator[str]:
+        for sub in sorted(self.blob_dir.iterdir()):
+            if not sub.is_dir():
+                continue
+            for path in sorted(sub.iterdir()):
+                name = path.name.removesuffix(".safetensors")
+                if _DIGEST.match(name) and name[:2] == sub.name and path.suffix == ".safetensors":
+                    yield name
+
+    def sync(self) -> None:
+        for path in sorted(self._dirty):
+            fsync_dir(path)
+        if self._dirty:
+            fsync_dir(self.blob_dir)
+        self._dirty.clear()
+
+    def stray_paths(self) -> list[Path]:
+        """Files under ``blobs/`` whose name is not ``<aa>/<sha256>.safetensors`` (never written by us)."""
+        stray: list[Path] = []
+        for path in sorted(self.blob_dir.rglob("*")):
+            rel = path.relative_to(self.blob_dir).parts
+            if path.is_dir() and len(rel) == 1 and re.fullmatch(r"[0-9a-f]{2}", rel[0]):
+                continue
+            name = path.name.removesuffix(".safetensors")
+            ok = (
+                len(rel) == 2
+                and path.is_file()
+                and path.suffix == ".safetensors"
+                and bool(_DIGEST.match(name))
+                and name[:2] == rel[0]
+            )
+            if not ok:
+                stray.append(path)
+        return stray
+
+    def leftover_tmp(self, older_than: float | None = None) -> list[Path]:
+        """Temporary files of interrupted writes (optionally only those older than ``older_than`` s)."""
+        now = time.time()
+        out = []
+        for path in sorted(self.tmp_dir.iterdir()):
+            if older_than is None or now - path.stat().st_mtime >= older_than:
+                out.append(path)
+        return out
+
+
+def encode_blob(tensor: torch.Tensor) -> tuple[str, list[Buffer]]:
+    """(sha256 hex, byte parts) of the one-tensor safetensors blob holding ``tensor``."""
+    header, data = encode_single(tensor, BLOB_KEY)
+    h = hashlib.sha256(header)
+    h.update(data)
+    return h.hexdigest(), [header, data]
+
+
+def hash_file(path: Path) -> str:
+    """sha256 hex of a file's bytes, read in chunks (constant memory)."""
+    with path.open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def read_blob(backend: BlobBackend, digest: str, *, what: str, check_hash: bool = True) -> torch.Tensor:
+    """The tensor stored in blob ``digest``, memory-mapped and (by default) re-hashed before use.
+
+    ``what`` names the referencing version and tensor in error messages. Raises
+    :class:`MissingBlobError` or :class:`CorruptBlobError`; nothing is repaired.
+    """
+    path = backend.local_path(digest)
+    try:
+        fh = path.open("rb")
+    except FileNotFoundError:
+        raise MissingBlobError(
+            f"{what}: blob {digest} is missing from {path.parent.parent}; restore it from a backup or "
+            "an export — the store never deletes referenced blobs, so something outside it did"
+        ) from None
+    with fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size == 0:
+            raise CorruptBlobError(f"{what}: blob {digest} is empty; restore it from a backup")
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) as mm:
+            if check_hash:
+                actual = hashlib.sha256(mm).hexdigest()
+                if actual != digest:
+                    raise CorruptBlobError(
+                        f"{what}: blob {digest} is corrupted (its bytes hash to {actual}); "
+                        "restore it from a backup — the store does not repair it"
+                    )
+            try:
+                header = parse_header(mm, size)
+                if set(header.entries) != {BLOB_KEY}:
+                    raise SafetensorsFormatError(f"holds {sorted(header.entries)}, expected [{BLOB_KEY!r}]")
+                return tensor_from_buffer(mm, header, BLOB_KEY)
+            except SafetensorsFormatError as exc:
+                raise CorruptBlobError(f"{what}: blob {digest} is not a valid tensor blob: {exc}") from None
