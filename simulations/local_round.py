@@ -1,0 +1,94 @@
+"""One client's local round: load the current base, fine-tune on local data, return what changed.
+
+    full:  τ = θ_ft − θ_base                       (a task vector, every floating parameter)
+    lora:  τ = merge(θ_base, (α/r)·B·A) − θ_base   (dense; non-zero only on the LoRA target weights),
+           plus the adapter factors themselves (peft's ``get_peft_model_state_dict``)
+
+All randomness comes from :func:`client_generator` (seed, round, client), so a round is reproducible.
+This is the client half of a simulated federated round; the Flower ClientApp and the runner call it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from peft import get_peft_model_state_dict
+
+from fedmerge.delta.state_dict import StateDict, TaskVector, task_vector
+from fedmerge.errors import ConfigError
+from simulations.tasks.base import ClientData, Task
+from simulations.tasks.training import seed_from
+
+Mode = Literal["full", "lora"]
+
+
+def client_generator(seed: int, round_: int, client: int) -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded from (seed, round, client) through ``numpy.random.SeedSequence``."""
+    return torch.Generator().manual_seed(seed_from(seed, round_, client))
+
+
+@dataclass(frozen=True)
+class LocalUpdate:
+    """A client's reply: the dense delta against the base it received, its metrics and, for LoRA, the
+    adapter factors (names as peft saves them)."""
+
+    delta: TaskVector
+    metrics: dict[str, float]
+    adapter: StateDict | None = None
+
+
+def _cpu(state: dict[str, torch.Tensor]) -> StateDict:
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+
+def local_round(
+    task: Task,
+    base: StateDict,
+    data: ClientData,
+    *,
+    seed: int,
+    round_: int,
+    mode: Mode = "full",
+    epochs: int = 1,
+    lr: float = 1e-3,
+    batch_size: int = 32,
+    lora_rank: int = 4,
+    lora_alpha: float = 8.0,
+    device: str | torch.device = "cpu",
+) -> LocalUpdate:
+    """Fine-tune ``task``'s model, initialised to ``base``, on ``data.train`` and return the update.
+
+    ``metrics`` holds the task's training metrics (``num-examples``, ``train-loss`` …) and the local test
+    ``test-accuracy``/``test-loss`` before (``base-`` prefix) and after training.
+    """
+    if mode not in ("full", "lora"):
+        raise ConfigError(f"local round mode must be 'full' or 'lora', got {mode!r}")
+    generator = client_generator(seed, round_, data.client_id)
+    model = task.build_model(seed)
+    model.load_state_dict(base)
+    before = task.evaluate(model, data.test, device)
+    adapter: StateDict | None = None
+    if mode == "full":
+        metrics = task.train(
+            model, data, epochs=epochs, lr=lr, batch_size=batch_size, generator=generator, device=device
+        )
+        trained = model
+    else:
+        peft_model, metrics = task.train_lora(
+            model, data, lora_rank, lora_alpha, epochs=epochs, lr=lr, batch_size=batch_size,
+            generator=generator, device=device,
+        )  # fmt: skip
+        adapter = _cpu(get_peft_model_state_dict(peft_model))
+        trained = peft_model.merge_and_unload()
+    after = task.evaluate(trained, data.test, device)
+    delta = task_vector(base, _cpu(trained.state_dict()))
+    metrics = {
+        **metrics,
+        "base-test-accuracy": before["accuracy"],
+        "base-test-loss": before["loss"],
+        "test-accuracy": after["accuracy"],
+        "test-loss": after["loss"],
+    }
+    return LocalUpdate(delta=delta, metrics=metrics, adapter=adapter)
