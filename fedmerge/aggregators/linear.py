@@ -39,4 +39,4 @@ class LinearAggregator(Aggregator):
                     "(give at least one client a weight > 0)"
                 )
             factor /= self._total_weight
-        return acc * factor
+        return acc.mul_(factor)  # the accumulator is not used again: scale it in place

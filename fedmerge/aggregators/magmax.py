@@ -38,4 +38,4 @@ class MagMax(Aggregator):
         max_abs_sparse(item.data.indices, item.data.values, self._accumulators(key, 1)[0])
 
     def _finalize_tensor(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
-        return self._accumulators(key, 1)[0] * self.scaling
+        return self._accumulators(key, 1)[0].mul_(self.scaling)  # not used again: in place
