@@ -16,6 +16,7 @@ from fedmerge.aggregators import (  # noqa: F401  (import registers each method)
     ties,
     trimmed_mean,
 )
+from fedmerge.aggregators import continual  # noqa: F401  (stateful continual mergers: create_continual)
 from fedmerge.aggregators.base import (
     Aggregator,
     Prepared,
