@@ -16,7 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "protos"
-PROTOS = ("fedmerge/v1/delta.proto",)
+PROTOS = ("fedmerge/v1/delta.proto", "fedmerge/v1/intake.proto")
 
 
 def generate(out_dir: Path, protos: tuple[str, ...] = PROTOS) -> list[Path]:

@@ -1,0 +1,216 @@
+"""``serve-continual`` and ``push``: the command line of the intake service (a ``typer.Typer`` app).
+
+    fedmerge serve-continual --store runs/store --base-weights base.safetensors --tokens tokens.txt
+    fedmerge push expert.safetensors --server localhost:50051 --token $TOKEN
+
+Also runnable as ``python -m fedmerge.service.cli``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from fedmerge.errors import FedMergeError
+
+app = typer.Typer(help="Continual-merging intake service.", no_args_is_help=True, add_completion=False)
+
+
+def _parse_params(items: list[str]) -> dict[str, Any]:
+    from fedmerge.service.config import ServiceConfigError
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ServiceConfigError(f"--param {item!r}: expected KEY=VALUE (VALUE as JSON, e.g. alpha=0.5)")
+        try:
+            out[key] = json.loads(raw)
+        except ValueError:
+            out[key] = raw
+    return out
+
+
+@app.command("serve-continual")
+def serve_continual(
+    store: Annotated[Path, typer.Option(help="model store directory (created if missing)")],
+    listen: Annotated[
+        str, typer.Option(help="HOST:PORT to listen on (port 0 = any free port)")
+    ] = "127.0.0.1:50051",
+    method: Annotated[
+        str, typer.Option(help="continual merger: opcm, continual_task_arithmetic, ...")
+    ] = "opcm",
+    param: Annotated[
+        list[str] | None, typer.Option(help="merger hyper-parameter KEY=VALUE (repeatable)")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="experts merged per committed version")] = 1,
+    base: Annotated[
+        str | None, typer.Option(help="base version (id or alias); default the store's root")
+    ] = None,
+    base_weights: Annotated[
+        Path | None, typer.Option(help="safetensors file committed as the base when the store is empty")
+    ] = None,
+    track: Annotated[str, typer.Option(help="alias moved to each continual version")] = "continual",
+    data_dir: Annotated[
+        Path | None, typer.Option(help="spool/queue/bulk directory (default <store>/../intake)")
+    ] = None,
+    tokens: Annotated[Path | None, typer.Option(help="file of 'CLIENT_ID TOKEN' lines (bearer auth)")] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="server certificate (PEM)")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="server private key (PEM)")] = None,
+    tls_client_ca: Annotated[
+        Path | None, typer.Option(help="CA for client certificates (mutual TLS)")
+    ] = None,
+    allow_insecure: Annotated[bool, typer.Option(help="serve without any authentication")] = False,
+    max_submission_bytes: Annotated[int, typer.Option(help="per-expert size limit")] = 2 << 30,
+    max_queued: Annotated[int, typer.Option(help="per-client queued experts limit")] = 64,
+    max_workers: Annotated[int, typer.Option(help="gRPC handler threads")] = 16,
+    max_message_bytes: Annotated[int, typer.Option(help="largest single gRPC message accepted")] = 8 << 20,
+    port_file: Annotated[Path | None, typer.Option(help="write the bound port here once serving")] = None,
+) -> None:
+    """Serve the ExpertIntake and BulkUpload gRPC services and merge experts as they arrive."""
+    from fedmerge.memory import use_mmap_for_large_allocations
+    from fedmerge.service.config import Limits, ServiceConfig, TlsConfig, load_tokens
+    from fedmerge.service.server import IntakeServer
+    from fedmerge.store import ModelStore
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    use_mmap_for_large_allocations()
+    try:
+        tls = None
+        if tls_cert is not None or tls_key is not None:
+            if tls_cert is None or tls_key is None:
+                raise FedMergeError("--tls-cert and --tls-key go together")
+            tls = TlsConfig(tls_cert, tls_key, tls_client_ca)
+        config = ServiceConfig(
+            store=store,
+            data_dir=data_dir,
+            listen=listen,
+            method=method,
+            params=_parse_params(param or []),
+            batch_size=batch_size,
+            base=base,
+            track=track,
+            tokens=load_tokens(tokens) if tokens is not None else {},
+            tls=tls,
+            allow_insecure=allow_insecure,
+            limits=Limits(max_submission_bytes=max_submission_bytes, max_queued=max_queued),
+            max_workers=max_workers,
+            max_message_bytes=max_message_bytes,
+        )
+        if base_weights is not None:
+            with ModelStore.open(store) as s:
+                if not s.list(limit=1):
+                    from safetensors.torch import load_file
+
+                    v = s.commit_base(load_file(str(base_weights)), name=base_weights.stem)
+                    typer.echo(f"committed base {base_weights} as {v.id}")
+        server = IntakeServer(config)
+        port = server.start()
+    except FedMergeError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    host = listen.rsplit(":", 1)[0]
+    if port_file is not None:
+        tmp = port_file.with_suffix(".tmp")
+        tmp.write_text(f"{port}\n")
+        os.replace(tmp, port_file)
+    typer.echo(f"serving ExpertIntake on {host}:{port} ({method}, batch {batch_size}, track {track!r})")
+    signal.signal(signal.SIGTERM, lambda *_: server._stop.set())
+    try:
+        server.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+
+
+@app.command("push")
+def push(
+    path: Annotated[
+        Path, typer.Argument(help="expert: *.safetensors checkpoint, peft adapter dir, or DeltaPackage")
+    ],
+    server: Annotated[str, typer.Option(help="HOST:PORT of the intake service")],
+    token: Annotated[str | None, typer.Option(envvar="FEDMERGE_TOKEN", help="bearer token")] = None,
+    fmt: Annotated[str | None, typer.Option("--format", help="checkpoint | peft_tar | delta_package")] = None,
+    base_version: Annotated[str, typer.Option(help="base version the expert was fine-tuned from")] = "",
+    label: Annotated[str, typer.Option(help="label recorded with the submission")] = "",
+    wait: Annotated[bool, typer.Option(help="wait until merged and print the version")] = True,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the merge")] = 600.0,
+    root_cert: Annotated[
+        Path | None, typer.Option(help="CA that signed the server certificate (TLS)")
+    ] = None,
+    client_cert: Annotated[Path | None, typer.Option(help="client certificate (mutual TLS)")] = None,
+    client_key: Annotated[Path | None, typer.Option(help="client key (mutual TLS)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Submit one expert (with a progress bar) and print the version it was merged into."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    from fedmerge.service.client import (
+        STATE_NAMES,
+        ClientOptions,
+        ServiceCallError,
+        submit_expert,
+        wait_merged,
+    )
+
+    if not path.exists():
+        typer.echo(f"error: {path} does not exist", err=True)
+        raise typer.Exit(2)
+    opts = ClientOptions(
+        server, token=token, root_cert=root_cert, client_cert=client_cert, client_key=client_key
+    )
+    try:
+        with Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            disable=as_json or not sys.stderr.isatty(),
+            transient=True,
+        ) as bar:
+            task = bar.add_task(f"pushing {path.name}", total=None)
+            reply = submit_expert(
+                opts,
+                path,
+                fmt=fmt,
+                base_version=base_version,
+                label=label,
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+            )
+        result: dict[str, Any] = {
+            "submission_id": reply.submission_id,
+            "sha256": reply.sha256,
+            "duplicate": reply.duplicate,
+            "state": STATE_NAMES.get(reply.state, "queued"),
+        }
+        if not as_json:
+            typer.echo(f"accepted {reply.submission_id}{' (already submitted)' if reply.duplicate else ''}")
+        if wait:
+            sub = wait_merged(opts, reply.submission_id, timeout=timeout)
+            result.update(
+                state=STATE_NAMES[sub.state], version=sub.version or None, reason=sub.reason or None
+            )
+            if not as_json:
+                if sub.version:
+                    typer.echo(f"merged into version {sub.version}")
+                else:
+                    typer.echo(f"rejected: {sub.reason}", err=True)
+    except ServiceCallError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(3 if exc.retryable else 1) from None
+    if as_json:
+        typer.echo(json.dumps(result))
+    if result.get("state") == "rejected":
+        raise typer.Exit(1)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,162 @@
+"""Typed, validated settings of the intake service (:class:`ServiceConfig`).
+
+Every field is checked in ``__post_init__``; a bad value raises :class:`ServiceConfigError` naming
+the field, the value and the remedy. Sizes are bytes; times are seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedmerge.errors import ConfigError
+
+_TOKEN_CLIENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")
+
+
+class ServiceConfigError(ConfigError):
+    """A service setting is missing, unknown or out of range."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-client limits. ``max_submission_bytes`` bounds one expert; ``max_queued`` how many of a
+    client's experts may wait unmerged at once; ``max_total_bytes`` all bytes a client ever submitted
+    (0 = unlimited)."""
+
+    max_submission_bytes: int = 2 << 30
+    max_queued: int = 64
+    max_total_bytes: int = 0
+    max_bulk_bytes: int = 8 << 30
+
+    def __post_init__(self) -> None:
+        for name in ("max_submission_bytes", "max_queued", "max_bulk_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ServiceConfigError(f"limits.{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.max_total_bytes, int) or self.max_total_bytes < 0:
+            raise ServiceConfigError(
+                f"limits.max_total_bytes must be ≥ 0 (0 = unlimited), got {self.max_total_bytes!r}"
+            )
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """Server certificate and key (PEM); with ``client_ca`` clients must present a certificate signed
+    by it (mutual TLS) and their identity is the certificate's common name."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("cert", "key", "client_ca"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ServiceConfigError(f"tls.{name}: {path} does not exist; pass a PEM file")
+
+    def read(self) -> tuple[bytes, bytes, bytes | None]:
+        ca = Path(self.client_ca).read_bytes() if self.client_ca is not None else None
+        return Path(self.key).read_bytes(), Path(self.cert).read_bytes(), ca
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Everything ``serve-continual`` needs.
+
+    * ``store``: the model store directory (must already hold a base version, see ``base``);
+    * ``data_dir``: spool, queue database and bulk objects (default ``<store>/../intake``);
+    * ``method`` / ``params``: the continual merger (:func:`fedmerge.aggregators.continual.create_continual`);
+    * ``batch_size``: experts merged per committed version (1 = a version per expert);
+    * ``base``: the base version (id or alias) every expert is relative to (default: the store's root);
+    * ``track``: the alias moved to each continual version (the merger state is resumed from it);
+    * ``tokens``: bearer token → client id; empty and no mTLS = no authentication (``allow_insecure``
+      must then be True, so an open server is a deliberate choice);
+    * ``limits``: per-client size limits and quotas; ``chunk_size``: bytes per streamed chunk.
+    """
+
+    store: Path
+    data_dir: Path | None = None
+    listen: str = "127.0.0.1:50051"
+    method: str = "opcm"
+    params: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 1
+    base: str | None = None
+    track: str = "continual"
+    tokens: dict[str, str] = field(default_factory=dict)
+    tls: TlsConfig | None = None
+    allow_insecure: bool = False
+    limits: Limits = field(default_factory=Limits)
+    chunk_size: int = 1 << 20
+    max_workers: int = 16
+    max_message_bytes: int = 8 << 20
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ServiceConfigError(f"batch_size must be an integer ≥ 1, got {self.batch_size!r}")
+        if not (4096 <= self.chunk_size <= 64 << 20):
+            raise ServiceConfigError(f"chunk_size must be in [4 KiB, 64 MiB], got {self.chunk_size}")
+        if self.max_message_bytes < self.chunk_size + 4096:
+            raise ServiceConfigError(
+                f"max_message_bytes ({self.max_message_bytes}) must exceed chunk_size ({self.chunk_size}) "
+                "plus framing; raise it"
+            )
+        if self.max_workers < 2:
+            raise ServiceConfigError(f"max_workers must be ≥ 2, got {self.max_workers}")
+        if not re.fullmatch(r"[^:\s]+:\d{1,5}", self.listen):
+            raise ServiceConfigError(f"listen must be HOST:PORT, got {self.listen!r}")
+        for token, client in self.tokens.items():
+            if len(token) < 16:
+                raise ServiceConfigError(
+                    f"token for client {client!r} is {len(token)} characters; "
+                    "use at least 16 random characters"
+                )
+            if not _TOKEN_CLIENT.match(client):
+                raise ServiceConfigError(
+                    f"client id {client!r} must be 1–128 letters, digits or _.@- "
+                    "starting with a letter or digit"
+                )
+        mtls = self.tls is not None and self.tls.client_ca is not None
+        if not self.tokens and not mtls and not self.allow_insecure:
+            raise ServiceConfigError(
+                "no authentication configured: pass bearer tokens (--tokens FILE), mutual TLS "
+                "(--tls-client-ca), or --allow-insecure to run an open server on purpose"
+            )
+        try:
+            json.dumps(self.params, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ServiceConfigError(f"params must be JSON values: {exc}") from None
+
+    @property
+    def intake_dir(self) -> Path:
+        return Path(self.data_dir) if self.data_dir is not None else Path(self.store).parent / "intake"
+
+    @property
+    def authenticated(self) -> bool:
+        return bool(self.tokens) or (self.tls is not None and self.tls.client_ca is not None)
+
+
+def load_tokens(path: Path) -> dict[str, str]:
+    """Read a token file: one ``CLIENT_ID TOKEN`` pair per line; ``#`` starts a comment."""
+    tokens: dict[str, str] = {}
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise ServiceConfigError(f"cannot read token file {path}: {exc}") from None
+    for number, line in enumerate(lines, 1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        parts = text.split()
+        if len(parts) != 2:
+            raise ServiceConfigError(f"{path}:{number}: expected 'CLIENT_ID TOKEN', got {len(parts)} fields")
+        client, token = parts
+        if token in tokens:
+            raise ServiceConfigError(
+                f"{path}:{number}: token of {client!r} is already used by {tokens[token]!r}"
+            )
+        tokens[token] = client
+    return tokens

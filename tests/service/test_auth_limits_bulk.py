@@ -1,0 +1,214 @@
+"""Authentication (bearer tokens, mutual TLS), limits and quotas, other expert formats, the bulk channel."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from service_helpers import TOKEN, base_weights, finetuned, make_store, server_config, target, write_expert
+
+from fedmerge.codec import CodecConfig, PackageMeta, encode_package
+from fedmerge.delta.lora import LoraAdapter, LoraModule, lora_to_delta, save_peft_adapter
+from fedmerge.service.bulk import BulkError, BulkStore
+from fedmerge.service.client import (
+    ClientOptions,
+    ServiceCallError,
+    connect,
+    list_versions,
+    submit_bulk_expert,
+    submit_expert,
+    upload_bulk,
+    wait_merged,
+)
+from fedmerge.service.config import Limits, ServiceConfigError, TlsConfig
+from fedmerge.service.server import IntakeServer
+from fedmerge.store import ModelStore
+from fedmerge.v1 import intake_pb2, intake_pb2_grpc
+
+
+def test_calls_without_a_valid_token_are_unauthenticated(server: IntakeServer) -> None:
+    for token in (None, "wrong-token-wrong-token"):
+        with pytest.raises(ServiceCallError, match="UNAUTHENTICATED") as err:
+            list_versions(ClientOptions(target(server), token=token))
+        assert err.value.code == grpc.StatusCode.UNAUTHENTICATED and not err.value.retryable
+    assert list_versions(ClientOptions(target(server), token=TOKEN))  # the base version
+
+
+def test_open_server_must_be_explicit(store_dir: Path) -> None:
+    with pytest.raises(ServiceConfigError, match="no authentication configured"):
+        server_config(store_dir, tokens={})
+    with pytest.raises(ServiceConfigError, match="at least 16"):
+        server_config(store_dir, tokens={"short": "a"})
+
+
+def test_oversized_expert_is_refused_before_it_is_read(server: IntakeServer, tmp_path: Path) -> None:
+    opts = ClientOptions(target(server), token=TOKEN)
+    with pytest.raises(ServiceCallError, match=r"RESOURCE_EXHAUSTED.*per-submission limit") as err:
+        submit_expert(opts, b"x" * ((1 << 20) + 1), fmt="delta_package", retries=0)
+    assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert not list((Path(server.config.intake_dir) / "spool").glob("[0-9a-f]*"))
+
+
+def test_queue_quota_is_retryable(store_dir: Path, tmp_path: Path) -> None:
+    srv = IntakeServer(server_config(store_dir, limits=Limits(max_queued=1)))
+    srv.start()
+    srv._stop.set()  # stop the merge worker so submissions stay queued
+    srv._worker_thread.join(10)  # type: ignore[union-attr]
+    try:
+        opts = ClientOptions(target(srv), token=TOKEN)
+        submit_expert(opts, write_expert(tmp_path, base_weights(), 1))
+        with pytest.raises(ServiceCallError, match="already has 1 experts waiting") as err:
+            submit_expert(opts, write_expert(tmp_path, base_weights(), 2), retries=0)
+        assert err.value.retryable
+    finally:
+        srv.stop(0.2)
+
+
+def test_truncated_stream_is_not_acknowledged(server: IntakeServer) -> None:
+    opts = ClientOptions(target(server), token=TOKEN)
+    header = intake_pb2.SubmitHeader(format=intake_pb2.EXPERT_FORMAT_DELTA_PACKAGE, total_size=100)
+    msgs = [intake_pb2.SubmitChunk(header=header), intake_pb2.SubmitChunk(data=b"a" * 60)]
+    with connect(opts) as ch, pytest.raises(grpc.RpcError) as err:
+        intake_pb2_grpc.ExpertIntakeStub(ch).SubmitExpert(iter(msgs), metadata=opts.metadata())
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "received 60 bytes but the header declared 100" in err.value.details()
+
+
+def test_peft_adapter_and_delta_package_experts(server: IntakeServer, tmp_path: Path) -> None:
+    opts = ClientOptions(target(server), token=TOKEN)
+    g = torch.Generator().manual_seed(3)
+    module = LoraModule(torch.randn(2, 8, generator=g), torch.randn(16, 2, generator=g), 2.0)
+    adapter = LoraAdapter(
+        modules={"l1.weight": module}, rank=2, alpha=4.0, target_modules=("l1",), use_rslora=False,
+        fan_in_fan_out=False, config={}, extra={},
+    )  # fmt: skip
+    save_peft_adapter(adapter, tmp_path / "adapter")
+    s1 = wait_merged(opts, submit_expert(opts, tmp_path / "adapter").submission_id, timeout=60)
+    assert s1.state == intake_pb2.SUBMISSION_STATE_MERGED, s1.reason
+    base = base_weights()
+    tv = {k: finetuned(base, 9)[k] - v for k, v in base.items() if v.is_floating_point()}
+    meta = PackageMeta(client_id="c", round=0, base_version_id="v000001", base_version_hash="")
+    pkg = encode_package(tv, CodecConfig(), meta=meta).data
+    s2 = wait_merged(opts, submit_expert(opts, pkg, fmt="delta_package").submission_id, timeout=60)
+    assert s2.state == intake_pb2.SUBMISSION_STATE_MERGED, s2.reason
+    with ModelStore.open(server.config.store) as store:
+        first = store.load_delta(s1.version)
+    expected = lora_to_delta(adapter)["l1.weight"]
+    torch.testing.assert_close(first["l1.weight"], expected)  # OPCM: first expert merged as is
+    assert torch.count_nonzero(first["l2.weight"]) == 0
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def make_pki(d: Path) -> None:
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+             "-days", "2", "-subj", "/CN=fedmerge-test-ca", cwd=d)  # fmt: skip
+    for name, cn in (("server", "localhost"), ("client", "hospital-a")):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                 "-subj", f"/CN={cn}", cwd=d)  # fmt: skip
+        (d / f"{name}.ext").write_text(f"subjectAltName=DNS:{cn}\n")
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext", cwd=d)  # fmt: skip
+
+
+def test_mutual_tls_identifies_clients_by_certificate(tmp_path: Path) -> None:
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    make_pki(pki)
+    store = make_store(tmp_path)
+    tls = TlsConfig(pki / "server.pem", pki / "server.key", pki / "ca.pem")
+    srv = IntakeServer(server_config(store, tokens={}, tls=tls))
+    srv.start()
+    try:
+        addr = f"localhost:{srv.port}"
+        good = ClientOptions(
+            addr, root_cert=pki / "ca.pem", client_cert=pki / "client.pem", client_key=pki / "client.key"
+        )
+        sub = wait_merged(
+            good, submit_expert(good, write_expert(tmp_path, base_weights(), 1)).submission_id, timeout=60
+        )
+        assert sub.client_id == "hospital-a" and sub.state == intake_pb2.SUBMISSION_STATE_MERGED
+        no_cert = ClientOptions(addr, root_cert=pki / "ca.pem")
+        with pytest.raises(ServiceCallError, match="UNAVAILABLE"):
+            list_versions(no_cert)  # the handshake refuses it
+        with pytest.raises(ServiceCallError, match="UNAVAILABLE"):
+            list_versions(ClientOptions(addr))  # plaintext to a TLS port
+    finally:
+        srv.stop(0.2)
+
+
+# ------------------------------------------------------------------------------------ bulk channel
+
+
+def test_bulk_upload_roundtrip_and_expert_from_bulk(server: IntakeServer, tmp_path: Path) -> None:
+    opts = ClientOptions(target(server), token=TOKEN)
+    path = write_expert(tmp_path, base_weights(), 4)
+    seen: list[int] = []
+    sha = upload_bulk(path, opts, chunk_size=256, progress=lambda done, total: seen.append(done))
+    assert sha == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert seen[-1] == path.stat().st_size and len(seen) > 1
+    with server.bulk.open(sha) as fh:
+        assert fh.read() == path.read_bytes()
+    assert upload_bulk(path, opts) == sha  # already complete: nothing re-sent
+    sub = wait_merged(opts, submit_bulk_expert(opts, sha, fmt="checkpoint").submission_id, timeout=60)
+    assert sub.state == intake_pb2.SUBMISSION_STATE_MERGED and sub.sha256 == sha
+
+
+def test_bulk_upload_resumes_after_a_broken_stream(server: IntakeServer) -> None:
+    opts = ClientOptions(target(server), token=TOKEN)
+    data = torch.randint(0, 256, (300_000,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    payload = bytes(data.numpy())
+    sha = hashlib.sha256(payload).hexdigest()
+
+    def broken() -> Iterator[intake_pb2.BulkChunk]:
+        for off in range(0, 100_000, 10_000):
+            yield intake_pb2.BulkChunk(sha256=sha, offset=off, data=payload[off : off + 10_000])
+        raise ConnectionError("network cut")
+
+    with connect(opts) as ch:
+        stub = intake_pb2_grpc.BulkUploadStub(ch)
+        stub.Begin(intake_pb2.BulkBeginRequest(sha256=sha, total_size=len(payload)), metadata=opts.metadata())
+        with pytest.raises(grpc.RpcError):
+            stub.Upload(broken(), metadata=opts.metadata())
+        deadline = 50
+        status = None
+        for _ in range(deadline):  # the server notices the cancelled stream asynchronously
+            status = stub.Begin(
+                intake_pb2.BulkBeginRequest(sha256=sha, total_size=len(payload)), metadata=opts.metadata()
+            )
+            if status.offset > 0:
+                break
+            import time
+
+            time.sleep(0.05)
+        assert status is not None and 0 < status.offset <= 100_000 and not status.complete
+    sent: list[int] = []
+    assert upload_bulk(payload, opts, chunk_size=50_000, progress=lambda d, t: sent.append(d)) == sha
+    assert sent[0] > status.offset  # resumed, not restarted
+    with server.bulk.open(sha) as fh:
+        assert fh.read() == payload
+
+
+def test_bulk_store_refuses_bad_offsets_and_hashes(tmp_path: Path) -> None:
+    bulk = BulkStore(tmp_path / "bulk", max_bytes=1000)
+    with pytest.raises(BulkError, match="limit is 1000"):
+        bulk.begin("a" * 64, 2000)
+    with pytest.raises(BulkError, match="not a lowercase sha256"):
+        bulk.begin("xyz", 10)
+    wrong = "b" * 64
+    bulk.begin(wrong, 4)
+    bulk.acquire(wrong)
+    with pytest.raises(BulkError, match="offset 2, expected 0"):
+        bulk.write(wrong, 2, b"ab")
+    bulk.write(wrong, 0, b"abcd")
+    bulk.release(wrong)
+    with pytest.raises(BulkError, match="hashes to"):
+        bulk.finish(wrong)
+    assert not bulk.has(wrong) and not any(bulk.partial.iterdir())
