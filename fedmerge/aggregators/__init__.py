@@ -6,17 +6,20 @@
 """
 
 from fedmerge.aggregators import (  # noqa: F401  (import registers each method)
+    continual,
     dare_linear,
     dare_ties,
     della,
     fedavg,
+    krum,
     magmax,
     median,
+    norm_bounded,
+    robust_ties,
     task_arithmetic,
     ties,
     trimmed_mean,
 )
-from fedmerge.aggregators import continual  # noqa: F401  (stateful continual mergers: create_continual)
 from fedmerge.aggregators.base import (
     Aggregator,
     Prepared,

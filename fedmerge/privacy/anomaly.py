@@ -1,0 +1,133 @@
+"""Per-client anomaly scores for a merge, recorded in the version manifest, with optional rejection.
+
+For client i with delta τ_i and the merged delta τ:
+
+    norm_i        = ‖τ_i‖₂
+    norm_score_i  = |norm_i − med_j norm_j| / (1.4826 · MAD_j norm_j)   (robust z-score; MAD = median
+                    absolute deviation, 1.4826 makes it σ for Gaussian data; a zero MAD is floored at
+                    1e-12 · med so equal norms score 0)
+    cosine_i      = ⟨τ_i, τ⟩ / (‖τ_i‖ ‖τ‖)                              (0 when either is zero)
+
+A client is rejected when norm_score_i > ``max_norm_score`` or cosine_i < ``min_cosine`` (either
+threshold None: that test is off). Sign-flip clients show cosine ≈ −1; scaling (model replacement)
+clients show a large norm score. :func:`merge_with_rejection` merges, scores, drops the rejected and
+merges again.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeAlias
+
+import torch
+
+from fedmerge.aggregators.base import create
+from fedmerge.errors import ConfigError
+from fedmerge.privacy.clipping import DeltaTensor, delta_norm
+
+Delta: TypeAlias = Mapping[str, DeltaTensor]
+MAD_TO_SIGMA = 1.4826
+
+
+def _dense(x: DeltaTensor) -> torch.Tensor:
+    return x if isinstance(x, torch.Tensor) else x.to_dense()
+
+
+def cosine(a: Delta, b: Mapping[str, torch.Tensor]) -> float:
+    """Cosine similarity of two deltas over all tensors (fp64); 0 if either is zero."""
+    dot = na = nb = 0.0
+    for name in sorted(b):
+        x = _dense(a[name]).detach().reshape(-1).to(torch.float64)
+        y = b[name].detach().reshape(-1).to(torch.float64)
+        dot += float(x @ y)
+        na += float(x @ x)
+        nb += float(y @ y)
+    if na == 0 or nb == 0:
+        return 0.0
+    return dot / math.sqrt(na * nb)
+
+
+def robust_z(values: Sequence[float]) -> list[float]:
+    """|v − median| / (1.4826 · MAD) for each value (see module doc)."""
+    med = statistics.median(values)
+    mad = statistics.median([abs(v - med) for v in values])
+    scale = MAD_TO_SIGMA * mad if mad > 0 else max(1e-12 * abs(med), 1e-30)
+    return [abs(v - med) / scale for v in values]
+
+
+def anomaly_scores(
+    deltas_or_norms: Mapping[Any, Delta | float],
+    aggregate: Mapping[str, torch.Tensor] | None = None,
+    *,
+    max_norm_score: float | None = None,
+    min_cosine: float | None = None,
+) -> dict[Any, dict[str, Any]]:
+    """client → {"norm", "norm_score", "cosine" (None without deltas/aggregate), "rejected", "reasons"}."""
+    if not deltas_or_norms:
+        raise ConfigError("anomaly_scores needs at least one client")
+    if max_norm_score is not None and not max_norm_score > 0:
+        raise ConfigError(f"max_norm_score must be > 0 or None, got {max_norm_score!r}")
+    if min_cosine is not None and not -1 <= min_cosine <= 1:
+        raise ConfigError(f"min_cosine must be in [-1, 1] or None, got {min_cosine!r}")
+    clients = list(deltas_or_norms)
+    norms = [_norm_of(deltas_or_norms[c], c) for c in clients]
+    zs = robust_z(norms)
+    out: dict[Any, dict[str, Any]] = {}
+    for c, n, z in zip(clients, norms, zs, strict=True):
+        item = deltas_or_norms[c]
+        cos = None if aggregate is None or isinstance(item, int | float) else cosine(item, aggregate)
+        reasons = []
+        if max_norm_score is not None and z > max_norm_score:
+            reasons.append(f"norm {n:.4g} is {z:.3g} robust σ from the median (limit {max_norm_score})")
+        if min_cosine is not None and cos is not None and cos < min_cosine:
+            reasons.append(f"cosine to the aggregate {cos:.3f} < {min_cosine}")
+        out[c] = {"norm": n, "norm_score": z, "cosine": cos, "rejected": bool(reasons), "reasons": reasons}
+    return out
+
+
+def merge_with_rejection(
+    name: str,
+    deltas: Mapping[Any, Delta],
+    weights: Mapping[Any, float] | None = None,
+    *,
+    max_norm_score: float | None = None,
+    min_cosine: float | None = None,
+    **params: Any,
+) -> tuple[dict[str, torch.Tensor], dict[Any, dict[str, Any]]]:
+    """Merge with aggregator ``name``, score every client against that merge, drop the rejected ones and
+    merge the rest again. Returns (merged delta, scores of the first pass). Rejecting everyone is an error."""
+    if not deltas:
+        raise ConfigError("merge_with_rejection needs at least one delta")
+    first = _merge(name, deltas, weights, params)
+    scores = anomaly_scores(deltas, first, max_norm_score=max_norm_score, min_cosine=min_cosine)
+    kept = {c: d for c, d in deltas.items() if not scores[c]["rejected"]}
+    if not kept:
+        raise ConfigError(
+            f"every one of the {len(deltas)} clients was rejected (max_norm_score={max_norm_score}, "
+            f"min_cosine={min_cosine}); loosen the thresholds"
+        )
+    if len(kept) == len(deltas):
+        return first, scores
+    return _merge(name, kept, weights, params), scores
+
+
+def _merge(
+    name: str, deltas: Mapping[Any, Delta], weights: Mapping[Any, float] | None, params: Mapping[str, Any]
+) -> dict[str, torch.Tensor]:
+    agg = create(name, **params)
+    first = next(iter(deltas.values()))
+    agg.begin({k: tuple(v.shape) for k, v in first.items()})
+    for cid, d in deltas.items():
+        agg.add(d, 1.0 if weights is None else weights[cid], client_id=cid)
+    return agg.finalize()
+
+
+def _norm_of(item: Delta | float, client: Any) -> float:
+    if isinstance(item, int | float):
+        v = float(item)
+        if not (v >= 0 and math.isfinite(v)):
+            raise ConfigError(f"client {client!r}: a norm must be finite and ≥ 0, got {item!r}")
+        return v
+    return delta_norm(item)
