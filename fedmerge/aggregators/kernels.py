@@ -205,6 +205,54 @@ if HAVE_NUMBA:
 
 if HAVE_NUMBA:
 
+    @njit(cache=True)
+    def _select_serial(a, k):
+        """(threshold, tie cut) of the top-k |a| on one thread; tie cut −1 means the band missed."""
+        n = a.shape[0]
+        sample = np.abs(a[:: max(1, n // 65536)])
+        sample.sort()
+        m = sample.shape[0]
+        q = 1.0 - k / n
+        margin = int(4 * np.sqrt(m * q * (1 - q))) + 32
+        pos = int(q * m)
+        lo = sample[pos - margin] if pos - margin > 0 else np.float32(0.0)
+        hi = sample[pos + margin] if pos + margin < m else np.float32(np.inf)
+        above = 0
+        band = 0
+        for j in range(n):
+            v = abs(a[j])
+            above += 1 if v > hi else 0
+            band += 1 if (v >= lo and v <= hi) else 0
+        if not (above < k <= above + band):
+            return np.float32(0.0), np.int64(-1)
+        buf = np.empty(band + 1, dtype=np.float32)
+        kk = 0
+        for j in range(n):  # branch-free append (see _band_fill_block)
+            v = abs(a[j])
+            buf[kk] = v
+            kk += 1 if (v >= lo and v <= hi) else 0
+        vals = buf[:band]
+        rank = k - above
+        thr = np.partition(vals, band - rank)[band - rank]
+        greater = above
+        tied = 0
+        for v in vals:
+            greater += 1 if v > thr else 0
+            tied += 1 if v == thr else 0
+        if greater + tied == k:
+            return thr, np.int64(n)
+        return thr, np.int64(_tie_cut(a, thr, k - greater))
+
+    @njit(parallel=True, cache=True)
+    def _group_thresholds(xs, ks, thr, cut):
+        for g in prange(len(xs)):  # one client per thread: no cross-thread gather
+            t, c = _select_serial(xs[g], ks[g])
+            thr[g] = t
+            cut[g] = c
+
+
+if HAVE_NUMBA:
+
     @njit(parallel=True, cache=True, fastmath=True)
     def _disjoint_mean(S, P, N, Pc, Nc, scale, out):
         for j in prange(S.shape[0]):
@@ -494,6 +542,23 @@ def topk_threshold(x: torch.Tensor, k: int) -> tuple[float, int]:
     if greater + tied_idx.numel() == k:
         return float(thr_t), n
     return float(thr_t), int(tied_idx[k - greater - 1]) + 1
+
+
+def topk_thresholds(xs: Sequence[torch.Tensor], ks: Sequence[int]) -> list[tuple[float, int]]:
+    """:func:`topk_threshold` for a group of tensors; on the CPU each thread selects for one tensor
+    (a selection is a few dependent passes that scale poorly within one tensor, well across tensors)."""
+    flats = [x.detach().reshape(-1) for x in xs]
+    if len(flats) < 2 or not all(
+        _use_numba(f) and f.numel() >= 1 << 16 and 0 < k < f.numel() for f, k in zip(flats, ks, strict=True)
+    ):
+        return [topk_threshold(x, k) for x, k in zip(xs, ks, strict=True)]
+    thr = np.empty(len(flats), dtype=np.float32)
+    cut = np.empty(len(flats), dtype=np.int64)
+    _group_thresholds(typed.List([_np(f.contiguous()) for f in flats]), np.asarray(ks, np.int64), thr, cut)
+    return [
+        (float(t), int(c)) if c >= 0 else topk_threshold(x, k)  # band missed: the general path
+        for t, c, x, k in zip(thr, cut, xs, ks, strict=True)
+    ]
 
 
 def trim_topk(x: torch.Tensor, k: int) -> torch.Tensor:

@@ -30,7 +30,7 @@ from fedmerge.aggregators.kernels import (
     disjoint_mean,
     sign_split_dense,
     sign_split_sparse,
-    topk_threshold,
+    topk_thresholds,
 )
 from fedmerge.aggregators.sparsify import keep_count, trim
 from fedmerge.delta.sparse import SparseTensor
@@ -128,5 +128,13 @@ class Ties(SignConsensusAggregator):
             return Prepared(x)
         if isinstance(x, SparseTensor):
             return Prepared(trim(x, self.density))
-        threshold, tie_cut = topk_threshold(x, keep_count(x.numel(), self.density))
-        return Prepared(x, threshold, tie_cut)  # the trim is fused into the fold: no trimmed copy
+        return Prepared(x, threshold=-1.0)  # trimmed in the fold: thresholds are found per group, no copy
+
+    def _fold_dense(self, key: str, items: list[Prepared], weights: list[float]) -> None:
+        pending = [it for it in items if it.threshold < 0]
+        tensors = [it.data for it in pending if isinstance(it.data, torch.Tensor)]
+        if tensors:
+            ks = [keep_count(t.numel(), self.density) for t in tensors]
+            for it, (threshold, tie_cut) in zip(pending, topk_thresholds(tensors, ks), strict=True):
+                it.threshold, it.tie_cut = threshold, tie_cut
+        super()._fold_dense(key, items, weights)
