@@ -1,0 +1,45 @@
+"""``fedmerge demo`` and ``fedmerge serve`` (mounted into the main CLI)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(add_completion=False)
+
+
+@app.command()
+def demo(
+    store: Annotated[Path, typer.Option(help="model store directory (created if missing)")] = Path(
+        "fedmerge-store"
+    ),
+    clients: int = typer.Option(5, min=2, help="simulated clients (non-IID Dirichlet partitions)"),
+    rounds: int = typer.Option(3, min=1, help="rounds to run (continues from the store's latest round)"),
+    aggregator: str = typer.Option("ties", help="aggregator name (fedmerge.aggregators)"),
+    density: float = typer.Option(0.1, help="top-k density of the client codec"),
+) -> None:
+    """Run a small federation on the embedded store and print a table per round and the versions."""
+    from fedmerge.flower.demo import run_demo
+
+    overrides: dict[str, object] = {"aggregator": aggregator, "codec-density": density}
+    reports = run_demo(store, num_clients=clients, rounds=rounds, overrides=overrides)
+    if not reports or reports[-1].version_id is None:
+        raise typer.Exit(1)
+
+
+@app.command()
+def serve(
+    store: Annotated[Path, typer.Option(help="model store directory")] = Path("fedmerge-store"),
+    port: int = typer.Option(9092, help="Fleet API port SuperNodes connect to"),
+    insecure: bool = typer.Option(False, help="disable TLS (local testing only)"),
+    certificates: Annotated[
+        Path | None, typer.Option(help="directory with ca.crt, server.pem, server.key")
+    ] = None,
+    supernode_auth: bool = typer.Option(False, help="only registered SuperNodes may connect"),
+) -> None:
+    """Start a SuperLink for a real deployment; `flwr run .` then starts the fedmerge ServerApp on it."""
+    from fedmerge.flower.serve import serve_forever
+
+    raise typer.Exit(serve_forever(store, port, insecure, certificates, supernode_auth))

@@ -1,0 +1,463 @@
+"""The round engine: sample, send, pull replies as they arrive, validate, fold, commit — and resume.
+
+One round r against base version v (the store's ``latest``):
+
+1. sample ⌈fraction·N⌉ (at least ``min-clients``, at most N) connected nodes with a generator seeded
+   from (seed, r, attempt); the weights of v go only to nodes not yet known to hold them;
+2. push one ``train`` message per node (TTL = ``round-deadline-s``) and pull replies incrementally
+   until all arrived or the deadline passed; each reply is validated at once (codec validation,
+   base version id and hash, round, duplicate client or submission, 1 ≤ num-examples ≤ max) and an
+   accepted delta is folded into the streaming aggregator immediately (memory O(P), not O(N·P));
+3. with at least ``min-valid`` accepted replies: finalize, evaluate on the task's global test set,
+   commit a version (parents = [v], method, exact params, one Contributor per sampled node — accepted
+   or rejected with its reason — round r, metrics); otherwise nothing is committed and the round is
+   retried (``max-retries``) or the run stops with :class:`RoundAborted`.
+
+Resume: a run starts at round ``latest.round + 1`` from ``latest``; a reply computed against any
+other base is rejected as stale; before committing, ``latest`` is re-read and the commit is refused
+if it moved (so no round is committed twice). Plain Flower clients replying full weights in an
+``ArrayRecord`` are accepted as τ = θ_reply − θ_base (:func:`dense_record_to_task_vector`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from fedmerge.aggregators import Aggregator, create
+from fedmerge.codec import DecodeLimits, decode_package
+from fedmerge.delta.sparse import SparseTensor
+from fedmerge.delta.state_dict import StateDict, floating_names, shapes_of
+from fedmerge.errors import FedMergeError, InvalidSubmission
+from fedmerge.flower.config import RunConfig
+from fedmerge.flower.transport import RECORD_KEY, dense_record_to_task_vector, record_to_package
+from fedmerge.store import Contributor, ModelStore, UnknownVersionError, Version
+
+log = logging.getLogger("fedmerge.rounds")
+
+BASE_RECORD = "fedmerge.base"
+CONFIG_RECORD = "fedmerge.config"
+METRICS_RECORD = "metrics"
+POLL_S = 0.1
+MAX_REASON = 400  # characters of a client's error kept in the manifest (the end of a traceback)
+
+
+class RoundAborted(FedMergeError, RuntimeError):
+    """A round ended with fewer valid replies than ``min-valid`` after every retry; nothing was committed."""
+
+
+class ConcurrentCommit(FedMergeError, RuntimeError):
+    """``latest`` moved while the round ran (another server committed): this round's merge is dropped."""
+
+
+@dataclass(frozen=True)
+class ReplyOutcome:
+    """What happened to one sampled node's reply in one round."""
+
+    node_id: int
+    client_id: str
+    accepted: bool
+    reason: str | None = None
+    num_examples: int = 0
+    submission_hash: str = ""
+    wire_bytes: int = 0
+    dense_bytes: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def contributor(self) -> Contributor:
+        return Contributor(
+            self.client_id, self.num_examples, self.submission_hash, self.accepted, self.reason
+        )
+
+
+@dataclass
+class RoundReport:
+    """A round's result; ``version_id`` is None when nothing was committed."""
+
+    round: int
+    attempt: int
+    base_version_id: str
+    outcomes: list[ReplyOutcome]
+    version_id: str | None = None
+    downlink_bytes: int = 0
+    wall_s: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def accepted(self) -> list[ReplyOutcome]:
+        return [o for o in self.outcomes if o.accepted]
+
+    @property
+    def rejected(self) -> list[ReplyOutcome]:
+        return [o for o in self.outcomes if not o.accepted]
+
+    @property
+    def uplink_bytes(self) -> int:
+        return sum(o.wire_bytes for o in self.outcomes)
+
+    @property
+    def uplink_dense_bytes(self) -> int:
+        return sum(o.dense_bytes for o in self.outcomes if o.wire_bytes)
+
+
+Evaluator = Callable[[StateDict], dict[str, float]]
+
+
+def ensure_base(store: ModelStore, make_base: Callable[[], StateDict], name: str) -> Version:
+    """The store's ``latest`` version, committing ``make_base()`` as the root if the store is empty."""
+    try:
+        return store.get("latest")
+    except UnknownVersionError:
+        store.commit_base(make_base(), name=name)
+        return store.get("latest")
+
+
+def start_round(version: Version) -> int:
+    """The round a run resumes at: one past the latest committed round (1 for a bare base)."""
+    return (version.round or 0) + 1
+
+
+def sample_nodes(node_ids: Iterable[int], cfg: RunConfig, round_: int, attempt: int) -> list[int]:
+    """⌈fraction·N⌉ nodes, at least ``min-clients`` (if connected), seeded by (seed, round, attempt)."""
+    nodes = sorted(node_ids)
+    k = min(len(nodes), max(cfg.min_clients, math.ceil(cfg.fraction * len(nodes))))
+    rng = random.Random(hashlib.sha256(f"{cfg.seed}/{round_}/{attempt}".encode()).digest())
+    return sorted(rng.sample(nodes, k))
+
+
+def wait_for_nodes(grid: Grid, minimum: int, timeout_s: float) -> list[int]:
+    """Connected node ids once at least ``minimum`` are connected, or whatever is there at the timeout."""
+    end = time.monotonic() + timeout_s
+    while True:
+        nodes = list(grid.get_node_ids())
+        if len(nodes) >= minimum or time.monotonic() >= end:
+            return nodes
+        time.sleep(POLL_S * 5)
+
+
+def train_config(cfg: RunConfig, round_: int, base: Version) -> ConfigRecord:
+    """What a client needs to train this round (the server is the single source of settings)."""
+    codec = cfg.codec()
+    return ConfigRecord(
+        {
+            "round": round_,
+            "base-version-id": base.id,
+            "base-version-hash": base.content_hash,
+            "task": cfg.task,
+            "mode": cfg.mode,
+            "seed": cfg.seed,
+            "partitioner": cfg.partitioner,
+            "dirichlet-alpha": cfg.dirichlet_alpha,
+            "local-epochs": cfg.local_epochs,
+            "lr": cfg.lr,
+            "batch-size": cfg.batch_size,
+            "lora-rank": cfg.lora_rank,
+            "lora-alpha": cfg.lora_alpha,
+            "codec-sparsify": codec.sparsify,
+            "codec-density": codec.density,
+            "codec-values": codec.values,
+            "codec-error-feedback": codec.error_feedback,
+        }
+    )
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _metrics_of(content: RecordDict) -> dict[str, float]:
+    record = content.metric_records.get(METRICS_RECORD)
+    if record is None:
+        return {}
+    return {k: float(v) for k, v in record.items() if isinstance(v, int | float)}
+
+
+def dense_bytes_of(shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """fp32 bytes of a dense delta with these shapes (what Flower's dense exchange sends)."""
+    return 4 * sum(math.prod(s) for s in shapes.values())
+
+
+class RoundState:
+    """Per-round bookkeeping for validation: seen clients and submissions, the aggregator."""
+
+    def __init__(self, cfg: RunConfig, round_: int, base: Version, base_weights: StateDict) -> None:
+        self.cfg, self.round, self.base = cfg, round_, base
+        self.base_weights = base_weights
+        self.names = floating_names(base_weights)
+        self.shapes = shapes_of({n: base_weights[n] for n in self.names})
+        self.dense_bytes = dense_bytes_of(self.shapes)
+        self.seen_clients: set[str] = set()
+        self.seen_hashes: set[str] = set()
+        self.aggregator: Aggregator = create(
+            cfg.aggregator, seed=cfg.seed, round=round_, **cfg.aggregator_params
+        )
+        self.aggregator.begin(self.shapes)
+        self.limits = DecodeLimits(max_package_bytes=cfg.max_package_bytes)
+
+    def judge(self, node_id: int, reply: Message) -> ReplyOutcome:
+        """Validate one reply and fold it into the aggregator if it is accepted."""
+        default_id = f"node-{node_id}"
+        if reply.has_error():
+            err = reply.error
+            reason = " ".join((err.reason or "").split())
+            reason = reason if len(reason) <= MAX_REASON else "…" + reason[-MAX_REASON:]
+            return ReplyOutcome(node_id, default_id, False, f"client failed (code {err.code}): {reason}")
+        content = reply.content
+        metrics = _metrics_of(content)
+        try:
+            if RECORD_KEY in content.array_records:
+                client_id, n, digest, wire, delta = self._decode(content)
+            else:
+                client_id, n, digest, wire, delta = self._dense(content, metrics, default_id)
+            self._check_unique(client_id, digest)
+            self.aggregator.add(delta, float(n), client_id=client_id)
+        except InvalidSubmission as exc:
+            cid = locals().get("client_id", default_id)
+            return ReplyOutcome(node_id, str(cid), False, f"{type(exc).__name__}: {exc}", metrics=metrics)
+        self.seen_clients.add(client_id)
+        self.seen_hashes.add(digest)
+        return ReplyOutcome(node_id, client_id, True, None, n, digest, wire, self.dense_bytes, metrics)
+
+    def _decode(self, content: RecordDict) -> tuple[str, int, str, int, Mapping[str, Any]]:
+        data = record_to_package(content)
+        if len(data) > self.cfg.max_package_bytes:
+            raise StaleOrInvalid(
+                f"package of {len(data)} bytes exceeds max-package-bytes={self.cfg.max_package_bytes}; "
+                "lower codec-density or raise max-package-bytes"
+            )
+        pkg = decode_package(data, expected_shapes=self.shapes, limits=self.limits)
+        meta = pkg.meta
+        if meta.base_version_id != self.base.id or meta.base_version_hash != self.base.content_hash:
+            raise StaleOrInvalid(
+                f"stale: computed against base {meta.base_version_id!r} but round {self.round} merges onto "
+                f"{self.base.id!r}; the client must train on the current base"
+            )
+        if meta.round != self.round:
+            raise StaleOrInvalid(f"stale: package is for round {meta.round}, this is round {self.round}")
+        if meta.kind != "task_vector":
+            raise StaleOrInvalid(f"package kind {meta.kind!r} where a task vector was expected")
+        self._check_examples(meta.num_examples, meta.client_id)
+        tensors: dict[str, torch.Tensor | SparseTensor] = dict(pkg.tensors)
+        return meta.client_id, meta.num_examples, _sha256(data), len(data), tensors
+
+    def _dense(
+        self, content: RecordDict, metrics: dict[str, float], client_id: str
+    ) -> tuple[str, int, str, int, Mapping[str, Any]]:
+        records = {k: v for k, v in content.array_records.items() if k != BASE_RECORD}
+        if len(records) != 1:
+            raise StaleOrInvalid(
+                f"reply carries neither a fedmerge package nor exactly one ArrayRecord of weights "
+                f"(ArrayRecords: {sorted(content.array_records)})"
+            )
+        key = next(iter(records))
+        delta = dense_record_to_task_vector(content, self.base_weights, key=key)
+        n = int(metrics.get("num-examples", 0))
+        self._check_examples(n, client_id)
+        digest = hashlib.sha256()
+        for name in sorted(delta):
+            digest.update(name.encode())
+            digest.update(delta[name].numpy().tobytes())
+        wire = sum(len(a.data) for a in records[key].values())
+        return client_id, n, digest.hexdigest(), wire, delta
+
+    def _check_examples(self, n: int, client_id: str) -> None:
+        if not 1 <= n <= self.cfg.max_num_examples:
+            raise StaleOrInvalid(
+                f"num-examples={n} from {client_id!r} is outside [1, max-num-examples="
+                f"{self.cfg.max_num_examples}]; report the number of local training examples"
+            )
+
+    def _check_unique(self, client_id: str, digest: str) -> None:
+        if client_id in self.seen_clients:
+            raise StaleOrInvalid(f"duplicate: client {client_id!r} already replied in round {self.round}")
+        if digest in self.seen_hashes:
+            raise StaleOrInvalid(f"duplicate: submission {digest[:12]} was already accepted this round")
+
+
+class StaleOrInvalid(InvalidSubmission):
+    """A well-formed reply the round cannot use: stale base or round, duplicate, bad weight or size."""
+
+
+def build_messages(
+    nodes: list[int],
+    cfg: RunConfig,
+    round_: int,
+    base: Version,
+    base_weights: StateDict,
+    holders: set[int],
+) -> tuple[list[Message], int]:
+    """One ``train`` message per node; weights only to nodes not in ``holders``. Returns (msgs, bytes)."""
+    config = train_config(cfg, round_, base)
+    weights = ArrayRecord(base_weights)
+    weight_bytes = sum(t.numel() * t.element_size() for t in base_weights.values())
+    messages, downlink = [], 0
+    for node in nodes:
+        content = RecordDict({CONFIG_RECORD: config})
+        if node not in holders:
+            content[BASE_RECORD] = weights
+            downlink += weight_bytes
+        messages.append(
+            Message(
+                content,
+                dst_node_id=node,
+                message_type="train",
+                group_id=str(round_),
+                ttl=cfg.round_deadline_s,
+            )
+        )
+    return messages, downlink
+
+
+def collect(
+    grid: Grid, messages: list[Message], nodes: list[int], state: RoundState, deadline_s: float
+) -> list[ReplyOutcome]:
+    """Push, then pull replies as they arrive and judge each at once, until all came or the deadline."""
+    ids = list(grid.push_messages(messages))
+    pending = {mid: node for mid, node in zip(ids, nodes, strict=True) if mid}
+    outcomes = [
+        ReplyOutcome(node, f"node-{node}", False, "message could not be pushed")
+        for mid, node in zip(ids, nodes, strict=True)
+        if not mid
+    ]
+    end = time.monotonic() + deadline_s
+    while pending and time.monotonic() < end:
+        replies = list(grid.pull_messages(list(pending)))
+        for reply in replies:
+            node = pending.pop(reply.metadata.reply_to_message_id, None)
+            if node is not None:
+                outcomes.append(state.judge(node, reply))
+        if not replies:
+            time.sleep(POLL_S)
+    outcomes.extend(
+        ReplyOutcome(node, f"node-{node}", False, f"timeout: no reply within round-deadline-s={deadline_s:g}")
+        for node in pending.values()
+    )
+    return outcomes
+
+
+@dataclass
+class Federation:
+    """Runs rounds against one store; ``evaluate`` scores full weights (server-side evaluation)."""
+
+    grid: Grid
+    cfg: RunConfig
+    store: ModelStore
+    evaluate: Evaluator | None = None
+    on_round: Callable[[RoundReport], None] | None = None
+    holders: dict[str, set[int]] = field(default_factory=dict)
+
+    def run(self) -> list[RoundReport]:
+        """``num-rounds`` rounds from the store's latest version; raises RoundAborted when one fails."""
+        first = start_round(self.store.get("latest"))
+        reports = []
+        for round_ in range(first, first + self.cfg.num_rounds):
+            for attempt in range(self.cfg.max_retries + 1):
+                report = self.run_round(round_, attempt)
+                reports.append(report)
+                if self.on_round is not None:
+                    self.on_round(report)
+                if report.version_id is not None:
+                    break
+            else:
+                raise RoundAborted(
+                    f"round {round_}: fewer than min-valid={self.cfg.min_valid} valid replies in "
+                    f"{self.cfg.max_retries + 1} attempt(s); nothing committed. Reasons: "
+                    + "; ".join(f"{o.client_id}: {o.reason}" for o in reports[-1].rejected)
+                )
+        return reports
+
+    def run_round(self, round_: int, attempt: int = 0) -> RoundReport:
+        t0 = time.perf_counter()
+        base = self.store.get("latest")
+        weights = self.store.materialize(base)
+        report = RoundReport(round_, attempt, base.id, [])
+        nodes = wait_for_nodes(self.grid, self.cfg.min_clients, self.cfg.wait_for_nodes_s)
+        if len(nodes) < self.cfg.min_valid:
+            log.warning("round %d: only %d nodes connected (< min-valid)", round_, len(nodes))
+            report.wall_s = time.perf_counter() - t0
+            return report
+        sampled = sample_nodes(nodes, self.cfg, round_, attempt)
+        holders = self.holders.setdefault(base.id, set())
+        messages, report.downlink_bytes = build_messages(sampled, self.cfg, round_, base, weights, holders)
+        state = RoundState(self.cfg, round_, base, weights)
+        report.outcomes = collect(self.grid, messages, sampled, state, self.cfg.round_deadline_s)
+        holders.update(o.node_id for o in report.outcomes if o.accepted)
+        report.metrics = round_metrics(report)
+        if len(report.accepted) >= self.cfg.min_valid:
+            merged = state.aggregator.finalize()
+            report.version_id = self._commit(base, merged, weights, state, report)
+        else:
+            log.warning(
+                "round %d attempt %d: %d valid replies < min-valid=%d; nothing committed",
+                round_, attempt, len(report.accepted), self.cfg.min_valid,
+            )  # fmt: skip
+        report.wall_s = time.perf_counter() - t0
+        return report
+
+    def _commit(
+        self, base: Version, merged: StateDict, weights: StateDict, state: RoundState, report: RoundReport
+    ) -> str:
+        if self.evaluate is not None:
+            new = {k: (v + merged[k].to(v.dtype)) if k in merged else v for k, v in weights.items()}
+            report.metrics.update({f"server-{k}": float(v) for k, v in self.evaluate(new).items()})
+        if self.store.resolve("latest") != base.id:
+            raise ConcurrentCommit(
+                f"round {report.round}: latest moved from {base.id} to {self.store.resolve('latest')} "
+                "while the round ran; restart the server to resume from the new latest"
+            )
+        version = self.store.commit(
+            merged,
+            parents=[base.id],
+            method=self.cfg.aggregator,
+            params={**state.aggregator.params, "codec": _codec_params(self.cfg), "mode": self.cfg.mode},
+            contributors=[o.contributor() for o in sorted(report.outcomes, key=lambda o: o.client_id)],
+            round=report.round,
+            metrics=report.metrics,
+            privacy=None,
+            metadata={"attempt": report.attempt, "task": self.cfg.task},
+        )
+        return version.id
+
+
+def _codec_params(cfg: RunConfig) -> dict[str, Any]:
+    c = cfg.codec()
+    return {
+        "sparsify": c.sparsify,
+        "density": c.density,
+        "values": c.values,
+        "error_feedback": c.error_feedback,
+    }
+
+
+def round_metrics(report: RoundReport) -> dict[str, float]:
+    """Weighted means of the accepted clients' metrics plus byte and count totals (all finite floats)."""
+    acc = report.accepted
+    total = sum(o.num_examples for o in acc)
+    out: dict[str, float] = {
+        "accepted": float(len(acc)),
+        "rejected": float(len(report.rejected)),
+        "uplink-bytes": float(report.uplink_bytes),
+        "uplink-dense-bytes": float(report.uplink_dense_bytes),
+        "downlink-bytes": float(report.downlink_bytes),
+    }
+    if total > 0:
+        keys = set.intersection(*(set(o.metrics) for o in acc)) - {"num-examples"}
+        for key in sorted(keys):
+            value = sum(o.metrics[key] * o.num_examples for o in acc) / total
+            if math.isfinite(value):
+                out[f"clients-{key}"] = value
+    return out
+
+
+def metric_record(values: Mapping[str, float]) -> MetricRecord:
+    return MetricRecord({k: float(v) for k, v in values.items()})

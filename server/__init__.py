@@ -1,0 +1,1 @@
+"""The Flower ServerApp of fedmerge (``server.app:app``)."""

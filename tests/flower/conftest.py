@@ -1,0 +1,102 @@
+"""Shared fixtures: an isolated Flower home, and ClientApps that misbehave in chosen ways."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from clients.app import train_reply
+from clients.dense_app import train as dense_train
+from fedmerge.flower.rounds import RoundReport
+from fedmerge.flower.transport import package_to_record, record_to_package
+
+
+@pytest.fixture(autouse=True)
+def flower_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path_factory.mktemp("flwr-home")))
+    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
+    monkeypatch.setenv("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    yield
+
+
+Behaviour = Callable[[Message, Context], Message]
+
+
+def _truncated(message: Message, context: Context) -> Message:
+    reply = train_reply(message, context)
+    data = record_to_package(reply.content)
+    reply.content = package_to_record(data[: len(data) // 2])
+    return reply
+
+
+def _duplicate_of_0(message: Message, context: Context) -> Message:
+    """Claims to be client-0 (partition 0 also replies as client-0)."""
+    context.node_config["client-id"] = "client-0"
+    return train_reply(message, context)
+
+
+def _crash(message: Message, context: Context) -> Message:
+    raise RuntimeError("simulated crash during local training")
+
+
+def _stale(message: Message, context: Context) -> Message:
+    """Trains on the weights it holds but labels the package with an older base version."""
+    message.content.config_records["fedmerge.config"]["base-version-id"] = "v000000"
+    return train_reply(message, context)
+
+
+BEHAVIOURS: dict[str, Behaviour] = {
+    "ok": train_reply,
+    "truncated": _truncated,
+    "duplicate": _duplicate_of_0,
+    "crash": _crash,
+    "dense": dense_train,
+    "stale": _stale,
+}
+
+
+def _scripted_client_app(plan: list[str]) -> ClientApp:
+    """Partition i behaves as ``plan[i]`` (a key of BEHAVIOURS)."""
+    app = ClientApp()
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        return BEHAVIOURS[plan[int(context.node_config["partition-id"])]](message, context)
+
+    return app
+
+
+def _simulate(store: Path, client_app: ClientApp, num_nodes: int, **overrides: Any) -> list[RoundReport]:
+    """Run the fedmerge ServerApp on Flower's simulation engine; returns the round reports."""
+    from flwr.simulation import run_simulation
+
+    from server.app import make_server_app
+
+    reports: list[RoundReport] = []
+    config = {"store": str(store), "num-rounds": 1, "local-epochs": 1, "lr": 0.05, "server-eval": True}
+    config.update({k.replace("_", "-"): v for k, v in overrides.items()})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_simulation(
+            make_server_app(config, on_round=reports.append),
+            client_app,
+            num_supernodes=num_nodes,
+            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+        )
+    return reports
+
+
+@pytest.fixture
+def scripted_client_app() -> Callable[[list[str]], ClientApp]:
+    return _scripted_client_app
+
+
+@pytest.fixture
+def simulate() -> Callable[..., list[RoundReport]]:
+    return _simulate

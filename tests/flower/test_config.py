@@ -1,0 +1,52 @@
+"""The run config is parsed once; every problem is reported together."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedmerge.errors import ConfigError
+from fedmerge.flower.config import RunConfig, parse_run_config
+
+
+def test_defaults_are_ties_over_topk_int8_with_weighted_mean() -> None:
+    cfg = parse_run_config({})
+    assert cfg.aggregator == "ties"
+    assert cfg.aggregator_params == {"divisor": "weight", "density": 1.0}
+    codec = cfg.codec()
+    assert (codec.sparsify, codec.density, codec.values) == ("topk", 0.1, "int8")
+
+
+def test_values_and_aggregator_params_are_read() -> None:
+    cfg = parse_run_config(
+        {"num-rounds": 4, "lr": 1, "aggregator": "fedavg", "mode": "lora", "store": "/tmp/x"}
+    )
+    assert (cfg.num_rounds, cfg.lr, cfg.mode, cfg.store) == (4, 1.0, "lora", "/tmp/x")
+    assert isinstance(cfg.lr, float)
+    assert cfg.aggregator_params == {}  # ties defaults do not leak into another aggregator
+    cfg = parse_run_config({"aggregator": "ties", "aggregator.density": 0.5})
+    assert cfg.aggregator_params == {"density": 0.5}
+
+
+def test_all_errors_are_reported_together() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_run_config({"num-rounds": "two", "colour": "red", "mode": "half", "fraction": True})
+    message = str(info.value)
+    for needle in ("num-rounds='two'", "'colour'", "mode='half'", "fraction=True"):
+        assert needle in message
+
+
+def test_ranges_and_aggregator_are_checked() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_run_config({"num-rounds": 0, "fraction": 1.5, "aggregator": "nope", "min-valid": 9})
+    message = str(info.value)
+    assert "num-rounds=0" in message and "fraction=1.5" in message
+    assert "'nope'" in message and "min-valid=9" in message
+    with pytest.raises(ConfigError, match="does not take"):
+        parse_run_config({"aggregator": "ties", "aggregator.gamma": 1.0})
+    with pytest.raises(ConfigError, match="codec"):
+        parse_run_config({"codec-values": "int3"})
+
+
+def test_round_trip_through_flower_keys() -> None:
+    cfg = RunConfig(num_rounds=3, aggregator_params={"divisor": "count", "density": 0.5})
+    assert parse_run_config(cfg.to_flower()) == cfg
