@@ -21,6 +21,13 @@ from fedmerge.errors import ConfigError
 Mode = Literal["full", "lora"]
 LoraSpace = Literal["product", "stack", "factors"]
 AGGREGATOR_PREFIX = "aggregator."
+# Defaults for federated rounds: weights are numbers of examples, so the sign-consensus methods divide
+# by the agreeing weights (a weighted mean), and clients have already trimmed (TIES density 1).
+ROUND_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ties": {"divisor": "weight", "density": 1.0},
+    "dare_ties": {"divisor": "weight"},
+    "della": {"divisor": "weight"},
+}
 
 
 @dataclass(frozen=True)
@@ -54,7 +61,7 @@ class RunConfig:
     max_num_examples: int = 10_000_000
     server_eval: bool = True
     init_base: bool = True
-    aggregator_params: dict[str, Any] = field(default_factory=lambda: {"divisor": "weight", "density": 1.0})
+    aggregator_params: dict[str, Any] = field(default_factory=lambda: dict(ROUND_DEFAULTS["ties"]))
 
     def codec(self) -> CodecConfig:
         """The codec clients use (top-k at ``codec-density`` with ``codec-values`` quantisation)."""
@@ -90,7 +97,7 @@ def parse_run_config(raw: Mapping[str, Any]) -> RunConfig:
     for key, value in raw.items():
         if key.startswith(AGGREGATOR_PREFIX):
             agg_params = {} if agg_params is None else agg_params
-            agg_params[key[len(AGGREGATOR_PREFIX) :]] = value
+            agg_params[key[len(AGGREGATOR_PREFIX) :].replace("-", "_")] = value  # kebab-case as Flower keys
             continue
         f = known.get(key)
         if f is None:
@@ -99,10 +106,9 @@ def parse_run_config(raw: Mapping[str, Any]) -> RunConfig:
         converted = _convert(key, value, f, errors)
         if converted is not None:
             values[f.name] = converted
-    if agg_params is not None:
-        values["aggregator_params"] = agg_params
-    elif values.get("aggregator", "ties") != "ties":
-        values["aggregator_params"] = {}
+    # user keys override the round defaults, never silently drop them
+    defaults = ROUND_DEFAULTS.get(values.get("aggregator", "ties"), {})
+    values["aggregator_params"] = {**defaults, **(agg_params or {})}
     if errors:
         raise ConfigError("invalid run config: " + "; ".join(errors))
     cfg = RunConfig(**values)

@@ -83,7 +83,7 @@ def run_demo(
     from flwr.simulation import run_simulation
 
     from clients.app import app as client_app
-    from server.app import make_server_app
+    from server.app import make_server_app, task_evaluator
 
     console = console or Console()
     config: dict[str, Any] = {
@@ -91,14 +91,18 @@ def run_demo(
         "num-rounds": rounds,
         "min-clients": num_clients,
         "min-valid": max(1, num_clients // 2),
-        "local-epochs": 1,
-        "lr": 0.05,
+        "local-epochs": 2,
+        "lr": 0.1,
         **(overrides or {}),
     }
     cfg = parse_run_config(config)
     with ModelStore.open(cfg.store) as st:
         base = ensure_base(st, lambda: get_task(cfg.task).pretrained_base(cfg.seed), name=cfg.task)
-        console.print(f"store {st.root}: starting from {base.id} (round {base.round or 0})")
+        start = task_evaluator(cfg.task, cfg.seed)(st.materialize(base.id))
+        console.print(
+            f"store {st.root}: starting from {base.id} (round {base.round or 0}), "
+            f"server accuracy {start['accuracy']:.3f} on the global test set"
+        )
     reports: list[RoundReport] = []
 
     def on_round(report: RoundReport) -> None:

@@ -23,8 +23,14 @@ def test_values_and_aggregator_params_are_read() -> None:
     assert (cfg.num_rounds, cfg.lr, cfg.mode, cfg.store) == (4, 1.0, "lora", "/tmp/x")
     assert isinstance(cfg.lr, float)
     assert cfg.aggregator_params == {}  # ties defaults do not leak into another aggregator
-    cfg = parse_run_config({"aggregator": "ties", "aggregator.density": 0.5})
-    assert cfg.aggregator_params == {"density": 0.5}
+    cfg = parse_run_config(
+        {"aggregator": "ties", "aggregator.density": 0.5, "aggregator.sign-election": "frequency"}
+    )
+    # a user key overrides its round default; the other defaults stay (divisor=weight matters with
+    # example-count weights), and kebab-case keys map to the aggregator's parameter names
+    assert cfg.aggregator_params == {"divisor": "weight", "density": 0.5, "sign_election": "frequency"}
+    cfg = parse_run_config({"aggregator": "dare_ties", "aggregator.density": 0.3})
+    assert cfg.aggregator_params == {"divisor": "weight", "density": 0.3}
 
 
 def test_all_errors_are_reported_together() -> None:
