@@ -1,0 +1,216 @@
+"""fedmerge rounds versus Flower's built-in FedAvg strategy on the same simulation.
+
+    python -m bench rounds [--quick]
+
+Same task (digits), same non-IID partitions (Dirichlet α=0.5), same local training (SGD, lr 0.1,
+2 epochs), same number of clients and rounds, both on Flower's simulation engine in the same run:
+
+* **fedmerge**: the fedmerge ServerApp/ClientApp — clients send top-10 % int8 task vectors, the
+  server folds them as they arrive (FedAvg semantics) and commits a version per round;
+* **Flower FedAvg**: ``flwr.serverapp.strategy.FedAvg`` with a quickstart-style ClientApp that
+  receives and returns dense fp32 weights.
+
+Each side runs in its own process, so its peak RSS (the process holding the ServerApp and the
+simulation driver) is its own. Bytes are counted from the payloads actually exchanged (uplink +
+downlink). Round time is the mean over rounds 2…R (round 1 includes the clients' start-up for both).
+``server_rss_growth_10_to_50`` is fedmerge's peak RSS with 50 clients ÷ with 10 (one round each).
+The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+TASK, ALPHA, LR, EPOCHS, SEED = "digits", 0.5, 0.1, 2, 0
+
+
+def peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("VmHWM")).split()[1]) * 1024
+
+
+def run_fedmerge(clients: int, rounds: int) -> dict[str, Any]:
+    from flwr.simulation import run_simulation
+
+    from clients.app import app as client_app
+    from fedmerge.flower.rounds import RoundReport
+    from server.app import make_server_app
+
+    reports: list[RoundReport] = []
+    with tempfile.TemporaryDirectory() as store:
+        config = {
+            "store": store, "num-rounds": rounds, "min-clients": clients, "min-valid": clients,
+            "aggregator": "fedavg", "codec-density": 0.1, "codec-values": "int8", "lr": LR,
+            "local-epochs": EPOCHS, "dirichlet-alpha": ALPHA, "seed": SEED,
+        }  # fmt: skip
+        run_simulation(
+            make_server_app(config, on_round=reports.append),
+            client_app,
+            num_supernodes=clients,
+            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+        )
+    return {
+        "round_s": [r.wall_s for r in reports],
+        "bytes": [r.uplink_bytes + r.downlink_bytes for r in reports],
+        "accuracy": [r.metrics.get("server-accuracy", float("nan")) for r in reports],
+        "peak_rss": peak_rss_bytes(),
+    }
+
+
+def _flower_apps(rounds: int, clients: int, out: dict[str, Any]) -> tuple[Any, Any]:
+    """A plain Flower FedAvg ServerApp and a quickstart-style ClientApp on the same task and data."""
+    from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.serverapp.strategy import FedAvg
+
+    from clients.app import node_partition, partition_for
+    from server.app import task_evaluator
+    from simulations.local_round import client_generator
+    from simulations.tasks import get_task
+
+    client = ClientApp()
+
+    @client.train()
+    def train(message: Message, context: Context) -> Message:
+        pid, num = node_partition(context)
+        task = get_task(TASK)
+        data = partition_for(TASK, num, "dirichlet", ALPHA, SEED)[pid]
+        model = task.build_model(SEED)
+        model.load_state_dict(message.content["arrays"].to_torch_state_dict())
+        round_ = int(message.content["config"]["server-round"])
+        metrics = task.train(
+            model, data, epochs=EPOCHS, lr=LR, batch_size=32, generator=client_generator(SEED, round_, pid)
+        )
+        reply = RecordDict(
+            {
+                "arrays": ArrayRecord(model.state_dict()),
+                "metrics": MetricRecord(
+                    {"train-loss": metrics["train-loss"], "num-examples": data.num_examples}
+                ),
+            }
+        )
+        return Message(reply, reply_to=message)
+
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        base = get_task(TASK).pretrained_base(SEED)
+        evaluate = task_evaluator(TASK, SEED)
+        stamps = [time.perf_counter()]
+
+        def evaluate_fn(round_: int, arrays: ArrayRecord) -> MetricRecord:
+            if round_ > 0:  # a round ends after its evaluation, as fedmerge's round time includes it
+                out["accuracy"].append(evaluate(arrays.to_torch_state_dict())["accuracy"])
+                stamps.append(time.perf_counter())
+            return MetricRecord({})
+
+        initial = ArrayRecord(base)
+        strategy = FedAvg(fraction_evaluate=0.0, min_train_nodes=clients, min_available_nodes=clients)
+        stamps[0] = time.perf_counter()
+        strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds, evaluate_fn=evaluate_fn)
+        dense = sum(len(a.data) for a in initial.values())  # fp32 weights, each way, per client
+        out["round_s"] = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+        out["bytes"] = [2 * clients * dense] * rounds
+
+    return server, client
+
+
+def run_flower(clients: int, rounds: int) -> dict[str, Any]:
+    from flwr.simulation import run_simulation
+
+    out: dict[str, Any] = {"accuracy": []}
+    server, client = _flower_apps(rounds, clients, out)
+    run_simulation(
+        server,
+        client,
+        num_supernodes=clients,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+    )
+    out["peak_rss"] = peak_rss_bytes()
+    return out
+
+
+def child(kind: str, clients: int, rounds: int) -> dict[str, Any]:
+    """Run one side in a fresh process and return its JSON result."""
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
+    env.setdefault("FLWR_HOME", tempfile.mkdtemp(prefix="flwr-home-"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.rounds", "--child", kind, str(clients), str(rounds)],
+        capture_output=True, text=True, env=env, check=False,
+    )  # fmt: skip
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{kind} run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return dict(json.loads(lines[-1]))
+
+
+def steady(values: list[float]) -> float:
+    tail = values[1:] if len(values) > 1 else values
+    return statistics.fmean(tail)
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench rounds", description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="10 clients × 3 rounds (about a minute)")
+    ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        kind, clients, rounds = args.child[0], int(args.child[1]), int(args.child[2])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = (run_fedmerge if kind == "fedmerge" else run_flower)(clients, rounds)
+        print(json.dumps(result))
+        return 0
+    console = Console()
+    clients, rounds = (10, 3) if args.quick else (20, 5)
+    ours = child("fedmerge", clients, rounds)
+    console.log(f"fedmerge: {ours['accuracy']}")
+    ref = child("flower", clients, rounds)
+    console.log(f"flower fedavg: {ref['accuracy']}")
+    rss10 = child("fedmerge", 10, 1)["peak_rss"]
+    rss50 = child("fedmerge", 50, 1)["peak_rss"]
+
+    table = Table(title=f"digits, {clients} clients, {rounds} rounds, Dirichlet α={ALPHA}, same run")
+    for col in ("", "fedmerge (fedavg, top-10 % int8)", "Flower FedAvg (dense fp32)", "ratio"):
+        table.add_column(col, justify="right")
+    rows = [
+        ("round time, s (rounds 2…R)", steady(ours["round_s"]), steady(ref["round_s"])),
+        ("bytes per round (up + down)", statistics.fmean(ours["bytes"]), statistics.fmean(ref["bytes"])),
+        ("server peak RSS, MiB", ours["peak_rss"] / 2**20, ref["peak_rss"] / 2**20),
+        ("final accuracy", ours["accuracy"][-1], ref["accuracy"][-1]),
+    ]
+    for label, a, b in rows:
+        table.add_row(label, f"{a:,.3f}", f"{b:,.3f}", f"{a / b:.3f}")
+    console.print(table)
+    console.print(
+        f"fedmerge server peak RSS: 10 clients {rss10 / 2**20:.0f} MiB, 50 clients {rss50 / 2**20:.0f} MiB"
+    )
+    summary = {
+        "bytes_vs_flower_fedavg": statistics.fmean(ours["bytes"]) / statistics.fmean(ref["bytes"]),
+        "round_time_vs_flower_fedavg": steady(ours["round_s"]) / steady(ref["round_s"]),
+        "accuracy_delta_points": 100 * (ours["accuracy"][-1] - ref["accuracy"][-1]),
+        "server_rss_growth_10_to_50": rss50 / rss10,
+        "fedmerge_accuracy_per_round": [round(a, 4) for a in ours["accuracy"]],
+        "flower_accuracy_per_round": [round(a, 4) for a in ref["accuracy"]],
+        "server_peak_rss_vs_flower_fedavg": ours["peak_rss"] / ref["peak_rss"],
+    }
+    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
