@@ -20,6 +20,7 @@ The last line printed is one JSON object.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -89,8 +90,8 @@ def _flower_apps(rounds: int, clients: int, out: dict[str, Any]) -> tuple[Any, A
         task = get_task(TASK)
         data = partition_for(TASK, num, "dirichlet", ALPHA, SEED)[pid]
         model = task.build_model(SEED)
-        model.load_state_dict(message.content["arrays"].to_torch_state_dict())
-        round_ = int(message.content["config"]["server-round"])
+        model.load_state_dict(message.content.array_records["arrays"].to_torch_state_dict())
+        round_ = int(message.content.config_records["config"]["server-round"])  # type: ignore[arg-type]
         metrics = task.train(
             model, data, epochs=EPOCHS, lr=LR, batch_size=32, generator=client_generator(SEED, round_, pid)
         )
@@ -123,7 +124,7 @@ def _flower_apps(rounds: int, clients: int, out: dict[str, Any]) -> tuple[Any, A
         stamps[0] = time.perf_counter()
         strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds, evaluate_fn=evaluate_fn)
         dense = sum(len(a.data) for a in initial.values())  # fp32 weights, each way, per client
-        out["round_s"] = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+        out["round_s"] = [b - a for a, b in itertools.pairwise(stamps)]
         out["bytes"] = [2 * clients * dense] * rounds
 
     return server, client
