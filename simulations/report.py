@@ -114,8 +114,11 @@ def write_csv(results: Sequence[Result], path: Path) -> None:
                 )
 
 
-def plot_accuracy_vs_round(results: Sequence[Result], path: Path) -> None:
+def plot_accuracy_vs_round(results: Sequence[Result], path: Path, baseline: float | None = None) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    if baseline is not None:
+        ax.axhline(baseline, color="grey", linestyle="--", linewidth=1, label="base model (round 0)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     for method, runs in group_by_method(results).items():
         n = min(len(r["rounds"]) for r in runs)
         rounds = [runs[0]["rounds"][i]["round"] for i in range(n)]
@@ -184,7 +187,7 @@ def write_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(list(results), indent=1))
     write_csv(results, out_dir / "metrics.csv")
-    plot_accuracy_vs_round(results, out_dir / "accuracy_vs_round.png")
+    plot_accuracy_vs_round(results, out_dir / "accuracy_vs_round.png", baseline)
     plot_accuracy_vs_bytes(results, out_dir / "accuracy_vs_bytes.png")
     plot_client_spread(results, out_dir / "client_spread.png")
     summary = out_dir / "summary.md"

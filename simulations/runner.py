@@ -1,0 +1,205 @@
+"""Run an experiment: every (aggregator, codec, seed) trial as a federation on Flower's simulation engine.
+
+Each trial runs the fedmerge ServerApp and ClientApp through ``flwr.simulation.run_simulation`` in a
+fresh process (Ray is started and stopped per trial, and a crash or leak in one trial cannot touch
+another) with its own model store under ``OUT/stores/``. A finished trial writes
+``OUT/trials/KEY.json``; running the same experiment again skips it (resumable), and the report is
+rebuilt from all trial files. Progress is shown with a rich progress bar.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fedmerge.errors import FedMergeError
+from simulations.experiment import AggregatorSpec, CodecSpec, ExperimentConfig, Trial, parse_config
+from simulations.report import Result, write_report
+
+
+class TrialFailed(FedMergeError, RuntimeError):
+    """A trial's simulation exited with an error; its output is attached."""
+
+
+def run_config(trial: Trial, store: Path) -> dict[str, Any]:
+    """The fedmerge run config (``[tool.flwr.app.config]`` keys) of one trial."""
+    exp = trial.experiment
+    sampled = max(1, round(exp.fraction * exp.clients))
+    config: dict[str, Any] = {
+        "store": str(store),
+        "task": exp.task,
+        "mode": exp.mode,
+        "num-rounds": exp.rounds,
+        "fraction": exp.fraction,
+        "min-clients": sampled,
+        "min-valid": max(1, sampled // 2),
+        "seed": trial.seed,
+        "partitioner": exp.partitioner["name"],
+        "local-epochs": exp.local_epochs,
+        "lr": exp.lr,
+        "aggregator": trial.aggregator.name,
+        "codec-density": trial.codec.density,
+        "codec-values": trial.codec.quantization,
+        "codec-error-feedback": trial.codec.error_feedback,
+    }
+    if "alpha" in exp.partitioner:
+        config["dirichlet-alpha"] = float(exp.partitioner["alpha"])
+    if exp.dropout:
+        config["fault-dropout"] = exp.dropout
+    if exp.stragglers:
+        config["fault-straggler"] = exp.stragglers
+    for key, value in trial.aggregator.params.items():
+        config[f"aggregator.{key}"] = value
+    return config
+
+
+def execute_trial(trial: Trial, store: Path) -> Result:
+    """Run one trial in this process and return its result (called in the child process)."""
+    import warnings
+
+    from flwr.simulation import run_simulation
+
+    from clients.app import app as client_app
+    from fedmerge.flower.rounds import RoundReport
+    from server.app import make_server_app
+
+    reports: list[RoundReport] = []
+    exp = trial.experiment
+    resources = {
+        "num_cpus": exp.cpus_per_client,
+        "num_gpus": exp.gpu_fraction if exp.device == "cuda" else 0.0,
+    }
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_simulation(
+            make_server_app(run_config(trial, store), on_round=reports.append),
+            client_app,
+            num_supernodes=exp.clients,
+            backend_config={"client_resources": resources},
+        )
+    rounds = [
+        {
+            "round": r.round,
+            "version": r.version_id,
+            "accuracy": r.metrics.get("server-accuracy", float("nan")),
+            "loss": r.metrics.get("server-loss", float("nan")),
+            "bytes_sent": r.uplink_bytes,
+            "dense_bytes": r.uplink_dense_bytes,
+            "downlink_bytes": r.downlink_bytes,
+            "wall_s": r.wall_s,
+            "accepted": len(r.accepted),
+            "rejected": len(r.rejected),
+            "client_accuracy": [
+                o.metrics["test-accuracy"] for o in r.accepted if "test-accuracy" in o.metrics
+            ],
+        }
+        for r in reports
+        if r.version_id is not None
+    ]
+    return {
+        "key": trial.key,
+        "aggregator": trial.aggregator.display,
+        "codec": trial.codec.name,
+        "seed": trial.seed,
+        "wall_s": time.perf_counter() - t0,
+        "rounds": rounds,
+    }
+
+
+def _trial_payload(trial: Trial) -> str:
+    exp = asdict(trial.experiment)
+    exp["partitioner"] = dict(trial.experiment.partitioner)
+    exp["faults"] = {"dropout": exp.pop("dropout"), "stragglers": exp.pop("stragglers")}
+    exp["aggregators"] = [asdict(trial.aggregator)]
+    exp["codecs"] = [asdict(trial.codec)]
+    exp["seeds"] = [trial.seed]
+    return json.dumps(exp)
+
+
+def run_trial_subprocess(trial: Trial, out: Path) -> Result:
+    """Run ``trial`` in a fresh Python process; its store lives under ``out/stores/KEY``."""
+    store = out / "stores" / trial.key
+    shutil.rmtree(store, ignore_errors=True)  # an interrupted trial starts over from its base
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
+    env.setdefault("FLWR_HOME", tempfile.mkdtemp(prefix="flwr-home-"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "simulations.runner", _trial_payload(trial), str(store)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith('{"key"')]
+    if proc.returncode != 0 or not lines:
+        raise TrialFailed(f"trial {trial.key} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return dict(json.loads(lines[-1]))
+
+
+def run_experiment(config: ExperimentConfig, out: Path, console: Console | None = None) -> Path:
+    """Run every trial not already finished in ``out/trials``, then write the report; returns summary.md."""
+    console = console or Console()
+    trials_dir = out / "trials"
+    trials_dir.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(config), indent=1, default=str))
+    trials = config.trials()
+    todo = [t for t in trials if not (trials_dir / f"{t.key}.json").exists()]
+    if len(todo) < len(trials):
+        console.print(
+            f"resuming: {len(trials) - len(todo)} of {len(trials)} trials already finished in {trials_dir}"
+        )
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        bar = progress.add_task(config.name, total=len(trials), completed=len(trials) - len(todo))
+        for trial in todo:
+            progress.update(
+                bar,
+                description=f"{trial.aggregator.display} / {trial.codec.name} / seed {trial.seed}",
+            )
+            result = run_trial_subprocess(trial, out)
+            tmp = trials_dir / f".{trial.key}.json.tmp"
+            tmp.write_text(json.dumps(result))
+            tmp.replace(trials_dir / f"{trial.key}.json")  # a trial file is whole or absent
+            progress.advance(bar)
+    results = [json.loads((trials_dir / f"{t.key}.json").read_text()) for t in trials]
+    baseline = _base_accuracy(config)
+    return write_report(
+        results,
+        out,
+        title=f"{config.name}: {config.task}, {config.clients} clients, "
+        f"{config.rounds} rounds, partitioner {config.partitioner}",
+        baseline=baseline,
+    )
+
+
+def _base_accuracy(config: ExperimentConfig) -> float | None:
+    from server.app import task_evaluator
+    from simulations.tasks import get_task
+
+    seed = config.seeds[0]
+    return task_evaluator(config.task, seed)(get_task(config.task).pretrained_base(seed))["accuracy"]
+
+
+def main(argv: list[str]) -> int:
+    """Child entry point: ``python -m simulations.runner TRIAL_JSON STORE`` prints the trial's result."""
+    raw = json.loads(argv[0])
+    config = parse_config(raw, source="trial")
+    (trial,) = config.trials()
+    assert isinstance(trial.aggregator, AggregatorSpec) and isinstance(trial.codec, CodecSpec)
+    print(json.dumps(execute_trial(trial, Path(argv[1]))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
