@@ -118,7 +118,7 @@ def plot_accuracy_vs_round(results: Sequence[Result], path: Path, baseline: floa
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if baseline is not None:
         ax.axhline(baseline, color="grey", linestyle="--", linewidth=1, label="base model (round 0)")
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for method, runs in group_by_method(results).items():
         n = min(len(r["rounds"]) for r in runs)
         rounds = [runs[0]["rounds"][i]["round"] for i in range(n)]

@@ -87,7 +87,7 @@ def execute_trial(trial: Trial, store: Path) -> Result:
             make_server_app(run_config(trial, store), on_round=reports.append),
             client_app,
             num_supernodes=exp.clients,
-            backend_config={"client_resources": resources},
+            backend_config={"client_resources": resources},  # type: ignore[dict-item]
         )
     rounds = [
         {
