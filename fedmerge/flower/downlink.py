@@ -78,7 +78,8 @@ def apply_update(base: Mapping[str, torch.Tensor], package: bytes, expected_dige
     digest = weights_digest(weights)
     if digest != expected_digest:
         raise UpdateMismatch(
-            f"applying the downlink update gave weights {digest[:12]}…, the server has {expected_digest[:12]}…: "
-            "this node holds a different parent version; the server will send full weights"
+            f"applying the downlink update gave weights {digest[:12]}…, the server has "
+            f"{expected_digest[:12]}…: this node holds a different parent version; "
+            "the server will send full weights"
         )
     return weights
