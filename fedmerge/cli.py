@@ -6,7 +6,6 @@ Sub-commands are contributed by the package that owns them (``fedmerge/*/cli.py`
 from __future__ import annotations
 
 import importlib
-import sys
 
 import typer
 
@@ -65,4 +64,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
