@@ -126,12 +126,13 @@ def plot_accuracy_vs_round(results: Sequence[Result], path: Path, baseline: floa
         per_round = [[r["rounds"][i]["accuracy"] for r in runs] for i in range(n)]
         mean = [statistics.fmean(v) for v in per_round]
         std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in per_round]
-        ax.plot(rounds, mean, marker="o", label=method)
+        (line,) = ax.plot(rounds, mean, marker="o", label=method)
         ax.fill_between(
             rounds,
             [m - s for m, s in zip(mean, std, strict=True)],
             [m + s for m, s in zip(mean, std, strict=True)],
             alpha=0.2,
+            color=line.get_color(),
         )
     ax.set_xlabel("round")
     ax.set_ylabel("global test accuracy")
