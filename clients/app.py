@@ -22,6 +22,7 @@ from flwr.clientapp import ClientApp
 from fedmerge.codec import PackageMeta
 from fedmerge.errors import ConfigError
 from fedmerge.flower.client import TrainInstructions, encode_reply, resolve_base
+from fedmerge.flower.faults import FaultPlan, inject_faults
 from fedmerge.flower.rounds import CONFIG_RECORD
 from simulations.local_round import local_round
 from simulations.tasks import ClientData, Task, get_task
@@ -57,6 +58,8 @@ def train_reply(message: Message, context: Context, task_factory: TaskFactory = 
     conf = TrainInstructions.from_record(message.content.config_records[CONFIG_RECORD])
     base = resolve_base(message.content, context, conf.base_version_id, conf.base_version_hash)
     pid, num = node_partition(context)
+    faults = FaultPlan.from_record(message.content.config_records[CONFIG_RECORD])
+    inject_faults(faults, conf.seed, conf.round, pid)  # simulated dropout / straggler (off by default)
     task = task_factory(conf.task)
     data = partition_for(conf.task, num, conf.partitioner, conf.dirichlet_alpha, conf.seed)[pid]
     update = local_round(

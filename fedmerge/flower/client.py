@@ -7,10 +7,18 @@ ConfigRecord ``fedmerge.base-meta``; the server sends weights only to nodes it h
 version, so a node that lacks them fails with :class:`MissingBase` (recorded by the server as a
 failed reply). The residual e_t of error feedback (c = δ + e_t is encoded, e_{t+1} = c − ĉ) lives in
 the ArrayRecord ``fedmerge.residual``.
+
+DP (user-level DP-FedAvg, docs/privacy.md): the server puts ``dp-*`` keys in the train message's
+config; :func:`resolve_base` keeps them in the ConfigRecord ``fedmerge.dp`` of ``context.state`` and
+:func:`encode_reply` clips the task vector to ``dp-clip-norm`` *before* the residual is added and
+the codec sparsifies (so the residual is of the clipped delta); in ``local`` mode it then adds
+N(0, (z·C)²) from a generator that is secret (``dp-noise-seed = -1``) or seeded by (seed, round, client).
 """
 
 from __future__ import annotations
 
+import hashlib
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,11 +30,14 @@ from fedmerge.codec import CodecConfig, EncodeResult, PackageMeta, encode_packag
 from fedmerge.delta.state_dict import StateDict
 from fedmerge.errors import FedMergeError
 from fedmerge.flower.config import Mode
-from fedmerge.flower.rounds import BASE_RECORD, METRICS_RECORD
+from fedmerge.flower.rounds import BASE_RECORD, CONFIG_RECORD, METRICS_RECORD
 from fedmerge.flower.transport import package_to_record
+from fedmerge.privacy import DPConfig, privatize_client_delta
 
 BASE_META = "fedmerge.base-meta"
 RESIDUAL_RECORD = "fedmerge.residual"
+DP_RECORD = "fedmerge.dp"
+DP_KEYS = ("dp-clip-norm", "dp-noise-multiplier", "dp-delta", "dp-mode", "dp-noise-seed")
 
 
 @dataclass(frozen=True)
@@ -95,6 +106,7 @@ class MissingBase(FedMergeError, RuntimeError):
 def resolve_base(content: RecordDict, context: Context, version_id: str, version_hash: str) -> StateDict:
     """The base weights for ``version_id``: from the message (and then cached) or from the cache."""
     state = context.state
+    keep_dp_settings(content, context)
     if BASE_RECORD in content.array_records:
         state[BASE_RECORD] = content.array_records[BASE_RECORD]
         state[BASE_META] = ConfigRecord({"version-id": version_id, "version-hash": version_hash})
@@ -106,6 +118,38 @@ def resolve_base(content: RecordDict, context: Context, version_id: str, version
             "(it does on the next round)"
         )
     return dict(state.array_records[BASE_RECORD].to_torch_state_dict())
+
+
+def keep_dp_settings(content: RecordDict, context: Context) -> None:
+    """Store this message's ``dp-*`` settings in ``context.state`` (removed when the message has none)."""
+    conf = content.config_records.get(CONFIG_RECORD)
+    values = {k: conf[k] for k in DP_KEYS if conf is not None and k in conf}
+    if values.get("dp-clip-norm", 0.0):
+        context.state[DP_RECORD] = ConfigRecord(values)
+    elif DP_RECORD in context.state.config_records:
+        del context.state[DP_RECORD]
+
+
+def client_dp(context: Context) -> tuple[DPConfig, int] | None:
+    """(DPConfig, noise seed) of the round this node is training for, or None when DP is off."""
+    rec = context.state.config_records.get(DP_RECORD)
+    if rec is None:
+        return None
+    dp = DPConfig(
+        clip_norm=float(rec["dp-clip-norm"]),  # type: ignore[arg-type]
+        noise_multiplier=float(rec.get("dp-noise-multiplier", 0.0)),  # type: ignore[arg-type]
+        delta=float(rec.get("dp-delta", 1e-5)),  # type: ignore[arg-type]
+        mode=str(rec.get("dp-mode", "central")),
+    )
+    return dp, int(rec.get("dp-noise-seed", -1))  # type: ignore[arg-type]
+
+
+def local_noise_generator(noise_seed: int, round_: int, client_id: str) -> torch.Generator:
+    """Secret (``noise_seed = -1``: from the OS) or reproducible from (noise_seed, round, client)."""
+    if noise_seed < 0:
+        return torch.Generator().manual_seed(secrets.randbits(63))
+    digest = hashlib.sha256(f"dp-local/{noise_seed}/{round_}/{client_id}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
 def load_residual(context: Context) -> dict[str, torch.Tensor] | None:
@@ -125,7 +169,18 @@ def encode_reply(
     context: Context,
     metrics: Mapping[str, float],
 ) -> tuple[RecordDict, EncodeResult]:
-    """Encode ``delta`` with the node's residual, keep the new residual, and build the reply content."""
+    """Encode ``delta`` with the node's residual, keep the new residual, and build the reply content.
+
+    Under DP (:func:`client_dp`) the delta is clipped (and in local mode noised) first, and the
+    metrics report ``dp-norm`` (‖τ‖ before clipping) and ``dp-clip-factor`` (min(1, C/‖τ‖)).
+    """
+    settings = client_dp(context)
+    if settings is not None:
+        dp, noise_seed = settings
+        gen = local_noise_generator(noise_seed, meta.round, meta.client_id)
+        delta, norm = privatize_client_delta(delta, dp, gen)
+        factor = 1.0 if norm <= dp.clip_norm else dp.clip_norm / norm
+        metrics = {**metrics, "dp-norm": norm, "dp-clip-factor": factor}
     residual = load_residual(context) if codec.error_feedback else None
     result = encode_package(delta, codec, meta=meta, residual=residual)
     if codec.error_feedback:

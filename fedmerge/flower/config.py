@@ -17,6 +17,7 @@ from typing import Any, Literal, get_args
 
 from fedmerge.codec import CodecConfig
 from fedmerge.errors import ConfigError
+from fedmerge.privacy.config import DPConfig
 
 Mode = Literal["full", "lora"]
 LoraSpace = Literal["product", "stack", "factors"]
@@ -57,11 +58,31 @@ class RunConfig:
     codec_density: float = 0.1
     codec_values: str = "int8"
     codec_error_feedback: bool = True
+    # simulated faults (fedmerge/flower/faults.py): probabilities per (seed, round, partition); 0 = off
+    fault_dropout: float = 0.0
+    fault_straggler: float = 0.0
+    fault_straggler_delay_s: float = 0.0
     max_package_bytes: int = 256 << 20
     max_num_examples: int = 10_000_000
     server_eval: bool = True
     init_base: bool = True
     aggregator_params: dict[str, Any] = field(default_factory=lambda: dict(ROUND_DEFAULTS["ties"]))
+    # user-level DP-FedAvg (docs/privacy.md): dp-clip-norm = 0 turns DP off
+    dp_clip_norm: float = 0.0
+    dp_noise_multiplier: float = 0.0
+    dp_delta: float = 1e-5
+    dp_mode: str = "central"
+    dp_allow_any_aggregator: bool = False
+    dp_noise_seed: int = -1
+    # anomaly rejection before folding (rounds.py): 0 / -1 = off
+    reject_anomalies: float = 0.0
+    reject_min_cosine: float = -1.0
+
+    def dp(self) -> DPConfig | None:
+        """The DP settings, or None when ``dp-clip-norm`` is 0 (DP off)."""
+        if self.dp_clip_norm == 0.0:
+            return None
+        return DPConfig(self.dp_clip_norm, self.dp_noise_multiplier, self.dp_delta, self.dp_mode)
 
     def codec(self) -> CodecConfig:
         """The codec clients use (top-k at ``codec-density`` with ``codec-values`` quantisation)."""
@@ -170,12 +191,20 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
         (cfg.lora_alpha > 0, f"lora-alpha={cfg.lora_alpha} must be > 0"),
         (cfg.max_package_bytes >= 1, f"max-package-bytes={cfg.max_package_bytes} must be ≥ 1"),
         (cfg.max_num_examples >= 1, f"max-num-examples={cfg.max_num_examples} must be ≥ 1"),
+        (0.0 <= cfg.fault_dropout <= 1.0, f"fault-dropout={cfg.fault_dropout} must be in [0, 1]"),
+        (0.0 <= cfg.fault_straggler <= 1.0, f"fault-straggler={cfg.fault_straggler} must be in [0, 1]"),
+        (
+            cfg.fault_straggler_delay_s >= 0,
+            f"fault-straggler-delay-s={cfg.fault_straggler_delay_s} must be ≥ 0",
+        ),
         (
             cfg.aggregator in available(),
             f"aggregator={cfg.aggregator!r} is not registered; choose one of {sorted(available())}",
         ),
     ]
     errors.extend(msg for ok, msg in checks if not ok)
+    _check_dp(cfg, errors)
+    _check_anomaly(cfg, errors)
     try:
         cfg.codec()
     except ConfigError as exc:
@@ -187,3 +216,51 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
             create(cfg.aggregator, **cfg.aggregator_params)
         except (ConfigError, TypeError) as exc:
             errors.append(f"aggregator.* parameters {cfg.aggregator_params}: {exc}")
+
+
+# Aggregators whose output is the mean of the clipped deltas, so that Gaussian noise of std z·C/D on
+# it is calibrated (docs/privacy.md §4). norm_bounded qualifies only around fedavg.
+DP_AGGREGATORS = ("fedavg", "norm_bounded")
+
+
+def dp_calibrated(cfg: RunConfig) -> bool:
+    """True when the aggregator's output is Σ τ̄_i / n with unit weights (noise std z·C/D applies)."""
+    if cfg.aggregator == "norm_bounded":
+        return cfg.aggregator_params.get("inner", "fedavg") == "fedavg"
+    return cfg.aggregator in DP_AGGREGATORS
+
+
+def _check_dp(cfg: RunConfig, errors: list[str]) -> None:
+    if cfg.dp_clip_norm == 0.0:
+        return
+    if cfg.dp_clip_norm < 0:
+        errors.append(f"dp-clip-norm={cfg.dp_clip_norm} must be > 0 (or 0 to turn DP off)")
+        return
+    if cfg.dp_noise_seed < -1:
+        errors.append(f"dp-noise-seed={cfg.dp_noise_seed} must be ≥ 0, or -1 for a secret random seed")
+    try:
+        cfg.dp()
+    except ConfigError as exc:
+        errors.append(
+            f"dp-*: {exc}".replace("DPConfig.clip_norm", "dp-clip-norm")
+            .replace("DPConfig.noise_multiplier", "dp-noise-multiplier")
+            .replace("DPConfig.delta", "dp-delta")
+            .replace("DPConfig.mode", "dp-mode")
+        )
+        return
+    if cfg.dp_mode == "central" and not dp_calibrated(cfg) and not cfg.dp_allow_any_aggregator:
+        errors.append(
+            f"aggregator={cfg.aggregator!r} is not compatible with central DP: noise on its output is not "
+            "calibrated (sign election / selection / median have unbounded sensitivity, docs/privacy.md §4). "
+            f"Use aggregator='fedavg' or 'norm_bounded' (inner fedavg), dp-mode='local', or set "
+            f"dp-allow-any-aggregator=true to add the noise anyway with the release marked uncalibrated"
+        )
+
+
+def _check_anomaly(cfg: RunConfig, errors: list[str]) -> None:
+    if cfg.reject_anomalies < 0:
+        errors.append(
+            f"reject-anomalies={cfg.reject_anomalies} must be ≥ 0 (a robust norm z-score; 0 turns it off)"
+        )
+    if not -1.0 <= cfg.reject_min_cosine <= 1.0:
+        errors.append(f"reject-min-cosine={cfg.reject_min_cosine} must be in [-1, 1] (-1 turns it off)")

@@ -40,6 +40,15 @@ from fedmerge.delta.sparse import SparseTensor
 from fedmerge.delta.state_dict import StateDict, floating_names, shapes_of
 from fedmerge.errors import FedMergeError, InvalidSubmission
 from fedmerge.flower.config import RunConfig
+from fedmerge.flower.faults import FaultPlan
+from fedmerge.flower.safeguards import (
+    Reference,
+    anomaly_metadata,
+    prior_accountant,
+    privatize_round,
+    reference_for,
+    screen_delta,
+)
 from fedmerge.flower.transport import RECORD_KEY, dense_record_to_task_vector, record_to_package
 from fedmerge.store import Contributor, ModelStore, UnknownVersionError, Version
 
@@ -167,8 +176,23 @@ def train_config(cfg: RunConfig, round_: int, base: Version) -> ConfigRecord:
             "codec-density": codec.density,
             "codec-values": codec.values,
             "codec-error-feedback": codec.error_feedback,
+            **FaultPlan(cfg.fault_dropout, cfg.fault_straggler, cfg.fault_straggler_delay_s).to_record(),
+            **dp_train_keys(cfg),
         }
     )
+
+
+def dp_train_keys(cfg: RunConfig) -> dict[str, Any]:
+    """The ``dp-*`` keys a client needs to clip (and in local mode noise); none when DP is off."""
+    if cfg.dp() is None:
+        return {}
+    return {
+        "dp-clip-norm": cfg.dp_clip_norm,
+        "dp-noise-multiplier": cfg.dp_noise_multiplier,
+        "dp-delta": cfg.dp_delta,
+        "dp-mode": cfg.dp_mode,
+        "dp-noise-seed": cfg.dp_noise_seed,
+    }
 
 
 def _sha256(data: bytes) -> str:
@@ -203,6 +227,9 @@ class RoundState:
         )
         self.aggregator.begin(self.shapes)
         self.limits = DecodeLimits(max_package_bytes=cfg.max_package_bytes)
+        self.reference = Reference(base.id)  # screening reference (safeguards.reference_for)
+        self.scores: dict[str, dict[str, Any]] = {}  # per-client anomaly scores
+        self.privacy: dict[str, Any] | None = None  # the DP release record, set at finalize
 
     def judge(self, node_id: int, reply: Message) -> ReplyOutcome:
         """Validate one reply and fold it into the aggregator if it is accepted."""
@@ -220,7 +247,8 @@ class RoundState:
             else:
                 client_id, n, digest, wire, delta = self._dense(content, metrics, default_id)
             self._check_unique(client_id, digest)
-            self.aggregator.add(delta, float(n), client_id=client_id)
+            delta, weight = screen_delta(delta, float(n), client_id, self.cfg, self.reference, self.scores)
+            self.aggregator.add(delta, weight, client_id=client_id)
         except InvalidSubmission as exc:
             cid = locals().get("client_id", default_id)
             return ReplyOutcome(node_id, str(cid), False, f"{type(exc).__name__}: {exc}", metrics=metrics)
@@ -390,11 +418,16 @@ class Federation:
         holders = self.holders.setdefault(base.id, set())
         messages, report.downlink_bytes = build_messages(sampled, self.cfg, round_, base, weights, holders)
         state = RoundState(self.cfg, round_, base, weights)
+        state.reference = reference_for(self.store, base)
         report.outcomes = collect(self.grid, messages, sampled, state, self.cfg.round_deadline_s)
         holders.update(o.node_id for o in report.outcomes if o.accepted)
         report.metrics = round_metrics(report)
         if len(report.accepted) >= self.cfg.min_valid:
-            merged = state.aggregator.finalize()
+            merged, state.privacy = privatize_round(
+                state.aggregator.finalize(), self.cfg, prior_accountant(self.store, base),
+                cohort=len(sampled), connected=len(nodes), accepted=len(report.accepted),
+                round_=round_, attempt=attempt,
+            )  # fmt: skip
             report.version_id = self._commit(base, merged, weights, state, report)
         else:
             log.warning(
@@ -423,8 +456,12 @@ class Federation:
             contributors=[o.contributor() for o in sorted(report.outcomes, key=lambda o: o.client_id)],
             round=report.round,
             metrics=report.metrics,
-            privacy=None,
-            metadata={"attempt": report.attempt, "task": self.cfg.task},
+            privacy=state.privacy,
+            metadata={
+                "attempt": report.attempt,
+                "task": self.cfg.task,
+                **anomaly_metadata(state.scores, state.reference, self.cfg),
+            },
         )
         return version.id
 

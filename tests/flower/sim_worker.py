@@ -1,0 +1,65 @@
+"""The server side of a federation in its own process, so that tests can SIGKILL it.
+
+``python tests/flower/sim_worker.py STORE NUM_NODES JSON_OVERRIDES`` runs the fedmerge ServerApp with
+``NUM_NODES`` simulated ClientApps (Flower's simulation engine) on the store at ``STORE`` and prints
+``round R VERSION`` after each round. Before training, each client touches
+``$FEDMERGE_TEST_MARKERS/train-r{round}-p{partition}`` when that variable names a folder, so a test
+can tell that a round is in flight. ``FEDMERGE_STORE_KILL_AT`` (the store's fault hook) is honoured
+because the ServerApp opens the store in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from clients.app import train_reply
+from fedmerge.flower.rounds import CONFIG_RECORD, RoundReport
+
+MARKERS_ENV = "FEDMERGE_TEST_MARKERS"
+
+
+def marking_client_app() -> ClientApp:
+    app = ClientApp()
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        folder = os.environ.get(MARKERS_ENV)
+        if folder:
+            round_ = int(message.content.config_records[CONFIG_RECORD]["round"])  # type: ignore[arg-type]
+            partition = int(context.node_config["partition-id"])
+            (Path(folder) / f"train-r{round_}-p{partition}").touch()
+        return train_reply(message, context)
+
+    return app
+
+
+def main(argv: list[str]) -> int:
+    from flwr.simulation import run_simulation
+
+    from server.app import make_server_app
+
+    store, num_nodes, overrides = argv[0], int(argv[1]), json.loads(argv[2])
+
+    def on_round(report: RoundReport) -> None:
+        print(f"round {report.round} {report.version_id}", flush=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_simulation(
+            make_server_app({"store": store, **overrides}, on_round=on_round),
+            marking_client_app(),
+            num_supernodes=num_nodes,
+            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

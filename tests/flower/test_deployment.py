@@ -1,0 +1,224 @@
+"""A real localhost deployment: ``flower-superlink`` + 2 ``flower-supernode`` processes with TLS and
+SuperNode authentication, then ``flwr run .`` for 2 rounds against that SuperLink.
+
+Everything is generated in the test: a CA and a server certificate for 127.0.0.1/localhost
+(``cryptography``), one ECDSA P-384 key pair per SuperNode (registered with ``flwr supernode register``),
+a temporary ``FLWR_HOME`` whose ``config.toml`` names the SuperLink connection. Free ports are taken
+from the OS. Every process started here is torn down by its pid in the fixture finalizer, pass or fail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import ipaddress
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from fedmerge.store import ModelStore
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _name(common: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def make_certificates(folder: Path) -> Path:
+    """``ca.crt``, ``server.pem``, ``server.key``: a server cert for 127.0.0.1/localhost signed by a new CA"""
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(_name("fedmerge test CA"))
+        .issuer_name(_name("fedmerge test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP384R1())
+    san = x509.SubjectAlternativeName(
+        [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name("localhost"))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(san, critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (folder / "server.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / "server.key").write_bytes(_pem_key(key))
+    return folder
+
+
+def make_node_keys(folder: Path, name: str) -> tuple[Path, Path]:
+    """An ECDSA P-384 key pair in OpenSSH format (as flower-supernode and ``flwr supernode register`` read)"""
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = folder / name
+    public = folder / f"{name}.pub"
+    private.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        )
+    )
+    public.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    )
+    private.chmod(0o600)
+    return private, public
+
+
+@dataclass
+class Deployment:
+    """The processes of one localhost deployment; ``stop`` ends each by its pid (and its children)."""
+
+    env: dict[str, str]
+    logs: Path
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        log = (self.logs / f"{name}.log").open("wb")
+        proc = subprocess.Popen(argv, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                children = psutil.Process(proc.pid).children(recursive=True)
+                proc.terminate()
+                _, alive = psutil.wait_procs([psutil.Process(proc.pid), *children], timeout=10)
+                for p in alive:
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        p.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
+
+    def tail(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-2500:]}" for p in sorted(self.logs.glob("*.log")))
+
+
+@pytest.fixture
+def deployment(tmp_path: Path) -> Iterator[Deployment]:
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    dep = Deployment(env, logs)
+    yield dep
+    dep.stop()
+
+
+def run_flwr(dep: Deployment, args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "flwr"), *args], cwd=ROOT, env=dep.env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        assert proc.poll() is None, f"process {proc.pid} exited with {proc.returncode}"
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {timeout_s} s")
+
+
+def test_tls_and_node_auth_deployment_runs_two_rounds(tmp_path: Path, deployment: Deployment) -> None:
+    certs = make_certificates(tmp_path / "certs")
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    home = Path(deployment.env["FLWR_HOME"])
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "fedmerge-test"\n\n[superlink.fedmerge-test]\n'
+        f'address = "{address}"\nroot-certificates = "{certs / "ca.crt"}"\n'
+    )
+    superlink = deployment.start(
+        "superlink",
+        [
+            str(BIN / "flower-superlink"),
+            "--host", "127.0.0.1", "--port", str(port),
+            "--ssl-ca-certfile", str(certs / "ca.crt"),
+            "--ssl-certfile", str(certs / "server.pem"),
+            "--ssl-keyfile", str(certs / "server.key"),
+            "--enable-supernode-auth",
+            "--database", str(tmp_path / "superlink.db"),
+            "--disable-runtime-dependency-installation",
+        ],
+    )  # fmt: skip
+    wait_for_port(port, superlink, 30)
+    keys = [make_node_keys(tmp_path, f"node{i}") for i in range(2)]
+    for i, (_, public) in enumerate(keys):
+        registered = run_flwr(deployment, ["supernode", "register", str(public), "--name", f"node{i}"], 60)
+        assert registered.returncode == 0, registered.stdout + registered.stderr
+    for i, (private, _) in enumerate(keys):
+        deployment.start(
+            f"supernode{i}",
+            [
+                str(BIN / "flower-supernode"),
+                "--superlink", address,
+                "--root-certificates", str(certs / "ca.crt"),
+                "--auth-supernode-private-key", str(private),
+                "--port", str(free_port()),
+                "--node-config", f'partition-id={i} num-partitions=2 client-id="inst-{i}"',
+            ],
+        )  # fmt: skip
+    store = tmp_path / "store"
+    # only keys declared in pyproject's [tool.flwr.app.config] may be overridden by `flwr run`
+    run_config = f"store='{store}' num-rounds=2 min-clients=2 min-valid=2 local-epochs=1"
+    result = run_flwr(deployment, ["run", ".", "--stream", "--run-config", run_config], 240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:] + deployment.tail()
+    with ModelStore.open(store) as st:
+        rounds = sorted((v.round, v.id) for v in st.list() if v.round is not None)
+        assert [r for r, _ in rounds] == [1, 2], result.stdout[-3000:] + deployment.tail()
+        for _, vid in rounds:
+            version = st.get(vid)
+            accepted = sorted(c.client_id for c in version.contributors if c.accepted)
+            assert accepted == ["inst-0", "inst-1"]
+        assert st.verify().ok
