@@ -131,7 +131,7 @@ def test_bad_arguments_name_the_offending_value(store: ModelStore) -> None:
     with pytest.raises(ConfigError, match=r"metrics\['loss'\] is nan"):
         commit_delta(store, delta, root.id, 1, metrics={"loss": float("nan")})
     with pytest.raises(ConfigError, match="params\\['fn'\\] is a builtin_function_or_method"):
-        commit_delta(store, delta, root.id, 1, params={"fn": print})
+        commit_delta(store, delta, root.id, 1, params={"fn": len})
     with pytest.raises(ConfigError, match="round is -1"):
         commit_delta(store, delta, root.id, -1)
     with pytest.raises(InvalidAliasError, match="v000002"):
