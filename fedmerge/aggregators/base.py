@@ -24,19 +24,19 @@ with one generator consumed over the tensors in sorted-name order.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeAlias, TypeVar
+from typing import Any, ClassVar, TypeAlias
 
 import torch
 
 from fedmerge.aggregators.kernels import zeros
 from fedmerge.delta.sparse import SparseTensor
 from fedmerge.delta.state_dict import check_shapes
-from fedmerge.errors import AggregatorStateError, ConfigError, InvalidSubmission, UnknownAggregatorError
+from fedmerge.errors import AggregatorStateError, ConfigError, InvalidSubmission
+from fedmerge.registry import Registry
 
 DeltaTensor: TypeAlias = torch.Tensor | SparseTensor
 ClientDelta: TypeAlias = Mapping[str, DeltaTensor]
@@ -227,52 +227,11 @@ def dense_of(x: DeltaTensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- registry
-A = TypeVar("A", bound=type[Aggregator])
-_REGISTRY: dict[str, type[Aggregator]] = {}
-
-
-def register(cls: A) -> A:
-    """Class decorator: make an aggregator available by its ``name``."""
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ConfigError(f"aggregator name {cls.name!r} is registered twice")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def available() -> list[str]:
-    """Names of every registered aggregator."""
-    return sorted(_REGISTRY)
-
-
-def get(name: str) -> type[Aggregator]:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise UnknownAggregatorError(
-            f"no aggregator named {name!r}; available: {', '.join(available())}"
-        ) from None
-
-
-def create(name: str, **params: Any) -> Aggregator:
-    """Instantiate a registered aggregator, reporting unknown or invalid parameters clearly."""
-    cls = get(name)
-    accepted = _accepted_params(cls)
-    unknown = sorted(set(params) - accepted)
-    if unknown:
-        raise ConfigError(f"aggregator {name!r} does not take {unknown}; it accepts {sorted(accepted)}")
-    return cls(**params)
-
-
-def _accepted_params(cls: type[Aggregator]) -> set[str]:
-    names: set[str] = set()
-    for klass in cls.__mro__:
-        init: Callable[..., Any] | None = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        for p in inspect.signature(init).parameters.values():
-            if p.kind is p.KEYWORD_ONLY or (p.kind is p.POSITIONAL_OR_KEYWORD and p.name != "self"):
-                names.add(p.name)
-    return names
+REGISTRY: Registry[Aggregator] = Registry("aggregator")
+register = REGISTRY.register  # class decorator: make an aggregator available by its ``name``
+available = REGISTRY.names  # names of every registered aggregator
+get = REGISTRY.get
+create = REGISTRY.create  # instantiate by name, reporting unknown or invalid parameters clearly
 
 
 def merge(

@@ -22,16 +22,16 @@ Contract shared by every method:
 
 from __future__ import annotations
 
-import inspect
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, TypeVar
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 
 from fedmerge.delta.state_dict import check_shapes
-from fedmerge.errors import AggregatorStateError, ConfigError, InvalidSubmission, UnknownAggregatorError
+from fedmerge.errors import AggregatorStateError, ConfigError, InvalidSubmission
+from fedmerge.registry import Registry
 
 STATE_FORMAT = 1
 """Version of the layout of :meth:`ContinualMerger.state_dict`."""
@@ -223,49 +223,8 @@ class ContinualMerger(ABC):
 
 
 # ---------------------------------------------------------------------- registry
-C = TypeVar("C", bound=type[ContinualMerger])
-_REGISTRY: dict[str, type[ContinualMerger]] = {}
-
-
-def register_continual(cls: C) -> C:
-    """Class decorator: make a continual merger available by its ``name``."""
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ConfigError(f"continual merger name {cls.name!r} is registered twice")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def available_continual() -> list[str]:
-    """Names of every registered continual merger."""
-    return sorted(_REGISTRY)
-
-
-def get_continual(name: str) -> type[ContinualMerger]:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise UnknownAggregatorError(
-            f"no continual merger named {name!r}; available: {', '.join(available_continual())}"
-        ) from None
-
-
-def create_continual(name: str, **params: Any) -> ContinualMerger:
-    """Instantiate a registered continual merger, reporting unknown parameters clearly."""
-    cls = get_continual(name)
-    accepted = _accepted_params(cls)
-    unknown = sorted(set(params) - accepted)
-    if unknown:
-        raise ConfigError(f"continual merger {name!r} does not take {unknown}; it accepts {sorted(accepted)}")
-    return cls(**params)
-
-
-def _accepted_params(cls: type[ContinualMerger]) -> set[str]:
-    names: set[str] = set()
-    for klass in cls.__mro__:
-        init: Callable[..., Any] | None = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        for p in inspect.signature(init).parameters.values():
-            if p.kind is p.KEYWORD_ONLY or (p.kind is p.POSITIONAL_OR_KEYWORD and p.name != "self"):
-                names.add(p.name)
-    return names
+REGISTRY: Registry[ContinualMerger] = Registry("continual merger")
+register_continual = REGISTRY.register  # class decorator: make a continual merger available by its name
+available_continual = REGISTRY.names
+get_continual = REGISTRY.get
+create_continual = REGISTRY.create
