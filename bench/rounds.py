@@ -6,7 +6,8 @@ Same task (digits), same non-IID partitions (Dirichlet α=0.5), same local train
 2 epochs), same number of clients and rounds, both on Flower's simulation engine in the same run:
 
 * **fedmerge**: the fedmerge ServerApp/ClientApp — clients send top-10 % int8 task vectors, the
-  server folds them as they arrive (FedAvg semantics) and commits a version per round;
+  server folds them as they arrive (FedAvg semantics), commits a version per round and sends clients
+  that hold the previous version a top-10 % int8 update (``downlink-density=0.1``) instead of weights;
 * **Flower FedAvg**: ``flwr.serverapp.strategy.FedAvg`` with a quickstart-style ClientApp that
   receives and returns dense fp32 weights.
 
@@ -54,7 +55,7 @@ def run_fedmerge(clients: int, rounds: int) -> dict[str, Any]:
         config = {
             "store": store, "num-rounds": rounds, "min-clients": clients, "min-valid": clients,
             "aggregator": "fedavg", "codec-density": 0.1, "codec-values": "int8", "lr": LR,
-            "local-epochs": EPOCHS, "dirichlet-alpha": ALPHA, "seed": SEED,
+            "local-epochs": EPOCHS, "dirichlet-alpha": ALPHA, "seed": SEED, "downlink-density": 0.1,
         }  # fmt: skip
         run_simulation(
             make_server_app(config, on_round=reports.append),

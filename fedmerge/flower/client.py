@@ -30,8 +30,9 @@ from fedmerge.codec import CodecConfig, EncodeResult, PackageMeta, encode_packag
 from fedmerge.delta.state_dict import StateDict
 from fedmerge.errors import FedMergeError
 from fedmerge.flower.config import Mode
-from fedmerge.flower.rounds import BASE_RECORD, CONFIG_RECORD, METRICS_RECORD
-from fedmerge.flower.transport import package_to_record
+from fedmerge.flower.downlink import apply_update
+from fedmerge.flower.rounds import BASE_RECORD, CONFIG_RECORD, METRICS_RECORD, UPDATE_RECORD
+from fedmerge.flower.transport import RECORD_KEY, package_to_record, record_to_package
 from fedmerge.privacy import DPConfig, privatize_client_delta
 
 BASE_META = "fedmerge.base-meta"
@@ -107,7 +108,9 @@ def resolve_base(content: RecordDict, context: Context, version_id: str, version
     """The base weights for ``version_id``: from the message (and then cached) or from the cache."""
     state = context.state
     keep_dp_settings(content, context)
-    if BASE_RECORD in content.array_records:
+    if UPDATE_RECORD in content.array_records:
+        apply_downlink_update(content, context, version_id, version_hash)
+    elif BASE_RECORD in content.array_records:
         state[BASE_RECORD] = content.array_records[BASE_RECORD]
         state[BASE_META] = ConfigRecord({"version-id": version_id, "version-hash": version_hash})
     meta = state.config_records.get(BASE_META)
@@ -118,6 +121,22 @@ def resolve_base(content: RecordDict, context: Context, version_id: str, version
             "(it does on the next round)"
         )
     return dict(state.array_records[BASE_RECORD].to_torch_state_dict())
+
+
+def apply_downlink_update(content: RecordDict, context: Context, version_id: str, version_hash: str) -> None:
+    """Rebuild ``version_id`` from the held parent and the compressed update (bit for bit, verified)."""
+    state = context.state
+    info = content.config_records[CONFIG_RECORD + ".update"]
+    meta = state.config_records.get(BASE_META)
+    parent = str(info["parent-version-id"])
+    if meta is None or meta.get("version-id") != parent:
+        held = None if meta is None else meta.get("version-id")
+        raise MissingBase(f"got an update from {parent!r} but this node holds {held!r}; send full weights")
+    package = record_to_package(RecordDict({RECORD_KEY: content.array_records[UPDATE_RECORD]}))
+    held_weights = dict(state.array_records[BASE_RECORD].to_torch_state_dict())
+    weights = apply_update(held_weights, package, str(info["digest"]))
+    state[BASE_RECORD] = ArrayRecord({k: v.contiguous() for k, v in weights.items()})
+    state[BASE_META] = ConfigRecord({"version-id": version_id, "version-hash": version_hash})
 
 
 def keep_dp_settings(content: RecordDict, context: Context) -> None:

@@ -77,6 +77,8 @@ class RunConfig:
     # anomaly rejection before folding (rounds.py): 0 / -1 = off
     reject_anomalies: float = 0.0
     reject_min_cosine: float = -1.0
+    downlink_density: float = 1.0  # < 1: send clients the compressed update instead of the weights
+    downlink_values: str = "int8"
 
     def dp(self) -> DPConfig | None:
         """The DP settings, or None when ``dp-clip-norm`` is 0 (DP off)."""
@@ -262,5 +264,9 @@ def _check_anomaly(cfg: RunConfig, errors: list[str]) -> None:
         errors.append(
             f"reject-anomalies={cfg.reject_anomalies} must be ≥ 0 (a robust norm z-score; 0 turns it off)"
         )
+    if not 0.0 < cfg.downlink_density <= 1.0:
+        errors.append(f"downlink-density={cfg.downlink_density} must be in (0, 1] (1 sends full weights)")
+    if cfg.downlink_values not in ("fp32", "fp16", "bf16", "int8", "int4"):
+        errors.append(f"downlink-values={cfg.downlink_values!r} must be one of fp32, fp16, bf16, int8, int4")
     if not -1.0 <= cfg.reject_min_cosine <= 1.0:
         errors.append(f"reject-min-cosine={cfg.reject_min_cosine} must be in [-1, 1] (-1 turns it off)")

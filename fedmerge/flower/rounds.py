@@ -35,11 +35,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 
 from fedmerge.aggregators import Aggregator, create
-from fedmerge.codec import DecodeLimits, decode_package
+from fedmerge.codec import CodecConfig, DecodeLimits, PackageMeta, decode_package
 from fedmerge.delta.sparse import SparseTensor
 from fedmerge.delta.state_dict import StateDict, floating_names, shapes_of
 from fedmerge.errors import FedMergeError, InvalidSubmission
 from fedmerge.flower.config import RunConfig
+from fedmerge.flower.downlink import apply_weights, compress_update, weights_digest
 from fedmerge.flower.faults import FaultPlan
 from fedmerge.flower.safeguards import (
     Reference,
@@ -49,12 +50,18 @@ from fedmerge.flower.safeguards import (
     reference_for,
     screen_delta,
 )
-from fedmerge.flower.transport import RECORD_KEY, dense_record_to_task_vector, record_to_package
+from fedmerge.flower.transport import (
+    RECORD_KEY,
+    dense_record_to_task_vector,
+    package_to_record,
+    record_to_package,
+)
 from fedmerge.store import Contributor, ModelStore, UnknownVersionError, Version
 
 log = logging.getLogger("fedmerge.rounds")
 
 BASE_RECORD = "fedmerge.base"
+UPDATE_RECORD = "fedmerge.update"  # compressed downlink: parent → base update (fedmerge.flower.downlink)
 CONFIG_RECORD = "fedmerge.config"
 METRICS_RECORD = "metrics"
 POLL_S = 0.02  # pulling is cheap (in-memory or one RPC); a reply is judged ≤ 20 ms after it lands
@@ -316,6 +323,15 @@ class StaleOrInvalid(InvalidSubmission):
     """A well-formed reply the round cannot use: stale base or round, duplicate, bad weight or size."""
 
 
+@dataclass(frozen=True)
+class DownlinkUpdate:
+    """How nodes holding ``parent`` reach the new version: a codec package and the expected digest."""
+
+    parent_id: str
+    package: bytes
+    digest: str
+
+
 def build_messages(
     nodes: list[int],
     cfg: RunConfig,
@@ -323,15 +339,26 @@ def build_messages(
     base: Version,
     base_weights: StateDict,
     holders: set[int],
+    update: DownlinkUpdate | None = None,
+    parent_holders: set[int] = frozenset(),  # type: ignore[assignment]
 ) -> tuple[list[Message], int]:
-    """One ``train`` message per node; weights only to nodes not in ``holders``. Returns (msgs, bytes)."""
+    """One ``train`` message per node: nothing more to ``holders`` of the base, the compressed
+    ``update`` to nodes holding its parent, full weights to the others. Returns (msgs, bytes)."""
     config = train_config(cfg, round_, base)
     weights = ArrayRecord(base_weights)
     weight_bytes = sum(t.numel() * t.element_size() for t in base_weights.values())
     messages, downlink = [], 0
     for node in nodes:
         content = RecordDict({CONFIG_RECORD: config})
-        if node not in holders:
+        if node in holders:
+            pass
+        elif update is not None and node in parent_holders:
+            content[UPDATE_RECORD] = package_to_record(update.package)[RECORD_KEY]
+            content[CONFIG_RECORD + ".update"] = ConfigRecord(
+                {"parent-version-id": update.parent_id, "digest": update.digest}
+            )
+            downlink += len(update.package)
+        else:
             content[BASE_RECORD] = weights
             downlink += weight_bytes
         messages.append(
@@ -383,6 +410,8 @@ class Federation:
     evaluate: Evaluator | None = None
     on_round: Callable[[RoundReport], None] | None = None
     holders: dict[str, set[int]] = field(default_factory=dict)
+    updates: dict[str, DownlinkUpdate] = field(default_factory=dict)  # version id → how to reach it
+    server_residual: StateDict | None = None  # what the compressed downlink has not sent yet
 
     def run(self) -> list[RoundReport]:
         """``num-rounds`` rounds from the store's latest version; raises RoundAborted when one fails."""
@@ -416,7 +445,11 @@ class Federation:
             return report
         sampled = sample_nodes(nodes, self.cfg, round_, attempt)
         holders = self.holders.setdefault(base.id, set())
-        messages, report.downlink_bytes = build_messages(sampled, self.cfg, round_, base, weights, holders)
+        update = self.updates.get(base.id)
+        parent_holders = self.holders.get(update.parent_id, set()) if update else set()
+        messages, report.downlink_bytes = build_messages(
+            sampled, self.cfg, round_, base, weights, holders, update, parent_holders
+        )
         state = RoundState(self.cfg, round_, base, weights)
         state.reference = reference_for(self.store, base)
         report.outcomes = collect(self.grid, messages, sampled, state, self.cfg.round_deadline_s)
@@ -440,6 +473,13 @@ class Federation:
     def _commit(
         self, base: Version, merged: StateDict, weights: StateDict, state: RoundState, report: RoundReport
     ) -> str:
+        package = None
+        if self.cfg.downlink_density < 1.0:  # commit what clients will rebuild; keep the rest as residual
+            if self.server_residual is None:
+                self.server_residual = self.store.load_state(base)
+            codec = CodecConfig(density=self.cfg.downlink_density, values=self.cfg.downlink_values)  # type: ignore[arg-type]
+            meta = PackageMeta("server", report.round, base.id, base.content_hash)
+            package, merged, self.server_residual = compress_update(merged, self.server_residual, codec, meta)
         if self.evaluate is not None:
             new = {k: (v + merged[k].to(v.dtype)) if k in merged else v for k, v in weights.items()}
             report.metrics.update({f"server-{k}": float(v) for k, v in self.evaluate(new).items()})
@@ -457,12 +497,16 @@ class Federation:
             round=report.round,
             metrics=report.metrics,
             privacy=state.privacy,
+            state=self.server_residual if package is not None else None,
             metadata={
                 "attempt": report.attempt,
                 "task": self.cfg.task,
                 **anomaly_metadata(state.scores, state.reference, self.cfg),
             },
         )
+        if package is not None:
+            digest = weights_digest(apply_weights(weights, merged))
+            self.updates[version.id] = DownlinkUpdate(base.id, package, digest)
         return version.id
 
 

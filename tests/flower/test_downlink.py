@@ -62,3 +62,28 @@ def test_a_node_holding_another_parent_is_told_so() -> None:
     package, applied, _ = compress_update(update, None, CodecConfig(density=1.0, values="fp32"), META)
     with pytest.raises(UpdateMismatch, match="different parent"):
         apply_update(other, package, weights_digest(apply_weights(base, applied)))
+
+
+@pytest.mark.integration
+def test_rounds_with_compressed_downlink_reach_every_client(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """From round 2 on, clients get the compressed update instead of weights and rebuild the version
+    exactly (a wrong digest would make them fail, and the server would record the rejection)."""
+    import io
+
+    from rich.console import Console
+
+    from fedmerge.flower.demo import run_demo
+    from fedmerge.store import ModelStore
+
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    overrides = {"aggregator": "fedavg", "downlink-density": 0.1}
+    reports = run_demo(
+        tmp_path / "store", num_clients=3, rounds=2, overrides=overrides, console=Console(file=io.StringIO())
+    )
+    first, second = reports
+    assert len(first.accepted) == len(second.accepted) == 3 and not second.rejected
+    assert second.downlink_bytes < 0.1 * first.downlink_bytes  # updates, not weights
+    with ModelStore.open(tmp_path / "store") as store:
+        assert store.verify().ok
+        residual = store.load_state(second.version_id)
+        assert residual is not None and set(residual) == set(store.load_delta(second.version_id))
