@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from fedmerge.aggregators.base import ClientDelta, DeltaTensor, Prepared, dense_of, register
+from fedmerge.aggregators.base import register
 from fedmerge.aggregators.robust import BufferingAggregator
 from fedmerge.errors import AggregatorStateError, ConfigError
 
@@ -61,23 +61,7 @@ class KrumBase(BufferingAggregator):
 
     def begin(self, reference_shapes):
         super().begin(reference_shapes)
-        self._ids: list[Any] = []
         self.selected, self.scores = [], {}
-
-    def add(
-        self,
-        client_delta: ClientDelta,
-        weight: float = 1.0,
-        *,
-        client_id: str | int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        cid = self._num_clients if client_id is None else client_id
-        super().add(client_delta, weight, client_id=cid, generator=generator)
-        self._ids.append(cid)  # only once the delta was accepted
-
-    def _prepare(self, key: str, x: DeltaTensor, generator: torch.Generator) -> Prepared:
-        return Prepared(dense_of(x))  # one path for every client: buffers stay in arrival order
 
     def _f(self, n: int) -> int:
         if self.num_byzantine is None:

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from fedmerge.aggregators.base import ClientDelta, DeltaTensor, Prepared, check_fraction, dense_of, register
+from fedmerge.aggregators.base import check_fraction, register
 from fedmerge.aggregators.kernels import topk_threshold
 from fedmerge.aggregators.robust import BufferingAggregator
 from fedmerge.aggregators.sparsify import keep_count
@@ -75,24 +75,8 @@ class RobustTies(BufferingAggregator):
 
     def begin(self, reference_shapes):
         super().begin(reference_shapes)
-        self._ids: list[Any] = []
         self._sq: dict[str, list[float]] = {}
         self.client_norms = {}
-
-    def add(
-        self,
-        client_delta: ClientDelta,
-        weight: float = 1.0,
-        *,
-        client_id: str | int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        cid = self._num_clients if client_id is None else client_id
-        super().add(client_delta, weight, client_id=cid, generator=generator)
-        self._ids.append(cid)
-
-    def _prepare(self, key: str, x: DeltaTensor, generator: torch.Generator) -> Prepared:
-        return Prepared(dense_of(x))  # every client on one path: buffers stay in arrival order
 
     def finalize(self) -> dict[str, torch.Tensor]:
         self._require_begun()
