@@ -14,14 +14,17 @@ tensors x_1..x_G (flattened, fp32):
 Folding a group of G clients at once reads the accumulators once per group instead of once per
 client, so memory traffic is ≈ G·input + (accumulators) rather than G·(input + accumulators).
 On the CPU the folds are numba kernels that work on cache-sized blocks of coordinates (one pass,
-no temporaries, parallel over blocks); on other devices (CUDA) or without numba they are plain
+no temporaries, parallel over blocks; serial below :data:`PARALLEL_MIN_ELEMENTS`); on other devices
+(CUDA) or without numba they are plain
 torch expressions with the same semantics. Sparse inputs (sorted unique flat indices + values)
 have their own kernels that touch only the non-zeros.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import types
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,10 +39,34 @@ except ImportError:  # pragma: no cover - exercised only where numba is missing
 BLOCK = 4096  # coordinates per block: 5 fp32 accumulators × 16 KiB stay in L1/L2 while G inputs stream
 VOTE_TOTAL = 0
 VOTE_FREQUENCY = 1
+# Below this many coordinates a fold runs on the calling thread. Waking a thread team costs more
+# than ~10^5 element updates, and on a busy machine (a simulation's clients on every core) OpenMP's
+# spinning barriers make a parallel fold of a small tensor 100–1000× slower than a serial one.
+PARALLEL_MIN_ELEMENTS = 1 << 17
+
+
+class SizedKernel:
+    """A numba kernel compiled twice from one function: parallel (``prange`` splits the loop over
+    threads) and serial (``prange`` acts as ``range``). ``kernel.on(n)`` picks by problem size."""
+
+    def __init__(self, fn: Callable[..., Any], fastmath: bool) -> None:
+        self.parallel = njit(parallel=True, cache=True, fastmath=fastmath)(fn)
+        twin = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__)
+        twin.__qualname__ = fn.__qualname__ + "_serial"  # its own on-disk cache entry
+        self.serial = njit(cache=True, fastmath=fastmath)(twin)
+
+    def on(self, n: int) -> Callable[..., Any]:
+        return self.parallel if n >= PARALLEL_MIN_ELEMENTS else self.serial
+
+
+def sized_kernel(fastmath: bool = False) -> Callable[[Callable[..., Any]], SizedKernel]:
+    """Decorator: compile a ``prange`` loop as a :class:`SizedKernel`."""
+    return lambda fn: SizedKernel(fn, fastmath)
+
 
 if HAVE_NUMBA:
 
-    @njit(parallel=True, cache=True, fastmath=True)
+    @sized_kernel(fastmath=True)
     def _weighted_sum_dense(xs, w, acc):
         n = acc.shape[0]
         nblocks = (n + BLOCK - 1) // BLOCK
@@ -53,7 +80,7 @@ if HAVE_NUMBA:
                 for j in range(hi - lo):
                     a[j] += wg * x[j]
 
-    @njit(parallel=True, cache=True)
+    @sized_kernel()
     def _weighted_sum_sparse(idx, val, wg, acc):
         n = idx.shape[0]
         nblocks = (n + BLOCK - 1) // BLOCK
@@ -61,7 +88,7 @@ if HAVE_NUMBA:
             for k in range(b * BLOCK, min(b * BLOCK + BLOCK, n)):
                 acc[idx[k]] += wg * val[k]
 
-    @njit(parallel=True, cache=True, fastmath=True)
+    @sized_kernel(fastmath=True)
     def _sign_split_dense(xs, thr, cut, vote_w, w, count_w, mode, S, P, N, Pc, Nc):
         n = S.shape[0]
         nblocks = (n + BLOCK - 1) // BLOCK
@@ -97,7 +124,7 @@ if HAVE_NUMBA:
                     pc_[j] += cg if v > zero else zero
                     nc_[j] += cg if v < zero else zero
 
-    @njit(parallel=True, cache=True, fastmath=True)
+    @sized_kernel(fastmath=True)
     def _sign_split_sparse(idx, val, t, vg, wg, cg, mode, S, P, N, Pc, Nc):
         n = idx.shape[0]
         nblocks = (n + BLOCK - 1) // BLOCK
@@ -116,7 +143,7 @@ if HAVE_NUMBA:
                 Pc[j] += cg * pos
                 Nc[j] += cg * neg
 
-    @njit(parallel=True, cache=True, fastmath=True)
+    @sized_kernel(fastmath=True)
     def _max_abs_dense(xs, acc):
         n = acc.shape[0]
         nblocks = (n + BLOCK - 1) // BLOCK
@@ -133,7 +160,7 @@ if HAVE_NUMBA:
                     if m > c or (m == c and v > a[j]):
                         a[j] = v
 
-    @njit(parallel=True, cache=True)
+    @sized_kernel()
     def _max_abs_sparse(idx, val, acc):
         n = idx.shape[0]
         nblocks = (n + BLOCK - 1) // BLOCK
@@ -253,7 +280,7 @@ if HAVE_NUMBA:
 
 if HAVE_NUMBA:
 
-    @njit(parallel=True, cache=True, fastmath=True)
+    @sized_kernel(fastmath=True)
     def _disjoint_mean(S, P, N, Pc, Nc, scale, out):
         for j in prange(S.shape[0]):
             if S[j] >= 0:
@@ -269,7 +296,7 @@ def disjoint_mean(acc: Sequence[torch.Tensor], scale: float) -> torch.Tensor:
     S, P, N, Pc, Nc = acc
     if _use_numba(S):
         out = empty(S.numel(), S.device)
-        _disjoint_mean(_np(S), _np(P), _np(N), _np(Pc), _np(Nc), np.float32(scale), _np(out))
+        _disjoint_mean.on(S.numel())(_np(S), _np(P), _np(N), _np(Pc), _np(Nc), np.float32(scale), _np(out))
         return out
     positive = S >= 0
     total = torch.where(positive, P, N)
@@ -292,12 +319,12 @@ if HAVE_NUMBA:
         z = z ^ (z >> np.uint64(31))
         return np.float64(z >> np.uint64(11)) * (1.0 / 9007199254740992.0)
 
-    @njit(parallel=True, cache=True)
+    @sized_kernel()
     def _uniform(seed, out):
         for j in prange(out.shape[0]):
             out[j] = _splitmix_uniform(seed, j)
 
-    @njit(parallel=True, cache=True)
+    @sized_kernel()
     def _bernoulli_scale(x, density, scale, seed, out):
         for j in prange(x.shape[0]):
             out[j] = x[j] * scale if _splitmix_uniform(seed, j) < density else np.float32(0.0)
@@ -326,7 +353,7 @@ def seeded_uniform(n: int, seed: int, device: torch.device | str = "cpu") -> tor
     dev = torch.device(device)
     if HAVE_NUMBA and dev.type == "cpu":
         out = np.empty(n, dtype=np.float64)
-        _uniform(np.uint64(seed % (1 << 64)), out)
+        _uniform.on(n)(np.uint64(seed % (1 << 64)), out)
         return torch.from_numpy(out)
     return _splitmix_uniform_torch(seed % (1 << 64), n, dev)
 
@@ -336,7 +363,7 @@ def seeded_bernoulli_scale(x: torch.Tensor, density: float, scale: float, seed: 
     flat = x.detach().reshape(-1)
     if _use_numba(flat):
         out = empty(flat.numel(), flat.device)
-        _bernoulli_scale(
+        _bernoulli_scale.on(flat.numel())(
             _np(flat.contiguous()), density, np.float32(scale), np.uint64(seed % (1 << 64)), _np(out)
         )
         return out.reshape(x.shape)
@@ -381,7 +408,8 @@ def weighted_sum_dense(xs: Sequence[torch.Tensor], weights: Sequence[float], acc
     """acc += Σ_g w_g · x_g (acc is flat fp32; xs any floating dtype, flattened)."""
     flats = [_flat32(x, acc.device) for x in xs]
     if _use_numba(acc):
-        _weighted_sum_dense(typed.List([_np(x) for x in flats]), _as_f32(weights), _np(acc))
+        kernel = _weighted_sum_dense.on(acc.numel() * len(flats))
+        kernel(typed.List([_np(x) for x in flats]), _as_f32(weights), _np(acc))
         return
     for x, w in zip(flats, weights, strict=True):
         acc.add_(x, alpha=float(w))
@@ -393,7 +421,8 @@ def weighted_sum_sparse(
     """acc[indices] += w · values (indices sorted and unique)."""
     vals = _flat32(values, acc.device)
     if _use_numba(acc):
-        _weighted_sum_sparse(_np(indices.to(torch.int64)), _np(vals), np.float32(weight), _np(acc))
+        kernel = _weighted_sum_sparse.on(vals.numel())
+        kernel(_np(indices.to(torch.int64)), _np(vals), np.float32(weight), _np(acc))
         return
     acc.index_add_(0, indices.to(device=acc.device, dtype=torch.int64), vals, alpha=float(weight))
 
@@ -412,7 +441,7 @@ def sign_split_dense(
     S, P, N, Pc, Nc = acc
     flats = [_flat32(x, S.device) for x in xs]
     if _use_numba(S):
-        _sign_split_dense(
+        _sign_split_dense.on(S.numel() * len(flats))(
             typed.List([_np(x) for x in flats]),
             _as_f32(thresholds),
             np.asarray(tie_cuts, dtype=np.int64),
@@ -449,7 +478,7 @@ def sign_split_sparse(
     S, P, N, Pc, Nc = acc
     vals = _flat32(values, S.device)
     if _use_numba(S):
-        _sign_split_sparse(
+        _sign_split_sparse.on(vals.numel())(
             _np(indices.to(torch.int64)),
             _np(vals),
             np.float32(threshold),
@@ -475,7 +504,7 @@ def max_abs_dense(xs: Sequence[torch.Tensor], acc: torch.Tensor) -> None:
     """acc_j ← x_gj where |x_gj| > |acc_j|; on equal magnitude the positive value wins (order-free)."""
     flats = [_flat32(x, acc.device) for x in xs]
     if _use_numba(acc):
-        _max_abs_dense(typed.List([_np(x) for x in flats]), _np(acc))
+        _max_abs_dense.on(acc.numel() * len(flats))(typed.List([_np(x) for x in flats]), _np(acc))
         return
     for x in flats:
         take = (x.abs() > acc.abs()) | ((x.abs() == acc.abs()) & (x > acc))
@@ -486,7 +515,7 @@ def max_abs_sparse(indices: torch.Tensor, values: torch.Tensor, acc: torch.Tenso
     """Sparse twin of :func:`max_abs_dense` for one client."""
     vals = _flat32(values, acc.device)
     if _use_numba(acc):
-        _max_abs_sparse(_np(indices.to(torch.int64)), _np(vals), _np(acc))
+        _max_abs_sparse.on(vals.numel())(_np(indices.to(torch.int64)), _np(vals), _np(acc))
         return
     idx = indices.to(device=acc.device, dtype=torch.int64)
     cur = acc[idx]

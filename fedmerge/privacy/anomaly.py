@@ -24,6 +24,7 @@ from typing import Any, TypeAlias
 import torch
 
 from fedmerge.aggregators.base import create
+from fedmerge.delta.sparse import SparseTensor
 from fedmerge.errors import ConfigError
 from fedmerge.privacy.clipping import DeltaTensor, delta_norm
 
@@ -31,19 +32,27 @@ Delta: TypeAlias = Mapping[str, DeltaTensor]
 MAD_TO_SIGMA = 1.4826
 
 
-def _dense(x: DeltaTensor) -> torch.Tensor:
-    return x if isinstance(x, torch.Tensor) else x.to_dense()
+def _dot(x: torch.Tensor, y: torch.Tensor) -> float:
+    # a product and a sum, not BLAS dot: BLAS threads spin on a busy machine and turn a dot of a
+    # small tensor into milliseconds (see ``kernels.PARALLEL_MIN_ELEMENTS``)
+    return float(torch.sum(x * y))
 
 
 def cosine(a: Delta, b: Mapping[str, torch.Tensor]) -> float:
-    """Cosine similarity of two deltas over all tensors (fp64); 0 if either is zero."""
+    """Cosine similarity of two deltas over all tensors (fp64); 0 if either is zero. A sparse ``a``
+    is read at its non-zeros only."""
     dot = na = nb = 0.0
     for name in sorted(b):
-        x = _dense(a[name]).detach().reshape(-1).to(torch.float64)
         y = b[name].detach().reshape(-1).to(torch.float64)
-        dot += float(x @ y)
-        na += float(x @ x)
-        nb += float(y @ y)
+        xa = a[name]
+        if isinstance(xa, SparseTensor):
+            x = xa.values.detach().reshape(-1).to(torch.float64)
+            dot += _dot(x, y[xa.indices.to(torch.int64)])
+        else:
+            x = xa.detach().reshape(-1).to(torch.float64)
+            dot += _dot(x, y)
+        na += _dot(x, x)
+        nb += _dot(y, y)
     if na == 0 or nb == 0:
         return 0.0
     return dot / math.sqrt(na * nb)
