@@ -88,7 +88,12 @@ def markdown_summary(results: Sequence[Result], *, title: str, baseline: float |
         best, second = rows[0], rows[1]
         gap = 100 * (best["final_accuracy_mean"] - second["final_accuracy_mean"])
         spread = 100 * max(best["final_accuracy_std"], second["final_accuracy_std"])
-        verdict = "a clear margin" if gap > 2 * spread else "within the seed-to-seed spread (not significant)"
+        if min(best["seeds"], second["seeds"]) < 2:
+            verdict = "one seed only, so no statement of significance is possible"
+        elif gap > 2 * spread:
+            verdict = "a clear margin"
+        else:
+            verdict = "within the seed-to-seed spread (not significant)"
         lines.append(
             f"**{best['method']}** has the highest final accuracy, {gap:.1f} points above "
             f"**{second['method']}** — {verdict}."

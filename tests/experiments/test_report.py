@@ -63,3 +63,8 @@ def test_write_report_produces_every_artefact(tmp_path) -> None:  # type: ignore
     assert len(rows) == 8 and {r["method"] for r in rows} == {"ties / top10-int8", "fedavg / top10-int8"}
     assert json.loads((tmp_path / "results.json").read_text())[0]["key"] == "ties-0"
     assert "Base model before any round: 50.0%" in summary.read_text()
+
+
+def test_one_seed_makes_no_claim_of_significance() -> None:
+    text = markdown_summary([RESULTS[0], RESULTS[2]], title="t")
+    assert "one seed only" in text and "clear margin" not in text
