@@ -21,7 +21,7 @@ from flwr.clientapp import ClientApp
 
 from fedmerge.codec import PackageMeta
 from fedmerge.errors import ConfigError
-from fedmerge.flower.client import TrainInstructions, encode_reply, resolve_base
+from fedmerge.flower.client import TrainInstructions, encode_reply, resolve_base, training_device
 from fedmerge.flower.faults import FaultPlan, inject_faults
 from fedmerge.flower.rounds import CONFIG_RECORD
 from simulations.local_round import local_round
@@ -65,7 +65,7 @@ def train_reply(message: Message, context: Context, task_factory: TaskFactory = 
     update = local_round(
         task, base, data, seed=conf.seed, round_=conf.round, mode=conf.mode,
         epochs=conf.local_epochs, lr=conf.lr, batch_size=conf.batch_size,
-        lora_rank=conf.lora_rank, lora_alpha=conf.lora_alpha,
+        lora_rank=conf.lora_rank, lora_alpha=conf.lora_alpha, device=training_device(conf.device),
     )  # fmt: skip
     meta = PackageMeta(
         client_id=client_id_of(context, pid),

@@ -52,6 +52,7 @@ def run_config(trial: Trial, store: Path) -> dict[str, Any]:
         "codec-density": trial.codec.density,
         "codec-values": trial.codec.quantization,
         "codec-error-feedback": trial.codec.error_feedback,
+        "client-device": exp.device,  # "cuda": each virtual client trains on its GPU fraction
     }
     if "alpha" in exp.partitioner:
         config["dirichlet-alpha"] = float(exp.partitioner["alpha"])

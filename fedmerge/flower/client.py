@@ -58,6 +58,7 @@ class TrainInstructions:
     batch_size: int
     lora_rank: int
     lora_alpha: float
+    device: str
     codec: CodecConfig
 
     @staticmethod
@@ -83,6 +84,7 @@ class TrainInstructions:
             batch_size=int(get("batch-size")),
             lora_rank=int(get("lora-rank")),
             lora_alpha=float(get("lora-alpha")),
+            device=str(conf.get("device", "auto")),
             codec=CodecConfig(
                 sparsify=get("codec-sparsify"),
                 density=float(get("codec-density")),
@@ -98,6 +100,21 @@ def _mode(value: Any) -> Mode:
     if value == "lora":
         return "lora"
     raise FedMergeError(f"train message has mode {value!r}; expected 'full' or 'lora'")
+
+
+def training_device(requested: str) -> torch.device:
+    """The device this node trains on: ``auto`` is ``cuda`` when the node sees a GPU (in simulation,
+    when its virtual client was given a GPU fraction), else ``cpu``; ``cuda`` without a GPU is an error."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise FedMergeError(
+            "client-device='cuda' but this node sees no GPU (in simulation, give clients a GPU fraction: "
+            "client-resources-num-gpus > 0)"
+        )
+    if requested not in ("cpu", "cuda"):
+        raise FedMergeError(f"train message asks for device {requested!r}; expected auto, cpu or cuda")
+    return torch.device(requested)
 
 
 class MissingBase(FedMergeError, RuntimeError):

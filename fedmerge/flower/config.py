@@ -54,6 +54,7 @@ class RunConfig:
     lora_rank: int = 4
     lora_alpha: float = 8.0
     lora_space: LoraSpace = "product"
+    client_device: str = "auto"  # where clients train: auto (cuda when the node has a GPU), cpu, cuda
     aggregator: str = "ties"
     codec_density: float = 0.1
     codec_values: str = "int8"
@@ -191,6 +192,10 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
         (cfg.batch_size >= 1, f"batch-size={cfg.batch_size} must be ≥ 1"),
         (cfg.lora_rank >= 1, f"lora-rank={cfg.lora_rank} must be ≥ 1"),
         (cfg.lora_alpha > 0, f"lora-alpha={cfg.lora_alpha} must be > 0"),
+        (
+            cfg.client_device in ("auto", "cpu", "cuda"),
+            f"client-device={cfg.client_device!r} must be 'auto', 'cpu' or 'cuda'",
+        ),
         (cfg.max_package_bytes >= 1, f"max-package-bytes={cfg.max_package_bytes} must be ≥ 1"),
         (cfg.max_num_examples >= 1, f"max-num-examples={cfg.max_num_examples} must be ≥ 1"),
         (0.0 <= cfg.fault_dropout <= 1.0, f"fault-dropout={cfg.fault_dropout} must be in [0, 1]"),

@@ -179,6 +179,7 @@ def train_config(cfg: RunConfig, round_: int, base: Version) -> ConfigRecord:
             "batch-size": cfg.batch_size,
             "lora-rank": cfg.lora_rank,
             "lora-alpha": cfg.lora_alpha,
+            "device": cfg.client_device,
             "codec-sparsify": codec.sparsify,
             "codec-density": codec.density,
             "codec-values": codec.values,
