@@ -166,7 +166,10 @@ class _Handlers:
     def fail(self, context: grpc.ServicerContext, exc: Exception) -> None:
         code = grpc.StatusCode.INTERNAL
         if isinstance(exc, QuotaExceeded):
-            code = grpc.StatusCode.RESOURCE_EXHAUSTED
+            # RESOURCE_EXHAUSTED tells clients to retry later (queue full); a size or byte quota that
+            # no retry can satisfy is FAILED_PRECONDITION, so clients stop instead of retrying
+            retry_later = grpc.StatusCode.RESOURCE_EXHAUSTED
+            code = retry_later if exc.retryable else grpc.StatusCode.FAILED_PRECONDITION
         elif isinstance(exc, (UnknownSubmissionError, UnknownVersionError, UnknownObjectError)):
             code = grpc.StatusCode.NOT_FOUND
         elif isinstance(exc, BulkBusyError):

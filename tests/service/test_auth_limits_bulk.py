@@ -48,9 +48,10 @@ def test_open_server_must_be_explicit(store_dir: Path) -> None:
 
 def test_oversized_expert_is_refused_before_it_is_read(server: IntakeServer, tmp_path: Path) -> None:
     opts = ClientOptions(target(server), token=TOKEN)
-    with pytest.raises(ServiceCallError, match=r"RESOURCE_EXHAUSTED.*per-submission limit") as err:
-        submit_expert(opts, b"x" * ((1 << 20) + 1), fmt="delta_package", retries=0)
-    assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    with pytest.raises(ServiceCallError, match=r"FAILED_PRECONDITION.*per-submission limit") as err:
+        submit_expert(opts, b"x" * ((1 << 20) + 1), fmt="delta_package")
+    assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert not err.value.retryable  # no retry can make it fit: the client gives up at once
     assert not list((Path(server.config.intake_dir) / "spool").glob("[0-9a-f]*"))
 
 
