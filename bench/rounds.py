@@ -1,9 +1,10 @@
 """fedmerge rounds versus Flower's built-in FedAvg strategy on the same simulation.
 
-    python -m bench rounds [--quick]
+    python -m bench rounds [--quick] [--task digits|tiny_lm]
 
-Same task (digits), same non-IID partitions (Dirichlet α=0.5), same local training (SGD, lr 0.1,
-2 epochs), same number of clients and rounds, both on Flower's simulation engine in the same run:
+Same task (``--task``: digits, or the tiny causal transformer), same non-IID partitions (Dirichlet
+α=0.5), same local training (SGD; lr and epochs per task in ``WORKLOADS``), same number of clients
+and rounds, both on Flower's simulation engine in the same run:
 
 * **fedmerge**: the fedmerge ServerApp/ClientApp — clients send top-10 % int8 task vectors, the
   server folds them as they arrive (FedAvg semantics), commits a version per round and sends clients
@@ -36,7 +37,11 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-TASK, ALPHA, LR, EPOCHS, SEED = "digits", 0.5, 0.1, 2, 0
+ALPHA, SEED = 0.5, 0
+# task → (lr, local epochs): the same local training on both sides. ``digits`` is a tiny MLP whose
+# client update takes ~2 ms, so its round time is Flower's and fedmerge's fixed per-round costs;
+# ``tiny_lm`` (a 90 k-parameter causal transformer, full fine-tuning) takes ~1 s per client update.
+WORKLOADS: dict[str, tuple[float, int]] = {"digits": (0.1, 2), "tiny_lm": (0.05, 1)}
 
 
 def peak_rss_bytes() -> int:
@@ -44,7 +49,7 @@ def peak_rss_bytes() -> int:
         return int(next(line for line in f if line.startswith("VmHWM")).split()[1]) * 1024
 
 
-def run_fedmerge(clients: int, rounds: int) -> dict[str, Any]:
+def run_fedmerge(clients: int, rounds: int, task: str = "digits") -> dict[str, Any]:
     from flwr.simulation import run_simulation
 
     from clients.app import app as client_app
@@ -55,8 +60,9 @@ def run_fedmerge(clients: int, rounds: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as store:
         config = {
             "store": store, "num-rounds": rounds, "min-clients": clients, "min-valid": clients,
-            "aggregator": "fedavg", "codec-density": 0.1, "codec-values": "int8", "lr": LR,
-            "local-epochs": EPOCHS, "dirichlet-alpha": ALPHA, "seed": SEED, "downlink-density": 0.1,
+            "aggregator": "fedavg", "codec-density": 0.1, "codec-values": "int8", "task": task,
+            "lr": WORKLOADS[task][0], "local-epochs": WORKLOADS[task][1], "dirichlet-alpha": ALPHA,
+            "seed": SEED, "downlink-density": 0.1,
         }  # fmt: skip
         run_simulation(
             make_server_app(config, on_round=reports.append),
@@ -72,7 +78,9 @@ def run_fedmerge(clients: int, rounds: int) -> dict[str, Any]:
     }
 
 
-def _flower_apps(rounds: int, clients: int, out: dict[str, Any]) -> tuple[Any, Any]:
+def _flower_apps(
+    rounds: int, clients: int, out: dict[str, Any], task_name: str = "digits"
+) -> tuple[Any, Any]:
     """A plain Flower FedAvg ServerApp and a quickstart-style ClientApp on the same task and data."""
     from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
@@ -84,18 +92,19 @@ def _flower_apps(rounds: int, clients: int, out: dict[str, Any]) -> tuple[Any, A
     from simulations.local_round import client_generator
     from simulations.tasks import get_task
 
+    lr, epochs = WORKLOADS[task_name]
     client = ClientApp()
 
     @client.train()
     def train(message: Message, context: Context) -> Message:
         pid, num = node_partition(context)
-        task = get_task(TASK)
-        data = partition_for(TASK, num, "dirichlet", ALPHA, SEED)[pid]
+        task = get_task(task_name)
+        data = partition_for(task_name, num, "dirichlet", ALPHA, SEED)[pid]
         model = task.build_model(SEED)
         model.load_state_dict(message.content.array_records["arrays"].to_torch_state_dict())
         round_ = int(message.content.config_records["config"]["server-round"])  # type: ignore[arg-type]
         metrics = task.train(
-            model, data, epochs=EPOCHS, lr=LR, batch_size=32, generator=client_generator(SEED, round_, pid)
+            model, data, epochs=epochs, lr=lr, batch_size=32, generator=client_generator(SEED, round_, pid)
         )
         reply = RecordDict(
             {
@@ -111,8 +120,8 @@ def _flower_apps(rounds: int, clients: int, out: dict[str, Any]) -> tuple[Any, A
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        base = get_task(TASK).pretrained_base(SEED)
-        evaluate = task_evaluator(TASK, SEED)
+        base = get_task(task_name).pretrained_base(SEED)
+        evaluate = task_evaluator(task_name, SEED)
         stamps = [time.perf_counter()]
 
         def evaluate_fn(round_: int, arrays: ArrayRecord) -> MetricRecord:
@@ -132,11 +141,11 @@ def _flower_apps(rounds: int, clients: int, out: dict[str, Any]) -> tuple[Any, A
     return server, client
 
 
-def run_flower(clients: int, rounds: int) -> dict[str, Any]:
+def run_flower(clients: int, rounds: int, task: str = "digits") -> dict[str, Any]:
     from flwr.simulation import run_simulation
 
     out: dict[str, Any] = {"accuracy": []}
-    server, client = _flower_apps(rounds, clients, out)
+    server, client = _flower_apps(rounds, clients, out, task)
     run_simulation(
         server,
         client,
@@ -147,12 +156,12 @@ def run_flower(clients: int, rounds: int) -> dict[str, Any]:
     return out
 
 
-def child(kind: str, clients: int, rounds: int) -> dict[str, Any]:
+def child(kind: str, clients: int, rounds: int, task: str = "digits") -> dict[str, Any]:
     """Run one side in a fresh process and return its JSON result."""
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
     env.setdefault("FLWR_HOME", tempfile.mkdtemp(prefix="flwr-home-"))
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.rounds", "--child", kind, str(clients), str(rounds)],
+        [sys.executable, "-m", "bench.rounds", "--child", kind, str(clients), str(rounds), task],
         capture_output=True, text=True, env=env, check=False,
     )  # fmt: skip
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -169,25 +178,26 @@ def steady(values: list[float] | list[int]) -> float:
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench rounds", description=__doc__)
     ap.add_argument("--quick", action="store_true", help="10 clients × 3 rounds (about a minute)")
-    ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--task", choices=sorted(WORKLOADS), default="digits", help="workload (default digits)")
+    ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         kind, clients, rounds = args.child[0], int(args.child[1]), int(args.child[2])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            result = (run_fedmerge if kind == "fedmerge" else run_flower)(clients, rounds)
+            result = (run_fedmerge if kind == "fedmerge" else run_flower)(clients, rounds, args.child[3])
         print(json.dumps(result))
         return 0
     console = Console()
     clients, rounds = (10, 3) if args.quick else (20, 5)
-    ours = child("fedmerge", clients, rounds)
+    ours = child("fedmerge", clients, rounds, args.task)
     console.log(f"fedmerge: {ours['accuracy']}")
-    ref = child("flower", clients, rounds)
+    ref = child("flower", clients, rounds, args.task)
     console.log(f"flower fedavg: {ref['accuracy']}")
-    rss10 = child("fedmerge", 10, 1)["peak_rss"]
+    rss10 = child("fedmerge", 10, 1)["peak_rss"]  # server memory per client count: digits whatever --task
     rss50 = child("fedmerge", 50, 1)["peak_rss"]
 
-    table = Table(title=f"digits, {clients} clients, {rounds} rounds, Dirichlet α={ALPHA}, same run")
+    table = Table(title=f"{args.task}, {clients} clients, {rounds} rounds, Dirichlet α={ALPHA}, same run")
     for col in ("", "fedmerge (fedavg, top-10 % int8)", "Flower FedAvg (dense fp32)", "ratio"):
         table.add_column(col, justify="right")
     rows = [
@@ -208,6 +218,7 @@ def main(argv: list[str]) -> int:
         f"fedmerge server peak RSS: 10 clients {rss10 / 2**20:.0f} MiB, 50 clients {rss50 / 2**20:.0f} MiB"
     )
     summary = {
+        "task": args.task,
         "bytes_vs_flower_fedavg": steady(ours["bytes"]) / steady(ref["bytes"]),
         "bytes_vs_flower_fedavg_all_rounds": statistics.fmean(ours["bytes"]) / statistics.fmean(ref["bytes"]),
         "round_time_vs_flower_fedavg": steady(ours["round_s"]) / steady(ref["round_s"]),
