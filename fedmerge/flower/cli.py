@@ -44,15 +44,44 @@ def demo(
 
 @app.command()
 def serve(
-    store: Annotated[Path, typer.Option(help="model store directory")] = Path("fedmerge-store"),
-    port: int = typer.Option(9092, help="Fleet API port SuperNodes connect to"),
-    insecure: bool = typer.Option(False, help="disable TLS (local testing only)"),
+    store: Annotated[Path, typer.Option(help="model store directory (created if missing)")] = Path(
+        "fedmerge-store"
+    ),
+    host: str = typer.Option(
+        "0.0.0.0", help="address the SuperLink binds (Fleet, Control and Runtime APIs share one port)"
+    ),
+    port: int = typer.Option(
+        8000, help="the SuperLink's port: SuperNodes (--superlink HOST:PORT) and `flwr run` use it"
+    ),
     certificates: Annotated[
-        Path | None, typer.Option(help="directory with ca.crt, server.pem, server.key")
+        Path | None, typer.Option(help="directory with ca.crt, server.pem, server.key (TLS)")
     ] = None,
-    supernode_auth: bool = typer.Option(False, help="only registered SuperNodes may connect"),
+    insecure: bool = typer.Option(False, help="disable TLS (local testing only)"),
+    supernode_auth: bool = typer.Option(
+        True, help="only SuperNodes registered with `flwr supernode register` may connect (needs TLS)"
+    ),
+    state_dir: Annotated[
+        Path | None, typer.Option(help="SuperLink state directory (default: STORE.superlink beside it)")
+    ] = None,
 ) -> None:
-    """Start a SuperLink for a real deployment; `flwr run .` then starts the fedmerge ServerApp on it."""
+    """Start the SuperLink of a real deployment; `flwr run .` then starts the fedmerge ServerApp on it.
+
+    SIGINT/SIGTERM are forwarded to the SuperLink; the exit code is the SuperLink's.
+    """
+    from fedmerge.errors import ConfigError
     from fedmerge.flower.serve import serve_forever
 
-    raise typer.Exit(serve_forever(store, port, insecure, certificates, supernode_auth))
+    try:
+        code = serve_forever(
+            store,
+            port=port,
+            insecure=insecure,
+            certificates=certificates,
+            supernode_auth=supernode_auth,
+            host=host,
+            state_dir=state_dir,
+        )
+    except ConfigError as exc:
+        typer.echo(f"fedmerge serve: {exc}", err=True)
+        raise typer.Exit(2) from None
+    raise typer.Exit(code)

@@ -1,11 +1,16 @@
 """``fedmerge serve``: what a real deployment runs on the aggregation host.
 
-A deployment is Flower's own: one ``flower-superlink`` on the aggregation host (Fleet API for the
-SuperNodes, default port 9092; Control API 9093 for ``flwr run``), ``flower-supernode`` processes at
-the institutions, and ``flwr run . <connection> --run-config "store='/srv/fedmerge-store'"`` to start
-the fedmerge ServerApp, which runs next to the SuperLink and writes the embedded store there.
+A deployment is Flower's own. In flwr 1.41 one ``flower-superlink`` serves its Fleet API (SuperNodes
+at the institutions), Control API (``flwr run``, ``flwr supernode register``) and Runtime API (the
+ServerApp it starts next to itself) over HTTPS on **one** port, ``--host``/``--port`` (fedmerge's
+default 0.0.0.0:8000). ``flwr run . <connection> --run-config "store='/srv/fedmerge-store'"`` then
+starts the fedmerge ServerApp on that host, which writes the embedded store there.
+
 :func:`superlink_argv` builds the SuperLink command line (TLS and SuperNode authentication on by
-default); :func:`serve_forever` runs it until interrupted and tears it down by its pid.
+default); :func:`serve_forever` runs it, forwards SIGINT/SIGTERM to it and ends it by its pid.
+The SuperLink's own state (``superlink.db``) lives in a directory *beside* the store
+(:func:`default_state_dir`), never inside it: the store owns its directory (``verify`` flags foreign
+files).
 """
 
 from __future__ import annotations
@@ -14,28 +19,56 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from types import FrameType
 
 from fedmerge.errors import ConfigError
 from fedmerge.store import ModelStore
 
 CERT_FILES = ("ca.crt", "server.pem", "server.key")
+DEFAULT_HOST = "0.0.0.0"
+DEFAULT_PORT = 8000
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def default_state_dir(store: Path) -> Path:
+    """Where the SuperLink keeps its database: ``<store>.superlink`` next to the store directory."""
+    resolved = Path(store).resolve()
+    return resolved.with_name(resolved.name + ".superlink")
 
 
 def superlink_argv(
-    state_dir: Path, fleet_port: int, insecure: bool, certificates: Path | None, supernode_auth: bool
+    state_dir: Path,
+    port: int,
+    insecure: bool,
+    certificates: Path | None,
+    supernode_auth: bool,
+    host: str = DEFAULT_HOST,
 ) -> list[str]:
-    """The ``flower-superlink`` command line; raises ConfigError naming a missing certificate file."""
+    """The ``flower-superlink`` command line binding ``host:port`` (Fleet, Control and Runtime APIs).
+
+    Raises ConfigError for a port outside 1–65535, for SuperNode authentication without TLS, and for
+    a certificate directory that lacks one of ``ca.crt``, ``server.pem``, ``server.key``.
+    """
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"--port {port} must be in 1..65535")
+    if not host:
+        raise ConfigError("--host must name an address to bind (0.0.0.0 for every interface)")
     exe = shutil.which("flower-superlink") or str(Path(sys.executable).with_name("flower-superlink"))
     argv = [
         exe,
-        "--fleet-api-address", f"0.0.0.0:{fleet_port}",
+        "--host", host,
+        "--port", str(port),
         "--database", str(state_dir / "superlink.db"),
         "--disable-runtime-dependency-installation",
     ]  # fmt: skip
     if insecure:
         if supernode_auth:
-            raise ConfigError("--supernode-auth needs TLS; drop --insecure and pass --certificates DIR")
+            raise ConfigError(
+                "SuperNode authentication needs TLS: drop --insecure and pass --certificates DIR "
+                "(or add --no-supernode-auth for a local test)"
+            )
         return [*argv, "--insecure"]
     if certificates is None:
         raise ConfigError(
@@ -47,35 +80,96 @@ def superlink_argv(
             f"certificate directory {certificates} lacks {missing}; expected {list(CERT_FILES)}"
         )
     argv += [
-        "--ssl-ca-certfile", str(certificates / "ca.crt"),
-        "--ssl-certfile", str(certificates / "server.pem"),
-        "--ssl-keyfile", str(certificates / "server.key"),
+        "--ssl-ca-certfile", str(certificates.resolve() / "ca.crt"),
+        "--ssl-certfile", str(certificates.resolve() / "server.pem"),
+        "--ssl-keyfile", str(certificates.resolve() / "server.key"),
     ]  # fmt: skip
     if supernode_auth:
         argv.append("--enable-supernode-auth")
     return argv
 
 
+def instructions(store: Path, host: str, port: int, certificates: Path | None, supernode_auth: bool) -> str:
+    """What the operator and the institutions run against this SuperLink (printed at start)."""
+    where = "<this-host>" if host in ("0.0.0.0", "::") else host
+    address = f"{where}:{port}"
+    connection = [f'address = "{address}"']
+    if certificates is None:
+        connection.append("insecure = true")
+    else:
+        connection.append(f'root-certificates = "{certificates.resolve() / "ca.crt"}"')
+    node_tls = "--insecure" if certificates is None else "--root-certificates ca.crt"
+    auth = " --auth-supernode-private-key KEY" if supernode_auth else ""
+    lines = [
+        f"SuperLink (Fleet, Control and Runtime APIs) listening on {host}:{port}",
+        "operator, in $FLWR_HOME/config.toml:",
+        "  [superlink.fedmerge]",
+        *(f"  {line}" for line in connection),
+    ]
+    if supernode_auth:
+        lines.append("register each institution's public key:  flwr supernode register KEY.pub fedmerge")
+    lines += [
+        f"institutions:  flower-supernode --superlink {address} {node_tls}{auth} "
+        "--node-config \"client-id='NAME' partition-id=I num-partitions=N\"",
+        f"start rounds:  flwr run . fedmerge --run-config \"store='{Path(store).resolve()}'\"",
+    ]
+    return "\n".join(lines)
+
+
 def serve_forever(
-    store: Path, fleet_port: int, insecure: bool, certificates: Path | None, supernode_auth: bool
+    store: Path,
+    port: int = DEFAULT_PORT,
+    insecure: bool = False,
+    certificates: Path | None = None,
+    supernode_auth: bool = True,
+    host: str = DEFAULT_HOST,
+    state_dir: Path | None = None,
+    grace_s: float = 15.0,
 ) -> int:
-    """Open (or create) the store, start the SuperLink and wait; Ctrl-C stops it. Returns its exit code."""
-    with ModelStore.open(store) as st:
-        print(f"model store: {st.root}")
-    state_dir = Path(store).resolve() / "superlink"
-    state_dir.mkdir(parents=True, exist_ok=True)
-    argv = superlink_argv(state_dir, fleet_port, insecure, certificates, supernode_auth)
-    proc = subprocess.Popen(argv)
-    print(
-        f"SuperLink pid {proc.pid}: SuperNodes connect to this host on port {fleet_port}; start rounds with\n"
-        f"  flwr run . <connection> --run-config \"store='{Path(store).resolve()}'\""
-    )
+    """Open (or create) the store, run the SuperLink until it exits; returns its exit code.
+
+    SIGINT and SIGTERM received by this process are forwarded to the SuperLink (which stops the
+    ServerApp processes it started); if it is still alive ``grace_s`` seconds later it is killed.
+    """
+    root = Path(store).resolve()
+    state = (state_dir or default_state_dir(root)).resolve()
+    if state == root or root in state.parents:
+        raise ConfigError(f"--state-dir {state} is inside the store {root}; put it beside the store")
+    argv = superlink_argv(state, port, insecure, certificates, supernode_auth, host)  # validates first
+    with ModelStore.open(root):
+        pass  # create the store now (or refuse a directory that is not one) rather than in round 1
+    state.mkdir(parents=True, exist_ok=True)
+    received: list[int] = []
+    started: list[subprocess.Popen[bytes]] = []
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        for child in started:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    # handlers first: a signal that arrives while the SuperLink starts must reach it too
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
     try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        proc.send_signal(signal.SIGINT)
-        try:
-            return proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            return proc.wait()
+        proc = subprocess.Popen(argv)
+        started.append(proc)
+        if received:  # interrupted between the handlers and the start
+            proc.send_signal(received[0])
+        print(f"model store: {root}\nSuperLink state: {state}\nSuperLink pid {proc.pid}", flush=True)
+        print(instructions(root, host, port, None if insecure else certificates, supernode_auth), flush=True)
+        kill_at: float | None = None
+        while True:
+            try:
+                return proc.wait(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                if received and kill_at is None:
+                    kill_at = time.monotonic() + grace_s
+                if kill_at is not None and time.monotonic() > kill_at:
+                    proc.kill()
+    finally:
+        for child in started:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

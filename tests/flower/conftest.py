@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -51,6 +52,17 @@ def _stale(message: Message, context: Context) -> Message:
     return train_reply(message, context)
 
 
+STRAGGLER_OVERRUN_S = 2.0  # how long past its message's deadline a "straggler" replies
+
+
+def _straggler(message: Message, context: Context) -> Message:
+    """Trains correctly but replies ``STRAGGLER_OVERRUN_S`` after the message's deadline (created + TTL)."""
+    late = message.metadata.created_at + message.metadata.ttl + STRAGGLER_OVERRUN_S
+    while (left := late - time.time()) > 0:
+        time.sleep(min(left, 0.5))
+    return train_reply(message, context)
+
+
 BEHAVIOURS: dict[str, Behaviour] = {
     "ok": train_reply,
     "truncated": _truncated,
@@ -58,6 +70,7 @@ BEHAVIOURS: dict[str, Behaviour] = {
     "crash": _crash,
     "dense": dense_train,
     "stale": _stale,
+    "straggler": _straggler,
 }
 
 
