@@ -56,3 +56,16 @@ def test_ranges_and_aggregator_are_checked() -> None:
 def test_round_trip_through_flower_keys() -> None:
     cfg = RunConfig(num_rounds=3, aggregator_params={"divisor": "count", "density": 0.5})
     assert parse_run_config(cfg.to_flower()) == cfg
+
+
+def test_pyproject_declares_every_run_config_key() -> None:
+    # `flwr run --run-config` refuses keys missing from [tool.flwr.app.config] (flwr.common.config.fuse_dicts)
+    import dataclasses
+    import tomllib
+    from pathlib import Path
+
+    declared = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["tool"]["flwr"]
+    config = declared["app"]["config"]
+    keys = {f.name.replace("_", "-") for f in dataclasses.fields(RunConfig) if f.name != "aggregator_params"}
+    assert sorted(keys - set(config)) == []
+    assert parse_run_config(config).to_flower().items() >= {k: config[k] for k in keys}.items()
