@@ -623,11 +623,9 @@ CASES: tuple[HostileCase, ...] = (
         lambda v: Attack(
             v.encode(meta=replace(v.meta, base_version_id=v.other_version, base_version_hash="0" * 64))
         ),
-        {"flower": r"StaleOrInvalid: stale: computed against base", "intake": r"base"},
-        gaps={
-            "intake": "the merge worker ignores the base version id and hash inside a DeltaPackage "
-            "(fedmerge/service/worker.py package_to_task_vector checks neither); to close: reject a "
-            "package whose base_version_id or base_version_hash, when set, differ from the server's base",
+        {
+            "flower": r"StaleOrInvalid: stale: computed against base",
+            "intake": r"stale delta package: computed against base .* this server merges onto base",
         },
     ),
     HostileCase(
@@ -711,12 +709,7 @@ CASES: tuple[HostileCase, ...] = (
         lambda v: Attack(v.data, stall_s=600.0),
         {
             "flower": r"timeout: no reply within round-deadline-s|expired due to its TTL",
-            "intake": r"dropped by the server",
-        },
-        gaps={
-            "intake": "SubmitExpert has no idle timeout: a stalled stream holds a handler thread until "
-            "the client goes away; to close: a per-message idle timeout on the SubmitExpert and Upload "
-            "streams that aborts them with DEADLINE_EXCEEDED"
+            "intake": r"dropped by the server: DEADLINE_EXCEEDED: .*--stream-idle-timeout-s",
         },
     ),
     HostileCase(
@@ -724,11 +717,7 @@ CASES: tuple[HostileCase, ...] = (
         "slow-loris",
         "as many stalled streams as the server has handler threads",
         lambda v: Attack(v.data, stall_s=600.0, streams=-1),
-        {"intake": r"still serving"},
-        gaps={
-            "intake": "stalled streams exhaust the handler pool (max_workers): every other call waits; "
-            "to close: the idle timeout above, and a per-client limit on concurrent streams"
-        },
+        {"intake": r"dropped by the server: .*; still serving"},
     ),
     # -- authentication
     HostileCase(
@@ -1323,6 +1312,8 @@ WRONG_TOKEN = "not-a-token-of-this-server-xxxx"
 INTAKE_LIMIT = MIB
 INTAKE_MESSAGE_LIMIT = 2 * MIB
 INTAKE_WORKERS = 8
+# serve-continual options of the intake runs: stalled streams are dropped after 1 s of silence
+INTAKE_SERVER_ARGS = ("--stream-idle-timeout-s", "1")
 
 
 def tiny_base(seed: int = 0, width: int = 32) -> dict[str, torch.Tensor]:
@@ -1606,7 +1597,7 @@ def run_intake(
     cases: Sequence[HostileCase] | None = None,
     *,
     stall_s: float = 3.0,
-    server_args: Sequence[str] = (),
+    server_args: Sequence[str] = INTAKE_SERVER_ARGS,
 ) -> tuple[list[Outcome], dict[str, Any]]:
     """Every intake case against one real server process: a valid expert first (the replay target and
     the 'other' version), then the corpus (each case: send, settle if acknowledged, check the server
@@ -1696,10 +1687,10 @@ def run_intake(
 
 
 def _stall(srv: IntakeProcess, attack: Attack, out: Outcome, stall_s: float, seed: int) -> set[str]:
-    """Open the stalled stream(s); within ``stall_s`` seconds send a valid expert and a ListVersions
-    (is the server still serving?) and watch whether the server ends the stalled calls; then release
-    them. Returns the versions the valid expert went into (the only versions the case may add; with
-    the handler pool exhausted it may be taken after the client gave up on it)."""
+    """Open the stalled stream(s); within ``stall_s`` seconds send a valid expert from another client
+    and a ListVersions (is the server still serving?) and watch whether the server ends the stalled
+    calls; then release them. Returns the versions the valid expert went into (the only versions the
+    case may add; with the handler pool exhausted it may be taken after the client gave up on it)."""
     from fedmerge.service.intake import submission_id
 
     count = srv.max_workers if attack.streams < 0 else attack.streams
@@ -1708,7 +1699,8 @@ def _stall(srv: IntakeProcess, attack: Attack, out: Outcome, stall_s: float, see
     spare = intake_valid(srv.store, seed=seed).data
     try:
         time.sleep(0.3)
-        result = send(srv.target, Attack(spare), label="during-stall", timeout=stall_s)
+        bystander = list(TOKENS)[1]  # the stalling client's own extra streams may be refused
+        result = send(srv.target, Attack(spare), label="during-stall", token=bystander, timeout=stall_s)
         out.serving = result.ok and serving(srv.target, timeout=1.0)
         while time.monotonic() < opened + stall_s + 0.5 and not all(s.done() for s in stalls):
             time.sleep(0.05)

@@ -72,6 +72,13 @@ def serve_continual(
     max_queued: Annotated[int, typer.Option(help="per-client queued experts limit")] = 64,
     max_workers: Annotated[int, typer.Option(help="gRPC handler threads")] = 16,
     max_message_bytes: Annotated[int, typer.Option(help="largest single gRPC message accepted")] = 8 << 20,
+    max_concurrent_streams: Annotated[
+        int, typer.Option(help="per-client open SubmitExpert/Upload streams (more: RESOURCE_EXHAUSTED)")
+    ] = 4,
+    stream_idle_timeout_s: Annotated[
+        float,
+        typer.Option(help="abort (DEADLINE_EXCEEDED) a SubmitExpert/Upload stream idle this many seconds"),
+    ] = 30.0,
     port_file: Annotated[Path | None, typer.Option(help="write the bound port here once serving")] = None,
 ) -> None:
     """Serve the ExpertIntake and BulkUpload gRPC services and merge experts as they arrive."""
@@ -100,9 +107,14 @@ def serve_continual(
             tokens=load_tokens(tokens) if tokens is not None else {},
             tls=tls,
             allow_insecure=allow_insecure,
-            limits=Limits(max_submission_bytes=max_submission_bytes, max_queued=max_queued),
+            limits=Limits(
+                max_submission_bytes=max_submission_bytes,
+                max_queued=max_queued,
+                max_concurrent_streams=max_concurrent_streams,
+            ),
             max_workers=max_workers,
             max_message_bytes=max_message_bytes,
+            stream_idle_timeout_s=stream_idle_timeout_s,
         )
         if base_weights is not None:
             with ModelStore.open(store) as s:

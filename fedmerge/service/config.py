@@ -7,6 +7,7 @@ the field, the value and the remedy. Sizes are bytes; times are seconds.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,15 +26,18 @@ class ServiceConfigError(ConfigError):
 class Limits:
     """Per-client limits. ``max_submission_bytes`` bounds one expert; ``max_queued`` how many of a
     client's experts may wait unmerged at once; ``max_total_bytes`` all bytes a client ever submitted
-    (0 = unlimited)."""
+    (0 = unlimited); ``max_concurrent_streams`` how many ``SubmitExpert``/``Upload`` streams a client
+    may have open at once (one more is refused with ``RESOURCE_EXHAUSTED``), so that one client holds
+    at most that many of the server's ``max_workers`` handler threads."""
 
     max_submission_bytes: int = 2 << 30
     max_queued: int = 64
     max_total_bytes: int = 0
     max_bulk_bytes: int = 8 << 30
+    max_concurrent_streams: int = 4
 
     def __post_init__(self) -> None:
-        for name in ("max_submission_bytes", "max_queued", "max_bulk_bytes"):
+        for name in ("max_submission_bytes", "max_queued", "max_bulk_bytes", "max_concurrent_streams"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ServiceConfigError(f"limits.{name} must be a positive integer, got {value!r}")
@@ -75,7 +79,9 @@ class ServiceConfig:
     * ``track``: the alias moved to each continual version (the merger state is resumed from it);
     * ``tokens``: bearer token → client id; empty and no mTLS = no authentication (``allow_insecure``
       must then be True, so an open server is a deliberate choice);
-    * ``limits``: per-client size limits and quotas; ``chunk_size``: bytes per streamed chunk.
+    * ``limits``: per-client size limits and quotas; ``chunk_size``: bytes per streamed chunk;
+    * ``stream_idle_timeout_s``: a ``SubmitExpert`` or ``Upload`` stream that delivers no message for
+      this long is aborted with ``DEADLINE_EXCEEDED`` (a stalled client frees its handler thread).
     """
 
     store: Path
@@ -93,6 +99,7 @@ class ServiceConfig:
     chunk_size: int = 1 << 20
     max_workers: int = 16
     max_message_bytes: int = 8 << 20
+    stream_idle_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -106,6 +113,17 @@ class ServiceConfig:
             )
         if self.max_workers < 2:
             raise ServiceConfigError(f"max_workers must be ≥ 2, got {self.max_workers}")
+        if self.limits.max_concurrent_streams >= self.max_workers:
+            raise ServiceConfigError(
+                f"limits.max_concurrent_streams ({self.limits.max_concurrent_streams}) must be below "
+                f"max_workers ({self.max_workers}), or one client can hold every handler thread; "
+                "lower it or raise max_workers"
+            )
+        timeout = self.stream_idle_timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < math.inf:
+            raise ServiceConfigError(
+                f"stream_idle_timeout_s must be a number of seconds > 0, got {timeout!r}"
+            )
         if not re.fullmatch(r"[^:\s]+:\d{1,5}", self.listen):
             raise ServiceConfigError(f"listen must be HOST:PORT, got {self.listen!r}")
         for token, client in self.tokens.items():

@@ -8,6 +8,12 @@ is the certificate's common name. Errors map to gRPC status codes: invalid input
 ``INVALID_ARGUMENT``, quota → ``RESOURCE_EXHAUSTED``, unknown id → ``NOT_FOUND``, a concurrent upload
 of the same object → ``ABORTED`` (retry), a busy store → ``UNAVAILABLE`` (retry).
 
+Streams (``fedmerge.service.streams``): ``SubmitExpert`` and ``Upload`` read their request stream
+through an idle guard — no message for ``stream_idle_timeout_s`` → ``DEADLINE_EXCEEDED``, nothing of
+that expert kept (a bulk upload keeps its flushed bytes, resumable as after any broken stream) — and
+hold one of the client's ``limits.max_concurrent_streams`` slots while open (one more →
+``RESOURCE_EXHAUSTED`` at once, before a byte is read).
+
 Threads: gRPC handlers run in a pool of ``max_workers`` threads, each with its own store connection
 (SQLite connections are per thread); the merge worker runs in its own thread.
 """
@@ -27,6 +33,7 @@ from fedmerge.errors import FedMergeError, InvalidSubmission
 from fedmerge.service.bulk import BulkBusyError, BulkError, BulkStore, UnknownObjectError, check_sha
 from fedmerge.service.config import ServiceConfig
 from fedmerge.service.intake import IntakeQueue, QuotaExceeded, Submission, UnknownSubmissionError
+from fedmerge.service.streams import IdleGuard, StreamIdleTimeout, StreamSlots
 from fedmerge.service.worker import MergeWorker
 from fedmerge.store import ModelStore, StoreBusyError, UnknownVersionError, Version
 from fedmerge.store.blobs import read_blob
@@ -142,6 +149,7 @@ class _Handlers:
         self._local = threading.local()
         self._stores: list[ModelStore] = []
         self._lock = threading.Lock()
+        self.slots = StreamSlots(config.limits.max_concurrent_streams)
 
     def store(self) -> ModelStore:
         s = getattr(self._local, "store", None)
@@ -163,6 +171,17 @@ class _Handlers:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "no client identity")
         return "anonymous"
 
+    @staticmethod
+    def stream_owner(context: grpc.ServicerContext, client: str) -> str:
+        """Whose stream slots a call uses: the client id, or for an open server the peer's host."""
+        if client != "anonymous":
+            return client
+        peer = context.peer() or ""  # e.g. ipv4:127.0.0.1:54321 — the port differs per connection
+        return "anonymous@" + peer.rsplit(":", 1)[0]
+
+    def guard(self, request_iterator: Iterator[Any], call: str, hint: str) -> IdleGuard[Any]:
+        return IdleGuard(request_iterator, self.config.stream_idle_timeout_s, call=call, hint=hint)
+
     def fail(self, context: grpc.ServicerContext, exc: Exception) -> None:
         code = grpc.StatusCode.INTERNAL
         if isinstance(exc, QuotaExceeded):
@@ -176,6 +195,8 @@ class _Handlers:
             code = grpc.StatusCode.ABORTED
         elif isinstance(exc, StoreBusyError):
             code = grpc.StatusCode.UNAVAILABLE
+        elif isinstance(exc, StreamIdleTimeout):
+            code = grpc.StatusCode.DEADLINE_EXCEEDED
         elif isinstance(exc, (InvalidSubmission, FedMergeError)):
             code = grpc.StatusCode.INVALID_ARGUMENT
         context.abort(code, str(exc))
@@ -190,49 +211,60 @@ class IntakeServicer(intake_pb2_grpc.ExpertIntakeServicer):
     ) -> intake_pb2.SubmitReply:
         client = self.h.client_id(context)
         try:
-            first = next(request_iterator, None)
-            if first is None or first.WhichOneof("part") != "header":
-                raise InvalidSubmission("the first SubmitChunk must carry the header (format, total_size)")
-            hdr = first.header
-            fmt = FORMAT_FROM_PB.get(hdr.format)
-            if fmt is None:
-                raise InvalidSubmission(
-                    f"header.format {hdr.format} is not a known ExpertFormat; use CHECKPOINT, PEFT_TAR or "
-                    "DELTA_PACKAGE"
-                )
-            if hdr.sha256:
-                check_sha(hdr.sha256)
-            if hdr.bulk_object:
-                sub, dup = self.h.queue.receive_bulk(
-                    client_id=client,
-                    fmt=fmt,
-                    base_version=hdr.base_version,
-                    label=hdr.label,
-                    bulk=self.h.bulk,
-                    sha256=check_sha(hdr.bulk_object),
-                )
-            else:
-
-                def data() -> Iterator[bytes]:
-                    for msg in request_iterator:
-                        if msg.WhichOneof("part") != "data":
-                            raise InvalidSubmission("only the first SubmitChunk may carry a header")
-                        yield msg.data
-
-                sub, dup = self.h.queue.receive(
-                    client_id=client,
-                    fmt=fmt,
-                    base_version=hdr.base_version,
-                    label=hdr.label,
-                    total_size=int(hdr.total_size),
-                    chunks=data(),
-                    expected_sha256=hdr.sha256,
-                )
+            with (
+                self.h.slots.hold(self.h.stream_owner(context, client)),
+                self.h.guard(
+                    request_iterator,
+                    "SubmitExpert",
+                    "nothing it sent was kept and nothing was acknowledged; resend the expert",
+                ) as stream,
+            ):
+                sub, dup = self._receive(client, stream)
         except FedMergeError as exc:
             self.h.fail(context, exc)
             raise AssertionError("unreachable") from exc
         return intake_pb2.SubmitReply(
             submission_id=sub.id, sha256=sub.sha256, duplicate=dup, state=STATE_TO_PB[sub.state]
+        )
+
+    def _receive(self, client: str, stream: Iterator[intake_pb2.SubmitChunk]) -> tuple[Submission, bool]:
+        """Header, then the data chunks (or a bulk object) of one SubmitExpert stream → (submission, dup)."""
+        first = next(stream, None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise InvalidSubmission("the first SubmitChunk must carry the header (format, total_size)")
+        hdr = first.header
+        fmt = FORMAT_FROM_PB.get(hdr.format)
+        if fmt is None:
+            raise InvalidSubmission(
+                f"header.format {hdr.format} is not a known ExpertFormat; use CHECKPOINT, PEFT_TAR or "
+                "DELTA_PACKAGE"
+            )
+        if hdr.sha256:
+            check_sha(hdr.sha256)
+        if hdr.bulk_object:
+            return self.h.queue.receive_bulk(
+                client_id=client,
+                fmt=fmt,
+                base_version=hdr.base_version,
+                label=hdr.label,
+                bulk=self.h.bulk,
+                sha256=check_sha(hdr.bulk_object),
+            )
+
+        def data() -> Iterator[bytes]:
+            for msg in stream:
+                if msg.WhichOneof("part") != "data":
+                    raise InvalidSubmission("only the first SubmitChunk may carry a header")
+                yield msg.data
+
+        return self.h.queue.receive(
+            client_id=client,
+            fmt=fmt,
+            base_version=hdr.base_version,
+            label=hdr.label,
+            total_size=int(hdr.total_size),
+            chunks=data(),
+            expected_sha256=hdr.sha256,
         )
 
     def GetSubmission(  # noqa: N802
@@ -331,10 +363,27 @@ class BulkServicer(intake_pb2_grpc.BulkUploadServicer):
     def Upload(  # noqa: N802
         self, request_iterator: Iterator[intake_pb2.BulkChunk], context: grpc.ServicerContext
     ) -> intake_pb2.BulkStatus:
-        self.h.client_id(context)
+        owner = self.h.stream_owner(context, self.h.client_id(context))
+        try:
+            with (
+                self.h.slots.hold(owner),
+                self.h.guard(
+                    request_iterator,
+                    "Upload",
+                    "the bytes already written stay resumable: call Begin and continue from the offset "
+                    "it returns",
+                ) as stream,
+            ):
+                return self._upload(stream)
+        except FedMergeError as exc:
+            self.h.fail(context, exc)
+            raise AssertionError("unreachable") from exc
+
+    def _upload(self, stream: Iterator[intake_pb2.BulkChunk]) -> intake_pb2.BulkStatus:
+        """Write one Upload stream's chunks; on any error the object stays resumable (flushed, released)."""
         sha: str | None = None
         try:
-            for chunk in request_iterator:
+            for chunk in stream:
                 if sha is None:
                     sha = check_sha(chunk.sha256)
                     self.h.bulk.acquire(sha)
@@ -344,17 +393,10 @@ class BulkServicer(intake_pb2_grpc.BulkUploadServicer):
             if sha is None:
                 raise BulkError("empty Upload stream; send at least one chunk")
             status = self.h.bulk.finish(sha)  # still holding the object: no other stream interleaves
-            self.h.bulk.release(sha)
             return self._status(status)
-        except FedMergeError as exc:
-            if sha is not None:
+        finally:
+            if sha is not None:  # error or broken connection: keep what was written, resumable
                 self.h.bulk.release(sha)
-            self.h.fail(context, exc)
-            raise AssertionError("unreachable") from exc
-        except BaseException:
-            if sha is not None:  # broken connection: keep what was written, resumable
-                self.h.bulk.release(sha)
-            raise
 
     def UploadUnary(  # noqa: N802
         self, request: intake_pb2.UnaryUploadRequest, context: grpc.ServicerContext

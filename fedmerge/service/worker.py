@@ -118,14 +118,33 @@ def peft_tar_to_task_vector(path: Path, base: Mapping[str, torch.Tensor]) -> dic
     return _complete(base, lora_to_delta(adapter), "peft adapter")
 
 
+def check_package_base(meta_id: str, meta_hash: str, base_id: str, base_hash: str) -> None:
+    """Refuse a package encoded against another base: its ``base_version_id`` must equal ``base_id``
+    and its ``base_version_hash`` equal ``base_hash``, each when set (an empty field is not checked, so
+    a package that names no base is taken as relative to the server's base)."""
+    if (meta_id and meta_id != base_id) or (meta_hash and meta_hash != base_hash):
+        raise InvalidSubmission(
+            f"stale delta package: computed against base {meta_id or '(no id)'!r} (hash "
+            f"{meta_hash[:16] + '…' if meta_hash else '(none)'}) but this server merges onto base "
+            f"{base_id!r} (hash {base_hash[:16]}…); recompute the delta against that version"
+        )
+
+
 def package_to_task_vector(
-    path: Path, base: Mapping[str, torch.Tensor], max_bytes: int
+    path: Path,
+    base: Mapping[str, torch.Tensor],
+    max_bytes: int,
+    *,
+    base_id: str,
+    base_hash: str,
 ) -> dict[str, torch.Tensor]:
-    """Decode a verified DeltaPackage; LoRA factors become ΔW = (α/r)·B·A."""
+    """Decode a verified DeltaPackage made against base ``base_id``/``base_hash`` (see
+    :func:`check_package_base`); LoRA factors become ΔW = (α/r)·B·A."""
     data = path.read_bytes()
     decoded = decode_package(
         data, limits=DecodeLimits(max_package_bytes=min(max(max_bytes, 1), (1 << 31) - 1))
     )
+    check_package_base(decoded.meta.base_version_id, decoded.meta.base_version_hash, base_id, base_hash)
     dense = {
         n: (t.to_dense(torch.float32) if isinstance(t, SparseTensor) else t.to(torch.float32))
         for n, t in decoded.tensors.items()
@@ -149,13 +168,14 @@ def package_to_task_vector(
 
 
 def expert_task_vector(
-    sub: Submission, path: Path, base: Mapping[str, torch.Tensor], max_bytes: int
+    sub: Submission, path: Path, base: Version, weights: Mapping[str, torch.Tensor], max_bytes: int
 ) -> dict[str, torch.Tensor]:
+    """τ of one spooled expert relative to ``base`` (whose floating tensors are ``weights``)."""
     if sub.format == "checkpoint":
-        return checkpoint_to_task_vector(path, base)
+        return checkpoint_to_task_vector(path, weights)
     if sub.format == "peft_tar":
-        return peft_tar_to_task_vector(path, base)
-    return package_to_task_vector(path, base, max_bytes)
+        return peft_tar_to_task_vector(path, weights)
+    return package_to_task_vector(path, weights, max_bytes, base_id=base.id, base_hash=base.content_hash)
 
 
 # ----------------------------------------------------------------------------------- the worker
@@ -244,7 +264,9 @@ class MergeWorker:
                         f"expert was fine-tuned from {sub.base_version!r}; this server merges experts of "
                         f"base {self.base.id} — fine-tune from that version"
                     )
-                tau = expert_task_vector(sub, self.queue.spool_path(sub), self.base_weights, self.max_bytes)
+                tau = expert_task_vector(
+                    sub, self.queue.spool_path(sub), self.base, self.base_weights, self.max_bytes
+                )
                 self.merger.add_expert(tau)
                 accepted.append(sub)
             except FedMergeError as exc:

@@ -11,7 +11,6 @@ is missing, so they start failing (and must be un-marked) the day the defence la
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import time
@@ -25,6 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedmerge.hostile import (
+    INTAKE_SERVER_ARGS,
     TOKENS,
     Attack,
     IntakeProcess,
@@ -37,14 +37,12 @@ from fedmerge.hostile import (
     settle,
     store_snapshot,
 )
-from fedmerge.service.config import ServiceConfig
 from fedmerge.store import ModelStore
 from fedmerge.v1 import intake_pb2, intake_pb2_grpc
 
 INTAKE = cases_for("intake")
-# The idle timeout the slow-loris cases need; passed to the server once it has the option.
-HAS_IDLE_TIMEOUT = "stream_idle_timeout_s" in {f.name for f in dataclasses.fields(ServiceConfig)}
-SERVER_ARGS = ["--stream-idle-timeout-s", "1"] if HAS_IDLE_TIMEOUT else []
+# --stream-idle-timeout-s 1: the slow-loris cases watch the stalls for 2 s
+SERVER_ARGS = list(INTAKE_SERVER_ARGS)
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +105,18 @@ def test_a_stalled_stream_does_not_block_other_clients(
     out = corpus[0]["slow-loris"]
     assert out.serving and "still serving" in out.error
     assert out.versions_unchanged and not out.crash
+    assert "1 stalled stream(s) dropped by the server: DEADLINE_EXCEEDED" in out.error, out.error
+    assert "stream_idle_timeout_s" in out.error  # the message names the setting
+
+
+def test_one_client_cannot_take_the_whole_handler_pool(
+    corpus: tuple[dict[str, Outcome], dict[str, Any]],
+) -> None:
+    """As many stalled streams as handler threads from one client: those past its stream cap are
+    refused at once, the rest dropped by the idle timeout, and another client is served meanwhile."""
+    out = corpus[0]["slow-loris-pool"]
+    assert out.serving and out.versions_unchanged and not out.crash, out.error
+    assert "8 stalled stream(s) dropped by the server" in out.error, out.error
 
 
 # ------------------------------------------------------------------------------------------ fuzz

@@ -4,17 +4,30 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 import torch
-from service_helpers import TOKEN, base_weights, finetuned, make_store, server_config, target, write_expert
+from service_helpers import (
+    TOKEN,
+    TOKENS,
+    base_weights,
+    finetuned,
+    make_store,
+    server_config,
+    target,
+    write_expert,
+)
+from typer.testing import CliRunner
 
 from fedmerge.codec import CodecConfig, PackageMeta, encode_package
 from fedmerge.delta.lora import LoraAdapter, LoraModule, lora_to_delta, save_peft_adapter
 from fedmerge.service.bulk import BulkError, BulkStore
+from fedmerge.service.cli import app as cli_app
 from fedmerge.service.client import (
     ClientOptions,
     ServiceCallError,
@@ -27,8 +40,11 @@ from fedmerge.service.client import (
 )
 from fedmerge.service.config import Limits, ServiceConfigError, TlsConfig
 from fedmerge.service.server import IntakeServer
+from fedmerge.service.streams import THREAD_PREFIX
 from fedmerge.store import ModelStore
 from fedmerge.v1 import intake_pb2, intake_pb2_grpc
+
+OTHER_TOKEN = next(t for t, c in TOKENS.items() if c == "client-01")
 
 
 def test_calls_without_a_valid_token_are_unauthenticated(server: IntakeServer) -> None:
@@ -213,3 +229,238 @@ def test_bulk_store_refuses_bad_offsets_and_hashes(tmp_path: Path) -> None:
     with pytest.raises(BulkError, match="hashes to"):
         bulk.finish(wrong)
     assert not bulk.has(wrong) and not any(bulk.partial.iterdir())
+
+
+# ------------------------------------------------------------------------------------ stale packages
+
+
+def _package(seed: int, base_id: str, base_hash: str) -> bytes:
+    base = base_weights()
+    tv = {k: finetuned(base, seed)[k] - v for k, v in base.items() if v.is_floating_point()}
+    meta = PackageMeta(client_id="c", round=0, base_version_id=base_id, base_version_hash=base_hash)
+    return encode_package(tv, CodecConfig(), meta=meta).data
+
+
+def test_a_delta_package_made_against_another_base_is_rejected_naming_both_bases(
+    server: IntakeServer,
+) -> None:
+    opts = ClientOptions(target(server), token=TOKEN)
+    with ModelStore.open(server.config.store) as store:
+        root = store.get("v000001")
+    stale = {
+        "other id": _package(21, "v000007", root.content_hash),
+        "other hash": _package(22, root.id, "0" * 64),
+        "both other": _package(23, "v000002", "ab" * 32),
+    }
+    reasons: dict[str, str] = {}
+    for what, data in stale.items():
+        sub = wait_merged(opts, submit_expert(opts, data, fmt="delta_package").submission_id, timeout=60)
+        assert sub.state == intake_pb2.SUBMISSION_STATE_REJECTED, what
+        assert "stale delta package" in sub.reason, sub.reason
+        assert repr(root.id) in sub.reason and root.content_hash[:16] in sub.reason, sub.reason
+        reasons[what] = sub.reason
+    assert "'v000007'" in reasons["other id"] and "0000000000000000…" in reasons["other hash"]
+    assert "'v000002'" in reasons["both other"] and "abababababababab…" in reasons["both other"]
+    for seed, base_id, base_hash in ((24, root.id, root.content_hash), (25, "", "")):
+        sub = wait_merged(
+            opts, submit_expert(opts, _package(seed, base_id, base_hash)).submission_id, timeout=60
+        )
+        assert sub.state == intake_pb2.SUBMISSION_STATE_MERGED, sub.reason  # matching or unset: merged
+    with ModelStore.open(server.config.store) as store:
+        assert sorted(v.id for v in store.list() if v.method == "opcm") == ["v000002", "v000003"]
+
+
+# ------------------------------------------------------------------------------------ stalled streams
+
+
+class _Stalled:
+    """A client stream that sends ``msgs`` and then waits until :meth:`release` or the server ends it."""
+
+    def __init__(self, method: grpc.StreamUnaryMultiCallable, msgs: list[object], token: str) -> None:
+        self._go = threading.Event()
+
+        def stream() -> Iterator[object]:
+            yield from msgs
+            self._go.wait()
+
+        self.sent_at = time.monotonic()
+        self.future = method.future(stream(), metadata=(("authorization", f"Bearer {token}"),))
+        self.ended_at = 0.0
+        self.future.add_done_callback(lambda _: setattr(self, "ended_at", time.monotonic()))
+
+    def code(self, timeout: float) -> tuple[grpc.StatusCode, str]:
+        exc = self.future.exception(timeout=timeout)
+        assert isinstance(exc, grpc.RpcError), exc
+        return exc.code(), exc.details()
+
+    def release(self) -> None:
+        self.future.cancel()
+        self._go.set()
+
+
+def _readers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith(THREAD_PREFIX)]
+
+
+def _others() -> set[int]:
+    """Live threads other than the gRPC handler pool's (which grows lazily up to max_workers)."""
+    return {t.ident or 0 for t in threading.enumerate() if not t.name.startswith("fedmerge-rpc")}
+
+
+def _eventually(check: Callable[[], bool], timeout: float = 10.0) -> bool:
+    end = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+IDLE_S = 2.0
+SLACK_S = 4.0  # shared 2-core machines: the abort may come late, never early
+
+
+def test_a_stalled_submit_stream_is_aborted_and_other_clients_are_served_meanwhile(
+    store_dir: Path, tmp_path: Path
+) -> None:
+    limits = Limits(max_submission_bytes=1 << 20, max_concurrent_streams=2)
+    srv = IntakeServer(server_config(store_dir, max_workers=4, limits=limits, stream_idle_timeout_s=IDLE_S))
+    srv.start()
+    payload = write_expert(tmp_path, base_weights(), 31).read_bytes()
+    header = intake_pb2.SubmitHeader(format=intake_pb2.EXPERT_FORMAT_CHECKPOINT, total_size=len(payload))
+    msgs: list[object] = [
+        intake_pb2.SubmitChunk(header=header),
+        intake_pb2.SubmitChunk(data=payload[: len(payload) // 2]),
+    ]
+    try:
+        with connect(ClientOptions(target(srv), token=TOKEN)) as ch:
+            stub = intake_pb2_grpc.ExpertIntakeStub(ch)
+            list_versions(ClientOptions(target(srv), token=TOKEN))  # warm the channel and a handler
+            before = _others()
+            stalls = [_Stalled(stub.SubmitExpert, msgs, TOKEN) for _ in range(2)]  # the client's cap
+            other = ClientOptions(target(srv), token=OTHER_TOKEN)
+            reply = submit_expert(other, write_expert(tmp_path, base_weights(), 32), retries=0)
+            assert not any(s.future.done() for s in stalls)  # acknowledged while both streams stall
+            assert len(_readers()) >= 2  # one reader thread per open stream
+            assert (
+                wait_merged(other, reply.submission_id, timeout=60).state
+                == intake_pb2.SUBMISSION_STATE_MERGED
+            )
+            for s in stalls:
+                code, details = s.code(timeout=IDLE_S + SLACK_S + 30)
+                assert code == grpc.StatusCode.DEADLINE_EXCEEDED, details
+                assert "--stream-idle-timeout-s" in details and "nothing it sent was kept" in details
+                assert IDLE_S - 0.05 <= s.ended_at - s.sent_at <= IDLE_S + SLACK_S
+            # nothing of the stalled expert was kept: no spool file, no queue row, no acknowledgement
+            assert not list((srv.config.intake_dir / "spool" / "tmp").iterdir())
+            assert [sub.id for sub in srv.queue.all()] == [reply.submission_id]
+            assert _eventually(lambda: srv.handlers.slots.open_streams("client-00") == 0)
+            again = submit_expert(ClientOptions(target(srv), token=TOKEN), payload, fmt="checkpoint")
+            assert not again.duplicate  # the slots are free again and the bytes were never stored
+            # the server's reader threads end with their calls, while the clients still hold the streams
+            assert _eventually(lambda: not _readers()), _readers()
+            for s in stalls:
+                s.release()
+            assert _eventually(lambda: _others() <= before), _others() - before  # no thread left behind
+    finally:
+        srv.stop(0.2)
+
+
+def test_a_stalled_bulk_upload_is_aborted_and_stays_resumable(store_dir: Path) -> None:
+    srv = IntakeServer(server_config(store_dir, max_workers=8, stream_idle_timeout_s=IDLE_S))
+    srv.start()
+    data = torch.randint(0, 256, (50_000,), generator=torch.Generator().manual_seed(4), dtype=torch.uint8)
+    payload = bytes(data.numpy())
+    sha = hashlib.sha256(payload).hexdigest()
+    opts = ClientOptions(target(srv), token=TOKEN)
+    try:
+        with connect(opts) as ch:
+            stub = intake_pb2_grpc.BulkUploadStub(ch)
+            stub.Begin(
+                intake_pb2.BulkBeginRequest(sha256=sha, total_size=len(payload)), metadata=opts.metadata()
+            )
+            stall = _Stalled(
+                stub.Upload, [intake_pb2.BulkChunk(sha256=sha, offset=0, data=payload[:20_000])], TOKEN
+            )
+            code, details = stall.code(timeout=IDLE_S + SLACK_S + 30)
+            assert code == grpc.StatusCode.DEADLINE_EXCEEDED and "Upload stream" in details, details
+            assert (
+                "resumable" in details and IDLE_S - 0.05 <= stall.ended_at - stall.sent_at <= IDLE_S + SLACK_S
+            )
+            status = stub.Begin(
+                intake_pb2.BulkBeginRequest(sha256=sha, total_size=len(payload)), metadata=opts.metadata()
+            )
+            assert (status.offset, status.complete) == (20_000, False) and not srv.bulk.has(sha)
+            stall.release()
+        assert upload_bulk(payload, opts, chunk_size=10_000) == sha
+        with srv.bulk.open(sha) as fh:
+            assert fh.read() == payload
+        assert _eventually(lambda: not _readers()), _readers()
+    finally:
+        srv.stop(0.2)
+
+
+def test_a_client_gets_at_most_max_concurrent_streams(store_dir: Path, tmp_path: Path) -> None:
+    limits = Limits(max_submission_bytes=1 << 20, max_concurrent_streams=2)
+    srv = IntakeServer(server_config(store_dir, max_workers=4, limits=limits))  # idle timeout: default 30 s
+    srv.start()
+    header = intake_pb2.SubmitHeader(format=intake_pb2.EXPERT_FORMAT_CHECKPOINT, total_size=1000)
+    msgs: list[object] = [intake_pb2.SubmitChunk(header=header), intake_pb2.SubmitChunk(data=b"x" * 10)]
+    stalls: list[_Stalled] = []
+    try:
+        with connect(ClientOptions(target(srv), token=TOKEN)) as ch:
+            stub = intake_pb2_grpc.ExpertIntakeStub(ch)
+            stalls = [_Stalled(stub.SubmitExpert, msgs, TOKEN) for _ in range(2)]
+            assert _eventually(lambda: srv.handlers.slots.open_streams("client-00") == 2)
+            t0 = time.monotonic()
+            busy = r"RESOURCE_EXHAUSTED: client 'client-00' already has 2 streams open \(limit 2.*--max-conc"
+            with pytest.raises(ServiceCallError, match=busy) as err:
+                submit_expert(
+                    ClientOptions(target(srv), token=TOKEN), b"y" * 100, fmt="checkpoint", retries=0
+                )
+            assert err.value.retryable and time.monotonic() - t0 < 5.0  # refused at once, not queued
+            upload = _Stalled(
+                intake_pb2_grpc.BulkUploadStub(ch).Upload, [], TOKEN
+            )  # Upload streams share the cap
+            assert upload.code(timeout=10)[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+            other = ClientOptions(target(srv), token=OTHER_TOKEN)  # other clients are not affected
+            reply = submit_expert(other, write_expert(tmp_path, base_weights(), 33), retries=0)
+            assert (
+                wait_merged(other, reply.submission_id, timeout=60).state
+                == intake_pb2.SUBMISSION_STATE_MERGED
+            )
+            assert not any(s.future.done() for s in stalls)
+            for s in stalls:
+                s.release()
+            assert _eventually(lambda: srv.handlers.slots.open_streams("client-00") == 0)
+            mine = submit_expert(
+                ClientOptions(target(srv), token=TOKEN), write_expert(tmp_path, base_weights(), 34)
+            )
+            assert not mine.duplicate  # a slot is free again once the stalled streams ended
+    finally:
+        for s in stalls:
+            s.release()
+        srv.stop(0.2)
+
+
+def test_stream_settings_are_validated_and_offered_on_the_command_line(
+    store_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for bad in (0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ServiceConfigError, match="stream_idle_timeout_s must be"):
+            server_config(store_dir, stream_idle_timeout_s=bad)
+    with pytest.raises(ServiceConfigError, match="max_concurrent_streams must be a positive"):
+        Limits(max_concurrent_streams=0)
+    with pytest.raises(
+        ServiceConfigError, match=r"max_concurrent_streams \(4\) must be below max_workers \(4\)"
+    ):
+        server_config(store_dir, max_workers=4)
+    # serve-continual tunes malloc for the whole process; keep this test process as it is
+    monkeypatch.setattr("fedmerge.memory.use_mmap_for_large_allocations", lambda *a, **k: False)
+    runner = CliRunner()
+    result = runner.invoke(cli_app, ["serve-continual", "--store", str(store_dir), "--allow-insecure",
+                                     "--stream-idle-timeout-s", "0"])  # fmt: skip
+    assert result.exit_code == 2 and "stream_idle_timeout_s must be" in result.output, result.output
+    result = runner.invoke(cli_app, ["serve-continual", "--store", str(store_dir), "--allow-insecure",
+                                     "--max-workers", "3", "--max-concurrent-streams", "3"])  # fmt: skip
+    assert result.exit_code == 2 and "must be below max_workers (3)" in result.output, result.output
