@@ -539,7 +539,10 @@ def fedmerge_round(clients: int, store: Path) -> dict[str, Any]:
 
     from flwr.simulation import run_simulation
 
-    from bench.rounds import ALPHA, EPOCHS, LR, SEED, peak_rss_bytes
+    from bench.rounds import ALPHA, SEED, WORKLOADS, peak_rss_bytes
+    from fedmerge.flower.simulation import backend_config
+
+    LR, EPOCHS = WORKLOADS["digits"]
     from clients.app import app as client_app
     from fedmerge.flower.rounds import RoundReport
     from fedmerge.store import ModelStore
@@ -559,7 +562,7 @@ def fedmerge_round(clients: int, store: Path) -> dict[str, Any]:
             make_server_app(config, on_round=reports.append),
             client_app,
             num_supernodes=clients,
-            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+            backend_config=backend_config(),
         )
     simulation_s = time.perf_counter() - t0
     if not reports:

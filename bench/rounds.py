@@ -37,6 +37,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from fedmerge.flower.simulation import backend_config
+
 ALPHA, SEED = 0.5, 0
 # task → (lr, local epochs): the same local training on both sides. ``digits`` is a tiny MLP whose
 # client update takes ~2 ms, so its round time is Flower's and fedmerge's fixed per-round costs;
@@ -68,7 +70,7 @@ def run_fedmerge(clients: int, rounds: int, task: str = "digits") -> dict[str, A
             make_server_app(config, on_round=reports.append),
             client_app,
             num_supernodes=clients,
-            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+            backend_config=backend_config(),
         )
     return {
         "round_s": [r.wall_s for r in reports],
@@ -150,7 +152,7 @@ def run_flower(clients: int, rounds: int, task: str = "digits") -> dict[str, Any
         server,
         client,
         num_supernodes=clients,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+        backend_config=backend_config(),  # the same Ray settings on both sides
     )
     out["peak_rss"] = peak_rss_bytes()
     return out

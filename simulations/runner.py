@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedmerge.errors import FedMergeError
+from fedmerge.flower.simulation import backend_config
 from simulations.experiment import AggregatorSpec, CodecSpec, ExperimentConfig, Trial, parse_config
 from simulations.report import Result, write_report
 
@@ -77,10 +78,7 @@ def execute_trial(trial: Trial, store: Path) -> Result:
 
     reports: list[RoundReport] = []
     exp = trial.experiment
-    resources = {
-        "num_cpus": exp.cpus_per_client,
-        "num_gpus": exp.gpu_fraction if exp.device == "cuda" else 0.0,
-    }
+    num_gpus = exp.gpu_fraction if exp.device == "cuda" else 0.0
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -88,7 +86,7 @@ def execute_trial(trial: Trial, store: Path) -> Result:
             make_server_app(run_config(trial, store), on_round=reports.append),
             client_app,
             num_supernodes=exp.clients,
-            backend_config={"client_resources": resources},  # type: ignore[dict-item]
+            backend_config=backend_config(exp.cpus_per_client, num_gpus),
         )
     rounds = [
         {

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from fedmerge.flower.config import parse_run_config
 from fedmerge.flower.rounds import RoundReport, ensure_base
+from fedmerge.flower.simulation import backend_config
 from fedmerge.store import ModelStore
 from simulations.tasks import get_task
 
@@ -115,7 +116,7 @@ def run_demo(
             make_server_app(config, on_round=on_round),
             client_app,
             num_supernodes=num_clients,
-            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+            backend_config=backend_config(),
         )
     with ModelStore.open(cfg.store) as st:
         console.print(versions_table(st))

@@ -346,7 +346,7 @@ def build_messages(
     """One ``train`` message per node: nothing more to ``holders`` of the base, the compressed
     ``update`` to nodes holding its parent, full weights to the others. Returns (msgs, bytes)."""
     config = train_config(cfg, round_, base)
-    weights = ArrayRecord(base_weights)
+    weights: ArrayRecord | None = None  # built once, and only if some node needs full weights
     weight_bytes = sum(t.numel() * t.element_size() for t in base_weights.values())
     messages, downlink = [], 0
     for node in nodes:
@@ -360,6 +360,7 @@ def build_messages(
             )
             downlink += len(update.package)
         else:
+            weights = ArrayRecord(base_weights) if weights is None else weights
             content[BASE_RECORD] = weights
             downlink += weight_bytes
         messages.append(
@@ -413,6 +414,14 @@ class Federation:
     holders: dict[str, set[int]] = field(default_factory=dict)
     updates: dict[str, DownlinkUpdate] = field(default_factory=dict)  # version id → how to reach it
     server_residual: StateDict | None = None  # what the compressed downlink has not sent yet
+    latest_weights: tuple[str, StateDict] | None = None  # (version id, θ) of the last commit
+
+    def weights_of(self, base: Version) -> StateDict:
+        """θ of ``base``: kept from this server's last commit, else materialised from the store (which
+        reads the whole chain of deltas, a cost that grows with the number of rounds)."""
+        if self.latest_weights is not None and self.latest_weights[0] == base.id:
+            return self.latest_weights[1]
+        return self.store.materialize(base)
 
     def run(self) -> list[RoundReport]:
         """``num-rounds`` rounds from the store's latest version; raises RoundAborted when one fails."""
@@ -437,7 +446,7 @@ class Federation:
     def run_round(self, round_: int, attempt: int = 0) -> RoundReport:
         t0 = time.perf_counter()
         base = self.store.get("latest")
-        weights = self.store.materialize(base)
+        weights = self.weights_of(base)
         report = RoundReport(round_, attempt, base.id, [])
         nodes = wait_for_nodes(self.grid, self.cfg.min_clients, self.cfg.wait_for_nodes_s)
         if len(nodes) < self.cfg.min_valid:
@@ -505,9 +514,13 @@ class Federation:
                 **anomaly_metadata(state.scores, state.reference, self.cfg),
             },
         )
+        new_weights = apply_weights(weights, merged)
         if package is not None:
-            digest = weights_digest(apply_weights(weights, merged))
-            self.updates[version.id] = DownlinkUpdate(base.id, package, digest)
+            self.updates[version.id] = DownlinkUpdate(base.id, package, weights_digest(new_weights))
+        # θ_base + τ in fp32 is what the store materialises for fp32 weights, bit for bit; other
+        # dtypes are summed over the whole chain before one cast there, so they are re-read instead
+        fp32 = all(t.dtype == torch.float32 for t in weights.values() if t.is_floating_point())
+        self.latest_weights = (version.id, new_weights) if fp32 else None
         return version.id
 
 
