@@ -4,7 +4,7 @@
 
 Both sides run on Flower's simulation engine in the same run, in separate processes, with the same
 task (digits), partitions, local training and number of virtual clients (quick: 20 clients,
-3 rounds; full: 100 clients, 3 rounds): fedmerge's ServerApp/ClientApp (top-10 % int8 task
+5 rounds; full: 100 clients, 5 rounds): fedmerge's ServerApp/ClientApp (top-10 % int8 task
 vectors, streaming FedAvg, a committed version per round) versus ``flwr.serverapp.strategy.FedAvg``
 with a quickstart-style dense ClientApp (see ``bench/rounds.py``, which runs both). Updates per
 minute = clients per round × 60 / steady-state round time (rounds 2…R). Last line: one JSON object.
@@ -24,9 +24,9 @@ from bench.rounds import child, steady
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench simulate", description=__doc__)
-    ap.add_argument("--quick", action="store_true", help="20 clients × 3 rounds")
+    ap.add_argument("--quick", action="store_true", help="20 clients × 5 rounds")
     args = ap.parse_args(argv)
-    clients, rounds = (20, 3) if args.quick else (100, 3)
+    clients, rounds = (20, 5) if args.quick else (100, 5)
     console = Console()
     ours = child("fedmerge", clients, rounds)
     ref = child("flower", clients, rounds)
