@@ -102,7 +102,8 @@ def render(rows: Sequence[Outcome], totals: dict[str, Any], command: str, notes:
         ),
         "- **intake**: a real `serve-continual` process on localhost (bearer tokens, "
         f"`--max-submission-bytes {INTAKE_LIMIT}`, `--max-message-bytes {INTAKE_MESSAGE_LIMIT}`, "
-        f"`--max-workers {INTAKE_WORKERS}`, merger `opcm`), one case after the other between two valid "
+        f"`--max-workers {INTAKE_WORKERS}`, `--stream-idle-timeout-s 1`, merger `opcm`), one case after "
+        "the other between two valid "
         "experts. The error is the gRPC status and message the client got, or — for content the server "
         "acknowledged (it spools before it decodes) — the reason the merge worker recorded when it "
         "rejected the submission (`GetSubmission`). *serving* = a valid `ListVersions` answered right "
@@ -125,10 +126,8 @@ def render(rows: Sequence[Outcome], totals: dict[str, Any], command: str, notes:
         lines.append(f"- `{name}` ({entry}; {seen}): {gap}.")
     lines += [
         "",
-        "Each gap is an `xfail(strict=True)` test in `tests/hostile/` that starts passing, and must be "
-        "un-marked, when the defence lands (`impersonation`: "
-        "`test_an_impostor_replying_first_does_not_get_the_honest_client_rejected` replays the order "
-        "that shows it).",
+        "A gap is an `xfail(strict=True)` test in `tests/hostile/` that starts passing, and must be "
+        "un-marked, when the defence lands.",
         "",
         "## Results",
         "",
@@ -168,9 +167,15 @@ def render(rows: Sequence[Outcome], totals: dict[str, Any], command: str, notes:
         "with a wrong format or base version cannot resubmit the same bytes corrected, and anyone who "
         "obtains an expert's bytes before its owner submits them can submit them first under a wrong "
         "format, so that the owner's submission is answered with the earlier, rejected one.",
-        "- The intake's quotas count a client's queued submissions and bytes; a single client can still "
-        "hold every handler thread with stalled streams (`slow-loris-pool`), since nothing limits "
-        "concurrent streams per client.",
+        "- A client may have at most `limits.max_concurrent_streams` (4) SubmitExpert/Upload streams "
+        "open; more are refused with `RESOURCE_EXHAUSTED`, and streams silent for "
+        "`stream_idle_timeout_s` are dropped with `DEADLINE_EXCEEDED`. Many *distinct* clients "
+        "stalling at once can still fill the handler pool for up to the idle timeout.",
+        "- Flower path, wrong or missing authentication: a SuperNode whose key is not registered is "
+        "refused by the SuperLink (`tests/flower/test_serve.py`). Inside a round, identity is the "
+        "Flower node: a package that claims a peer's client id is judged on its own merits and "
+        "recorded as `ID@node-N`, so it cannot get the peer rejected (`tests/hostile/test_flower_path.py"
+        "::test_an_impostor_replying_first_does_not_get_the_honest_client_rejected`).",
     ]
     return "\n".join(lines) + "\n"
 

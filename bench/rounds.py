@@ -179,7 +179,7 @@ def steady(values: list[float] | list[int]) -> float:
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench rounds", description=__doc__)
-    ap.add_argument("--quick", action="store_true", help="10 clients × 3 rounds (about a minute)")
+    ap.add_argument("--quick", action="store_true", help="10 clients × 5 rounds (about a minute)")
     ap.add_argument("--task", choices=sorted(WORKLOADS), default="digits", help="workload (default digits)")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -191,7 +191,7 @@ def main(argv: list[str]) -> int:
         print(json.dumps(result))
         return 0
     console = Console()
-    clients, rounds = (10, 3) if args.quick else (20, 5)
+    clients, rounds = (10, 5) if args.quick else (20, 5)
     ours = child("fedmerge", clients, rounds, args.task)
     console.log(f"fedmerge: {ours['accuracy']}")
     ref = child("flower", clients, rounds, args.task)

@@ -734,19 +734,6 @@ CASES: tuple[HostileCase, ...] = (
         lambda v: Attack(v.data, auth="wrong"),
         {"intake": _UNAUTH + r": unknown bearer token"},
     ),
-    HostileCase(
-        "impersonation",
-        "wrong auth",
-        "a package claiming the client id of an honest peer",
-        lambda v: Attack(v.encode(meta=replace(v.meta, client_id=v.peer_client_id))),
-        {"flower": r"StaleOrInvalid: duplicate: client"},
-        gaps={
-            "flower": "the client id inside a package is self-declared: whichever of the impostor and "
-            "the honest client replies first is accepted (rounds.py keys duplicates on it, not on "
-            "the node id); to close: key duplicates on the Flower node id (authenticated by SuperNode "
-            "auth in a deployment) and keep the package's client id as a label"
-        },
-    ),
     # -- framing
     HostileCase(
         "data-first",

@@ -228,6 +228,7 @@ class RoundState:
         self.names = floating_names(base_weights)
         self.shapes = shapes_of({n: base_weights[n] for n in self.names})
         self.dense_bytes = dense_bytes_of(self.shapes)
+        self.seen_nodes: set[int] = set()
         self.seen_clients: set[str] = set()
         self.seen_hashes: set[str] = set()
         self.aggregator: Aggregator = create(
@@ -254,12 +255,14 @@ class RoundState:
                 client_id, n, digest, wire, delta = self._decode(content)
             else:
                 client_id, n, digest, wire, delta = self._dense(content, metrics, default_id)
-            self._check_unique(client_id, digest)
+            self._check_unique(node_id, digest)
+            client_id = self._label(client_id, node_id)
             delta, weight = screen_delta(delta, float(n), client_id, self.cfg, self.reference, self.scores)
             self.aggregator.add(delta, weight, client_id=client_id)
         except InvalidSubmission as exc:
             cid = locals().get("client_id", default_id)
             return ReplyOutcome(node_id, str(cid), False, f"{type(exc).__name__}: {exc}", metrics=metrics)
+        self.seen_nodes.add(node_id)
         self.seen_clients.add(client_id)
         self.seen_hashes.add(digest)
         return ReplyOutcome(node_id, client_id, True, None, n, digest, wire, self.dense_bytes, metrics)
@@ -313,11 +316,21 @@ class RoundState:
                 f"{self.cfg.max_num_examples}]; report the number of local training examples"
             )
 
-    def _check_unique(self, client_id: str, digest: str) -> None:
-        if client_id in self.seen_clients:
-            raise StaleOrInvalid(f"duplicate: client {client_id!r} already replied in round {self.round}")
+    def _check_unique(self, node_id: int, digest: str) -> None:
+        """One accepted reply per node and per submission. Identity is the Flower node (authenticated
+        by SuperNode auth in a deployment), not the client id a package declares about itself: keying
+        on that would let any node that claims a peer's id first get the peer rejected."""
+        if node_id in self.seen_nodes:
+            raise StaleOrInvalid(f"duplicate: node {node_id} already replied in round {self.round}")
         if digest in self.seen_hashes:
             raise StaleOrInvalid(f"duplicate: submission {digest[:12]} was already accepted this round")
+
+    def _label(self, client_id: str, node_id: int) -> str:
+        """The package's client id, qualified by the node when another node already used it."""
+        if client_id not in self.seen_clients:
+            return client_id
+        log.warning("round %d: node %d reuses client id %r", self.round, node_id, client_id)
+        return f"{client_id}@node-{node_id}"
 
 
 class StaleOrInvalid(InvalidSubmission):
