@@ -4,7 +4,7 @@
 
 Both sides run on Flower's simulation engine in the same run, in separate processes, with the same
 task (digits), partitions, local training and number of virtual clients (quick: 20 clients,
-5 rounds; full: 100 clients, 5 rounds): fedmerge's ServerApp/ClientApp (top-10 % int8 task
+5 rounds; full: 100 clients, 5 rounds): fedmerge's ServerApp/ClientApp (top-20 % int4 task
 vectors, streaming FedAvg, a committed version per round) versus ``flwr.serverapp.strategy.FedAvg``
 with a quickstart-style dense ClientApp (see ``bench/rounds.py``, which runs both). Updates per
 minute = clients per round × 60 / steady-state round time (rounds 2…R). Last line: one JSON object.
