@@ -10,12 +10,14 @@ with its reason, and the earlier version is byte-identical afterwards.
 from __future__ import annotations
 
 import re
+import struct
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
+from google.protobuf.descriptor import FieldDescriptor
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -105,6 +107,20 @@ _FIELDS = [
 _PKG_FIELDS = ["format_version", "round", "num_examples", "kind", "client_id", "base_version_id"]
 
 
+def _field_integers(message: Any, name: str) -> st.SearchStrategy[int]:
+    """Every value the protobuf field can hold (int32 and enum fields refuse ≥ 2³¹ at assignment)."""
+    kind = message.DESCRIPTOR.fields_by_name[name].type
+    signed32 = (FieldDescriptor.TYPE_INT32, FieldDescriptor.TYPE_SINT32, FieldDescriptor.TYPE_ENUM)
+    unsigned64 = (FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_FIXED64)
+    if kind in signed32:
+        return st.integers(-(1 << 31), (1 << 31) - 1)
+    if kind in unsigned64:
+        return st.integers(0, (1 << 64) - 1)
+    if kind in (FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_SINT64):
+        return st.integers(-(1 << 63), (1 << 63) - 1)
+    return st.integers(0, (1 << 32) - 1)
+
+
 def _mutated(data: bytes, draw: Any) -> bytes:
     """One of: random bytes, byte edits, truncation, or a re-signed header/payload mutation."""
     kind = draw(st.sampled_from(["random", "edit", "truncate", "tensor-field", "package-field", "payload"]))
@@ -121,18 +137,21 @@ def _mutated(data: bytes, draw: Any) -> bytes:
     td = pkg.tensors[draw(st.integers(0, len(pkg.tensors) - 1))]
     if kind == "tensor-field":
         name = draw(st.sampled_from(_FIELDS))
-        value: Any = draw(st.text(max_size=10)) if name == "dtype" else draw(st.integers(0, (1 << 32) - 1))
+        value: Any = draw(st.text(max_size=10)) if name == "dtype" else draw(_field_integers(td, name))
         setattr(td, name, value)
     elif kind == "package-field":
         name = draw(st.sampled_from(_PKG_FIELDS))
         text = name in ("client_id", "base_version_id")
-        setattr(pkg, name, draw(st.text(max_size=12)) if text else draw(st.integers(0, (1 << 32) - 1)))
+        setattr(pkg, name, draw(st.text(max_size=12)) if text else draw(_field_integers(pkg, name)))
     else:
         which = draw(st.sampled_from(["indices", "values", "block_scales"]))
         setattr(td, which, draw(st.binary(max_size=256)))
-    for t in pkg.tensors:
-        t.checksum = tensor_checksum(t)
-    pkg.checksum = package_checksum(pkg)
+    try:  # re-sign, so the mutation reaches the checks behind the checksum
+        for t in pkg.tensors:
+            t.checksum = tensor_checksum(t)
+        pkg.checksum = package_checksum(pkg)
+    except struct.error:  # a negative enum or int32 the checksum cannot encode: sent with the old one
+        pass
     return pkg.SerializeToString()
 
 
