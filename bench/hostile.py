@@ -157,8 +157,11 @@ def render(rows: Sequence[Outcome], totals: dict[str, Any], command: str, notes:
         "`FAILED_PRECONDITION` or `NOT_FOUND` with a message, every acknowledged submission ends "
         "merged or rejected with a reason, earlier versions "
         "byte-identical, a valid expert merged afterwards).",
-        "- atheris (coverage-guided) is not installed in this environment; the hypothesis fuzzers above "
-        "run in the default test suite within a few seconds each.",
+        "- Decoder, coverage-guided: `fuzz/decode_package.py` (atheris/libFuzzer from valid seed "
+        "packages; each mutant that still parses is re-signed so it reaches the checks behind the "
+        "checksums); `tests/codec/test_atheris.py` runs it for 60 s in the slow suite. The hypothesis "
+        "fuzzers above run in the default suite within a few seconds each, derandomized "
+        "(`HYPOTHESIS_PROFILE=explore` draws new examples).",
         "",
         "## Other observations",
         "",
