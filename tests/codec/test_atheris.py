@@ -15,8 +15,9 @@ ROOT = Path(__file__).parents[2]
 
 @pytest.mark.slow
 def test_atheris_finds_no_uncaught_exception_in_the_decoder(tmp_path: Path) -> None:
+    fuzzer = str(ROOT / "fuzz" / "decode_package.py")
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "fuzz" / "decode_package.py"), "-max_total_time=60", "-seed=1", str(tmp_path)],
+        [sys.executable, fuzzer, "-max_total_time=60", "-seed=1", str(tmp_path)],
         capture_output=True, text=True, timeout=540, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
