@@ -76,6 +76,16 @@ class ConcurrentCommit(FedMergeError, RuntimeError):
     """``latest`` moved while the round ran (another server committed): this round's merge is dropped."""
 
 
+def check_latest_unmoved(store: ModelStore, base: Version, round_: int) -> None:
+    """Raise :class:`ConcurrentCommit` unless ``latest`` is still ``base`` (checked just before a commit)."""
+    latest = store.resolve("latest")
+    if latest != base.id:
+        raise ConcurrentCommit(
+            f"round {round_}: latest moved from {base.id} to {latest} while the round ran; "
+            "restart the server to resume from the new latest"
+        )
+
+
 @dataclass(frozen=True)
 class ReplyOutcome:
     """What happened to one sampled node's reply in one round."""
@@ -506,11 +516,7 @@ class Federation:
         if self.evaluate is not None:
             new = {k: (v + merged[k].to(v.dtype)) if k in merged else v for k, v in weights.items()}
             report.metrics.update({f"server-{k}": float(v) for k, v in self.evaluate(new).items()})
-        if self.store.resolve("latest") != base.id:
-            raise ConcurrentCommit(
-                f"round {report.round}: latest moved from {base.id} to {self.store.resolve('latest')} "
-                "while the round ran; restart the server to resume from the new latest"
-            )
+        check_latest_unmoved(self.store, base, report.round)
         version = self.store.commit(
             merged,
             parents=[base.id],

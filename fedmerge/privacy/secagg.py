@@ -97,7 +97,7 @@ from fedmerge.aggregators.kernels import disjoint_mean
 from fedmerge.aggregators.sparsify import dare_drop, trim
 from fedmerge.delta.state_dict import StateDict, floating_names
 from fedmerge.errors import ConfigError, InvalidSubmission
-from fedmerge.flower.rounds import ConcurrentCommit, RoundAborted, ensure_base, start_round
+from fedmerge.flower.rounds import RoundAborted, check_latest_unmoved, ensure_base, start_round
 from fedmerge.store import Contributor, ModelStore, Version
 from simulations.local_round import local_round
 from simulations.tasks import get_task
@@ -594,11 +594,7 @@ class SecAggStrategy(FedAvg):
         }
         if self.evaluate_weights is not None:
             metrics.update({f"server-{k}": float(v) for k, v in self.evaluate_weights(new).items()})
-        if self.store.resolve("latest") != base.id:
-            raise ConcurrentCommit(
-                f"round {round_}: latest moved from {base.id} to {self.store.resolve('latest')} while the "
-                "round ran; restart to resume from the new latest"
-            )
+        check_latest_unmoved(self.store, base, round_)
         version = self.store.commit(
             merged,
             parents=[base.id],

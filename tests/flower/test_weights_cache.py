@@ -29,3 +29,19 @@ def test_sequential_fp32_application_equals_materialize(tmp_path: Path) -> None:
             assert held.keys() == stored.keys()
             for k in held:
                 assert held[k].dtype == stored[k].dtype and torch.equal(held[k], stored[k]), (r, k)
+
+
+def test_a_commit_is_refused_when_latest_moved_under_the_round(tmp_path: Path) -> None:
+    import pytest
+
+    from fedmerge.flower.rounds import ConcurrentCommit, check_latest_unmoved
+
+    with ModelStore.open(tmp_path / "s") as store:
+        base = store.commit_base({"w": torch.zeros(3)}, name="base")
+        check_latest_unmoved(store, base, 1)  # nothing moved: no error
+        other = store.commit(
+            {"w": torch.ones(3)}, parents=[base.id], method="fedavg", params={}, contributors=[], round=1,
+            metrics={}, privacy=None,
+        )  # fmt: skip
+        with pytest.raises(ConcurrentCommit, match=f"latest moved from {base.id} to {other.id}"):
+            check_latest_unmoved(store, base, 2)

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from fedmerge.hostile import tiny_base
 from fedmerge.service.config import ServiceConfig
 from fedmerge.service.server import IntakeServer
 from fedmerge.store import ModelStore
@@ -20,14 +21,7 @@ TOKEN = "token-for-client-00-xxxxxxxx"
 
 
 def base_weights(seed: int = 0, width: int = 16) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "l1.weight": torch.randn(width, 8, generator=g),
-        "l1.bias": torch.randn(width, generator=g),
-        "l2.weight": torch.randn(4, width, generator=g),
-        "l2.bias": torch.randn(4, generator=g),
-        "steps": torch.tensor([7], dtype=torch.int64),
-    }
+    return tiny_base(seed, width)
 
 
 def finetuned(base: dict[str, torch.Tensor], seed: int, scale: float = 0.1) -> dict[str, torch.Tensor]:
