@@ -50,17 +50,25 @@ class SizedKernel:
     threads) and serial (``prange`` acts as ``range``). ``kernel.on(n)`` picks by problem size."""
 
     def __init__(self, fn: Callable[..., Any], fastmath: bool) -> None:
-        self.parallel = njit(parallel=True, cache=True, fastmath=fastmath)(fn)
+        flags: Any = set(RESULT_PRESERVING_FASTMATH) if fastmath else False
+        self.parallel = njit(parallel=True, cache=True, fastmath=flags)(fn)
         twin = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__)
         twin.__qualname__ = fn.__qualname__ + "_serial"  # its own on-disk cache entry
-        self.serial = njit(cache=True, fastmath=fastmath)(twin)
+        self.serial = njit(cache=True, fastmath=flags)(twin)
 
     def on(self, n: int) -> Callable[..., Any]:
         return self.parallel if n >= PARALLEL_MIN_ELEMENTS else self.serial
 
 
+# The only fast-math flags the folds use: they let LLVM drop NaN/inf/signed-zero bookkeeping (inputs are
+# validated finite) but never reassociate, contract into FMAs or replace a division by a reciprocal,
+# so every kernel returns the bit-exact result of its plain torch twin on every LLVM release.
+RESULT_PRESERVING_FASTMATH = frozenset({"nnan", "ninf", "nsz"})
+
+
 def sized_kernel(fastmath: bool = False) -> Callable[[Callable[..., Any]], SizedKernel]:
-    """Decorator: compile a ``prange`` loop as a :class:`SizedKernel`."""
+    """Decorator: compile a ``prange`` loop as a :class:`SizedKernel` (``fastmath=True`` means
+    :data:`RESULT_PRESERVING_FASTMATH`, never LLVM's full ``fast`` set)."""
     return lambda fn: SizedKernel(fn, fastmath)
 
 
