@@ -15,8 +15,8 @@ from dataclasses import replace
 from rich.console import Console
 from rich.table import Table
 
-from simulations.attack_report import summarise, summary_json
-from simulations.attacks import AttackConfig, run_grid
+from fedmerge_simulations.attack_report import summarise, summary_json
+from fedmerge_simulations.attacks import AttackConfig, run_grid
 
 
 def main(argv: list[str]) -> int:

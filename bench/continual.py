@@ -32,7 +32,7 @@ import torch
 
 from fedmerge.aggregators.continual import ContinualMerger, create_continual
 from fedmerge.aggregators.continual.opcm import project_out
-from simulations.continual_digits import DigitsStream, StreamConfig, build_stream
+from fedmerge_simulations.continual_digits import DigitsStream, StreamConfig, build_stream
 
 METHODS = ["opcm", "continual_task_arithmetic", "continual_ties", "magmax", "running_average"]
 TIMING_AFTER = (2, 8, 32)

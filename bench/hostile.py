@@ -1,4 +1,4 @@
-"""``python -m bench hostile [--quick]``: the hostile-input corpus (``fedmerge.hostile``) against both entry
+"""``python -m bench hostile [--quick]``: the hostile-input corpus (``fedmerge_bench.hostile_corpus``) against both entry
 points, and ``docs/hostile-input.md``, its table (one row per case × entry point).
 
 - Flower: one simulation round (Flower's simulation engine, Ray) with one hostile ClientApp per case
@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fedmerge.hostile import (
+from fedmerge_bench.hostile_corpus import (
     CASES,
     CLASSES,
     INTAKE_LIMIT,

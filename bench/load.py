@@ -539,14 +539,14 @@ def fedmerge_round(clients: int, store: Path) -> dict[str, Any]:
 
     from flwr.simulation import run_simulation
 
-    from bench.rounds import ALPHA, SEED, WORKLOADS, peak_rss_bytes
+    from fedmerge_bench.rounds import ALPHA, SEED, WORKLOADS, peak_rss_bytes
     from fedmerge.flower.simulation import backend_config
 
     LR, EPOCHS = WORKLOADS["digits"]
-    from clients.app import app as client_app
+    from fedmerge_clients.app import app as client_app
     from fedmerge.flower.rounds import RoundReport
     from fedmerge.store import ModelStore
-    from server.app import make_server_app
+    from fedmerge_server.app import make_server_app
 
     reports: list[RoundReport] = []
     config = {
@@ -601,7 +601,7 @@ def _round_child(clients: int, work: Path) -> dict[str, Any]:
 
 def run_round(clients: int, work: Path, console: Console | None = None) -> dict[str, Any]:
     """The fedmerge round and the Flower FedAvg reference (``bench.rounds.child``), same run."""
-    from bench.rounds import child
+    from fedmerge_bench.rounds import child
 
     say = console.log if console is not None else (lambda *a, **k: None)
     os.environ.setdefault("FLWR_HOME", str(work / "flwr-home"))

@@ -60,9 +60,9 @@ def peak_rss_bytes() -> int:
 def run_fedmerge(clients: int, rounds: int, task: str = "digits") -> dict[str, Any]:
     from flwr.simulation import run_simulation
 
-    from clients.app import app as client_app
+    from fedmerge_clients.app import app as client_app
     from fedmerge.flower.rounds import RoundReport
-    from server.app import make_server_app
+    from fedmerge_server.app import make_server_app
 
     reports: list[RoundReport] = []
     with tempfile.TemporaryDirectory() as store:
@@ -95,10 +95,10 @@ def _flower_apps(
     from flwr.serverapp import Grid, ServerApp
     from flwr.serverapp.strategy import FedAvg
 
-    from clients.app import node_partition, partition_for
-    from server.app import task_evaluator
-    from simulations.local_round import client_generator
-    from simulations.tasks import get_task
+    from fedmerge_clients.app import node_partition, partition_for
+    from fedmerge_server.app import task_evaluator
+    from fedmerge_simulations.local_round import client_generator
+    from fedmerge_simulations.tasks import get_task
 
     lr, epochs = WORKLOADS[task_name]
     client = ClientApp()
@@ -169,7 +169,7 @@ def child(kind: str, clients: int, rounds: int, task: str = "digits") -> dict[st
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
     env.setdefault("FLWR_HOME", tempfile.mkdtemp(prefix="flwr-home-"))
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.rounds", "--child", kind, str(clients), str(rounds), task],
+        [sys.executable, "-m", "fedmerge_bench.rounds", "--child", kind, str(clients), str(rounds), task],
         capture_output=True, text=True, env=env, check=False,
     )  # fmt: skip
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]

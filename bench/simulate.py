@@ -19,7 +19,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from bench.rounds import child, steady
+from fedmerge_bench.rounds import child, steady
 
 
 def main(argv: list[str]) -> int:

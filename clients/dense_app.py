@@ -10,11 +10,11 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.app import node_partition, partition_for
+from fedmerge_clients.app import node_partition, partition_for
 from fedmerge.flower.client import TrainInstructions, resolve_base
 from fedmerge.flower.rounds import CONFIG_RECORD
-from simulations.local_round import client_generator
-from simulations.tasks import get_task
+from fedmerge_simulations.local_round import client_generator
+from fedmerge_simulations.tasks import get_task
 
 app = ClientApp()
 

@@ -42,7 +42,7 @@ def bench(
     quick: bool = typer.Option(False, "--quick", help="the ~1 minute variant"),
 ) -> None:
     """Run ``python -m bench NAME [--quick]``."""
-    from bench.__main__ import main as bench_main
+    from fedmerge_bench.__main__ import main as bench_main
 
     raise typer.Exit(bench_main([name, *(["--quick"] if quick else [])]))
 

@@ -22,7 +22,7 @@ from fedmerge.flower.config import RunConfig, parse_run_config
 from fedmerge.flower.rounds import Federation, RoundReport, ensure_base
 from fedmerge.memory import use_mmap_for_large_allocations
 from fedmerge.store import ModelStore
-from simulations.tasks import get_task
+from fedmerge_simulations.tasks import get_task
 
 
 def task_evaluator(task_name: str, seed: int) -> Callable[[StateDict], dict[str, float]]:

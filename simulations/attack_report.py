@@ -25,7 +25,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from simulations.attacks import AttackConfig, AttackResult, run_grid
+from fedmerge_simulations.attacks import AttackConfig, AttackResult, run_grid
 
 Key = tuple[float, str, str]  # (malicious fraction, attack, defence)
 

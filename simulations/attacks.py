@@ -40,9 +40,9 @@ from fedmerge.aggregators import create
 from fedmerge.delta.state_dict import StateDict
 from fedmerge.errors import ConfigError
 from fedmerge.privacy import delta_norm, merge_with_rejection
-from simulations.local_round import client_generator, local_round
-from simulations.tasks import get_task
-from simulations.tasks.base import ClientData, Split, Task
+from fedmerge_simulations.local_round import client_generator, local_round
+from fedmerge_simulations.tasks import get_task
+from fedmerge_simulations.tasks.base import ClientData, Split, Task
 
 ATTACKS = ("none", "sign_flip", "scaling", "noise", "label_flip", "backdoor")
 DEFENCES = (

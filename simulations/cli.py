@@ -23,8 +23,8 @@ def simulate(
     """
     from rich.console import Console
 
-    from simulations.experiment import DEFAULT_CONFIG, load_config
-    from simulations.runner import run_experiment
+    from fedmerge_simulations.experiment import DEFAULT_CONFIG, load_config
+    from fedmerge_simulations.runner import run_experiment
 
     cfg = load_config(config or DEFAULT_CONFIG)
     console = Console()

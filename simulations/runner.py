@@ -25,8 +25,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fedmerge.errors import FedMergeError
 from fedmerge.flower.simulation import backend_config
-from simulations.experiment import AggregatorSpec, CodecSpec, ExperimentConfig, Trial, parse_config
-from simulations.report import Result, write_report
+from fedmerge_simulations.experiment import AggregatorSpec, CodecSpec, ExperimentConfig, Trial, parse_config
+from fedmerge_simulations.report import Result, write_report
 
 
 class TrialFailed(FedMergeError, RuntimeError):
@@ -72,9 +72,9 @@ def execute_trial(trial: Trial, store: Path) -> Result:
 
     from flwr.simulation import run_simulation
 
-    from clients.app import app as client_app
+    from fedmerge_clients.app import app as client_app
     from fedmerge.flower.rounds import RoundReport
-    from server.app import make_server_app
+    from fedmerge_server.app import make_server_app
 
     reports: list[RoundReport] = []
     exp = trial.experiment
@@ -134,7 +134,7 @@ def run_trial_subprocess(trial: Trial, out: Path) -> Result:
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
     env.setdefault("FLWR_HOME", tempfile.mkdtemp(prefix="flwr-home-"))
     proc = subprocess.run(
-        [sys.executable, "-m", "simulations.runner", _trial_payload(trial), str(store)],
+        [sys.executable, "-m", "fedmerge_simulations.runner", _trial_payload(trial), str(store)],
         capture_output=True,
         text=True,
         env=env,
@@ -183,8 +183,8 @@ def run_experiment(config: ExperimentConfig, out: Path, console: Console | None 
 
 
 def _base_accuracy(config: ExperimentConfig) -> float | None:
-    from server.app import task_evaluator
-    from simulations.tasks import get_task
+    from fedmerge_server.app import task_evaluator
+    from fedmerge_simulations.tasks import get_task
 
     seed = config.seeds[0]
     return task_evaluator(config.task, seed)(get_task(config.task).pretrained_base(seed))["accuracy"]

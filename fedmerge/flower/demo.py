@@ -20,7 +20,7 @@ from fedmerge.flower.config import parse_run_config
 from fedmerge.flower.rounds import RoundReport, ensure_base
 from fedmerge.flower.simulation import backend_config
 from fedmerge.store import ModelStore
-from simulations.tasks import get_task
+from fedmerge_simulations.tasks import get_task
 
 
 def round_table(report: RoundReport) -> Table:
@@ -83,8 +83,8 @@ def run_demo(
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     from flwr.simulation import run_simulation
 
-    from clients.app import app as client_app
-    from server.app import make_server_app, task_evaluator
+    from fedmerge_clients.app import app as client_app
+    from fedmerge_server.app import make_server_app, task_evaluator
 
     console = console or Console()
     config: dict[str, Any] = {

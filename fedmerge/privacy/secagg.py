@@ -99,9 +99,9 @@ from fedmerge.delta.state_dict import StateDict, floating_names
 from fedmerge.errors import ConfigError, InvalidSubmission
 from fedmerge.flower.rounds import RoundAborted, check_latest_unmoved, ensure_base, start_round
 from fedmerge.store import Contributor, ModelStore, Version
-from simulations.local_round import local_round
-from simulations.tasks import get_task
-from simulations.tasks.training import seed_from, torch_threads
+from fedmerge_simulations.local_round import local_round
+from fedmerge_simulations.tasks import get_task
+from fedmerge_simulations.tasks.training import seed_from, torch_threads
 
 log = logging.getLogger("fedmerge.secagg")
 
@@ -520,7 +520,7 @@ class SecAggStrategy(FedAvg):
         self.reports: list[SecAggRound] = []
         self.evaluate_weights = None
         if cfg.server_eval:
-            from server.app import task_evaluator
+            from fedmerge_server.app import task_evaluator
 
             self.evaluate_weights = task_evaluator(cfg.task, cfg.seed)
 
@@ -821,7 +821,7 @@ class SecAggClient(NumPyClient):
         self._context = context
 
     def fit(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
-        from clients.app import node_partition, partition_for
+        from fedmerge_clients.app import node_partition, partition_for
 
         round_ = int(cast(int, config["round"]))
         names = str(config["names"]).split(",")

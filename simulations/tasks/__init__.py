@@ -10,9 +10,9 @@ from collections.abc import Callable
 from typing import Any
 
 from fedmerge.errors import ConfigError
-from simulations.tasks.base import ClientData, Split, SupervisedTask, Task
-from simulations.tasks.digits import DigitsTask
-from simulations.tasks.tiny_lm import TinyLMTask
+from fedmerge_simulations.tasks.base import ClientData, Split, SupervisedTask, Task
+from fedmerge_simulations.tasks.digits import DigitsTask
+from fedmerge_simulations.tasks.tiny_lm import TinyLMTask
 
 _FACTORIES: dict[str, Callable[..., Task]] = {"digits": DigitsTask, "tiny_lm": TinyLMTask}
 _SHARED: dict[str, Task] = {}

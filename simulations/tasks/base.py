@@ -21,8 +21,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor, nn
 
 from fedmerge.errors import ConfigError
-from simulations.partition import partition
-from simulations.tasks.training import BatchLoss, OptimizerName, fit, measure, seed_from, torch_threads
+from fedmerge_simulations.partition import partition
+from fedmerge_simulations.tasks.training import BatchLoss, OptimizerName, fit, measure, seed_from, torch_threads
 
 
 @dataclass(frozen=True)

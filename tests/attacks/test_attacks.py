@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from fedmerge.errors import ConfigError
-from simulations.attack_report import markdown_table, summarise, write_report
-from simulations.attacks import (
+from fedmerge_simulations.attack_report import markdown_table, summarise, write_report
+from fedmerge_simulations.attacks import (
     TARGET_LABEL,
     TRIGGER_PIXELS,
     AttackConfig,
@@ -22,7 +22,7 @@ from simulations.attacks import (
     run_one,
     stamp_trigger,
 )
-from simulations.tasks.base import Split
+from fedmerge_simulations.tasks.base import Split
 
 
 def _split(n: int = 40) -> Split:

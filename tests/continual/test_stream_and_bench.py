@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import continual as bench_continual
-from simulations.continual_digits import StreamConfig, build_stream, pixel_permutation
+from fedmerge_bench import continual as bench_continual
+from fedmerge_simulations.continual_digits import StreamConfig, build_stream, pixel_permutation
 
 SMALL = StreamConfig(
     num_tasks=2, hidden=32, pretrain_epochs=8, finetune_epochs=4, permuted_fraction=0.5, seed=3

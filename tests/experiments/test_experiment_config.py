@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from fedmerge.errors import ConfigError
-from simulations.experiment import DEFAULT_CONFIG, load_config, parse_config
+from fedmerge_simulations.experiment import DEFAULT_CONFIG, load_config, parse_config
 
 
 def test_default_config_expands_into_one_trial_per_aggregator_codec_and_seed() -> None:

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from simulations.report import markdown_summary, summary_rows, write_report
+from fedmerge_simulations.report import markdown_summary, summary_rows, write_report
 
 
 def fake_result(agg: str, seed: int, accs: list[float], sent: int) -> dict:

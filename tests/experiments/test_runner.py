@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from simulations.experiment import parse_config
-from simulations.runner import run_experiment
+from fedmerge_simulations.experiment import parse_config
+from fedmerge_simulations.runner import run_experiment
 
 pytestmark = pytest.mark.integration
 

@@ -12,8 +12,8 @@ import pytest
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from clients.app import train_reply
-from clients.dense_app import train as dense_train
+from fedmerge_clients.app import train_reply
+from fedmerge_clients.dense_app import train as dense_train
 from fedmerge.flower.rounds import RoundReport
 from fedmerge.flower.transport import package_to_record, record_to_package
 
@@ -89,7 +89,7 @@ def _simulate(store: Path, client_app: ClientApp, num_nodes: int, **overrides: A
     """Run the fedmerge ServerApp on Flower's simulation engine; returns the round reports."""
     from flwr.simulation import run_simulation
 
-    from server.app import make_server_app
+    from fedmerge_server.app import make_server_app
 
     reports: list[RoundReport] = []
     config = {"store": str(store), "num-rounds": 1, "local-epochs": 1, "lr": 0.05, "server-eval": True}

@@ -19,7 +19,7 @@ from pathlib import Path
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from clients.app import train_reply
+from fedmerge_clients.app import train_reply
 from fedmerge.flower.rounds import CONFIG_RECORD, RoundReport
 
 MARKERS_ENV = "FEDMERGE_TEST_MARKERS"
@@ -43,7 +43,7 @@ def marking_client_app() -> ClientApp:
 def main(argv: list[str]) -> int:
     from flwr.simulation import run_simulation
 
-    from server.app import make_server_app
+    from fedmerge_server.app import make_server_app
 
     store, num_nodes, overrides = argv[0], int(argv[1]), json.loads(argv[2])
 

@@ -32,7 +32,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedmerge.flower.config import parse_run_config
 from fedmerge.flower.rounds import RoundAborted, RoundReport
 from fedmerge.store import ModelStore
-from server.app import run_server
+from fedmerge_server.app import run_server
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ from flwr.clientapp import ClientApp
 
 from fedmerge.flower.rounds import RoundReport
 from fedmerge.store import ModelStore
-from simulations.tasks import get_task
+from fedmerge_simulations.tasks import get_task
 
 Simulate = Callable[..., list[RoundReport]]
 Scripted = Callable[[list[str]], ClientApp]

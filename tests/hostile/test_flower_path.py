@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from fedmerge.codec import decode_package
 from fedmerge.codec.checksum import package_checksum, tensor_checksum
-from fedmerge.hostile import (
+from fedmerge_bench.hostile_corpus import (
     Attack,
     FlowerRound,
     Outcome,

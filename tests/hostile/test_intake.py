@@ -1,6 +1,6 @@
 """The hostile-input corpus against a real intake server process over gRPC on localhost.
 
-One server takes the whole corpus (``fedmerge.hostile.run_intake``): a valid expert first, then every
+One server takes the whole corpus (``fedmerge_bench.hostile_corpus.run_intake``): a valid expert first, then every
 case — each must give a clear error (a gRPC status with a message, or a REJECTED submission with its
 reason), leave the server serving, and change no stored version — then a second valid expert, which
 must still be merged. A second server takes a hypothesis fuzz of the SubmitExpert stream.
@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedmerge.hostile import (
+from fedmerge_bench.hostile_corpus import (
     INTAKE_SERVER_ARGS,
     TOKENS,
     Attack,

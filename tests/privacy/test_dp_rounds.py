@@ -181,8 +181,8 @@ def flower_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Mo
 def _simulate(store: Path, num_nodes: int, **overrides: Any) -> list[RoundReport]:
     from flwr.simulation import run_simulation
 
-    from clients.app import app as client_app
-    from server.app import make_server_app
+    from fedmerge_clients.app import app as client_app
+    from fedmerge_server.app import make_server_app
 
     reports: list[RoundReport] = []
     config = {"store": str(store), "local-epochs": 1, "lr": 0.1, "min-clients": num_nodes, "min-valid": 2}

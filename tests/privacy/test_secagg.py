@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from clients.app import partition_for
+from fedmerge_clients.app import partition_for
 from fedmerge.aggregators import merge
 from fedmerge.aggregators.sparsify import trim
 from fedmerge.errors import ConfigError
@@ -36,9 +36,9 @@ from fedmerge.privacy.secagg import (
     submission_terms,
 )
 from fedmerge.store import ModelStore
-from simulations.local_round import local_round
-from simulations.tasks import get_task
-from simulations.tasks.training import torch_threads
+from fedmerge_simulations.local_round import local_round
+from fedmerge_simulations.tasks import get_task
+from fedmerge_simulations.tasks.training import torch_threads
 
 CLIENTS = 4
 BASE: dict[str, Any] = {"num-clients": CLIENTS, "num-rounds": 1, "seed": 3, "server-eval": False}

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from fedmerge.hostile import tiny_base
+from fedmerge_bench.hostile_corpus import tiny_base
 from fedmerge.service.config import ServiceConfig
 from fedmerge.service.server import IntakeServer
 from fedmerge.store import ModelStore

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.load import LoadConfig, run_intake_load
+from fedmerge_bench.load import LoadConfig, run_intake_load
 from fedmerge.store import ModelStore
 
 

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from simulations.tasks import DigitsTask, TinyLMTask, get_task
+from fedmerge_simulations.tasks import DigitsTask, TinyLMTask, get_task
 
 
 @pytest.fixture(scope="session")

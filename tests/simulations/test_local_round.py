@@ -5,8 +5,8 @@ import torch
 
 from fedmerge.delta import apply
 from fedmerge.errors import ConfigError
-from simulations.local_round import client_generator, local_round
-from simulations.tasks import DigitsTask, TinyLMTask
+from fedmerge_simulations.local_round import client_generator, local_round
+from fedmerge_simulations.tasks import DigitsTask, TinyLMTask
 
 
 def test_client_generators_differ_by_seed_round_and_client() -> None:

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedmerge.errors import ConfigError
-from simulations.partition import (
+from fedmerge_simulations.partition import (
     PARTITIONERS,
     PartitionSummary,
     partition,

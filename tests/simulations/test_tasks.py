@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from fedmerge.errors import ConfigError
-from simulations.tasks import DigitsTask, Task, TinyLMTask, get_task, register_task, task_names
-from simulations.tasks.base import ClientData, Split
-from simulations.tasks.tiny_lm import CLIENT_TASKS, make_sequences
+from fedmerge_simulations.tasks import DigitsTask, Task, TinyLMTask, get_task, register_task, task_names
+from fedmerge_simulations.tasks.base import ClientData, Split
+from fedmerge_simulations.tasks.tiny_lm import CLIENT_TASKS, make_sequences
 
 
 def fresh_model(task: Task, seed: int = 0) -> torch.nn.Module:

@@ -1014,7 +1014,7 @@ def hostile_client_app(plan: Sequence[str], workdir: str, limit_bytes: int) -> C
         )
         role = plan[partition]
         if role == "train":
-            from clients.app import train_reply
+            from fedmerge_clients.app import train_reply
 
             return train_reply(message, context)
         weights, conf = _node_config(message)
@@ -1053,7 +1053,7 @@ FLOWER_DIRECT_CONFIG: dict[str, Any] = {
 
 
 def _digits_base(seed: int) -> dict[str, torch.Tensor]:
-    from simulations.tasks import get_task
+    from fedmerge_simulations.tasks import get_task
 
     return get_task("digits").pretrained_base(seed)
 
@@ -1192,7 +1192,7 @@ def run_flower_simulation(
 
     from fedmerge.flower.rounds import RoundAborted, RoundReport
     from fedmerge.store import ModelStore
-    from server.app import make_server_app
+    from fedmerge_server.app import make_server_app
 
     cases = [c for c in (cases or cases_for("flower")) if "flower" in c.expect]
     work = Path(workdir)
