@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in names:
         print(f"unknown benchmark {name!r}; choose one of: {', '.join(names)}", file=sys.stderr)
         return 2
-    module = importlib.import_module(f"bench.{name}")
+    module = importlib.import_module(f"{__package__}.{name}")
     return int(module.main(args[1:]) or 0)
 
 

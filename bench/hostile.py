@@ -1,5 +1,5 @@
-"""``python -m bench hostile [--quick]``: the hostile-input corpus (``fedmerge_bench.hostile_corpus``) against both entry
-points, and ``docs/hostile-input.md``, its table (one row per case × entry point).
+"""``python -m bench hostile [--quick]``: the hostile-input corpus (``bench/hostile_corpus.py``) against
+both entry points, and ``docs/hostile-input.md``, its table (one row per case × entry point).
 
 - Flower: one simulation round (Flower's simulation engine, Ray) with one hostile ClientApp per case
   beside two synthetic honest clients and one real training client (skipped by ``--quick``), and every

@@ -539,13 +539,13 @@ def fedmerge_round(clients: int, store: Path) -> dict[str, Any]:
 
     from flwr.simulation import run_simulation
 
-    from fedmerge_bench.rounds import ALPHA, SEED, WORKLOADS, peak_rss_bytes
     from fedmerge.flower.simulation import backend_config
+    from fedmerge_bench.rounds import ALPHA, SEED, WORKLOADS, peak_rss_bytes
 
     LR, EPOCHS = WORKLOADS["digits"]
-    from fedmerge_clients.app import app as client_app
     from fedmerge.flower.rounds import RoundReport
     from fedmerge.store import ModelStore
+    from fedmerge_clients.app import app as client_app
     from fedmerge_server.app import make_server_app
 
     reports: list[RoundReport] = []

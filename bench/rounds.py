@@ -60,8 +60,8 @@ def peak_rss_bytes() -> int:
 def run_fedmerge(clients: int, rounds: int, task: str = "digits") -> dict[str, Any]:
     from flwr.simulation import run_simulation
 
-    from fedmerge_clients.app import app as client_app
     from fedmerge.flower.rounds import RoundReport
+    from fedmerge_clients.app import app as client_app
     from fedmerge_server.app import make_server_app
 
     reports: list[RoundReport] = []

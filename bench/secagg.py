@@ -43,9 +43,9 @@ SEED, ALPHA, LR, EPOCHS = 0, 0.5, 0.1, 1
 
 def _replay_error(store: Path, reports: list[Any], cfg: Any) -> float:
     """max |committed − fedmerge aggregate of the retrained client deltas| over the rounds of one leg."""
-    from fedmerge_clients.app import partition_for
     from fedmerge.aggregators import merge
     from fedmerge.store import ModelStore
+    from fedmerge_clients.app import partition_for
     from fedmerge_simulations.local_round import local_round
     from fedmerge_simulations.tasks import get_task
     from fedmerge_simulations.tasks.training import torch_threads
@@ -85,7 +85,8 @@ def main(argv: list[str]) -> int:
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("FLWR_HOME", tempfile.mkdtemp(prefix="flwr-home-"))
-    from fedmerge.privacy.secagg import SecAggConfig, run_legs
+    from fedmerge.privacy.secagg import SecAggConfig
+    from fedmerge_simulations.secagg import run_legs
 
     clients, rounds = (4, 3) if args.quick else (8, 5)
     console = Console()

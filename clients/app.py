@@ -23,7 +23,7 @@ from fedmerge.codec import PackageMeta
 from fedmerge.errors import ConfigError
 from fedmerge.flower.client import TrainInstructions, encode_reply, resolve_base, training_device
 from fedmerge.flower.faults import FaultPlan, inject_faults
-from fedmerge.flower.rounds import CONFIG_RECORD
+from fedmerge.flower.records import CONFIG_RECORD
 from fedmerge_simulations.local_round import local_round
 from fedmerge_simulations.tasks import ClientData, Task, get_task
 

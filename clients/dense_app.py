@@ -10,9 +10,9 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedmerge_clients.app import node_partition, partition_for
 from fedmerge.flower.client import TrainInstructions, resolve_base
 from fedmerge.flower.rounds import CONFIG_RECORD
+from fedmerge_clients.app import node_partition, partition_for
 from fedmerge_simulations.local_round import client_generator
 from fedmerge_simulations.tasks import get_task
 

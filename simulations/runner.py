@@ -72,8 +72,8 @@ def execute_trial(trial: Trial, store: Path) -> Result:
 
     from flwr.simulation import run_simulation
 
-    from fedmerge_clients.app import app as client_app
     from fedmerge.flower.rounds import RoundReport
+    from fedmerge_clients.app import app as client_app
     from fedmerge_server.app import make_server_app
 
     reports: list[RoundReport] = []

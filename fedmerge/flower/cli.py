@@ -1,4 +1,4 @@
-"""``fedmerge demo`` and ``fedmerge serve`` (mounted into the main CLI)."""
+"""``fedmerge serve`` (mounted into the main CLI)."""
 
 from __future__ import annotations
 
@@ -8,38 +8,6 @@ from typing import Annotated
 import typer
 
 app = typer.Typer(add_completion=False)
-
-
-@app.command()
-def demo(
-    store: Annotated[Path, typer.Option(help="model store directory (created if missing)")] = Path(
-        "fedmerge-store"
-    ),
-    clients: int = typer.Option(5, min=2, help="simulated clients (non-IID Dirichlet partitions)"),
-    rounds: int = typer.Option(3, min=1, help="rounds to run (continues from the store's latest round)"),
-    aggregator: str = typer.Option("ties", help="aggregator name (fedmerge.aggregators)"),
-    density: float = typer.Option(0.1, help="top-k density of the client codec"),
-    scaling: float = typer.Option(
-        0.5, help="λ of the sign-consensus methods (ties, dare_ties, della): merged delta = λ · disjoint mean"
-    ),
-    lr: float = typer.Option(0.1, help="clients' local SGD learning rate"),
-    local_epochs: int = typer.Option(2, min=1, help="clients' local epochs per round"),
-) -> None:
-    """Run a small federation on the embedded store and print a table per round and the versions."""
-    from fedmerge.flower.config import ROUND_DEFAULTS
-    from fedmerge.flower.demo import run_demo
-
-    overrides: dict[str, object] = {
-        "aggregator": aggregator,
-        "codec-density": density,
-        "lr": lr,
-        "local-epochs": local_epochs,
-    }
-    if aggregator in ROUND_DEFAULTS:
-        overrides["aggregator.scaling"] = scaling
-    reports = run_demo(store, num_clients=clients, rounds=rounds, overrides=overrides)
-    if not reports or reports[-1].version_id is None:
-        raise typer.Exit(1)
 
 
 @app.command()

@@ -31,9 +31,10 @@ from fedmerge.delta.state_dict import StateDict
 from fedmerge.errors import FedMergeError
 from fedmerge.flower.config import Mode
 from fedmerge.flower.downlink import apply_update
-from fedmerge.flower.rounds import BASE_RECORD, CONFIG_RECORD, METRICS_RECORD, UPDATE_RECORD
+from fedmerge.flower.records import BASE_RECORD, CONFIG_RECORD, METRICS_RECORD, UPDATE_RECORD
 from fedmerge.flower.transport import RECORD_KEY, package_to_record, record_to_package
-from fedmerge.privacy import DPConfig, privatize_client_delta
+from fedmerge.privacy.config import DPConfig
+from fedmerge.privacy.mechanism import privatize_client_delta
 
 BASE_META = "fedmerge.base-meta"
 RESIDUAL_RECORD = "fedmerge.residual"

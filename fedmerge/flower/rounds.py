@@ -42,6 +42,7 @@ from fedmerge.errors import FedMergeError, InvalidSubmission
 from fedmerge.flower.config import RunConfig
 from fedmerge.flower.downlink import apply_weights, compress_update, weights_digest
 from fedmerge.flower.faults import FaultPlan
+from fedmerge.flower.records import BASE_RECORD, CONFIG_RECORD, METRICS_RECORD, UPDATE_RECORD
 from fedmerge.flower.safeguards import (
     Reference,
     anomaly_metadata,
@@ -60,10 +61,6 @@ from fedmerge.store import Contributor, ModelStore, UnknownVersionError, Version
 
 log = logging.getLogger("fedmerge.rounds")
 
-BASE_RECORD = "fedmerge.base"
-UPDATE_RECORD = "fedmerge.update"  # compressed downlink: parent → base update (fedmerge.flower.downlink)
-CONFIG_RECORD = "fedmerge.config"
-METRICS_RECORD = "metrics"
 POLL_S = 0.02  # pulling is cheap (in-memory or one RPC); a reply is judged ≤ 20 ms after it lands
 MAX_REASON = 400  # characters of a client's error kept in the manifest (the end of a traceback)
 

@@ -1,21 +1,47 @@
 """Differential privacy primitives (clipping, calibrated Gaussian noise, RDP accounting, the DP config
 and manifest record) and per-client anomaly scores. See ``docs/privacy.md``."""
 
-from fedmerge.privacy.accountant import (
-    DEFAULT_ORDERS,
-    ContributionLedger,
-    PrivacyBudgetExceeded,
-    RdpAccountant,
-    compute_rdp,
-    noise_multiplier_for,
-    rdp_sampled_gaussian,
-    rdp_to_epsilon,
-)
-from fedmerge.privacy.anomaly import anomaly_scores, cosine, merge_with_rejection, robust_z
-from fedmerge.privacy.clipping import clip_delta, clip_factor, delta_norm
-from fedmerge.privacy.config import DPConfig, privacy_record
-from fedmerge.privacy.mechanism import privatize_aggregate, privatize_client_delta
-from fedmerge.privacy.noise import add_gaussian_noise, noise_std
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Names are loaded on first use (PEP 562), so a client that needs only ``privacy.config`` and
+# ``privacy.mechanism`` does not import the anomaly scores and, through them, the aggregators.
+_HOME = {
+    **dict.fromkeys(
+        ("DEFAULT_ORDERS", "ContributionLedger", "PrivacyBudgetExceeded", "RdpAccountant", "compute_rdp",
+         "noise_multiplier_for", "rdp_sampled_gaussian", "rdp_to_epsilon"),
+        "accountant",
+    ),
+    **dict.fromkeys(("anomaly_scores", "cosine", "merge_with_rejection", "robust_z"), "anomaly"),
+    **dict.fromkeys(("clip_delta", "clip_factor", "delta_norm"), "clipping"),
+    **dict.fromkeys(("DPConfig", "privacy_record"), "config"),
+    **dict.fromkeys(("privatize_aggregate", "privatize_client_delta"), "mechanism"),
+    **dict.fromkeys(("add_gaussian_noise", "noise_std"), "noise"),
+}  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module 'fedmerge.privacy' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"fedmerge.privacy.{_HOME[name]}"), name)
+
+
+if TYPE_CHECKING:
+    from fedmerge.privacy.accountant import (
+        DEFAULT_ORDERS,
+        ContributionLedger,
+        PrivacyBudgetExceeded,
+        RdpAccountant,
+        compute_rdp,
+        noise_multiplier_for,
+        rdp_sampled_gaussian,
+        rdp_to_epsilon,
+    )
+    from fedmerge.privacy.anomaly import anomaly_scores, cosine, merge_with_rejection, robust_z
+    from fedmerge.privacy.clipping import clip_delta, clip_factor, delta_norm
+    from fedmerge.privacy.config import DPConfig, privacy_record
+    from fedmerge.privacy.mechanism import privatize_aggregate, privatize_client_delta
+    from fedmerge.privacy.noise import add_gaussian_noise, noise_std
 
 __all__ = [
     "DEFAULT_ORDERS",

@@ -22,7 +22,14 @@ from torch import Tensor, nn
 
 from fedmerge.errors import ConfigError
 from fedmerge_simulations.partition import partition
-from fedmerge_simulations.tasks.training import BatchLoss, OptimizerName, fit, measure, seed_from, torch_threads
+from fedmerge_simulations.tasks.training import (
+    BatchLoss,
+    OptimizerName,
+    fit,
+    measure,
+    seed_from,
+    torch_threads,
+)
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,10 @@ import pytest
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedmerge_clients.app import train_reply
-from fedmerge_clients.dense_app import train as dense_train
 from fedmerge.flower.rounds import RoundReport
 from fedmerge.flower.transport import package_to_record, record_to_package
+from fedmerge_clients.app import train_reply
+from fedmerge_clients.dense_app import train as dense_train
 
 
 @pytest.fixture(autouse=True)

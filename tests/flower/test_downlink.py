@@ -72,8 +72,8 @@ def test_rounds_with_compressed_downlink_reach_every_client(tmp_path, monkeypatc
 
     from rich.console import Console
 
-    from fedmerge.flower.demo import run_demo
     from fedmerge.store import ModelStore
+    from fedmerge_simulations.demo import run_demo
 
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
     overrides = {"aggregator": "fedavg", "downlink-density": 0.1}

@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from fedmerge.codec import CodecConfig, PackageMeta, decode_package
-from fedmerge_bench.hostile_corpus import CASES, CLASSES, ENTRY_POINTS, Attack, Valid, cases_for, synthetic_delta
+from fedmerge_bench.hostile_corpus import (
+    CASES,
+    CLASSES,
+    ENTRY_POINTS,
+    Attack,
+    Valid,
+    cases_for,
+    synthetic_delta,
+)
 
 REQUIRED = (
     "truncated", "random", "magic/version", "nan/inf", "huge sizes", "index range", "duplicate indices",

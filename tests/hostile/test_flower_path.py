@@ -23,6 +23,8 @@ from hypothesis import strategies as st
 
 from fedmerge.codec import decode_package
 from fedmerge.codec.checksum import package_checksum, tensor_checksum
+from fedmerge.store import ModelStore
+from fedmerge.v1 import delta_pb2
 from fedmerge_bench.hostile_corpus import (
     Attack,
     FlowerRound,
@@ -32,8 +34,6 @@ from fedmerge_bench.hostile_corpus import (
     run_flower_simulation,
     seeded_bytes,
 )
-from fedmerge.store import ModelStore
-from fedmerge.v1 import delta_pb2
 
 FLOWER = cases_for("flower")
 DIRECT = [c for c in FLOWER if c.name != "slow-loris"]  # a stall needs a round deadline: simulation

@@ -1,8 +1,8 @@
 """The hostile-input corpus against a real intake server process over gRPC on localhost.
 
-One server takes the whole corpus (``fedmerge_bench.hostile_corpus.run_intake``): a valid expert first, then every
-case — each must give a clear error (a gRPC status with a message, or a REJECTED submission with its
-reason), leave the server serving, and change no stored version — then a second valid expert, which
+One server takes the whole corpus (``fedmerge_bench.hostile_corpus.run_intake``): a valid expert first,
+then every case — each must give a clear error (a gRPC status with a message, or a REJECTED submission
+with its reason), leave the server serving, and change no stored version — then a second valid expert, which
 must still be merged. A second server takes a hypothesis fuzz of the SubmitExpert stream.
 
 Defences the server lacks are cases with ``gaps``: their tests are ``xfail(strict=True)`` and say what
@@ -23,6 +23,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fedmerge.store import ModelStore
+from fedmerge.v1 import intake_pb2, intake_pb2_grpc
 from fedmerge_bench.hostile_corpus import (
     INTAKE_SERVER_ARGS,
     TOKENS,
@@ -37,8 +39,6 @@ from fedmerge_bench.hostile_corpus import (
     settle,
     store_snapshot,
 )
-from fedmerge.store import ModelStore
-from fedmerge.v1 import intake_pb2, intake_pb2_grpc
 
 INTAKE = cases_for("intake")
 # --stream-idle-timeout-s 1: the slow-loris cases watch the stalls for 2 s

@@ -22,21 +22,16 @@ import numpy as np
 import pytest
 import torch
 
-from fedmerge_clients.app import partition_for
 from fedmerge.aggregators import merge
 from fedmerge.aggregators.sparsify import trim
 from fedmerge.errors import ConfigError
 from fedmerge.flower.rounds import RoundAborted
-from fedmerge.privacy.secagg import (
-    SecAggConfig,
-    SecAggRangeError,
-    SecAggRound,
-    check_range,
-    run_secagg,
-    submission_terms,
-)
+from fedmerge.privacy.secagg import SecAggConfig, SecAggRangeError, check_range, submission_terms
 from fedmerge.store import ModelStore
+from fedmerge_clients.app import partition_for
+from fedmerge_server.secagg import SecAggRound
 from fedmerge_simulations.local_round import local_round
+from fedmerge_simulations.secagg import run_secagg
 from fedmerge_simulations.tasks import get_task
 from fedmerge_simulations.tasks.training import torch_threads
 

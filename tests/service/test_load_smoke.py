@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fedmerge_bench.load import LoadConfig, run_intake_load
 from fedmerge.store import ModelStore
+from fedmerge_bench.load import LoadConfig, run_intake_load
 
 
 @pytest.mark.slow
