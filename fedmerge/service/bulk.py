@@ -2,8 +2,13 @@
 
 An object is named by the sha256 of its bytes. Layout under ``root``::
 
-    objects/<64 hex>          a complete, verified object (read with :meth:`BulkStore.open`)
-    partial/<64 hex>.part     bytes received so far, appended in order
+    objects/<64 hex>                  a complete, verified object (read with :meth:`BulkStore.open`)
+    partial/<owner>/<64 hex>.part     bytes one client received so far, appended in order
+
+A partial upload belongs to the client that began it (``owner``: its client id; ``<owner>`` is a hash
+of it): another client's ``begin`` of the same object — with any declared size — starts its own
+partial upload and never truncates, resets or writes into the first one. Complete objects are
+shared (their name is the verified hash of their bytes).
 
 Protocol: :meth:`BulkStore.begin` returns how many bytes the server already holds (0 for a new
 object, ``total_size`` for a complete one); the client streams the rest with :meth:`write`, each
@@ -16,6 +21,7 @@ partial file once. Chunks are written straight to the file, so a server holds on
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -72,6 +78,7 @@ class BulkStore:
     """Server-side bulk objects in a directory (see the module docstring)."""
 
     def __init__(self, root: str | os.PathLike[str], *, max_bytes: int = 8 << 30) -> None:
+        """Objects and partial uploads under ``root``; ``max_bytes`` bounds one object."""
         self.root = Path(root)
         self.objects = self.root / "objects"
         self.partial = self.root / "partial"
@@ -79,8 +86,21 @@ class BulkStore:
         self.partial.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
-        self._uploads: dict[str, _Upload] = {}
-        self._busy: set[str] = set()
+        self._uploads: dict[tuple[str, str], _Upload] = {}
+        self._busy: set[tuple[str, str]] = set()
+
+    def part_path(self, sha256: str, owner: str = "") -> Path:
+        """Where ``owner``'s partial upload of ``sha256`` is kept."""
+        digest = hashlib.sha256(owner.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+        return self.partial / digest / f"{check_sha(sha256)}.part"
+
+    def _discard(self, part: Path) -> None:
+        """Remove ``part`` and its owner's directory once that holds nothing (under the lock, so no
+        stream is creating a file there meanwhile)."""
+        with self._lock:
+            part.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                part.parent.rmdir()
 
     # ---------------------------------------------------------------------------------- reading
     def path(self, sha256: str) -> Path:
@@ -99,8 +119,11 @@ class BulkStore:
             ) from None
 
     # ---------------------------------------------------------------------------------- writing
-    def begin(self, sha256: str, total_size: int) -> BulkStatus:
-        """Register (or resume) an upload; returns the offset to continue from."""
+    def begin(self, sha256: str, total_size: int, owner: str = "") -> BulkStatus:
+        """Register (or resume) ``owner``'s upload of ``sha256``; returns the offset to continue from.
+
+        The same owner declaring another size restarts its own upload; another owner's partial
+        upload of the same object is never touched."""
         check_sha(sha256)
         if total_size <= 0 or total_size > self.max_bytes:
             raise BulkError(
@@ -110,15 +133,21 @@ class BulkStore:
         if self.has(sha256):
             size = self.path(sha256).stat().st_size
             return BulkStatus(sha256, size, size, True)
+        key = (owner, sha256)
         with self._lock:
-            up = self._uploads.get(sha256)
+            up = self._uploads.get(key)
             if up is None or up.total_size != total_size:
-                up = self._resume(sha256, total_size)
-                self._uploads[sha256] = up
+                if key in self._busy:
+                    raise BulkBusyError(
+                        f"bulk object {sha256[:12]}… is being uploaded by another stream of this client; "
+                        "retry Begin after it ends"
+                    )
+                up = self._resume(sha256, total_size, owner)
+                self._uploads[key] = up
             return BulkStatus(sha256, total_size, up.offset, False)
 
-    def _resume(self, sha256: str, total_size: int) -> _Upload:
-        part = self.partial / f"{sha256}.part"
+    def _resume(self, sha256: str, total_size: int, owner: str) -> _Upload:
+        part = self.part_path(sha256, owner)
         hasher = hashlib.sha256()
         offset = 0
         if part.exists():
@@ -132,29 +161,31 @@ class BulkStore:
                 offset = size
         return _Upload(total_size, hasher, offset)
 
-    def acquire(self, sha256: str) -> None:
-        """Claim the right to write ``sha256`` (one stream at a time)."""
+    def acquire(self, sha256: str, owner: str = "") -> None:
+        """Claim the right to write ``owner``'s upload of ``sha256`` (one stream at a time)."""
+        key = (owner, sha256)
         with self._lock:
-            if sha256 in self._busy:
+            if key in self._busy:
                 raise BulkBusyError(f"bulk object {sha256[:12]}… is being uploaded by another stream; retry")
-            if sha256 not in self._uploads:
+            if key not in self._uploads:
                 raise BulkError(f"bulk object {sha256[:12]}… was not begun; call Begin first")
-            self._busy.add(sha256)
+            self._busy.add(key)
 
-    def release(self, sha256: str) -> None:
+    def release(self, sha256: str, owner: str = "") -> None:
         """End a stream: flush and fsync what was written so ``begin`` can resume from it."""
+        key = (owner, sha256)
         with self._lock:
-            up = self._uploads.get(sha256)
+            up = self._uploads.get(key)
             if up is not None and up.fh is not None:
                 up.fh.flush()
                 os.fsync(up.fh.fileno())
                 up.fh.close()
                 up.fh = None
-            self._busy.discard(sha256)  # only now may another stream continue the object
+            self._busy.discard(key)  # only now may another stream continue the object
 
-    def write(self, sha256: str, offset: int, data: bytes) -> int:
+    def write(self, sha256: str, offset: int, data: bytes, owner: str = "") -> int:
         """Append ``data`` at ``offset`` (must be the current length); returns the new length."""
-        up = self._uploads[sha256]
+        up = self._uploads[(owner, sha256)]
         if offset != up.offset:
             raise BulkError(
                 f"bulk object {sha256[:12]}…: chunk at offset {offset}, expected {up.offset}; "
@@ -166,18 +197,21 @@ class BulkStore:
                 f"{up.total_size}"
             )
         if up.fh is None:
-            up.fh = (self.partial / f"{sha256}.part").open("ab")
+            part = self.part_path(sha256, owner)
+            with self._lock:
+                part.parent.mkdir(exist_ok=True)
+                up.fh = part.open("ab")
         up.fh.write(data)
         up.hasher.update(data)
         up.offset += len(data)
         return up.offset
 
-    def finish(self, sha256: str) -> BulkStatus:
+    def finish(self, sha256: str, owner: str = "") -> BulkStatus:
         """If every byte arrived: verify the hash and publish the object atomically."""
-        up = self._uploads[sha256]
+        up = self._uploads[(owner, sha256)]
         if up.offset < up.total_size:
             return BulkStatus(sha256, up.total_size, up.offset, False)
-        part = self.partial / f"{sha256}.part"
+        part = self.part_path(sha256, owner)
         if up.fh is not None:
             up.fh.flush()
             os.fsync(up.fh.fileno())
@@ -185,9 +219,9 @@ class BulkStore:
             up.fh = None
         actual = up.hasher.hexdigest()
         with self._lock:
-            self._uploads.pop(sha256, None)
+            self._uploads.pop((owner, sha256), None)
         if actual != sha256:
-            part.unlink(missing_ok=True)
+            self._discard(part)
             raise BulkError(
                 f"bulk object declared as {sha256[:12]}… hashes to {actual[:12]}…; "
                 "the upload was discarded — "
@@ -195,6 +229,7 @@ class BulkStore:
             )
         os.replace(part, self.objects / sha256)
         fsync_dir(self.objects)
+        self._discard(part)  # (already moved) removes the owner's directory when empty
         return BulkStatus(sha256, up.total_size, up.total_size, True)
 
     def put_bytes(self, data: bytes) -> BulkStatus:

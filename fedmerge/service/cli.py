@@ -61,7 +61,14 @@ def serve_continual(
     data_dir: Annotated[
         Path | None, typer.Option(help="spool/queue/bulk directory (default <store>/../intake)")
     ] = None,
-    tokens: Annotated[Path | None, typer.Option(help="file of 'CLIENT_ID TOKEN' lines (bearer auth)")] = None,
+    tokens: Annotated[
+        Path | None,
+        typer.Option(help="file of 'CLIENT_ID TOKEN [operator]' lines (bearer auth; operator: reads all)"),
+    ] = None,
+    operator: Annotated[
+        list[str] | None,
+        typer.Option(help="client id (token client or mTLS common name) that may read every submission"),
+    ] = None,
     tls_cert: Annotated[Path | None, typer.Option(help="server certificate (PEM)")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="server private key (PEM)")] = None,
     tls_client_ca: Annotated[
@@ -83,7 +90,7 @@ def serve_continual(
 ) -> None:
     """Serve the ExpertIntake and BulkUpload gRPC services and merge experts as they arrive."""
     from fedmerge.memory import use_mmap_for_large_allocations
-    from fedmerge.service.config import Limits, ServiceConfig, TlsConfig, load_tokens
+    from fedmerge.service.config import Limits, ServiceConfig, TlsConfig, load_token_file
     from fedmerge.service.server import IntakeServer
     from fedmerge.store import ModelStore
 
@@ -95,6 +102,7 @@ def serve_continual(
             if tls_cert is None or tls_key is None:
                 raise FedMergeError("--tls-cert and --tls-key go together")
             tls = TlsConfig(tls_cert, tls_key, tls_client_ca)
+        token_table, operators = load_token_file(tokens) if tokens is not None else ({}, frozenset())
         config = ServiceConfig(
             store=store,
             data_dir=data_dir,
@@ -104,7 +112,8 @@ def serve_continual(
             batch_size=batch_size,
             base=base,
             track=track,
-            tokens=load_tokens(tokens) if tokens is not None else {},
+            tokens=token_table,
+            operators=operators | frozenset(operator or ()),
             tls=tls,
             allow_insecure=allow_insecure,
             limits=Limits(
@@ -214,13 +223,13 @@ def push(
                 if sub.version:
                     typer.echo(f"merged into version {sub.version}")
                 else:
-                    typer.echo(f"rejected: {sub.reason}", err=True)
+                    typer.echo(f"{STATE_NAMES[sub.state]}: {sub.reason}", err=True)
     except ServiceCallError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(3 if exc.retryable else 1) from None
     if as_json:
         typer.echo(json.dumps(result))
-    if result.get("state") == "rejected":
+    if result.get("state") in ("rejected", "failed"):
         raise typer.Exit(1)
 
 

@@ -46,7 +46,16 @@ STATE_NAMES = {
     intake_pb2.SUBMISSION_STATE_QUEUED: "queued",
     intake_pb2.SUBMISSION_STATE_MERGED: "merged",
     intake_pb2.SUBMISSION_STATE_REJECTED: "rejected",
+    intake_pb2.SUBMISSION_STATE_FAILED: "failed",
 }
+# states a submission never leaves: merged, rejected (invalid), failed (dead letter)
+FINAL_STATES = frozenset(
+    {
+        intake_pb2.SUBMISSION_STATE_MERGED,
+        intake_pb2.SUBMISSION_STATE_REJECTED,
+        intake_pb2.SUBMISSION_STATE_FAILED,
+    }
+)
 Progress = Callable[[int, int], None]  # (bytes done, total)
 
 
@@ -263,12 +272,12 @@ def get_submission(server: str | ClientOptions, submission_id: str) -> intake_pb
 def wait_merged(
     server: str | ClientOptions, submission_id: str, *, timeout: float = 300.0, poll: float = 0.2
 ) -> intake_pb2.Submission:
-    """Poll until the submission is merged or rejected (raises ``ServiceCallError`` on timeout)."""
+    """Poll until the submission is merged, rejected or failed (raises ``ServiceCallError`` on timeout)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
             sub = get_submission(server, submission_id)
-            if sub.state in (intake_pb2.SUBMISSION_STATE_MERGED, intake_pb2.SUBMISSION_STATE_REJECTED):
+            if sub.state in FINAL_STATES:
                 return sub
         except ServiceCallError as exc:
             if not exc.retryable:

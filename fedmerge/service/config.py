@@ -79,6 +79,10 @@ class ServiceConfig:
     * ``track``: the alias moved to each continual version (the merger state is resumed from it);
     * ``tokens``: bearer token → client id; empty and no mTLS = no authentication (``allow_insecure``
       must then be True, so an open server is a deliberate choice);
+    * ``operators``: client ids (token clients or mTLS common names) with the operator role: they may
+      read every submission through ``GetSubmission``; any other client reads only its own (others'
+      answer ``NOT_FOUND``). Give a token the role with a third field ``operator`` in the token file,
+      or name the client with ``--operator``;
     * ``limits``: per-client size limits and quotas; ``chunk_size``: bytes per streamed chunk;
     * ``stream_idle_timeout_s``: a ``SubmitExpert`` or ``Upload`` stream that delivers no message for
       this long is aborted with ``DEADLINE_EXCEEDED`` (a stalled client frees its handler thread).
@@ -93,6 +97,7 @@ class ServiceConfig:
     base: str | None = None
     track: str = "continual"
     tokens: dict[str, str] = field(default_factory=dict)
+    operators: frozenset[str] = frozenset()
     tls: TlsConfig | None = None
     allow_insecure: bool = False
     limits: Limits = field(default_factory=Limits)
@@ -137,6 +142,13 @@ class ServiceConfig:
                     f"client id {client!r} must be 1–128 letters, digits or _.@- "
                     "starting with a letter or digit"
                 )
+        if isinstance(self.operators, str) or not all(isinstance(o, str) for o in self.operators):
+            raise ServiceConfigError(
+                f"operators must be a set of client ids, got {self.operators!r}; e.g. frozenset({{'ops'}})"
+            )
+        if any(not o.strip() for o in self.operators):
+            raise ServiceConfigError("operators: a client id is empty; name the operator's client id")
+        object.__setattr__(self, "operators", frozenset(self.operators))
         mtls = self.tls is not None and self.tls.client_ca is not None
         if not self.tokens and not mtls and not self.allow_insecure:
             raise ServiceConfigError(
@@ -158,8 +170,17 @@ class ServiceConfig:
 
 
 def load_tokens(path: Path) -> dict[str, str]:
-    """Read a token file: one ``CLIENT_ID TOKEN`` pair per line; ``#`` starts a comment."""
+    """Read a token file: one ``CLIENT_ID TOKEN [operator]`` line per client; ``#`` starts a comment.
+    Returns token → client id (:func:`load_token_file` also returns the operators)."""
+    return load_token_file(path)[0]
+
+
+def load_token_file(path: Path) -> tuple[dict[str, str], frozenset[str]]:
+    """Read a token file: one ``CLIENT_ID TOKEN`` line per client, optionally followed by the role
+    ``operator`` (may read every client's submissions); ``#`` starts a comment. Returns (token →
+    client id, operator client ids)."""
     tokens: dict[str, str] = {}
+    operators: set[str] = set()
     try:
         lines = Path(path).read_text().splitlines()
     except OSError as exc:
@@ -169,12 +190,18 @@ def load_tokens(path: Path) -> dict[str, str]:
         if not text:
             continue
         parts = text.split()
+        if len(parts) == 3 and parts[2] == "operator":
+            operators.add(parts[0])
+            parts = parts[:2]
         if len(parts) != 2:
-            raise ServiceConfigError(f"{path}:{number}: expected 'CLIENT_ID TOKEN', got {len(parts)} fields")
+            raise ServiceConfigError(
+                f"{path}:{number}: expected 'CLIENT_ID TOKEN' or 'CLIENT_ID TOKEN operator', "
+                f"got {len(parts)} fields"
+            )
         client, token = parts
         if token in tokens:
             raise ServiceConfigError(
                 f"{path}:{number}: token of {client!r} is already used by {tokens[token]!r}"
             )
         tokens[token] = client
-    return tokens
+    return tokens, frozenset(operators)

@@ -5,8 +5,10 @@ them, fsyncs the file, renames it to ``spool/<sha256>`` (fsyncing the directory)
 queue row in a ``synchronous=FULL`` transaction. Only then is a submission id returned, so an
 acknowledged expert survives ``kill -9`` and power loss. The row's ``sha256`` column is unique:
 submitting the same bytes again returns the existing submission (``duplicate=True``) and it is
-merged once. The queue keeps arrival order (``seq``), the state (queued → merged into a version, or
-rejected with a reason) and per-client accounting for quotas.
+merged once. The queue keeps arrival order (``seq``), the state (queued → merged into a version,
+rejected with a reason when the expert is invalid, or failed with a reason when turning it into a
+merge failed unexpectedly — a dead letter the worker leaves behind and moves on from), the number of
+merge attempts begun, and per-client accounting for quotas.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from fedmerge.service.bulk import BulkStore, check_sha, fsync_dir
 from fedmerge.service.config import Limits
 
 FORMATS = ("checkpoint", "peft_tar", "delta_package")
-STATES = ("queued", "merged", "rejected")
+STATES = ("queued", "merged", "rejected", "failed")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS submissions (
@@ -42,7 +44,8 @@ CREATE TABLE IF NOT EXISTS submissions (
     version TEXT,
     reason TEXT,
     created_at TEXT NOT NULL,
-    updated_at TEXT NOT NULL
+    updated_at TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS submissions_by_state ON submissions(state, seq);
 CREATE INDEX IF NOT EXISTS submissions_by_client ON submissions(client_id, state);
@@ -78,13 +81,18 @@ class Submission:
     version: str | None
     reason: str | None
     created_at: str
+    # how many times the merge worker began merging it (a crash mid-merge leaves it queued, counted)
+    attempts: int = 0
 
 
-_COLUMNS = "seq, id, sha256, client_id, format, base_version, label, size, state, version, reason, created_at"
+_COLUMNS = (
+    "seq, id, sha256, client_id, format, base_version, label, size, state, version, reason, created_at, "
+    "attempts"
+)
 
 
 def _row(row: tuple[object, ...]) -> Submission:
-    seq, sid, sha, client, fmt, base, label, size, state, version, reason, created = row
+    seq, sid, sha, client, fmt, base, label, size, state, version, reason, created, attempts = row
     return Submission(
         int(seq),  # type: ignore[call-overload]
         str(sid),
@@ -98,6 +106,7 @@ def _row(row: tuple[object, ...]) -> Submission:
         None if version is None else str(version),
         None if reason is None else str(reason),
         str(created),
+        int(attempts),  # type: ignore[call-overload]
     )
 
 
@@ -127,6 +136,9 @@ class IntakeQueue:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.executescript(SCHEMA)
+        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(submissions)")}
+        if "attempts" not in columns:  # a queue written before merge attempts were counted
+            self._conn.execute("ALTER TABLE submissions ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0")
         for stale in self.tmp.iterdir():  # interrupted, never acknowledged
             stale.unlink(missing_ok=True)
 
@@ -321,9 +333,31 @@ class IntakeQueue:
                 )
             self._conn.execute("COMMIT")
 
-    def mark_rejected(self, sid: str, reason: str) -> None:
+    def begin_attempt(self, sid: str) -> int:
+        """Durably count one more merge attempt of ``sid`` (before merging it); returns the count.
+
+        A process killed while merging (out of memory, a crash in native code) leaves the row queued
+        with its count raised, so the worker can set aside an expert that keeps killing it."""
         with self._lock:
             self._conn.execute(
-                "UPDATE submissions SET state = 'rejected', reason = ?, updated_at = ? WHERE id = ?",
-                (reason, now(), sid),
+                "UPDATE submissions SET attempts = attempts + 1, updated_at = ? WHERE id = ?", (now(), sid)
+            )
+            row = self._conn.execute("SELECT attempts FROM submissions WHERE id = ?", (sid,)).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def mark_rejected(self, sid: str, reason: str) -> None:
+        """Final state ``rejected``: the expert itself is invalid (``reason`` says why and how to fix it)."""
+        self._mark_final(sid, "rejected", reason)
+
+    def mark_failed(self, sid: str, reason: str) -> None:
+        """Final state ``failed`` (dead letter): merging it raised an unexpected error, ``reason``."""
+        self._mark_final(sid, "failed", reason)
+
+    def _mark_final(self, sid: str, state: str, reason: str) -> None:
+        assert state in STATES
+        with self._lock:
+            self._conn.execute(
+                "UPDATE submissions SET state = ?, reason = ?, updated_at = ? WHERE id = ? "
+                "AND state = 'queued'",
+                (state, reason or f"{state} (no reason given)", now(), sid),
             )

@@ -4,7 +4,10 @@ Authentication (``ServiceConfig``): bearer tokens — every call carries ``autho
 <token>`` metadata, checked by :class:`BearerAuthInterceptor` against the configured token → client
 id table before any handler runs (``UNAUTHENTICATED`` otherwise) — and/or mutual TLS, where the TLS
 handshake itself refuses clients without a certificate signed by ``tls.client_ca`` and the client id
-is the certificate's common name. Errors map to gRPC status codes: invalid input →
+is the certificate's common name. A submission's metadata (``GetSubmission``: client id, label,
+reason) is readable by the client that submitted it and by ``operators`` only; to anyone else the id
+is unknown (``NOT_FOUND``). A bulk upload's partial state belongs to the client that began it.
+Errors map to gRPC status codes: invalid input →
 ``INVALID_ARGUMENT``, quota → ``RESOURCE_EXHAUSTED``, unknown id → ``NOT_FOUND``, a concurrent upload
 of the same object → ``ABORTED`` (retry), a busy store → ``UNAVAILABLE`` (retry).
 
@@ -51,6 +54,7 @@ STATE_TO_PB = {
     "queued": intake_pb2.SUBMISSION_STATE_QUEUED,
     "merged": intake_pb2.SUBMISSION_STATE_MERGED,
     "rejected": intake_pb2.SUBMISSION_STATE_REJECTED,
+    "failed": intake_pb2.SUBMISSION_STATE_FAILED,
 }
 CLIENT_KEY = "fedmerge-client-id"
 
@@ -171,6 +175,10 @@ class _Handlers:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "no client identity")
         return "anonymous"
 
+    def may_read(self, client: str, sub: Submission) -> bool:
+        """Whether ``client`` may read ``sub``'s metadata: its submitter, or an operator."""
+        return client == sub.client_id or client in self.config.operators
+
     @staticmethod
     def stream_owner(context: grpc.ServicerContext, client: str) -> str:
         """Whose stream slots a call uses: the client id, or for an open server the peer's host."""
@@ -230,7 +238,18 @@ class IntakeServicer(intake_pb2_grpc.ExpertIntakeServicer):
     def _receive(self, client: str, stream: Iterator[intake_pb2.SubmitChunk]) -> tuple[Submission, bool]:
         """Header, then the data chunks (or a bulk object) of one SubmitExpert stream → (submission, dup)."""
         first = next(stream, None)
-        if first is None or first.WhichOneof("part") != "header":
+        if first is None:
+            raise InvalidSubmission(
+                "the SubmitExpert stream carried no message; send a SubmitChunk with the header "
+                "(format, total_size) first, then the data"
+            )
+        part = first.WhichOneof("part")
+        if part is None:
+            raise InvalidSubmission(
+                "the first SubmitChunk is empty (neither header nor data); it must carry the header "
+                "(format, total_size)"
+            )
+        if part != "header":
             raise InvalidSubmission("the first SubmitChunk must carry the header (format, total_size)")
         hdr = first.header
         fmt = FORMAT_FROM_PB.get(hdr.format)
@@ -242,6 +261,13 @@ class IntakeServicer(intake_pb2_grpc.ExpertIntakeServicer):
         if hdr.sha256:
             check_sha(hdr.sha256)
         if hdr.bulk_object:
+            check_sha(hdr.bulk_object)
+            if hdr.sha256 and hdr.sha256 != hdr.bulk_object:
+                raise InvalidSubmission(
+                    f"header.sha256 {hdr.sha256} does not match the bulk object's hash {hdr.bulk_object} "
+                    "(bulk objects are named by the sha256 of their bytes); declare the object's own hash "
+                    "or leave sha256 empty"
+                )
             return self.h.queue.receive_bulk(
                 client_id=client,
                 fmt=fmt,
@@ -252,8 +278,14 @@ class IntakeServicer(intake_pb2_grpc.ExpertIntakeServicer):
             )
 
         def data() -> Iterator[bytes]:
-            for msg in stream:
-                if msg.WhichOneof("part") != "data":
+            for index, msg in enumerate(stream, 2):
+                kind = msg.WhichOneof("part")
+                if kind is None:
+                    raise InvalidSubmission(
+                        f"SubmitChunk #{index} is empty (neither header nor data); after the header every "
+                        "message must carry data — nothing of this expert was kept, resend it"
+                    )
+                if kind != "data":
                     raise InvalidSubmission("only the first SubmitChunk may carry a header")
                 yield msg.data
 
@@ -270,8 +302,16 @@ class IntakeServicer(intake_pb2_grpc.ExpertIntakeServicer):
     def GetSubmission(  # noqa: N802
         self, request: intake_pb2.GetSubmissionRequest, context: grpc.ServicerContext
     ) -> intake_pb2.Submission:
+        client = self.h.client_id(context)
         try:
-            return submission_pb(self.h.queue.get(request.submission_id))
+            sub = self.h.queue.get(request.submission_id)
+            if not self.h.may_read(client, sub):
+                # the same answer as for an unknown id: whether another client submitted it is theirs
+                raise UnknownSubmissionError(
+                    f"no submission {request.submission_id!r} of client {client!r}; a client reads only "
+                    "the submissions it made (operators read all)"
+                )
+            return submission_pb(sub)
         except FedMergeError as exc:
             self.h.fail(context, exc)
             raise AssertionError("unreachable") from exc
@@ -353,9 +393,9 @@ class BulkServicer(intake_pb2_grpc.BulkUploadServicer):
     def Begin(  # noqa: N802
         self, request: intake_pb2.BulkBeginRequest, context: grpc.ServicerContext
     ) -> intake_pb2.BulkStatus:
-        self.h.client_id(context)
+        owner = self.h.client_id(context)
         try:
-            return self._status(self.h.bulk.begin(request.sha256, int(request.total_size)))
+            return self._status(self.h.bulk.begin(request.sha256, int(request.total_size), owner))
         except BulkError as exc:
             self.h.fail(context, exc)
             raise AssertionError("unreachable") from exc
@@ -363,7 +403,8 @@ class BulkServicer(intake_pb2_grpc.BulkUploadServicer):
     def Upload(  # noqa: N802
         self, request_iterator: Iterator[intake_pb2.BulkChunk], context: grpc.ServicerContext
     ) -> intake_pb2.BulkStatus:
-        owner = self.h.stream_owner(context, self.h.client_id(context))
+        client = self.h.client_id(context)
+        owner = self.h.stream_owner(context, client)
         try:
             with (
                 self.h.slots.hold(owner),
@@ -374,29 +415,30 @@ class BulkServicer(intake_pb2_grpc.BulkUploadServicer):
                     "it returns",
                 ) as stream,
             ):
-                return self._upload(stream)
+                return self._upload(stream, client)
         except FedMergeError as exc:
             self.h.fail(context, exc)
             raise AssertionError("unreachable") from exc
 
-    def _upload(self, stream: Iterator[intake_pb2.BulkChunk]) -> intake_pb2.BulkStatus:
-        """Write one Upload stream's chunks; on any error the object stays resumable (flushed, released)."""
+    def _upload(self, stream: Iterator[intake_pb2.BulkChunk], client: str) -> intake_pb2.BulkStatus:
+        """Write one Upload stream's chunks into ``client``'s partial upload; on any error the object
+        stays resumable (flushed, released)."""
         sha: str | None = None
         try:
             for chunk in stream:
                 if sha is None:
                     sha = check_sha(chunk.sha256)
-                    self.h.bulk.acquire(sha)
+                    self.h.bulk.acquire(sha, client)
                 elif chunk.sha256 != sha:
                     raise BulkError("one Upload stream carries one object; open a new stream for another")
-                self.h.bulk.write(sha, int(chunk.offset), chunk.data)
+                self.h.bulk.write(sha, int(chunk.offset), chunk.data, client)
             if sha is None:
                 raise BulkError("empty Upload stream; send at least one chunk")
-            status = self.h.bulk.finish(sha)  # still holding the object: no other stream interleaves
+            status = self.h.bulk.finish(sha, client)  # still holding the object: no other stream interleaves
             return self._status(status)
         finally:
             if sha is not None:  # error or broken connection: keep what was written, resumable
-                self.h.bulk.release(sha)
+                self.h.bulk.release(sha, client)
 
     def UploadUnary(  # noqa: N802
         self, request: intake_pb2.UnaryUploadRequest, context: grpc.ServicerContext

@@ -20,6 +20,7 @@ class SubmissionState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SUBMISSION_STATE_QUEUED: _ClassVar[SubmissionState]
     SUBMISSION_STATE_MERGED: _ClassVar[SubmissionState]
     SUBMISSION_STATE_REJECTED: _ClassVar[SubmissionState]
+    SUBMISSION_STATE_FAILED: _ClassVar[SubmissionState]
 EXPERT_FORMAT_UNSPECIFIED: ExpertFormat
 EXPERT_FORMAT_CHECKPOINT: ExpertFormat
 EXPERT_FORMAT_PEFT_TAR: ExpertFormat
@@ -28,6 +29,7 @@ SUBMISSION_STATE_UNSPECIFIED: SubmissionState
 SUBMISSION_STATE_QUEUED: SubmissionState
 SUBMISSION_STATE_MERGED: SubmissionState
 SUBMISSION_STATE_REJECTED: SubmissionState
+SUBMISSION_STATE_FAILED: SubmissionState
 
 class SubmitHeader(_message.Message):
     __slots__ = ("format", "base_version", "total_size", "sha256", "bulk_object", "label")
