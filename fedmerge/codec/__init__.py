@@ -28,6 +28,7 @@ from fedmerge.codec.package import (
     TensorBytes,
     decode_package,
     encode_package,
+    read_headers,
 )
 from fedmerge.codec.validate import DecodeLimits
 
@@ -52,4 +53,5 @@ __all__ = [
     "UnsupportedFormatVersion",
     "decode_package",
     "encode_package",
+    "read_headers",
 ]

@@ -307,17 +307,12 @@ def _report(
 # ------------------------------------------------------------------------------------------- decoding
 
 
-def decode_package(
-    data: bytes,
-    *,
-    expected_shapes: Mapping[str, tuple[int, ...]] | None = None,
-    limits: validate.DecodeLimits = validate.DecodeLimits(),  # noqa: B008 (frozen, immutable default)
-) -> DecodedPackage:
-    """Verify and decode a serialized DeltaPackage; raise a :class:`PackageError` subclass on any problem.
-
-    ``expected_shapes`` (the base version's name → shape) makes a missing, extra or misshapen tensor
-    an error before any payload is read.
-    """
+def read_headers(
+    data: bytes, limits: validate.DecodeLimits = validate.DecodeLimits()  # noqa: B008 (frozen)
+) -> tuple[delta_pb2.DeltaPackage, PackageMeta, list[validate.TensorHeader]]:
+    """Steps 1–5 of validation only: the parsed package, its metadata and every tensor header with
+    its declared shape, checked against ``limits`` and the payload lengths — no payload is decoded and
+    nothing proportional to a declared size is allocated (callers compare the headers with the base)."""
     validate.check_package_size(len(data), limits)
     pkg = delta_pb2.DeltaPackage()
     try:
@@ -339,7 +334,29 @@ def decode_package(
         header = validate.check_tensor_header(td, limits, total_numel)
         total_numel += header.numel
         headers.append(header)
-    validate.check_expected(headers, expected_shapes)
+    return pkg, _meta_of(pkg), headers
+
+
+def decode_package(
+    data: bytes,
+    *,
+    expected_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    limits: validate.DecodeLimits = validate.DecodeLimits(),  # noqa: B008 (frozen, immutable default)
+    allow_missing: bool = False,
+) -> DecodedPackage:
+    """Verify and decode a serialized DeltaPackage; raise a :class:`PackageError` subclass on any problem.
+
+    ``expected_shapes`` (the base version's name → shape) makes an extra or misshapen tensor, an empty
+    package and — unless ``allow_missing`` — a missing tensor an error before any payload is read, and
+    tightens ``limits`` to twice the base (:meth:`DecodeLimits.within_base` with ``factor=2``: slack
+    so that a misnamed or misshapen tensor is reported as such, while nothing far above the base is
+    read). Without it only ``limits``
+    bound the allocation; servers always pass the base's shapes.
+    """
+    if expected_shapes is not None:
+        limits = limits.within_base(expected_shapes, factor=2)
+    pkg, _, headers = read_headers(data, limits)
+    validate.check_expected(headers, expected_shapes, allow_missing=allow_missing)
     digest = checksum.package_checksum(pkg)
     if digest != pkg.checksum:
         raise ChecksumMismatch(

@@ -64,6 +64,39 @@ class DecodeLimits:
     max_metadata_bytes: int = 1 << 16
     max_block_size: int = 1 << 20
 
+    def within_base(self, shapes: Mapping[str, tuple[int, ...]], *, factor: int = 1) -> DecodeLimits:
+        """These limits tightened to what a delta of a base with ``shapes`` can declare: at most
+        ``factor × len(shapes) + 1`` tensors of at most one more dimension than the base's,, each of at most ``factor ×`` the largest base tensor's
+        entries, ``factor ×`` the base's total entries in all, and a package of at most
+        ``base_package_bytes(shapes, factor)`` bytes (``factor`` = 2 for LoRA factor pairs, whose
+        A (r×in) and B (out×r) hold at most ``2·out·in`` entries together with r ≤ min(out, in))."""
+        numels = [math.prod(s) for s in shapes.values()] or [0]
+        return DecodeLimits(
+            max_package_bytes=min(self.max_package_bytes, base_package_bytes(shapes, factor=factor)),
+            max_tensors=min(self.max_tensors, factor * len(shapes) + 1),
+            max_tensor_numel=min(self.max_tensor_numel, factor * max(numels)),
+            max_total_numel=min(self.max_total_numel, factor * sum(numels)),
+            max_ndim=min(self.max_ndim, max((len(s) for s in shapes.values()), default=0) + 1),
+            max_name_bytes=self.max_name_bytes,
+            max_metadata_bytes=self.max_metadata_bytes,
+            max_block_size=self.max_block_size,
+        )
+
+
+PACKAGE_OVERHEAD_BYTES = 1 << 16
+"""Header slack of one package: metadata, checksums, enum fields (bounded by ``max_metadata_bytes``)."""
+TENSOR_OVERHEAD_BYTES = 2048
+"""Per-tensor header slack: name (≤ ``max_name_bytes``), shape, checksum, scalars."""
+
+
+def base_package_bytes(shapes: Mapping[str, tuple[int, ...]], *, factor: int = 1) -> int:
+    """The largest honest package for a base with ``shapes``: every entry as fp32 value plus a 4-byte
+    index (COO, the widest index coding the encoder picks only when smaller than dense), ×``factor``,
+    plus :data:`TENSOR_OVERHEAD_BYTES` per tensor and :data:`PACKAGE_OVERHEAD_BYTES`:
+    ``factor·(8·Σnumel + 2048·len(shapes)) + 65536``."""
+    total = sum(math.prod(s) for s in shapes.values())
+    return factor * (8 * total + TENSOR_OVERHEAD_BYTES * len(shapes)) + PACKAGE_OVERHEAD_BYTES
+
 
 @dataclass(frozen=True)
 class TensorHeader:
@@ -154,8 +187,14 @@ def check_tensor_header(td: delta_pb2.TensorDelta, limits: DecodeLimits, total_n
     return TensorHeader(name, tuple(int(d) for d in td.shape), numel, td.dtype, values, index)
 
 
-def check_expected(headers: list[TensorHeader], expected: Mapping[str, tuple[int, ...]] | None) -> None:
-    """Names unique; with ``expected`` (the base version's shapes), the same names and shapes (step 6)."""
+def check_expected(
+    headers: list[TensorHeader],
+    expected: Mapping[str, tuple[int, ...]] | None,
+    *,
+    allow_missing: bool = False,
+) -> None:
+    """Names unique; with ``expected`` (the base version's shapes), only those names with those shapes
+    and — unless ``allow_missing`` (a partial delta) — every one of them, and at least one (step 6)."""
     seen: set[str] = set()
     for h in headers:
         if h.name in seen:
@@ -172,8 +211,12 @@ def check_expected(headers: list[TensorHeader], expected: Mapping[str, tuple[int
             raise TensorShapeMismatch(
                 f"declares shape {h.shape} but the base version has {tuple(expected[h.name])}", h.name
             )
+    if not headers:
+        raise TensorNameMismatch(
+            "package holds no tensors; a delta must change at least one tensor of the base version"
+        )
     missing = sorted(set(expected) - seen)
-    if missing:
+    if missing and not allow_missing:
         raise TensorNameMismatch(
             f"is missing from the package ({len(missing)} base tensors missing); "
             "send every tensor, zeros included",

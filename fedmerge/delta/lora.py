@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from fedmerge.errors import ConfigError, IncompatibleDeltasError
 
@@ -94,36 +94,79 @@ def load_peft_adapter(directory: str | Path) -> LoraAdapter:
     """Read ``adapter_config.json`` + ``adapter_model.safetensors`` written by peft (LoRA only)."""
     d = Path(directory)
     try:
-        config = json.loads((d / ADAPTER_CONFIG).read_text())
-        tensors = load_file(str(d / ADAPTER_WEIGHTS))
-    except (OSError, ValueError) as exc:
+        config_bytes = (d / ADAPTER_CONFIG).read_bytes()
+        weights_bytes = (d / ADAPTER_WEIGHTS).read_bytes()
+    except OSError as exc:
         raise LoraError(f"cannot read a peft adapter from {d}: {exc}") from exc
+    return peft_adapter_from_bytes(config_bytes, weights_bytes, origin=str(d))
+
+
+def _config_number(config: Mapping[str, Any], key: str, origin: str, *, integer: bool = False) -> float:
+    value = config.get(key)
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value <= 0 or (integer and value != int(value)):  # type: ignore[operator]
+        kind = "a positive integer" if integer else "a positive finite number"
+        raise LoraError(f"{origin}/{ADAPTER_CONFIG}: {key!r} must be {kind}, got {value!r}")
+    return float(value)  # type: ignore[arg-type]
+
+
+def peft_adapter_from_bytes(
+    config_bytes: bytes, weights_bytes: bytes, *, origin: str = "adapter"
+) -> LoraAdapter:
+    """A peft LoRA adapter from the bytes of its two files (no filesystem). Every failure is a
+    :class:`LoraError` naming the file and the field or module: a config that is not a JSON object or
+    lacks a positive ``r``/``lora_alpha``, weights that are not safetensors, a ``lora_B`` without its
+    ``lora_A`` (or the reverse), factors that are not 2-D or whose ranks differ."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_bytes
+
+    try:
+        config = json.loads(config_bytes)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise LoraError(f"{origin}/{ADAPTER_CONFIG} is not JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise LoraError(f"{origin}/{ADAPTER_CONFIG} must hold a JSON object, got {type(config).__name__}")
+    try:
+        tensors = load_bytes(weights_bytes)
+    except (SafetensorError, ValueError, RuntimeError, OSError) as exc:
+        raise LoraError(f"{origin}/{ADAPTER_WEIGHTS} is not a safetensors file: {exc}") from None
     if config.get("peft_type", "LORA") != "LORA":
-        raise LoraError(f"{d / ADAPTER_CONFIG}: peft_type {config.get('peft_type')!r} is not LORA")
+        raise LoraError(f"{origin}/{ADAPTER_CONFIG}: peft_type {config.get('peft_type')!r} is not LORA")
     if config.get("use_dora"):
-        raise LoraError(f"{d / ADAPTER_CONFIG}: DoRA adapters are not supported (ΔW is not s·B·A)")
+        raise LoraError(f"{origin}/{ADAPTER_CONFIG}: DoRA adapters are not supported (ΔW is not s·B·A)")
     if config.get("alpha_pattern"):
-        raise LoraError(f"{d / ADAPTER_CONFIG}: alpha_pattern is not supported; use one lora_alpha")
-    alpha, use_rslora = float(config["lora_alpha"]), bool(config.get("use_rslora", False))
+        raise LoraError(f"{origin}/{ADAPTER_CONFIG}: alpha_pattern is not supported; use one lora_alpha")
+    alpha = _config_number(config, "lora_alpha", origin)
+    rank = int(_config_number(config, "r", origin, integer=True))
+    use_rslora = bool(config.get("use_rslora", False))
     modules: dict[str, LoraModule] = {}
     extra: dict[str, torch.Tensor] = {}
     for key in sorted(tensors):
+        if key.endswith(_B) and key[: -len(_B)] + _A not in tensors:
+            raise LoraError(
+                f"{origin}/{ADAPTER_WEIGHTS}: {key!r} has no matching {key[: -len(_B)] + _A!r}; "
+                "send both factors of every adapted module"
+            )
         if key.endswith(_A):
             module = key[: -len(_A)]
             b_key = module + _B
             if b_key not in tensors:
-                raise LoraError(f"{d / ADAPTER_WEIGHTS}: {key!r} has no matching {b_key!r}")
+                raise LoraError(
+                    f"{origin}/{ADAPTER_WEIGHTS}: {key!r} has no matching {b_key!r}; "
+                    "send both factors of every adapted module"
+                )
             a, b = tensors[key], tensors[b_key]
-            if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-                raise LoraError(f"{key!r}: A {tuple(a.shape)} and B {tuple(b.shape)} are not r×in and out×r")
+            check_factor_ranks(module, a, b)
             name = module.removeprefix(PEFT_PREFIX) + ".weight"
             modules[name] = LoraModule(a, b, scaling_for(alpha, int(a.shape[0]), use_rslora))
         elif not key.endswith(_B):
             extra[key] = tensors[key]
     targets = config.get("target_modules") or ()
+    if not isinstance(targets, str | list | tuple) or not all(isinstance(t, str) for t in targets):
+        raise LoraError(f"{origin}/{ADAPTER_CONFIG}: target_modules must be a string or a list of strings")
     return LoraAdapter(
         modules=modules,
-        rank=int(config["r"]),
+        rank=rank,
         alpha=alpha,
         target_modules=(targets,) if isinstance(targets, str) else tuple(sorted(targets)),
         use_rslora=use_rslora,
@@ -131,6 +174,26 @@ def load_peft_adapter(directory: str | Path) -> LoraAdapter:
         config=config,
         extra=extra,
     )
+
+
+def check_factor_ranks(module: str, a: torch.Tensor, b: torch.Tensor, rank: int | None = None) -> None:
+    """A (r × in) and B (out × r) of ``module`` must be 2-D with the same r (and r = ``rank`` when
+    given); else :class:`LoraError` naming the module, both shapes and both ranks."""
+    if a.dim() != 2 or b.dim() != 2:
+        raise LoraError(
+            f"module {module!r}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} must be 2-D "
+            "(A: r×in, B: out×r)"
+        )
+    if a.shape[0] != b.shape[1]:
+        raise LoraError(
+            f"module {module!r}: lora_A {tuple(a.shape)} has rank {a.shape[0]} but lora_B "
+            f"{tuple(b.shape)} has rank {b.shape[1]}; both factors must have the same rank r"
+        )
+    if rank is not None and a.shape[0] != rank:
+        raise LoraError(
+            f"module {module!r}: factors have rank {a.shape[0]} but the adapter declares rank {rank}; "
+            "every module must use the declared lora_rank"
+        )
 
 
 def save_peft_adapter(adapter: LoraAdapter, directory: str | Path) -> None:
