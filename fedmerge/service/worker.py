@@ -18,165 +18,26 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-import tarfile
-import tempfile
 import threading
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from fedmerge.aggregators.continual import ContinualMerger, create_continual
-from fedmerge.codec import DecodeLimits, decode_package
-from fedmerge.delta.lora import load_peft_adapter, lora_to_delta
-from fedmerge.delta.sparse import SparseTensor
+from fedmerge.delta.submission import (  # noqa: F401 (re-exported: the worker's former home of these)
+    _complete,
+    check_package_base,
+    checkpoint_to_task_vector,
+    expert_task_vector,
+    package_to_task_vector,
+    peft_tar_to_task_vector,
+)
 from fedmerge.errors import ConfigError, FedMergeError, InvalidSubmission, StoreIntegrityError
 from fedmerge.service.intake import IntakeQueue, Submission
 from fedmerge.store import Contributor, ModelStore, StoreBusyError, UnknownVersionError, Version
 
 log = logging.getLogger(__name__)
-
-
-# ----------------------------------------------------------------------------------- conversion
-
-
-def _complete(
-    base: Mapping[str, torch.Tensor], partial: Mapping[str, torch.Tensor], what: str
-) -> dict[str, torch.Tensor]:
-    """A task vector over every floating base tensor: ``partial`` where given, zeros elsewhere."""
-    out: dict[str, torch.Tensor] = {}
-    for name in sorted(partial):
-        if name not in base or not base[name].is_floating_point():
-            raise InvalidSubmission(
-                f"{what}: tensor {name!r} is not a floating parameter of the base model; "
-                "was it fine-tuned from another base?"
-            )
-        if tuple(partial[name].shape) != tuple(base[name].shape):
-            raise InvalidSubmission(
-                f"{what}: tensor {name!r} has shape {tuple(partial[name].shape)}, the base has "
-                f"{tuple(base[name].shape)}; fine-tune from the server's base version"
-            )
-    for name, weight in sorted(base.items()):
-        if not weight.is_floating_point():
-            continue
-        t = partial.get(name)
-        out[name] = torch.zeros(weight.shape, dtype=torch.float32) if t is None else t.to(torch.float32)
-    return out
-
-
-def checkpoint_to_task_vector(path: Path, base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """τ = θ_ft − θ₀ over the base's floating tensors; the checkpoint must hold all of them."""
-    try:
-        ft = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise InvalidSubmission(
-            f"checkpoint is not a readable safetensors file ({exc}); send model.safetensors"
-        ) from None
-    missing = [n for n, w in base.items() if w.is_floating_point() and n not in ft]
-    if missing:
-        raise InvalidSubmission(
-            f"checkpoint lacks base tensor {missing[0]!r} ({len(missing)} missing); send the full fine-tuned "
-            "state dict, or a LoRA adapter / DeltaPackage for partial updates"
-        )
-    partial = {}
-    for n, w in base.items():
-        if not w.is_floating_point():
-            continue
-        if not ft[n].is_floating_point():
-            raise InvalidSubmission(f"checkpoint tensor {n!r} is {ft[n].dtype}, the base's is floating")
-        if tuple(ft[n].shape) != tuple(w.shape):
-            raise InvalidSubmission(
-                f"checkpoint tensor {n!r} has shape {tuple(ft[n].shape)}, the base has {tuple(w.shape)}"
-            )
-        partial[n] = ft[n].to(torch.float32) - w.to(torch.float32)
-    return _complete(base, partial, "checkpoint")
-
-
-def peft_tar_to_task_vector(path: Path, base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """ΔW = s·B·A for every LoRA module of a tarred peft adapter directory; zeros elsewhere."""
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            with tarfile.open(path, "r:") as tar:
-                names = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
-                for wanted in ("adapter_config.json", "adapter_model.safetensors"):
-                    member = names.get(wanted)
-                    if member is None:
-                        raise InvalidSubmission(f"peft archive has no {wanted}; tar the adapter directory")
-                    src = tar.extractfile(member)
-                    assert src is not None
-                    with src, open(Path(tmp) / wanted, "wb") as dst:
-                        while block := src.read(1 << 20):
-                            dst.write(block)
-        except tarfile.TarError as exc:
-            raise InvalidSubmission(f"peft expert is not an uncompressed tar archive ({exc})") from None
-        try:
-            adapter = load_peft_adapter(tmp)
-        except ConfigError as exc:
-            raise InvalidSubmission(f"peft adapter: {exc}") from None
-    return _complete(base, lora_to_delta(adapter), "peft adapter")
-
-
-def check_package_base(meta_id: str, meta_hash: str, base_id: str, base_hash: str) -> None:
-    """Refuse a package encoded against another base: its ``base_version_id`` must equal ``base_id``
-    and its ``base_version_hash`` equal ``base_hash``, each when set (an empty field is not checked, so
-    a package that names no base is taken as relative to the server's base)."""
-    if (meta_id and meta_id != base_id) or (meta_hash and meta_hash != base_hash):
-        raise InvalidSubmission(
-            f"stale delta package: computed against base {meta_id or '(no id)'!r} (hash "
-            f"{meta_hash[:16] + '…' if meta_hash else '(none)'}) but this server merges onto base "
-            f"{base_id!r} (hash {base_hash[:16]}…); recompute the delta against that version"
-        )
-
-
-def package_to_task_vector(
-    path: Path,
-    base: Mapping[str, torch.Tensor],
-    max_bytes: int,
-    *,
-    base_id: str,
-    base_hash: str,
-) -> dict[str, torch.Tensor]:
-    """Decode a verified DeltaPackage made against base ``base_id``/``base_hash`` (see
-    :func:`check_package_base`); LoRA factors become ΔW = (α/r)·B·A."""
-    data = path.read_bytes()
-    decoded = decode_package(
-        data, limits=DecodeLimits(max_package_bytes=min(max(max_bytes, 1), (1 << 31) - 1))
-    )
-    check_package_base(decoded.meta.base_version_id, decoded.meta.base_version_hash, base_id, base_hash)
-    dense = {
-        n: (t.to_dense(torch.float32) if isinstance(t, SparseTensor) else t.to(torch.float32))
-        for n, t in decoded.tensors.items()
-    }
-    if decoded.meta.kind == "task_vector":
-        return _complete(base, dense, "delta package")
-    meta = decoded.meta
-    if meta.lora_rank <= 0:
-        raise InvalidSubmission("LoRA delta package declares lora_rank 0; set it in PackageMeta")
-    scale = meta.lora_alpha / meta.lora_rank
-    partial: dict[str, torch.Tensor] = {}
-    for name, a in dense.items():
-        if not name.endswith(".lora_A.weight"):
-            continue
-        module = name.removesuffix(".lora_A.weight")
-        b = dense.get(module + ".lora_B.weight")
-        if b is None:
-            raise InvalidSubmission(f"delta package: {name!r} has no matching {module + '.lora_B.weight'!r}")
-        partial[module.removeprefix("base_model.model.") + ".weight"] = scale * (b @ a)
-    return _complete(base, partial, "LoRA delta package")
-
-
-def expert_task_vector(
-    sub: Submission, path: Path, base: Version, weights: Mapping[str, torch.Tensor], max_bytes: int
-) -> dict[str, torch.Tensor]:
-    """τ of one spooled expert relative to ``base`` (whose floating tensors are ``weights``)."""
-    if sub.format == "checkpoint":
-        return checkpoint_to_task_vector(path, weights)
-    if sub.format == "peft_tar":
-        return peft_tar_to_task_vector(path, weights)
-    return package_to_task_vector(path, weights, max_bytes, base_id=base.id, base_hash=base.content_hash)
 
 
 # ----------------------------------------------------------------------------------- the worker
