@@ -66,9 +66,9 @@ class DecodeLimits:
 
     def within_base(self, shapes: Mapping[str, tuple[int, ...]], *, factor: int = 1) -> DecodeLimits:
         """These limits tightened to what a delta of a base with ``shapes`` can declare: at most
-        ``factor × len(shapes) + 1`` tensors of at most one more dimension than the base's,, each of at most ``factor ×`` the largest base tensor's
-        entries, ``factor ×`` the base's total entries in all, and a package of at most
-        ``base_package_bytes(shapes, factor)`` bytes (``factor`` = 2 for LoRA factor pairs, whose
+        ``factor × len(shapes) + 1`` tensors (one more dimension at most than the base's), each of
+        at most ``factor ×`` the largest base tensor's entries, ``factor ×`` the base's total entries
+        in all, and a package of at most ``base_package_bytes(shapes, factor)`` bytes (``factor`` = 2 for LoRA factor pairs, whose
         A (r×in) and B (out×r) hold at most ``2·out·in`` entries together with r ≤ min(out, in))."""
         numels = [math.prod(s) for s in shapes.values()] or [0]
         return DecodeLimits(

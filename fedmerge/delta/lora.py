@@ -104,7 +104,7 @@ def load_peft_adapter(directory: str | Path) -> LoraAdapter:
 def _config_number(config: Mapping[str, Any], key: str, origin: str, *, integer: bool = False) -> float:
     value = config.get(key)
     ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value <= 0 or (integer and value != int(value)):  # type: ignore[operator]
+    if not ok or value <= 0 or (integer and value != int(value)):  # type: ignore[operator,arg-type]
         kind = "a positive integer" if integer else "a positive finite number"
         raise LoraError(f"{origin}/{ADAPTER_CONFIG}: {key!r} must be {kind}, got {value!r}")
     return float(value)  # type: ignore[arg-type]

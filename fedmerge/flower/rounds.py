@@ -27,7 +27,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -35,9 +35,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 
 from fedmerge.aggregators import Aggregator, create
-from fedmerge.codec import CodecConfig, DecodeLimits, PackageMeta, decode_package
-from fedmerge.delta.sparse import SparseTensor
+from fedmerge.codec import CodecConfig, DecodeLimits, PackageMeta
 from fedmerge.delta.state_dict import StateDict, floating_names, shapes_of
+from fedmerge.delta.submission import (
+    StaleOrInvalid,
+    check_values,
+    decode_task_vector_package,
+    fill_missing,
+    value_bound,
+)
 from fedmerge.errors import FedMergeError, InvalidSubmission
 from fedmerge.flower.config import RunConfig
 from fedmerge.flower.downlink import apply_weights, compress_update, weights_digest
@@ -63,6 +69,11 @@ log = logging.getLogger("fedmerge.rounds")
 
 POLL_S = 0.02  # pulling is cheap (in-memory or one RPC); a reply is judged ≤ 20 ms after it lands
 MAX_REASON = 400  # characters of a client's error kept in the manifest (the end of a traceback)
+MAX_ROUND_REPLIES = 1 << 16  # replies one round may fold: with max-num-examples, the accumulator's weight
+
+
+class MalformedReply(InvalidSubmission):
+    """A reply whose content could not be parsed at all (an unexpected error while judging it)."""
 
 
 class RoundAborted(FedMergeError, RuntimeError):
@@ -215,10 +226,37 @@ def _sha256(data: bytes) -> str:
 
 
 def _metrics_of(content: RecordDict) -> dict[str, float]:
+    """The finite numeric metrics of a reply's ``metrics`` record; others are left out (never raises)."""
     record = content.metric_records.get(METRICS_RECORD)
     if record is None:
         return {}
-    return {k: float(v) for k, v in record.items() if isinstance(v, int | float)}
+    out: dict[str, float] = {}
+    for k, v in record.items():
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            f = float(v)
+            if math.isfinite(f):
+                out[str(k)] = f
+    return out
+
+
+def reply_num_examples(content: RecordDict) -> int:
+    """``num-examples`` of a dense reply's ``metrics`` record: an integer (an integral float is taken),
+    not a bool, string, list, NaN or infinity; else :class:`StaleOrInvalid` saying what was sent."""
+    record = content.metric_records.get(METRICS_RECORD)
+    value: Any = None if record is None else record.get("num-examples")
+    if value is None:
+        raise StaleOrInvalid(
+            f"dense reply has no 'num-examples' in MetricRecord {METRICS_RECORD!r}; report the number "
+            "of local training examples"
+        )
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise StaleOrInvalid(
+            f"num-examples is {type(value).__name__} {str(value)[:40]!r}, not a number; report the number "
+            "of local training examples as an int"
+        )
+    if isinstance(value, float) and (not math.isfinite(value) or not value.is_integer()):
+        raise StaleOrInvalid(f"num-examples={value!r} is not a whole finite number of examples")
+    return int(value)
 
 
 def dense_bytes_of(shapes: Mapping[str, tuple[int, ...]]) -> int:
@@ -229,7 +267,17 @@ def dense_bytes_of(shapes: Mapping[str, tuple[int, ...]]) -> int:
 class RoundState:
     """Per-round bookkeeping for validation: seen clients and submissions, the aggregator."""
 
-    def __init__(self, cfg: RunConfig, round_: int, base: Version, base_weights: StateDict) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        round_: int,
+        base: Version,
+        base_weights: StateDict,
+        *,
+        max_abs: float | None = None,
+    ) -> None:
+        """``max_abs``: the magnitude bound on reply values (default: :func:`value_bound` of the base
+        with total weight ``max-num-examples × MAX_ROUND_REPLIES``)."""
         self.cfg, self.round, self.base = cfg, round_, base
         self.base_weights = base_weights
         self.names = floating_names(base_weights)
@@ -242,36 +290,59 @@ class RoundState:
             cfg.aggregator, seed=cfg.seed, round=round_, **cfg.aggregator_params
         )
         self.aggregator.begin(self.shapes)
-        self.limits = DecodeLimits(max_package_bytes=cfg.max_package_bytes)
+        self.limits = DecodeLimits(max_package_bytes=cfg.max_package_bytes).within_base(self.shapes, factor=2)
+        self.max_abs = (
+            value_bound(self.shapes, total_weight=float(cfg.max_num_examples) * MAX_ROUND_REPLIES)
+            if max_abs is None
+            else max_abs
+        )
+        self.accepted_replies: list[tuple[int, Message]] = []  # kept to re-merge without an offender
+        self.tainted = False  # an aggregator.add raised part-way: the fold must be redone
         self.reference = Reference(base.id)  # screening reference (safeguards.reference_for)
         self.scores: dict[str, dict[str, Any]] = {}  # per-client anomaly scores
         self.privacy: dict[str, Any] | None = None  # the DP release record, set at finalize
 
     def judge(self, node_id: int, reply: Message) -> ReplyOutcome:
-        """Validate one reply and fold it into the aggregator if it is accepted."""
+        """Validate one reply and fold it into the aggregator if it is accepted. Never raises: every
+        failure while reading the reply (of any class) is a recorded rejection of that reply."""
         default_id = f"node-{node_id}"
-        if reply.has_error():
-            err = reply.error
-            reason = " ".join((err.reason or "").split())
-            reason = reason if len(reason) <= MAX_REASON else "…" + reason[-MAX_REASON:]
-            return ReplyOutcome(node_id, default_id, False, f"client failed (code {err.code}): {reason}")
-        content = reply.content
-        metrics = _metrics_of(content)
+        client_id = default_id
+        metrics: dict[str, float] = {}
+        folding = False
         try:
+            if reply.has_error():
+                err = reply.error
+                reason = " ".join(str(err.reason or "").split())
+                reason = reason if len(reason) <= MAX_REASON else "…" + reason[-MAX_REASON:]
+                return ReplyOutcome(node_id, default_id, False, f"client failed (code {err.code}): {reason}")
+            content = reply.content
+            metrics = _metrics_of(content)
             if RECORD_KEY in content.array_records:
                 client_id, n, digest, wire, delta = self._decode(content)
             else:
-                client_id, n, digest, wire, delta = self._dense(content, metrics, default_id)
+                client_id, n, digest, wire, delta = self._dense(content, default_id)
             self._check_unique(node_id, digest)
             client_id = self._label(client_id, node_id)
             delta, weight = screen_delta(delta, float(n), client_id, self.cfg, self.reference, self.scores)
+            folding = True
             self.aggregator.add(delta, weight, client_id=client_id)
+            folding = False
         except InvalidSubmission as exc:
-            cid = locals().get("client_id", default_id)
-            return ReplyOutcome(node_id, str(cid), False, f"{type(exc).__name__}: {exc}", metrics=metrics)
+            self.tainted = self.tainted or folding
+            reason = f"{type(exc).__name__}: {exc}"
+            return ReplyOutcome(node_id, str(client_id), False, reason, metrics=metrics)
+        except Exception as exc:  # a reply must never crash the round: anything else is malformed too
+            self.tainted = self.tainted or folding
+            log.warning("round %d: reply of node %d could not be judged: %r", self.round, node_id, exc)
+            text = " ".join(f"{type(exc).__name__}: {exc}".split())[:MAX_REASON]
+            return ReplyOutcome(
+                node_id, str(client_id), False, f"MalformedReply: reply could not be read ({text})",
+                metrics=metrics,
+            )  # fmt: skip
         self.seen_nodes.add(node_id)
         self.seen_clients.add(client_id)
         self.seen_hashes.add(digest)
+        self.accepted_replies.append((node_id, reply))
         return ReplyOutcome(node_id, client_id, True, None, n, digest, wire, self.dense_bytes, metrics)
 
     def _decode(self, content: RecordDict) -> tuple[str, int, str, int, Mapping[str, Any]]:
@@ -281,34 +352,29 @@ class RoundState:
                 f"package of {len(data)} bytes exceeds max-package-bytes={self.cfg.max_package_bytes}; "
                 "lower codec-density or raise max-package-bytes"
             )
-        pkg = decode_package(data, expected_shapes=self.shapes, limits=self.limits)
+        pkg = decode_task_vector_package(
+            data, self.shapes, base_id=self.base.id, base_hash=self.base.content_hash, limits=self.limits
+        )
         meta = pkg.meta
-        if meta.base_version_id != self.base.id or meta.base_version_hash != self.base.content_hash:
-            raise StaleOrInvalid(
-                f"stale: computed against base {meta.base_version_id!r} but round {self.round} merges onto "
-                f"{self.base.id!r}; the client must train on the current base"
-            )
         if meta.round != self.round:
             raise StaleOrInvalid(f"stale: package is for round {meta.round}, this is round {self.round}")
-        if meta.kind != "task_vector":
-            raise StaleOrInvalid(f"package kind {meta.kind!r} where a task vector was expected")
         self._check_examples(meta.num_examples, meta.client_id)
-        tensors: dict[str, torch.Tensor | SparseTensor] = dict(pkg.tensors)
+        check_values(pkg.tensors, self.max_abs, f"package of {meta.client_id!r}")
+        tensors = fill_missing(pkg.tensors, self.shapes)  # partial: missing tensors are zero change
         return meta.client_id, meta.num_examples, _sha256(data), len(data), tensors
 
-    def _dense(
-        self, content: RecordDict, metrics: dict[str, float], client_id: str
-    ) -> tuple[str, int, str, int, Mapping[str, Any]]:
+    def _dense(self, content: RecordDict, client_id: str) -> tuple[str, int, str, int, Mapping[str, Any]]:
         records = {k: v for k, v in content.array_records.items() if k != BASE_RECORD}
         if len(records) != 1:
             raise StaleOrInvalid(
                 f"reply carries neither a fedmerge package nor exactly one ArrayRecord of weights "
                 f"(ArrayRecords: {sorted(content.array_records)})"
             )
+        n = reply_num_examples(content)
+        self._check_examples(n, client_id)
         key = next(iter(records))
         delta = dense_record_to_task_vector(content, self.base_weights, key=key)
-        n = int(metrics.get("num-examples", 0))
-        self._check_examples(n, client_id)
+        check_values(delta, self.max_abs, f"dense reply of {client_id!r}")
         digest = hashlib.sha256()
         for name in sorted(delta):
             digest.update(name.encode())
@@ -338,10 +404,6 @@ class RoundState:
             return client_id
         log.warning("round %d: node %d reuses client id %r", self.round, node_id, client_id)
         return f"{client_id}@node-{node_id}"
-
-
-class StaleOrInvalid(InvalidSubmission):
-    """A well-formed reply the round cannot use: stale base or round, duplicate, bad weight or size."""
 
 
 @dataclass(frozen=True)
@@ -485,9 +547,10 @@ class Federation:
         report.outcomes = collect(self.grid, messages, sampled, state, self.cfg.round_deadline_s)
         holders.update(o.node_id for o in report.outcomes if o.accepted)
         report.metrics = round_metrics(report)
-        if len(report.accepted) >= self.cfg.min_valid:
+        state, finalized = finite_merge(state, report)
+        if finalized is not None and len(report.accepted) >= self.cfg.min_valid:
             merged, state.privacy = privatize_round(
-                state.aggregator.finalize(), self.cfg, prior_accountant(self.store, base),
+                finalized, self.cfg, prior_accountant(self.store, base),
                 cohort=len(sampled), connected=len(nodes), accepted=len(report.accepted),
                 round_=round_, attempt=attempt,
             )  # fmt: skip
@@ -538,6 +601,85 @@ class Federation:
         fp32 = all(t.dtype == torch.float32 for t in weights.values() if t.is_floating_point())
         self.latest_weights = (version.id, new_weights) if fp32 else None
         return version.id
+
+
+def first_nonfinite(tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """The first tensor name (sorted) holding NaN or ±inf, or None when all are finite."""
+    for name in sorted(tensors):
+        t = tensors[name]
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
+def _finalize(state: RoundState) -> tuple[StateDict | None, str | None]:
+    """(merged, None) when the fold is sound and finite, else (None, why)."""
+    if state.tainted:
+        return None, "an aggregator step failed part-way"
+    try:
+        merged = state.aggregator.finalize()
+    except FedMergeError as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+    bad = first_nonfinite(merged)
+    return (merged, None) if bad is None else (None, f"tensor {bad!r} of the merge is NaN or infinite")
+
+
+def finite_merge(state: RoundState, report: RoundReport) -> tuple[RoundState, StateDict | None]:
+    """The round's merge, checked finite before anything is committed; the offending contributions,
+    not the round, are rejected.
+
+    With fewer than ``min-valid`` accepted replies nothing is finalized: (state, None). When the fold
+    is finite: (state, merged). Otherwise each accepted reply is merged alone; a reply whose solo merge
+    is rejected, fails or is non-finite is an offender, recorded in ``report.outcomes`` as rejected
+    (:class:`NonFiniteMerge`), and the others are folded again into a fresh state, returned with its
+    merge if that is finite. If it is still not (an overflow only the combination produces), every
+    reply is recorded rejected and (state, None) is returned: nothing is committed.
+    """
+    if len(report.accepted) < state.cfg.min_valid:
+        return state, None
+    merged, why = _finalize(state)
+    if merged is not None:
+        return state, merged
+    log.warning("round %d: the merge is not usable (%s); merging each reply alone", state.round, why)
+
+    def fresh() -> RoundState:
+        new = RoundState(state.cfg, state.round, state.base, state.base_weights, max_abs=state.max_abs)
+        new.reference = state.reference
+        return new
+
+    offenders: dict[int, str] = {}
+    for node, reply in state.accepted_replies:
+        solo = fresh()
+        outcome = solo.judge(node, reply)
+        if not outcome.accepted:
+            offenders[node] = str(outcome.reason)
+            continue
+        if solo.tainted:
+            offenders[node] = "its fold failed"
+            continue
+        try:
+            alone = solo.aggregator.finalize()
+        except FedMergeError:
+            continue  # e.g. a robust aggregator that needs several clients: not attributable alone
+        bad = first_nonfinite(alone)
+        if bad is not None:
+            offenders[node] = f"merging it makes tensor {bad!r} NaN or infinite"
+    clean = fresh()
+    for node, reply in state.accepted_replies:
+        if node not in offenders:
+            clean.judge(node, reply)
+    merged, why = _finalize(clean) if len(clean.accepted_replies) >= state.cfg.min_valid else (None, None)
+    if merged is None:
+        offenders.update({n: f"the round's merge is not finite ({why or 'too few finite replies'})"
+                          for n, _ in state.accepted_replies if n not in offenders})  # fmt: skip
+    report.outcomes = [
+        replace(o, accepted=False, reason=f"NonFiniteMerge: {offenders[o.node_id]}; left out of the merge")
+        if o.accepted and o.node_id in offenders
+        else o
+        for o in report.outcomes
+    ]
+    report.metrics = round_metrics(report)
+    return clean, merged
 
 
 def _codec_params(cfg: RunConfig) -> dict[str, Any]:

@@ -9,12 +9,21 @@ it. Ordinary Flower clients that reply with full weights as an ArrayRecord are a
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import io
+import math
 
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, RecordDict
+from numpy.lib import format as npformat
 
-from fedmerge.codec.errors import MalformedPackage, PackageError, TensorNameMismatch, TensorShapeMismatch
+from fedmerge.codec.errors import (
+    MalformedPackage,
+    PackageError,
+    PayloadSizeMismatch,
+    TensorNameMismatch,
+    TensorShapeMismatch,
+)
 from fedmerge.delta.state_dict import StateDict, TaskVector, floating_names, task_vector
 
 STYPE = "fedmerge-delta-v1"
@@ -52,9 +61,12 @@ def record_to_package(rd: RecordDict) -> bytes:
 def dense_record_to_task_vector(rd: RecordDict, base: StateDict, *, key: str | None = None) -> TaskVector:
     """τ = θ_reply − θ_base from a plain Flower reply holding full weights in one ArrayRecord.
 
-    ``key`` selects the ArrayRecord (default: the only one). Names and shapes must match the floating
-    tensors of ``base`` (integer buffers may be present or absent); otherwise a PackageError subclass
-    naming the tensor is raised.
+    ``key`` selects the ArrayRecord (default: the only one). Names must be those of ``base``; every
+    floating base tensor must be present (integer buffers may be present or absent). Each Array is
+    judged on its ``.npy`` header *before* its data is read: version 1.0/2.0, a floating dtype without
+    objects, C order, exactly the base's shape, and a payload of exactly ``numel × itemsize`` bytes
+    after the header — so a header declaring shape ``(10**11,)`` is refused without allocating.
+    Otherwise a PackageError subclass naming the tensor is raised.
     """
     records = rd.array_records
     if key is None:
@@ -66,33 +78,61 @@ def dense_record_to_task_vector(rd: RecordDict, base: StateDict, *, key: str | N
     if key not in records:
         raise MalformedPackage(f"reply has no ArrayRecord {key!r} (has {sorted(records)})")
     record = records[key]
-    if any(a.stype != "numpy.ndarray" for a in record.values()):
-        raise MalformedPackage(
-            f"ArrayRecord {key!r} holds non-numpy arrays; use record_to_package for fedmerge packages"
-        )
-    try:
-        weights = record.to_torch_state_dict()
-    except (ValueError, TypeError) as exc:
-        raise MalformedPackage(f"ArrayRecord {key!r} cannot be read as tensors: {exc}") from None
-    _check_against_base(weights, base)
-    floating = {name: base[name] for name in floating_names(base)}
-    return task_vector(floating, {name: weights[name] for name in floating})
-
-
-def _check_against_base(weights: Mapping[str, torch.Tensor], base: StateDict) -> None:
-    for name in floating_names(base):
-        if name not in weights:
-            raise TensorNameMismatch("is missing from the dense reply; send every parameter", name)
-        if tuple(weights[name].shape) != tuple(base[name].shape):
-            raise TensorShapeMismatch(
-                f"has shape {tuple(weights[name].shape)} in the reply "
-                f"but {tuple(base[name].shape)} in the base",
-                name,
-            )
-        if not weights[name].is_floating_point():
-            raise PackageError(f"is {weights[name].dtype} in the reply but floating in the base", name)
-        if not bool(torch.isfinite(weights[name]).all()):
-            raise PackageError("holds NaN or infinite values", name)
-    extra = sorted(set(weights) - set(base))
+    extra = sorted(set(record) - set(base))
     if extra:
         raise TensorNameMismatch("is not a tensor of the base version", extra[0])
+    floating = floating_names(base)
+    for name in floating:
+        if name not in record:
+            raise TensorNameMismatch("is missing from the dense reply; send every parameter", name)
+    out: TaskVector = {}
+    for name in floating:
+        weights = npy_to_tensor(record[name], name, tuple(base[name].shape))
+        if not bool(torch.isfinite(weights).all()):
+            raise PackageError("holds NaN or infinite values", name)
+        out.update(task_vector({name: base[name]}, {name: weights}))
+    return out
+
+
+MAX_NPY_HEADER = 1 << 16
+
+
+def npy_to_tensor(array: Array, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """The floating tensor of shape ``shape`` in a Flower ``numpy.ndarray`` Array, judged on its
+    ``.npy`` header before any element is read (see :func:`dense_record_to_task_vector`)."""
+    if array.stype != "numpy.ndarray":
+        raise MalformedPackage(
+            f"Array has stype {str(array.stype)[:40]!r}, expected 'numpy.ndarray' (fedmerge packages "
+            "travel under 'fedmerge.delta')",
+            name,
+        )
+    data = array.data
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise MalformedPackage(f"Array data is {type(data).__name__}, not bytes", name)
+    stream = io.BytesIO(data)
+    try:
+        version = npformat.read_magic(stream)
+        if version == (1, 0):
+            declared, fortran, dtype = npformat.read_array_header_1_0(stream, max_header_size=MAX_NPY_HEADER)
+        elif version == (2, 0):
+            declared, fortran, dtype = npformat.read_array_header_2_0(stream, max_header_size=MAX_NPY_HEADER)
+        else:
+            raise MalformedPackage(f".npy format version {version} is not 1.0 or 2.0", name)
+    except (ValueError, TypeError, SyntaxError, EOFError, OverflowError) as exc:
+        raise MalformedPackage(f"Array is not a readable .npy array ({exc})", name) from None
+    if dtype.hasobject or dtype.kind != "f":
+        raise PackageError(f"is {dtype} in the reply but floating in the base", name)
+    if tuple(declared) != shape:
+        raise TensorShapeMismatch(f"has shape {tuple(declared)} in the reply but {shape} in the base", name)
+    if fortran and len(shape) > 1:
+        raise MalformedPackage("is stored in Fortran order; send C-contiguous arrays", name)
+    offset = stream.tell()
+    numel = math.prod(shape)
+    if len(data) - offset != numel * dtype.itemsize:
+        raise PayloadSizeMismatch(
+            f"holds {len(data) - offset} data bytes but shape {shape} of {dtype} needs "
+            f"{numel * dtype.itemsize}",
+            name,
+        )
+    values = np.frombuffer(data, dtype=dtype, count=numel, offset=offset).reshape(shape)
+    return torch.from_numpy(values.astype(values.dtype.newbyteorder("="), copy=True))
