@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 app = typer.Typer(add_completion=False)
+SIGN_CONSENSUS = ("ties", "dare_ties", "della")  # the methods the demo's --scaling applies to
 
 
 @app.command()
@@ -27,7 +28,6 @@ def demo(
     local_epochs: int = typer.Option(2, min=1, help="clients' local epochs per round"),
 ) -> None:
     """Run a small federation on the embedded store and print a table per round and the versions."""
-    from fedmerge.flower.config import ROUND_DEFAULTS
     from fedmerge_simulations.demo import run_demo
 
     overrides: dict[str, object] = {
@@ -36,7 +36,7 @@ def demo(
         "lr": lr,
         "local-epochs": local_epochs,
     }
-    if aggregator in ROUND_DEFAULTS:
+    if aggregator in SIGN_CONSENSUS:
         overrides["aggregator.scaling"] = scaling
     reports = run_demo(store, num_clients=clients, rounds=rounds, overrides=overrides)
     if not reports or reports[-1].version_id is None:

@@ -88,6 +88,9 @@ class Aggregator(ABC):
     averaging: ClassVar[bool] = False  # identical client deltas (any weights) merge to that delta
     stochastic: ClassVar[bool] = False
     identity_params: ClassVar[dict[str, Any]] = {}  # parameters under which `averaging` holds
+    # Parameters a federated round uses unless its run config sets them (clients' weights are their
+    # numbers of examples; clients may have trimmed already). Batch merging uses the method's defaults.
+    round_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(
         self,
@@ -115,6 +118,13 @@ class Aggregator(ABC):
     def params(self) -> dict[str, Any]:
         """The method's hyper-parameters, exactly as used (recorded in version manifests)."""
         return {"seed": self.seed, "round": self.round}
+
+    @property
+    def dp_calibrated(self) -> bool:
+        """True when the output is the unit-weight mean Σ τ̄_i / n of the (clipped) deltas, so Gaussian
+        noise of std z·C/n on it is calibrated for user-level DP (docs/privacy.md §4). False for every
+        method with sign election, selection or medians (unbounded sensitivity)."""
+        return False
 
     @property
     def num_clients(self) -> int:

@@ -24,6 +24,7 @@ class DareTies(SignConsensusAggregator):
     stochastic: ClassVar[bool] = True
     averaging: ClassVar[bool] = True
     identity_params: ClassVar[dict[str, object]] = {"density": 1.0, "divisor": "weight"}
+    round_defaults: ClassVar[dict[str, object]] = {"divisor": "weight"}  # a weighted disjoint mean
 
     def __init__(
         self,

@@ -25,6 +25,7 @@ from fedmerge.errors import ConfigError
 class Della(SignConsensusAggregator):
     name: ClassVar[str] = "della"
     stochastic: ClassVar[bool] = True
+    round_defaults: ClassVar[dict[str, object]] = {"divisor": "weight"}  # a weighted disjoint mean
 
     def __init__(
         self,

@@ -20,3 +20,7 @@ class FedAvg(LinearAggregator):
 
     def __init__(self, **common: object) -> None:
         super().__init__(scaling=1.0, normalize=True, **common)
+
+    @property
+    def dp_calibrated(self) -> bool:
+        return True  # the mean of the clipped deltas (with unit weights under DP)

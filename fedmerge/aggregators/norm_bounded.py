@@ -68,6 +68,10 @@ class NormBounded(Aggregator):
             "inner_params": self.inner.params,
         }
 
+    @property
+    def dp_calibrated(self) -> bool:
+        return self.inner.dp_calibrated  # clipping here does not change what the inner's output is
+
     def begin(self, reference_shapes: Mapping[str, Any]) -> None:
         super().begin(reference_shapes)
         self.inner.begin(reference_shapes)

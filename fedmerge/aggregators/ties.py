@@ -114,6 +114,8 @@ class Ties(SignConsensusAggregator):
     name: ClassVar[str] = "ties"
     averaging: ClassVar[bool] = True
     identity_params: ClassVar[dict[str, object]] = {"density": 1.0, "divisor": "weight"}
+    # rounds: weights are numbers of examples (a weighted disjoint mean); clients trimmed already (top-k)
+    round_defaults: ClassVar[dict[str, object]] = {"divisor": "weight", "density": 1.0}
 
     def __init__(self, *, density: float = 0.2, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]

@@ -22,13 +22,31 @@ from fedmerge.privacy.config import DPConfig
 Mode = Literal["full", "lora"]
 LoraSpace = Literal["product", "stack", "factors"]
 AGGREGATOR_PREFIX = "aggregator."
-# Defaults for federated rounds: weights are numbers of examples, so the sign-consensus methods divide
-# by the agreeing weights (a weighted mean), and clients have already trimmed (TIES density 1).
-ROUND_DEFAULTS: dict[str, dict[str, Any]] = {
-    "ties": {"divisor": "weight", "density": 1.0},
-    "dare_ties": {"divisor": "weight"},
-    "della": {"divisor": "weight"},
-}
+# An ``aggregator.<param>`` key with this value is not set: the aggregator's own round default (its
+# ``round_defaults``) or its constructor default applies. pyproject.toml declares every parameter of
+# every registered aggregator with this value, so ``flwr run --run-config`` can override any of them.
+UNSET = ""
+
+
+def round_defaults(aggregator: str) -> dict[str, Any]:
+    """The parameters ``aggregator`` declares for federated rounds ({} for an unknown name)."""
+    from fedmerge.aggregators import available, get
+
+    return dict(get(aggregator).round_defaults) if aggregator in available() else {}
+
+
+def aggregator_param_names() -> list[str]:
+    """Every keyword parameter of every registered aggregator (kebab-case, as run-config keys), except
+    those the round sets and ``inner_params`` (a mapping; Flower's run-config values are scalars)."""
+    from fedmerge.aggregators import available, get
+    from fedmerge.registry import accepted_params
+
+    names = {p for name in available() for p in accepted_params(get(name))}
+    return sorted(n.replace("_", "-") for n in names - set(RESERVED_AGGREGATOR_PARAMS) - {"inner_params"})
+
+
+# Set by the round itself: the run's ``seed``, the round number, the server's device.
+RESERVED_AGGREGATOR_PARAMS = ("seed", "round", "device")
 
 
 @dataclass(frozen=True)
@@ -67,7 +85,7 @@ class RunConfig:
     max_num_examples: int = 10_000_000
     server_eval: bool = True
     init_base: bool = True
-    aggregator_params: dict[str, Any] = field(default_factory=lambda: dict(ROUND_DEFAULTS["ties"]))
+    aggregator_params: dict[str, Any] = field(default_factory=lambda: round_defaults("ties"))
     # user-level DP-FedAvg (docs/privacy.md): dp-clip-norm = 0 turns DP off
     dp_clip_norm: float = 0.0
     dp_noise_multiplier: float = 0.0
@@ -121,6 +139,11 @@ def parse_run_config(raw: Mapping[str, Any]) -> RunConfig:
     for key, value in raw.items():
         if key.startswith(AGGREGATOR_PREFIX):
             agg_params = {} if agg_params is None else agg_params
+            if value == UNSET:
+                continue
+            if key[len(AGGREGATOR_PREFIX) :] in RESERVED_AGGREGATOR_PARAMS:
+                errors.append(f"{key} is set by the round itself; use the run's 'seed' key instead")
+                continue
             agg_params[key[len(AGGREGATOR_PREFIX) :].replace("-", "_")] = value  # kebab-case as Flower keys
             continue
         f = known.get(key)
@@ -131,7 +154,7 @@ def parse_run_config(raw: Mapping[str, Any]) -> RunConfig:
         if converted is not None:
             values[f.name] = converted
     # user keys override the round defaults, never silently drop them
-    defaults = ROUND_DEFAULTS.get(values.get("aggregator", "ties"), {})
+    defaults = round_defaults(values.get("aggregator", "ties"))
     values["aggregator_params"] = {**defaults, **(agg_params or {})}
     if errors:
         raise ConfigError("invalid run config: " + "; ".join(errors))
@@ -225,16 +248,12 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
             errors.append(f"aggregator.* parameters {cfg.aggregator_params}: {exc}")
 
 
-# Aggregators whose output is the mean of the clipped deltas, so that Gaussian noise of std z·C/D on
-# it is calibrated (docs/privacy.md §4). norm_bounded qualifies only around fedavg.
-DP_AGGREGATORS = ("fedavg", "norm_bounded")
-
-
 def dp_calibrated(cfg: RunConfig) -> bool:
-    """True when the aggregator's output is Σ τ̄_i / n with unit weights (noise std z·C/D applies)."""
-    if cfg.aggregator == "norm_bounded":
-        return cfg.aggregator_params.get("inner", "fedavg") == "fedavg"
-    return cfg.aggregator in DP_AGGREGATORS
+    """True when the aggregator declares its output Σ τ̄_i / n with unit weights (noise std z·C/D
+    applies; :attr:`fedmerge.aggregators.Aggregator.dp_calibrated`)."""
+    from fedmerge.aggregators import create
+
+    return bool(create(cfg.aggregator, **cfg.aggregator_params).dp_calibrated)
 
 
 def _check_dp(cfg: RunConfig, errors: list[str]) -> None:
