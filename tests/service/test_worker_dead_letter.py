@@ -445,7 +445,7 @@ def test_an_unexpected_error_is_a_dead_letter_and_the_next_expert_merges(setup: 
     expert FAILED with the exception named; the merger is untouched and the next expert merges."""
     store_path, intake = setup
     q = IntakeQueue(intake)
-    lost = _submit(q, Expert("lost", "checkpoint", _checkpoint(51), True))
+    lost = _submit(q, Expert("lost", "delta_package", _package(_base_tau(51)), True))
     ok = _submit(q, Expert("ok", "checkpoint", _checkpoint(52), True))
     q.spool_path(lost).unlink()
     with ModelStore.open(store_path) as store:
