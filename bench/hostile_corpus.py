@@ -75,6 +75,10 @@ CLASSES: dict[str, str] = {
     "wrong auth": "a wrong token, or a client claiming another client's identity",
     "framing": "stream framing: header not first, two headers, unknown format, bad hash fields, offsets",
     "crash": "a client that fails and replies with an error",
+    "magnitude": "finite values above what the merge arithmetic can hold (e.g. all 3e38)",
+    "metrics": "reply metrics of any type and value: num-examples NaN, inf, negative, fractional, missing",
+    "completeness": "a submission that does not cover what its kind requires (no tensor, half a LoRA pair)",
+    "merge failure": "an acknowledged expert the merge worker cannot convert (malformed peft config or weights)",
 }
 
 KIB = 1 << 10
@@ -162,6 +166,8 @@ class Attack:
     dense: Mapping[str, np.ndarray] | None = None
     error: str = ""
     num_examples: int = 100
+    metrics: Mapping[str, Any] | None = None  # Flower: the reply's whole MetricRecord, when given
+    dense_npy: Mapping[str, tuple[list[int], bytes]] | None = None  # Flower: raw (shape, .npy bytes)
     fmt: str = "delta_package"
     auth: Auth = "valid"
     header: Mapping[str, Any] = field(default_factory=dict)
@@ -318,6 +324,38 @@ def _garbled_header_checkpoint(valid: Valid) -> bytes:
     return real[:8] + seeded_bytes("garbled-header", n) + real[8 + n :]
 
 
+def _filled(valid: Valid, value: float) -> dict[str, torch.Tensor]:
+    """Every tensor of the valid delta filled with ``value``."""
+    return {k: torch.full_like(t, value) for k, t in valid.delta.items()}
+
+
+def _dense_with_metrics(valid: Valid, metrics: Mapping[str, Any]) -> Attack:
+    return Attack(reply="dense", dense=_dense_weights(valid, valid.delta), metrics=metrics)
+
+
+def _huge_npy(valid: Valid) -> dict[str, tuple[list[int], bytes]]:
+    """The largest tensor as an .npy array whose header declares shape (10**11,) over 16 data bytes."""
+    header = "{'descr': '<f4', 'fortran_order': False, 'shape': (100000000000,), }"
+    header += " " * (118 - len(header)) + "\n"
+    npy = b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode() + bytes(16)
+    return {_largest(valid): ([10**11], npy)}
+
+
+def _lora_package(valid: Valid, *, drop: str = "", rank_a: int = 2) -> bytes:
+    """A LoRA package (rank 2) for the first 2-D base weight; ``drop`` leaves out that factor,
+    ``rank_a`` ≠ 2 makes lora_A's rank disagree with lora_B's."""
+    name = next(k for k, t in sorted(valid.base.items()) if t.dim() == 2)
+    out_f, in_f = valid.base[name].shape
+    g = torch.Generator().manual_seed(5)
+    module = "base_model.model." + name.removesuffix(".weight")
+    factors = {
+        module + ".lora_A.weight": 0.01 * torch.randn(rank_a, in_f, generator=g),
+        module + ".lora_B.weight": 0.01 * torch.randn(out_f, 2, generator=g),
+    }
+    factors = {k: t for k, t in factors.items() if not drop or drop not in k}
+    return valid.encode(delta=factors, meta=replace(valid.meta, kind="lora", lora_rank=2, lora_alpha=4.0))
+
+
 def _reshape(pkg: delta_pb2.DeltaPackage) -> None:
     td = pkg.tensors[0]
     del td.shape[:]
@@ -336,6 +374,36 @@ def _drop_from_checkpoint(valid: Valid) -> bytes:
 _MALFORMED = r"MalformedPackage|PayloadSizeMismatch|UnsupportedFormatVersion|bytes are not a fedmerge"
 _UNAUTH = r"UNAUTHENTICATED"
 _QUOTA = r"(FAILED_PRECONDITION|RESOURCE_EXHAUSTED)"  # a limit no retry can satisfy (or, older: quota)
+
+def _peft_tar(config: bytes | None, weights: bytes | None = None) -> bytes:
+    """A peft adapter tar for the intake's tiny base (LoRA r=2 on ``l1``): ``config`` as the
+    adapter_config.json bytes, ``weights`` as adapter_model.safetensors (default: valid factors)."""
+    import io
+    import tarfile
+
+    from safetensors.torch import save
+
+    if weights is None:
+        g = torch.Generator().manual_seed(5)
+        weights = save(
+            {
+                "base_model.model.l1.lora_A.weight": torch.randn(2, 8, generator=g),
+                "base_model.model.l1.lora_B.weight": torch.randn(32, 2, generator=g),
+            }
+        )
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in (("adapter_config.json", config), ("adapter_model.safetensors", weights)):
+            if data is not None:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+_PEFT_CONFIG = b'{"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["l1"]}'
+_ACK_REFUSED = r"then (rejected|failed): "  # acknowledged, then set aside by the merge worker
+
 
 CASES: tuple[HostileCase, ...] = (
     # -- truncated
@@ -573,11 +641,11 @@ CASES: tuple[HostileCase, ...] = (
         },
     ),
     HostileCase(
-        "missing-tensor",
-        "names",
-        "one tensor left out (the intake takes partial deltas by design)",
-        lambda v: Attack(v.encode(delta={k: t for k, t in v.delta.items() if k != _largest(v)})),
-        {"flower": r"TensorNameMismatch: .*missing from the package"},
+        "no-tensors",
+        "completeness",
+        "a task-vector package with every tensor left out, re-signed (partial deltas are zero change)",
+        lambda v: Attack(mutate(v.data, lambda p: p.ClearField("tensors"))),
+        {"flower": r"TensorNameMismatch: package holds no tensors", "intake": r"holds no tensors"},
     ),
     HostileCase(
         "duplicate-name",
@@ -624,7 +692,7 @@ CASES: tuple[HostileCase, ...] = (
             v.encode(meta=replace(v.meta, base_version_id=v.other_version, base_version_hash="0" * 64))
         ),
         {
-            "flower": r"StaleOrInvalid: stale: computed against base",
+            "flower": r"StaleOrInvalid: stale delta package: computed against base .*expected hash",
             "intake": r"stale delta package: computed against base .* this server merges onto base",
         },
     ),
@@ -784,6 +852,111 @@ CASES: tuple[HostileCase, ...] = (
         lambda v: Attack(None, header={"bulk_object": hashlib.sha256(b"never uploaded").hexdigest()}),
         {"intake": r"INVALID_ARGUMENT: bulk object .* is not complete on this server"},
     ),
+    # -- magnitude, metrics, completeness (Flower reply path and shared conversion)
+    HostileCase(
+        "huge-values",
+        "magnitude",
+        "a task-vector package whose values are all 3e38 (finite), num_examples 10^6",
+        lambda v: Attack(v.encode(delta=_filled(v, 3e38), meta=replace(v.meta, num_examples=10**6))),
+        {"flower": r"ValueOutOfBounds: .*above the bound", "intake": r"above the bound"},
+    ),
+    HostileCase(
+        "huge-values-dense",
+        "magnitude",
+        "a plain Flower reply of full weights θ₀ + 3e38",
+        lambda v: Attack(reply="dense", dense=_dense_weights(v, _filled(v, 3e38))),
+        {"flower": r"ValueOutOfBounds: .*above the bound"},
+    ),
+    *(
+        HostileCase(
+            f"dense-num-examples-{label}",
+            "metrics",
+            f"a plain Flower reply of valid full weights with MetricRecord num-examples = {label}",
+            functools.partial(_dense_with_metrics, metrics=m),
+            {"flower": r"StaleOrInvalid: (dense reply has no 'num-examples'|num-examples)"},
+        )
+        for label, m in (
+            ("nan", {"num-examples": math.nan}),
+            ("inf", {"num-examples": math.inf}),
+            ("negative", {"num-examples": -5}),
+            ("fractional", {"num-examples": 2.5}),
+            ("list", {"num-examples": [1.0, 2.0]}),
+            ("missing", {"loss": 0.1}),
+        )
+    ),
+    HostileCase(
+        "npy-huge-header",
+        "huge sizes",
+        "a plain Flower reply whose .npy header declares shape (10**11,) over 16 bytes of data",
+        lambda v: Attack(reply="dense", dense=_dense_weights(v, v.delta), dense_npy=_huge_npy(v)),
+        {"flower": r"TensorShapeMismatch: .*\(100000000000,\) in the reply"},
+    ),
+    HostileCase(
+        "lora-b-only",
+        "completeness",
+        "a LoRA package with only lora_B factors",
+        lambda v: Attack(_lora_package(v, drop="lora_A")),
+        {"flower": r"StaleOrInvalid: package kind 'lora'", "intake": r"has lora_B but no lora_A"},
+    ),
+    HostileCase(
+        "lora-task-vector-names",
+        "completeness",
+        "a LoRA package carrying task-vector tensor names",
+        lambda v: Attack(v.encode(meta=replace(v.meta, kind="lora", lora_rank=2, lora_alpha=4.0))),
+        {"flower": r"StaleOrInvalid: package kind 'lora'", "intake": r"is not a lora_A/lora_B factor"},
+    ),
+    HostileCase(
+        "lora-rank-mismatch",
+        "shapes",
+        "a LoRA package whose lora_A has rank 3 and lora_B rank 2",
+        lambda v: Attack(_lora_package(v, rank_a=3)),
+        {
+            "flower": r"StaleOrInvalid: package kind 'lora'",
+            "intake": r"module .*lora_A .* has rank 3 but lora_B .* has rank 2",
+        },
+    ),
+    # -- intake merge worker: acknowledged experts it cannot convert are set aside, never wedge it
+    HostileCase(
+        "peft-config-empty-object",
+        "merge failure",
+        "a peft adapter tar whose adapter_config.json is {}",
+        lambda v: Attack(_peft_tar(b"{}"), fmt="peft_tar"),
+        {"intake": _ACK_REFUSED + r".*adapter_config\.json"},
+    ),
+    HostileCase(
+        "peft-config-json-list",
+        "merge failure",
+        "a peft adapter tar whose adapter_config.json is a JSON list",
+        lambda v: Attack(_peft_tar(b"[" + _PEFT_CONFIG + b"]"), fmt="peft_tar"),
+        {"intake": _ACK_REFUSED + r".*adapter_config\.json"},
+    ),
+    HostileCase(
+        "peft-lora-alpha-object",
+        "merge failure",
+        "a peft adapter tar whose adapter_config.json has lora_alpha: {}",
+        lambda v: Attack(_peft_tar(_PEFT_CONFIG.replace(b'"lora_alpha": 4', b'"lora_alpha": {}')), fmt="peft_tar"),
+        {"intake": _ACK_REFUSED + r".*lora_alpha"},
+    ),
+    HostileCase(
+        "peft-weights-not-safetensors",
+        "merge failure",
+        "a peft adapter tar whose adapter_model.safetensors is not a safetensors file",
+        lambda v: Attack(_peft_tar(_PEFT_CONFIG, seeded_bytes("peft-weights", 256)), fmt="peft_tar"),
+        {"intake": _ACK_REFUSED + r".*not a safetensors file"},
+    ),
+    HostileCase(
+        "bulk-sha-mismatch",
+        "checksum",
+        "SubmitHeader.bulk_object with a SubmitHeader.sha256 of other bytes",
+        lambda v: Attack(
+            None,
+            header={
+                "bulk_object": hashlib.sha256(v.data).hexdigest(),
+                "sha256": hashlib.sha256(b"other").hexdigest(),
+            },
+        ),
+        {"intake": r"INVALID_ARGUMENT: header\.sha256 [0-9a-f]{64} does not match the bulk object's hash"},
+    ),
     # -- Flower reply shapes
     HostileCase(
         "client-error",
@@ -903,7 +1076,9 @@ def flower_content(attack: Attack) -> RecordDict:
     from fedmerge.flower.rounds import METRICS_RECORD
     from fedmerge.flower.transport import ARRAY_KEY, RECORD_KEY, package_to_record
 
-    metrics = MetricRecord({"num-examples": attack.num_examples})
+    metrics = MetricRecord(
+        {"num-examples": attack.num_examples} if attack.metrics is None else dict(attack.metrics)
+    )
     if attack.reply == "package":
         content = package_to_record(attack.payload or b"")
     elif attack.reply == "stype":
@@ -912,6 +1087,8 @@ def flower_content(attack: Attack) -> RecordDict:
         content = RecordDict({RECORD_KEY: ArrayRecord({ARRAY_KEY: array})})
     elif attack.reply == "dense":
         weights = {k: Array(np.ascontiguousarray(v)) for k, v in (attack.dense or {}).items()}
+        for k, (shape, npy) in (attack.dense_npy or {}).items():
+            weights[k] = Array(dtype="float32", shape=tuple(shape), stype="numpy.ndarray", data=npy)
         content = RecordDict({"weights": ArrayRecord(weights)})
     elif attack.reply == "empty":
         content = RecordDict()
@@ -1534,9 +1711,12 @@ def serving(target: str, timeout: float = 5.0) -> bool:
             return False
 
 
-def settle(target: str, submission_id: str, timeout: float = 30.0) -> tuple[str, str, str]:
+def settle(
+    target: str, submission_id: str, timeout: float = 30.0, *, token: str = TOKEN
+) -> tuple[str, str, str]:
     """(state, version, reason) of a submission once merged or rejected (``queued`` at the timeout,
-    ``unknown`` when the server does not know the id)."""
+    ``unknown`` when the server does not know the id — or when ``token``'s client did not submit it:
+    a client reads only its own submissions)."""
     import grpc
 
     from fedmerge.service.client import STATE_NAMES
@@ -1548,7 +1728,7 @@ def settle(target: str, submission_id: str, timeout: float = 30.0) -> tuple[str,
         stub = intake_pb2_grpc.ExpertIntakeStub(ch)
         while True:
             try:
-                sub = stub.GetSubmission(request, metadata=metadata("valid"), timeout=5.0)
+                sub = stub.GetSubmission(request, metadata=metadata("valid", token), timeout=5.0)
                 state = STATE_NAMES.get(sub.state, "queued")
                 if state != "queued" or time.monotonic() > end:
                     return state, sub.version, sub.reason
@@ -1707,7 +1887,7 @@ def _stall(srv: IntakeProcess, attack: Attack, out: Outcome, stall_s: float, see
     while time.monotonic() < deadline and not serving(srv.target, timeout=1.0):
         time.sleep(0.05)
     sid = submission_id(hashlib.sha256(spare).hexdigest())
-    state, version, _ = settle(srv.target, sid, timeout=10.0 if result.ok else 2.0)
+    state, version, _ = settle(srv.target, sid, timeout=10.0 if result.ok else 2.0, token=bystander)
     return {version} if state == "merged" else set()
 
 

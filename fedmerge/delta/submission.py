@@ -374,9 +374,9 @@ def lora_package_task_vector(
             )
         module = name[: -len(_A)] if name.endswith(_A) else name[: -len(_B)]
         if module + _A not in declared or module + _B not in declared:
-            have, lack = (_A, _B) if name.endswith(_A) else (_B, _A)
+            have, lack = ("lora_A", "lora_B") if name.endswith(_A) else ("lora_B", "lora_A")
             raise IncompleteSubmission(
-                f"LoRA delta package: module {module!r} has {have.strip('.')} but no {lack.strip('.')}; "
+                f"LoRA delta package: module {module!r} has {have} but no {lack}; "
                 "send both factors of every adapted module"
             )
         modules[module] = module.removeprefix(PEFT_PREFIX) + ".weight"

@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 import torch
 
 from fedmerge.delta.state_dict import check_shapes
+from fedmerge.delta.submission import NonFiniteMerge, check_values, value_bound
 from fedmerge.errors import AggregatorStateError, ConfigError, InvalidSubmission
 from fedmerge.registry import Registry
 
@@ -98,11 +99,28 @@ class ContinualMerger(ABC):
         return {k: tuple(v.shape) for k, v in self._slots[self.slots[0]].items()}
 
     def add_expert(self, task_vector: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Fold one expert's task vector in; return the merged task vector after it."""
+        """Fold one expert's task vector in; return the merged task vector after it.
+
+        Transactional: an expert that is refused (validation, the magnitude bound
+        :func:`~fedmerge.delta.submission.value_bound` of its shapes, or a merge that would not be
+        finite) raises :class:`InvalidSubmission` and leaves the state exactly as before.
+        """
         tau = self._validated(task_vector)
-        self._add(tau)
-        self._num_merged += 1
-        return self.merged()
+        snapshot = self.state_dict()
+        try:
+            self._add(tau)
+            self._num_merged += 1
+            merged = self.merged()
+            bad = next((k for k in sorted(merged) if not bool(torch.isfinite(merged[k]).all())), None)
+            if bad is not None:
+                raise NonFiniteMerge(
+                    f"{self.name}: merging expert #{self._num_merged} makes tensor {bad!r} NaN or "
+                    "infinite; the expert was left out"
+                )
+        except BaseException:
+            self.load_state_dict(snapshot)
+            raise
+        return merged
 
     def merged(self) -> dict[str, torch.Tensor]:
         """The current merged task vector (add it to the base as is); fresh fp32 tensors."""
@@ -195,6 +213,8 @@ class ContinualMerger(ABC):
                     "(diverged?) and resend"
                 )
             out[key] = t
+        bound = value_bound({k: tuple(v.shape) for k, v in out.items()})
+        check_values(out, bound, f"{self.name}: {expert}")
         return out
 
     def _check_meta(self, state: Mapping[str, torch.Tensor]) -> None:
