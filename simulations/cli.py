@@ -28,7 +28,12 @@ def demo(
     local_epochs: int = typer.Option(2, min=1, help="clients' local epochs per round"),
 ) -> None:
     """Run a small federation on the embedded store and print a table per round and the versions."""
-    from fedmerge_simulations.demo import run_demo
+    from rich.console import Console
+
+    console = Console()
+    console.print(f"fedmerge demo: {clients} simulated clients, {rounds} rounds of {aggregator} into {store}")
+    with console.status("loading torch and Flower…"):
+        from fedmerge_simulations.demo import run_demo
 
     overrides: dict[str, object] = {
         "aggregator": aggregator,
@@ -38,7 +43,7 @@ def demo(
     }
     if aggregator in SIGN_CONSENSUS:
         overrides["aggregator.scaling"] = scaling
-    reports = run_demo(store, num_clients=clients, rounds=rounds, overrides=overrides)
+    reports = run_demo(store, num_clients=clients, rounds=rounds, overrides=overrides, console=console)
     if not reports or reports[-1].version_id is None:
         raise typer.Exit(1)
 

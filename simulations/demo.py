@@ -97,27 +97,38 @@ def run_demo(
         **(overrides or {}),
     }
     cfg = parse_run_config(config)
-    with ModelStore.open(cfg.store) as st:
-        base = ensure_base(st, lambda: get_task(cfg.task).pretrained_base(cfg.seed), name=cfg.task)
-        start = task_evaluator(cfg.task, cfg.seed)(st.materialize(base.id))
-        console.print(
-            f"store {st.root}: starting from {base.id} (round {base.round or 0}), "
-            f"server accuracy {start['accuracy']:.3f} on the global test set"
-        )
-    reports: list[RoundReport] = []
+    status = console.status(f"building the {cfg.task} base model (pre-training it on public data)…")
+    status.start()
+    try:
+        with ModelStore.open(cfg.store) as st:
+            base = ensure_base(st, lambda: get_task(cfg.task).pretrained_base(cfg.seed), name=cfg.task)
+            start = task_evaluator(cfg.task, cfg.seed)(st.materialize(base.id))
+            console.print(
+                f"store {st.root}: starting from {base.id} (round {base.round or 0}), "
+                f"server accuracy {start['accuracy']:.3f} on the global test set"
+            )
+        reports: list[RoundReport] = []
 
-    def on_round(report: RoundReport) -> None:
-        reports.append(report)
-        console.print(round_table(report))
+        def on_round(report: RoundReport) -> None:
+            reports.append(report)
+            console.print(round_table(report))
+            if len(reports) < rounds:
+                status.update(f"round {len(reports) + 1} of {rounds}: {num_clients} clients training…")
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        run_simulation(
-            make_server_app(config, on_round=on_round),
-            client_app,
-            num_supernodes=num_clients,
-            backend_config=backend_config(),
+        status.update(
+            f"starting Flower's simulation engine (Ray) with {num_clients} SuperNodes, "
+            f"then round 1 of {rounds}…"
         )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            run_simulation(
+                make_server_app(config, on_round=on_round),
+                client_app,
+                num_supernodes=num_clients,
+                backend_config=backend_config(),
+            )
+    finally:
+        status.stop()
     with ModelStore.open(cfg.store) as st:
         console.print(versions_table(st))
     return reports
