@@ -78,7 +78,7 @@ CLASSES: dict[str, str] = {
     "magnitude": "finite values above what the merge arithmetic can hold (e.g. all 3e38)",
     "metrics": "reply metrics of any type and value: num-examples NaN, inf, negative, fractional, missing",
     "completeness": "a submission that does not cover what its kind requires (no tensor, half a LoRA pair)",
-    "merge failure": "an acknowledged expert the merge worker cannot convert (malformed peft config or weights)",
+    "merge failure": "an acknowledged expert the worker cannot convert (malformed peft config or weights)",
 }
 
 KIB = 1 << 10
@@ -374,6 +374,7 @@ def _drop_from_checkpoint(valid: Valid) -> bytes:
 _MALFORMED = r"MalformedPackage|PayloadSizeMismatch|UnsupportedFormatVersion|bytes are not a fedmerge"
 _UNAUTH = r"UNAUTHENTICATED"
 _QUOTA = r"(FAILED_PRECONDITION|RESOURCE_EXHAUSTED)"  # a limit no retry can satisfy (or, older: quota)
+
 
 def _peft_tar(config: bytes | None, weights: bytes | None = None) -> bytes:
     """A peft adapter tar for the intake's tiny base (LoRA r=2 on ``l1``): ``config`` as the
@@ -934,7 +935,9 @@ CASES: tuple[HostileCase, ...] = (
         "peft-lora-alpha-object",
         "merge failure",
         "a peft adapter tar whose adapter_config.json has lora_alpha: {}",
-        lambda v: Attack(_peft_tar(_PEFT_CONFIG.replace(b'"lora_alpha": 4', b'"lora_alpha": {}')), fmt="peft_tar"),
+        lambda v: Attack(
+            _peft_tar(_PEFT_CONFIG.replace(b'"lora_alpha": 4', b'"lora_alpha": {}')), fmt="peft_tar"
+        ),
         {"intake": _ACK_REFUSED + r".*lora_alpha"},
     ),
     HostileCase(
