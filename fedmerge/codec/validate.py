@@ -68,7 +68,8 @@ class DecodeLimits:
         """These limits tightened to what a delta of a base with ``shapes`` can declare: at most
         ``factor × len(shapes) + 1`` tensors (one more dimension at most than the base's), each of
         at most ``factor ×`` the largest base tensor's entries, ``factor ×`` the base's total entries
-        in all, and a package of at most ``base_package_bytes(shapes, factor)`` bytes (``factor`` = 2 for LoRA factor pairs, whose
+        in all, and a package of at most ``base_package_bytes(shapes, factor)`` bytes
+        (``factor`` = 2 for LoRA factor pairs, whose
         A (r×in) and B (out×r) hold at most ``2·out·in`` entries together with r ≤ min(out, in))."""
         numels = [math.prod(s) for s in shapes.values()] or [0]
         return DecodeLimits(
