@@ -26,11 +26,14 @@ def demo(
     ),
     lr: float = typer.Option(0.1, help="clients' local SGD learning rate"),
     local_epochs: int = typer.Option(2, min=1, help="clients' local epochs per round"),
+    as_json: bool = typer.Option(
+        False, "--json", help="print one JSON object (rounds and versions) on stdout; tables go to stderr"
+    ),
 ) -> None:
     """Run a small federation on the embedded store and print a table per round and the versions."""
     from rich.console import Console
 
-    console = Console()
+    console = Console(stderr=as_json)
     console.print(f"fedmerge demo: {clients} simulated clients, {rounds} rounds of {aggregator} into {store}")
     with console.status("loading torch and Flower…"):
         from fedmerge_simulations.demo import run_demo
@@ -44,6 +47,16 @@ def demo(
     if aggregator in SIGN_CONSENSUS:
         overrides["aggregator.scaling"] = scaling
     reports = run_demo(store, num_clients=clients, rounds=rounds, overrides=overrides, console=console)
+    if as_json:
+        import dataclasses
+        import json
+
+        from fedmerge.store import ModelStore
+
+        with ModelStore.open(store) as st:
+            versions = [json.loads(v.to_json()) | {"aliases": st.aliases_of(v.id)} for v in st.list()]
+        rounds_out = [dataclasses.asdict(r) for r in reports]
+        typer.echo(json.dumps({"rounds": rounds_out, "versions": versions}, default=str))
     if not reports or reports[-1].version_id is None:
         raise typer.Exit(1)
 
@@ -54,6 +67,9 @@ def simulate(
         Path | None, typer.Argument(help="experiment recipe (TOML); default: the built-in one")
     ] = None,
     out: Annotated[Path | None, typer.Option(help="results directory (default: results/NAME)")] = None,
+    as_json: bool = typer.Option(
+        False, "--json", help="print the summary rows as one JSON object on stdout; progress goes to stderr"
+    ),
 ) -> None:
     """Compare aggregators and codecs on simulated non-IID federations; write tables and plots.
 
@@ -65,7 +81,14 @@ def simulate(
     from fedmerge_simulations.runner import run_experiment
 
     cfg = load_config(config or DEFAULT_CONFIG)
-    console = Console()
+    console = Console(stderr=as_json)
     summary = run_experiment(cfg, out or Path("results") / cfg.name, console)
     console.print(summary.read_text(), markup=False)
     console.print(f"report: {summary.parent}")
+    if as_json:
+        import json
+
+        from fedmerge_simulations.report import summary_rows
+
+        results = json.loads((summary.parent / "results.json").read_text())
+        typer.echo(json.dumps({"report": str(summary.parent), "summary": summary_rows(results)}, default=str))
