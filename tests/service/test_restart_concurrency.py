@@ -164,7 +164,11 @@ def test_restart_with_another_method_is_refused(tmp_path: Path) -> None:
 
 def test_fifty_concurrent_client_processes(tmp_path: Path) -> None:
     store = make_store(tmp_path)
-    srv = IntakeServer(server_config(store, max_workers=64, limits=Limits(max_queued=64)))
+    # client-00 is an operator: it reads every client's submission (others read only their own)
+    config = server_config(
+        store, max_workers=64, limits=Limits(max_queued=64), operators=frozenset({TOKENS[TOKEN]})
+    )
+    srv = IntakeServer(config)
     srv.start()
     try:
         base = base_weights()
