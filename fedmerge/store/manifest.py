@@ -26,22 +26,32 @@ MANIFEST_FORMAT_VERSION = fedmerge.FORMAT_VERSION
 
 @dataclass(frozen=True)
 class Contributor:
-    """One client's part in a merge; ``submission_hash`` is the sha256 of what it sent."""
+    """One client's part in a merge; ``submission_hash`` is the sha256 of what it sent.
+
+    ``codec`` (optional) is what the submission actually used on the wire, e.g. ``{"format":
+    "fedmerge-delta-v1", "values": "int8", "density": 0.1}`` or ``{"format": "dense", "values":
+    "fp32", "density": 1.0}`` for a plain Flower client; manifests written without it load as None and
+    keep their content hash (the key is written only when set).
+    """
 
     client_id: str
     num_examples: int
     submission_hash: str
     accepted: bool = True
     reason: str | None = None
+    codec: dict[str, Any] | None = field(default=None, hash=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "client_id": self.client_id,
             "num_examples": self.num_examples,
             "submission_hash": self.submission_hash,
             "accepted": self.accepted,
             "reason": self.reason,
         }
+        if self.codec is not None:
+            out["codec"] = dict(self.codec)
+        return out
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> Contributor:
@@ -51,6 +61,7 @@ class Contributor:
             submission_hash=str(d["submission_hash"]),
             accepted=bool(d["accepted"]),
             reason=d.get("reason"),
+            codec=dict(d["codec"]) if isinstance(d.get("codec"), dict) else None,
         )
 
 
