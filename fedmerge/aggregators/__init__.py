@@ -25,12 +25,11 @@ from fedmerge.aggregators.base import (
     Prepared,
     available,
     create,
-    derive_generator,
-    derive_seed,
     get,
     merge,
     register,
 )
+from fedmerge.seeds import derive_generator, derive_seed
 
 __all__ = [
     "Aggregator",

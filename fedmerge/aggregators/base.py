@@ -23,7 +23,6 @@ with one generator consumed over the tensors in sorted-name order.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -37,22 +36,10 @@ from fedmerge.delta.sparse import SparseTensor
 from fedmerge.delta.state_dict import check_shapes
 from fedmerge.errors import AggregatorStateError, ConfigError, InvalidSubmission
 from fedmerge.registry import Registry
+from fedmerge.seeds import derive_generator
 
 DeltaTensor: TypeAlias = torch.Tensor | SparseTensor
 ClientDelta: TypeAlias = Mapping[str, DeltaTensor]
-
-
-def derive_seed(seed: int, round: int, client: str | int, name: str = "") -> int:
-    """A 63-bit seed from (seed, round, client, tensor name): stable across runs and platforms."""
-    digest = hashlib.blake2b(f"{seed}|{round}|{client}|{name}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-def derive_generator(
-    seed: int, round: int, client: str | int, name: str = "", device: torch.device | str = "cpu"
-) -> torch.Generator:
-    """A fresh ``torch.Generator`` seeded by :func:`derive_seed`."""
-    return torch.Generator(device=device).manual_seed(derive_seed(seed, round, client, name))
 
 
 @dataclass

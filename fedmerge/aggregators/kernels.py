@@ -29,8 +29,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedmerge.seeds import SPLITMIX_GAMMA, SPLITMIX_MIX1, SPLITMIX_MIX2
+
 try:  # numba is a declared dependency; the torch path keeps GPUs (and odd platforms) working
     from numba import njit, prange, typed
+
+    from fedmerge.seeds import splitmix_uniform
 
     HAVE_NUMBA = True
 except ImportError:  # pragma: no cover - exercised only where numba is missing
@@ -312,30 +316,16 @@ def disjoint_mean(acc: Sequence[torch.Tensor], scale: float) -> torch.Tensor:
     return total / torch.where(div == 0, torch.ones_like(div), div) * scale
 
 
-_GOLDEN = 0x9E3779B97F4A7C15
-_MIX1 = 0xBF58476D1CE4E5B9
-_MIX2 = 0x94D049BB133111EB
-
 if HAVE_NUMBA:
-
-    @njit(inline="always")
-    def _splitmix_uniform(seed, j):
-        """Output j of SplitMix64 seeded with ``seed``, as a uniform double in [0, 1)."""
-        z = seed + (np.uint64(j) + np.uint64(1)) * np.uint64(_GOLDEN)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(_MIX1)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(_MIX2)
-        z = z ^ (z >> np.uint64(31))
-        return np.float64(z >> np.uint64(11)) * (1.0 / 9007199254740992.0)
-
     @sized_kernel()
     def _uniform(seed, out):
         for j in prange(out.shape[0]):
-            out[j] = _splitmix_uniform(seed, j)
+            out[j] = splitmix_uniform(seed, j)
 
     @sized_kernel()
     def _bernoulli_scale(x, density, scale, seed, out):
         for j in prange(x.shape[0]):
-            out[j] = x[j] * scale if _splitmix_uniform(seed, j) < density else np.float32(0.0)
+            out[j] = x[j] * scale if splitmix_uniform(seed, j) < density else np.float32(0.0)
 
 
 def _splitmix_uniform_torch(seed: int, n: int, device: torch.device) -> torch.Tensor:
@@ -348,9 +338,9 @@ def _splitmix_uniform_torch(seed: int, n: int, device: torch.device) -> torch.Te
         return (z >> k) & ((1 << (64 - k)) - 1)
 
     j = torch.arange(1, n + 1, dtype=torch.int64, device=device)
-    z = j * as_signed(_GOLDEN) + as_signed(seed)
-    z = (z ^ shr(z, 30)) * as_signed(_MIX1)
-    z = (z ^ shr(z, 27)) * as_signed(_MIX2)
+    z = j * as_signed(SPLITMIX_GAMMA) + as_signed(seed)
+    z = (z ^ shr(z, 30)) * as_signed(SPLITMIX_MIX1)
+    z = (z ^ shr(z, 27)) * as_signed(SPLITMIX_MIX2)
     z = z ^ shr(z, 31)
     return shr(z, 11).double() * (1.0 / 9007199254740992.0)
 

@@ -25,6 +25,7 @@ import torch
 from fedmerge.aggregators.kernels import seeded_bernoulli_scale, seeded_uniform, trim_topk
 from fedmerge.delta.sparse import SparseTensor
 from fedmerge.errors import ConfigError
+from fedmerge.seeds import seed_from_generator
 
 Rescale = Literal["inverse", "l1", "none"]
 RESCALES = ("inverse", "l1", "none")
@@ -35,11 +36,6 @@ def check_mask_rng(mask_rng: str) -> str:
     if mask_rng not in MASK_RNGS:
         raise ConfigError(f"mask_rng must be one of {MASK_RNGS}, got {mask_rng!r}")
     return mask_rng
-
-
-def seed_from(generator: torch.Generator) -> int:
-    """A 62-bit seed drawn from ``generator`` (so derived and caller-given generators both work)."""
-    return int(torch.randint(0, 2**62, (1,), generator=generator))
 
 
 def _keep(
@@ -60,7 +56,7 @@ def _keep(
     n = 1
     for d in shape:
         n *= d
-    u = seeded_uniform(n, seed_from(generator), device).reshape(shape)
+    u = seeded_uniform(n, seed_from_generator(generator), device).reshape(shape)
     return (u < probs).float()
 
 
@@ -125,7 +121,7 @@ def dare_drop(
         )
     if mask_rng == "splitmix64" and rescale != "l1":  # fused mask-and-scale, one pass
         return seeded_bernoulli_scale(
-            x, density, 1.0 / density if rescale == "inverse" else 1.0, seed_from(generator)
+            x, density, 1.0 / density if rescale == "inverse" else 1.0, seed_from_generator(generator)
         )
     return _rescaled(x, _keep(tuple(x.shape), density, generator, mask_rng, x.device), density, rescale)
 

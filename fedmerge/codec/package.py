@@ -34,6 +34,7 @@ from fedmerge.codec.errors import (
 )
 from fedmerge.delta.sparse import SparseTensor
 from fedmerge.errors import CodecError, ConfigError
+from fedmerge.seeds import random_k_seed
 from fedmerge.v1 import delta_pb2
 
 Kind = Literal["task_vector", "lora"]
@@ -244,7 +245,7 @@ def _select(items: list[_Selected], config: CodecConfig, meta: PackageMeta) -> N
         threshold = sparsify.keep_threshold(config.density)
         for it in sparse:
             _check_finite(it.name, it.flat)
-            it.seed = sparsify.derive_seed(config.seed, meta.client_id, meta.round, it.name)
+            it.seed = random_k_seed(config.seed, meta.client_id, meta.round, it.name)
             it.threshold = threshold
             it.indices, _ = sparsify.randomk_indices(it.seed, threshold, int(it.flat.numel()))
             it.scale = sparsify.RANDOMK_ONE / threshold if config.rescale else 1.0

@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from fedmerge.errors import CodecError
+from fedmerge.seeds import splitmix64
 
 _HI_BINS = 1 << 16
 _LO_BINS = 1 << 15
@@ -153,25 +153,12 @@ def _boundary(hist: np.ndarray, k: int) -> tuple[int, int]:
 
 # ------------------------------------------------------------------------------------------- random-k
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
-
-
-@numba.njit(cache=True, nogil=True)
-def _splitmix64(x: np.uint64) -> np.uint64:
-    z = x + _GOLDEN
-    z = (z ^ (z >> np.uint64(30))) * _MIX1
-    z = (z ^ (z >> np.uint64(27))) * _MIX2
-    return z ^ (z >> np.uint64(31))
-
-
 @numba.njit(cache=True, nogil=True)
 def _randomk_fill(seed: np.uint64, threshold: np.uint64, numel: int, out: np.ndarray) -> int:
     """Write kept positions into ``out`` (never past its end); return how many positions are kept."""
     j = 0
     for i in range(numel):
-        if (_splitmix64(seed + np.uint64(i)) >> np.uint64(11)) < threshold:
+        if (splitmix64(seed + np.uint64(i)) >> np.uint64(11)) < threshold:
             if j < out.size:
                 out[j] = i
             j += 1
@@ -181,12 +168,6 @@ def _randomk_fill(seed: np.uint64, threshold: np.uint64, numel: int, out: np.nda
 def keep_threshold(density: float) -> int:
     """round(density · 2^53): position i is kept iff splitmix64(seed + i) >> 11 is below it."""
     return min(RANDOMK_ONE, max(0, round(density * RANDOMK_ONE)))
-
-
-def derive_seed(root: int, client_id: str, round_: int, name: str) -> int:
-    """A per-tensor 64-bit seed from (root seed, client, round, tensor name), via SHA-256."""
-    digest = hashlib.sha256(f"{root}\0{client_id}\0{round_}\0{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little")
 
 
 def randomk_indices(

@@ -75,11 +75,11 @@ from flwr.common import (
 )
 
 from fedmerge.aggregators import create
-from fedmerge.aggregators.base import derive_generator
 from fedmerge.aggregators.kernels import disjoint_mean
 from fedmerge.aggregators.sparsify import dare_drop, trim
 from fedmerge.delta.state_dict import StateDict
 from fedmerge.errors import ConfigError, InvalidSubmission
+from fedmerge.seeds import derive_generator
 
 log = logging.getLogger("fedmerge.secagg")
 

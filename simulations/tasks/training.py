@@ -12,11 +12,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Literal
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from fedmerge.errors import ConfigError
+from fedmerge.seeds import seed_from_ints
 
 BatchLoss = Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, int, int]]
 OptimizerName = Literal["adam", "sgd"]
@@ -36,11 +36,7 @@ def make_optimizer(
     raise ConfigError(f"unknown local optimizer {name!r}; choose 'adam' or 'sgd'")
 
 
-def seed_from(*parts: int) -> int:
-    """A 63-bit seed derived from integers (e.g. seed, round, client) with ``numpy.random.SeedSequence``."""
-    return int(
-        np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> np.uint64(1)
-    )
+seed_from = seed_from_ints  # fedmerge.seeds is the one home of seed derivations
 
 
 @contextmanager

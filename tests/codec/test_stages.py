@@ -11,6 +11,7 @@ import torch
 from fedmerge.codec import index_coding, quantize, sparsify
 from fedmerge.codec.errors import InvalidIndices, PayloadSizeMismatch
 from fedmerge.errors import CodecError
+from fedmerge.seeds import random_k_seed
 
 
 @pytest.mark.parametrize("n,k", [(1, 1), (10, 3), (1000, 1), (1000, 999), (5000, 500)])
@@ -66,9 +67,9 @@ _RANDOMK_GOLDEN = [5, 6, 7, 9, 13, 15]
 
 
 def test_derive_seed_depends_on_every_input() -> None:
-    base = sparsify.derive_seed(0, "c", 1, "w")
-    assert len({base, sparsify.derive_seed(1, "c", 1, "w"), sparsify.derive_seed(0, "d", 1, "w")}) == 3
-    assert len({base, sparsify.derive_seed(0, "c", 2, "w"), sparsify.derive_seed(0, "c", 1, "v")}) == 3
+    base = random_k_seed(0, "c", 1, "w")
+    assert len({base, random_k_seed(1, "c", 1, "w"), random_k_seed(0, "d", 1, "w")}) == 3
+    assert len({base, random_k_seed(0, "c", 2, "w"), random_k_seed(0, "c", 1, "v")}) == 3
 
 
 @pytest.mark.parametrize("encoding", quantize.ENCODINGS)
