@@ -86,6 +86,9 @@ def _mount_all() -> None:
 
 
 _mount_all()
+app.command("init")(
+    importlib.import_module("fedmerge.store.cli").init
+)  # `fedmerge init` = `fedmerge store init`
 
 
 def _fail(message: str) -> None:

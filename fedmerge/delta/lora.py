@@ -8,8 +8,13 @@ B (out × r) and scaling s = α/r (α/√r with rsLoRA, Kalajdzievski 2023). Key
 Aggregation spaces for clients i with normalised weights w_i (:func:`merge_lora`):
 
 - ``product`` (default): merge the dense ΔW_i = s_i·B_i·A_i with any aggregator, then re-factorise
-  by truncated SVD to the target rank. Exact before truncation; the relative residual
-  ‖ΔW − s·B'A'‖_F / ‖ΔW‖_F is reported per module (Eckart–Young: it is the smallest possible).
+  by SVD. **By default the rank is the one that represents the merged update exactly**: the largest
+  numerical rank of any merged module (singular values above σ_max·max(m, n)·ε_fp32, the
+  ``matrix_rank`` rule), which for the weighted mean is at most Σ r_i and never more than
+  min(m, n). A smaller ``rank=`` truncates; the relative error it causes,
+  ‖ΔW − s·B'A'‖_F / ‖ΔW‖_F, is reported per module (``residuals``) and over all modules together
+  (``total_residual``), logged and raised as a :class:`LoraTruncationWarning` (Eckart–Young: it is
+  the smallest error any factorisation of that rank can have).
 - ``stack``: ΔW = Σ w_i s_i B_i A_i = [w_1 s_1 B_1 | … | w_n s_n B_n] · [A_1; …; A_n], rank Σ r_i.
   Exact, linear averaging only (FLoRA, Wang et al. 2024).
 - ``factors``: A = Σ w_i A_i, B = Σ w_i B_i (FedIT, Zhang et al. 2024; Flower's FlowerTune). Fast but
@@ -22,7 +27,9 @@ aggregator (TIES, DARE…), which need the dense update.
 from __future__ import annotations
 
 import json
+import logging
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +45,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
 _A, _B = ".lora_A.weight", ".lora_B.weight"
 
+logger = logging.getLogger(__name__)
+
 Space = Literal["product", "stack", "factors"]
 DenseAggregator = Callable[
     [Sequence[Mapping[str, torch.Tensor]], Sequence[float]], Mapping[str, torch.Tensor]
@@ -46,6 +55,10 @@ DenseAggregator = Callable[
 
 class LoraError(ConfigError):
     """An adapter cannot be read, written or merged as asked (the message names the file or module)."""
+
+
+class LoraTruncationWarning(UserWarning):
+    """A requested LoRA rank is below the exact rank: the factorised update differs from the merged one."""
 
 
 @dataclass
@@ -80,6 +93,8 @@ class LoraAdapter:
     residuals: dict[str, float] = field(
         default_factory=dict
     )  # relative SVD residual per module, if factorised
+    total_residual: float = 0.0  # sqrt(Σ_m ‖ΔW_m − s·B_m·A_m‖²) / sqrt(Σ_m ‖ΔW_m‖²) over all modules
+    exact_rank: int | None = None  # the rank that represents every factorised module exactly, if known
 
 
 def scaling_for(alpha: float, rank: int, use_rslora: bool = False) -> float:
@@ -238,6 +253,18 @@ def lora_to_delta(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
     }
 
 
+def numerical_rank(delta_w: torch.Tensor) -> int:
+    """The rank of ΔW as ``torch.linalg.matrix_rank`` counts it in fp32: singular values above
+    σ_max · max(m, n) · ε_fp32 (0 for ΔW = 0). Factorising at this rank loses nothing but rounding."""
+    if delta_w.dim() != 2:
+        raise LoraError(f"numerical_rank needs a 2-D ΔW, got shape {tuple(delta_w.shape)}")
+    s = torch.linalg.svdvals(delta_w.float())
+    if s.numel() == 0 or float(s[0]) == 0.0:
+        return 0
+    tol = float(s[0]) * max(delta_w.shape) * torch.finfo(torch.float32).eps
+    return int((s > tol).sum())
+
+
 def factorize(delta_w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Truncated SVD: (A r×in, B out×r, ‖ΔW − B·A‖_F / ‖ΔW‖_F) with B·A the best rank-r approximation.
 
@@ -263,7 +290,7 @@ def factorize(delta_w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Ten
 
 def delta_to_lora(
     delta: Mapping[str, torch.Tensor],
-    rank: int,
+    rank: int | None = None,
     alpha: float | None = None,
     *,
     target_modules: Sequence[str] | None = None,
@@ -271,33 +298,66 @@ def delta_to_lora(
 ) -> LoraAdapter:
     """Factorise every 2-D ΔW (or those whose module name ends with one of ``target_modules``).
 
-    ``alpha`` defaults to ``rank`` (scaling 1). Each module's relative residual is in ``.residuals``.
+    ``rank=None`` (default) factorises at the exact rank: the largest :func:`numerical_rank` of the
+    selected modules (at least 1), so every module is represented exactly up to rounding. A smaller
+    ``rank`` truncates each module to its best rank-r approximation (Eckart–Young). ``alpha``
+    defaults to the rank (scaling 1). Each module's relative residual is in ``.residuals``, the
+    residual over all modules together in ``.total_residual`` and the exact rank in ``.exact_rank``.
     """
-    alpha = float(rank if alpha is None else alpha)
-    scaling = scaling_for(alpha, rank, use_rslora)
-    modules: dict[str, LoraModule] = {}
-    residuals: dict[str, float] = {}
+    selected: dict[str, torch.Tensor] = {}
     for name in sorted(delta):
         module = name.removesuffix(".weight")
-        selected = target_modules is None or any(
+        chosen = target_modules is None or any(
             module == t or module.endswith("." + t) for t in target_modules
         )
-        if not selected:
+        if not chosen:
             continue
         if delta[name].dim() != 2:
             if target_modules is None:
                 continue
             raise LoraError(f"{name!r} has shape {tuple(delta[name].shape)}; LoRA adapts 2-D weights only")
-        a, b, residuals[name] = factorize(delta[name], rank)
-        modules[name] = LoraModule(a, b / scaling, scaling)
-    if not modules:
+        selected[name] = delta[name]
+    if not selected:
         raise LoraError("no 2-D tensor matched target_modules; nothing to factorise")
+    if rank is not None and rank < 1:
+        raise LoraError(f"rank must be >= 1 (or None for the exact rank), got {rank}")
+    exact = max(1, max(numerical_rank(t) for t in selected.values()))
+    rank = exact if rank is None else rank
+    alpha = float(rank if alpha is None else alpha)
+    scaling = scaling_for(alpha, rank, use_rslora)
+    modules: dict[str, LoraModule] = {}
+    residuals: dict[str, float] = {}
+    dropped = total = 0.0
+    for name, d in selected.items():
+        a, b, residuals[name] = factorize(d, rank)
+        modules[name] = LoraModule(a, b / scaling, scaling)
+        norm2 = float(d.double().pow(2).sum())
+        total += norm2
+        dropped += residuals[name] ** 2 * norm2
     targets = (
         tuple(sorted(target_modules))
         if target_modules
         else tuple(sorted({n.removesuffix(".weight").rsplit(".", 1)[-1] for n in modules}))
     )
-    return LoraAdapter(modules, rank, alpha, targets, use_rslora, residuals=residuals)
+    out = LoraAdapter(modules, rank, alpha, targets, use_rslora, residuals=residuals)
+    out.total_residual = math.sqrt(dropped / total) if total > 0 else 0.0
+    out.exact_rank = exact
+    return out
+
+
+def report_truncation(adapter: LoraAdapter, what: str = "LoRA factorisation") -> None:
+    """Log and warn (:class:`LoraTruncationWarning`) when ``adapter`` was factorised below its exact
+    rank, with the total and the worst per-module relative error; silent when nothing was lost."""
+    if adapter.exact_rank is None or adapter.rank >= adapter.exact_rank:
+        return
+    worst = max(adapter.residuals, key=adapter.residuals.__getitem__)
+    message = (
+        f"{what}: rank {adapter.rank} is below the exact rank {adapter.exact_rank}; relative error "
+        f"{adapter.total_residual:.3g} over all modules, worst {adapter.residuals[worst]:.3g} at {worst!r} "
+        "(pass rank=None for an exact factorisation)"
+    )
+    logger.warning(message)
+    warnings.warn(message, LoraTruncationWarning, stacklevel=3)
 
 
 # -------------------------------------------------------------------------------------------- merging
@@ -316,20 +376,25 @@ def merge_lora(
 
     ``aggregator`` (product space only): None = weighted mean with weights normalised to sum 1; a
     name = ``fedmerge.aggregators.merge(name, deltas, weights, **params)``; or a callable
-    ``(deltas, weights) -> merged``. ``rank`` (product space) defaults to the largest input rank.
+    ``(deltas, weights) -> merged``. Input ranks may differ between adapters and modules.
+
+    ``rank`` (product space): None (default) re-factorises at the exact rank of the merged update
+    (:func:`delta_to_lora`; ≤ Σ r_i for the mean, ≤ min(m, n) always), so nothing is lost. A smaller
+    rank truncates: the relative error per module is in ``.residuals``, over all modules in
+    ``.total_residual``, and a :class:`LoraTruncationWarning` (also logged) says so.
     """
     ws = _weights(adapters, weights)
     _check_same_modules(adapters)
     if space == "product":
         deltas = [lora_to_delta(ad) for ad in adapters]
         merged = _aggregate(deltas, ws, aggregator, params)
-        target = rank or max(ad.rank for ad in adapters)
         first = adapters[0]
-        out = delta_to_lora(merged, target, alpha=float(target), target_modules=None)
         if first.fan_in_fan_out:
             raise LoraError(
                 "product space with fan_in_fan_out adapters is not supported; use stack or factors"
             )
+        out = delta_to_lora(merged, rank, target_modules=None)
+        report_truncation(out, "merge_lora(space='product')")
         out.target_modules, out.config = first.target_modules, dict(first.config)
         return out
     if aggregator is not None or params:

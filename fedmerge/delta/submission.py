@@ -474,4 +474,3 @@ def expert_task_vector(
     return submission_to_task_vector(
         sub.format, path, weights, base_id=base.id, base_hash=base.content_hash, max_bytes=max_bytes
     )
-

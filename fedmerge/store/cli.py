@@ -44,6 +44,34 @@ def _run(fn: Any) -> Any:
 
 
 @app.command()
+def init(
+    store: StoreOpt,
+    base: Annotated[
+        Path, typer.Option("--base", help="Hugging Face model directory (safetensors) or a .safetensors file")
+    ],
+    adapter: Annotated[
+        Path | None, typer.Option("--adapter", help="a peft LoRA adapter trained on the base")
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="the base's name (default: from config.json)")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create a new store's root version from a Hugging Face model (and optionally a peft adapter)."""
+    from fedmerge.store.init import init_store
+
+    result = _run(lambda: init_store(store, base, adapter=adapter, name=name))
+    if as_json:
+        _emit(result.to_dict())
+        return
+    d = result.to_dict()
+    console.print(
+        f"root {d['root']} ({d['tensors']} tensors, files: {', '.join(d['files']) or 'none'}); "
+        f"latest = {d['latest']}"
+    )
+    if not result.architecture_checked:
+        console.print(f"[yellow]note:[/yellow] tensors not checked against config.json: {result.note}")
+
+
+@app.command()
 def versions(
     store: StoreOpt,
     round: Annotated[int | None, typer.Option(help="only this round")] = None,
@@ -243,7 +271,9 @@ def export(
         str, typer.Option(help="safetensors (full weights, HF layout) or peft")
     ] = "safetensors",
     max_shard_bytes: Annotated[int, typer.Option(help="largest shard")] = 5 * 10**9,
-    rank: Annotated[int | None, typer.Option(help="LoRA rank (peft)")] = None,
+    rank: Annotated[
+        int | None, typer.Option(help="LoRA rank (peft); default: the exact rank, nothing truncated")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Export a version's weights."""

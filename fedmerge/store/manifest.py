@@ -90,6 +90,9 @@ class Version:
     ``kind == "full"``: ``tensors`` are the weights (a root; no parents). Otherwise ``tensors`` are a
     delta relative to the materialised weights of ``parents[0]``; ``base_version``/``base_hash`` name
     the root full-weights version the chain starts from. ``state`` holds opaque aggregator state.
+    ``files`` (roots only) holds the model's non-tensor files (``config.json``, tokenizer files, …):
+    file name → blob of their bytes as a 1-D uint8 tensor; every version of the chain is exported
+    with its root's files. Empty ``files`` are left out of the JSON, so older manifests keep their hash.
     """
 
     id: str
@@ -113,6 +116,7 @@ class Version:
     fedmerge_version: str = fedmerge.__version__
     format_version: int = MANIFEST_FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, TensorEntry] = field(default_factory=dict)
 
     @property
     def sequence(self) -> int:
@@ -121,12 +125,16 @@ class Version:
 
     @property
     def blobs(self) -> set[str]:
-        """Every blob digest this version references (weights/delta and state)."""
-        return {e.blob for e in self.tensors.values()} | {e.blob for e in self.state.values()}
+        """Every blob digest this version references (weights/delta, state and files)."""
+        return (
+            {e.blob for e in self.tensors.values()}
+            | {e.blob for e in self.state.values()}
+            | {e.blob for e in self.files.values()}
+        )
 
     def content(self) -> dict[str, Any]:
-        """The fields covered by ``content_hash``."""
-        return {
+        """The fields covered by ``content_hash`` (``files`` only when there are any)."""
+        content: dict[str, Any] = {
             "format_version": self.format_version,
             "fedmerge_version": self.fedmerge_version,
             "kind": self.kind,
@@ -145,6 +153,9 @@ class Version:
             "privacy": self.privacy,
             "metadata": self.metadata,
         }
+        if self.files:
+            content["files"] = {k: v.to_dict() for k, v in sorted(self.files.items())}
+        return content
 
     def to_json(self) -> str:
         doc = {"id": self.id, "content_hash": self.content_hash, "created_at": self.created_at}
@@ -258,6 +269,7 @@ def from_json(text: str | bytes, *, source: str) -> Version:
             created_at=str(doc["created_at"]),
             fedmerge_version=str(doc["fedmerge_version"]),
             format_version=int(fmt),
+            files=_entries(doc.get("files", {})),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise StoreIntegrityError(

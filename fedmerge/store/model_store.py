@@ -137,6 +137,34 @@ def _entry(digest: str, tensor: torch.Tensor) -> TensorEntry:
     return TensorEntry(blob=digest, dtype=dtype_name(tensor.dtype), shape=tuple(tensor.shape))
 
 
+RESERVED_FILE_NAMES = frozenset({"README.md", "fedmerge-version.json", "model.safetensors.index.json"})
+"""Names an export writes itself; a root's files cannot take them."""
+
+
+def check_file_name(name: str) -> None:
+    """A kept file is a plain file name: no directory part, not hidden, not a weight file, not a name
+    the export writes itself (:data:`RESERVED_FILE_NAMES`)."""
+    bad = (
+        not isinstance(name, str)
+        or not name
+        or "/" in name
+        or "\\" in name
+        or name.startswith(".")
+        or name.endswith(".safetensors")
+        or name in RESERVED_FILE_NAMES
+    )
+    if bad:
+        raise ConfigError(
+            f"file name {name!r} cannot be kept with a version: use a plain file name (no '/', not hidden, "
+            f"not *.safetensors or one of {sorted(RESERVED_FILE_NAMES)})"
+        )
+
+
+def file_tensor(data: bytes) -> torch.Tensor:
+    """The bytes of a kept file as the 1-D uint8 tensor its blob holds."""
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
+
+
 def _check_tensors(tensors: Mapping[str, torch.Tensor], what: str) -> None:
     for name, t in tensors.items():
         if not isinstance(name, str) or not name:
@@ -212,15 +240,26 @@ class ModelStore:
 
     def commit_base(
         self,
-        weights: StateDict,
+        weights: Mapping[str, torch.Tensor],
         *,
         name: str,
         metadata: dict[str, Any] | None = None,
         aliases: Sequence[str] = ("latest",),
+        files: Mapping[str, bytes] | None = None,
     ) -> Version:
-        """Commit full weights as a root version (no parents, kind ``full``)."""
+        """Commit full weights as a root version (no parents, kind ``full``).
+
+        ``files`` (file name → bytes: ``config.json``, tokenizer files, …) are kept with the root as
+        content-addressed blobs under the same commit protocol as tensors, and written next to the
+        weights by every export of every version descending from it. To start from a Hugging Face
+        directory, a safetensors file or a peft adapter use :func:`fedmerge.store.init.init_store`.
+        """
         if not weights:
             raise ConfigError("commit_base got no tensors; pass the base model's state dict")
+        for fname, data in (files or {}).items():
+            check_file_name(fname)
+            if not isinstance(data, bytes | bytearray):
+                raise ConfigError(f"file {fname!r} is a {type(data).__name__}; pass its bytes")
         return self._commit(
             weights,
             kind="full",
@@ -235,6 +274,7 @@ class ModelStore:
             metadata=metadata or {},
             state=None,
             aliases=aliases,
+            files=files,
         )
 
     def commit(
@@ -346,6 +386,7 @@ class ModelStore:
         metadata: dict[str, Any],
         state: Mapping[str, torch.Tensor] | None,
         aliases: Sequence[str],
+        files: Mapping[str, bytes] | None = None,
     ) -> Version:
         _check_tensors(tensors, "delta" if kind != "full" else "weights")
         if state is not None:
@@ -368,6 +409,8 @@ class ModelStore:
 
         written = self._write_blobs(tensors)
         state_written = self._write_blobs(state) if state else {}
+        file_tensors = {n: file_tensor(bytes(b)) for n, b in (files or {}).items()}
+        files_written = self._write_blobs(file_tensors) if file_tensors else {}
         self.blobs.sync()
         self._faults.reached("blobs-synced")
 
@@ -388,13 +431,15 @@ class ModelStore:
             "metrics": metrics,
             "privacy": privacy,
             "metadata": metadata,
+            "files": {n: _entry(d, file_tensors[n]) for n, (d, _) in files_written.items()},
         }
         with self.catalog.write() as conn:
             seq = Catalog.next_sequence(conn)
             vid = version_id(seq)
             version = build_version(vid, utc_now(), **fields)
             rewritten = False
-            for digest, parts in {**dict(written.values()), **dict(state_written.values())}.items():
+            every = {**dict(written.values()), **dict(state_written.values()), **dict(files_written.values())}
+            for digest, parts in every.items():
                 if not self.blobs.has(digest):  # removed by a concurrent gc since step 1
                     self.blobs.put(digest, parts)
                     rewritten = True
@@ -498,6 +543,14 @@ class ModelStore:
         """The tensors stored in the version (a delta, or the weights of a ``full`` root)."""
         version = ref if isinstance(ref, Version) else self.get(ref)
         return {n: self._read(version, n, e) for n, e in sorted(version.tensors.items())}
+
+    def read_files(self, ref: str | Version) -> dict[str, bytes]:
+        """The non-tensor files kept with the version's root (file name → bytes, each re-hashed)."""
+        version = ref if isinstance(ref, Version) else self.get(ref)
+        root = self.root_of(version)
+        return {
+            n: self._read(root, n, e, part="file").numpy().tobytes() for n, e in sorted(root.files.items())
+        }
 
     def load_state(self, ref: str | Version) -> StateDict | None:
         """The aggregator state stored with the version, or ``None`` if it has none."""
@@ -673,18 +726,15 @@ class ModelStore:
         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
         rank: int | None = None,
     ) -> ExportResult:
-        """Export version ``ref``: ``"safetensors"`` (full weights, HF sharded layout) or ``"peft"``.
-
-        ``"peft"`` writes the version's delta as a LoRA adapter of ``rank`` (truncated SVD; see
-        :func:`fedmerge.store.export.export_peft`).
+        """Export version ``ref``: ``"safetensors"`` (full weights, HF sharded layout, the root's
+        files, a model card) or ``"peft"`` (θ_version − θ_root as a LoRA adapter: exact rank by
+        default, ``rank`` truncates; see :func:`fedmerge.store.export.export_peft`).
         """
         if format == "safetensors":
             return export_safetensors(self, ref, out_dir, max_shard_bytes=max_shard_bytes)
         if format == "peft":
             from fedmerge.store.export import export_peft
 
-            if rank is None:
-                raise ConfigError("a peft export needs rank=; pass the LoRA rank of the adapter")
             return export_peft(self, ref, out_dir, rank=rank)
         raise ConfigError(f"export format {format!r} is unknown; use 'safetensors' or 'peft'")
 

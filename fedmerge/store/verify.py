@@ -171,7 +171,7 @@ def verify(store: ModelStore) -> VerifyReport:
                         version=row.id,
                     )
                 )
-        for part, entries in (("tensor", version.tensors), ("state", version.state)):
+        for part, entries in (("tensor", version.tensors), ("state", version.state), ("file", version.files)):
             for name, entry in sorted(entries.items()):
                 path = store.blobs.local_path(entry.blob)
                 if entry.blob not in intact:

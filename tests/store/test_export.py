@@ -25,7 +25,7 @@ def _committed(store: ModelStore) -> str:
 def test_single_file_export_loads_with_safetensors(store: ModelStore, tmp_path: Path) -> None:
     vid = _committed(store)
     result = store.export(vid, tmp_path / "out")
-    assert sorted(result.files) == sorted([SINGLE_FILE, PROVENANCE_FILE])
+    assert sorted(result.files) == sorted([SINGLE_FILE, PROVENANCE_FILE, "README.md"])
     loaded = load_file(tmp_path / "out" / SINGLE_FILE)
     want = store.materialize(vid)
     assert loaded.keys() == want.keys() and all(torch.equal(loaded[k], want[k]) for k in want)
@@ -91,7 +91,7 @@ def test_exported_weights_load_into_a_transformers_model(store: ModelStore, tmp_
 
 
 def test_peft_export_refactorises_the_summed_delta(store: ModelStore, tmp_path: Path) -> None:
-    from fedmerge.delta.lora import load_peft_adapter, lora_to_delta
+    from fedmerge.delta.lora import LoraTruncationWarning, load_peft_adapter, lora_to_delta
 
     base = tiny_model()
     root = store.commit_base(base, name="tiny")
@@ -100,12 +100,14 @@ def test_peft_export_refactorises_the_summed_delta(store: ModelStore, tmp_path: 
     full = store.export(v.id, tmp_path / "full-rank", format="peft", rank=6)
     assert full.extra["max_relative_residual"] < 1e-5
     assert sorted(full.extra["skipped"]) == ["block.0.bias"]
+    assert full.extra["rank"] <= 6 and full.extra["exact_rank"] == full.extra["rank"]
+    exact = store.export(v.id, tmp_path / "exact", format="peft")  # default: the exact rank
+    assert exact.extra["max_relative_residual"] < 1e-5 and exact.extra["rank"] == full.extra["exact_rank"]
     dense = lora_to_delta(load_peft_adapter(tmp_path / "full-rank"))
     for name in ("embed.weight", "block.0.weight", "head.weight"):
         assert torch.allclose(dense[name], (d1[name] + d2[name]).float(), atol=1e-5), name
-    low = store.export(v.id, tmp_path / "rank-1", format="peft", rank=1)
-    assert 0 < low.extra["max_relative_residual"] < 1
+    with pytest.warns(LoraTruncationWarning, match="below the exact rank"):
+        low = store.export(v.id, tmp_path / "rank-1", format="peft", rank=1)
+    assert 0 < low.extra["max_relative_residual"] < 1 and 0 < low.extra["total_residual"] < 1
     with pytest.raises(ConfigError, match="full-weights root"):
         store.export(root.id, tmp_path / "root", format="peft", rank=2)
-    with pytest.raises(ConfigError, match="needs rank"):
-        store.export(v.id, tmp_path / "norank", format="peft")
