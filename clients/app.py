@@ -6,9 +6,11 @@ full fine-tuning or LoRA through peft, whose merged ΔW = (α/r)·B·A is the ta
 τ = θ_ft − θ_base with the codec (top-k + int8 by default, error-feedback residual kept in
 ``context.state``) and reply with the package and the training metrics.
 
-The node's data partition comes from ``node_config`` (``partition-id``, ``num-partitions``: set by
-the simulation engine, or ``--node-config`` on a SuperNode). The training task is pluggable: pass any
-:class:`simulations.tasks.Task` (or register one under a name) to :func:`make_client_app`.
+The node's data: in a deployment, its private file ``--node-config "data-path=/path"`` read by the
+task's ``load_data`` (a missing or unreadable path is an error reply naming it); in simulation (no
+``data-path``), the ``partition-id`` / ``num-partitions`` slice of the task's client pool. The task
+is the run config's ``task``: a built-in name or ``"package.module:factory"``
+(:func:`fedmerge_simulations.tasks.get_task`); or pass a factory to :func:`make_client_app`.
 """
 
 from __future__ import annotations
@@ -21,11 +23,17 @@ from flwr.clientapp import ClientApp
 
 from fedmerge.codec import PackageMeta
 from fedmerge.errors import ConfigError
-from fedmerge.flower.client import TrainInstructions, encode_reply, resolve_base, training_device
+from fedmerge.flower.client import (
+    TrainInstructions,
+    encode_reply,
+    message_settings,
+    resolve_base,
+    training_device,
+)
 from fedmerge.flower.faults import FaultPlan, inject_faults
-from fedmerge.flower.records import CONFIG_RECORD
 from fedmerge_simulations.local_round import local_round
 from fedmerge_simulations.tasks import ClientData, Task, get_task
+from fedmerge_simulations.tasks.base import check_data_path
 
 TaskFactory = Callable[[str], Task]
 
@@ -43,25 +51,46 @@ def node_partition(context: Context) -> tuple[int, int]:
     cfg = context.node_config
     if "partition-id" not in cfg or "num-partitions" not in cfg:
         raise ConfigError(
-            "node_config lacks partition-id / num-partitions; start the SuperNode with "
-            '--node-config "partition-id=0 num-partitions=3"'
+            "node_config has neither data-path nor partition-id / num-partitions; start the SuperNode "
+            'with --node-config "data-path=/path/to/local/data" (or "partition-id=0 num-partitions=3" '
+            "for a built-in task's shared data set)"
         )
     return int(cfg["partition-id"]), int(cfg["num-partitions"])
 
 
 def client_id_of(context: Context, partition_id: int) -> str:
-    return str(context.node_config.get("client-id", f"client-{partition_id}"))
+    default = f"client-{partition_id}" if partition_id >= 0 else f"node-{context.node_id}"
+    return str(context.node_config.get("client-id", default))
+
+
+_LOADED: dict[tuple[str, str, int], ClientData] = {}
+
+
+def node_data(context: Context, task: Task, conf: TrainInstructions) -> tuple[ClientData, int]:
+    """(this node's data, partition id or -1): its ``data-path`` file if set, else its partition."""
+    path = context.node_config.get("data-path")
+    if path is not None:
+        check_data_path(str(path))  # DataPathError naming the path, before the task tries
+        load = getattr(task, "load_data", None)
+        if load is None:
+            raise ConfigError(f"task {conf.task!r} has no load_data(path); it cannot read data-path={path!r}")
+        key = (conf.task, str(path), conf.seed)
+        if key not in _LOADED:
+            _LOADED[key] = load(str(path), seed=conf.seed)
+        return _LOADED[key], int(context.node_config.get("partition-id", -1))
+    pid, num = node_partition(context)
+    return partition_for(conf.task, num, conf.partitioner, conf.dirichlet_alpha, conf.seed)[pid], pid
 
 
 def train_reply(message: Message, context: Context, task_factory: TaskFactory = get_task) -> Message:
     """Handle one ``train`` message; exceptions become Flower error replies the server records."""
-    conf = TrainInstructions.from_record(message.content.config_records[CONFIG_RECORD])
+    settings = message_settings(message.content)
+    conf = TrainInstructions.from_record(settings)
     base = resolve_base(message.content, context, conf.base_version_id, conf.base_version_hash)
-    pid, num = node_partition(context)
-    faults = FaultPlan.from_record(message.content.config_records[CONFIG_RECORD])
-    inject_faults(faults, conf.seed, conf.round, pid)  # simulated dropout / straggler (off by default)
     task = task_factory(conf.task)
-    data = partition_for(conf.task, num, conf.partitioner, conf.dirichlet_alpha, conf.seed)[pid]
+    data, pid = node_data(context, task, conf)
+    faults = FaultPlan.from_record(settings)
+    inject_faults(faults, conf.seed, conf.round, max(pid, 0))  # simulated dropout / straggler (default off)
     update = local_round(
         task, base, data, seed=conf.seed, round_=conf.round, mode=conf.mode,
         epochs=conf.local_epochs, lr=conf.lr, batch_size=conf.batch_size,

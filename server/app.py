@@ -18,36 +18,88 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedmerge.delta.state_dict import StateDict
+from fedmerge.errors import ConfigError
 from fedmerge.flower.config import RunConfig, parse_run_config
 from fedmerge.flower.rounds import Federation, RoundReport, ensure_base
 from fedmerge.memory import use_mmap_for_large_allocations
-from fedmerge.store import ModelStore
-from fedmerge_simulations.tasks import get_task
+from fedmerge.store import ModelStore, UnknownVersionError
+from fedmerge_simulations.tasks import Task, get_task
+
+
+class BaseMismatch(ConfigError):
+    """The task's model and the store's base differ in tensor names, shapes or dtypes."""
 
 
 def task_evaluator(task_name: str, seed: int) -> Callable[[StateDict], dict[str, float]]:
-    """Server-side evaluation: ``loss`` and ``accuracy`` of full weights on the task's global test set."""
+    """Server-side evaluation of full weights, pluggable: the task's ``server_evaluate(model)`` if it
+    has one, else ``evaluate(model, global_test_set())`` (``loss`` and ``accuracy``). A task with
+    neither is a ConfigError: set ``server-eval=false``."""
     task = get_task(task_name)
+    custom = getattr(task, "server_evaluate", None)
+    if custom is None and not callable(getattr(task, "global_test_set", None)):
+        raise ConfigError(
+            f"task {task_name!r} has neither server_evaluate(model) nor global_test_set(); "
+            "set server-eval=false or give the task one of them"
+        )
 
     def evaluate(weights: StateDict) -> dict[str, float]:
         model = task.build_model(seed)
         model.load_state_dict(weights)
-        result = task.evaluate(model, task.global_test_set())
-        return {"accuracy": float(result["accuracy"]), "loss": float(result["loss"])}
+        result = custom(model) if custom is not None else task.evaluate(model, task.global_test_set())
+        return {str(k): float(v) for k, v in result.items() if k != "num-examples"}
 
     return evaluate
+
+
+def check_base_matches_task(
+    task: Task, task_name: str, weights: StateDict, version_id: str, seed: int
+) -> None:
+    """Refuse (one :class:`BaseMismatch`) unless ``task.build_model(seed)``'s state dict has exactly
+    the base's tensor names, shapes and dtypes: checked before the first round, so no client trains
+    on a base the server could not load."""
+    model = {k: v for k, v in task.build_model(seed).state_dict().items()}
+    problems = [f"{n!r} is in the base but not in the model" for n in sorted(set(weights) - set(model))]
+    problems += [f"{n!r} is in the model but not in the base" for n in sorted(set(model) - set(weights))]
+    for name in sorted(set(model) & set(weights)):
+        m, b = model[name], weights[name]
+        if tuple(m.shape) != tuple(b.shape):
+            problems.append(f"{name!r} has shape {tuple(m.shape)} in the model, {tuple(b.shape)} in the base")
+        elif m.dtype != b.dtype:
+            problems.append(f"{name!r} is {m.dtype} in the model, {b.dtype} in the base")
+    if problems:
+        raise BaseMismatch(
+            f"task {task_name!r} does not match the store's base {version_id} ({len(problems)} "
+            f"difference(s)): {'; '.join(problems[:3])}{' …' if len(problems) > 3 else ''}; use the "
+            "task whose model the base was made from, or initialise the store from this task's model"
+        )
 
 
 def run_server(
     grid: Grid, cfg: RunConfig, on_round: Callable[[RoundReport], None] | None = None
 ) -> list[RoundReport]:
-    """Open the store, make sure it has a base, and run ``cfg.num_rounds`` rounds."""
+    """Open the store, make sure it has a base, check the task's model against it, and run
+    ``cfg.num_rounds`` rounds. Every configuration error is raised before any message is sent."""
     use_mmap_for_large_allocations()
+    task = get_task(cfg.task)
+    evaluate = task_evaluator(cfg.task, cfg.seed) if cfg.server_eval else None
     with ModelStore.open(cfg.store) as store:
         if cfg.init_base:
-            ensure_base(store, lambda: get_task(cfg.task).pretrained_base(cfg.seed), name=cfg.task)
-        evaluate = task_evaluator(cfg.task, cfg.seed) if cfg.server_eval else None
-        return Federation(grid, cfg, store, evaluate=evaluate, on_round=on_round).run()
+            if not callable(getattr(task, "pretrained_base", None)):
+                try:
+                    store.get("latest")
+                except UnknownVersionError:
+                    raise ConfigError(
+                        f"store {cfg.store!r} is empty and task {cfg.task!r} has no pretrained_base(seed); "
+                        "initialise the store with a base model first (fedmerge init)"
+                    ) from None
+            else:
+                ensure_base(store, lambda: task.pretrained_base(cfg.seed), name=cfg.task)
+        base = store.get("latest")
+        weights = store.materialize(base)
+        check_base_matches_task(task, cfg.task, weights, base.id, cfg.seed)
+        federation = Federation(grid, cfg, store, evaluate=evaluate, on_round=on_round)
+        federation.latest_weights = (base.id, weights)
+        return federation.run()
 
 
 def _log_round(report: RoundReport) -> None:

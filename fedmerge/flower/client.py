@@ -1,11 +1,26 @@
-"""Client-side helpers: the base-weights cache and the error-feedback residual in ``context.state``,
-and the encoding of a reply.
+"""Client-side helpers and the client library: the base-weights cache and the error-feedback residual
+in ``context.state``, and the encoding of a reply.
+
+**For your own ClientApp** (docs/flower.md, "Writing your own ClientApp"; ``examples/hf_lora``)::
+
+    from fedmerge.flower.client import base_weights, fedmerge_reply
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        model.load_state_dict(base_weights(msg, context))      # the round's base (cached per node)
+        ...  # fine-tune ``model`` (or a peft model wrapping it) on local data
+        return fedmerge_reply(msg, context, model, num_examples=n, metrics={"train-loss": loss})
+
+:func:`fedmerge_reply` computes τ = θ_trained − θ_base (for a peft model: the merged ΔW = (α/r)·B·A),
+encodes it with the codec the server asked for (``fedmerge.config``), keeps the error-feedback
+residual in ``context.state`` and returns the reply. This module imports no server-side code.
 
 ``context.state`` (a RecordDict) persists per node across the rounds of a run. The base weights live
 in the ArrayRecord ``fedmerge.base`` with the version id and content hash beside them in the
-ConfigRecord ``fedmerge.base-meta``; the server sends weights only to nodes it has not served this
-version, so a node that lacks them fails with :class:`MissingBase` (recorded by the server as a
-failed reply). The residual e_t of error feedback (c = δ + e_t is encoded, e_{t+1} = c − ĉ) lives in
+ConfigRecord ``fedmerge.base-meta``; the server leaves the weights out of ``"arrays"`` only for nodes
+whose previous reply was a fedmerge package and that hold this version, so a node that lost them fails
+with :class:`MissingBase` (recorded by the server as a failed reply; it is sent the weights next time).
+The residual e_t of error feedback (c = δ + e_t is encoded, e_{t+1} = c − ĉ) lives in
 the ArrayRecord ``fedmerge.residual``.
 
 DP (user-level DP-FedAvg, docs/privacy.md): the server puts ``dp-*`` keys in the train message's
@@ -24,18 +39,26 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedmerge.codec import CodecConfig, EncodeResult, PackageMeta, encode_package
 from fedmerge.delta.state_dict import StateDict
 from fedmerge.errors import FedMergeError
 from fedmerge.flower.config import Mode
 from fedmerge.flower.downlink import apply_update
-from fedmerge.flower.records import BASE_RECORD, CONFIG_RECORD, METRICS_RECORD, UPDATE_RECORD
+from fedmerge.flower.records import (
+    ARRAYS_RECORD,
+    CONFIG_RECORD,
+    FEDMERGE_RECORD,
+    METRICS_RECORD,
+    UPDATE_META_RECORD,
+    UPDATE_RECORD,
+)
 from fedmerge.flower.transport import RECORD_KEY, package_to_record, record_to_package
 from fedmerge.privacy.config import DPConfig
 from fedmerge.privacy.mechanism import privatize_client_delta
 
+BASE_STATE = "fedmerge.base"  # context.state: the held base weights
 BASE_META = "fedmerge.base-meta"
 RESIDUAL_RECORD = "fedmerge.residual"
 DP_RECORD = "fedmerge.dp"
@@ -44,7 +67,8 @@ DP_KEYS = ("dp-clip-norm", "dp-noise-multiplier", "dp-delta", "dp-mode", "dp-noi
 
 @dataclass(frozen=True)
 class TrainInstructions:
-    """The ``fedmerge.config`` ConfigRecord of a ``train`` message, typed (see ``rounds.train_config``)."""
+    """The settings of a ``train`` message (``"config"`` and ``"fedmerge.config"`` together), typed
+    (see ``rounds.train_config``)."""
 
     round: int
     base_version_id: str
@@ -63,7 +87,12 @@ class TrainInstructions:
     codec: CodecConfig
 
     @staticmethod
-    def from_record(conf: ConfigRecord) -> TrainInstructions:
+    def from_content(content: RecordDict) -> TrainInstructions:
+        """From a message's ``"config"`` and ``"fedmerge.config"`` records (FedMergeError if absent)."""
+        return TrainInstructions.from_record(message_settings(content))
+
+    @staticmethod
+    def from_record(conf: Mapping[str, Any]) -> TrainInstructions:
         def get(key: str) -> Any:
             if key not in conf:
                 raise FedMergeError(
@@ -93,6 +122,23 @@ class TrainInstructions:
                 error_feedback=bool(get("codec-error-feedback")),
             ),
         )
+
+
+def message_settings(content: RecordDict) -> ConfigRecord:
+    """Flower's ``"config"`` record of a train message updated with fedmerge's ``"fedmerge.config"``
+    extras; a FedMergeError when the message has neither (not sent by a fedmerge ServerApp)."""
+    records = content.config_records
+    if CONFIG_RECORD not in records and FEDMERGE_RECORD not in records:
+        raise FedMergeError(
+            f"train message has no {CONFIG_RECORD!r} or {FEDMERGE_RECORD!r} ConfigRecord "
+            f"(has {sorted(records)}); was it sent by a fedmerge ServerApp?"
+        )
+    merged = ConfigRecord()
+    for key in (CONFIG_RECORD, FEDMERGE_RECORD):
+        if key in records:
+            for k, v in records[key].items():
+                merged[k] = v
+    return merged
 
 
 def _mode(value: Any) -> Mode:
@@ -126,11 +172,11 @@ def resolve_base(content: RecordDict, context: Context, version_id: str, version
     """The base weights for ``version_id``: from the message (and then cached) or from the cache."""
     state = context.state
     keep_dp_settings(content, context)
-    if UPDATE_RECORD in content.array_records:
-        apply_downlink_update(content, context, version_id, version_hash)
-    elif BASE_RECORD in content.array_records:
-        state[BASE_RECORD] = content.array_records[BASE_RECORD]
+    if ARRAYS_RECORD in content.array_records:
+        state[BASE_STATE] = content.array_records[ARRAYS_RECORD]
         state[BASE_META] = ConfigRecord({"version-id": version_id, "version-hash": version_hash})
+    elif UPDATE_RECORD in content.array_records:
+        apply_downlink_update(content, context, version_id, version_hash)
     meta = state.config_records.get(BASE_META)
     if meta is None or meta.get("version-hash") != version_hash:
         held = None if meta is None else meta.get("version-id")
@@ -138,29 +184,31 @@ def resolve_base(content: RecordDict, context: Context, version_id: str, version
             f"this node holds base {held!r}, not {version_id!r}; the server must send its weights "
             "(it does on the next round)"
         )
-    return dict(state.array_records[BASE_RECORD].to_torch_state_dict())
+    return dict(state.array_records[BASE_STATE].to_torch_state_dict())
 
 
 def apply_downlink_update(content: RecordDict, context: Context, version_id: str, version_hash: str) -> None:
     """Rebuild ``version_id`` from the held parent and the compressed update (bit for bit, verified)."""
     state = context.state
-    info = content.config_records[CONFIG_RECORD + ".update"]
+    info = content.config_records[UPDATE_META_RECORD]
     meta = state.config_records.get(BASE_META)
     parent = str(info["parent-version-id"])
     if meta is None or meta.get("version-id") != parent:
         held = None if meta is None else meta.get("version-id")
         raise MissingBase(f"got an update from {parent!r} but this node holds {held!r}; send full weights")
     package = record_to_package(RecordDict({RECORD_KEY: content.array_records[UPDATE_RECORD]}))
-    held_weights = dict(state.array_records[BASE_RECORD].to_torch_state_dict())
+    held_weights = dict(state.array_records[BASE_STATE].to_torch_state_dict())
     weights = apply_update(held_weights, package, str(info["digest"]))
-    state[BASE_RECORD] = ArrayRecord({k: v.contiguous() for k, v in weights.items()})
+    state[BASE_STATE] = ArrayRecord({k: v.contiguous() for k, v in weights.items()})
     state[BASE_META] = ConfigRecord({"version-id": version_id, "version-hash": version_hash})
 
 
 def keep_dp_settings(content: RecordDict, context: Context) -> None:
     """Store this message's ``dp-*`` settings in ``context.state`` (removed when the message has none)."""
-    conf = content.config_records.get(CONFIG_RECORD)
-    values = {k: conf[k] for k in DP_KEYS if conf is not None and k in conf}
+    values: dict[str, Any] = {}
+    for key in (CONFIG_RECORD, FEDMERGE_RECORD):
+        conf = content.config_records.get(key)
+        values.update({k: conf[k] for k in DP_KEYS if conf is not None and k in conf})
     if values.get("dp-clip-norm", 0.0):
         context.state[DP_RECORD] = ConfigRecord(values)
     elif DP_RECORD in context.state.config_records:
@@ -231,3 +279,107 @@ def encode_reply(
         }
     )
     return content, result
+
+
+# ------------------------------------------------------------------------------ the client library
+
+
+def _base_ids(content: RecordDict) -> tuple[int, str, str]:
+    """(round, base version id, base version hash) of a fedmerge ``train`` message."""
+    conf = message_settings(content)
+    missing = [k for k in ("round", "base-version-id", "base-version-hash") if k not in conf]
+    if missing:
+        raise FedMergeError(
+            f"train message lacks {missing} in {FEDMERGE_RECORD!r}; it was not sent by a fedmerge "
+            "ServerApp, or server and client versions differ"
+        )
+    return int(conf["round"]), str(conf["base-version-id"]), str(conf["base-version-hash"])  # type: ignore[arg-type]
+
+
+def base_weights(message: Message, context: Context) -> StateDict:
+    """The weights of the base version this ``train`` message asks the node to fine-tune.
+
+    Taken from the message's ``"arrays"`` (and cached in ``context.state``), rebuilt from the held
+    parent and a compressed update, or read from the cache when the server knows this node holds them.
+    Raises :class:`MissingBase` when the node holds another version (the server then sends the weights
+    in the next round) and FedMergeError when the message was not sent by a fedmerge ServerApp.
+    """
+    _, version_id, version_hash = _base_ids(message.content)
+    return resolve_base(message.content, context, version_id, version_hash)
+
+
+def client_id_of(context: Context, default: str | None = None) -> str:
+    """The node's ``client-id`` (``--node-config "client-id='inst-a'"``), else ``default`` or
+    ``node-<id>``: the label recorded in each version's contributors."""
+    value = context.node_config.get("client-id")
+    return str(value) if value is not None else (default or f"node-{context.node_id}")
+
+
+def trained_weights(model: Any) -> StateDict:
+    """A CPU state dict of ``model``: a ``torch.nn.Module``, a state dict, or a peft ``PeftModel`` (a
+    copy with its adapters merged: W + (α/r)·B·A; the caller's model is left untouched)."""
+    if isinstance(model, Mapping):
+        return {str(k): v.detach().cpu() for k, v in model.items()}
+    if hasattr(model, "peft_config") and hasattr(model, "merge_and_unload"):
+        import copy
+
+        model = copy.deepcopy(model).merge_and_unload()
+    if not isinstance(model, torch.nn.Module):
+        raise FedMergeError(
+            f"cannot take weights from a {type(model).__name__}; pass a torch.nn.Module, a peft model "
+            "or a state dict"
+        )
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def fedmerge_reply(
+    message: Message,
+    context: Context,
+    model: Any,
+    *,
+    num_examples: int,
+    metrics: Mapping[str, float] | None = None,
+    client_id: str | None = None,
+) -> Message:
+    """The reply to a fedmerge ``train`` message: the compressed task vector of ``model``.
+
+    ``model`` is the fine-tuned model (``nn.Module``, state dict, or peft model, see
+    :func:`trained_weights`); τ = θ_model − θ_base over the base's floating tensors (the base is the one
+    :func:`base_weights` returned for this message, read from ``context.state``). τ is encoded with the
+    codec of the message's ``fedmerge.config`` (top-k density, value quantisation) plus this node's
+    error-feedback residual, which is updated in ``context.state``; DP clipping / local noise apply
+    when the server asks for them. ``metrics`` (finite floats, e.g. ``train-loss``) travel in the
+    reply's ``"metrics"`` with ``num-examples`` (the aggregation weight, ≥ 1).
+    """
+    round_, version_id, version_hash = _base_ids(message.content)
+    if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
+        raise FedMergeError(f"num_examples={num_examples!r} must be an int ≥ 1 (local training examples)")
+    base = resolve_base(message.content, context, version_id, version_hash)
+    trained = trained_weights(model)
+    missing = [n for n, t in base.items() if t.is_floating_point() and n not in trained]
+    if missing:
+        raise FedMergeError(
+            f"the trained model lacks {len(missing)} base tensor(s), e.g. {missing[0]!r}; pass the model "
+            "whose state dict has the base's names (a peft model is merged first)"
+        )
+    delta = {
+        n: trained[n].to(torch.float32) - t.to(torch.float32)
+        for n, t in base.items()
+        if t.is_floating_point()
+    }
+    conf = message_settings(message.content)
+    codec = CodecConfig(
+        sparsify=conf.get("codec-sparsify", "topk"),  # type: ignore[arg-type]
+        density=float(conf.get("codec-density", 0.1)),  # type: ignore[arg-type]
+        values=conf.get("codec-values", "int8"),  # type: ignore[arg-type]
+        error_feedback=bool(conf.get("codec-error-feedback", True)),
+    )
+    meta = PackageMeta(
+        client_id=client_id or client_id_of(context),
+        round=round_,
+        base_version_id=version_id,
+        base_version_hash=version_hash,
+        num_examples=num_examples,
+    )
+    content, _ = encode_reply(delta, codec, meta, context, dict(metrics or {}))
+    return Message(content, reply_to=message)

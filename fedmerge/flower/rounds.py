@@ -36,6 +36,8 @@ from flwr.serverapp import Grid
 
 from fedmerge.aggregators import Aggregator, create
 from fedmerge.codec import CodecConfig, DecodeLimits, PackageMeta
+from fedmerge.codec.package import read_headers
+from fedmerge.delta.sparse import SparseTensor
 from fedmerge.delta.state_dict import StateDict, floating_names, shapes_of
 from fedmerge.delta.submission import (
     StaleOrInvalid,
@@ -48,7 +50,15 @@ from fedmerge.errors import FedMergeError, InvalidSubmission
 from fedmerge.flower.config import RunConfig
 from fedmerge.flower.downlink import apply_weights, compress_update, weights_digest
 from fedmerge.flower.faults import FaultPlan
-from fedmerge.flower.records import BASE_RECORD, CONFIG_RECORD, METRICS_RECORD, UPDATE_RECORD
+from fedmerge.flower.records import (
+    ARRAYS_RECORD,
+    BASE_RECORD,  # noqa: F401  (re-exported for older imports)
+    CONFIG_RECORD,
+    FEDMERGE_RECORD,
+    METRICS_RECORD,
+    UPDATE_META_RECORD,
+    UPDATE_RECORD,
+)
 from fedmerge.flower.safeguards import (
     Reference,
     anomaly_metadata,
@@ -59,6 +69,7 @@ from fedmerge.flower.safeguards import (
 )
 from fedmerge.flower.transport import (
     RECORD_KEY,
+    STYPE,
     dense_record_to_task_vector,
     package_to_record,
     record_to_package,
@@ -107,11 +118,18 @@ class ReplyOutcome:
     wire_bytes: int = 0
     dense_bytes: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    codec: dict[str, Any] | None = None  # what the reply used on the wire (see RoundState.judge)
+
+    @property
+    def fedmerge_client(self) -> bool:
+        """True when the reply was a fedmerge package: the node caches its base in ``context.state``."""
+        return self.codec is not None and self.codec.get("format") == STYPE
 
     def contributor(self) -> Contributor:
         return Contributor(
-            self.client_id, self.num_examples, self.submission_hash, self.accepted, self.reason
-        )
+            self.client_id, self.num_examples, self.submission_hash, self.accepted, self.reason,
+            codec=self.codec,
+        )  # fmt: skip
 
 
 @dataclass
@@ -180,24 +198,38 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout_s: float) -> list[int]:
 
 
 def train_config(cfg: RunConfig, round_: int, base: Version) -> ConfigRecord:
-    """What a client needs to train this round (the server is the single source of settings)."""
+    """Flower's ``"config"`` record of a ``train`` message: what any client (plain or fedmerge) needs
+    to train this round. ``server-round``, ``lr``, ``local-epochs`` and ``batch-size`` are the keys
+    Flower's quickstarts read; the rest are fedmerge's task settings (the server is the single source
+    of settings)."""
+    return ConfigRecord(
+        {
+            "server-round": round_,
+            "round": round_,
+            "lr": cfg.lr,
+            "local-epochs": cfg.local_epochs,
+            "batch-size": cfg.batch_size,
+            "task": cfg.task,
+            "mode": cfg.mode,
+            "seed": cfg.seed,
+            "partitioner": cfg.partitioner,
+            "dirichlet-alpha": cfg.dirichlet_alpha,
+            "lora-rank": cfg.lora_rank,
+            "lora-alpha": cfg.lora_alpha,
+            "device": cfg.client_device,
+        }
+    )
+
+
+def fedmerge_config(cfg: RunConfig, round_: int, base: Version) -> ConfigRecord:
+    """fedmerge's extras (``"fedmerge.config"``): the base version id and content hash a package must
+    name, the codec, and the DP and fault settings; plain Flower clients ignore this record."""
     codec = cfg.codec()
     return ConfigRecord(
         {
             "round": round_,
             "base-version-id": base.id,
             "base-version-hash": base.content_hash,
-            "task": cfg.task,
-            "mode": cfg.mode,
-            "seed": cfg.seed,
-            "partitioner": cfg.partitioner,
-            "dirichlet-alpha": cfg.dirichlet_alpha,
-            "local-epochs": cfg.local_epochs,
-            "lr": cfg.lr,
-            "batch-size": cfg.batch_size,
-            "lora-rank": cfg.lora_rank,
-            "lora-alpha": cfg.lora_alpha,
-            "device": cfg.client_device,
             "codec-sparsify": codec.sparsify,
             "codec-density": codec.density,
             "codec-values": codec.values,
@@ -264,6 +296,30 @@ def dense_bytes_of(shapes: Mapping[str, tuple[int, ...]]) -> int:
     return 4 * sum(math.prod(s) for s in shapes.values())
 
 
+_VALUE_NAMES = {"float32": "fp32", "float16": "fp16", "float64": "fp64", "bfloat16": "bf16"}
+
+
+def package_codec(
+    data: bytes,
+    tensors: Mapping[str, Any],
+    shapes: Mapping[str, tuple[int, ...]],
+    limits: DecodeLimits,
+) -> dict[str, Any]:
+    """What a fedmerge package actually used: its value encodings and index codings (as declared in
+    its tensor headers) and the fraction of the base's coordinates it carries."""
+    _, _, headers = read_headers(data, limits)
+    carried = 0
+    for t in tensors.values():
+        carried += int(t.indices.numel()) if isinstance(t, SparseTensor) else int(t.numel())
+    total = sum(math.prod(s) for s in shapes.values()) or 1
+    return {
+        "format": STYPE,
+        "values": ",".join(sorted({h.values for h in headers})),
+        "index": ",".join(sorted({h.index for h in headers})),
+        "density": round(carried / total, 6),
+    }
+
+
 class RoundState:
     """Per-round bookkeeping for validation: seen clients and submissions, the aggregator."""
 
@@ -318,9 +374,9 @@ class RoundState:
             content = reply.content
             metrics = _metrics_of(content)
             if RECORD_KEY in content.array_records:
-                client_id, n, digest, wire, delta = self._decode(content)
+                client_id, n, digest, wire, delta, codec = self._decode(content)
             else:
-                client_id, n, digest, wire, delta = self._dense(content, default_id)
+                client_id, n, digest, wire, delta, codec = self._dense(content, default_id)
             self._check_unique(node_id, digest)
             client_id = self._label(client_id, node_id)
             delta, weight = screen_delta(delta, float(n), client_id, self.cfg, self.reference, self.scores)
@@ -343,9 +399,11 @@ class RoundState:
         self.seen_clients.add(client_id)
         self.seen_hashes.add(digest)
         self.accepted_replies.append((node_id, reply))
-        return ReplyOutcome(node_id, client_id, True, None, n, digest, wire, self.dense_bytes, metrics)
+        return ReplyOutcome(node_id, client_id, True, None, n, digest, wire, self.dense_bytes, metrics, codec)
 
-    def _decode(self, content: RecordDict) -> tuple[str, int, str, int, Mapping[str, Any]]:
+    def _decode(
+        self, content: RecordDict
+    ) -> tuple[str, int, str, int, Mapping[str, Any], dict[str, Any]]:
         data = record_to_package(content)
         if len(data) > self.cfg.max_package_bytes:
             raise StaleOrInvalid(
@@ -361,14 +419,20 @@ class RoundState:
         self._check_examples(meta.num_examples, meta.client_id)
         check_values(pkg.tensors, self.max_abs, f"package of {meta.client_id!r}")
         tensors = fill_missing(pkg.tensors, self.shapes)  # partial: missing tensors are zero change
-        return meta.client_id, meta.num_examples, _sha256(data), len(data), tensors
+        codec = package_codec(data, pkg.tensors, self.shapes, self.limits)
+        return meta.client_id, meta.num_examples, _sha256(data), len(data), tensors, codec
 
-    def _dense(self, content: RecordDict, client_id: str) -> tuple[str, int, str, int, Mapping[str, Any]]:
-        records = {k: v for k, v in content.array_records.items() if k != BASE_RECORD}
+    def _dense(
+        self, content: RecordDict, client_id: str
+    ) -> tuple[str, int, str, int, Mapping[str, Any], dict[str, Any]]:
+        """A plain Flower reply: full weights in ``"arrays"`` (or in its only ArrayRecord)."""
+        records = dict(content.array_records)
+        if ARRAYS_RECORD in records:
+            records = {ARRAYS_RECORD: records[ARRAYS_RECORD]}
         if len(records) != 1:
             raise StaleOrInvalid(
-                f"reply carries neither a fedmerge package nor exactly one ArrayRecord of weights "
-                f"(ArrayRecords: {sorted(content.array_records)})"
+                f"reply carries neither a fedmerge package nor its weights in ArrayRecord "
+                f"{ARRAYS_RECORD!r} (ArrayRecords: {sorted(content.array_records)})"
             )
         n = reply_num_examples(content)
         self._check_examples(n, client_id)
@@ -380,7 +444,10 @@ class RoundState:
             digest.update(name.encode())
             digest.update(delta[name].numpy().tobytes())
         wire = sum(len(a.data) for a in records[key].values())
-        return client_id, n, digest.hexdigest(), wire, delta
+        dtypes = sorted({_VALUE_NAMES.get(str(records[key][name].dtype), str(records[key][name].dtype))
+                         for name in delta})  # fmt: skip
+        codec = {"format": "dense", "values": ",".join(dtypes), "density": 1.0}
+        return client_id, n, digest.hexdigest(), wire, delta, codec
 
     def _check_examples(self, n: int, client_id: str) -> None:
         if not 1 <= n <= self.cfg.max_num_examples:
@@ -425,25 +492,29 @@ def build_messages(
     update: DownlinkUpdate | None = None,
     parent_holders: set[int] = frozenset(),  # type: ignore[assignment]
 ) -> tuple[list[Message], int]:
-    """One ``train`` message per node: nothing more to ``holders`` of the base, the compressed
-    ``update`` to nodes holding its parent, full weights to the others. Returns (msgs, bytes)."""
+    """One ``train`` message per node, in Flower's shape (``"arrays"``, ``"config"``) with fedmerge's
+    extras beside them (``"fedmerge.config"``). ``holders`` (fedmerge clients holding the base: see
+    :meth:`Federation.run_round`) get no weights, the compressed ``update`` goes to fedmerge clients
+    holding its parent, and every other node — any plain Flower client — gets the full weights in
+    ``"arrays"``. Returns (messages, downlink bytes)."""
     config = train_config(cfg, round_, base)
+    extras = fedmerge_config(cfg, round_, base)
     weights: ArrayRecord | None = None  # built once, and only if some node needs full weights
     weight_bytes = sum(t.numel() * t.element_size() for t in base_weights.values())
     messages, downlink = [], 0
     for node in nodes:
-        content = RecordDict({CONFIG_RECORD: config})
+        content = RecordDict({CONFIG_RECORD: config, FEDMERGE_RECORD: extras})
         if node in holders:
             pass
         elif update is not None and node in parent_holders:
             content[UPDATE_RECORD] = package_to_record(update.package)[RECORD_KEY]
-            content[CONFIG_RECORD + ".update"] = ConfigRecord(
+            content[UPDATE_META_RECORD] = ConfigRecord(
                 {"parent-version-id": update.parent_id, "digest": update.digest}
             )
             downlink += len(update.package)
         else:
             weights = ArrayRecord(base_weights) if weights is None else weights
-            content[BASE_RECORD] = weights
+            content[ARRAYS_RECORD] = weights
             downlink += weight_bytes
         messages.append(
             Message(
@@ -545,7 +616,8 @@ class Federation:
         state = RoundState(self.cfg, round_, base, weights)
         state.reference = reference_for(self.store, base)
         report.outcomes = collect(self.grid, messages, sampled, state, self.cfg.round_deadline_s)
-        holders.update(o.node_id for o in report.outcomes if o.accepted)
+        # only fedmerge clients cache the base: a plain Flower client gets "arrays" in every round
+        holders.update(o.node_id for o in report.outcomes if o.accepted and o.fedmerge_client)
         report.metrics = round_metrics(report)
         state, finalized = finite_merge(state, report)
         if finalized is not None and len(report.accepted) >= self.cfg.min_valid:
@@ -590,6 +662,7 @@ class Federation:
             metadata={
                 "attempt": report.attempt,
                 "task": self.cfg.task,
+                **client_metrics_metadata(report, self.cfg),
                 **anomaly_metadata(state.scores, state.reference, self.cfg),
             },
         )
@@ -601,6 +674,15 @@ class Federation:
         fp32 = all(t.dtype == torch.float32 for t in weights.values() if t.is_floating_point())
         self.latest_weights = (version.id, new_weights) if fp32 else None
         return version.id
+
+
+def client_metrics_metadata(report: RoundReport, cfg: RunConfig) -> dict[str, Any]:
+    """``client-metrics``: each accepted client's own finite metrics (as it reported them, e.g. a plain
+    Flower client's ``train_loss``), kept whatever names other clients use. Withheld under central DP
+    (per-client values are not covered by the DP release)."""
+    if cfg.dp() is not None and cfg.dp_mode == "central":
+        return {}
+    return {"client-metrics": {o.client_id: dict(sorted(o.metrics.items())) for o in report.accepted}}
 
 
 def first_nonfinite(tensors: Mapping[str, torch.Tensor]) -> str | None:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -68,6 +70,47 @@ class ClientData:
     def num_examples(self) -> int:
         """Training examples: the weight FedAvg gives this client (Flower's ``"num-examples"``)."""
         return len(self.train)
+
+
+class DataPathError(ConfigError):
+    """A node's ``data-path`` does not exist, cannot be read or does not hold what the task reads."""
+
+
+def check_data_path(path: str | Path) -> Path:
+    """``path`` as a Path if it exists and is readable, else :class:`DataPathError` naming it."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DataPathError(
+            f"data-path {str(path)!r} does not exist on this node; start the SuperNode with "
+            '--node-config "data-path=/path/to/local/data"'
+        )
+    if not os.access(p, os.R_OK):
+        raise DataPathError(f"data-path {str(path)!r} is not readable by this node's user")
+    return p
+
+
+def load_xy_file(path: str | Path, *, test_fraction: float = 0.2, seed: int = 0) -> ClientData:
+    """ClientData from a ``.npz``/``.pt`` file holding ``x`` and ``y`` (and optionally ``groups``)."""
+    p = check_data_path(path)
+    try:
+        if p.suffix == ".npz":
+            with np.load(p, allow_pickle=False) as z:
+                raw = {k: torch.as_tensor(z[k]) for k in z.files}
+        else:
+            raw = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any reading failure is the node's data problem, reported as such
+        why = f"{type(exc).__name__}: {exc}"
+        raise DataPathError(f"data-path {str(path)!r} could not be read ({why})") from exc
+    if not isinstance(raw, dict) or "x" not in raw or "y" not in raw:
+        raise DataPathError(f"data-path {str(path)!r} must hold tensors 'x' and 'y' (.npz or .pt)")
+    x, y = torch.as_tensor(raw["x"]), torch.as_tensor(raw["y"])
+    groups = torch.as_tensor(raw["groups"]) if "groups" in raw else torch.zeros(len(y), dtype=torch.long)
+    split = Split(x, y, groups)
+    if len(split) < 2:
+        raise DataPathError(f"data-path {str(path)!r} holds {len(split)} samples; at least 2 are needed")
+    perm = np.random.default_rng([seed, 17]).permutation(len(split))
+    n_test = min(max(round(test_fraction * len(split)), 0), len(split) - 1)
+    return ClientData(0, train=split.subset(perm[n_test:]), test=split.subset(perm[:n_test]))
 
 
 @runtime_checkable
@@ -277,6 +320,12 @@ class SupervisedTask(ABC):
             peft_model, data, epochs=epochs, lr=lr, batch_size=batch_size, generator=generator, device=device
         )
         return peft_model, metrics
+
+    def load_data(self, path: str | Path, *, test_fraction: float = 0.2, seed: int = 0) -> ClientData:
+        """A node's private data from ``path`` (``--node-config "data-path=..."``): a ``.npz`` or
+        ``.pt`` file with tensors ``x`` and ``y`` (and optionally ``groups``), split seeded into train
+        and test. :class:`DataPathError` when the file is missing, unreadable or malformed."""
+        return load_xy_file(path, test_fraction=test_fraction, seed=seed)
 
     # ----- helpers ----------------------------------------------------------------------------------
     @property

@@ -12,10 +12,11 @@ import pytest
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from fedmerge.flower.records import FEDMERGE_RECORD
 from fedmerge.flower.rounds import RoundReport
 from fedmerge.flower.transport import package_to_record, record_to_package
 from fedmerge_clients.app import train_reply
-from fedmerge_clients.dense_app import train as dense_train
+from fedmerge_clients.plain_app import train as plain_train
 
 
 @pytest.fixture(autouse=True)
@@ -48,7 +49,7 @@ def _crash(message: Message, context: Context) -> Message:
 
 def _stale(message: Message, context: Context) -> Message:
     """Trains on the weights it holds but labels the package with an older base version."""
-    message.content.config_records["fedmerge.config"]["base-version-id"] = "v000000"
+    message.content.config_records[FEDMERGE_RECORD]["base-version-id"] = "v000000"
     return train_reply(message, context)
 
 
@@ -68,7 +69,8 @@ BEHAVIOURS: dict[str, Behaviour] = {
     "truncated": _truncated,
     "duplicate": _duplicate_of_0,
     "crash": _crash,
-    "dense": dense_train,
+    "dense": plain_train,
+    "plain": plain_train,
     "stale": _stale,
     "straggler": _straggler,
 }

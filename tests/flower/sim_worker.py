@@ -19,7 +19,8 @@ from pathlib import Path
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedmerge.flower.rounds import CONFIG_RECORD, RoundReport
+from fedmerge.flower.records import CONFIG_RECORD
+from fedmerge.flower.rounds import RoundReport
 from fedmerge_clients.app import train_reply
 
 MARKERS_ENV = "FEDMERGE_TEST_MARKERS"
