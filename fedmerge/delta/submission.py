@@ -8,8 +8,9 @@ size was compared with the base.
 
 Formats (τ = the task vector relative to the base θ₀, over the base's floating tensors):
 
-- ``checkpoint`` (safetensors full weights): τ = θ_ft − θ₀; every floating base tensor must be present
-  with the base's shape (checked on the file's header before any tensor is read).
+- ``checkpoint`` (safetensors full weights: one file, or a Hugging Face model directory, sharded or
+  not): τ = θ_ft − θ₀; every floating base tensor must be present with the base's shape (checked on
+  the headers before any tensor is read).
 - ``peft_tar`` (an uncompressed tar of a peft adapter directory): ΔW = s·B·A per adapted module.
 - ``delta_package`` of kind ``task_vector``: the decoded tensors; of kind ``lora``: ΔW = (α/r)·B·A.
 
@@ -186,38 +187,45 @@ _complete = complete_task_vector  # the worker's former private name
 def checkpoint_to_task_vector(
     path: Path, base: Mapping[str, torch.Tensor], *, max_abs: float | None = None
 ) -> dict[str, torch.Tensor]:
-    """τ = θ_ft − θ₀ over the base's floating tensors; the checkpoint must hold all of them, floating,
-    with the base's shapes — checked on the safetensors header before any tensor is read."""
-    from safetensors import SafetensorError, safe_open
+    """τ = θ_ft − θ₀ over the base's floating tensors. ``path`` is a safetensors file or a Hugging Face
+    model directory (``model.safetensors`` or shards with their index, :mod:`fedmerge.delta.hf`). It must
+    hold all of the base's floating tensors, floating, with the base's shapes — checked on the
+    safetensors headers before any tensor is read; tensors the base lacks are ignored."""
+    from fedmerge.delta.hf import HFCheckpoint, HFModelError
 
     shapes = floating_shapes(base)
+    what = "HF model directory" if Path(path).is_dir() else "checkpoint"
     try:
-        with safe_open(str(path), framework="pt") as f:
-            keys = set(f.keys())
-            missing = sorted(set(shapes) - keys)
+        with HFCheckpoint(path) as ckpt:
+            missing = sorted(set(shapes) - set(ckpt.tensors))
             if missing:
                 raise IncompleteSubmission(
-                    f"checkpoint lacks base tensor {missing[0]!r} ({len(missing)} missing); send the full "
+                    f"{what} lacks base tensor {missing[0]!r} ({len(missing)} missing); send the full "
                     "fine-tuned state dict, or a LoRA adapter / DeltaPackage for partial updates"
                 )
             for n, shape in sorted(shapes.items()):
-                sl = f.get_slice(n)
-                dtype = str(sl.get_dtype())
-                if not dtype.startswith(("F", "BF")):
-                    raise InvalidSubmission(f"checkpoint tensor {n!r} is {dtype}, the base's is floating")
-                if tuple(sl.get_shape()) != shape:
+                info = ckpt.tensors[n]
+                if not info.dtype.startswith(("F", "BF")):
+                    raise InvalidSubmission(f"{what} tensor {n!r} is {info.dtype}, the base's is floating")
+                if info.shape != shape:
                     raise InvalidSubmission(
-                        f"checkpoint tensor {n!r} has shape {tuple(sl.get_shape())}, the base has {shape}"
+                        f"{what} tensor {n!r} has shape {info.shape}, the base has {shape}"
                     )
-            tau = {n: f.get_tensor(n).to(torch.float32) - base[n].to(torch.float32) for n in sorted(shapes)}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            tau = {n: ckpt.get(n).to(torch.float32) - base[n].to(torch.float32) for n in sorted(shapes)}
+    except HFModelError as exc:
+        if what == "checkpoint":  # one file: the wording the hostile corpus and intake clients know
+            raise InvalidSubmission(
+                f"checkpoint is not a readable safetensors file ({exc}); send model.safetensors"
+            ) from None
+        raise InvalidSubmission(f"{what}: {exc}") from None
+    except (OSError, ValueError, RuntimeError) as exc:
         if isinstance(exc, InvalidSubmission):
             raise
         raise InvalidSubmission(
-            f"checkpoint is not a readable safetensors file ({exc}); send model.safetensors"
+            f"{what} is not a readable safetensors file ({exc}); send model.safetensors"
         ) from None
-    check_values(tau, value_bound(shapes) if max_abs is None else max_abs, "checkpoint")
-    return complete_task_vector(base, tau, "checkpoint")
+    check_values(tau, value_bound(shapes) if max_abs is None else max_abs, what)
+    return complete_task_vector(base, tau, what)
 
 
 # ------------------------------------------------------------------------------------------ peft

@@ -198,17 +198,17 @@ def init_store(
     """Create the root version of an empty store from ``base`` (and ``adapter``): see the module
     docstring. Everything is checked before the first write; the root is committed with the base's
     files, then the adapter's version. ``latest`` names the newest."""
+    model = open_base(base, name)  # checked before the store directory is even created
     owned = not isinstance(store, ModelStore)
-    s = ModelStore.open(store) if not isinstance(store, ModelStore) else store
-    try:
-        existing = s.list(limit=1)
-        if existing:
-            raise StoreNotEmptyError(
-                f"store {s.root} already has versions (newest {existing[0].id}); init creates the root of a "
-                "new store — pass an empty or new --store directory"
-            )
-        model = open_base(base, name)
-        with model.checkpoint as ckpt:
+    with model.checkpoint as ckpt:
+        s = ModelStore.open(store) if not isinstance(store, ModelStore) else store
+        try:
+            existing = s.list(limit=1)
+            if existing:
+                raise StoreNotEmptyError(
+                    f"store {s.root} already has versions (newest {existing[0].id}); init creates the root "
+                    "of a new store — pass an empty or new --store directory"
+                )
             base_entries = {
                 n: (i.shape, dtype_from_name(i.dtype)) for n, i in ckpt.tensors.items() if _known(i.dtype)
             }
@@ -219,34 +219,46 @@ def init_store(
             root = s.commit_base(
                 _LazyWeights(ckpt), name=model.name, metadata=model.metadata, files=model.files
             )
-        adapter_version = None
-        if tau is not None and lora is not None:
-            adapter_version = s.commit(
-                tau,
-                parents=[root.id],
-                method="peft-adapter",
-                params={"r": lora.rank, "lora_alpha": lora.alpha, "use_rslora": lora.use_rslora},
-                contributors=[],
-                round=None,
-                metrics={},
-                privacy=None,
-                metadata={
-                    "adapter": Path(adapter or "").resolve().name,
-                    "target_modules": list(lora.target_modules),
-                    "modules": sorted(lora.modules),
-                },
-            )
-        return InitResult(
-            root=root,
-            adapter=adapter_version,
-            files=sorted(model.files),
-            architecture=model.check.architecture,
-            architecture_checked=model.check.checked,
-            note=model.check.note,
+            return _commit_adapter(s, root, model, adapter, lora, tau)
+        finally:
+            if owned:
+                s.close()
+
+
+def _commit_adapter(
+    s: ModelStore,
+    root: Version,
+    model: BaseModel,
+    adapter: str | os.PathLike[str] | None,
+    lora: LoraAdapter | None,
+    tau: dict[str, torch.Tensor] | None,
+) -> InitResult:
+    """Commit the checked adapter's task vector on top of the root (if any); the result of init."""
+    adapter_version = None
+    if tau is not None and lora is not None:
+        adapter_version = s.commit(
+            tau,
+            parents=[root.id],
+            method="peft-adapter",
+            params={"r": lora.rank, "lora_alpha": lora.alpha, "use_rslora": lora.use_rslora},
+            contributors=[],
+            round=None,
+            metrics={},
+            privacy=None,
+            metadata={
+                "adapter": Path(adapter or "").resolve().name,
+                "target_modules": list(lora.target_modules),
+                "modules": sorted(lora.modules),
+            },
         )
-    finally:
-        if owned:
-            s.close()
+    return InitResult(
+        root=root,
+        adapter=adapter_version,
+        files=sorted(model.files),
+        architecture=model.check.architecture,
+        architecture_checked=model.check.checked,
+        note=model.check.note,
+    )
 
 
 def _known(dtype: str) -> bool:
