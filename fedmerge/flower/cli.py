@@ -10,6 +10,11 @@ import typer
 app = typer.Typer(add_completion=False)
 
 
+@app.callback()
+def _group() -> None:
+    """Flower deployment commands (a group even with one command, so `serve` stays a sub-command)."""
+
+
 @app.command()
 def serve(
     store: Annotated[Path, typer.Option(help="model store directory (created if missing)")] = Path(
