@@ -12,6 +12,7 @@ from peft import PeftModel
 
 from fedmerge.delta.lora import (
     LoraError,
+    LoraTruncationWarning,
     delta_to_lora,
     factorize,
     load_peft_adapter,
@@ -108,7 +109,8 @@ def test_product_and_stack_are_exact_factors_is_not(tmp_path: Path, make_adapter
 
 
 def test_product_truncation_reports_residual(tmp_path: Path, make_adapter: Factory) -> None:
-    merged = merge_lora(_adapters(tmp_path, make_adapter), space="product", rank=4)
+    with pytest.warns(LoraTruncationWarning, match="below the exact rank"):
+        merged = merge_lora(_adapters(tmp_path, make_adapter), space="product", rank=4)
     assert merged.rank == 4 and all(0 < r < 1 for r in merged.residuals.values())
 
 

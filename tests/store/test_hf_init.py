@@ -336,6 +336,12 @@ def test_cli_init_then_export(llama_dir: Path, tmp_path: Path) -> None:
     res = runner.invoke(app, ["export", "latest", "--store", str(store), "--out", str(tmp_path / "x")])
     assert res.exit_code == 0, res.output
     transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "x"))
+    from fedmerge.cli import app as main_app  # `fedmerge init` is the same command at the top level
+
+    top = runner.invoke(
+        main_app, ["init", "--store", str(tmp_path / "s3"), "--base", str(llama_dir), "--json"]
+    )
+    assert top.exit_code == 0, top.output
     bad = runner.invoke(app, ["init", "--store", str(tmp_path / "s2"), "--base", str(tmp_path / "nope")])
     assert bad.exit_code == 1 and "does not exist" in " ".join(bad.output.split())
     assert not (tmp_path / "s2").exists()  # nothing written for a refused base
