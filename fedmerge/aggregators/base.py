@@ -78,6 +78,11 @@ class Aggregator(ABC):
     # Parameters a federated round uses unless its run config sets them (clients' weights are their
     # numbers of examples; clients may have trimmed already). Batch merging uses the method's defaults.
     round_defaults: ClassVar[dict[str, Any]] = {}
+    # The parameters this method takes as a *continual* merger, with their defaults there (experts
+    # folded one at a time with unit weights and the accumulators persisted between arrivals:
+    # fedmerge.aggregators.continual.batch). The keys are the continual merger's ``params``; any other
+    # parameter keeps its constructor default. Empty: the method is not offered as a continual merger.
+    continual_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(
         self,
@@ -174,6 +179,92 @@ class Aggregator(ABC):
         self._acc = {}
         return out
 
+    def current(self) -> dict[str, torch.Tensor]:
+        """The merge of the deltas added so far, without ending the merge: fresh fp32 tensors equal to
+        what :meth:`finalize` would return now, while further :meth:`add` calls keep folding.
+
+        Pending dense deltas are folded first (as ``finalize`` does); each tensor is then finalised
+        from a copy of its accumulators, so the extra memory is one tensor's accumulators at a time.
+        Streaming methods only (their whole state is the accumulators); buffering methods and methods
+        with their own ``finalize`` raise :class:`AggregatorStateError`.
+        """
+        shapes = self._require_begun()
+        self._require_accumulator_state("current()")
+        if self._num_clients == 0:
+            raise AggregatorStateError(f"{self.name}: current() before any add(); no client delta to merge")
+        self._flush()
+        out: dict[str, torch.Tensor] = {}
+        for key, shape in shapes.items():
+            live = self._acc.get(key)
+            if live is not None:  # swapped inside the dict: wrappers sharing it (norm_bounded) see the copy
+                self._acc[key] = [a.clone() for a in live]
+            try:
+                out[key] = self._finalize_tensor(key, shape).reshape(shape)
+            finally:
+                if live is not None:
+                    self._acc[key] = live
+                else:
+                    self._acc.pop(key, None)
+        return out
+
+    def accumulator_state(self) -> dict[str, list[torch.Tensor]]:
+        """Name → this merge's flat fp32 accumulators, after folding pending deltas. The tensors are the
+        live ones (not copies): copy them to persist. With :attr:`num_clients` and
+        :attr:`total_weight` they are everything needed to :meth:`resume` the merge."""
+        self._require_begun()
+        self._require_accumulator_state("accumulator_state()")
+        self._flush()
+        return {k: list(v) for k, v in self._acc.items()}
+
+    @property
+    def total_weight(self) -> float:
+        """Σ of the weights added so far."""
+        return self._total_weight
+
+    def resume(
+        self,
+        reference_shapes: Mapping[str, Sequence[int]],
+        accumulators: Mapping[str, Sequence[torch.Tensor]],
+        *,
+        num_clients: int,
+        total_weight: float,
+    ) -> None:
+        """Begin a merge that continues from :meth:`accumulator_state` (and the counts) of another.
+
+        The accumulators are taken over, not copied (flat fp32, contiguous, on ``device``; one list of
+        the same length per tensor name); further :meth:`add` calls fold into them.
+        """
+        self.begin(reference_shapes)
+        self._require_accumulator_state("resume()")
+        assert self._shapes is not None
+        unknown = sorted(set(accumulators) - set(self._shapes))
+        if unknown:
+            raise AggregatorStateError(f"{self.name}: accumulators for unknown tensors {unknown}")
+        counts = {len(v) for v in accumulators.values()}
+        if len(counts) > 1:
+            raise AggregatorStateError(
+                f"{self.name}: tensors have different numbers of accumulators {counts}"
+            )
+        for key, accs in accumulators.items():
+            numel = math.prod(self._shapes[key])
+            for a in accs:
+                if a.dtype != torch.float32 or a.dim() != 1 or a.numel() != numel or not a.is_contiguous():
+                    raise AggregatorStateError(
+                        f"{self.name}: accumulator of {key!r} must be a flat contiguous fp32 tensor of "
+                        f"{numel} elements, got {a.dtype} {tuple(a.shape)}"
+                    )
+                if a.device != self.device:
+                    raise AggregatorStateError(
+                        f"{self.name}: accumulator of {key!r} is on {a.device}, not {self.device}"
+                    )
+        if int(num_clients) < 0 or not math.isfinite(float(total_weight)) or float(total_weight) < 0:
+            raise AggregatorStateError(
+                f"{self.name}: cannot resume with num_clients={num_clients!r}, total_weight={total_weight!r}"
+            )
+        self._acc.clear()  # in place: wrappers (norm_bounded) share this dict
+        self._acc.update({k: list(v) for k, v in accumulators.items()})
+        self._num_clients, self._total_weight = int(num_clients), float(total_weight)
+
     # ------------------------------------------------------------------ subclass hooks
     def _prepare(self, key: str, x: DeltaTensor, generator: torch.Generator) -> Prepared:
         """Per-client step before folding (trim, random drop, ...). Default: none."""
@@ -202,6 +293,13 @@ class Aggregator(ABC):
 
     def _generator(self, client: str | int, key: str) -> torch.Generator:
         return derive_generator(self.seed, self.round, client, key)
+
+    def _require_accumulator_state(self, what: str) -> None:
+        if not self.streaming or type(self).finalize is not Aggregator.finalize:
+            raise AggregatorStateError(
+                f"{self.name}: {what} needs a streaming method whose state is its accumulators; "
+                f"{self.name} buffers deltas or finalises in its own way"
+            )
 
     def _require_begun(self) -> dict[str, tuple[int, ...]]:
         if self._shapes is None:

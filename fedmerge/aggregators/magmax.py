@@ -4,11 +4,23 @@
 
 Weights are ignored (the method has none). On an exact tie in magnitude the positive value wins,
 so the result does not depend on client order. Streams in O(P) (one accumulator).
+
+Max-magnitude selection is associative and commutative, so folding experts one at a time (the
+continual merger of the same name, :mod:`fedmerge.aggregators.continual.batch`) gives exactly the
+batch result in any order. Defaults, declared here once:
+
+* batch, λ = 1 (``scaling``): the selected values unscaled, so that identical client deltas merge to
+  that delta (``averaging``), which a federated round relies on;
+* continual (``continual_defaults``), λ = 0.5: the MagMax paper's (``scaling_coef=0.5`` in its
+  released 8-dataset script) and FusionBench's (``config/method/magmax/magmax.yaml``) default, as
+  compared in Tang et al. 2025. The selected values come from several experts, each a full task
+  vector, so the merged one is scaled down. The paper fine-tunes each expert from the previous
+  one; a server receiving independent experts cannot.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -21,6 +33,7 @@ from fedmerge.delta.sparse import SparseTensor
 class MagMax(Aggregator):
     name: ClassVar[str] = "magmax"
     averaging: ClassVar[bool] = True
+    continual_defaults: ClassVar[dict[str, Any]] = {"scaling": 0.5}  # the paper's λ (module docstring)
 
     def __init__(self, *, scaling: float = 1.0, **common: object) -> None:
         super().__init__(**common)  # type: ignore[arg-type]

@@ -1,6 +1,9 @@
 """Per-client sparsification steps shared by TIES, DARE and DELLA. Pure functions, explicit RNG.
 
 * :func:`trim` (TIES, Yadav et al. 2023): keep the k = ⌊density·n⌋ entries of largest |τ|.
+* :func:`magnitude_threshold` / :func:`trim_at`: the k-th largest |τ| over one tensor or several
+  together, and the trim that keeps every entry at or above it (ties included; continual TIES,
+  FusionBench's rule, trims the whole model at once this way).
 * :func:`dare_drop` (DARE, Yu et al. 2024): m ~ Bernoulli(density) i.i.d.; τ̃ = m ⊙ τ / density.
 * :func:`della_drop` (DELLA, Deep et al. 2024, as mergekit's ``della_magprune``): within each row,
   rank entries by |τ| (rank 1 = smallest), normalise ranks to r ∈ [0, 1], keep each entry with
@@ -18,11 +21,12 @@ and FusionBench do); ``"l1"`` instead rescales the kept entries so that ‖τ̃�
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 
-from fedmerge.aggregators.kernels import seeded_bernoulli_scale, seeded_uniform, trim_topk
+from fedmerge.aggregators.kernels import seeded_bernoulli_scale, seeded_uniform, topk_threshold, trim_topk
 from fedmerge.delta.sparse import SparseTensor
 from fedmerge.errors import ConfigError
 from fedmerge.seeds import seed_from_generator
@@ -83,6 +87,20 @@ def trim(x: torch.Tensor | SparseTensor, density: float) -> torch.Tensor | Spars
         nz = kept != 0
         return SparseTensor(indices=x.indices[nz], values=kept[nz], shape=x.shape)
     return trim_topk(x, keep_count(x.numel(), density))
+
+
+def magnitude_threshold(tensors: Sequence[torch.Tensor], density: float) -> float:
+    """t = the k-th largest |x| over all ``tensors`` together, k = ⌊density · total size⌋
+    (:func:`keep_count`); 0 when density keeps everything, inf when it keeps nothing."""
+    flat = tensors[0].reshape(-1) if len(tensors) == 1 else torch.cat([t.reshape(-1) for t in tensors])
+    threshold, _ = topk_threshold(flat, keep_count(flat.numel(), density))
+    return threshold
+
+
+def trim_at(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """x with the entries of |x| < ``threshold`` zeroed; entries equal to it are all kept (unlike
+    :func:`trim`, which breaks ties by position to keep exactly k)."""
+    return torch.where(x.abs() >= threshold, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def _rescaled(

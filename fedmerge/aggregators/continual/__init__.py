@@ -4,14 +4,16 @@
 >>> available_continual()
 ['continual_task_arithmetic', 'continual_ties', 'magmax', 'opcm', 'running_average']
 
-``magmax`` here is the sequential (stateful) MagMax; the batch MagMax aggregator is registered under
-the same name in the separate batch registry (:func:`fedmerge.aggregators.create`).
+``continual_task_arithmetic`` and ``magmax`` are the batch aggregators of the same methods (the
+batch registry, :func:`fedmerge.aggregators.create`) folded one expert at a time, with their
+accumulators as the persisted state (:mod:`~fedmerge.aggregators.continual.batch`); their continual
+defaults are declared on the batch class (``continual_defaults``). ``continual_ties``, ``opcm`` and
+``running_average`` have their own arithmetic (see each module for why).
 """
 
 from fedmerge.aggregators.continual import (  # noqa: F401  (import registers each method)
-    continual_task_arithmetic,
+    batch,
     continual_ties,
-    magmax,
     opcm,
     running_average,
 )
@@ -23,10 +25,12 @@ from fedmerge.aggregators.continual.base import (
     get_continual,
     register_continual,
 )
+from fedmerge.aggregators.continual.batch import BatchContinual
 from fedmerge.aggregators.continual.opcm import linear_weight_names, project_out, split_rank
 
 __all__ = [
     "STATE_FORMAT",
+    "BatchContinual",
     "ContinualMerger",
     "available_continual",
     "create_continual",

@@ -17,7 +17,11 @@ k-th largest are all kept (FusionBench keeps |x| ≥ its threshold too, with k o
 
 The merged vector feeds back into every later step, so its mass compounds (a disjoint sum, not a
 mean): the method is order-sensitive and drifts, which the paper reports (49.0 ± 10.2 on ViT-B/32).
-State: τ⁽ᵗ⁻¹⁾, O(P); one merge holds two trimmed copies transiently.
+Not a batch TIES plus state (:mod:`fedmerge.aggregators.ties` merges all experts at once with a
+disjoint *mean*; this merges the running result with one expert, with a disjoint *sum*), so it keeps
+its own class; the trim thresholds (:mod:`fedmerge.aggregators.sparsify`) and the fused trim, vote
+and sign split (:mod:`fedmerge.aggregators.kernels`) are the batch methods'.
+State: τ⁽ᵗ⁻¹⁾, O(P); one merge holds three model-sized fold accumulators transiently.
 """
 
 from __future__ import annotations
@@ -28,48 +32,61 @@ import torch
 
 from fedmerge.aggregators.base import check_fraction
 from fedmerge.aggregators.continual.base import ContinualMerger, check_finite_number, register_continual
-from fedmerge.aggregators.kernels import topk_threshold
-from fedmerge.aggregators.sparsify import keep_count
+from fedmerge.aggregators.kernels import VOTE_TOTAL, sign_split_dense, zeros
+from fedmerge.aggregators.sparsify import magnitude_threshold, trim_at
 from fedmerge.errors import ConfigError
 
 TRIM_SCOPES = ("global", "tensor")
+KEEP_TIES = 2**62  # tie cut of the fused trim: entries tied with the threshold are all kept
 
 
-def magnitude_threshold(tensors: list[torch.Tensor], density: float) -> float:
-    """The k-th largest |x| over all ``tensors`` together, k = ⌊density · total size⌋."""
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    thr, _ = topk_threshold(flat, keep_count(flat.numel(), density))
-    return thr
+def trim_thresholds(tv: dict[str, torch.Tensor], density: float, scope: str) -> dict[str, float]:
+    """Per tensor, the magnitude below which :func:`trim_all` zeroes (0: nothing is trimmed)."""
+    if density >= 1.0:
+        return {k: 0.0 for k in tv}
+    if scope == "global":
+        thr = magnitude_threshold(list(tv.values()), density)
+        return {k: thr for k in tv}
+    return {k: magnitude_threshold([v], density) for k, v in tv.items()}
 
 
 def trim_all(tv: dict[str, torch.Tensor], density: float, scope: str) -> dict[str, torch.Tensor]:
     """Zero all but the largest-magnitude entries (globally or per tensor); ties at the threshold kept."""
     if density >= 1.0:
         return dict(tv)
-    zero = torch.zeros(())
-    if scope == "global":
-        thr = magnitude_threshold(list(tv.values()), density)
-        return {k: torch.where(v.abs() >= thr, v, zero) for k, v in tv.items()}
-    out = {}
-    for k, v in tv.items():
-        thr, _ = topk_threshold(v, keep_count(v.numel(), density))
-        out[k] = torch.where(v.abs() >= thr, v, zero)
-    return out
+    return {k: trim_at(tv[k], t) for k, t in trim_thresholds(tv, density, scope).items()}
 
 
 def ties_pair(
     a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], density: float, scope: str
 ) -> dict[str, torch.Tensor]:
-    """TIES of two task vectors with a disjoint sum (module docstring)."""
-    ta, tb = trim_all(a, density, scope), trim_all(b, density, scope)
-    signs = {k: torch.sign(ta[k] + tb[k]) for k in ta}
-    majority = torch.sign(sum((s.sum() for s in signs.values()), torch.zeros(())))
+    """TIES of two task vectors with a disjoint sum (module docstring).
+
+    The trim, the vote S = â + b̂ and the sign split P = Σ max(x̂, 0), N = Σ min(x̂, 0) are one fold of
+    the batch TIES kernel (:func:`~fedmerge.aggregators.kernels.sign_split_dense`, unit votes and
+    weights, the trim fused as a threshold that keeps ties); the disjoint sum is then P where γ > 0
+    and N elsewhere (γ = 0 only when the global majority is 0 too, where FusionBench keeps N).
+    """
+    thr_a, thr_b = trim_thresholds(a, density, scope), trim_thresholds(b, density, scope)
+    split: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    for k in a:
+        acc = [zeros(a[k].numel(), a[k].device) for _ in range(5)]  # S, P, N, Pc, Nc
+        sign_split_dense(
+            [a[k], b[k]],
+            [thr_a[k], thr_b[k]],
+            [KEEP_TIES] * 2,
+            (1.0, 1.0),
+            (1.0, 1.0),
+            (1.0, 1.0),
+            VOTE_TOTAL,
+            acc,
+        )
+        split[k] = (torch.sign(acc[0]), acc[1], acc[2])
+    majority = torch.sign(sum((s.sum() for s, _, _ in split.values()), torch.zeros(())))
     out = {}
-    for k, s in signs.items():
+    for k, (s, pos, neg) in split.items():
         gamma = torch.where(s == 0, majority, s)
-        keep_a = torch.where(gamma > 0, ta[k] > 0, ta[k] < 0)
-        keep_b = torch.where(gamma > 0, tb[k] > 0, tb[k] < 0)
-        out[k] = ta[k] * keep_a + tb[k] * keep_b
+        out[k] = torch.where(gamma > 0, pos, neg).reshape(a[k].shape)
     return out
 
 

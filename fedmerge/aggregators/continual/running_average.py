@@ -5,6 +5,14 @@
 The averaging baseline of Tang et al. 2025 (FusionBench ``ContinualWeightAverageForCLIP``, which
 applies the same update to the parameters θ; averaging θ_i and averaging τ_i give the same model).
 No hyper-parameter. State: the current mean, O(P). Each expert's contribution shrinks as 1/t.
+
+Mathematically this is FedAvg (:mod:`fedmerge.aggregators.fedavg`) with unit weights, but it keeps its
+own class rather than being the batch aggregator plus state
+(:mod:`fedmerge.aggregators.continual.batch`): FedAvg's state is the sum Σ τ_i and its result
+Σ τ_i · (1/t), which rounds differently from this recursion, and stored tracks persist the mean
+(slot ``mean``), which cannot be turned back into FedAvg's sum exactly. Switching would change the
+returned numbers (in the last bits) and resume stored tracks only approximately. The two agree to
+fp32 rounding (tested).
 """
 
 from __future__ import annotations
