@@ -19,8 +19,8 @@ import torch
 
 from fedmerge.codec import CodecConfig, PackageMeta, decode_package, encode_package
 from fedmerge.errors import InvalidSubmission
-from fedmerge_bench.hostile_corpus import resign
 from fedmerge.v1 import delta_pb2
+from fedmerge_bench.hostile_corpus import resign
 
 SHAPES = {"a.weight": (24, 8), "a.bias": (24,), "b.weight": (4, 24)}
 
