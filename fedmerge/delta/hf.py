@@ -183,9 +183,6 @@ class HFCheckpoint:
             raise
         if p.is_dir() and (p / SAFE_INDEX).is_file():
             self._check_index(read_index(p))
-        if not self.tensors:
-            self._stack.close()
-            raise HFModelError(f"{p}: the weights hold no tensors")
 
     def _check_index(self, weight_map: Mapping[str, str]) -> None:
         for name, shard in sorted(weight_map.items()):

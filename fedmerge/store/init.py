@@ -199,6 +199,9 @@ def init_store(
     docstring. Everything is checked before the first write; the root is committed with the base's
     files, then the adapter's version. ``latest`` names the newest."""
     model = open_base(base, name)  # checked before the store directory is even created
+    if not model.checkpoint.tensors:
+        model.checkpoint.close()
+        raise hf.HFModelError(f"base {base} holds no tensors; pass the model's weights")
     owned = not isinstance(store, ModelStore)
     with model.checkpoint as ckpt:
         s = ModelStore.open(store) if not isinstance(store, ModelStore) else store
