@@ -58,14 +58,15 @@ def check_base_matches_task(
     the base's tensor names, shapes and dtypes: checked before the first round, so no client trains
     on a base the server could not load."""
     model = {k: v for k, v in task.build_model(seed).state_dict().items()}
-    problems = [f"{n!r} is in the base but not in the model" for n in sorted(set(weights) - set(model))]
-    problems += [f"{n!r} is in the model but not in the base" for n in sorted(set(model) - set(weights))]
+    problems: list[str] = []
     for name in sorted(set(model) & set(weights)):
         m, b = model[name], weights[name]
         if tuple(m.shape) != tuple(b.shape):
             problems.append(f"{name!r} has shape {tuple(m.shape)} in the model, {tuple(b.shape)} in the base")
         elif m.dtype != b.dtype:
             problems.append(f"{name!r} is {m.dtype} in the model, {b.dtype} in the base")
+    problems += [f"{n!r} is in the base but not in the model" for n in sorted(set(weights) - set(model))]
+    problems += [f"{n!r} is in the model but not in the base" for n in sorted(set(model) - set(weights))]
     if problems:
         raise BaseMismatch(
             f"task {task_name!r} does not match the store's base {version_id} ({len(problems)} "
