@@ -155,7 +155,10 @@ def serve_continual(
 @app.command("push")
 def push(
     path: Annotated[
-        Path, typer.Argument(help="expert: *.safetensors checkpoint, peft adapter dir, or DeltaPackage")
+        Path,
+        typer.Argument(
+            help="expert: *.safetensors checkpoint, Hugging Face model dir, peft adapter dir, or DeltaPackage"
+        ),
     ],
     server: Annotated[str, typer.Option(help="HOST:PORT of the intake service")],
     token: Annotated[str | None, typer.Option(envvar="FEDMERGE_TOKEN", help="bearer token")] = None,

@@ -28,6 +28,7 @@ from typing import BinaryIO
 
 import grpc
 
+from fedmerge.delta.hf import is_hf_model_dir
 from fedmerge.errors import FedMergeError
 from fedmerge.v1 import intake_pb2, intake_pb2_grpc
 
@@ -150,12 +151,36 @@ def pack_peft(directory: str | Path) -> bytes:
 
 
 def detect_format(path: Path) -> str:
-    """Directory → ``peft_tar``; ``*.safetensors`` → ``checkpoint``; anything else → ``delta_package``."""
+    """A peft adapter directory (``adapter_config.json``) → ``peft_tar``; a Hugging Face model directory
+    (``config.json`` / ``*.safetensors``, sharded or not) or a ``*.safetensors`` file → ``checkpoint``;
+    anything else → ``delta_package``."""
     if path.is_dir():
-        return "peft_tar"
+        if (path / "adapter_config.json").is_file():
+            return "peft_tar"
+        if is_hf_model_dir(path):
+            return "checkpoint"
+        raise ServiceCallError(
+            f"{path} is neither a peft adapter directory (adapter_config.json) nor a Hugging Face model "
+            "directory (config.json with model.safetensors or a sharded index)"
+        )
     if path.suffix == ".safetensors":
         return "checkpoint"
     return "delta_package"
+
+
+def pack_hf_model(directory: Path, into: Path) -> Path:
+    """The weights of a Hugging Face model directory (sharded or not) as one safetensors file ``into``:
+    the intake's ``checkpoint`` format. Raises :class:`ServiceCallError` naming what is wrong."""
+    from safetensors.torch import save_file
+
+    from fedmerge.delta.hf import HFModelError, load_hf_state_dict
+
+    try:
+        weights = load_hf_state_dict(directory)
+    except HFModelError as exc:
+        raise ServiceCallError(str(exc)) from None
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(into))
+    return into
 
 
 @dataclass
@@ -170,7 +195,7 @@ def _payload(source: str | os.PathLike[str] | bytes) -> _Payload:
         data = source
         return _Payload(len(data), hashlib.sha256(data).hexdigest(), lambda: io.BytesIO(data))
     path = Path(source)
-    if path.is_dir():
+    if path.is_dir():  # a Hugging Face directory is packed by submit_expert first
         return _payload(pack_peft(path))
     with path.open("rb") as fh:
         sha = hashlib.file_digest(fh, "sha256").hexdigest()
@@ -204,6 +229,13 @@ def submit_expert(
         fmt = "delta_package" if isinstance(source, bytes) else detect_format(Path(source))
     if fmt not in FORMATS:
         raise ServiceCallError(f"format {fmt!r} is not one of {sorted(FORMATS)}")
+    if fmt == "checkpoint" and not isinstance(source, bytes) and Path(source).is_dir():
+        with tempfile.TemporaryDirectory(prefix="fedmerge-push-") as tmp:
+            packed = pack_hf_model(Path(source), Path(tmp) / "model.safetensors")
+            return submit_expert(
+                server, packed, fmt=fmt, base_version=base_version, label=label, chunk_size=chunk_size,
+                retries=retries, backoff=backoff, progress=progress, timeout=timeout,
+            )  # fmt: skip
     payload = _payload(source)
     header = intake_pb2.SubmitHeader(
         format=FORMATS[fmt],
