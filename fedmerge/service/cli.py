@@ -55,7 +55,11 @@ def serve_continual(
         str | None, typer.Option(help="base version (id or alias); default the store's root")
     ] = None,
     base_weights: Annotated[
-        Path | None, typer.Option(help="safetensors file committed as the base when the store is empty")
+        Path | None,
+        typer.Option(
+            help="safetensors file or Hugging Face model directory committed as the base when the store "
+            "is empty (as `fedmerge init` does)"
+        ),
     ] = None,
     track: Annotated[str, typer.Option(help="alias moved to each continual version")] = "continual",
     data_dir: Annotated[
@@ -127,11 +131,12 @@ def serve_continual(
         )
         if base_weights is not None:
             with ModelStore.open(store) as s:
-                if not s.list(limit=1):
-                    from safetensors.torch import load_file
+                empty = not s.list(limit=1)
+            if empty:  # the same path as `fedmerge init`: a model directory keeps config and tokenizer
+                from fedmerge.store.init import init_store
 
-                    v = s.commit_base(load_file(str(base_weights)), name=base_weights.stem)
-                    typer.echo(f"committed base {base_weights} as {v.id}")
+                v = init_store(store, base_weights).root
+                typer.echo(f"committed base {base_weights} as {v.id}")
         server = IntakeServer(config)
         port = server.start()
     except FedMergeError as exc:
