@@ -96,6 +96,8 @@ def run_server(
             else:
                 ensure_base(store, lambda: task.pretrained_base(cfg.seed), name=cfg.task)
         base = store.get("latest")
+        if callable(getattr(task, "use_store_files", None)):  # e.g. hf_causal_lm: config.json kept by init
+            task.use_store_files(store.read_files(base))  # type: ignore[attr-defined]
         weights = store.materialize(base)
         check_base_matches_task(task, cfg.task, weights, base.id, cfg.seed)
         federation = Federation(grid, cfg, store, evaluate=evaluate, on_round=on_round)

@@ -19,9 +19,14 @@ from typing import Any
 from fedmerge.errors import ConfigError
 from fedmerge_simulations.tasks.base import ClientData, Split, SupervisedTask, Task
 from fedmerge_simulations.tasks.digits import DigitsTask
+from fedmerge_simulations.tasks.hf_causal_lm import HFCausalLMTask
 from fedmerge_simulations.tasks.tiny_lm import TinyLMTask
 
-_FACTORIES: dict[str, Callable[..., Task]] = {"digits": DigitsTask, "tiny_lm": TinyLMTask}
+_FACTORIES: dict[str, Callable[..., Task]] = {
+    "digits": DigitsTask,
+    "tiny_lm": TinyLMTask,
+    "hf_causal_lm": HFCausalLMTask,  # type: ignore[dict-item]  # implements the required part only
+}
 _SHARED: dict[str, Task] = {}
 
 
@@ -94,6 +99,7 @@ def get_task(name: str, **options: Any) -> Task:
 __all__ = [
     "ClientData",
     "DigitsTask",
+    "HFCausalLMTask",
     "Split",
     "SupervisedTask",
     "Task",

@@ -1,0 +1,87 @@
+r"""A ClientApp for federated LoRA fine-tuning of your own Hugging Face causal LM with fedmerge.
+
+It uses only Flower's API, transformers/peft and fedmerge's client library (two calls:
+:func:`fedmerge.flower.client.base_weights` and :func:`fedmerge.flower.client.fedmerge_reply`).
+Each SuperNode names two local paths::
+
+    flower-supernode ... \
+        --node-config "model-dir='/models/my-lm' data-path='/data/notes.txt' client-id='inst-a'"
+
+``model-dir`` holds the base model's ``config.json`` and tokenizer (the weights come from the server,
+every round); ``data-path`` is a private text file, one training example per line. Per round the node
+builds the model from the config, loads the round's base weights, wraps it with a peft LoRA adapter
+(rank ``lora-rank``, alpha ``lora-alpha`` from the run config), trains ``local-epochs`` passes with
+AdamW at ``lr``, and replies the compressed merged update ΔW = (α/r)·B·A (top-k + int8 with error
+feedback by default; the server's run config decides).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from flwr.app import ConfigRecord, Context, Message
+from flwr.clientapp import ClientApp
+from peft import LoraConfig, get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from fedmerge.flower.client import base_weights, fedmerge_reply
+
+app = ClientApp()
+
+TARGET_MODULES = ["q_proj", "v_proj"]
+MAX_LENGTH = 48
+
+
+def local_path(context: Context, key: str) -> Path:
+    """The node-config path ``key``; FileNotFoundError naming it (the server records it) otherwise."""
+    if key not in context.node_config:
+        hint = f'start the SuperNode with --node-config "{key}=..."'
+        raise FileNotFoundError(f"node config has no {key!r}; {hint}")
+    path = Path(str(context.node_config[key])).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{key} {str(path)!r} does not exist on this node")
+    return path
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    config = msg.content["config"]
+    assert isinstance(config, ConfigRecord)
+    model_dir, data_path = local_path(context, "model-dir"), local_path(context, "data-path")
+    lines = [ln for ln in data_path.read_text().splitlines() if ln.strip()]
+    if not lines:
+        raise ValueError(f"data-path {str(data_path)!r} holds no text")
+
+    round_ = int(str(config["server-round"]))
+    torch.manual_seed(round_)  # LoRA's A init; reproducible per round
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    model.load_state_dict(base_weights(msg, context))  # this round's base (cached between rounds)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    batch = tokenizer(lines, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+
+    lora = LoraConfig(
+        r=int(str(config.get("lora-rank", 4))),
+        lora_alpha=float(str(config.get("lora-alpha", 8.0))),  # type: ignore[arg-type]  # peft: alpha / r
+        target_modules=TARGET_MODULES, lora_dropout=0.0,
+    )  # fmt: skip
+    peft_model = get_peft_model(model, lora)
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad],
+                                  lr=float(str(config.get("lr", 1e-3))))  # fmt: skip
+    batch_size = int(str(config.get("batch-size", 8)))
+    gen = torch.Generator().manual_seed(round_)
+    peft_model.train()
+    loss_sum, steps = 0.0, 0
+    for _ in range(int(str(config.get("local-epochs", 1)))):
+        for idx in torch.randperm(len(lines), generator=gen).split(batch_size):
+            out = peft_model(input_ids=batch["input_ids"][idx], attention_mask=batch["attention_mask"][idx],
+                             labels=labels[idx])  # fmt: skip
+            optimizer.zero_grad()
+            out.loss.backward()
+            optimizer.step()
+            loss_sum, steps = loss_sum + float(out.loss), steps + 1
+    loss = loss_sum / max(steps, 1)
+    metrics = {"train-loss": loss, "train-perplexity": math.exp(min(loss, 50.0))}
+    return fedmerge_reply(msg, context, peft_model, num_examples=len(lines), metrics=metrics)
