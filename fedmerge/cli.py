@@ -39,6 +39,7 @@ _LIBRARY_COMMANDS: list[tuple[str, str, str]] = [
     ("fedmerge.store.cli", "store", "group"),
     ("fedmerge.flower.cli", "", "commands"),
     ("fedmerge.service.cli", "", "commands"),
+    ("fedmerge.recipes_cli", "", "commands"),  # fedmerge merge RECIPE.yaml
 ]
 # entry point name → why it could not be loaded (a missing optional dependency)
 _UNAVAILABLE: dict[str, str] = {}
