@@ -2,23 +2,30 @@
 
 >>> from fedmerge.aggregators import available, create, merge
 >>> sorted(available())[:3]
-['dare_linear', 'dare_ties', 'della']
+['breadcrumbs', 'breadcrumbs_ties', 'dare_linear']
 """
 
 from fedmerge.aggregators import (  # noqa: F401  (import registers each method)
+    breadcrumbs,
     continual,
     dare_linear,
     dare_ties,
     della,
+    della_linear,
     fedavg,
+    iso,
     krum,
     magmax,
     median,
+    model_stock,
+    multislerp,
     norm_bounded,
     robust_ties,
+    slerp,
     task_arithmetic,
     ties,
     trimmed_mean,
+    tsv,
 )
 from fedmerge.aggregators.base import (
     Aggregator,

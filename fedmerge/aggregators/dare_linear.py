@@ -5,7 +5,12 @@ Homologous Models as a Free Lunch").
     τ = λ · Σ_i w_i τ̃_i          (÷ Σ w_i with ``normalize=True``)
 
 The mask of client i and tensor k comes from a generator derived from (seed, round, i, k).
-``rescale="l1"`` gives mergekit's norm-matching rescale instead of 1/density. Streams in O(P).
+``rescale="l1"`` (or mergekit's ``rescale=True``) gives mergekit's norm-matching rescale instead of
+1/density. mergekit's ``dare_linear`` defaults (a6e4028 / v0.1.4: density 1, ``rescale: true`` = L1,
+``normalize: false``, torch.bernoulli masks) are
+:data:`fedmerge.aggregators.mergekit.MERGEKIT_DEFAULTS` ``["dare_linear"]``; its ``lambda`` is
+``scaling``. One difference: with ``normalize=True`` and weights summing to 0, mergekit divides by 1,
+fedmerge refuses. Streams in O(P).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ class DareLinear(LinearAggregator):
         self,
         *,
         density: float = 0.5,
-        rescale: str = "inverse",
+        rescale: str | bool = "inverse",
         mask_rng: str = "splitmix64",
         scaling: float = 1.0,
         normalize: bool = False,

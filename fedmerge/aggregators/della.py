@@ -7,6 +7,13 @@ Magnitude-Based Sampling"), with the drop step defined as mergekit's ``della_mag
 
 density ± ε must lie in (0, 1). Ranking needs the whole tensor, so DELLA densifies sparse inputs.
 Streams in O(P).
+
+Defaults follow the paper (kept entries rescaled by 1/p_i, ε = 0.1). mergekit's ``della``
+(a6e4028 / v0.1.4) has no 1/p rescale: its ``rescale: true`` (default) is the L1 norm-matching
+rescale (``rescale="l1"``), ``rescale: false`` keeps raw masked values (``"none"``); its ε defaults to
+0.15, density to 1, its vote and divisor are weighted and ``normalize`` is true:
+:data:`fedmerge.aggregators.mergekit.MERGEKIT_DEFAULTS` ``["della"]``. ``della_linear`` is the
+same drop without the sign election.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ class Della(SignConsensusAggregator):
         *,
         density: float = 0.5,
         epsilon: float = 0.1,
-        rescale: str = "inverse",
+        rescale: str | bool = "inverse",
         mask_rng: str = "splitmix64",
         **kwargs: object,
     ) -> None:

@@ -1,6 +1,9 @@
 """Per-client sparsification steps shared by TIES, DARE and DELLA. Pure functions, explicit RNG.
 
 * :func:`trim` (TIES, Yadav et al. 2023): keep the k = ⌊density·n⌋ entries of largest |τ|.
+* :func:`magnitude_outliers` (Model Breadcrumbs, Davari & Belilovsky 2023, as mergekit's
+  ``magnitude_outliers``): drop the ⌊γ·n⌋ entries of largest |τ| and then the smallest, keeping
+  ⌊density·n⌋.
 * :func:`magnitude_threshold` / :func:`trim_at`: the k-th largest |τ| over one tensor or several
   together, and the trim that keeps every entry at or above it (ties included; continual TIES,
   FusionBench's rule, trims the whole model at once this way).
@@ -16,7 +19,13 @@ same mask. ``mask_rng="torch"`` uses ``torch.bernoulli(..., generator)``, the dr
 
 ``rescale``: ``"inverse"`` divides by the keep probability (the papers' unbiased estimator, as peft
 and FusionBench do); ``"l1"`` instead rescales the kept entries so that ‖τ̃‖₁ = ‖τ‖₁ (mergekit's
-``rescale_norm: l1``); ``"none"`` keeps the raw masked values.
+``rescale: true``, its ``rescale_norm: l1``); ``"none"`` keeps the raw masked values (mergekit's
+``rescale: false``). The booleans are accepted as mergekit spells them: True → "l1", False → "none".
+
+``keep_rounding`` (the k of a magnitude trim): ``"floor"`` (default) k = ⌊density·n⌋ as peft's
+``magnitude_based_pruning`` computes it, k = 0 keeping nothing; ``"mergekit"`` the same floor, but a
+trim that would keep nothing is refused, as mergekit's ``sparsify.magnitude`` asserts k > 0
+(mergekit a6e4028 / v0.1.4; it does *not* round up to one entry).
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from fedmerge.seeds import seed_from_generator
 Rescale = Literal["inverse", "l1", "none"]
 RESCALES = ("inverse", "l1", "none")
 MASK_RNGS = ("splitmix64", "torch")
+KEEP_ROUNDINGS = ("floor", "mergekit")
 
 
 def check_mask_rng(mask_rng: str) -> str:
@@ -64,29 +74,74 @@ def _keep(
     return (u < probs).float()
 
 
-def check_rescale(rescale: str) -> str:
+def check_rescale(rescale: str | bool) -> str:
+    """One of :data:`RESCALES`; mergekit's boolean ``rescale`` maps True → "l1", False → "none"."""
+    if isinstance(rescale, bool):
+        return "l1" if rescale else "none"
     if rescale not in RESCALES:
-        raise ConfigError(f"rescale must be one of {RESCALES}, got {rescale!r}")
+        raise ConfigError(f"rescale must be one of {RESCALES} (or a bool, as mergekit), got {rescale!r}")
     return rescale
 
 
-def keep_count(numel: int, density: float) -> int:
-    """k = ⌊density · numel⌋, as peft and mergekit compute it."""
-    return int(density * numel)
+def check_keep_rounding(keep_rounding: str) -> str:
+    if keep_rounding not in KEEP_ROUNDINGS:
+        raise ConfigError(f"keep_rounding must be one of {KEEP_ROUNDINGS}, got {keep_rounding!r}")
+    return keep_rounding
 
 
-def trim(x: torch.Tensor | SparseTensor, density: float) -> torch.Tensor | SparseTensor:
+def keep_count(numel: int, density: float, rounding: str = "floor") -> int:
+    """k = ⌊density · numel⌋ (peft's and mergekit's rounding). With ``rounding="mergekit"`` a k of 0 for
+    density > 0 is refused, as mergekit's ``magnitude`` asserts (it never keeps "at least one")."""
+    k = int(density * numel)
+    if rounding == "mergekit" and k == 0 and density > 0 and numel > 0:
+        raise ConfigError(
+            f"density {density} keeps ⌊{density}·{numel}⌋ = 0 entries of a {numel}-entry tensor; "
+            "mergekit refuses such a trim (keep_rounding='mergekit')"
+        )
+    return k
+
+
+def magnitude_outliers(
+    x: torch.Tensor, density: float, gamma: float, rounding: str = "floor"
+) -> torch.Tensor:
+    """Model Breadcrumbs' mask (mergekit's ``magnitude_outliers``), fp32: sort |x| ascending, drop the
+    n_top = ⌊γ·n⌋ largest and the n_bot = n − ⌊density·n⌋ − n_top smallest (n_top lowered to keep
+    ⌊density·n⌋ when n_bot < 0). Density 1 returns x unchanged (γ is then not applied, as mergekit).
+
+    Differs from mergekit where mergekit's slice ``indices[n_bot:-n_top]`` is empty because n_top = 0
+    (e.g. γ·n < 1): mergekit then zeroes the whole tensor; here the ⌊density·n⌋ largest are kept.
+    Ties in |x| are broken by position (a stable sort); mergekit's sort leaves them unspecified.
+    """
+    if density >= 1.0:
+        return x
+    n = x.numel()
+    target = keep_count(n, density, rounding)
+    n_top = int(gamma * n)
+    n_bot = n - target - n_top
+    if n_bot < 0:
+        n_top += n_bot
+        n_bot = 0
+    flat = x.reshape(-1).float()
+    order = torch.sort(flat.abs(), stable=True).indices
+    mask = torch.zeros(n, dtype=torch.float32, device=x.device)
+    mask[order[n_bot : n - n_top]] = 1.0
+    return (flat * mask).reshape(x.shape)
+
+
+def trim(
+    x: torch.Tensor | SparseTensor, density: float, rounding: str = "floor"
+) -> torch.Tensor | SparseTensor:
     """Top-k by magnitude with k = ⌊density · numel⌋ of the *dense* tensor (exactly k survive)."""
     if density >= 1.0:
         return x
     if isinstance(x, SparseTensor):
-        k = keep_count(x.numel, density)
+        k = keep_count(x.numel, density, rounding)
         if x.nnz <= k:
             return x
         kept = trim_topk(x.values, k)
         nz = kept != 0
         return SparseTensor(indices=x.indices[nz], values=kept[nz], shape=x.shape)
-    return trim_topk(x, keep_count(x.numel(), density))
+    return trim_topk(x, keep_count(x.numel(), density, rounding))
 
 
 def magnitude_threshold(tensors: Sequence[torch.Tensor], density: float) -> float:

@@ -4,12 +4,19 @@
     elect:    γ = sgn(Σ_i v_i τ̂_i)  ("total", the paper)   or  sgn(Σ_i v_i sgn(τ̂_i))  ("frequency");
               a zero vote elects +, as peft and mergekit do
     merge:    τ = λ · Σ_{i∈A} w_i τ̂_i / D,   A = {i : sgn(τ̂_i) = γ}   (disjoint mean)
+              ``normalize=False``: D = 1, the agreeing values summed (mergekit's ``normalize: false``)
 
 Where the references disagree, the default follows the paper (which has no client weights) and
 peft: ``vote_weighting="unweighted"`` (v_i = 1) and ``divisor="count"`` (D = |A|). mergekit's
 choices are the options ``vote_weighting="weighted"`` (v_i = w_i) and ``divisor="weight"``
 (D = Σ_{i∈A} w_i, a weighted mean — the natural choice with weights = numbers of examples).
-D = 0 (no agreeing entry) gives 0.
+D = 0 (no agreeing entry) gives 0. ``keep_rounding`` ("floor" | "mergekit", see
+:mod:`fedmerge.aggregators.sparsify`) chooses how k is rounded; ``int8_mask`` is mergekit's memory
+option for its sign mask and is accepted for recipes: the mask is exact in any dtype, so it changes
+nothing here. mergekit's ``lambda`` is ``scaling`` (``lambda`` is a Python keyword); its per-model
+``weight`` is the ``add`` weight. mergekit's own defaults (density 1, weighted vote, weighted
+divisor) are the named variant :data:`fedmerge.aggregators.mergekit.MERGEKIT_DEFAULTS` ``["ties"]``;
+every difference is listed in docs/merging.md.
 
 Streaming: election and disjoint mean are sums, so the server keeps five fp32 accumulators —
 S = Σ v_i e(τ̂_i), P = Σ w_i max(τ̂_i, 0), N = Σ w_i min(τ̂_i, 0), and the positive/negative
@@ -32,7 +39,7 @@ from fedmerge.aggregators.kernels import (
     sign_split_sparse,
     topk_thresholds,
 )
-from fedmerge.aggregators.sparsify import keep_count, trim
+from fedmerge.aggregators.sparsify import check_keep_rounding, keep_count, trim
 from fedmerge.delta.sparse import SparseTensor
 from fedmerge.errors import ConfigError
 
@@ -49,6 +56,8 @@ class SignConsensusAggregator(Aggregator):
         sign_election: str = "total",
         vote_weighting: str = "unweighted",
         divisor: str = "count",
+        normalize: bool = True,
+        int8_mask: bool = False,
         **common: object,
     ) -> None:
         super().__init__(**common)  # type: ignore[arg-type]
@@ -62,6 +71,8 @@ class SignConsensusAggregator(Aggregator):
         self.sign_election = sign_election
         self.vote_weighting = vote_weighting
         self.divisor = divisor
+        self.normalize = bool(normalize)
+        self.int8_mask = bool(int8_mask)  # mergekit's mask dtype: no effect on the values
 
     @property
     def params(self) -> dict[str, object]:
@@ -71,6 +82,8 @@ class SignConsensusAggregator(Aggregator):
             "sign_election": self.sign_election,
             "vote_weighting": self.vote_weighting,
             "divisor": self.divisor,
+            "normalize": self.normalize,
+            "int8_mask": self.int8_mask,
         }
 
     def _per_client(self, weight: float) -> tuple[float, float]:
@@ -106,7 +119,11 @@ class SignConsensusAggregator(Aggregator):
         )
 
     def _finalize_tensor(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
-        return disjoint_mean(self._accumulators(key, 5), self.scaling)
+        acc = self._accumulators(key, 5)
+        if not self.normalize:  # D = 1: the agreeing weighted values summed (mergekit normalize: false)
+            S, P, N = acc[0], acc[1], acc[2]
+            return torch.where(S >= 0, P, N).mul_(self.scaling)
+        return disjoint_mean(acc, self.scaling)
 
 
 @register
@@ -117,26 +134,27 @@ class Ties(SignConsensusAggregator):
     # rounds: weights are numbers of examples (a weighted disjoint mean); clients trimmed already (top-k)
     round_defaults: ClassVar[dict[str, object]] = {"divisor": "weight", "density": 1.0}
 
-    def __init__(self, *, density: float = 0.2, **kwargs: object) -> None:
+    def __init__(self, *, density: float = 0.2, keep_rounding: str = "floor", **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.density = check_fraction("density", density)
+        self.keep_rounding = check_keep_rounding(keep_rounding)
 
     @property
     def params(self) -> dict[str, object]:
-        return {**super().params, "density": self.density}
+        return {**super().params, "density": self.density, "keep_rounding": self.keep_rounding}
 
     def _prepare(self, key: str, x: DeltaTensor, generator: torch.Generator) -> Prepared:
         if self.density >= 1.0:
             return Prepared(x)
         if isinstance(x, SparseTensor):
-            return Prepared(trim(x, self.density))
+            return Prepared(trim(x, self.density, self.keep_rounding))
         return Prepared(x, threshold=-1.0)  # trimmed in the fold: thresholds are found per group, no copy
 
     def _fold_dense(self, key: str, items: list[Prepared], weights: list[float]) -> None:
         pending = [it for it in items if it.threshold < 0]
         tensors = [it.data for it in pending if isinstance(it.data, torch.Tensor)]
         if tensors:
-            ks = [keep_count(t.numel(), self.density) for t in tensors]
+            ks = [keep_count(t.numel(), self.density, self.keep_rounding) for t in tensors]
             for it, (threshold, tie_cut) in zip(pending, topk_thresholds(tensors, ks), strict=True):
                 it.threshold, it.tie_cut = threshold, tie_cut
         super()._fold_dense(key, items, weights)

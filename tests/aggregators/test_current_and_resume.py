@@ -76,7 +76,7 @@ def test_resume_refuses_accumulators_that_do_not_fit() -> None:
 @pytest.mark.parametrize("name", OTHERS)
 def test_buffering_methods_refuse_current(name: str) -> None:
     agg = create(name)
-    ds = deltas(3, seed=3)
+    ds = deltas(min(3, getattr(get(name), "exact_models", 3)), seed=3)  # slerp takes two
     agg.begin({k: v.shape for k, v in ds[0].items()})
     for i, d in enumerate(ds):
         agg.add(d, 1.0, client_id=i)
