@@ -944,6 +944,13 @@ def _resolve_params(recipe: Recipe, spec: MethodSpec) -> tuple[dict[str, Any], l
 
 def plan_merge(recipe: Recipe, store: Any, *, seed: int = 0) -> Plan:
     """Check the recipe against its models (headers only) and resolve the merge; see the module doc."""
+    # values first (t outside [0, 1], negative densities …), whatever the method and its registration
+    every_params = [recipe.parameters, *(m.parameters for m in recipe.models)]
+    every_params += [p for sl in recipe.slices for p in (sl.parameters, *(x.parameters for x in sl.sources))]
+    for params in every_params:
+        for k, v in params.items():
+            if k in CHECKS:
+                CHECKS[k](v)
     spec = method_spec(recipe.merge_method)
     if recipe.merge_method == "multislerp" and recipe.base_model is not None:
         spec = MethodSpec(**{**spec.__dict__, "space": "task_vector", "needs_base": True})
