@@ -220,3 +220,14 @@ def test_a_base_that_does_not_match_the_task_is_refused_before_any_client_trains
     assert not trained
     with ModelStore.open(store) as st:
         assert [v.id for v in st.list()] == ["v000001"]
+
+
+def test_contributor_codec_is_optional_in_manifests() -> None:
+    from fedmerge.store import Contributor
+
+    old = {"client_id": "a", "num_examples": 3, "submission_hash": "h", "accepted": True, "reason": None}
+    loaded = Contributor.from_dict(old)
+    assert loaded.codec is None and loaded.to_dict() == old  # an old manifest keeps its content hash
+    codec = {"format": "dense", "values": "fp32", "density": 1.0}
+    new = Contributor("b", 4, "h2", codec=codec)
+    assert Contributor.from_dict(new.to_dict()) == new and new.to_dict()["codec"] == codec
