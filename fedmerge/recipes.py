@@ -3,7 +3,7 @@
 A recipe is mergekit's ``MergeConfiguration`` (mergekit at commit a6e4028, 2026-06-17, released as
 0.1.4; ``mergekit/config.py``)::
 
-    merge_method: ties                     # see METHODS (mergekit names) or any registered aggregator
+    merge_method: ties                     # mergekit's name (aggregators.mergekit.METHODS) or any aggregator
     base_model: store:v000001              # task-vector methods: τ_i = θ_i − θ_base
     models:
       - model: ./experts/math              # a Hugging Face model directory (safetensors)
@@ -29,25 +29,28 @@ directory (``adapter_config.json`` without ``config.json``) is merged into ``bas
 else is a Hugging Face model directory with safetensors weights. Paths are relative to the recipe's
 directory.
 
-**Methods** (:data:`METHODS`, mergekit name → registered aggregator): task-vector methods feed
-τ_i = θ_i − θ_base to the aggregator with ``add(τ_i, weight=w_i)``; ``linear``, ``slerp``,
-``karcher`` and ``multislerp`` feed the weights θ_i themselves; ``passthrough`` copies (scaled)
-tensors. mergekit's parameter names and defaults are translated (``lambda`` → ``scaling``; ``ties``
-with ``normalize: true`` → the weighted disjoint mean ``divisor="weight"`` with weighted votes, as
-mergekit computes it). A method whose aggregator is not registered is refused with the list of those
-that are. Any registered aggregator that mergekit does not name (``iso_c``, ``magmax``, …) can be used
-by its registry name: it gets task vectors, per-model ``weight`` and its own parameters under
-``parameters``.
+**Methods.** Which aggregator implements a mergekit method, whether it gets task vectors or weights,
+mergekit's parameters with their defaults and their fedmerge names all come from
+:data:`fedmerge.aggregators.mergekit.METHODS` and :func:`~fedmerge.aggregators.mergekit.mergekit_params`
+(the one table; docs/merging.md lists it): task-vector methods feed τ_i = θ_i − θ_base to the
+aggregator with ``add(τ_i, weight=w_i)``; ``linear``, ``slerp``, ``karcher`` and ``multislerp`` feed
+the weights θ_i themselves; ``passthrough`` copies (scaled) tensors. A method whose aggregator is not
+registered is refused with the list of those that are. Any registered aggregator that mergekit does
+not name (``iso_c``, ``magmax``, …) can be used by its registry name: it gets task vectors, per-model
+``weight`` and its own parameters under ``parameters``.
 
 **Streaming.** Every source is opened lazily (safetensors headers, store manifests); the merge runs
 tensor by tensor: one aggregator per tensor name gets that tensor of every model, so memory is the
 N input tensors of one name plus the merged model being committed (the store commits a state dict).
 
 **Validation before any tensor is read** (one :class:`RecipeError` subclass, nothing committed):
-unknown keys, methods or parameters; mergekit methods fedmerge does not implement; missing models or
-store versions; models whose tensors disagree in names, shapes or dtypes; ``t`` outside [0, 1];
-densities outside [0, 1]; negative weights; per-model values of a parameter the aggregator takes only
-globally (``density``, ``gamma``, ``epsilon``) that differ; slices beyond a model's layers.
+unknown keys, methods or parameters; mergekit methods fedmerge does not implement; parameter values
+fedmerge does not reproduce (``ties`` with ``rescale: true``, ``multislerp`` with
+``normalize_weights: false``); missing models or store versions; models whose tensors disagree in
+names, shapes or dtypes; ``t`` outside [0, 1]; densities outside [0, 1]; negative weights; per-model
+values of a parameter the aggregator takes only globally (``density``, ``gamma``, ``epsilon``) that
+differ; a ``ties`` density that keeps no entry of some tensor (mergekit asserts); slices beyond a
+model's layers.
 
 **Result.** A version whose first parent is the base (a store version, or the root of the store
 created from — or found equal to — the base directory) and whose other parents are the inputs that
@@ -62,28 +65,37 @@ recorded; the output keeps the base's dtype, and an ``out_dtype`` other than tha
 ``weight`` defaults to 1 (mergekit requires it); ``tokenizer_source`` is recorded but the exported
 tokenizer is the base root's; per-layer gradients (lists) and ``filter`` conditions are refused;
 slices with several sources are accepted only when every slice covers all layers of its models (then
-they are the same as ``models``); stochastic methods (DARE, DELLA) draw their masks from fedmerge's
-SplitMix64 streams (``--seed``), not torch's generator.
+they are the same as ``models``); stochastic methods (DARE, DELLA) draw their masks with
+``torch.bernoulli`` as mergekit does, but from a generator per (``--seed``, model, tensor), not torch's
+global one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
+from fedmerge.aggregators.mergekit import (
+    METHODS,
+    NOT_IMPLEMENTED,
+    MergekitMethod,
+    MergekitParameterError,
+    check_parameter,
+    mergekit_params,
+)
 from fedmerge.errors import ConfigError, FedMergeError
 
 Scalar = bool | int | float | str
-Space = Literal["task_vector", "weights", "passthrough"]
 
 STORE_PREFIX = "store:"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -389,233 +401,14 @@ def _with_base(ref: ModelRef, base: ModelRef) -> ModelRef:
 
 
 # ----------------------------------------------------------------------------------------- methods
-def _check_range(name: str, low: float, high: float, *, open_high: bool = False) -> Callable[[Any], None]:
-    def check(v: Any) -> None:
-        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-            raise RecipeParameterError(f"{name} must be a finite number, got {v!r}")
-        if v < low or v > high or (open_high and v >= high):
-            bracket = ")" if open_high else "]"
-            raise RecipeParameterError(f"{name} must be in [{low}, {high}{bracket}, got {v!r}")
-
-    return check
-
-
-def _check_finite(name: str) -> Callable[[Any], None]:
-    return _check_range(name, -math.inf, math.inf)
-
-
-def _check_bool(name: str) -> Callable[[Any], None]:
-    def check(v: Any) -> None:
-        if not isinstance(v, bool):
-            raise RecipeParameterError(f"{name} must be true or false, got {v!r}")
-
-    return check
-
-
-def _check_weight(v: Any) -> None:
-    _check_finite("weight")(v)
-    if v < 0:
-        raise RecipeParameterError(
-            f"weight must be ≥ 0 (fedmerge's aggregators take non-negative weights), got {v!r}"
-        )
-
-
-CHECKS: dict[str, Callable[[Any], None]] = {
-    "weight": _check_weight,
-    "density": _check_range("density", 0.0, 1.0),
-    "gamma": _check_range("gamma", 0.0, 1.0),
-    "epsilon": _check_range("epsilon", 0.0, 1.0, open_high=True),
-    "t": _check_range("t", 0.0, 1.0),
-    "lambda": _check_finite("lambda"),
-    "scale": _check_finite("scale"),
-    "normalize": _check_bool("normalize"),
-    "rescale": _check_bool("rescale"),
-    "int8_mask": _check_bool("int8_mask"),
-    "filter_wise": _check_bool("filter_wise"),
-    "normalize_weights": _check_bool("normalize_weights"),
-    "max_iter": _check_range("max_iter", 1, 10_000),
-    "tol": _check_range("tol", 0.0, 1.0),
-    "eps": _check_range("eps", 0.0, 1.0),
-}
-
-
-def _consensus(p: dict[str, Any], *, sparsify: dict[str, Any]) -> dict[str, Any]:
-    """mergekit's sign consensus: votes and the disjoint mean weighted by ``weight`` (its ``sum``)."""
-    out = {
-        **sparsify,
-        "scaling": p["lambda"],
-        "sign_election": "total",
-        "vote_weighting": "weighted",
-        "divisor": "weight",
-    }
-    if not p["normalize"]:
-        out["normalize"] = False  # agreeing values summed, not averaged: needs the aggregator's option
-    return out
-
-
-def _rescale(p: dict[str, Any]) -> dict[str, Any]:
-    return {"rescale": "l1" if p["rescale"] else "none"}  # mergekit: L1 norm restored after the drop
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """How one mergekit method maps onto a registered aggregator.
-
-    ``global_params``/``model_params``: mergekit's parameters with their mergekit defaults (``None``:
-    required). ``per_model_global``: per-model parameters the aggregator takes once for all models.
-    ``translate``: mergekit's resolved parameters → the aggregator's keyword arguments.
-    """
-
-    aggregator: str | None
-    space: Space
-    global_params: dict[str, Any]
-    model_params: dict[str, Any]
-    translate: Callable[[dict[str, Any]], dict[str, Any]]
-    per_model_global: tuple[str, ...] = ()
-    needs_base: bool = False
-    models: tuple[int, int | None] = (1, None)  # min, max number of models (besides the base)
-    notes: tuple[str, ...] = ()
-
-
-_GTA = {"int8_mask": False, "lambda": 1.0}
-METHODS: dict[str, MethodSpec] = {
-    "linear": MethodSpec(
-        "task_arithmetic",
-        "weights",
-        {"normalize": True},
-        {"weight": 1.0},
-        lambda p: {"scaling": 1.0, "normalize": p["normalize"]},
-    ),
-    "task_arithmetic": MethodSpec(
-        "task_arithmetic",
-        "task_vector",
-        {**_GTA, "normalize": False, "rescale": False},
-        {"weight": 1.0, "density": 1.0},
-        lambda p: {"scaling": p["lambda"], "normalize": p["normalize"]},
-        needs_base=True,
-        notes=("mergekit's task_arithmetic does not sparsify: density has no effect",),
-    ),
-    "ties": MethodSpec(
-        "ties",
-        "task_vector",
-        {**_GTA, "normalize": True, "rescale": False},
-        {"weight": 1.0, "density": 1.0},
-        lambda p: _consensus(
-            p, sparsify={"density": p["density"], **({"rescale": "l1"} if p["rescale"] else {})}
-        ),
-        per_model_global=("density",),
-        needs_base=True,
-    ),
-    "dare_ties": MethodSpec(
-        "dare_ties",
-        "task_vector",
-        {**_GTA, "normalize": False, "rescale": True},
-        {"weight": 1.0, "density": 1.0},
-        lambda p: _consensus(p, sparsify={"density": p["density"], **_rescale(p)}),
-        per_model_global=("density",),
-        needs_base=True,
-    ),
-    "dare_linear": MethodSpec(
-        "dare_linear",
-        "task_vector",
-        {**_GTA, "normalize": False, "rescale": True},
-        {"weight": 1.0, "density": 1.0},
-        lambda p: {
-            "density": p["density"],
-            "scaling": p["lambda"],
-            "normalize": p["normalize"],
-            **_rescale(p),
-        },
-        per_model_global=("density",),
-        needs_base=True,
-    ),
-    "breadcrumbs": MethodSpec(
-        "breadcrumbs",
-        "task_vector",
-        {**_GTA, "normalize": False, "rescale": False},
-        {"weight": 1.0, "density": 1.0, "gamma": 0.01},
-        lambda p: {
-            "density": p["density"],
-            "gamma": p["gamma"],
-            "scaling": p["lambda"],
-            "normalize": p["normalize"],
-        },
-        per_model_global=("density", "gamma"),
-        needs_base=True,
-    ),
-    "breadcrumbs_ties": MethodSpec(
-        "breadcrumbs_ties",
-        "task_vector",
-        {**_GTA, "normalize": False, "rescale": False},
-        {"weight": 1.0, "density": 1.0, "gamma": 0.01},
-        lambda p: _consensus(p, sparsify={"density": p["density"], "gamma": p["gamma"]}),
-        per_model_global=("density", "gamma"),
-        needs_base=True,
-    ),
-    "della": MethodSpec(
-        "della",
-        "task_vector",
-        {**_GTA, "normalize": True, "rescale": True},
-        {"weight": 1.0, "density": 1.0, "epsilon": 0.15},
-        lambda p: _consensus(p, sparsify={"density": p["density"], "epsilon": p["epsilon"], **_rescale(p)}),
-        per_model_global=("density", "epsilon"),
-        needs_base=True,
-    ),
-    "della_linear": MethodSpec(
-        "della_linear",
-        "task_vector",
-        {**_GTA, "normalize": False, "rescale": True},
-        {"weight": 1.0, "density": 1.0, "epsilon": 0.15},
-        lambda p: {
-            "density": p["density"],
-            "epsilon": p["epsilon"],
-            "scaling": p["lambda"],
-            "normalize": p["normalize"],
-            **_rescale(p),
-        },
-        per_model_global=("density", "epsilon"),
-        needs_base=True,
-    ),
-    "slerp": MethodSpec(
-        "slerp",
-        "weights",
-        {"t": None},
-        {},
-        lambda p: {"t": p["t"]},
-        needs_base=True,
-        models=(1, 1),
-        notes=("the base is added first, the other model second: t = 0 is the base, t = 1 the other",),
-    ),
-    "model_stock": MethodSpec(
-        "model_stock",
-        "task_vector",
-        {"filter_wise": False},
-        {},
-        lambda p: {"filter_wise": True} if p["filter_wise"] else {},
-        needs_base=True,
-        models=(2, None),
-    ),
-    "karcher": MethodSpec(
-        "karcher",
-        "weights",
-        {"max_iter": 10, "tol": 1e-5},
-        {"weight": 1.0},
-        lambda p: {"max_iter": p["max_iter"], "tol": p["tol"]},
-    ),
-    "multislerp": MethodSpec(
-        "multislerp",
-        "weights",
-        {"normalize_weights": True, "eps": 1e-8},
-        {"weight": 1.0},
-        lambda p: {"eps": p["eps"], **({} if p["normalize_weights"] else {"normalize_weights": False})},
-        notes=("with base_model, multislerp interpolates task vectors and adds the base back (as mergekit)",),
-    ),
-    "passthrough": MethodSpec(None, "passthrough", {}, {"scale": None}, lambda p: {}, models=(1, 1)),
-}
-"""mergekit method name → fedmerge aggregator (see :class:`MethodSpec`)."""
-
-NOT_IMPLEMENTED = {"nuslerp", "sce", "arcee_fusion", "nearswap", "ram"}
-"""mergekit methods without a fedmerge counterpart (refused by name)."""
+# mergekit's methods, their defaults and parameter renames live in fedmerge.aggregators.mergekit
+# (METHODS, mergekit_params); this section only looks them up for a recipe.
+def _check(name: str, value: Any) -> None:
+    """Check one parameter value (fedmerge.aggregators.mergekit.PARAMETER_CHECKS) as a recipe error."""
+    try:
+        check_parameter(name, value)
+    except MergekitParameterError as exc:
+        raise RecipeParameterError(str(exc)) from None
 
 
 def available_methods() -> list[str]:
@@ -627,14 +420,16 @@ def available_methods() -> list[str]:
     return sorted(names | (registered - set(METHODS)))
 
 
-def method_spec(name: str) -> MethodSpec:
-    """The :class:`MethodSpec` for a recipe's ``merge_method``; :class:`UnsupportedMethodError` if none."""
+def method_spec(name: str) -> MergekitMethod:
+    """The :class:`~fedmerge.aggregators.mergekit.MergekitMethod` for a recipe's ``merge_method``; a
+    registered aggregator mergekit does not name gets task vectors, per-model ``weight`` and its own
+    parameters. :class:`UnsupportedMethodError` if neither."""
     from fedmerge.aggregators import available
 
     registered = set(available())
     spec = METHODS.get(name)
     if spec is None and name in registered:  # a fedmerge aggregator mergekit does not name
-        return MethodSpec(name, "task_vector", {}, {"weight": 1.0}, lambda p: dict(p), needs_base=True)
+        return MergekitMethod(name, "task_vector", {}, {"weight": 1.0}, needs_base=True)
     if spec is None or (spec.aggregator is not None and spec.aggregator not in registered):
         why = (
             f"mergekit's {name!r} is not implemented by fedmerge"
@@ -819,7 +614,7 @@ class Plan:
     """Everything checked and resolved before the first tensor is read."""
 
     recipe: Recipe
-    spec: MethodSpec
+    spec: MergekitMethod
     sources: dict[str, Source]
     base: Source | None
     inputs: list[tuple[Source, float]]  # (source, weight) of each merged model, recipe order
@@ -891,9 +686,9 @@ def _check_same(sources: Sequence[Source], what: str) -> None:
                 )
 
 
-def _resolve_params(recipe: Recipe, spec: MethodSpec) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _resolve_params(recipe: Recipe, spec: MergekitMethod) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Check every parameter name and value; return (global parameters, per-model parameters)."""
-    allowed_global = set(spec.global_params) | set(spec.model_params)
+    allowed_global = set(spec.parameters) | set(spec.tensor_parameters)
     native = recipe.merge_method not in METHODS  # a fedmerge aggregator: its own parameters pass through
     unknown = [] if native else sorted(set(recipe.parameters) - allowed_global)
     if unknown:
@@ -902,9 +697,8 @@ def _resolve_params(recipe: Recipe, spec: MethodSpec) -> tuple[dict[str, Any], l
             f"it takes {sorted(allowed_global) or 'none'}"
         )
     for k, v in recipe.parameters.items():
-        if k in CHECKS:
-            CHECKS[k](v)
-    glob = {k: recipe.parameters.get(k, d) for k, d in spec.global_params.items()}
+        _check(k, v)
+    glob = {k: recipe.parameters.get(k, d) for k, d in spec.parameters.items()}
     if native:
         glob = {k: v for k, v in recipe.parameters.items() if k != "weight"}
     missing = sorted(k for k, v in glob.items() if v is None)
@@ -917,18 +711,17 @@ def _resolve_params(recipe: Recipe, spec: MethodSpec) -> tuple[dict[str, Any], l
         (s.model.raw, {**sl.parameters, **s.parameters}) for sl in recipe.slices for s in sl.sources
     ]
     for raw, params in entries:
-        bad = sorted(set(params) - set(spec.model_params))
+        bad = sorted(set(params) - set(spec.tensor_parameters))
         if bad:
             raise RecipeParameterError(
                 f"model {raw!r}: {recipe.merge_method} does not take per-model parameter"
                 f"{'s' if len(bad) > 1 else ''} {bad}; "
-                f"per model it takes {sorted(spec.model_params) or 'none'}"
+                f"per model it takes {sorted(spec.tensor_parameters) or 'none'}"
             )
         for k, v in params.items():
-            if k in CHECKS:
-                CHECKS[k](v)
+            _check(k, v)
         per_model.append(
-            {k: params.get(k, recipe.parameters.get(k, d)) for k, d in spec.model_params.items()}
+            {k: params.get(k, recipe.parameters.get(k, d)) for k, d in spec.tensor_parameters.items()}
         )
     for k in spec.per_model_global:
         values = {pm[k] for pm in per_model}
@@ -949,11 +742,10 @@ def plan_merge(recipe: Recipe, store: Any, *, seed: int = 0) -> Plan:
     every_params += [p for sl in recipe.slices for p in (sl.parameters, *(x.parameters for x in sl.sources))]
     for params in every_params:
         for k, v in params.items():
-            if k in CHECKS:
-                CHECKS[k](v)
+            _check(k, v)
     spec = method_spec(recipe.merge_method)
     if recipe.merge_method == "multislerp" and recipe.base_model is not None:
-        spec = MethodSpec(**{**spec.__dict__, "space": "task_vector", "needs_base": True})
+        spec = dataclasses.replace(spec, space="task_vector", needs_base=True)
     glob, per_model = _resolve_params(recipe, spec)
     if spec.needs_base and recipe.base_model is None:
         raise RecipeSchemaError(f"{recipe.merge_method} needs base_model (task vectors are relative to it)")
@@ -961,7 +753,12 @@ def plan_merge(recipe: Recipe, store: Any, *, seed: int = 0) -> Plan:
     if spec.aggregator is not None:
         from fedmerge.aggregators import create
 
-        agg_params = {**spec.translate(glob), **({"seed": seed} if _takes_seed(spec.aggregator) else {})}
+        native = recipe.merge_method not in METHODS  # its own parameters, unchanged
+        try:
+            translated = dict(glob) if native else mergekit_params(recipe.merge_method, glob)
+        except MergekitParameterError as exc:
+            raise RecipeParameterError(f"{recipe.merge_method}: {exc}") from None
+        agg_params = {**translated, **({"seed": seed} if _takes_seed(spec.aggregator) else {})}
         try:
             create(spec.aggregator, **agg_params)  # the registry checks names and ranges now
         except ConfigError as exc:
@@ -996,6 +793,7 @@ def plan_merge(recipe: Recipe, store: Any, *, seed: int = 0) -> Plan:
             plan.inputs = [(sources[m.model.raw], weights[m.model.raw]) for m in inputs]
             everyone = ([plan.base] if plan.base is not None else []) + [s for s, _ in plan.inputs]
             _check_same(everyone, recipe.merge_method)
+            _check_keep_counts(plan)
             if spec.space == "weights" and plan.base is not None and recipe.merge_method == "linear":
                 plan.notes.append("linear ignores base_model unless it is listed among models (as mergekit)")
         anchor = plan.base or (plan.inputs[0][0] if plan.inputs else next(iter(plan.out_map.values()))[0])
@@ -1020,6 +818,23 @@ def plan_merge(recipe: Recipe, store: Any, *, seed: int = 0) -> Plan:
         for s in every:
             s.close()
         raise
+
+
+def _check_keep_counts(plan: Plan) -> None:
+    """mergekit's magnitude trim refuses to keep no entry of a tensor (``keep_rounding="mergekit"``):
+    refuse such a recipe from the headers rather than in the middle of the merge."""
+    from fedmerge.aggregators.sparsify import keep_count
+
+    density = plan.agg_params.get("density")
+    if plan.agg_params.get("keep_rounding") != "mergekit" or density is None or density >= 1:
+        return
+    ref = plan.base or plan.inputs[0][0]
+    for name, s in sorted(ref.specs.items()):
+        if s.dtype.is_floating_point:
+            try:
+                keep_count(math.prod(s.shape), density, "mergekit")
+            except ConfigError as exc:
+                raise RecipeParameterError(f"{plan.recipe.merge_method}, tensor {name!r}: {exc}") from None
 
 
 def _takes_seed(name: str) -> bool:

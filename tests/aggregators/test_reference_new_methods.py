@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fedmerge.aggregators import create, merge
-from fedmerge.aggregators.mergekit import mergekit_params
+from fedmerge.aggregators.mergekit import MERGEKIT_DEFAULTS, METHODS, fedmerge_method, mergekit_params
 from fedmerge.errors import AggregatorStateError, ConfigError
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -100,6 +100,48 @@ def test_breadcrumbs_keeps_the_band_between_small_values_and_outliers() -> None:
     assert (out != 0).nonzero().reshape(-1).tolist() == [3, 4, 5, 6, 7]
     # γ·n < 1: mergekit's empty slice would zero the tensor; the ⌊density·n⌋ largest are kept
     assert int((one("breadcrumbs", [x], density=0.3, gamma=0.01) != 0).sum()) == 3
+
+
+def test_breadcrumbs_with_mergekit_defaults_zeroes_a_tensor_it_keeps_none_of() -> None:
+    """⌊density·n⌋ = 0: mergekit's magnitude_outliers has no assert (unlike magnitude) and keeps nothing."""
+    x = torch.randn(10)
+    ref = mk_outliers(x, 0.05, 0.2)
+    params = mergekit_params("breadcrumbs", {"density": 0.05, "gamma": 0.2})
+    assert params["keep_rounding"] == "floor" and not ref.any()
+    torch.testing.assert_close(one("breadcrumbs", [x], **params), ref)
+
+
+def test_one_table_of_mergekit_methods() -> None:
+    """Every mergekit method's aggregator accepts mergekit's defaults; the decisions of docs/merging.md."""
+    import fedmerge.recipes as recipes
+
+    assert recipes.METHODS is METHODS  # fedmerge merge RECIPE.yaml uses this table, not its own
+    for name, params in MERGEKIT_DEFAULTS.items():
+        if name != "karcher":  # not registered
+            create(fedmerge_method(name), **params)
+    assert fedmerge_method("linear") == "task_arithmetic"
+    assert mergekit_params("linear", {"normalize": False}) == {"scaling": 1.0, "normalize": False}
+    assert MERGEKIT_DEFAULTS["ties"]["keep_rounding"] == "mergekit"
+    assert {
+        MERGEKIT_DEFAULTS[m]["mask_rng"] for m in ("dare_ties", "dare_linear", "della", "della_linear")
+    } == {"torch"}
+    assert mergekit_params("task_arithmetic", {"density": 0.5, "rescale": True, "lambda": 2.0}) == {
+        "scaling": 2.0,
+        "normalize": False,
+    }  # no sparsification in mergekit's task_arithmetic: density and rescale have no effect
+    assert mergekit_params("dare_ties", {"rescale": False})["rescale"] == "none"
+    for name, params, match in (
+        ("slerp", {}, "needs parameter"),
+        ("ties", {"rescale": True}, "not reproduced"),
+        ("multislerp", {"normalize_weights": False}, "not reproduced"),
+        ("ties", {"lamda": 1.0}, "'lamda'"),
+        ("ties", {"density": [0.1, 0.5]}, "lists"),
+        ("sce", {}, "not implemented"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            mergekit_params(name, params)
+    with pytest.raises(ConfigError, match="copies tensors"):
+        fedmerge_method("passthrough")
 
 
 def test_keep_rounding_mergekit_refuses_an_empty_trim() -> None:

@@ -303,6 +303,11 @@ BAD: dict[str, tuple[Callable[[dict[str, Path]], dict[str, Any]], type[Exception
     "slice beyond the layers": (
         lambda m: {"merge_method": "passthrough", "slices": [{"sources": [{"model": str(m["ft0"]),
                    "layer_range": [0, 3]}]}]}, SliceError, "which has 2 layers"),
+    "ties trim keeping no entry": (  # mergekit's sparsify.magnitude asserts k > 0; refused from headers
+        lambda m: _ties(m, parameters={"density": 0.01}, models=[str(m["ft0"]), str(m["ft1"])]),
+        RecipeParameterError, "keeps ⌊0.01·32⌋ = 0"),
+    "ties rescale": (
+        lambda m: _ties(m, parameters={"rescale": True}), RecipeParameterError, "not reproduced"),
     "gradient parameter": (
         lambda m: _ties(m, parameters={"lambda": [0.1, 1.0]}), RecipeParameterError, "gradient"),
     "models and slices": (
