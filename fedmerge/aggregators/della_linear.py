@@ -17,16 +17,13 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import torch
-
-from fedmerge.aggregators.base import DeltaTensor, Prepared, check_fraction, dense_of, register
+from fedmerge.aggregators.base import register
+from fedmerge.aggregators.della import MagPrune
 from fedmerge.aggregators.linear import LinearAggregator
-from fedmerge.aggregators.sparsify import check_mask_rng, check_rescale, della_drop
-from fedmerge.errors import ConfigError
 
 
 @register
-class DellaLinear(LinearAggregator):
+class DellaLinear(MagPrune, LinearAggregator):
     name: ClassVar[str] = "della_linear"
     stochastic: ClassVar[bool] = True
 
@@ -42,26 +39,8 @@ class DellaLinear(LinearAggregator):
         **common: object,
     ) -> None:
         super().__init__(scaling=scaling, normalize=normalize, **common)
-        self.density = check_fraction("density", density, open_low=True)
-        self.epsilon = check_fraction("epsilon", epsilon)
-        if self.density < 1.0 and not (self.density - self.epsilon > 0 and self.density + self.epsilon < 1):
-            raise ConfigError(
-                f"DELLA needs density ± epsilon inside (0, 1); got density={density}, epsilon={epsilon}"
-            )
-        self.rescale = check_rescale(rescale)
-        self.mask_rng = check_mask_rng(mask_rng)
+        self._init_magprune(density, epsilon, rescale, mask_rng)
 
     @property
     def params(self) -> dict[str, object]:
-        return {
-            **super().params,
-            "density": self.density,
-            "epsilon": self.epsilon,
-            "rescale": self.rescale,
-            "mask_rng": self.mask_rng,
-        }
-
-    def _prepare(self, key: str, x: DeltaTensor, generator: torch.Generator) -> Prepared:
-        return Prepared(
-            della_drop(dense_of(x), self.density, self.epsilon, generator, self.rescale, self.mask_rng)
-        )
+        return {**super().params, **self._magprune_params()}
