@@ -79,6 +79,8 @@ CLASSES: dict[str, str] = {
     "metrics": "reply metrics of any type and value: num-examples NaN, inf, negative, fractional, missing",
     "completeness": "a submission that does not cover what its kind requires (no tensor, half a LoRA pair)",
     "merge failure": "an acknowledged expert the worker cannot convert (malformed peft config or weights)",
+    "expansion": "a few hundred bytes that declare gigabytes (one COO entry or a random-k seed over "
+    "shape [2^28], a sparse tar member declaring 1 GiB): refused on the declared size, nothing expanded",
 }
 
 KIB = 1 << 10
@@ -362,6 +364,70 @@ def _reshape(pkg: delta_pb2.DeltaPackage) -> None:
     td.shape.extend([1 << 20, 1 << 20])
 
 
+def _declaring(valid: Valid, codec: CodecConfig, numel: int = 1 << 28) -> bytes:
+    """A one-tensor package (the first 2-D base tensor, a few kept values) whose header then declares
+    shape ``[numel]``, re-signed: ~200 bytes that expand to ``4·numel`` bytes if decoded blindly."""
+    name = next(k for k, t in sorted(valid.base.items()) if t.dim() == 2)
+    tensor = torch.full(tuple(valid.base[name].shape), 0.25)
+    if codec.sparsify != "randomk":
+        tensor = torch.zeros_like(tensor)
+        tensor.view(-1)[3] = 0.25
+    data = valid.encode(delta={name: tensor}, codec=codec)
+
+    def edit(pkg: delta_pb2.DeltaPackage) -> None:
+        del pkg.tensors[0].shape[:]
+        pkg.tensors[0].shape.append(numel)
+
+    return mutate(data, edit)
+
+
+_ONE_COO = CodecConfig(sparsify="topk", density=1e-3, values="fp32", index_coding="coo", error_feedback=False)
+_RANDOMK = CodecConfig(sparsify="randomk", density=1 / 32, values="fp32", error_feedback=False, rescale=False)
+
+
+def _gnu_sparse_member(name: str, realsize: int, stored: bytes = b"\x01" * 512) -> bytes:
+    """A GNU sparse (typeflag ``S``) tar member: ``stored`` bytes on the wire, ``realsize`` declared
+    (one data region at its end; the rest is a hole a naive extraction writes out)."""
+    hdr = bytearray(512)
+
+    def put(offset: int, value: bytes) -> None:
+        hdr[offset : offset + len(value)] = value
+
+    put(0, name.encode())
+    put(100, b"0000644\0")
+    put(108, b"0000000\0")
+    put(116, b"0000000\0")
+    put(124, b"%011o\0" % len(stored))
+    put(136, b"%011o\0" % 0)
+    put(148, b" " * 8)
+    hdr[156] = ord("S")
+    put(257, b"ustar  \0")
+    put(386, b"%011o\0" % (realsize - len(stored)))  # sparse map entry: (offset, numbytes)
+    put(398, b"%011o\0" % len(stored))
+    put(483, b"%011o\0" % realsize)
+    put(148, b"%06o\0 " % sum(hdr))
+    return bytes(hdr) + stored + b"\0" * (-len(stored) % 512)
+
+
+def _peft_tar_with_sparse_weights(realsize: int) -> bytes:
+    """A peft tar: a valid adapter_config.json, then adapter_model.safetensors as a GNU sparse member
+    declaring ``realsize`` bytes (~3 KiB in all)."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        info = tarfile.TarInfo("adapter_config.json")
+        info.size = len(_PEFT_CONFIG)
+        tar.addfile(info, io.BytesIO(_PEFT_CONFIG))
+        header_and_data = 512 * (1 + -(-info.size // 512))
+    return (
+        buf.getvalue()[:header_and_data]
+        + _gnu_sparse_member("adapter_model.safetensors", realsize)
+        + b"\0" * 1024
+    )
+
+
 def _drop_from_checkpoint(valid: Valid) -> bytes:
     from safetensors.torch import save
 
@@ -614,7 +680,7 @@ CASES: tuple[HostileCase, ...] = (
         lambda v: Attack(v.encode(delta=_transposed(v))),
         {
             "flower": r"TensorShapeMismatch: .*declares shape",
-            "intake": r"has shape \(\d+, \d+\), the base has",
+            "intake": r"tensor '[^']+': declares shape \(\d+, \d+\) but the base version has \(\d+, \d+\)",
         },
     ),
     HostileCase(
@@ -638,7 +704,7 @@ CASES: tuple[HostileCase, ...] = (
         lambda v: Attack(v.encode(delta=_renamed(v))),
         {
             "flower": r"TensorNameMismatch: .*not a tensor of the base",
-            "intake": r"not a floating parameter of the base",
+            "intake": r"tensor '[^']+\.evil': is not a tensor of the base version",
         },
     ),
     HostileCase(
@@ -947,6 +1013,34 @@ CASES: tuple[HostileCase, ...] = (
         lambda v: Attack(_peft_tar(_PEFT_CONFIG, seeded_bytes("peft-weights", 256)), fmt="peft_tar"),
         {"intake": _ACK_REFUSED + r".*not a safetensors file"},
     ),
+    # -- expansion: tiny payloads that declare gigabytes
+    HostileCase(
+        "coo-one-entry-2^28",
+        "expansion",
+        "one COO entry in a tensor declaring shape [2^28] (~200 bytes; 1 GiB if expanded), re-signed",
+        lambda v: Attack(_declaring(v, _ONE_COO)),
+        {
+            "flower": r"DeclaredSizeTooLarge: .*\(268435456,\).*refused before allocation",
+            "intake": r"declares shape \(268435456,\).*refused before allocation",
+        },
+    ),
+    HostileCase(
+        "seeded-randomk-2^28",
+        "expansion",
+        "a random-k (seeded indices) tensor declaring shape [2^28] (~200 bytes), re-signed",
+        lambda v: Attack(_declaring(v, _RANDOMK)),
+        {
+            "flower": r"DeclaredSizeTooLarge: .*\(268435456,\).*refused before allocation",
+            "intake": r"declares shape \(268435456,\).*refused before allocation",
+        },
+    ),
+    HostileCase(
+        "peft-sparse-member-1GiB",
+        "expansion",
+        "a peft tar whose adapter_model.safetensors is a GNU sparse member declaring 1 GiB (3 KiB sent)",
+        lambda v: Attack(_peft_tar_with_sparse_weights(1 << 30), fmt="peft_tar"),
+        {"intake": _ACK_REFUSED + r".*is a sparse file \(declares 1073741824 bytes\)"},
+    ),
     HostileCase(
         "bulk-sha-mismatch",
         "checksum",
@@ -1166,12 +1260,14 @@ def flower_valid(
     )
 
 
-def _node_config(message: Message) -> tuple[dict[str, torch.Tensor], Any]:
-    from fedmerge.flower.client import TrainInstructions
-    from fedmerge.flower.rounds import BASE_RECORD, CONFIG_RECORD
+def _node_config(message: Message, context: Context) -> tuple[dict[str, torch.Tensor], Any]:
+    """(base weights, train instructions) of a fedmerge ``train`` message, read the way the fedmerge
+    client library reads them (Flower's ``config`` plus ``fedmerge.config``; weights from ``arrays``
+    or the node's cache)."""
+    from fedmerge.flower.client import TrainInstructions, base_weights, message_settings
 
-    conf = TrainInstructions.from_record(message.content.config_records[CONFIG_RECORD])
-    weights = dict(message.content.array_records[BASE_RECORD].to_torch_state_dict())
+    conf = TrainInstructions.from_record(message_settings(message.content))
+    weights = dict(base_weights(message, context))
     return weights, conf
 
 
@@ -1197,7 +1293,7 @@ def hostile_client_app(plan: Sequence[str], workdir: str, limit_bytes: int) -> C
             from fedmerge_clients.app import train_reply
 
             return train_reply(message, context)
-        weights, conf = _node_config(message)
+        weights, conf = _node_config(message, context)
         valid = flower_valid(
             weights,
             partition=partition,

@@ -352,15 +352,20 @@ class _Server:
 
 
 def _drain(target: str, token: str, acked_ids: list[str], timeout: float) -> tuple[dict[str, Any], float]:
-    """Poll ``GetSubmission`` for every id (in arrival order) until merged/rejected or the timeout;
-    returns (id → Submission, seconds spent)."""
+    """Poll ``GetSubmission`` for every id (in arrival order) until merged/rejected/failed or the
+    timeout; returns (id → Submission, seconds spent). ``token`` must be an operator's (it reads every
+    client's submissions)."""
     import grpc
 
     from fedmerge.service.client import ClientOptions, connect
     from fedmerge.v1 import intake_pb2, intake_pb2_grpc
 
     opts = ClientOptions(target, token=token)
-    final = {intake_pb2.SUBMISSION_STATE_MERGED, intake_pb2.SUBMISSION_STATE_REJECTED}
+    final = {
+        intake_pb2.SUBMISSION_STATE_MERGED,
+        intake_pb2.SUBMISSION_STATE_REJECTED,
+        intake_pb2.SUBMISSION_STATE_FAILED,
+    }
     out: dict[str, Any] = {}
     t0 = time.monotonic()
     deadline = t0 + timeout
@@ -399,8 +404,13 @@ def run_intake_load(cfg: LoadConfig, work: Path, console: Console | None = None)
     say = console.log if console is not None else (lambda *a, **k: None)
     work.mkdir(parents=True, exist_ok=True)
     base = write_base(work / "base.safetensors", cfg.seed)
+    # client 0 is also the operator: _drain reads every client's submission with its token, and
+    # GetSubmission answers NOT_FOUND to anyone but the submitter or an operator
     (work / "tokens.txt").write_text(
-        "".join(f"{_client_id(i)} {_token(cfg.seed, i)}\n" for i in range(cfg.clients))
+        "".join(
+            f"{_client_id(i)} {_token(cfg.seed, i)}{' operator' if i == 0 else ''}\n"
+            for i in range(cfg.clients)
+        )
     )
     server = _Server(work, cfg)
     server.start()
@@ -473,9 +483,13 @@ def run_intake_load(cfg: LoadConfig, work: Path, console: Console | None = None)
         n = counts.get(sha, 0)
         if a["reply_sha256"] != sha:
             errors.append(f"{a['id']}: acknowledged sha256 {a['reply_sha256'][:12]}… ≠ sent {sha[:12]}…")
-        if sub is not None and sub.state == intake_pb2.SUBMISSION_STATE_REJECTED:
-            rejected += 1
-            errors.append(f"{a['id']} rejected: {sub.reason}")
+        if sub is not None and sub.state in (
+            intake_pb2.SUBMISSION_STATE_REJECTED,
+            intake_pb2.SUBMISSION_STATE_FAILED,
+        ):
+            rejected += 1  # rejected or failed (dead letter): not merged, with its reason
+            state = "failed" if sub.state == intake_pb2.SUBMISSION_STATE_FAILED else "rejected"
+            errors.append(f"{a['id']} {state}: {sub.reason}")
             continue
         if n > 1:
             duplicated += 1

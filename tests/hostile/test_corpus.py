@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fedmerge.codec import CodecConfig, PackageMeta, decode_package
+from fedmerge.codec.errors import DeclaredSizeTooLarge
 from fedmerge_bench.hostile_corpus import (
     CASES,
     CLASSES,
@@ -21,6 +22,8 @@ from fedmerge_bench.hostile_corpus import (
 REQUIRED = (
     "truncated", "random", "magic/version", "nan/inf", "huge sizes", "index range", "duplicate indices",
     "shapes", "names", "stale", "replay", "oversized", "slow-loris", "unauthenticated", "wrong auth",
+    # issue 13
+    "magnitude", "metrics", "completeness", "merge failure", "expansion",
 )  # fmt: skip
 
 
@@ -83,3 +86,12 @@ def test_resigned_mutations_pass_the_checksum_and_fail_on_what_they_target() -> 
         with pytest.raises(Exception) as info:
             decode_package(payload)
         assert type(info.value).__name__ == error, (name, info.value)
+
+
+@pytest.mark.parametrize("name", ["coo-one-entry-2^28", "seeded-randomk-2^28"])
+def test_expansion_packages_are_tiny_and_refused_on_their_declared_shape_given_the_base(name: str) -> None:
+    valid = _valid()
+    payload = next(c for c in CASES if c.name == name).build(valid).payload
+    assert payload is not None and len(payload) < 512
+    with pytest.raises(DeclaredSizeTooLarge, match=r"\(268435456,\).*refused before allocation"):
+        decode_package(payload, expected_shapes={k: tuple(t.shape) for k, t in valid.base.items()})

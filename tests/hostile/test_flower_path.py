@@ -40,7 +40,9 @@ DIRECT = [c for c in FLOWER if c.name != "slow-loris"]  # a stall needs a round 
 REJECTIONS = (
     r"^(MalformedPackage|MissingPackage|UnsupportedFormatVersion|ChecksumMismatch|DeclaredSizeTooLarge|"
     r"PayloadSizeMismatch|InvalidIndices|NonFiniteValues|UnsupportedDtype|TensorNameMismatch|"
-    r"TensorShapeMismatch|PackageError|StaleOrInvalid|AnomalousSubmission): \S"
+    r"TensorShapeMismatch|PackageError|StaleOrInvalid|AnomalousSubmission|"
+    # issue 13's judge: the magnitude bound, completeness, a merge that would not be finite
+    r"ValueOutOfBounds|IncompleteSubmission|NonFiniteMerge): \S"
 )
 
 

@@ -109,7 +109,9 @@ def test_peft_adapter_and_delta_package_experts(server: IntakeServer, tmp_path: 
     assert s1.state == intake_pb2.SUBMISSION_STATE_MERGED, s1.reason
     base = base_weights()
     tv = {k: finetuned(base, 9)[k] - v for k, v in base.items() if v.is_floating_point()}
-    meta = PackageMeta(client_id="c", round=0, base_version_id="v000001", base_version_hash="")
+    with ModelStore.open(server.config.store) as store:
+        root_hash = store.get("v000001").content_hash
+    meta = PackageMeta(client_id="c", round=0, base_version_id="v000001", base_version_hash=root_hash)
     pkg = encode_package(tv, CodecConfig(), meta=meta).data
     s2 = wait_merged(opts, submit_expert(opts, pkg, fmt="delta_package").submission_id, timeout=60)
     assert s2.state == intake_pb2.SUBMISSION_STATE_MERGED, s2.reason
@@ -261,13 +263,25 @@ def test_a_delta_package_made_against_another_base_is_rejected_naming_both_bases
         reasons[what] = sub.reason
     assert "'v000007'" in reasons["other id"] and "0000000000000000…" in reasons["other hash"]
     assert "'v000002'" in reasons["both other"] and "abababababababab…" in reasons["both other"]
-    for seed, base_id, base_hash in ((24, root.id, root.content_hash), (25, "", "")):
+    # a package naming no base (or only half of it) is refused like a stale one, naming what to set
+    for what, (seed, base_id, base_hash) in {
+        "no base": (25, "", ""),
+        "id only": (26, root.id, ""),
+        "hash only": (27, "", root.content_hash),
+    }.items():
         sub = wait_merged(
             opts, submit_expert(opts, _package(seed, base_id, base_hash)).submission_id, timeout=60
         )
-        assert sub.state == intake_pb2.SUBMISSION_STATE_MERGED, sub.reason  # matching or unset: merged
+        assert sub.state == intake_pb2.SUBMISSION_STATE_REJECTED, what
+        assert "names no base" in sub.reason, sub.reason
+        assert f"base_version_id={root.id!r}" in sub.reason, sub.reason
+        assert f"base_version_hash={root.content_hash!r}" in sub.reason, sub.reason
+    sub = wait_merged(
+        opts, submit_expert(opts, _package(24, root.id, root.content_hash)).submission_id, timeout=60
+    )
+    assert sub.state == intake_pb2.SUBMISSION_STATE_MERGED, sub.reason  # id and hash match: merged
     with ModelStore.open(server.config.store) as store:
-        assert sorted(v.id for v in store.list() if v.method == "opcm") == ["v000002", "v000003"]
+        assert sorted(v.id for v in store.list() if v.method == "opcm") == ["v000002"]
 
 
 # ------------------------------------------------------------------------------------ stalled streams
