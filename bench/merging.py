@@ -1,0 +1,613 @@
+"""Multi-task model merging benchmark: ``python -m bench merging [--quick]``.
+
+A miniature, offline version of the 8-task CLIP-ViT merging benchmark (Ilharco et al. 2023; Yadav et
+al. 2023; Marczak et al. 2025). Everything is built locally from scikit-learn's digits (no download).
+
+* **Base.** A shared MLP body 64 → h → h (ReLU; h = 128) pre-trained on upright digit classification
+  (a generic objective none of the tasks is; its pre-training head is discarded).
+* **Tasks** (``TASKS``; 8 by default, ≥ 6 in ``--quick``): each sees the 8×8 images through its own
+  input transformation and some through a different label map, so the experts pull the shared body in
+  conflicting directions: rotations by 90° and 180°, a left-right mirror, inverted intensities, half
+  and all of the pixels permuted, an up-down mirror labelled by parity (2 classes), and a 270° rotation
+  of the inverted image labelled by the digit mod 3 (3 classes).
+* **Experts.** Each task's head is fixed and kept per task: the base's own digit classifier read
+  through the task's label map (class c = the mean of the weights of the digits d with d mod C = c) —
+  the analogue of CLIP's zero-shot text head. The whole body is fine-tuned on the task with that head
+  frozen (as Ilharco et al. fine-tune CLIP's image encoder with the text head frozen), so every expert
+  must map its transformed inputs back into the same feature space. Merging acts on the body only;
+  every merged body is evaluated with each task's own head, as in the CLIP benchmark.
+* **Merges.** Every registered aggregator that merges N models merges the N task vectors
+  τ_t = θ_t − θ_base, once at its paper default and over a small grid (``grid``), with unit weights.
+  The grid value is chosen per seed on a validation split (as the papers choose λ on validation data)
+  and reported on the test split ("tuned"). Skipped: methods whose ``exact_models`` is fixed (slerp:
+  two models) and the Byzantine-robust aggregators (``ROBUST``): they discard or down-weight deltas
+  that disagree with the majority, which in multi-task merging is every task's own update.
+
+Measured, per method and per seed: test accuracy on every task, the average, and the normalised
+accuracy (merged accuracy ÷ the expert's accuracy on its task, averaged over tasks), mean ± std over
+seeds; the CPU time of the merge itself on the benchmark's experts; and, on a synthetic model of
+``--cost-layers`` linear layers side×side with N task vectors (so that memory is visible above the
+allocator's noise), the CPU time and peak RSS growth of one merge (the kernel's high-water mark
+reset just before it, large blocks mmapped so frees return to the OS).
+
+Writes ``merging.png`` and ``merging.json`` into ``--out`` (default ``docs/results/merging/``),
+prints tables and, last, one JSON line: each method's mean tuned normalised accuracy, ``best_method``,
+``iso_c_minus_ties``, ``ties_minus_task_arithmetic`` and ``task_arithmetic_minus_average``
+(average = ``fedavg``; null where a method is missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import re
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from fedmerge.aggregators import available, create, get
+from fedmerge.memory import use_mmap_for_large_allocations
+from fedmerge_simulations.continual_digits import digits_split, generator, pixel_permutation, train
+
+# Byzantine-robust aggregators: they select, clip or median-filter deltas against the majority, which
+# in multi-task merging removes exactly the task-specific updates the merge should keep.
+ROBUST = {"krum", "multi_krum", "median", "trimmed_mean", "robust_ties", "norm_bounded"}
+
+# Grids (besides each method's default). Methods that *sum* task vectors need λ < 1 with N experts;
+# methods that average, select or re-normalise them need λ around 1 (the grid brackets both).
+SUM_GRID = (0.1, 0.2, 0.3, 0.5, 1.0)
+MEAN_GRID = (0.25, 0.5, 1.0, 1.5, 2.0)
+GRID: dict[str, tuple[str, tuple[float, ...]]] = {
+    "task_arithmetic": ("scaling", SUM_GRID),
+    "dare_linear": ("scaling", SUM_GRID),
+    "della_linear": ("scaling", SUM_GRID),
+    "breadcrumbs": ("scaling", SUM_GRID),
+    "magmax": ("scaling", (0.25, 0.5, 1.0, 1.5)),
+    "ties": ("scaling", MEAN_GRID),
+    "dare_ties": ("scaling", MEAN_GRID),
+    "della": ("scaling", MEAN_GRID),
+    "breadcrumbs_ties": ("scaling", MEAN_GRID),
+    "model_stock": ("scaling", MEAN_GRID),
+    "multislerp": ("scaling", MEAN_GRID),
+    "iso_c": ("scaling", (0.25, 0.5, 1.0, 1.5)),
+    "iso_cts": ("scaling", (0.25, 0.5, 1.0, 1.5)),
+    "tsv_m": ("scaling", (0.25, 0.5, 1.0, 1.5)),
+}
+
+
+# ---------------------------------------------------------------------- tasks
+def _img(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, 8, 8)
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, 64)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task: an input transformation and a label map of the digits."""
+
+    name: str
+    transform: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, permutation) → x'
+    classes: int = 10
+    permuted_fraction: float = 0.0
+
+    def labels(self, y: torch.Tensor) -> torch.Tensor:
+        return y % self.classes if self.classes < 10 else y
+
+
+TASKS: tuple[TaskSpec, ...] = (
+    TaskSpec("rot90", lambda x, p: _flat(torch.rot90(_img(x), 1, (1, 2)))),
+    TaskSpec("rot180", lambda x, p: _flat(torch.rot90(_img(x), 2, (1, 2)))),
+    TaskSpec("mirror", lambda x, p: _flat(torch.flip(_img(x), (2,)))),
+    TaskSpec("invert", lambda x, p: 1.0 - x),
+    TaskSpec("permute50", lambda x, p: x[:, p], permuted_fraction=0.5),
+    TaskSpec("permute100", lambda x, p: x[:, p], permuted_fraction=1.0),
+    TaskSpec("flipud_parity", lambda x, p: _flat(torch.flip(_img(x), (1,))), classes=2),
+    TaskSpec("rot270inv_mod3", lambda x, p: _flat(torch.rot90(_img(1.0 - x), 3, (1, 2))), classes=3),
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Sizes and training settings (``--quick`` shortens epochs and seeds, not tasks)."""
+
+    tasks: int = 8
+    hidden: int = 128
+    pretrain_epochs: int = 20
+    finetune_epochs: int = 30
+    lr: float = 3e-3  # Adam, pre-training and fine-tuning
+    batch_size: int = 64
+    val_size: int = 200
+
+
+@dataclass
+class Split:
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+@dataclass
+class Suite:
+    """One seed's base body, experts, heads and per-task data."""
+
+    body: nn.Module
+    base: dict[str, torch.Tensor]
+    experts: list[dict[str, torch.Tensor]]  # task vectors of the body
+    heads: list[nn.Linear]
+    val: list[Split]
+    test: list[Split]
+    names: list[str]
+    expert_val: list[float] = field(default_factory=list)
+    expert_test: list[float] = field(default_factory=list)
+    base_test: list[float] = field(default_factory=list)
+
+    @torch.no_grad()
+    def accuracy(self, params: Mapping[str, torch.Tensor], task: int, split: str = "test") -> float:
+        data = (self.test if split == "test" else self.val)[task]
+        logits = self.heads[task](functional_call(self.body, dict(params), (data.x,)))
+        return float((logits.argmax(1) == data.y).float().mean())
+
+    def accuracies(self, delta: Mapping[str, torch.Tensor], split: str) -> list[float]:
+        params = {k: self.base[k] + delta[k] for k in self.base}
+        return [self.accuracy(params, t, split) for t in range(len(self.names))]
+
+
+def build_body(hidden: int, g: torch.Generator) -> nn.Sequential:
+    body = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+    for m in body:
+        if isinstance(m, nn.Linear):
+            bound = 1.0 / m.in_features**0.5
+            with torch.no_grad():
+                m.weight.uniform_(-bound, bound, generator=g)
+                m.bias.uniform_(-bound, bound, generator=g)
+    return body
+
+
+def linear(fan_in: int, out: int, g: torch.Generator) -> nn.Linear:
+    lin = nn.Linear(fan_in, out)
+    bound = 1.0 / fan_in**0.5
+    with torch.no_grad():
+        lin.weight.uniform_(-bound, bound, generator=g)
+        lin.bias.uniform_(-bound, bound, generator=g)
+    return lin
+
+
+def zero_shot_head(pre_head: nn.Linear, classes: int) -> nn.Linear:
+    """The base's own digit classifier read through the task's label map: class c's weights and bias are
+    the mean of those of the digits d with d mod ``classes`` = c (the identity for 10 classes)."""
+    head = nn.Linear(pre_head.in_features, classes)
+    with torch.no_grad():
+        for c in range(classes):
+            digits = [d for d in range(10) if d % classes == c]
+            head.weight[c] = pre_head.weight[digits].mean(0)
+            head.bias[c] = pre_head.bias[digits].mean()
+    return head
+
+
+def build_suite(cfg: Config, seed: int) -> Suite:
+    """Pre-train the base body, derive each task's fixed head, fine-tune one expert body per task."""
+    x_tr, y_tr, x_te, y_te = digits_split(0.3, generator(seed, 100))
+    x_va, y_va = x_tr[: cfg.val_size], y_tr[: cfg.val_size]
+    x_tr, y_tr = x_tr[cfg.val_size :], y_tr[cfg.val_size :]
+    body = build_body(cfg.hidden, generator(seed, 101))
+    pre_head = linear(cfg.hidden, 10, generator(seed, 102))
+    train(
+        nn.Sequential(body, pre_head),
+        x_tr,
+        y_tr,
+        cfg.pretrain_epochs,
+        cfg.lr,
+        cfg.batch_size,
+        generator(seed, 103),
+    )
+    base = {k: v.detach().clone() for k, v in body.state_dict().items()}
+    specs = TASKS[: cfg.tasks]
+    suite = Suite(body, base, [], [], [], [], [s.name for s in specs])
+    for t, spec in enumerate(specs):
+        perm = pixel_permutation(spec.permuted_fraction, generator(seed, 104, t))
+        xt, yt = spec.transform(x_tr, perm), spec.labels(y_tr)
+        suite.val.append(Split(spec.transform(x_va, perm), spec.labels(y_va)))
+        suite.test.append(Split(spec.transform(x_te, perm), spec.labels(y_te)))
+        head = zero_shot_head(pre_head, spec.classes)
+        head.requires_grad_(False)
+        suite.heads.append(head)
+        body.load_state_dict(base)
+        train(
+            nn.Sequential(body, head),
+            xt,
+            yt,
+            cfg.finetune_epochs,
+            cfg.lr,
+            cfg.batch_size,
+            generator(seed, 107, t),
+        )
+        suite.experts.append({k: v.detach() - base[k] for k, v in body.state_dict().items()})
+    body.load_state_dict(base)
+    body.eval()
+    for t in range(len(specs)):
+        suite.expert_val.append(suite.accuracies(suite.experts[t], "val")[t])
+        suite.expert_test.append(suite.accuracies(suite.experts[t], "test")[t])
+    suite.base_test = suite.accuracies({k: torch.zeros_like(v) for k, v in base.items()}, "test")
+    return suite
+
+
+# ---------------------------------------------------------------------- methods
+def methods() -> tuple[list[str], dict[str, str]]:
+    """(methods merged, {skipped method: reason}) over the registry."""
+    chosen, skipped = [], {}
+    for name in sorted(available()):
+        cls = get(name)
+        fixed = getattr(cls, "exact_models", None)
+        if fixed is not None:
+            skipped[name] = f"merges exactly {fixed} models"
+        elif name in ROBUST:
+            skipped[name] = (
+                "Byzantine-robust: discards or down-weights the disagreeing (task-specific) deltas"
+            )
+        else:
+            chosen.append(name)
+    return chosen, skipped
+
+
+def configs(name: str, with_grid: bool) -> list[dict[str, Any]]:
+    """The default ({}) first, then the grid values that differ from it."""
+    out: list[dict[str, Any]] = [{}]
+    if with_grid and name in GRID:
+        param, values = GRID[name]
+        default = getattr(create(name), param, None)
+        out += [{param: v} for v in values if default is None or not math.isclose(v, float(default))]
+    return out
+
+
+def merge_once(
+    name: str, deltas: Sequence[Mapping[str, torch.Tensor]], params: Mapping[str, Any], seed: int
+) -> tuple[dict[str, torch.Tensor], float]:
+    """The merged task vector and the CPU seconds the merge took (begin, adds, finalize)."""
+    t0 = time.process_time()
+    agg = create(name, seed=seed, **params)
+    agg.begin({k: tuple(v.shape) for k, v in deltas[0].items()})
+    for i, d in enumerate(deltas):
+        agg.add(d, 1.0, client_id=i)
+    out = agg.finalize()
+    return out, time.process_time() - t0
+
+
+def normalised(accs: Sequence[float], experts: Sequence[float]) -> float:
+    return statistics.fmean(a / e if e > 0 else 0.0 for a, e in zip(accs, experts, strict=True))
+
+
+# ---------------------------------------------------------------------- cost on a synthetic model
+def _hwm_kib() -> int | None:
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    m = re.search(r"VmHWM:\s+(\d+)", text)
+    return int(m.group(1)) if m else None
+
+
+def _reset_hwm() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def synthetic_experts(n: int, layers: int, side: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """N task vectors of low-rank-plus-noise side×side weights and biases (as fine-tuning gives)."""
+    out = []
+    for i in range(n):
+        g = generator(seed, 200, i)
+        d: dict[str, torch.Tensor] = {}
+        for k in range(layers):
+            a = torch.randn(side, 16, generator=g) @ torch.randn(16, side, generator=g) / 16
+            d[f"layers.{k}.weight"] = 1e-2 * (a + 0.1 * torch.randn(side, side, generator=g))
+            d[f"layers.{k}.bias"] = 1e-3 * torch.randn(side, generator=g)
+        out.append(d)
+    return out
+
+
+def cost(names: list[str], n: int, layers: int, side: int, repeats: int, seed: int) -> dict[str, Any]:
+    """Per method: least CPU seconds of ``repeats`` merges and peak RSS growth (MiB) of one merge."""
+    deltas = synthetic_experts(n, layers, side, seed)
+    input_mib = sum(v.numel() * v.element_size() for d in deltas for v in d.values()) / 2**20
+    out: dict[str, Any] = {"input_mib": input_mib, "tasks": n, "layers": layers, "side": side, "methods": {}}
+    merge_once("fedavg", deltas, {}, seed)  # warm-up (first-use allocations of torch kernels)
+    for name in names:
+        times = []
+        for _ in range(repeats):
+            times.append(merge_once(name, deltas, {}, seed)[1])
+        gc.collect()
+        peak = None
+        if _reset_hwm():
+            before = _hwm_kib()
+            result, _ = merge_once(name, deltas, {}, seed)
+            after = _hwm_kib()
+            del result
+            if before is not None and after is not None:
+                peak = (after - before) / 1024
+        out["methods"][name] = {"seconds": min(times), "peak_rss_mib": peak}
+    return out
+
+
+# ---------------------------------------------------------------------- output
+def mean_std(xs: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.pstdev(xs) if len(xs) > 1 else 0.0)
+
+
+def plot(
+    path: Path,
+    names: list[str],
+    tuned: dict[str, list[float]],
+    default: dict[str, list[float]],
+    per_task: dict[str, list[float]],
+    task_names: list[str],
+    base: float,
+) -> None:
+    """Bars of normalised accuracy (default and tuned, mean ± std over seeds) and a per-task heat map."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = sorted(names, key=lambda m: -statistics.fmean(tuned[m]))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1.3, 1]})
+    xs = range(len(order))
+    for off, (label, data) in zip(
+        (-0.2, 0.2), (("default", default), ("tuned on validation", tuned)), strict=True
+    ):
+        means = [100 * statistics.fmean(data[m]) for m in order]
+        stds = [100 * (statistics.pstdev(data[m]) if len(data[m]) > 1 else 0.0) for m in order]
+        ax1.bar([x + off for x in xs], means, 0.4, yerr=stds, capsize=2, label=label)
+    ax1.axhline(100, color="k", lw=0.8, ls="--")
+    ax1.axhline(100 * base, color="grey", lw=0.8, ls=":", label="base (no merge)")
+    ax1.set_xticks(list(xs), order, rotation=60, ha="right", fontsize=8)
+    ax1.set(
+        ylabel="normalised accuracy (% of expert)",
+        title=f"Merging {len(task_names)} digits experts (mean ± std)",
+    )
+    ax1.legend(fontsize=8)
+    ax1.grid(axis="y", alpha=0.3)
+    mat = [[100 * a for a in per_task[m]] for m in order]
+    im = ax2.imshow(mat, aspect="auto", cmap="viridis", vmin=0, vmax=100)
+    ax2.set_yticks(list(xs), order, fontsize=7)
+    ax2.set_xticks(range(len(task_names)), task_names, rotation=60, ha="right", fontsize=7)
+    ax2.set_title("test accuracy per task, tuned (%)")
+    fig.colorbar(im, ax=ax2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench merging", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="3 seeds, shorter training (≈ 1–3 min on 2 cores)")
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3 quick, 5 full)")
+    p.add_argument("--seed", type=int, default=0, help="first seed")
+    p.add_argument("--tasks", type=int, default=len(TASKS), help=f"number of tasks (2…{len(TASKS)})")
+    p.add_argument("--hidden", type=int, default=Config.hidden)
+    p.add_argument("--epochs-scale", type=float, default=None, help="multiply training epochs (quick 0.5)")
+    p.add_argument("--no-grid", action="store_true", help="defaults only")
+    p.add_argument("--cost-side", type=int, default=None, help="synthetic layer side (0: skip cost part)")
+    p.add_argument("--cost-layers", type=int, default=4)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable timings)")
+    p.add_argument("--out", type=Path, default=Path("docs/results/merging"))
+    return p.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse(argv)
+    if not 2 <= args.tasks <= len(TASKS):
+        raise SystemExit(f"--tasks must be in 2…{len(TASKS)}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    t_start = time.perf_counter()
+    use_mmap_for_large_allocations(1 << 16)
+    scale = args.epochs_scale if args.epochs_scale is not None else (0.5 if args.quick else 1.0)
+    base_cfg = Config()
+    cfg = Config(
+        tasks=args.tasks,
+        hidden=args.hidden,
+        pretrain_epochs=max(1, round(base_cfg.pretrain_epochs * scale)),
+        finetune_epochs=max(1, round(base_cfg.finetune_epochs * scale)),
+    )
+    n_seeds = args.seeds or (3 if args.quick else 5)
+    seeds = [args.seed + i for i in range(n_seeds)]
+    names, skipped = methods()
+    grids = {m: configs(m, not args.no_grid) for m in names}
+
+    # per method and seed: default / tuned normalised accuracy, per-task test accuracies, chosen config
+    res: dict[str, dict[str, list[Any]]] = {
+        m: {"default": [], "tuned": [], "default_tasks": [], "tuned_tasks": [], "chosen": [], "seconds": []}
+        for m in names
+    }
+    errors: dict[str, str] = {}
+    ref: dict[str, list[list[float]]] = {"expert": [], "base": []}
+    build_s = 0.0
+    for seed in seeds:
+        t0 = time.perf_counter()
+        suite = build_suite(cfg, seed)
+        build_s += time.perf_counter() - t0
+        ref["expert"].append(suite.expert_test)
+        ref["base"].append(suite.base_test)
+        merge_once("fedavg", suite.experts, {}, seed)  # warm-up: first-use costs of torch kernels
+        for m in names:
+            if m in errors:
+                continue
+            best: tuple[float, dict[str, Any], list[float]] | None = None
+            try:
+                for i, params in enumerate(grids[m]):
+                    delta, secs = merge_once(m, suite.experts, params, seed)
+                    val = normalised(suite.accuracies(delta, "val"), suite.expert_val)
+                    test = suite.accuracies(delta, "test")
+                    if i == 0:
+                        res[m]["default"].append(normalised(test, suite.expert_test))
+                        res[m]["default_tasks"].append(test)
+                        res[m]["seconds"].append(secs)
+                    if best is None or val > best[0]:
+                        best = (val, params, test)
+            except Exception as exc:  # a method that fails is reported, not fatal
+                errors[m] = f"{type(exc).__name__}: {exc}"
+                continue
+            assert best is not None
+            res[m]["tuned"].append(normalised(best[2], suite.expert_test))
+            res[m]["tuned_tasks"].append(best[2])
+            res[m]["chosen"].append(best[1] or "default")
+    ok = [m for m in names if m not in errors]
+    accuracy_s = time.perf_counter() - t_start
+
+    cost_side = args.cost_side if args.cost_side is not None else (256 if args.quick else 512)
+    cost_res = (
+        cost(ok, args.tasks, args.cost_layers, cost_side, 1 if args.quick else 3, args.seed)
+        if cost_side > 0
+        else None
+    )
+
+    T = args.tasks
+    task_names = [s.name for s in TASKS[:T]]
+    mean_tasks = {m: [statistics.fmean(s[t] for s in res[m]["tuned_tasks"]) for t in range(T)] for m in ok}
+    args.out.mkdir(parents=True, exist_ok=True)
+    plot(
+        args.out / "merging.png",
+        ok,
+        {m: res[m]["tuned"] for m in ok},
+        {m: res[m]["default"] for m in ok},
+        mean_tasks,
+        task_names,
+        statistics.fmean(normalised(b, e) for b, e in zip(ref["base"], ref["expert"], strict=True)),
+    )
+
+    console = Console(width=160)
+    fed_s = min(res["fedavg"]["seconds"]) if "fedavg" in ok else None
+    table = Table(
+        title=f"Multi-task merging, {T} digits tasks, {n_seeds} seeds (normalised accuracy, "
+        "% of each expert; mean ± std over seeds)"
+    )
+    for col in (
+        "method",
+        "default",
+        "tuned",
+        "tuned avg acc",
+        "chosen (per seed)",
+        "merge ms",
+        "÷ fedavg",
+        "synthetic s",
+        "peak RSS MiB",
+    ):
+        table.add_column(col, justify="left" if col in ("method", "chosen (per seed)") else "right")
+    ranked = sorted(ok, key=lambda m: -statistics.fmean(res[m]["tuned"]))
+    for m in ranked:
+        d_m, d_s = mean_std(res[m]["default"])
+        t_m, t_s = mean_std(res[m]["tuned"])
+        avg_acc = mean_std([statistics.fmean(x) for x in res[m]["tuned_tasks"]])
+        secs = min(res[m]["seconds"])
+        chosen = ",".join(
+            "d" if c == "default" else "/".join(f"{v:g}" for v in c.values()) for c in res[m]["chosen"]
+        )
+        c = cost_res["methods"][m] if cost_res else None
+        table.add_row(
+            m,
+            f"{100 * d_m:.1f} ± {100 * d_s:.1f}",
+            f"{100 * t_m:.1f} ± {100 * t_s:.1f}",
+            f"{100 * avg_acc[0]:.1f} ± {100 * avg_acc[1]:.1f}",
+            chosen,
+            f"{1000 * secs:.1f}",
+            f"{secs / fed_s:.1f}" if fed_s else "",
+            f"{c['seconds']:.3f}" if c else "",
+            f"{c['peak_rss_mib']:.1f}" if c and c["peak_rss_mib"] is not None else "",
+        )
+    for label in ("expert", "base"):
+        per = [statistics.fmean(s) for s in ref[label]]
+        norm = [normalised(s, e) for s, e in zip(ref[label], ref["expert"], strict=True)]
+        n_m, n_s = mean_std(norm)
+        a_m, a_s = mean_std(per)
+        table.add_row(
+            f"({label})",
+            "",
+            f"{100 * n_m:.1f} ± {100 * n_s:.1f}",
+            f"{100 * a_m:.1f} ± {100 * a_s:.1f}",
+            *[""] * 5,
+        )
+    console.print(table)
+    task_table = Table(title="Test accuracy per task, tuned merge (%, mean over seeds)")
+    task_table.add_column("method")
+    for tn in task_names:
+        task_table.add_column(tn, justify="right")
+    for m in ranked:
+        task_table.add_row(m, *(f"{100 * a:.1f}" for a in mean_tasks[m]))
+    for label in ("expert", "base"):
+        task_table.add_row(
+            f"({label})", *(f"{100 * statistics.fmean(s[t] for s in ref[label]):.1f}" for t in range(T))
+        )
+    console.print(task_table)
+    if skipped:
+        console.print("skipped: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()))
+    if errors:
+        console.print("[red]failed:[/red] " + "; ".join(f"{k}: {v}" for k, v in errors.items()))
+
+    score = {m: statistics.fmean(res[m]["tuned"]) for m in ok}
+
+    def diff(a: str, b: str) -> float | None:
+        return round(score[a] - score[b], 4) if a in score and b in score else None
+
+    seconds = time.perf_counter() - t_start
+    record = {
+        "config": {
+            **vars(cfg),
+            "seeds": seeds,
+            "quick": args.quick,
+            "threads": args.threads,
+            "grid": {m: g for m, g in grids.items()},
+        },
+        "tasks": task_names,
+        "skipped": skipped,
+        "errors": errors,
+        "reference": ref,
+        "results": {m: res[m] for m in ok},
+        "cost": cost_res,
+        "phase_seconds": {"build_experts": build_s, "accuracy_total": accuracy_s, "total": seconds},
+    }
+    (args.out / "merging.json").write_text(json.dumps(record, indent=1, default=str))
+    summary: dict[str, Any] = {m: round(score[m], 4) for m in names if m in score}
+    summary.update({m: None for m in errors})
+    summary.update(
+        {
+            "best_method": max(score, key=lambda m: score[m]) if score else None,
+            "iso_c_minus_ties": diff("iso_c", "ties"),
+            "ties_minus_task_arithmetic": diff("ties", "task_arithmetic"),
+            "task_arithmetic_minus_average": diff("task_arithmetic", "fedavg"),
+            "default": {m: round(statistics.fmean(res[m]["default"]), 4) for m in ok},
+            "base": round(
+                statistics.fmean(normalised(s, e) for s, e in zip(ref["base"], ref["expert"], strict=True)), 4
+            ),
+            "expert_accuracy": round(statistics.fmean(statistics.fmean(s) for s in ref["expert"]), 4),
+            "tasks": T,
+            "seeds": n_seeds,
+            "seconds": round(seconds, 1),
+        }
+    )
+    print(json.dumps(summary))
+    return 0

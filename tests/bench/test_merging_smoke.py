@@ -1,0 +1,41 @@
+"""Smoke test of ``python -m bench merging``: a tiny configuration (1 seed, 6 tasks, short training,
+defaults only, no cost part) must run every N-model method, print the summary JSON last and write the
+plot, with normalised accuracies in a sane range. No timing is asserted."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedmerge_bench import merging
+
+TINY = ["--seeds", "1", "--tasks", "6", "--hidden", "32", "--epochs-scale", "0.2", "--no-grid",
+        "--cost-side", "0"]  # fmt: skip
+
+
+def test_merging_benchmark_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert merging.main([*TINY, "--out", str(tmp_path)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    chosen, skipped = merging.methods()
+    assert {"fedavg", "task_arithmetic", "ties", "iso_c", "iso_cts", "tsv_m"} <= set(chosen)
+    assert "slerp" in skipped and "krum" in skipped
+    for name in chosen:
+        value = summary[name]
+        assert value is not None, f"{name} failed"
+        assert 0.05 <= value <= 1.5, f"{name}: normalised accuracy {value}"
+    assert summary["best_method"] in chosen
+    for key in ("iso_c_minus_ties", "ties_minus_task_arithmetic", "task_arithmetic_minus_average"):
+        assert isinstance(summary[key], float) and abs(summary[key]) <= 1.5
+    assert summary["tasks"] == 6 and summary["seeds"] == 1
+    assert 0.3 <= summary["expert_accuracy"] <= 1.0  # the experts learned their tasks
+    assert (tmp_path / "merging.png").stat().st_size > 1000
+    record = json.loads((tmp_path / "merging.json").read_text())
+    assert len(record["tasks"]) == 6 and not record["errors"]
+
+
+def test_methods_skip_two_model_and_robust_aggregators() -> None:
+    chosen, skipped = merging.methods()
+    assert not set(chosen) & merging.ROBUST
+    assert set(chosen).isdisjoint(skipped)
