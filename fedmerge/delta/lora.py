@@ -117,12 +117,17 @@ def load_peft_adapter(directory: str | Path) -> LoraAdapter:
 
 
 def _config_number(config: Mapping[str, Any], key: str, origin: str, *, integer: bool = False) -> float:
-    value = config.get(key)
+    if key not in config:
+        raise LoraError(
+            f"{origin}/{ADAPTER_CONFIG} lacks the required key {key!r} (a peft LoRA config names r, "
+            "lora_alpha and target_modules; save the adapter with peft's save_pretrained)"
+        )
+    value = config[key]
     ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value <= 0 or (integer and value != int(value)):  # type: ignore[operator,arg-type]
+    if not ok or value <= 0 or (integer and value != int(value)):
         kind = "a positive integer" if integer else "a positive finite number"
         raise LoraError(f"{origin}/{ADAPTER_CONFIG}: {key!r} must be {kind}, got {value!r}")
-    return float(value)  # type: ignore[arg-type]
+    return float(value)
 
 
 def peft_adapter_from_bytes(
@@ -153,7 +158,9 @@ def peft_adapter_from_bytes(
         raise LoraError(f"{origin}/{ADAPTER_CONFIG}: alpha_pattern is not supported; use one lora_alpha")
     alpha = _config_number(config, "lora_alpha", origin)
     rank = int(_config_number(config, "r", origin, integer=True))
-    use_rslora = bool(config.get("use_rslora", False))
+    use_rslora = config.get("use_rslora", False)
+    if not isinstance(use_rslora, bool):
+        raise LoraError(f"{origin}/{ADAPTER_CONFIG}: 'use_rslora' must be true or false, got {use_rslora!r}")
     modules: dict[str, LoraModule] = {}
     extra: dict[str, torch.Tensor] = {}
     for key in sorted(tensors):

@@ -67,6 +67,21 @@ def test_malformed_adapter_config_is_an_invalid_submission(tmp_path: Path, confi
         peft_tar_to_task_vector(path, BASE)
 
 
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (b"{}", r"lacks the required key 'lora_alpha' \(a peft LoRA config names r, lora_alpha"),
+        (b'{"lora_alpha": 4}', r"lacks the required key 'r'"),
+        (b'{"r": 2, "lora_alpha": 4, "use_rslora": "yes"}', r"'use_rslora' must be true or false, got 'yes'"),
+    ],
+    ids=["empty", "no-rank", "rslora-string"],
+)
+def test_adapter_config_messages_say_what_is_missing(tmp_path: Path, config: bytes, message: str) -> None:
+    path = _tar(tmp_path / "a.tar", {"adapter_config.json": config, "adapter_model.safetensors": _weights()})
+    with pytest.raises(InvalidSubmission, match=message):
+        peft_tar_to_task_vector(path, BASE)
+
+
 def test_weights_that_are_not_safetensors_are_an_invalid_submission(tmp_path: Path) -> None:
     path = _tar(tmp_path / "a.tar", {"adapter_config.json": CONFIG, "adapter_model.safetensors": b"junk" * 9})
     with pytest.raises(InvalidSubmission, match="not a safetensors file"):
