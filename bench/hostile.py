@@ -74,8 +74,8 @@ JUDGE_CHECKS = (
 ).rstrip()
 """How the Flower path judges a reply (rendered under *What is run*)."""
 
-ISSUE13 = """\
-## Issue 13: hostile input that got through (the classes it added)
+INTAKE_REPRODUCTIONS = """\
+## Hostile input that once got through (the classes it added)
 
 Corpus classes: *magnitude* (`huge-values`, `huge-values-dense`: all values 3e38, refused by the
 magnitude bound), *metrics* (`dense-num-examples-*`), *completeness* (`no-tensors`, `lora-b-only`,
@@ -89,20 +89,20 @@ refused on the member's type without writing anything), plus `npy-huge-header` (
 `lora-rank-mismatch` (shapes; the message names the module and both ranks) and `bulk-sha-mismatch`
 (checksum: refused, both hashes named).
 
-Every reproduction of the issue is also run against a fresh `fedmerge serve-continual` process by
-`tests/hostile/test_issue13_reproductions.py`: each is refused with its message, leaves every stored
+Every reproduction is also run against a fresh `fedmerge serve-continual` process by
+`tests/hostile/test_intake_reproductions.py`: each is refused with its message, leaves every stored
 version byte-identical, keeps the server's peak RSS (`VmHWM`) and its disk use (`TMPDIR`, data
 directory and store, by allocated blocks) within 16 MiB of the payload's size, and a valid expert
 sent right after it is merged; the worker restarts twice with set-aside submissions in its queue and
 keeps merging. Measured: 0–40 KiB of peak-RSS growth and ≤ 60 KiB of disk per reproduction; with the
 decoder called without the base's shapes, the [2^28] package costs +1 GiB (the test then fails).
-Numbers in `bench/RESULTS.md` (*issue 13 reproductions*). Other regression tests:
+Numbers in `bench/RESULTS.md` (*intake reproductions*). Other regression tests:
 `tests/service/test_worker_dead_letter.py` (30+ malformed adapters/checkpoints/packages interleaved
 with valid ones across a restart; dead letter; attempts; batch rollback),
 `tests/service/test_intake_promises.py` (bulk hash, per-client partial uploads, `GetSubmission`
 disclosure, empty chunk), `tests/flower/test_judge.py`.
 """
-"""The issue-13 section of the document (its classes and regression tests)."""
+"""The intake-reproductions section of the document (its classes and regression tests)."""
 
 
 def _cell(text: str, limit: int = CELL) -> str:
@@ -201,7 +201,7 @@ def render(rows: Sequence[Outcome], totals: dict[str, Any], command: str, notes:
             f"| {_yes(o.serving)} | {_yes(o.versions_unchanged)} | "
             f"{'yes' if o.as_expected else ('gap' if o.gap else '**no**')}{' · crash' if o.crash else ''} |"
         )
-    lines += ["", *ISSUE13.splitlines()]
+    lines += ["", *INTAKE_REPRODUCTIONS.splitlines()]
     lines += [
         "",
         "## Fuzzing",

@@ -385,9 +385,9 @@ _ONE_COO = CodecConfig(sparsify="topk", density=1e-3, values="fp32", index_codin
 _RANDOMK = CodecConfig(sparsify="randomk", density=1 / 32, values="fp32", error_feedback=False, rescale=False)
 
 
-def _gnu_sparse_member(name: str, realsize: int, stored: bytes = b"\x01" * 512) -> bytes:
+def gnu_sparse_member(name: str, realsize: int, stored: bytes = b"\x01" * 512) -> bytes:
     """A GNU sparse (typeflag ``S``) tar member: ``stored`` bytes on the wire, ``realsize`` declared
-    (one data region at its end; the rest is a hole a naive extraction writes out)."""
+    (one data region at its end; everything before it is a hole a naive extraction writes as zeros)."""
     hdr = bytearray(512)
 
     def put(offset: int, value: bytes) -> None:
@@ -423,7 +423,7 @@ def _peft_tar_with_sparse_weights(realsize: int) -> bytes:
         header_and_data = 512 * (1 + -(-info.size // 512))
     return (
         buf.getvalue()[:header_and_data]
-        + _gnu_sparse_member("adapter_model.safetensors", realsize)
+        + gnu_sparse_member("adapter_model.safetensors", realsize)
         + b"\0" * 1024
     )
 

@@ -1,4 +1,4 @@
-"""The merging methods added for issue 15 against plain, loop-based re-implementations written from
+"""The newer merging methods against plain, loop-based re-implementations written from
 the papers and from mergekit's source (arcee-ai/mergekit a6e4028, the merge methods of v0.1.4:
 ``merge_methods/{generalized_task_arithmetic,slerp,multislerp,model_stock}.py``, ``sparsify.py``) and
 the Iso-C / Iso-CTS / TSV-M official code (danielm1405/iso-merging d34010a: ``src/utils/iso.py``,

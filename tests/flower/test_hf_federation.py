@@ -1,4 +1,4 @@
-"""One real federation end to end (issue 14, item 6), as a user would run it.
+"""One real federation end to end, as a user would run it.
 
 A small causal LM is built from a config with a BPE tokenizer trained locally (``tokenizers``; nothing
 downloaded) and saved as a Hugging Face directory; ``fedmerge init`` makes it the store's root; a

@@ -22,7 +22,7 @@ from fedmerge_bench.hostile_corpus import (
 REQUIRED = (
     "truncated", "random", "magic/version", "nan/inf", "huge sizes", "index range", "duplicate indices",
     "shapes", "names", "stale", "replay", "oversized", "slow-loris", "unauthenticated", "wrong auth",
-    # issue 13
+    # classes added after intake reproductions
     "magnitude", "metrics", "completeness", "merge failure", "expansion",
 )  # fmt: skip
 

@@ -41,7 +41,7 @@ REJECTIONS = (
     r"^(MalformedPackage|MissingPackage|UnsupportedFormatVersion|ChecksumMismatch|DeclaredSizeTooLarge|"
     r"PayloadSizeMismatch|InvalidIndices|NonFiniteValues|UnsupportedDtype|TensorNameMismatch|"
     r"TensorShapeMismatch|PackageError|StaleOrInvalid|AnomalousSubmission|"
-    # issue 13's judge: the magnitude bound, completeness, a merge that would not be finite
+    # the judge: the magnitude bound, completeness, a merge that would not be finite
     r"ValueOutOfBounds|IncompleteSubmission|NonFiniteMerge): \S"
 )
 

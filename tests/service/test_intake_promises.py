@@ -1,4 +1,4 @@
-"""Issue 13 on the gRPC surface of a real intake server: the bulk channel keeps its promises
+"""On the gRPC surface of a real intake server: the bulk channel keeps its promises
 (``header.sha256`` verified, partial uploads per client), submission metadata is disclosed only to
 its submitter or an operator, and an empty ``SubmitChunk`` gets a message saying so."""
 

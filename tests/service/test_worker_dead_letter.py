@@ -1,4 +1,4 @@
-"""The merge worker cannot wedge (issue 13, items 1 and 2).
+"""The merge worker cannot wedge.
 
 Every malformed peft adapter tar, checkpoint and delta package we could think of is fed to a real
 :class:`IntakeQueue` + :class:`MergeWorker` over a real store, interleaved with valid experts (peft

@@ -1,14 +1,15 @@
-"""Issue 13's intake reproductions, each against a fresh ``fedmerge serve-continual`` process.
+"""Intake reproductions of hostile input that once got through, each against a fresh
+``fedmerge serve-continual`` process.
 
 One server process (``python -m fedmerge.cli serve-continual``, the ``fedmerge`` command) takes every
-reproduction of the issue in turn. Each must be refused with a message naming what is wrong (a gRPC
+reproduction in turn. Each must be refused with a message naming what is wrong (a gRPC
 status, or a submission that ends ``rejected``/``failed`` with its reason), leave every stored version
 byte-identical, keep the server's memory (``VmHWM`` of ``/proc/PID/status``: its peak resident set)
 and its disk (its ``TMPDIR``, data directory and store, counted by allocated blocks, so sparse files
 count for what they occupy) within :data:`SLACK` of the payload's size, and a valid submission sent
 right after it must be merged. A second test restarts the server with a failing submission queued.
 
-The measured numbers go to the JSON-lines file named by ``FEDMERGE_ISSUE13_REPORT`` when set
+The measured numbers go to the JSON-lines file named by ``FEDMERGE_INTAKE_REPRO_REPORT`` when set
 (``bench/RESULTS.md`` quotes them).
 """
 
@@ -38,15 +39,21 @@ from fedmerge.service.client import ClientOptions, connect, upload_bulk
 from fedmerge.service.intake import IntakeQueue
 from fedmerge.store import ModelStore
 from fedmerge.v1 import delta_pb2, intake_pb2, intake_pb2_grpc
-from fedmerge_bench.hostile_corpus import resign, store_snapshot, synthetic_delta, tiny_base
+from fedmerge_bench.hostile_corpus import (
+    gnu_sparse_member,
+    resign,
+    store_snapshot,
+    synthetic_delta,
+    tiny_base,
+)
 
 MIB = 1 << 20
 SLACK = 16 * MIB
 """How far above the payload's size the server's peak RSS and its disk use may grow for one submission
 (the issue: "within a few megabytes of the payload size"; the expansions it reports are 0.75–1 GiB)."""
-SUBMITTER = "issue13-submitter-token-xxxxxxxx"
-OTHER = "issue13-other-client-token-xxxxx"
-OPERATOR = "issue13-operator-token-xxxxxxxxx"
+SUBMITTER = "intake-repro-submitter-token-xxx"
+OTHER = "intake-repro-other-client-token-"
+OPERATOR = "intake-repro-operator-token-xxxx"
 GIB = 1 << 30
 
 
@@ -258,31 +265,6 @@ def peft_tar(config: bytes, weights: bytes | None = None, *, extra: bytes = b"")
     return body + extra + b"\0" * 1024
 
 
-def gnu_sparse_member(name: str, realsize: int, stored: bytes = b"\x01" * 512) -> bytes:
-    """A GNU sparse (typeflag ``S``) tar member: ``stored`` bytes on the wire, ``realsize`` declared
-    (one data region at its end; everything before it is a hole a naive extraction writes as zeros)."""
-    hdr = bytearray(512)
-
-    def put(offset: int, value: bytes) -> None:
-        hdr[offset : offset + len(value)] = value
-
-    put(0, name.encode())
-    put(100, b"0000644\0")
-    put(108, b"0000000\0")
-    put(116, b"0000000\0")
-    put(124, b"%011o\0" % len(stored))
-    put(136, b"%011o\0" % 0)
-    put(148, b" " * 8)
-    hdr[156] = ord("S")
-    put(257, b"ustar  \0")
-    put(386, b"%011o\0" % (realsize - len(stored)))  # sparse map: (offset, numbytes)
-    put(398, b"%011o\0" % len(stored))
-    hdr[482] = 0  # no extended sparse headers
-    put(483, b"%011o\0" % realsize)
-    put(148, b"%06o\0 " % sum(hdr))
-    return bytes(hdr) + stored + b"\0" * (-len(stored) % 512)
-
-
 def reshaped(srv: Serve, codec: CodecConfig, numel: int = 1 << 28) -> bytes:
     """A one-tensor package (``l1.weight``, a few kept entries) whose header then declares shape
     ``[numel]`` — a few hundred bytes that would expand to ``4·numel`` bytes if decoded blindly."""
@@ -433,7 +415,7 @@ REPROS: tuple[Repro, ...] = (
 
 
 def _report(row: dict[str, Any]) -> None:
-    path = os.environ.get("FEDMERGE_ISSUE13_REPORT")
+    path = os.environ.get("FEDMERGE_INTAKE_REPRO_REPORT")
     if path:
         with open(path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
@@ -441,7 +423,7 @@ def _report(row: dict[str, Any]) -> None:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
-    srv = Serve(tmp_path_factory.mktemp("issue13"))
+    srv = Serve(tmp_path_factory.mktemp("intake-repro"))
     srv.start()
     try:
         # warm up every path once (imports, first merges of each format), so what is measured per
