@@ -91,16 +91,30 @@ def serve_continual(
         typer.Option(help="abort (DEADLINE_EXCEEDED) a SubmitExpert/Upload stream idle this many seconds"),
     ] = 30.0,
     port_file: Annotated[Path | None, typer.Option(help="write the bound port here once serving")] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(help="serve Prometheus metrics on this port (0 = any free port; docs/metrics.md)"),
+    ] = None,
+    metrics_host: Annotated[str, typer.Option(help="address the metrics endpoint binds")] = "127.0.0.1",
+    metrics_allow_remote: Annotated[
+        bool,
+        typer.Option(help="allow a non-loopback --metrics-host (the endpoint has no authentication)"),
+    ] = False,
 ) -> None:
     """Serve the ExpertIntake and BulkUpload gRPC services and merge experts as they arrive."""
     from fedmerge.memory import use_mmap_for_large_allocations
+    from fedmerge.metrics import FedmergeMetrics, MetricsServer, check_metrics_bind, start_metrics_server
     from fedmerge.service.config import Limits, ServiceConfig, TlsConfig, load_token_file
     from fedmerge.service.server import IntakeServer
     from fedmerge.store import ModelStore
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     use_mmap_for_large_allocations()
+    metrics = FedmergeMetrics() if metrics_port is not None else None
+    metrics_server: MetricsServer | None = None
     try:
+        if metrics_port is not None:
+            check_metrics_bind(metrics_host, metrics_allow_remote)  # before anything starts
         tls = None
         if tls_cert is not None or tls_key is not None:
             if tls_cert is None or tls_key is None:
@@ -137,11 +151,21 @@ def serve_continual(
 
                 v = init_store(store, base_weights).root
                 typer.echo(f"committed base {base_weights} as {v.id}")
-        server = IntakeServer(config)
+        server = IntakeServer(config, metrics=metrics)
         port = server.start()
+        if metrics is not None and metrics_port is not None:
+            try:
+                metrics_server = start_metrics_server(
+                    metrics.registry, metrics_host, metrics_port, allow_remote=metrics_allow_remote
+                )
+            except FedMergeError:
+                server.stop()
+                raise
     except FedMergeError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    if metrics_server is not None:
+        typer.echo(f"serving metrics on {metrics_server.url}")
     host = listen.rsplit(":", 1)[0]
     if port_file is not None:
         tmp = port_file.with_suffix(".tmp")
@@ -155,6 +179,8 @@ def serve_continual(
         pass
     finally:
         server.stop()
+        if metrics_server is not None:
+            metrics_server.stop()
 
 
 @app.command("push")

@@ -169,6 +169,14 @@ class IntakeQueue:
             ).fetchall()
         return [_row(r) for r in rows]
 
+    def depth(self) -> int:
+        """How many acknowledged submissions wait to be merged (state ``queued``)."""
+        with self._lock:
+            (count,) = self._conn.execute(
+                "SELECT COUNT(*) FROM submissions WHERE state = 'queued'"
+            ).fetchone()
+        return int(count)
+
     def all(self) -> list[Submission]:
         with self._lock:
             rows = self._conn.execute(f"SELECT {_COLUMNS} FROM submissions ORDER BY seq").fetchall()

@@ -28,11 +28,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from datetime import datetime
 from typing import Any
 
 import grpc
 
 from fedmerge.errors import FedMergeError, InvalidSubmission
+from fedmerge.metrics import FedmergeMetrics
 from fedmerge.service.bulk import BulkBusyError, BulkError, BulkStore, UnknownObjectError, check_sha
 from fedmerge.service.config import ServiceConfig
 from fedmerge.service.intake import IntakeQueue, QuotaExceeded, Submission, UnknownSubmissionError
@@ -72,8 +74,9 @@ def _abort_handler(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler
 class BearerAuthInterceptor(grpc.ServerInterceptor):
     """Refuses (``UNAUTHENTICATED``) every call whose bearer token is not in ``tokens``."""
 
-    def __init__(self, tokens: dict[str, str]) -> None:
+    def __init__(self, tokens: dict[str, str], on_refused: Callable[[], None] | None = None) -> None:
         self.tokens = dict(tokens)
+        self.on_refused = on_refused
 
     def intercept_service(
         self,
@@ -81,6 +84,8 @@ class BearerAuthInterceptor(grpc.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         token = bearer_token(details.invocation_metadata)
+        if (token is None or token not in self.tokens) and self.on_refused is not None:
+            self.on_refused()
         if token is None:
             return _abort_handler(
                 grpc.StatusCode.UNAUTHENTICATED,
@@ -144,9 +149,15 @@ class _Handlers:
     """Shared state of both servicers: config, queue, bulk store, per-thread store connections."""
 
     def __init__(
-        self, config: ServiceConfig, queue: IntakeQueue, bulk: BulkStore, stop: threading.Event
+        self,
+        config: ServiceConfig,
+        queue: IntakeQueue,
+        bulk: BulkStore,
+        stop: threading.Event,
+        metrics: FedmergeMetrics | None = None,
     ) -> None:
         self.config = config
+        self.metrics = metrics
         self.queue = queue
         self.bulk = bulk
         self.stop = stop
@@ -190,6 +201,30 @@ class _Handlers:
     def guard(self, request_iterator: Iterator[Any], call: str, hint: str) -> IdleGuard[Any]:
         return IdleGuard(request_iterator, self.config.stream_idle_timeout_s, call=call, hint=hint)
 
+    def refused(self, exc: Exception) -> None:
+        """Count a SubmitExpert call refused before acknowledgement, by reason class."""
+        if self.metrics is None:
+            return
+        if isinstance(exc, QuotaExceeded):
+            reason = "quota"
+        elif isinstance(exc, StreamIdleTimeout):
+            reason = "timeout"
+        elif isinstance(exc, (StoreBusyError, BulkBusyError)):
+            reason = "busy"
+        elif isinstance(exc, (InvalidSubmission, BulkError)):
+            reason = "invalid"
+        else:
+            reason = "other"
+        self.metrics.intake_refused(reason)
+
+    def uplink(self, n: int) -> None:
+        if self.metrics is not None:
+            self.metrics.add_uplink(n)
+
+    def downlink(self, n: int) -> None:
+        if self.metrics is not None:
+            self.metrics.add_downlink(n)
+
     def fail(self, context: grpc.ServicerContext, exc: Exception) -> None:
         code = grpc.StatusCode.INTERNAL
         if isinstance(exc, QuotaExceeded):
@@ -229,8 +264,11 @@ class IntakeServicer(intake_pb2_grpc.ExpertIntakeServicer):
             ):
                 sub, dup = self._receive(client, stream)
         except FedMergeError as exc:
+            self.h.refused(exc)
             self.h.fail(context, exc)
             raise AssertionError("unreachable") from exc
+        if self.h.metrics is not None:
+            self.h.metrics.intake_acknowledged(dup)
         return intake_pb2.SubmitReply(
             submission_id=sub.id, sha256=sub.sha256, duplicate=dup, state=STATE_TO_PB[sub.state]
         )
@@ -287,6 +325,7 @@ class IntakeServicer(intake_pb2_grpc.ExpertIntakeServicer):
                     )
                 if kind != "data":
                     raise InvalidSubmission("only the first SubmitChunk may carry a header")
+                self.h.uplink(len(msg.data))
                 yield msg.data
 
         return self.h.queue.receive(
@@ -353,6 +392,7 @@ class IntakeServicer(intake_pb2_grpc.ExpertIntakeServicer):
 
         first = True
         for piece in _chunks(parts(), size):
+            self.h.downlink(len(piece))
             if first:
                 yield intake_pb2.VersionChunk(info=version_info(version), data=piece, total_size=total)
                 first = False
@@ -431,6 +471,7 @@ class BulkServicer(intake_pb2_grpc.BulkUploadServicer):
                     self.h.bulk.acquire(sha, client)
                 elif chunk.sha256 != sha:
                     raise BulkError("one Upload stream carries one object; open a new stream for another")
+                self.h.uplink(len(chunk.data))
                 self.h.bulk.write(sha, int(chunk.offset), chunk.data, client)
             if sha is None:
                 raise BulkError("empty Upload stream; send at least one chunk")
@@ -444,6 +485,7 @@ class BulkServicer(intake_pb2_grpc.BulkUploadServicer):
         self, request: intake_pb2.UnaryUploadRequest, context: grpc.ServicerContext
     ) -> intake_pb2.BulkStatus:
         self.h.client_id(context)
+        self.h.uplink(len(request.data))
         try:
             return self._status(self.h.bulk.put_bytes(request.data))
         except BulkError as exc:
@@ -454,14 +496,24 @@ class BulkServicer(intake_pb2_grpc.BulkUploadServicer):
 # ------------------------------------------------------------------------------------ the server
 
 
+def _timestamp(iso: str) -> float | None:
+    """Seconds since the epoch of an ISO-8601 time (None when it does not parse)."""
+    try:
+        return datetime.fromisoformat(iso).timestamp()
+    except (TypeError, ValueError):
+        return None
+
+
 class IntakeServer:
     """Owns the queue, bulk store, merge worker thread and the gRPC server.
 
     >>> server = IntakeServer(config); port = server.start(); ...; server.stop()
     """
 
-    def __init__(self, config: ServiceConfig) -> None:
+    def __init__(self, config: ServiceConfig, metrics: FedmergeMetrics | None = None) -> None:
+        """``metrics``: where to count intake, merges, bytes, queue depth and store size (None: off)."""
         self.config = config
+        self.metrics = metrics
         root = config.intake_dir
         root.mkdir(parents=True, exist_ok=True)
         self.queue = IntakeQueue(root, config.limits)
@@ -471,7 +523,10 @@ class IntakeServer:
         self.worker: MergeWorker | None = None
         self.worker_error: BaseException | None = None
         self._worker_thread: threading.Thread | None = None
-        self.handlers = _Handlers(config, self.queue, self.bulk, self._stop)
+        self.handlers = _Handlers(config, self.queue, self.bulk, self._stop, metrics)
+        if metrics is not None:
+            metrics.watch_queue(self.queue.depth)
+            metrics.watch_store(config.store)
         self.grpc_server: grpc.Server | None = None
         self.port = 0
 
@@ -488,8 +543,12 @@ class IntakeServer:
                 base=self.config.base,
                 track=self.config.track,
                 max_bytes=self.config.limits.max_submission_bytes,
+                metrics=self.metrics,
             )
             worker.recover()
+            if self.metrics is not None:
+                head = worker.head or store.get("latest")
+                self.metrics.show_version(head.id, head.round, _timestamp(head.created_at))
         except BaseException as exc:
             self.worker_error = exc
             self._ready.set()
@@ -512,7 +571,8 @@ class IntakeServer:
         self._ready.wait()
         if self.worker_error is not None:
             raise self.worker_error
-        interceptors = [BearerAuthInterceptor(self.config.tokens)] if self.config.tokens else []
+        counter = self.metrics.unauthenticated.inc if self.metrics is not None else None
+        interceptors = [BearerAuthInterceptor(self.config.tokens, counter)] if self.config.tokens else []
         options = [
             ("grpc.max_receive_message_length", self.config.max_message_bytes),
             ("grpc.max_send_message_length", self.config.max_message_bytes),

@@ -34,6 +34,7 @@ from fedmerge.delta.submission import (  # noqa: F401 (re-exported: the worker's
     peft_tar_to_task_vector,
 )
 from fedmerge.errors import ConfigError, FedMergeError, InvalidSubmission, StoreIntegrityError
+from fedmerge.metrics import FedmergeMetrics
 from fedmerge.service.intake import IntakeQueue, Submission
 from fedmerge.store import Contributor, ModelStore, StoreBusyError, UnknownVersionError, Version
 
@@ -116,8 +117,11 @@ class MergeWorker:
         track: str = "continual",
         max_bytes: int = 2 << 30,
         max_attempts: int = 3,
+        metrics: FedmergeMetrics | None = None,
     ) -> None:
+        """``metrics``: counts each expert's final state, merge latencies and commits (None: off)."""
         self.store = store
+        self.metrics = metrics
         self.queue = queue
         self.method = method
         self.params = dict(params)
@@ -236,6 +240,7 @@ class MergeWorker:
             )
             log.warning("failed %s: %s", sub.id, reason)
             self.queue.mark_failed(sub.id, reason)
+            self._count("failed")
             return None
         try:
             self._check_base(sub)
@@ -246,6 +251,7 @@ class MergeWorker:
             self._restore(snapshot)
             log.warning("rejected %s: %s", sub.id, exc)
             self.queue.mark_rejected(sub.id, _clip(str(exc)))
+            self._count("rejected")
             return None
         except Exception as exc:  # the contract: anything else is this expert's failure
             self._restore(snapshot)
@@ -259,6 +265,11 @@ class MergeWorker:
         )
         log.warning("failed %s: %r", sub.id, exc, exc_info=not isinstance(exc, MemoryError))
         self.queue.mark_failed(sub.id, reason)
+        self._count("failed")
+
+    def _count(self, outcome: str, sub: Submission | None = None) -> None:
+        if self.metrics is not None:
+            self.metrics.submission_finished(outcome, sub.created_at if sub is not None else None)
 
     def _restore(self, snapshot: Mapping[str, torch.Tensor]) -> None:
         """Put the merger back to ``snapshot`` (its :meth:`state_dict` before the failed expert)."""
@@ -325,6 +336,10 @@ class MergeWorker:
             return None
         self.queue.mark_merged([s.id for s in subs], version.id)
         self.head = version
+        if self.metrics is not None:
+            self.metrics.committed(version.id, version.round)
+            for sub in subs:
+                self._count("merged", sub)
         log.info("committed %s with %s", version.id, [s.id for s in subs])
         return version
 
