@@ -40,6 +40,7 @@ _LIBRARY_COMMANDS: list[tuple[str, str, str]] = [
     ("fedmerge.flower.cli", "", "commands"),
     ("fedmerge.service.cli", "", "commands"),
     ("fedmerge.recipes_cli", "", "commands"),  # fedmerge merge RECIPE.yaml
+    ("fedmerge.dashboard.cli", "", "commands"),  # fedmerge dashboard (web deps imported when run)
 ]
 # entry point name → why it could not be loaded (a missing optional dependency)
 _UNAVAILABLE: dict[str, str] = {}

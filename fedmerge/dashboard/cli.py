@@ -1,0 +1,67 @@
+"""``fedmerge dashboard``: serve the read-only web dashboard of a store (argument parsing only).
+
+The web dependencies are imported when the command runs, so ``fedmerge --help`` works without the
+``fedmerge[dashboard]`` extra.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(add_completion=False)
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8050
+
+
+@app.command()
+def dashboard(
+    store: Annotated[Path, typer.Option("--store", help="store directory", envvar="FEDMERGE_STORE")] = Path(
+        "fedmerge-store"
+    ),
+    host: Annotated[
+        str, typer.Option(help="address to bind; anything but loopback needs --token or --tokens")
+    ] = DEFAULT_HOST,
+    port: Annotated[int, typer.Option(help="TCP port (0: any free port)")] = DEFAULT_PORT,
+    token: Annotated[
+        str | None,
+        typer.Option(help="bearer token every request must carry (env FEDMERGE_DASHBOARD_TOKEN)"),
+    ] = None,
+    tokens: Annotated[
+        Path | None,
+        typer.Option(help="serve-continual's token file ('CLIENT_ID TOKEN [operator]'); any one is accepted"),
+    ] = None,
+    intake: Annotated[
+        Path | None,
+        typer.Option(help="the intake's data directory (queue.sqlite); default <store>/../intake if there"),
+    ] = None,
+    refresh_ms: Annotated[int, typer.Option(help="how often pages poll for changes (0: never)")] = 2000,
+) -> None:
+    """Serve the read-only web dashboard of a store: versions and lineage, runs, the intake."""
+    from fedmerge.dashboard import bind_socket, build_app, make_server, url_of
+    from fedmerge.dashboard.intake import find_queue
+
+    accepted: set[str] = set()
+    token = token or os.environ.get("FEDMERGE_DASHBOARD_TOKEN") or None
+    if token:
+        accepted.add(token)
+    if tokens is not None:
+        from fedmerge.service.config import load_token_file
+
+        accepted |= set(load_token_file(tokens)[0])
+    if intake is None:
+        default = store.resolve().parent / "intake"
+        intake = default if find_queue(default) is not None else None
+    elif find_queue(intake) is None:
+        raise FileNotFoundError(f"--intake {intake} has no queue.sqlite (serve-continual's --data-dir)")
+    app_ = build_app(store, host, tokens=frozenset(accepted), intake_dir=intake, refresh_ms=refresh_ms)
+    sock = bind_socket(host, port)
+    url = url_of(host, int(sock.getsockname()[1]))
+    hint = "  (open it once with ?token=…)" if accepted else ""
+    typer.echo(f"fedmerge dashboard of {store} on {url}{hint}")
+    typer.echo("press Ctrl-C to stop")
+    make_server(app_).run(sockets=[sock])
