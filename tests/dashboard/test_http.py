@@ -1,0 +1,174 @@
+"""The dashboard over real HTTP (uvicorn on a localhost port, plain urllib): pages, bad input, tokens."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import subprocess
+import sys
+import tarfile
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fedmerge.dashboard import DashboardConfigError, NotAStoreError, RunningDashboard, start_in_background
+from fedmerge.store import ModelStore
+
+
+def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    """(status, headers, body) without following redirects."""
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: object, **kwargs: object) -> None:
+            return None
+
+    opener = urllib.request.build_opener(NoRedirect)
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with opener.open(request, timeout=30) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def raw_get(port: int, path: str) -> tuple[int, bytes]:
+    """A request whose path is sent byte for byte (urllib would normalise some of it)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.putrequest("GET", path, skip_accept_encoding=True)
+    conn.endheaders()
+    r = conn.getresponse()
+    body = r.read()
+    conn.close()
+    return r.status, body
+
+
+@pytest.fixture(scope="module")
+def served(small_store: Any) -> Iterator[RunningDashboard]:
+    d = start_in_background(small_store.root, "127.0.0.1", 0, None)
+    yield d
+    d.stop()
+
+
+def test_pages_render(served: RunningDashboard, small_store: Any) -> None:
+    status, headers, body = get(served.url + "/versions")
+    assert status == 200 and "text/html" in headers["content-type"]
+    html = body.decode()
+    for vid in small_store.versions:
+        assert f'data-version="{vid}"' in html  # a node of the lineage graph and a table row
+    assert 'class="rollback"' in html and 'data-alias="prod"' in html
+    assert "default-src 'none'" in headers["content-security-policy"]
+    status, _, body = get(served.url + f"/versions/{small_store.versions[-1]}")
+    page = body.decode()
+    assert status == 200
+    assert small_store.rejected_reason.replace("'", "&#39;") in page
+    assert 'id="diff"' in page and 'id="privacy"' in page
+    status, _, body = get(served.url + "/run")
+    assert status == 200 and 'id="chart-accuracy"' in body.decode() and "<polyline" in body.decode()
+
+
+def test_alias_resolves_and_fingerprint_changes(served: RunningDashboard, small_store: Any) -> None:
+    status, _, body = get(served.url + "/versions/prod")
+    assert status == 200 and f"<h1>{small_store.versions[1]} " in body.decode()
+    before = json.loads(get(served.url + "/api/fingerprint")[2])["fingerprint"]
+    with ModelStore.open(small_store.root) as st:
+        st.set_alias("fingerprint-test", small_store.versions[0])
+    after = json.loads(get(served.url + "/api/fingerprint")[2])["fingerprint"]
+    assert before != after
+
+
+def test_export_download_is_the_store_export(
+    served: RunningDashboard, small_store: Any, tmp_path: Path
+) -> None:
+    vid = small_store.versions[-1]
+    status, headers, body = get(served.url + f"/versions/{vid}/export/hf.tar")
+    assert status == 200 and headers["content-type"] == "application/x-tar"
+    (tmp_path / "x.tar").write_bytes(body)
+    with tarfile.open(tmp_path / "x.tar") as tar:
+        names = tar.getnames()
+    assert f"{vid}-hf/model.safetensors" in names and f"{vid}-hf/fedmerge-version.json" in names
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        ("/versions/v999999", 404),
+        ("/versions/no-such-alias", 404),
+        ("/versions/..%2F..%2Fetc%2Fpasswd", 404),
+        ("/versions/%2e%2e", 400),
+        ("/versions/v000002%00", 400),
+        ("/versions/v000002/export/zip.tar", 404),
+        ("/versions/..%2Fstore.json/export/hf.tar", 404),
+        ("/versions?limit=100000000", 400),
+        ("/versions?limit=0", 400),
+        ("/versions?limit=abc", 400),
+        ("/versions?offset=-1", 400),
+        ("/run?head=..%2F..%2Fetc%2Fpasswd", 400),
+        ("/run?head=nope", 404),
+        ("/static/..%2F__init__.py", 404),
+        ("/static/../../../../etc/passwd", 404),
+        ("/intake", 404),
+        ("/nothing-here", 404),
+    ],
+)
+def test_bad_input_is_a_plain_http_error(served: RunningDashboard, path: str, status: int) -> None:
+    got, body = raw_get(served.port, path)
+    text = body.decode(errors="replace")
+    assert got == status, text[:500]
+    assert "Traceback" not in text and 'File "' not in text
+    assert "root:" not in text  # nothing of /etc/passwd
+
+
+def test_dns_rebinding_host_is_refused(served: RunningDashboard) -> None:
+    status, _, _ = get(served.url + "/versions", headers={"Host": "evil.example:80"})
+    assert status == 400
+
+
+def test_token_required_off_loopback(small_store: Any, dashboard_token: str) -> None:
+    TOKEN = dashboard_token
+    with pytest.raises(DashboardConfigError, match="pass a token"):
+        start_in_background(small_store.root, "0.0.0.0", 0, None)
+    with pytest.raises(DashboardConfigError, match="at least 16"):
+        start_in_background(small_store.root, "0.0.0.0", 0, "short")
+    with start_in_background(small_store.root, "0.0.0.0", 0, TOKEN) as d:
+        vid = small_store.versions[-1]
+        for path in ("/versions", f"/versions/{vid}", f"/versions/{vid}/export/hf.tar", "/api/fingerprint"):
+            status, headers, body = get(d.url + path)
+            assert status == 401, path
+            assert b"PK" not in body[:4] and b"safetensors" not in body
+            assert headers.get("www-authenticate", "").startswith("Bearer")
+        assert get(d.url + "/versions", {"Authorization": "Bearer wrong-token-0123456789"})[0] == 401
+        assert get(d.url + "/versions?token=wrong-token-0123456789")[0] == 401
+        assert get(d.url + "/versions", {"Authorization": f"Bearer {TOKEN}"})[0] == 200
+        status, headers, _ = get(d.url + f"/versions/{vid}?token={TOKEN}")
+        assert status == 303 and headers["location"] == f"/versions/{vid}"
+        cookie = headers["set-cookie"].split(";")[0]
+        assert "httponly" in headers["set-cookie"].lower()
+        assert get(d.url + f"/versions/{vid}", {"Cookie": cookie})[0] == 200
+        assert get(d.url + "/static/dashboard.css")[0] == 200  # assets hold nothing of the store
+
+
+def test_not_a_store(tmp_path: Path) -> None:
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "file.txt").write_text("x")
+    for path in (tmp_path / "missing", tmp_path / "other"):
+        with pytest.raises(NotAStoreError, match="not a model store"):
+            start_in_background(path, "127.0.0.1", 0, None)
+    assert not (tmp_path / "missing").exists()  # never created
+
+
+def test_cli_errors_are_one_line(tmp_path: Path, small_store: Any) -> None:
+    exe = [sys.executable, "-m", "fedmerge.cli"]
+    out = subprocess.run(
+        [*exe, "dashboard", "--store", str(tmp_path / "nope")], capture_output=True, text=True
+    )
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "not a model store" in out.stderr
+    out = subprocess.run(
+        [*exe, "dashboard", "--store", str(small_store.root), "--host", "0.0.0.0", "--port", "0"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "pass a token" in out.stderr
