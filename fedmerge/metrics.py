@@ -79,10 +79,11 @@ def reply_reason(reason: str | None) -> str:
         return "malformed"
     if text.startswith("AnomalousSubmission"):
         return "anomalous"
-    if ": stale" in low or low.startswith("stale"):
-        return "stale"
-    if ": duplicate" in low or low.startswith("duplicate"):
+    message = low.split(": ", 1)[1] if ": " in low else low  # after the exception class name
+    if message.startswith("duplicate"):
         return "duplicate"
+    if message.startswith("stale"):
+        return "stale"
     return "invalid"
 
 

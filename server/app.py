@@ -22,6 +22,7 @@ from fedmerge.errors import ConfigError
 from fedmerge.flower.config import RunConfig, parse_run_config
 from fedmerge.flower.rounds import Federation, RoundReport, ensure_base
 from fedmerge.memory import use_mmap_for_large_allocations
+from fedmerge.metrics import RoundEventLog
 from fedmerge.store import ModelStore, UnknownVersionError
 from fedmerge_simulations.tasks import Task, get_task
 
@@ -116,6 +117,24 @@ def _log_round(report: RoundReport) -> None:
         log(WARNING, "round %d: %s rejected: %s", report.round, o.client_id, o.reason)
 
 
+def with_metrics_events(on_round: Callable[[RoundReport], None]) -> Callable[[RoundReport], None]:
+    """``on_round``, then (when ``fedmerge serve --metrics-port`` set :data:`fedmerge.metrics.EVENTS_ENV`)
+    one line per round appended to its events file, for the serve process's metrics endpoint. A
+    failure to write the line is logged, never fatal to the round."""
+    events = RoundEventLog.from_env()
+    if events is None:
+        return on_round
+
+    def both(report: RoundReport) -> None:
+        on_round(report)
+        try:
+            events(report)
+        except OSError as exc:
+            log(WARNING, "round %d: metrics event not written to %s: %s", report.round, events.path, exc)
+
+    return both
+
+
 def make_server_app(
     overrides: Mapping[str, Any] | None = None, on_round: Callable[[RoundReport], None] | None = None
 ) -> ServerApp:
@@ -125,7 +144,7 @@ def make_server_app(
     @server.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = parse_run_config({**dict(context.run_config), **dict(overrides or {})})
-        run_server(grid, cfg, on_round or _log_round)
+        run_server(grid, cfg, with_metrics_events(on_round or _log_round))
 
     return server
 

@@ -36,6 +36,15 @@ def serve(
     state_dir: Annotated[
         Path | None, typer.Option(help="SuperLink state directory (default: STORE.superlink beside it)")
     ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(help="serve Prometheus metrics on this port (0 = any free port; docs/metrics.md)"),
+    ] = None,
+    metrics_host: Annotated[str, typer.Option(help="address the metrics endpoint binds")] = "127.0.0.1",
+    metrics_allow_remote: Annotated[
+        bool,
+        typer.Option(help="allow a non-loopback --metrics-host (the endpoint has no authentication)"),
+    ] = False,
 ) -> None:
     """Start the SuperLink of a real deployment; `flwr run .` then starts the fedmerge ServerApp on it.
 
@@ -53,6 +62,9 @@ def serve(
             supernode_auth=supernode_auth,
             host=host,
             state_dir=state_dir,
+            metrics_port=metrics_port,
+            metrics_host=metrics_host,
+            metrics_allow_remote=metrics_allow_remote,
         )
     except ConfigError as exc:
         typer.echo(f"fedmerge serve: {exc}", err=True)

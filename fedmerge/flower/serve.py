@@ -11,10 +11,17 @@ default); :func:`serve_forever` runs it, forwards SIGINT/SIGTERM to it and ends 
 The SuperLink's own state (``superlink.db``) lives in a directory *beside* the store
 (:func:`default_state_dir`), never inside it: the store owns its directory (``verify`` flags foreign
 files).
+
+Metrics (``metrics_port``): the Prometheus endpoint lives in this long-running process, so it is up
+between runs and its counters keep growing across runs. The ServerApp of every run — a process the
+SuperLink starts — inherits :data:`fedmerge.metrics.EVENTS_ENV` naming ``round-events.jsonl`` in the
+state directory and appends one line per round to it; each scrape reads the new lines
+(:func:`fedmerge.metrics.feed_registry`).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -24,11 +31,19 @@ from pathlib import Path
 from types import FrameType
 
 from fedmerge.errors import ConfigError
-from fedmerge.store import ModelStore
+from fedmerge.metrics import (
+    EVENTS_ENV,
+    MetricsServer,
+    check_metrics_bind,
+    feed_registry,
+    start_metrics_server,
+)
+from fedmerge.store import ModelStore, UnknownVersionError
 
 CERT_FILES = ("ca.crt", "server.pem", "server.key")
 DEFAULT_HOST = "0.0.0.0"
 DEFAULT_PORT = 8000
+EVENTS_FILE = "round-events.jsonl"
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -125,20 +140,44 @@ def serve_forever(
     host: str = DEFAULT_HOST,
     state_dir: Path | None = None,
     grace_s: float = 15.0,
+    metrics_port: int | None = None,
+    metrics_host: str = "127.0.0.1",
+    metrics_allow_remote: bool = False,
 ) -> int:
     """Open (or create) the store, run the SuperLink until it exits; returns its exit code.
 
     SIGINT and SIGTERM received by this process are forwarded to the SuperLink (which stops the
     ServerApp processes it started); if it is still alive ``grace_s`` seconds later it is killed.
+    With ``metrics_port`` (0 = any free port) the Prometheus endpoint is served on
+    ``metrics_host:metrics_port`` while the SuperLink runs (a non-loopback host needs
+    ``metrics_allow_remote``; see the module docstring).
     """
     root = Path(store).resolve()
     state = (state_dir or default_state_dir(root)).resolve()
     if state == root or root in state.parents:
         raise ConfigError(f"--state-dir {state} is inside the store {root}; put it beside the store")
     argv = superlink_argv(state, port, insecure, certificates, supernode_auth, host)  # validates first
-    with ModelStore.open(root):
-        pass  # create the store now (or refuse a directory that is not one) rather than in round 1
+    if metrics_port is not None:
+        check_metrics_bind(metrics_host, metrics_allow_remote)
+    with ModelStore.open(root) as opened:
+        # create the store now (or refuse a directory that is not one) rather than in round 1
+        try:
+            head = opened.get("latest")
+        except UnknownVersionError:
+            head = None
     state.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    metrics_server: MetricsServer | None = None
+    if metrics_port is not None:
+        metrics, _ = feed_registry(state / EVENTS_FILE)
+        metrics.watch_store(root)
+        if head is not None:
+            metrics.show_version(head.id, head.round, _timestamp(head.created_at))
+        metrics_server = start_metrics_server(
+            metrics.registry, metrics_host, metrics_port, allow_remote=metrics_allow_remote
+        )
+        env[EVENTS_ENV] = str(state / EVENTS_FILE)
+        print(f"serving metrics on {metrics_server.url}", flush=True)
     received: list[int] = []
     started: list[subprocess.Popen[bytes]] = []
 
@@ -151,7 +190,7 @@ def serve_forever(
     # handlers first: a signal that arrives while the SuperLink starts must reach it too
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
     try:
-        proc = subprocess.Popen(argv)
+        proc = subprocess.Popen(argv, env=env)
         started.append(proc)
         if received:  # interrupted between the handlers and the start
             proc.send_signal(received[0])
@@ -173,3 +212,15 @@ def serve_forever(
                 child.wait()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if metrics_server is not None:
+            metrics_server.stop()
+
+
+def _timestamp(iso: str) -> float | None:
+    """Seconds since the epoch of an ISO-8601 time (None when it does not parse)."""
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(iso).timestamp()
+    except (TypeError, ValueError):
+        return None
