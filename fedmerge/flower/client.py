@@ -44,6 +44,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from fedmerge.codec import CodecConfig, EncodeResult, PackageMeta, encode_package
 from fedmerge.delta.state_dict import StateDict
 from fedmerge.errors import FedMergeError
+from fedmerge.flower.bulk_client import REF_SHA_KEY, REF_SIZE_KEY, BulkTarget, upload_package
 from fedmerge.flower.config import Mode
 from fedmerge.flower.downlink import apply_update
 from fedmerge.flower.records import (
@@ -62,6 +63,7 @@ BASE_STATE = "fedmerge.base"  # context.state: the held base weights
 BASE_META = "fedmerge.base-meta"
 RESIDUAL_RECORD = "fedmerge.residual"
 DP_RECORD = "fedmerge.dp"
+BULK_RECORD = "fedmerge.bulk"  # context.state: this round's bulk endpoint and upload token
 DP_KEYS = ("dp-clip-norm", "dp-noise-multiplier", "dp-delta", "dp-mode", "dp-noise-seed")
 
 
@@ -172,6 +174,7 @@ def resolve_base(content: RecordDict, context: Context, version_id: str, version
     """The base weights for ``version_id``: from the message (and then cached) or from the cache."""
     state = context.state
     keep_dp_settings(content, context)
+    keep_bulk_settings(content, context)
     if ARRAYS_RECORD in content.array_records:
         state[BASE_STATE] = content.array_records[ARRAYS_RECORD]
         state[BASE_META] = ConfigRecord({"version-id": version_id, "version-hash": version_hash})
@@ -215,6 +218,16 @@ def keep_dp_settings(content: RecordDict, context: Context) -> None:
         del context.state[DP_RECORD]
 
 
+def keep_bulk_settings(content: RecordDict, context: Context) -> None:
+    """Keep this message's bulk endpoint and upload token in ``context.state`` (removed when the
+    message offers none, so a token is never used for another round)."""
+    target = BulkTarget.from_settings(message_settings(content))
+    if target is not None:
+        context.state[BULK_RECORD] = ConfigRecord(target.to_record())
+    elif BULK_RECORD in context.state.config_records:
+        del context.state[BULK_RECORD]
+
+
 def client_dp(context: Context) -> tuple[DPConfig, int] | None:
     """(DPConfig, noise seed) of the round this node is training for, or None when DP is off."""
     rec = context.state.config_records.get(DP_RECORD)
@@ -256,6 +269,10 @@ def encode_reply(
 ) -> tuple[RecordDict, EncodeResult]:
     """Encode ``delta`` with the node's residual, keep the new residual, and build the reply content.
 
+    A package larger than the server's ``bulk-threshold-bytes`` (when the train message offered a
+    bulk endpoint) is uploaded there (:func:`fedmerge.flower.bulk_client.upload_package`) and the
+    reply's ``"config"`` carries its sha256 and size instead of the package.
+
     Under DP (:func:`client_dp`) the delta is clipped (and in local mode noised) first, and the
     metrics report ``dp-norm`` (‖τ‖ before clipping) and ``dp-clip-factor`` (min(1, C/‖τ‖)).
     """
@@ -270,7 +287,15 @@ def encode_reply(
     result = encode_package(delta, codec, meta=meta, residual=residual)
     if codec.error_feedback:
         save_residual(context, result.residual)
-    content = package_to_record(result.data)
+    record = context.state.config_records.get(BULK_RECORD)
+    target = None if record is None else BulkTarget.from_settings(record)
+    if target is not None and len(result.data) > target.threshold_bytes:
+        # above the threshold the package goes through the bulk endpoint; the reply names it
+        sha = upload_package(result.data, target)
+        ref = ConfigRecord({REF_SHA_KEY: sha, REF_SIZE_KEY: len(result.data)})
+        content = RecordDict({CONFIG_RECORD: ref})
+    else:
+        content = package_to_record(result.data)
     content[METRICS_RECORD] = MetricRecord(
         {
             **{k: float(v) for k, v in metrics.items()},

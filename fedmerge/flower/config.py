@@ -98,6 +98,13 @@ class RunConfig:
     reject_min_cosine: float = -1.0
     downlink_density: float = 1.0  # < 1: send clients the compressed update instead of the weights
     downlink_values: str = "int8"
+    # large payloads (docs/flower.md, "Large payloads"): a package above bulk-threshold-bytes goes
+    # through the ServerApp's bulk endpoint and the reply carries only its sha256 and size
+    bulk_address: str = ""  # host:port the ServerApp's bulk endpoint binds ("" = off; port 0 = any free)
+    bulk_public_address: str = ""  # what clients dial ("" = bulk-address with the bound port)
+    bulk_threshold_bytes: int = 32 << 20
+    bulk_spool_dir: str = ""  # "" = <store>.spool beside the store
+    bulk_spool_reserve_bytes: int = 256 << 20  # an upload leaving less free disk than this is refused
 
     def dp(self) -> DPConfig | None:
         """The DP settings, or None when ``dp-clip-norm`` is 0 (DP off)."""
@@ -292,5 +299,15 @@ def _check_anomaly(cfg: RunConfig, errors: list[str]) -> None:
         errors.append(f"downlink-density={cfg.downlink_density} must be in (0, 1] (1 sends full weights)")
     if cfg.downlink_values not in ("fp32", "fp16", "bf16", "int8", "int4"):
         errors.append(f"downlink-values={cfg.downlink_values!r} must be one of fp32, fp16, bf16, int8, int4")
+    if cfg.bulk_threshold_bytes < 0:
+        errors.append(f"bulk-threshold-bytes={cfg.bulk_threshold_bytes} must be ≥ 0")
+    if cfg.bulk_spool_reserve_bytes < 0:
+        errors.append(f"bulk-spool-reserve-bytes={cfg.bulk_spool_reserve_bytes} must be ≥ 0")
+    for key, value in (("bulk-address", cfg.bulk_address), ("bulk-public-address", cfg.bulk_public_address)):
+        host, sep, port = value.rpartition(":")
+        if value and (not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535):
+            errors.append(f"{key}={value!r} must be HOST:PORT (port 0 binds any free port)")
+    if cfg.bulk_public_address and not cfg.bulk_address:
+        errors.append("bulk-public-address is set but bulk-address is empty; set bulk-address to bind")
     if not -1.0 <= cfg.reject_min_cosine <= 1.0:
         errors.append(f"reject-min-cosine={cfg.reject_min_cosine} must be in [-1, 1] (-1 turns it off)")

@@ -21,6 +21,7 @@ if it moved (so no round is committed twice). Plain Flower clients replying full
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -28,6 +29,7 @@ import random
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,6 +49,8 @@ from fedmerge.delta.submission import (
     value_bound,
 )
 from fedmerge.errors import FedMergeError, InvalidSubmission
+from fedmerge.flower.bulk_client import REF_SHA_KEY, REF_SIZE_KEY
+from fedmerge.flower.bulk_endpoint import BulkEndpoint
 from fedmerge.flower.config import RunConfig
 from fedmerge.flower.downlink import apply_weights, compress_update, weights_digest
 from fedmerge.flower.faults import FaultPlan
@@ -357,6 +361,8 @@ class RoundState:
         self.reference = Reference(base.id)  # screening reference (safeguards.reference_for)
         self.scores: dict[str, dict[str, Any]] = {}  # per-client anomaly scores
         self.privacy: dict[str, Any] | None = None  # the DP release record, set at finalize
+        self.bulk: BulkEndpoint | None = None  # resolves bulk references (large payloads)
+        self.attempt = 0
 
     def judge(self, node_id: int, reply: Message) -> ReplyOutcome:
         """Validate one reply and fold it into the aggregator if it is accepted. Never raises: every
@@ -373,8 +379,11 @@ class RoundState:
                 return ReplyOutcome(node_id, default_id, False, f"client failed (code {err.code}): {reason}")
             content = reply.content
             metrics = _metrics_of(content)
-            if RECORD_KEY in content.array_records:
-                client_id, n, digest, wire, delta, codec = self._decode(content)
+            ref = content.config_records.get(CONFIG_RECORD)
+            if ref is not None and REF_SHA_KEY in ref:
+                client_id, n, digest, wire, delta, codec = self._decode_bulk(ref, node_id)
+            elif RECORD_KEY in content.array_records:
+                client_id, n, digest, wire, delta, codec = self._decode(record_to_package(content))
             else:
                 client_id, n, digest, wire, delta, codec = self._dense(content, default_id)
             self._check_unique(node_id, digest)
@@ -401,10 +410,26 @@ class RoundState:
         self.accepted_replies.append((node_id, reply))
         return ReplyOutcome(node_id, client_id, True, None, n, digest, wire, self.dense_bytes, metrics, codec)
 
-    def _decode(
-        self, content: RecordDict
+    def _decode_bulk(
+        self, ref: ConfigRecord, node_id: int
     ) -> tuple[str, int, str, int, Mapping[str, Any], dict[str, Any]]:
-        data = record_to_package(content)
+        """A package uploaded through the bulk endpoint: the reference is resolved and the spooled
+        object verified (:meth:`BulkEndpoint.resolve`) before the same checks as an inline package."""
+        if self.bulk is None:
+            raise StaleOrInvalid("reply references a bulk object but this server runs no bulk endpoint")
+        size = ref.get(REF_SIZE_KEY)
+        if isinstance(size, int) and size > self.cfg.max_package_bytes:
+            raise StaleOrInvalid(
+                f"package of {size} bytes exceeds max-package-bytes={self.cfg.max_package_bytes}; "
+                "lower codec-density or raise max-package-bytes"
+            )
+        path = self.bulk.resolve(ref.get(REF_SHA_KEY), size, self.round, self.attempt, node_id)
+        client_id, n, digest, wire, delta, codec = self._decode(path.read_bytes())
+        return client_id, n, digest, wire, delta, {**codec, "transport": "bulk"}
+
+    def _decode(
+        self, data: bytes
+    ) -> tuple[str, int, str, int, Mapping[str, Any], dict[str, Any]]:
         if len(data) > self.cfg.max_package_bytes:
             raise StaleOrInvalid(
                 f"package of {len(data)} bytes exceeds max-package-bytes={self.cfg.max_package_bytes}; "
@@ -491,19 +516,22 @@ def build_messages(
     holders: set[int],
     update: DownlinkUpdate | None = None,
     parent_holders: set[int] = frozenset(),  # type: ignore[assignment]
+    node_settings: Callable[[int], Mapping[str, Any]] | None = None,
 ) -> tuple[list[Message], int]:
     """One ``train`` message per node, in Flower's shape (``"arrays"``, ``"config"``) with fedmerge's
     extras beside them (``"fedmerge.config"``). ``holders`` (fedmerge clients holding the base: see
     :meth:`Federation.run_round`) get no weights, the compressed ``update`` goes to fedmerge clients
     holding its parent, and every other node — any plain Flower client — gets the full weights in
-    ``"arrays"``. Returns (messages, downlink bytes)."""
+    ``"arrays"``. ``node_settings(node)`` adds per-node keys to ``"fedmerge.config"`` (the bulk
+    endpoint and the node's upload token). Returns (messages, downlink bytes)."""
     config = train_config(cfg, round_, base)
     extras = fedmerge_config(cfg, round_, base)
     weights: ArrayRecord | None = None  # built once, and only if some node needs full weights
     weight_bytes = sum(t.numel() * t.element_size() for t in base_weights.values())
     messages, downlink = [], 0
     for node in nodes:
-        content = RecordDict({CONFIG_RECORD: config, FEDMERGE_RECORD: extras})
+        node_extras = extras if node_settings is None else ConfigRecord({**extras, **node_settings(node)})
+        content = RecordDict({CONFIG_RECORD: config, FEDMERGE_RECORD: node_extras})
         if node in holders:
             pass
         elif update is not None and node in parent_holders:
@@ -568,6 +596,7 @@ class Federation:
     updates: dict[str, DownlinkUpdate] = field(default_factory=dict)  # version id → how to reach it
     server_residual: StateDict | None = None  # what the compressed downlink has not sent yet
     latest_weights: tuple[str, StateDict] | None = None  # (version id, θ) of the last commit
+    bulk: BulkEndpoint | None = None  # large payloads (bulk-address); started by run() when configured
 
     def weights_of(self, base: Version) -> StateDict:
         """θ of ``base``: kept from this server's last commit, else materialised from the store (which
@@ -579,6 +608,17 @@ class Federation:
     def run(self) -> list[RoundReport]:
         """``num-rounds`` rounds from the store's latest version; raises RoundAborted when one fails."""
         first = start_round(self.store.get("latest"))
+        with contextlib.ExitStack() as stack:
+            if self.bulk is None and self.cfg.bulk_address:
+                self.bulk = stack.enter_context(bulk_endpoint_for(self.cfg, self.store))
+                stack.callback(setattr, self, "bulk", None)
+            if self.bulk is not None:
+                dropped = self.bulk.discard_except(first)
+                if dropped:
+                    log.info("discarded the spools of an earlier run: %s", dropped)
+            return self._run_rounds(first)
+
+    def _run_rounds(self, first: int) -> list[RoundReport]:
         reports = []
         for round_ in range(first, first + self.cfg.num_rounds):
             for attempt in range(self.cfg.max_retries + 1):
@@ -610,11 +650,16 @@ class Federation:
         holders = self.holders.setdefault(base.id, set())
         update = self.updates.get(base.id)
         parent_holders = self.holders.get(update.parent_id, set()) if update else set()
+        bulk = self.bulk
+        if bulk is not None:
+            bulk.open_round(round_, attempt)
         messages, report.downlink_bytes = build_messages(
-            sampled, self.cfg, round_, base, weights, holders, update, parent_holders
-        )
+            sampled, self.cfg, round_, base, weights, holders, update, parent_holders,
+            node_settings=None if bulk is None else lambda node: bulk.settings_for(round_, attempt, node),
+        )  # fmt: skip
         state = RoundState(self.cfg, round_, base, weights)
         state.reference = reference_for(self.store, base)
+        state.bulk, state.attempt = bulk, attempt
         report.outcomes = collect(self.grid, messages, sampled, state, self.cfg.round_deadline_s)
         # only fedmerge clients cache the base: a plain Flower client gets "arrays" in every round
         holders.update(o.node_id for o in report.outcomes if o.accepted and o.fedmerge_client)
@@ -632,6 +677,8 @@ class Federation:
                 "round %d attempt %d: %d valid replies < min-valid=%d; nothing committed",
                 round_, attempt, len(report.accepted), self.cfg.min_valid,
             )  # fmt: skip
+        if bulk is not None:  # committed or abandoned: the spool is reclaimed either way
+            bulk.close_round(round_, attempt)
         report.wall_s = time.perf_counter() - t0
         return report
 
@@ -727,6 +774,7 @@ def finite_merge(state: RoundState, report: RoundReport) -> tuple[RoundState, St
     def fresh() -> RoundState:
         new = RoundState(state.cfg, state.round, state.base, state.base_weights, max_abs=state.max_abs)
         new.reference = state.reference
+        new.bulk, new.attempt = state.bulk, state.attempt
         return new
 
     offenders: dict[int, str] = {}
@@ -762,6 +810,16 @@ def finite_merge(state: RoundState, report: RoundReport) -> tuple[RoundState, St
     ]
     report.metrics = round_metrics(report)
     return clean, merged
+
+
+def bulk_endpoint_for(cfg: RunConfig, store: ModelStore) -> BulkEndpoint:
+    """The run's bulk endpoint (not started): spool ``bulk-spool-dir`` or ``<store>.spool``."""
+    root = Path(store.root).resolve()
+    spool = Path(cfg.bulk_spool_dir) if cfg.bulk_spool_dir else root.with_name(root.name + ".spool")
+    return BulkEndpoint(
+        spool, cfg.bulk_address, cfg.bulk_public_address, max_bytes=cfg.max_package_bytes,
+        reserve_bytes=cfg.bulk_spool_reserve_bytes, threshold=cfg.bulk_threshold_bytes,
+    )  # fmt: skip
 
 
 def _codec_params(cfg: RunConfig) -> dict[str, Any]:

@@ -17,6 +17,11 @@ the partial file onto ``objects/``. A connection broken mid-way loses nothing al
 ``begin`` after a reconnect (or a server restart) resumes from the partial file's durable length.
 The running sha256 is kept per upload in memory; after a restart it is rebuilt by re-reading the
 partial file once. Chunks are written straight to the file, so a server holds one chunk per upload.
+
+With ``track_owners=True`` the store also records who completed each object
+(``owners/<64 hex>/<hash of owner>``, holding the owner's name): :meth:`BulkStore.owners` answers
+whose upload produced it, so a reference can be refused when it names another client's object
+(the federated rounds' spool uses this; the continual intake shares complete objects).
 """
 
 from __future__ import annotations
@@ -77,9 +82,14 @@ class _Upload:
 class BulkStore:
     """Server-side bulk objects in a directory (see the module docstring)."""
 
-    def __init__(self, root: str | os.PathLike[str], *, max_bytes: int = 8 << 30) -> None:
-        """Objects and partial uploads under ``root``; ``max_bytes`` bounds one object."""
+    def __init__(
+        self, root: str | os.PathLike[str], *, max_bytes: int = 8 << 30, track_owners: bool = False
+    ) -> None:
+        """Objects and partial uploads under ``root``; ``max_bytes`` bounds one object;
+        ``track_owners`` records who completed each object (see :meth:`owners`)."""
         self.root = Path(root)
+        self.track_owners = track_owners
+        self.owner_dir = self.root / "owners"
         self.objects = self.root / "objects"
         self.partial = self.root / "partial"
         self.objects.mkdir(parents=True, exist_ok=True)
@@ -117,6 +127,30 @@ class BulkStore:
             raise UnknownObjectError(
                 f"no complete bulk object {sha256}; upload it first (fedmerge.service.client.upload_bulk)"
             ) from None
+
+    def owners(self, sha256: str) -> set[str]:
+        """The owners whose upload completed ``sha256`` (empty without ``track_owners``)."""
+        folder = self.owner_dir / check_sha(sha256)
+        if not folder.is_dir():
+            return set()
+        return {p.read_text("utf-8", "surrogateescape") for p in folder.iterdir() if p.is_file()}
+
+    def partial_size(self, sha256: str, owner: str = "") -> int | None:
+        """Bytes of ``owner``'s unfinished upload of ``sha256`` on disk, or None when there is none."""
+        part = self.part_path(sha256, owner)
+        try:
+            return part.stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def _record_owner(self, sha256: str, owner: str) -> None:
+        folder = self.owner_dir / sha256
+        folder.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256(owner.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+        tmp = folder / f".{digest}.tmp"
+        tmp.write_text(owner, "utf-8", "surrogateescape")
+        os.replace(tmp, folder / digest)
+        fsync_dir(folder)
 
     # ---------------------------------------------------------------------------------- writing
     def begin(self, sha256: str, total_size: int, owner: str = "") -> BulkStatus:
@@ -227,6 +261,8 @@ class BulkStore:
                 "the upload was discarded — "
                 "resend it (the file may have changed while it was read)"
             )
+        if self.track_owners:  # before publishing: a published object always names its owner
+            self._record_owner(sha256, owner)
         os.replace(part, self.objects / sha256)
         fsync_dir(self.objects)
         self._discard(part)  # (already moved) removes the owner's directory when empty

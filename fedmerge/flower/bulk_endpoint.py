@@ -1,0 +1,336 @@
+"""The ServerApp's bulk endpoint: large round payloads uploaded beside Flower, spooled to disk.
+
+When ``bulk-address`` is set, :class:`BulkEndpoint` serves ``fedmerge.v1.BulkUpload`` (the service's
+:class:`~fedmerge.service.server.BulkServicer`, unchanged) for the run. Each ``train`` message carries
+the endpoint's address and a per-node, per-round token::
+
+    token = "<round>.<attempt>.<node>." ‖ hex(HMAC-SHA256(secret, "<round>/<attempt>/<node>"))
+
+with a secret drawn when the endpoint starts, so only the node that received the message through
+Flower's authenticated channel can upload under that identity (owner ``round-R/attempt-A/node-N``),
+and only while that round attempt is open. Uploads land in the round's spool,
+``<spool>/round-R-attempt-A/`` (a :class:`~fedmerge.service.bulk.BulkStore` recording owners), which
+is removed after the round commits or is abandoned (:meth:`BulkEndpoint.close_round`).
+
+:meth:`BulkEndpoint.resolve` turns a reply's reference (sha256, size) into a verified file: the
+object exists, was completed by this node in this round attempt, has the declared size, and its
+bytes hash to the declared sha256 now (re-read: a spooled object is never trusted before it is
+verified, also after a restart). Otherwise :class:`BulkReferenceError` says why. An upload that
+would leave less than ``bulk-spool-reserve-bytes`` free on the spool's disk, or that meets a full
+disk, is refused and its partial bytes are removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import secrets
+import shutil
+import threading
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from fedmerge.delta.submission import StaleOrInvalid
+from fedmerge.errors import ConfigError
+from fedmerge.flower.bulk_client import CHUNK_BYTES
+from fedmerge.service.bulk import BulkError, BulkStatus, BulkStore, check_sha
+from fedmerge.service.server import BulkServicer, _Handlers
+from fedmerge.service.streams import IdleGuard, StreamSlots
+from fedmerge.v1 import intake_pb2_grpc
+
+HASH_BLOCK = 4 << 20
+STREAM_IDLE_S = 120.0
+
+
+class BulkReferenceError(StaleOrInvalid):
+    """A reply's bulk reference does not resolve to a complete, verified object of that node."""
+
+
+def _spool_failed(exc: OSError) -> str:
+    return f"spool write failed ({exc.strerror or exc}); the partial upload was removed"
+
+
+def owner_of(round_: int, attempt: int, node: int) -> str:
+    return f"round-{round_}/attempt-{attempt}/node-{node}"
+
+
+class SpoolRouter:
+    """The BulkStore interface the servicer uses, routed by owner to the spool of its round attempt."""
+
+    def __init__(self, root: Path, max_bytes: int, reserve_bytes: int) -> None:
+        self.root = root
+        self.max_bytes = max_bytes
+        self.reserve_bytes = reserve_bytes
+        self._stores: dict[tuple[int, int], BulkStore] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def spool_name(round_: int, attempt: int) -> str:
+        return f"round-{round_}-attempt-{attempt}"
+
+    def open(self, round_: int, attempt: int) -> BulkStore:
+        with self._lock:
+            store = self._stores.get((round_, attempt))
+            if store is None:
+                store = BulkStore(
+                    self.root / self.spool_name(round_, attempt), max_bytes=self.max_bytes, track_owners=True
+                )
+                self._stores[(round_, attempt)] = store
+            return store
+
+    def close(self, round_: int, attempt: int) -> None:
+        with self._lock:
+            self._stores.pop((round_, attempt), None)
+        shutil.rmtree(self.root / self.spool_name(round_, attempt), ignore_errors=True)
+
+    def is_open(self, round_: int, attempt: int) -> bool:
+        with self._lock:
+            return (round_, attempt) in self._stores
+
+    def store_of(self, owner: str) -> BulkStore:
+        try:
+            r, a, _ = (int(part.split("-", 1)[1]) for part in owner.split("/"))
+        except (ValueError, IndexError):
+            raise BulkError(f"upload identity {owner!r} is not a round participant") from None
+        with self._lock:
+            store = self._stores.get((r, a))
+        if store is None:
+            raise BulkError(f"round {r} attempt {a} is closed; uploads for it are no longer accepted")
+        return store
+
+    # the BulkStore methods BulkServicer calls ------------------------------------------------------
+    def begin(self, sha256: str, total_size: int, owner: str = "") -> BulkStatus:
+        store = self.store_of(owner)
+        status = store.begin(sha256, total_size, owner)
+        if not status.complete:
+            free = shutil.disk_usage(store.root).free
+            if free - (total_size - status.offset) < self.reserve_bytes:
+                raise BulkError(
+                    f"spool disk full: {total_size - status.offset} more bytes would leave "
+                    f"{max(free - (total_size - status.offset), 0)} free, below bulk-spool-reserve-bytes="
+                    f"{self.reserve_bytes}; the operator must free space on {self.root}"
+                )
+        return status
+
+    def acquire(self, sha256: str, owner: str = "") -> None:
+        self.store_of(owner).acquire(sha256, owner)
+
+    def release(self, sha256: str, owner: str = "") -> None:
+        with contextlib.suppress(BulkError):
+            self.store_of(owner).release(sha256, owner)
+
+    def write(self, sha256: str, offset: int, data: bytes, owner: str = "") -> int:
+        store = self.store_of(owner)
+        try:
+            return store.write(sha256, offset, data, owner)
+        except OSError as exc:  # e.g. ENOSPC: drop this upload's bytes, tell the client why
+            self._drop(store, sha256, owner)
+            raise BulkError(_spool_failed(exc)) from None
+
+    def finish(self, sha256: str, owner: str = "") -> BulkStatus:
+        store = self.store_of(owner)
+        try:
+            return store.finish(sha256, owner)
+        except OSError as exc:
+            self._drop(store, sha256, owner)
+            raise BulkError(_spool_failed(exc)) from None
+
+    def put_bytes(self, data: bytes) -> BulkStatus:
+        raise BulkError("round payloads are uploaded with Begin/Upload (owner-scoped), not UploadUnary")
+
+    @staticmethod
+    def _drop(store: BulkStore, sha256: str, owner: str) -> None:
+        up = store._uploads.pop((owner, sha256), None)
+        if up is not None and up.fh is not None:
+            with contextlib.suppress(OSError):
+                up.fh.close()
+            up.fh = None
+        store.part_path(sha256, owner).unlink(missing_ok=True)
+
+
+class _RoundHandlers(_Handlers):
+    """What :class:`BulkServicer` needs from the service, with identities from round tokens."""
+
+    def __init__(self, router: SpoolRouter, secret: bytes) -> None:  # the service's queue/store are unused
+        self.bulk = router  # type: ignore[assignment]
+        self.metrics = None  # the service's operator metrics are not collected for round uploads
+        self.router = router
+        self.secret = secret
+        self.stop = threading.Event()
+        self.slots = StreamSlots(2)
+
+    def client_id(self, context: grpc.ServicerContext) -> str:
+        token = ""
+        for key, value in context.invocation_metadata():
+            if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
+                token = value[len("Bearer ") :]
+        owner = verify_token(self.secret, token)
+        if owner is None:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid round upload token")
+            raise AssertionError("unreachable")
+        round_, attempt, _ = owner
+        if not self.router.is_open(round_, attempt):
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"round {round_} attempt {attempt} is closed; uploads for it are no longer accepted",
+            )
+        return owner_of(*owner)
+
+    def guard(self, request_iterator: Iterator[Any], call: str, hint: str) -> IdleGuard[Any]:
+        return IdleGuard(request_iterator, STREAM_IDLE_S, call=call, hint=hint)
+
+
+def make_token(secret: bytes, round_: int, attempt: int, node: int) -> str:
+    mac = hmac.new(secret, f"{round_}/{attempt}/{node}".encode(), hashlib.sha256).hexdigest()
+    return f"{round_}.{attempt}.{node}.{mac}"
+
+
+def verify_token(secret: bytes, token: str) -> tuple[int, int, int] | None:
+    """(round, attempt, node) of a valid token, else None."""
+    parts = token.split(".")
+    if len(parts) != 4 or not all(p.isdigit() for p in parts[:3]):
+        return None
+    round_, attempt, node = (int(p) for p in parts[:3])
+    if not hmac.compare_digest(make_token(secret, round_, attempt, node), token):
+        return None
+    return round_, attempt, node
+
+
+class BulkEndpoint:
+    """The run's bulk endpoint and spool (module docstring). ``start()`` binds; ``stop()`` ends it."""
+
+    def __init__(
+        self, spool: Path, bind: str, public: str = "", *, max_bytes: int, reserve_bytes: int, threshold: int
+    ) -> None:
+        self.spool = Path(spool)
+        self.spool.mkdir(parents=True, exist_ok=True)
+        self.bind = bind
+        self.public = public
+        self.threshold = threshold
+        self.router = SpoolRouter(self.spool, max_bytes, reserve_bytes)
+        self.secret = secrets.token_bytes(32)
+        self.server: grpc.Server | None = None
+        self.address = ""
+
+    def start(self) -> str:
+        """Bind and serve; returns the address clients dial."""
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="fedmerge-bulk"),
+            options=[
+                ("grpc.max_receive_message_length", 4 * CHUNK_BYTES),
+                ("grpc.max_send_message_length", 1 << 20),
+            ],
+        )
+        intake_pb2_grpc.add_BulkUploadServicer_to_server(
+            BulkServicer(_RoundHandlers(self.router, self.secret)), server
+        )
+        host = self.bind.rpartition(":")[0]
+        port = server.add_insecure_port(self.bind)
+        if port == 0:
+            raise ConfigError(f"bulk-address={self.bind!r} could not be bound; choose a free HOST:PORT")
+        server.start()
+        self.server = server
+        if self.public:
+            self.address = self.public
+        elif host in ("0.0.0.0", "[::]", "::"):
+            server.stop(None)
+            raise ConfigError(
+                f"bulk-address={self.bind!r} binds every interface; set bulk-public-address to the "
+                "HOST:PORT clients dial"
+            )
+        else:
+            self.address = f"{host}:{port}"
+        return self.address
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop(grace=1.0).wait()
+            self.server = None
+
+    def __enter__(self) -> BulkEndpoint:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------------------------- rounds
+    def open_round(self, round_: int, attempt: int) -> None:
+        self.router.open(round_, attempt)
+
+    def close_round(self, round_: int, attempt: int) -> None:
+        """Reclaim the round attempt's spool (after its commit, or when it is abandoned)."""
+        self.router.close(round_, attempt)
+
+    def discard_except(self, round_: int) -> list[str]:
+        """Remove every spool left by an earlier run except those of ``round_`` (which a resumed
+        round may continue with: its objects are verified again before use). Returns what was removed."""
+        removed = []
+        keep = f"round-{round_}-attempt-"
+        for child in sorted(self.spool.iterdir()):
+            if child.is_dir() and not child.name.startswith(keep):
+                shutil.rmtree(child, ignore_errors=True)
+                removed.append(child.name)
+        return removed
+
+    def settings_for(self, round_: int, attempt: int, node: int) -> dict[str, Any]:
+        """The train message keys that let ``node`` upload this round attempt's package."""
+        return {
+            "bulk-address": self.address,
+            "bulk-token": make_token(self.secret, round_, attempt, node),
+            "bulk-threshold-bytes": self.threshold,
+        }
+
+    def resolve(self, sha256: Any, size: Any, round_: int, attempt: int, node: int) -> Path:
+        """The verified spool file of a reference (module docstring), else :class:`BulkReferenceError`."""
+        if not isinstance(sha256, str) or not isinstance(size, int) or isinstance(size, bool):
+            raise BulkReferenceError(
+                f"bulk reference needs a sha256 string and an integer size, got {type(sha256).__name__} "
+                f"and {type(size).__name__}"
+            )
+        try:
+            check_sha(sha256)
+        except BulkError as exc:
+            raise BulkReferenceError(f"bulk reference: {exc}") from None
+        owner = owner_of(round_, attempt, node)
+        store = self.router.open(round_, attempt) if self.router.is_open(round_, attempt) else None
+        if store is None:
+            raise BulkReferenceError(
+                f"bulk object {sha256[:12]}…: round {round_} attempt {attempt} has no spool"
+            )
+        if not store.has(sha256):
+            arrived = store.partial_size(sha256, owner)
+            if arrived is not None:
+                raise BulkReferenceError(
+                    f"bulk object {sha256[:12]}… is still uploading ({arrived} of {size} bytes arrived); "
+                    "reply only after the upload completed"
+                )
+            raise BulkReferenceError(f"bulk object {sha256[:12]}… does not exist; upload it before replying")
+        owners = store.owners(sha256)
+        if owner not in owners:
+            raise BulkReferenceError(
+                f"bulk object {sha256[:12]}… was uploaded by another node, not node {node}; "
+                "a node may only reference its own upload"
+            )
+        path = store.path(sha256)
+        actual = path.stat().st_size
+        if actual != size:
+            raise BulkReferenceError(
+                f"bulk object {sha256[:12]}… holds {actual} bytes but the reply declares {size}: "
+                "truncated or a wrong reference"
+            )
+        digest = hashlib.sha256()
+        with path.open("rb") as fh:
+            while block := fh.read(HASH_BLOCK):
+                digest.update(block)
+        if digest.hexdigest() != sha256:
+            raise BulkReferenceError(
+                f"bulk object {sha256[:12]}… hashes to {digest.hexdigest()[:12]}… on disk: corrupted; "
+                "it is not used"
+            )
+        return path

@@ -1,0 +1,321 @@
+"""Large payloads in rounds: packages uploaded through the ServerApp's bulk endpoint and judged from
+the round's spool. Real gRPC endpoint on localhost, real BulkStore spool, real ``RoundState.judge``;
+every bad reference is a recorded rejection with its reason, and the spool is reclaimed."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+from fedmerge.flower.bulk_client import (
+    REF_SHA_KEY,
+    REF_SIZE_KEY,
+    BulkTarget,
+    BulkUploadFailed,
+    upload_package,
+)
+from fedmerge.flower.bulk_endpoint import BulkEndpoint, make_token
+from fedmerge.flower.records import CONFIG_RECORD, METRICS_RECORD
+from fedmerge.store import ModelStore
+from fedmerge.v1 import intake_pb2, intake_pb2_grpc
+from fedmerge_bench.hostile_corpus import Attack, FlowerRound, train_message
+
+ROUND, ATTEMPT = 1, 0
+
+
+@pytest.fixture
+def fr(tmp_path: Path) -> FlowerRound:
+    return FlowerRound.open(tmp_path / "store")
+
+
+@pytest.fixture
+def endpoint(tmp_path: Path) -> Iterator[BulkEndpoint]:
+    ep = BulkEndpoint(tmp_path / "spool", "127.0.0.1:0", max_bytes=64 << 20, reserve_bytes=0, threshold=0)
+    ep.start()
+    ep.open_round(ROUND, ATTEMPT)
+    yield ep
+    ep.stop()
+
+
+def target(ep: BulkEndpoint, node: int, round_: int = ROUND, attempt: int = ATTEMPT) -> BulkTarget:
+    return BulkTarget(ep.address, make_token(ep.secret, round_, attempt, node), 0)
+
+
+def bulk_reply(node: int, sha: str, size: int) -> Message:
+    content = RecordDict(
+        {
+            CONFIG_RECORD: ConfigRecord({REF_SHA_KEY: sha, REF_SIZE_KEY: size}),
+            METRICS_RECORD: MetricRecord({"num-examples": 10}),
+        }
+    )
+    return Message(content, reply_to=train_message(node))
+
+
+def spool_object(ep: BulkEndpoint, sha: str) -> Path:
+    return ep.router.open(ROUND, ATTEMPT).path(sha)
+
+
+def judge_bulk(fr: FlowerRound, ep: BulkEndpoint, node: int, reply: Message) -> object:
+    state = fr.state()
+    state.bulk, state.attempt = ep, ATTEMPT
+    return state.judge(node, reply)
+
+
+def test_bulk_reply_is_accepted_and_merges_as_the_inline_reply(
+    fr: FlowerRound, endpoint: BulkEndpoint
+) -> None:
+    data = fr.valid(0).data
+    sha = upload_package(data, target(endpoint, 3))
+    assert sha == hashlib.sha256(data).hexdigest()
+    inline = fr.state()
+    ok_inline = inline.judge(3, fr.reply(Attack(data), node_id=3))
+    bulk = fr.state()
+    bulk.bulk, bulk.attempt = endpoint, ATTEMPT
+    ok_bulk = bulk.judge(3, bulk_reply(3, sha, len(data)))
+    assert ok_inline.accepted and ok_bulk.accepted, (ok_inline.reason, ok_bulk.reason)
+    assert ok_bulk.submission_hash == ok_inline.submission_hash
+    assert ok_bulk.wire_bytes == len(data)
+    assert ok_bulk.codec is not None and ok_bulk.codec["transport"] == "bulk"
+    a, b = inline.aggregator.finalize(), bulk.aggregator.finalize()
+    assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+
+
+def test_reference_to_a_missing_object_is_rejected(fr: FlowerRound, endpoint: BulkEndpoint) -> None:
+    out = judge_bulk(fr, endpoint, 3, bulk_reply(3, "ab" * 32, 100))
+    assert not out.accepted and "does not exist" in str(out.reason)  # type: ignore[attr-defined]
+
+
+def test_reference_to_another_nodes_object_is_rejected(fr: FlowerRound, endpoint: BulkEndpoint) -> None:
+    data = fr.valid(0).data
+    sha = upload_package(data, target(endpoint, 3))
+    out = judge_bulk(fr, endpoint, 4, bulk_reply(4, sha, len(data)))
+    assert not out.accepted and "uploaded by another node" in str(out.reason)  # type: ignore[attr-defined]
+
+
+def test_reference_to_an_upload_in_progress_is_rejected(fr: FlowerRound, endpoint: BulkEndpoint) -> None:
+    data = fr.valid(0).data
+    sha = hashlib.sha256(data).hexdigest()
+    metadata = (("authorization", f"Bearer {target(endpoint, 3).token}"),)
+    with grpc.insecure_channel(endpoint.address) as channel:
+        stub = intake_pb2_grpc.BulkUploadStub(channel)
+        stub.Begin(intake_pb2.BulkBeginRequest(sha256=sha, total_size=len(data)), metadata=metadata)
+        half = len(data) // 2
+        chunk = intake_pb2.BulkChunk(sha256=sha, offset=0, data=data[:half])
+        status = stub.Upload(iter([chunk]), metadata=metadata)
+    assert not status.complete
+    out = judge_bulk(fr, endpoint, 3, bulk_reply(3, sha, len(data)))
+    assert not out.accepted and f"still uploading ({half} of {len(data)}" in str(out.reason)  # type: ignore[attr-defined]
+
+
+def test_truncated_spooled_object_is_rejected(fr: FlowerRound, endpoint: BulkEndpoint) -> None:
+    data = fr.valid(0).data
+    sha = upload_package(data, target(endpoint, 3))
+    path = spool_object(endpoint, sha)
+    path.write_bytes(data[:-10])
+    out = judge_bulk(fr, endpoint, 3, bulk_reply(3, sha, len(data)))
+    assert not out.accepted and "truncated" in str(out.reason)  # type: ignore[attr-defined]
+
+
+def test_spooled_object_whose_hash_does_not_match_is_rejected(
+    fr: FlowerRound, endpoint: BulkEndpoint
+) -> None:
+    data = fr.valid(0).data
+    sha = upload_package(data, target(endpoint, 3))
+    path = spool_object(endpoint, sha)
+    corrupt = bytearray(data)
+    corrupt[len(corrupt) // 2] ^= 0xFF
+    path.write_bytes(bytes(corrupt))
+    out = judge_bulk(fr, endpoint, 3, bulk_reply(3, sha, len(data)))
+    assert not out.accepted and "hashes to" in str(out.reason)  # type: ignore[attr-defined]
+
+
+def test_declared_size_that_differs_is_rejected(fr: FlowerRound, endpoint: BulkEndpoint) -> None:
+    data = fr.valid(0).data
+    sha = upload_package(data, target(endpoint, 3))
+    out = judge_bulk(fr, endpoint, 3, bulk_reply(3, sha, len(data) + 1))
+    assert not out.accepted and "declares" in str(out.reason)  # type: ignore[attr-defined]
+
+
+def test_forged_or_closed_round_tokens_cannot_upload(fr: FlowerRound, endpoint: BulkEndpoint) -> None:
+    data = fr.valid(0).data
+    forged = BulkTarget(endpoint.address, make_token(b"x" * 32, ROUND, ATTEMPT, 3), 0)
+    with pytest.raises(BulkUploadFailed, match="UNAUTHENTICATED"):
+        upload_package(data, forged, retries=0)
+    with pytest.raises(BulkUploadFailed, match="closed"):
+        upload_package(data, target(endpoint, 3, round_=ROUND + 1), retries=0)
+
+
+def test_full_spool_disk_refuses_the_upload_and_keeps_nothing(fr: FlowerRound, tmp_path: Path) -> None:
+    ep = BulkEndpoint(
+        tmp_path / "spool", "127.0.0.1:0", max_bytes=64 << 20, reserve_bytes=1 << 62, threshold=0
+    )
+    ep.start()
+    try:
+        ep.open_round(ROUND, ATTEMPT)
+        with pytest.raises(BulkUploadFailed, match="spool disk full"):
+            upload_package(fr.valid(0).data, target(ep, 3), retries=0)
+        files = [p for p in (tmp_path / "spool").rglob("*") if p.is_file()]
+        assert files == []
+    finally:
+        ep.stop()
+
+
+def test_closing_the_round_reclaims_its_spool(fr: FlowerRound, endpoint: BulkEndpoint) -> None:
+    sha = upload_package(fr.valid(0).data, target(endpoint, 3))
+    assert spool_object(endpoint, sha).is_file()
+    endpoint.close_round(ROUND, ATTEMPT)
+    assert list(endpoint.spool.iterdir()) == []
+
+
+# ------------------------------------------------------------------ real SuperLink and SuperNodes
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Deployment:
+    """A localhost SuperLink and SuperNodes (insecure: the bulk channel is what is under test); every
+    process is ended by its pid (and its descendants) at the end, pass or fail."""
+
+    root: Path
+    env: dict[str, str]
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    port: int = 0
+
+    def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        log = (self.root / f"{name}.log").open("wb")
+        proc = subprocess.Popen(argv, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        return proc
+
+    def up(self, nodes: int) -> None:
+        self.port = free_port()
+        link = self.start(
+            "superlink",
+            [str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
+             "--database", str(self.root / "superlink.db"), "--disable-runtime-dependency-installation"],
+        )  # fmt: skip
+        end = time.monotonic() + 60
+        while True:
+            assert link.poll() is None, self.tail()
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.5):
+                break
+            assert time.monotonic() < end, "the SuperLink does not listen\n" + self.tail()
+            time.sleep(0.2)
+        home = Path(self.env["FLWR_HOME"])
+        (home / "config.toml").write_text(
+            '[superlink]\ndefault = "local"\n\n[superlink.local]\n'
+            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
+        )
+        for i in range(nodes):
+            self.start(
+                f"supernode{i}",
+                [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}", "--insecure",
+                 "--port", str(free_port()),
+                 "--node-config", f'partition-id={i} num-partitions={nodes} client-id="inst-{i}"'],
+            )  # fmt: skip
+
+    def flwr_run(self, run_config: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [str(BIN / "flwr"), "run", ".", "--stream", "--run-config", run_config],
+            cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+
+    def serverapps(self) -> list[psutil.Process]:
+        """The ServerApp processes the SuperLink started (``flwr-serverapp``)."""
+        out = []
+        for proc in self.procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                for child in psutil.Process(proc.pid).children(recursive=True):
+                    with contextlib.suppress(psutil.Error):
+                        if any("flwr-serverapp" in part for part in child.cmdline()):
+                            out.append(child)
+        return out
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                children = psutil.Process(proc.pid).children(recursive=True)
+                proc.terminate()
+                _, alive = psutil.wait_procs([psutil.Process(proc.pid), *children], timeout=10)
+                for p in alive:
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        p.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
+
+    def tail(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-2500:]}" for p in sorted(self.root.glob("*.log")))
+
+
+@pytest.fixture
+def deployment(tmp_path: Path) -> Iterator[Deployment]:
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    dep = Deployment(tmp_path, env)
+    yield dep
+    dep.stop()
+
+
+def bulk_run_config(store: Path, spool: Path, **extra: object) -> str:
+    keys = {
+        "store": f"'{store}'", "num-rounds": 1, "min-clients": 2, "min-valid": 2, "local-epochs": 1,
+        "bulk-address": "'127.0.0.1:0'", "bulk-threshold-bytes": 0, "bulk-spool-dir": f"'{spool}'",
+        "bulk-spool-reserve-bytes": 0, **extra,
+    }  # fmt: skip
+    return " ".join(f"{k}={v}" for k, v in keys.items())
+
+
+def committed_rounds(store: Path) -> list[tuple[int, list[tuple[str, bool, str | None]]]]:
+    with ModelStore.open(store) as st:
+        out = []
+        for v in sorted((v for v in st.list() if v.round is not None), key=lambda v: v.round or 0):
+            full = st.get(v.id)
+            people = sorted(
+                (c.client_id, c.accepted, (c.codec or {}).get("transport")) for c in full.contributors
+            )
+            out.append((int(v.round or 0), people))
+        assert st.verify().ok
+        return out
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_round_with_real_supernodes_moves_deltas_through_the_bulk_channel(
+    tmp_path: Path, deployment: Deployment
+) -> None:
+    deployment.up(nodes=2)
+    store, spool = tmp_path / "store", tmp_path / "spool"
+    run = deployment.flwr_run(bulk_run_config(store, spool))
+    out, _ = run.communicate(timeout=400)
+    assert run.returncode == 0, out[-3000:] + deployment.tail()
+    rounds = committed_rounds(store)
+    assert rounds == [(1, [("inst-0", True, "bulk"), ("inst-1", True, "bulk")])], out[-3000:]
+    assert list(spool.iterdir()) == []  # reclaimed after the commit
