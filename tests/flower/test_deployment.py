@@ -170,45 +170,46 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout_s: float) ->
     raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {timeout_s} s")
 
 
-def test_tls_and_node_auth_deployment_runs_two_rounds(tmp_path: Path, deployment: Deployment) -> None:
+def start_secure_federation(dep: Deployment, tmp_path: Path, node_configs: list[str]) -> str:
+    """A SuperLink with TLS and SuperNode authentication, and one registered, authenticated SuperNode per
+    node config; ``flwr`` (through ``FLWR_HOME``) is pointed at it. Returns the SuperLink's address."""
     certs = make_certificates(tmp_path / "certs")
     port = free_port()
     address = f"127.0.0.1:{port}"
-    home = Path(deployment.env["FLWR_HOME"])
-    (home / "config.toml").write_text(
+    (Path(dep.env["FLWR_HOME"]) / "config.toml").write_text(
         '[superlink]\ndefault = "fedmerge-test"\n\n[superlink.fedmerge-test]\n'
         f'address = "{address}"\nroot-certificates = "{certs / "ca.crt"}"\n'
     )
-    superlink = deployment.start(
+    superlink = dep.start(
         "superlink",
         [
-            str(BIN / "flower-superlink"),
-            "--host", "127.0.0.1", "--port", str(port),
-            "--ssl-ca-certfile", str(certs / "ca.crt"),
-            "--ssl-certfile", str(certs / "server.pem"),
-            "--ssl-keyfile", str(certs / "server.key"),
-            "--enable-supernode-auth",
-            "--database", str(tmp_path / "superlink.db"),
-            "--disable-runtime-dependency-installation",
+            str(BIN / "flower-superlink"), "--host", "127.0.0.1", "--port", str(port),
+            "--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile", str(certs / "server.pem"),
+            "--ssl-keyfile", str(certs / "server.key"), "--enable-supernode-auth",
+            "--database", str(tmp_path / "superlink.db"), "--disable-runtime-dependency-installation",
         ],
     )  # fmt: skip
     wait_for_port(port, superlink, 30)
-    keys = [make_node_keys(tmp_path, f"node{i}") for i in range(2)]
+    keys = [make_node_keys(tmp_path, f"node{i}") for i in range(len(node_configs))]
     for i, (_, public) in enumerate(keys):
-        registered = run_flwr(deployment, ["supernode", "register", str(public), "--name", f"node{i}"], 60)
+        registered = run_flwr(dep, ["supernode", "register", str(public), "--name", f"node{i}"], 60)
         assert registered.returncode == 0, registered.stdout + registered.stderr
-    for i, (private, _) in enumerate(keys):
-        deployment.start(
+    for i, ((private, _), node_config) in enumerate(zip(keys, node_configs, strict=True)):
+        dep.start(
             f"supernode{i}",
             [
-                str(BIN / "flower-supernode"),
-                "--superlink", address,
-                "--root-certificates", str(certs / "ca.crt"),
-                "--auth-supernode-private-key", str(private),
-                "--port", str(free_port()),
-                "--node-config", f'partition-id={i} num-partitions=2 client-id="inst-{i}"',
+                str(BIN / "flower-supernode"), "--superlink", address,
+                "--root-certificates", str(certs / "ca.crt"), "--auth-supernode-private-key", str(private),
+                "--port", str(free_port()), "--node-config", node_config,
             ],
         )  # fmt: skip
+    return address
+
+
+def test_tls_and_node_auth_deployment_runs_two_rounds(tmp_path: Path, deployment: Deployment) -> None:
+    start_secure_federation(
+        deployment, tmp_path, [f'partition-id={i} num-partitions=2 client-id="inst-{i}"' for i in range(2)]
+    )
     store = tmp_path / "store"
     # only keys declared in pyproject's [tool.flwr.app.config] may be overridden by `flwr run`
     run_config = f"store='{store}' num-rounds=2 min-clients=2 min-valid=2 local-epochs=1"

@@ -29,11 +29,8 @@ from test_deployment import (
     ROOT,
     Deployment,
     deployment,  # noqa: F401  (fixture)
-    free_port,
-    make_certificates,
-    make_node_keys,
     run_flwr,
-    wait_for_port,
+    start_secure_federation,
 )
 from test_hf_lora_example import write_corpora
 
@@ -60,38 +57,11 @@ def test_hf_lora_federation_with_tls_node_auth_and_export(tmp_path: Path, deploy
     store = tmp_path / "store"
     _run(deployment, [str(BIN / "fedmerge"), "init", "--store", str(store), "--base", str(model_dir)], 120)
 
-    certs = make_certificates(tmp_path / "certs")
-    port = free_port()
-    address = f"127.0.0.1:{port}"
-    home = Path(deployment.env["FLWR_HOME"])
-    (home / "config.toml").write_text(
-        '[superlink]\ndefault = "fedmerge-test"\n\n[superlink.fedmerge-test]\n'
-        f'address = "{address}"\nroot-certificates = "{certs / "ca.crt"}"\n'
+    start_secure_federation(
+        deployment,
+        tmp_path,
+        [f"model-dir='{model_dir}' data-path='{corpora[i]}' client-id='inst-{i}'" for i in range(3)],
     )
-    superlink = deployment.start(
-        "superlink",
-        [
-            str(BIN / "flower-superlink"), "--host", "127.0.0.1", "--port", str(port),
-            "--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile", str(certs / "server.pem"),
-            "--ssl-keyfile", str(certs / "server.key"), "--enable-supernode-auth",
-            "--database", str(tmp_path / "superlink.db"), "--disable-runtime-dependency-installation",
-        ],
-    )  # fmt: skip
-    wait_for_port(port, superlink, 30)
-    keys = [make_node_keys(tmp_path, f"node{i}") for i in range(3)]
-    for i, (_, public) in enumerate(keys):
-        registered = run_flwr(deployment, ["supernode", "register", str(public), "--name", f"inst{i}"], 60)
-        assert registered.returncode == 0, registered.stdout + registered.stderr
-    for i, (private, _) in enumerate(keys):
-        node_config = f"model-dir='{model_dir}' data-path='{corpora[i]}' client-id='inst-{i}'"
-        deployment.start(
-            f"supernode{i}",
-            [
-                str(BIN / "flower-supernode"), "--superlink", address,
-                "--root-certificates", str(certs / "ca.crt"), "--auth-supernode-private-key", str(private),
-                "--port", str(free_port()), "--node-config", node_config,
-            ],
-        )  # fmt: skip
     run_config = (
         f"store='{store}' num-rounds={ROUNDS} min-clients=3 min-valid=3 aggregator='ties' "
         "local-epochs=2 lr=0.01 lora-rank=4 lora-alpha=8.0"
