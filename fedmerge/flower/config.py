@@ -13,11 +13,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from fedmerge.codec import CodecConfig
 from fedmerge.errors import ConfigError
 from fedmerge.privacy.config import DPConfig
+
+if TYPE_CHECKING:  # the ClientApp reads this module and must not load aggregators
+    from fedmerge.aggregators.server_optimizer import ServerOptimizer
 
 Mode = Literal["full", "lora"]
 LoraSpace = Literal["product", "stack", "factors"]
@@ -105,6 +108,28 @@ class RunConfig:
     bulk_threshold_bytes: int = 32 << 20
     bulk_spool_dir: str = ""  # "" = <store>.spool beside the store
     bulk_spool_reserve_bytes: int = 256 << 20  # an upload leaving less free disk than this is refused
+
+    # server optimiser on the merged delta (fedmerge/aggregators/server_optimizer.py); -1 = its default
+    server_optimizer: str = "none"  # none | avgm | adam | yogi | adagrad
+    server_lr: float = -1.0
+    server_momentum: float = 0.9
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_tau: float = -1.0
+
+    def server_opt(self) -> ServerOptimizer:
+        """The server optimiser (``server-*`` keys; ``server-lr`` / ``server-tau`` = -1 take the
+        optimiser's default)."""
+        from fedmerge.aggregators.server_optimizer import ServerOptimizer
+
+        return ServerOptimizer(
+            self.server_optimizer,
+            lr=None if self.server_lr == -1.0 else self.server_lr,
+            momentum=self.server_momentum,
+            beta1=self.server_beta1,
+            beta2=self.server_beta2,
+            tau=None if self.server_tau == -1.0 else self.server_tau,
+        )
 
     def dp(self) -> DPConfig | None:
         """The DP settings, or None when ``dp-clip-norm`` is 0 (DP off)."""
@@ -242,6 +267,10 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
     errors.extend(msg for ok, msg in checks if not ok)
     _check_dp(cfg, errors)
     _check_anomaly(cfg, errors)
+    try:
+        cfg.server_opt()
+    except ConfigError as exc:
+        errors.append(f"server-*: {exc} (server-lr and server-tau take -1 for the optimiser's default)")
     try:
         cfg.codec()
     except ConfigError as exc:

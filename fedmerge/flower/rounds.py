@@ -37,6 +37,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 
 from fedmerge.aggregators import Aggregator, create
+from fedmerge.aggregators.server_optimizer import round_step, without_optimizer_state
 from fedmerge.codec import CodecConfig, DecodeLimits, PackageMeta
 from fedmerge.codec.package import read_headers
 from fedmerge.delta.sparse import SparseTensor
@@ -671,7 +672,9 @@ class Federation:
                 cohort=len(sampled), connected=len(nodes), accepted=len(report.accepted),
                 round_=round_, attempt=attempt,
             )  # fmt: skip
-            report.version_id = self._commit(base, merged, weights, state, report)
+            opt = self.cfg.server_opt()  # a server optimiser's step; its state is kept with the version
+            merged, opt_state = round_step(opt, self.store.load_state(base) if opt.enabled else None, merged)
+            report.version_id = self._commit(base, merged, weights, state, report, opt_state)
         else:
             log.warning(
                 "round %d attempt %d: %d valid replies < min-valid=%d; nothing committed",
@@ -683,12 +686,18 @@ class Federation:
         return report
 
     def _commit(
-        self, base: Version, merged: StateDict, weights: StateDict, state: RoundState, report: RoundReport
+        self,
+        base: Version,
+        merged: StateDict,
+        weights: StateDict,
+        state: RoundState,
+        report: RoundReport,
+        opt_state: StateDict | None = None,
     ) -> str:
         package = None
         if self.cfg.downlink_density < 1.0:  # commit what clients will rebuild; keep the rest as residual
             if self.server_residual is None:
-                self.server_residual = self.store.load_state(base)
+                self.server_residual = without_optimizer_state(self.store.load_state(base))
             codec = CodecConfig(density=self.cfg.downlink_density, values=self.cfg.downlink_values)  # type: ignore[arg-type]
             meta = PackageMeta("server", report.round, base.id, base.content_hash)
             package, merged, self.server_residual = compress_update(merged, self.server_residual, codec, meta)
@@ -700,12 +709,21 @@ class Federation:
             merged,
             parents=[base.id],
             method=self.cfg.aggregator,
-            params={**state.aggregator.params, "codec": _codec_params(self.cfg), "mode": self.cfg.mode},
+            params={
+                **state.aggregator.params,
+                "codec": _codec_params(self.cfg),
+                "mode": self.cfg.mode,
+                **({"server-optimizer": self.cfg.server_opt().params()} if opt_state else {}),
+            },
             contributors=[o.contributor() for o in sorted(report.outcomes, key=lambda o: o.client_id)],
             round=report.round,
             metrics=report.metrics,
             privacy=state.privacy,
-            state=self.server_residual if package is not None else None,
+            state={
+                **(self.server_residual if package is not None and self.server_residual else {}),
+                **(opt_state or {}),
+            }
+            or None,
             metadata={
                 "attempt": report.attempt,
                 "task": self.cfg.task,
