@@ -177,7 +177,13 @@ def make_server(app: Any) -> Any:
     import uvicorn
 
     config = uvicorn.Config(
-        app, log_level="warning", access_log=False, lifespan="off", server_header=False, proxy_headers=False
+        app,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        ws="none",
+        server_header=False,
+        proxy_headers=False,
     )
     return uvicorn.Server(config)
 

@@ -278,6 +278,7 @@ class Dashboard:
                 "privacy budget ε spent",
                 [("ε", [(p.x, p.epsilon) for p in run.points if p.epsilon is not None])],
                 chart_id="chart-epsilon",
+                empty="no differential-privacy release in this run",
                 x_label=label,
                 y_min=0.0,
             ),

@@ -14,7 +14,7 @@ from html import escape
 from fedmerge.dashboard.views import Rollback, VersionSummary
 
 WIDTH, HEIGHT = 560, 220
-PAD_L, PAD_R, PAD_T, PAD_B = 64, 16, 28, 36
+PAD_L, PAD_R, PAD_T, PAD_B = 64, 16, 44, 36
 
 
 def _fmt(v: float) -> str:
@@ -48,12 +48,12 @@ def _ticks(lo: float, hi: float, n: int = 4) -> list[float]:
 
 
 def _frame(title: str, body: list[str], chart_id: str, legend: Sequence[tuple[str, int]]) -> str:
-    items = []
+    items = [f'<text x="8" y="15" class="chart-title">{escape(title)}</text>']
     x = PAD_L
     for name, idx in legend:
         items.append(
-            f'<rect x="{x}" y="8" width="10" height="10" class="s{idx % 6}"/>'
-            f'<text x="{x + 14}" y="17" class="legend">{escape(name)}</text>'
+            f'<rect x="{x}" y="22" width="10" height="10" class="s{idx % 6}"/>'
+            f'<text x="{x + 14}" y="31" class="legend">{escape(name)}</text>'
         )
         x += 24 + 7 * len(name)
     return (
@@ -65,10 +65,13 @@ def _frame(title: str, body: list[str], chart_id: str, legend: Sequence[tuple[st
     )
 
 
-def _empty(title: str, chart_id: str) -> str:
+def _empty(title: str, chart_id: str, message: str) -> str:
     return _frame(
         title,
-        [f'<text x="{WIDTH / 2}" y="{HEIGHT / 2}" class="empty" text-anchor="middle">no data yet</text>'],
+        [
+            f'<text x="{WIDTH / 2}" y="{HEIGHT / 2}" class="empty" text-anchor="middle">'
+            f"{escape(message)}</text>"
+        ],
         chart_id,
         [],
     )
@@ -81,11 +84,12 @@ def line_chart(
     chart_id: str,
     x_label: str = "round",
     y_min: float | None = None,
+    empty: str = "no data yet",
 ) -> str:
     """Lines through (x, y) points, one per named series, on shared axes; each point has a tooltip."""
     points = [p for _, pts in series for p in pts if math.isfinite(p[1])]
     if not points:
-        return _empty(title, chart_id)
+        return _empty(title, chart_id, empty)
     xs, ys = [p[0] for p in points], [p[1] for p in points]
     x0, x1 = min(xs), max(xs)
     y0, y1 = (min(ys) if y_min is None else min(y_min, min(ys))), max(ys)
@@ -140,10 +144,11 @@ def stacked_bars(
     *,
     chart_id: str,
     x_label: str = "round",
+    empty: str = "no data yet",
 ) -> str:
     """One bar per x, stacked from the named series (e.g. accepted and rejected per round)."""
     if not xs:
-        return _empty(title, chart_id)
+        return _empty(title, chart_id, empty)
     totals = [sum(s[1][i] for s in stacks) for i in range(len(xs))]
     top = max(totals) or 1.0
     pw, ph = WIDTH - PAD_L - PAD_R, HEIGHT - PAD_T - PAD_B

@@ -116,7 +116,7 @@ class VersionSummary:
     epsilon: float | None
 
 
-def _params_text(params: dict[str, Any], limit: int = 120) -> str:
+def _params_text(params: dict[str, Any], limit: int = 64) -> str:
     parts = [f"{k}={v}" for k, v in sorted(params.items()) if not isinstance(v, dict | list)]
     text = ", ".join(parts)
     return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -172,3 +172,32 @@ def test_cli_errors_are_one_line(tmp_path: Path, small_store: Any) -> None:
         text=True,
     )
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "pass a token" in out.stderr
+
+
+def test_intake_page_reads_the_queue(small_store: Any, tmp_path: Path) -> None:
+    """The intake's own queue (fedmerge.service.intake) with a merged, a rejected and a queued expert."""
+    from fedmerge.service.intake import IntakeQueue
+
+    data_dir = tmp_path / "intake"
+    queue = IntakeQueue(data_dir)
+    subs = []
+    for i, client in enumerate(("alice", "bob", "carol")):
+        payload = f"expert {i}".encode()
+        sub, _ = queue.receive(
+            client_id=client, fmt="checkpoint", base_version="v000001", label=f"e{i}",
+            total_size=len(payload), chunks=[payload],
+        )  # fmt: skip
+        subs.append(sub)
+    queue.mark_merged([subs[0].id], small_store.versions[-1])
+    reason = "tensor 'layer.weight' has shape [4, 8], the base has [8, 4]; fine-tune the store's base"
+    queue.mark_rejected(subs[1].id, reason)
+    queue.close()
+    with start_in_background(small_store.root, "127.0.0.1", 0, None, intake_dir=data_dir) as d:
+        status, _, body = get(d.url + "/intake")
+        html = body.decode()
+        assert status == 200
+        assert '<dd id="queue-depth">1</dd>' in html
+        assert reason.replace("'", "&#39;") in html and "bob" in html
+        assert f'href="/versions/{small_store.versions[-1]}"' in html
+        assert 'id="chart-intake-rate"' in html and 'id="chart-intake-latency"' in html
+        assert 'href="/intake"' in get(d.url + "/versions")[2].decode()
