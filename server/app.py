@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from logging import INFO, WARNING
+from pathlib import Path
 from typing import Any
 
 from flwr.app import Context
@@ -24,6 +25,7 @@ from fedmerge.flower.rounds import Federation, RoundReport, ensure_base
 from fedmerge.memory import use_mmap_for_large_allocations
 from fedmerge.metrics import RoundEventLog
 from fedmerge.store import ModelStore, UnknownVersionError
+from fedmerge.tracking import MetricsSink, open_sink
 from fedmerge_simulations.tasks import Task, get_task
 
 
@@ -135,6 +137,38 @@ def with_metrics_events(on_round: Callable[[RoundReport], None]) -> Callable[[Ro
     return both
 
 
+def tracking_dir(cfg: RunConfig) -> Path | None:
+    """Where tracking writes: ``tracking-dir``, else ``<store>.tracking`` beside the store for
+    TensorBoard (None for MLflow: its own configuration decides)."""
+    if cfg.tracking_dir:
+        return Path(cfg.tracking_dir)
+    if cfg.tracking == "tensorboard":
+        store = Path(cfg.store).resolve()
+        return store.with_name(store.name + ".tracking")
+    return None
+
+
+def tracking_sink(cfg: RunConfig) -> MetricsSink | None:
+    """The run's tracking sink (``tracking`` / ``tracking-dir`` keys), None when tracking is off."""
+    return open_sink(cfg.tracking, tracking_dir(cfg), run_name=Path(cfg.store).name)
+
+
+def with_tracking(
+    on_round: Callable[[RoundReport], None], sink: MetricsSink | None
+) -> Callable[[RoundReport], None]:
+    """``on_round``, then the committed round's store metrics (``report.metrics``, exactly what the
+    version's manifest records) logged to ``sink`` at step = the round."""
+    if sink is None:
+        return on_round
+
+    def both(report: RoundReport) -> None:
+        on_round(report)
+        if report.version_id is not None:
+            sink.log_round(report.round, report.metrics)
+
+    return both
+
+
 def make_server_app(
     overrides: Mapping[str, Any] | None = None, on_round: Callable[[RoundReport], None] | None = None
 ) -> ServerApp:
@@ -144,7 +178,12 @@ def make_server_app(
     @server.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = parse_run_config({**dict(context.run_config), **dict(overrides or {})})
-        run_server(grid, cfg, with_metrics_events(on_round or _log_round))
+        sink = tracking_sink(cfg)
+        try:
+            run_server(grid, cfg, with_tracking(with_metrics_events(on_round or _log_round), sink))
+        finally:
+            if sink is not None:
+                sink.close()
 
     return server
 

@@ -12,6 +12,8 @@ A TOML recipe (see ``simulations/configs/default.toml``)::
     device = "cpu"          # or "cuda"
     gpu_fraction = 0.0      # per virtual client, so many clients share one GPU
     faults = { dropout = 0.0, stragglers = 0.0 }
+    tracking = "tensorboard" # optional: each committed round's metrics to TensorBoard or MLflow
+    tracking_dir = "runs"   # default OUT/tracking; TensorBoard writes one run per trial under it
     [[aggregators]]
     name = "ties"
     params = { density = 0.2, divisor = "weight" }
@@ -36,6 +38,7 @@ from typing import Any
 
 from fedmerge.aggregators import available
 from fedmerge.errors import ConfigError
+from fedmerge.tracking import TRACKERS
 
 PARTITIONERS = ("iid", "dirichlet", "pathological", "quantity", "task")
 
@@ -80,6 +83,8 @@ class ExperimentConfig:
     stragglers: float = 0.0
     aggregators: tuple[AggregatorSpec, ...] = (AggregatorSpec("fedavg"),)
     codecs: tuple[CodecSpec, ...] = (CodecSpec(),)
+    tracking: str = ""  # "", "tensorboard" or "mlflow" (fedmerge/tracking.py)
+    tracking_dir: str = ""
 
     def trials(self) -> list[Trial]:
         return [
@@ -101,8 +106,8 @@ class Trial:
     def key(self) -> str:
         """Stable id: changes whenever anything that affects the result changes (resumability)."""
         exp = asdict(self.experiment)
-        for k in ("aggregators", "codecs", "seeds", "name"):
-            exp.pop(k)
+        for k in ("aggregators", "codecs", "seeds", "name", "tracking", "tracking_dir"):
+            exp.pop(k)  # tracking records a trial; it does not change its result
         payload = json.dumps(
             {"exp": exp, "agg": asdict(self.aggregator), "codec": asdict(self.codec), "seed": self.seed},
             sort_keys=True,
@@ -148,6 +153,12 @@ def parse_config(raw: dict[str, Any], *, source: str = "config") -> ExperimentCo
     dropout, stragglers = float(faults.get("dropout", 0.0)), float(faults.get("stragglers", 0.0))
     _check(problems, 0 <= dropout < 1, f"faults.dropout must be in [0, 1), got {dropout}")
     _check(problems, 0 <= stragglers < 1, f"faults.stragglers must be in [0, 1), got {stragglers}")
+    tracking = str(get("tracking", ""))
+    _check(
+        problems,
+        tracking in ("", *TRACKERS),
+        f'tracking must be one of {list(TRACKERS)} (or "" for none), got {tracking!r}',
+    )
     aggregators = []
     for i, spec in enumerate(get("aggregators", [{"name": "fedavg"}])):
         name = spec.get("name")
@@ -189,6 +200,8 @@ def parse_config(raw: dict[str, Any], *, source: str = "config") -> ExperimentCo
         stragglers=stragglers,
         aggregators=tuple(aggregators),
         codecs=tuple(codecs),
+        tracking=tracking,
+        tracking_dir=str(get("tracking_dir", "")),
     )
 
 

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,12 @@ def run_config(trial: Trial, store: Path) -> dict[str, Any]:
         config["fault-straggler"] = exp.stragglers
     for key, value in trial.aggregator.params.items():
         config[f"aggregator.{key}"] = value
+    if exp.tracking:  # TensorBoard: one run directory per trial; MLflow: one run named by the trial
+        config["tracking"] = exp.tracking
+        where = Path(exp.tracking_dir) if exp.tracking_dir else None
+        if where is not None and exp.tracking == "tensorboard":
+            where = where / trial.key
+        config["tracking-dir"] = str(where) if where is not None else ""
     return config
 
 
@@ -147,8 +153,14 @@ def run_trial_subprocess(trial: Trial, out: Path) -> Result:
 
 
 def run_experiment(config: ExperimentConfig, out: Path, console: Console | None = None) -> Path:
-    """Run every trial not already finished in ``out/trials``, then write the report; returns summary.md."""
+    """Run every trial not already finished in ``out/trials``, then write the report; returns summary.md.
+
+    With ``tracking`` set, each trial's ServerApp logs every committed round's store metrics
+    (TensorBoard: under ``tracking_dir/KEY``, default ``out/tracking/KEY``; trials already finished are
+    not run, so not logged again)."""
     console = console or Console()
+    if config.tracking and not config.tracking_dir and config.tracking == "tensorboard":
+        config = replace(config, tracking_dir=str((out / "tracking").resolve()))
     trials_dir = out / "trials"
     trials_dir.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(config), indent=1, default=str))

@@ -88,6 +88,10 @@ class RunConfig:
     max_num_examples: int = 10_000_000
     server_eval: bool = True
     init_base: bool = True
+    # experiment tracking (fedmerge/tracking.py): "" = off, "tensorboard" or "mlflow"; tracking-dir ""
+    # = <store>.tracking beside the store for TensorBoard, MLflow's own configuration for MLflow
+    tracking: str = ""
+    tracking_dir: str = ""
     aggregator_params: dict[str, Any] = field(default_factory=lambda: round_defaults("ties"))
     # user-level DP-FedAvg (docs/privacy.md): dp-clip-norm = 0 turns DP off
     dp_clip_norm: float = 0.0
@@ -267,6 +271,7 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
     errors.extend(msg for ok, msg in checks if not ok)
     _check_dp(cfg, errors)
     _check_anomaly(cfg, errors)
+    _check_tracking(cfg, errors)
     try:
         cfg.server_opt()
     except ConfigError as exc:
@@ -340,3 +345,10 @@ def _check_anomaly(cfg: RunConfig, errors: list[str]) -> None:
         errors.append("bulk-public-address is set but bulk-address is empty; set bulk-address to bind")
     if not -1.0 <= cfg.reject_min_cosine <= 1.0:
         errors.append(f"reject-min-cosine={cfg.reject_min_cosine} must be in [-1, 1] (-1 turns it off)")
+
+
+def _check_tracking(cfg: RunConfig, errors: list[str]) -> None:
+    from fedmerge.tracking import TRACKERS
+
+    if cfg.tracking and cfg.tracking not in TRACKERS:
+        errors.append(f"tracking={cfg.tracking!r} must be one of {list(TRACKERS)} (or \"\" to turn it off)")

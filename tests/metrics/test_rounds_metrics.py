@@ -1,6 +1,7 @@
 """Round metrics end to end: a real round on Flower's simulation engine writes its round events (as
 the ServerApp under ``fedmerge serve --metrics-port`` does), the endpoint reads them at scrape time,
-and every counter equals what the round reports say happened."""
+and every counter equals what the round reports say happened; the same run tracks to TensorBoard
+(``tracking = "tensorboard"``), and the event files read back hold exactly the store's metrics."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from metrics_helpers import scrape, value
+from tracking_helpers import read_scalars
 
 from fedmerge.metrics import EVENTS_ENV, feed_registry, start_metrics_server
 from fedmerge.store import ModelStore
@@ -47,7 +49,8 @@ def test_a_real_round_moves_the_round_counters(tmp_path: Path, monkeypatch: pyte
         monkeypatch.setenv(EVENTS_ENV, str(events))
         reports = flower._simulate(
             store, flower._scripted_client_app(["ok", "ok", "crash"]), 3,
-            num_rounds=1, min_clients=3, min_valid=2, server_eval=False,
+            num_rounds=1, min_clients=3, min_valid=2, server_eval=True,
+            tracking="tensorboard", tracking_dir=str(tmp_path / "tb"),
         )  # fmt: skip
         after = scrape(server.url)
     finally:
@@ -69,7 +72,15 @@ def test_a_real_round_moves_the_round_counters(tmp_path: Path, monkeypatch: pyte
     assert math.isclose(moved("fedmerge_round_duration_seconds_sum"), report.wall_s, rel_tol=1e-9)
     assert value(after, "fedmerge_last_committed_version_info", version=report.version_id) == 1
     assert value(after, "fedmerge_last_committed_round") == report.round == 1
-    with ModelStore.open(store) as s:
-        assert s.get("latest").id == report.version_id
     assert value(after, "fedmerge_store_size_bytes") > 0
     assert feed.skipped == 0
+    # tracking: exactly the committed version's metrics, at step = its round
+    with ModelStore.open(store) as s:
+        version = s.get("latest")
+    assert version.id == report.version_id
+    assert "server-accuracy" in version.metrics and "uplink-bytes" in version.metrics
+    scalars = read_scalars(tmp_path / "tb")
+    assert set(scalars) == set(version.metrics)
+    for tag, series in scalars.items():
+        assert list(series) == [version.round]
+        assert math.isclose(series[version.round], version.metrics[tag], rel_tol=1e-6), tag
