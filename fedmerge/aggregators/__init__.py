@@ -14,6 +14,7 @@ from fedmerge.aggregators import (  # noqa: F401  (import registers each method)
     della_linear,
     fedavg,
     iso,
+    karcher,
     krum,
     magmax,
     median,

@@ -240,7 +240,13 @@ METHODS: dict[str, MergekitMethod] = {
         needs_base=True,
         models=(2, None),
     ),
-    "karcher": MergekitMethod("karcher", "weights", {"max_iter": 10, "tol": 1e-5}, {"weight": 1.0}),
+    "karcher": MergekitMethod(
+        "karcher",
+        "weights",
+        {"max_iter": 10, "tol": 1e-5},
+        {"weight": 1.0},
+        notes=("mergekit ignores a per-model weight (equal weights); fedmerge weights the mean",),
+    ),
     "multislerp": MergekitMethod(
         "multislerp",
         "weights",

@@ -117,8 +117,7 @@ def test_one_table_of_mergekit_methods() -> None:
 
     assert recipes.METHODS is METHODS  # fedmerge merge RECIPE.yaml uses this table, not its own
     for name, params in MERGEKIT_DEFAULTS.items():
-        if name != "karcher":  # not registered
-            create(fedmerge_method(name), **params)
+        create(fedmerge_method(name), **params)
     assert fedmerge_method("linear") == "task_arithmetic"
     assert mergekit_params("linear", {"normalize": False}) == {"scaling": 1.0, "normalize": False}
     assert MERGEKIT_DEFAULTS["ties"]["keep_rounding"] == "mergekit"
