@@ -319,3 +319,46 @@ def test_round_with_real_supernodes_moves_deltas_through_the_bulk_channel(
     rounds = committed_rounds(store)
     assert rounds == [(1, [("inst-0", True, "bulk"), ("inst-1", True, "bulk")])], out[-3000:]
     assert list(spool.iterdir()) == []  # reclaimed after the commit
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_server_killed_mid_round_resumes_the_spool_and_commits_once(
+    tmp_path: Path, deployment: Deployment
+) -> None:
+    """Partition 0 replies at once, partition 1 straggles (seed 5 draws exactly that): the ServerApp
+    is SIGKILLed once partition 0's package is spooled, before the round can commit. A new run keeps
+    round 1's spool (its objects are verified again before use), commits round 1 once with both
+    deltas from the bulk channel, and reclaims the spool."""
+    deployment.up(nodes=2)
+    store, spool = tmp_path / "store", tmp_path / "spool"
+    config = bulk_run_config(
+        store, spool, seed=5, **{"fault-straggler": 0.5, "fault-straggler-delay-s": 20.0}
+    )
+    first = deployment.flwr_run(config)
+    objects = spool / "round-1-attempt-0" / "objects"
+    end = time.monotonic() + 300
+    while not (objects.is_dir() and any(objects.iterdir())):
+        assert first.poll() is None, str(first.communicate()[0])[-3000:] + deployment.tail()
+        assert time.monotonic() < end, "no package was spooled\n" + deployment.tail()
+        time.sleep(0.1)
+    servers = deployment.serverapps()
+    assert servers, "no flwr-serverapp process found\n" + deployment.tail()
+    for proc in servers:
+        proc.kill()  # SIGKILL
+    first.terminate()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        first.communicate(timeout=30)
+    spooled = [p.name for p in objects.iterdir()]
+    assert committed_rounds(store) == []  # nothing of round 1 was committed
+    second = deployment.flwr_run(config)
+    out, _ = second.communicate(timeout=500)
+    assert second.returncode == 0, out[-3000:] + deployment.tail()
+    rounds = committed_rounds(store)
+    assert rounds == [(1, [("inst-0", True, "bulk"), ("inst-1", True, "bulk")])], out[-3000:]
+    with ModelStore.open(store) as st:
+        version = next(v for v in st.list() if v.round == 1)
+        hashes = {c.client_id: c.submission_hash for c in st.get(version.id).contributors}
+    # the spooled package of the killed run is the one the new run judged (training is seeded)
+    assert hashes["inst-0"] in spooled, (hashes, spooled)
+    assert list(spool.iterdir()) == []
