@@ -100,6 +100,14 @@ def serve_continual(
         bool,
         typer.Option(help="allow a non-loopback --metrics-host (the endpoint has no authentication)"),
     ] = False,
+    dashboard_port: Annotated[
+        int | None,
+        typer.Option(help="serve the read-only web dashboard on this port (0 = any free port)"),
+    ] = None,
+    dashboard_host: Annotated[
+        str,
+        typer.Option(help="address the dashboard binds; off loopback it requires an operator's token"),
+    ] = "127.0.0.1",
 ) -> None:
     """Serve the ExpertIntake and BulkUpload gRPC services and merge experts as they arrive."""
     from fedmerge.memory import use_mmap_for_large_allocations
@@ -112,6 +120,7 @@ def serve_continual(
     use_mmap_for_large_allocations()
     metrics = FedmergeMetrics() if metrics_port is not None else None
     metrics_server: MetricsServer | None = None
+    dashboard: Any = None
     try:
         if metrics_port is not None:
             check_metrics_bind(metrics_host, metrics_allow_remote)  # before anything starts
@@ -151,21 +160,33 @@ def serve_continual(
 
                 v = init_store(store, base_weights).root
                 typer.echo(f"committed base {base_weights} as {v.id}")
+        dashboard_tokens = _dashboard_tokens(config, dashboard_host) if dashboard_port is not None else []
         server = IntakeServer(config, metrics=metrics)
         port = server.start()
-        if metrics is not None and metrics_port is not None:
-            try:
+        try:
+            if metrics is not None and metrics_port is not None:
                 metrics_server = start_metrics_server(
                     metrics.registry, metrics_host, metrics_port, allow_remote=metrics_allow_remote
                 )
-            except FedMergeError:
-                server.stop()
-                raise
+            if dashboard_port is not None:
+                from fedmerge.dashboard import start_in_background
+
+                dashboard = start_in_background(
+                    store, dashboard_host, dashboard_port, None,
+                    intake_dir=config.intake_dir, tokens=dashboard_tokens,
+                )  # fmt: skip
+        except FedMergeError:
+            server.stop()
+            if metrics_server is not None:
+                metrics_server.stop()
+            raise
     except FedMergeError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     if metrics_server is not None:
         typer.echo(f"serving metrics on {metrics_server.url}")
+    if dashboard is not None:
+        typer.echo(f"serving dashboard on {dashboard.url}")
     host = listen.rsplit(":", 1)[0]
     if port_file is not None:
         tmp = port_file.with_suffix(".tmp")
@@ -181,6 +202,27 @@ def serve_continual(
         server.stop()
         if metrics_server is not None:
             metrics_server.stop()
+        if dashboard is not None:
+            dashboard.stop()
+
+
+def _dashboard_tokens(config: Any, host: str) -> list[str]:
+    """The tokens the dashboard requires: none on a loopback ``host``; elsewhere those of the operators
+    (the dashboard shows every client's submissions, which only operators may read through
+    GetSubmission), at least one (ServiceConfigError otherwise)."""
+    from fedmerge.metrics import is_loopback
+    from fedmerge.service.config import ServiceConfigError
+
+    if is_loopback(host):
+        return []
+    tokens = sorted(t for t, client in config.tokens.items() if client in config.operators)
+    if not tokens:
+        raise ServiceConfigError(
+            f"--dashboard-host {host} is not a loopback address, so the dashboard requires an operator's "
+            "bearer token and none is configured: give a token the operator role in --tokens (a third "
+            "field 'operator') or bind the dashboard to 127.0.0.1"
+        )
+    return tokens
 
 
 @app.command("push")

@@ -121,3 +121,82 @@ def test_a_remote_metrics_host_is_refused_without_the_flag(tmp_path: Path) -> No
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "--metrics-allow-remote" in lines[0], result.stderr
+
+
+def test_dashboard_is_served_beside_the_intake(tmp_path: Path) -> None:
+    import urllib.request
+
+    store = make_store(tmp_path)
+    log = tmp_path / "server.log"
+    proc = ServerProcess(store, write_tokens(tmp_path / "tokens.txt"), log, "--dashboard-port", "0")
+    proc.start()
+    try:
+        opts = ClientOptions(f"127.0.0.1:{proc.port}", token=TOKEN)
+        merged = wait_merged(
+            opts, submit_expert(opts, write_expert(tmp_path, base_weights(), 3)).submission_id, timeout=60
+        )
+        url = _printed(log, "serving dashboard on ")
+        assert url.startswith("http://127.0.0.1:")
+        with urllib.request.urlopen(url + "/versions", timeout=30) as resp:
+            assert resp.status == 200 and merged.version in resp.read().decode()
+        with urllib.request.urlopen(url + "/intake", timeout=30) as resp:
+            assert resp.status == 200
+    finally:
+        proc.stop()
+
+
+def test_a_remote_dashboard_needs_an_operator_token(tmp_path: Path) -> None:
+    import subprocess
+
+    store = make_store(tmp_path)
+    cmd = [
+        sys.executable, "-m", "fedmerge.service.cli", "serve-continual", "--store", str(store),
+        "--listen", "127.0.0.1:0", "--tokens", str(write_tokens(tmp_path / "tokens.txt")),
+        "--dashboard-port", "0", "--dashboard-host", "0.0.0.0",
+    ]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "operator" in lines[0], result.stderr
+
+
+def _printed(log: Path, prefix: str, timeout: float = 60.0) -> str:
+    """The rest of the first line of ``log`` starting with ``prefix``."""
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        for line in log.read_text(errors="replace").splitlines():
+            if line.startswith(prefix):
+                return line[len(prefix) :].strip()
+        time.sleep(0.05)
+    raise TimeoutError(f"no line {prefix!r} in {log}")
+
+
+def test_a_remote_dashboard_takes_operator_tokens_only(tmp_path: Path) -> None:
+    import urllib.error
+    import urllib.request
+
+    store = make_store(tmp_path)
+    tokens = write_tokens(tmp_path / "tokens.txt")
+    operator_token = "operator-token-0123456789abcdef"
+    tokens.write_text(tokens.read_text() + f"ops {operator_token} operator\n")
+    log = tmp_path / "server.log"
+    proc = ServerProcess(store, tokens, log, "--dashboard-port", "0", "--dashboard-host", "0.0.0.0")
+    proc.start()
+    try:
+        url = _printed(log, "serving dashboard on ")
+
+        def status(token: str | None) -> int:
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            try:
+                with urllib.request.urlopen(urllib.request.Request(url + "/versions", headers=headers)) as r:
+                    return int(r.status)
+            except urllib.error.HTTPError as exc:
+                return int(exc.code)
+
+        assert status(None) == 401
+        assert status(TOKEN) == 401  # a client's token does not open every client's submissions
+        assert status(operator_token) == 200
+    finally:
+        proc.stop()
