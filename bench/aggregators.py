@@ -3,7 +3,10 @@
     python -m bench aggregators [--quick] [--device cuda]
 
 Throughput is counted in dense-equivalent client input bytes (N·P·4 for fp32 deltas) per second.
-In the same run it measures: the memory read bandwidth (torch sum over the same client tensors),
+Every method is timed interleaved with its references, best of k (``bench.timing``). In the same run
+it measures: the fraction of read bandwidth (a torch sum over exactly the bytes the method reads —
+the dense client tensors, or the values and indices of sparse ones — interleaved with the method;
+``bench.timing.fraction_of_bandwidth``, at most 1.0 by construction),
 peft's ``merge_utils`` on the same inputs (task_arithmetic with normalised weights for FedAvg,
 ``ties``, ``dare_ties``; a plain stacked torch argmax for MagMax, which peft lacks), and the peak RSS
 of the streaming TIES path at N=8 and N=64 clients (separate processes, deltas created one at a time
@@ -16,10 +19,8 @@ import argparse
 import functools
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -31,23 +32,15 @@ from rich.table import Table
 from fedmerge.aggregators import create
 from fedmerge.delta import SparseTensor
 from fedmerge.memory import use_mmap_for_large_allocations
+from fedmerge_bench import timing
+from fedmerge_bench.timing import fraction_of_bandwidth, interleaved
 
 GB = 1e9
 
 
-def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
-    """Median wall time of ``repeats`` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def sync_for(device: torch.device) -> Callable[[], None] | None:
+    """``torch.cuda.synchronize`` on CUDA (time kernels to completion), nothing on the CPU."""
+    return torch.cuda.synchronize if device.type == "cuda" else None
 
 
 def heavy_tailed(n: int, p: int, seed: int, device: torch.device) -> list[torch.Tensor]:
@@ -74,10 +67,13 @@ def streaming(
     return run
 
 
-def read_bandwidth(deltas: list[torch.Tensor], device: torch.device) -> float:
-    nbytes = sum(d.numel() * d.element_size() for d in deltas)
-    t = min(timed(lambda: [d.sum() for d in deltas], 3, device) for _ in range(2))
-    return nbytes / t / GB
+def read_pass(deltas: list[Any]) -> Callable[[], object]:
+    """A pass that reads exactly the client bytes a method reads and does strictly less with them:
+    a sum per dense tensor, or per values and indices tensor of a SparseTensor."""
+    parts: list[torch.Tensor] = []
+    for d in deltas:
+        parts.extend([d.values, d.indices] if isinstance(d, SparseTensor) else [d])
+    return lambda: [t.sum() for t in parts]
 
 
 def rss_probe(n: int, p: int, group_size: int, pin_mmap: bool) -> None:
@@ -143,7 +139,9 @@ FEDAVG, TIES, TIES_SPARSE, DARE_TIES, MAGMAX = (
 )
 
 
-def measure(n: int, p: int, device: torch.device, console: Console) -> list[dict[str, Any]]:
+def measure(
+    n: int, p: int, device: torch.device, console: Console, k: int, k_ref: int
+) -> list[dict[str, Any]]:
     """Time every case at one (N, P); N > 8 reuses the same 8 client tensors (memory stays 8·P)."""
     unique = heavy_tailed(min(n, 8), p, seed=0, device=device)
     deltas = [unique[i % len(unique)] for i in range(n)]
@@ -159,14 +157,25 @@ def measure(n: int, p: int, device: torch.device, console: Console) -> list[dict
         (DARE_TIES, streaming("dare_ties", deltas, weights, device, density=0.5), peft_dare_ties),
         (MAGMAX, streaming("magmax", deltas, weights, device), stacked_magmax),
     ]
-    bw = read_bandwidth(unique, device)
     input_gb = n * p * 4 / GB
+    sync = sync_for(device)
     rows = []
     for label, ours, ref in cases:
-        t_ours = timed(ours, 3, device)
+        method_inputs = sparse_deltas if label == TIES_SPARSE else deltas
+        read = read_pass(method_inputs)
+        bw_pair = interleaved(ours, read, k, sync=sync)
+        t_ours = bw_pair.ours_s
         t_ref = None
         if ref is not None and with_ref:
-            t_ref = timed(functools.partial(ref, deltas, w_t), 1, device)
+            ref_pair = interleaved(ours, functools.partial(ref, deltas, w_t), k_ref, sync=sync)
+            t_ours, t_ref = min(t_ours, ref_pair.ours_s), ref_pair.ref_s
+        frac = fraction_of_bandwidth(t_ours, bw_pair.ref_s)
+        read_bytes = sum(
+            (x.values.numel() * 4 + x.indices.numel() * x.indices.element_size())
+            if isinstance(x, SparseTensor)
+            else x.numel() * 4
+            for x in method_inputs
+        )
         rows.append(
             {
                 "method": label,
@@ -174,17 +183,23 @@ def measure(n: int, p: int, device: torch.device, console: Console) -> list[dict
                 "P": p,
                 "ours_gbps": input_gb / t_ours,
                 "ref_gbps": input_gb / t_ref if t_ref else None,
-                "bandwidth_gbps": bw,
+                "read_gbps": read_bytes / frac.read_s / GB,
+                "frac_of_read_bw": frac.value,
+                "ref_read_slower": frac.reference_was_slower,
             }
         )
-        console.log(f"N={n} P={p / 2**20:.0f}M {label}: {rows[-1]['ours_gbps']:.2f} GB/s")
+        console.log(
+            f"N={n} P={p / 2**20:.0f}M {label}: {rows[-1]['ours_gbps']:.2f} GB/s, "
+            f"{frac.value:.0%} of read bandwidth"
+        )
     return rows
 
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench aggregators", description=__doc__)
     ap.add_argument("--quick", action="store_true", help="N=8, P=16M only (about a minute on 2 cores)")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (torch-native kernels on the GPU)")
+    ap.add_argument("--repeats", type=int, default=3, help="k of best-of-k (interleaved with references)")
     ap.add_argument(
         "--rss-probe", nargs=4, type=int, metavar=("N", "P", "GROUP", "PIN"), help=argparse.SUPPRESS
     )
@@ -194,20 +209,26 @@ def main(argv: list[str]) -> int:
         rss_probe(n, p, group, bool(pin))
         return 0
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device is available to torch on this machine", file=sys.stderr)
+        return 2
     console = Console()
     sizes = [(8, 16 * 2**20)] if args.quick else [(8, 16 * 2**20), (64, 16 * 2**20), (8, 256 * 2**20)]
-    rows = [row for n, p in sizes for row in measure(n, p, device, console)]
+    k, k_ref = (args.repeats, max(2, args.repeats - 1))
+    console.log(timing.load_line())
+    rows = [row for n, p in sizes for row in measure(n, p, device, console, k, k_ref)]
     by = {r["method"]: r for r in rows if (r["N"], r["P"]) == (8, 16 * 2**20)}
-    bw = by[FEDAVG]["bandwidth_gbps"]
+    bw = by[FEDAVG]["read_gbps"]
     summary = {
         "ties_vs_peft": by[TIES]["ours_gbps"] / by[TIES]["ref_gbps"],
         "dare_ties_vs_peft": by[DARE_TIES]["ours_gbps"] / by[DARE_TIES]["ref_gbps"],
-        "ties_sparse_frac_of_bandwidth": by[TIES_SPARSE]["ours_gbps"] / bw,
-        "fedavg_frac_of_bandwidth": by[FEDAVG]["ours_gbps"] / bw,
-        "ties_dense_frac_of_bandwidth": by[TIES]["ours_gbps"] / bw,
+        "ties_sparse_frac_of_bandwidth": by[TIES_SPARSE]["frac_of_read_bw"],
+        "fedavg_frac_of_bandwidth": by[FEDAVG]["frac_of_read_bw"],
+        "ties_dense_frac_of_bandwidth": by[TIES]["frac_of_read_bw"],
         "fedavg_vs_peft": by[FEDAVG]["ours_gbps"] / by[FEDAVG]["ref_gbps"],
         "magmax_vs_stacked_torch": by[MAGMAX]["ours_gbps"] / by[MAGMAX]["ref_gbps"],
         "read_bandwidth_gbps": bw,
+        "saturated_fractions": sum(bool(r["ref_read_slower"]) for r in rows),
     }
     rss_p = 4 * 2**20 if args.quick else 16 * 2**20
     rss8, rss64 = peak_rss(8, rss_p, 8), peak_rss(64, rss_p, 8)
@@ -228,13 +249,15 @@ def main(argv: list[str]) -> int:
             f"{r['ours_gbps']:.2f}",
             f"{r['ref_gbps']:.3f}" if r["ref_gbps"] else "—",
             f"{r['ours_gbps'] / r['ref_gbps']:.1f}×" if r["ref_gbps"] else "—",
-            f"{r['ours_gbps'] / r['bandwidth_gbps']:.0%}",
+            f"{r['frac_of_read_bw']:.0%}" + (" (sat.)" if r["ref_read_slower"] else ""),
         )
     console.print(table, width=120)
     console.print(
         "references: peft merge_utils (task_arithmetic with normalised weights for fedavg, ties, "
         f"dare_ties); stacked torch argmax for magmax. Read bandwidth {bw:.1f} GB/s "
-        "(torch sum over the same tensors).\n"
+        "(torch sum over the bytes each method reads, interleaved, best of k; a fraction marked "
+        "'sat.' saturated at 100 %: the reference ran slower than the method, the run was noisy).\n"
+        f"{timing.load_line()}\n"
         f"Streaming TIES peak RSS, P={rss_p / 2**20:.0f}M, large blocks mmapped (as the server runs): "
         f"N=8 {rss8 / 2**20:.0f} MiB, N=64 {rss64 / 2**20:.0f} MiB"
         + (

@@ -5,7 +5,9 @@ fine-tuning deltas) and a real LoRA delta (peft on a tiny model), every density 
 and every value encoding: package bytes / dense fp32 bytes, relative L2 reconstruction error, and
 encode / decode throughput in GB/s of dense fp32 input. Reference measured in the same run:
 ``torch.save`` of the dense fp16 tensors compressed with zstd level 3 (a standard fast compressor
-that ships as a project dependency). The last line printed is one JSON object.
+that ships as a project dependency). Each configuration's encode and decode are timed interleaved
+with the reference's, best of k (``bench.timing``); the load average is printed. The last line
+printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -13,9 +15,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import time
-from collections.abc import Callable
-from typing import Any
 
 import torch
 import zstandard
@@ -25,8 +24,9 @@ from rich.table import Table
 from fedmerge.codec import CodecConfig, PackageMeta, decode_package, encode_package
 from fedmerge.delta import SparseTensor
 from fedmerge.v1 import delta_pb2
+from fedmerge_bench.timing import best_of, interleaved, load_line
 
-DENSITIES = (0.01, 0.05, 0.10, 0.30)
+DENSITIES = (0.01, 0.05, 0.10, 0.20, 0.30)
 VALUES = ("fp32", "fp16", "bf16", "int8", "int4")
 META = PackageMeta("bench", 1, "v0", "0" * 64)
 
@@ -68,42 +68,52 @@ def _dense(t: torch.Tensor | SparseTensor) -> torch.Tensor:
     return t.to_dense() if isinstance(t, SparseTensor) else t
 
 
-def _best(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
+class Reference:
+    """``torch.save`` of the fp16 tensors + zstd-3, and back; keeps its best times over every
+    interleaved measurement of the run."""
+
+    def __init__(self, delta: dict[str, torch.Tensor]) -> None:
+        self.dense_bytes = 4 * sum(v.numel() for v in delta.values())
+        self.half = {k: v.half() for k, v in delta.items()}
+        self.blob = self.encode()
+        self.enc_s = self.dec_s = float("inf")
+
+    def encode(self) -> bytes:
+        buf = io.BytesIO()
+        torch.save(self.half, buf)
+        return zstandard.ZstdCompressor(level=3).compress(buf.getvalue())
+
+    def decode(self) -> object:
+        return torch.load(io.BytesIO(zstandard.ZstdDecompressor().decompress(self.blob)))
+
+    def result(self) -> dict[str, float]:
+        return {
+            "frac": len(self.blob) / self.dense_bytes,
+            "enc_gbps": self.dense_bytes / self.enc_s / 1e9,
+            "dec_gbps": self.dense_bytes / self.dec_s / 1e9,
+        }
 
 
-def measure(delta: dict[str, torch.Tensor], cfg: CodecConfig, repeats: int) -> dict[str, float]:
+def measure(
+    delta: dict[str, torch.Tensor], cfg: CodecConfig, repeats: int, ref: Reference | None = None
+) -> dict[str, float]:
+    """Bytes, error and best-of-``repeats`` throughput; with ``ref``, each timing interleaved with it."""
     dense_bytes = 4 * sum(v.numel() for v in delta.values())
-    t_enc, result = _best(lambda: encode_package(delta, cfg, meta=META), repeats)
-    t_dec, decoded = _best(lambda: decode_package(result.data), repeats)
+    result = encode_package(delta, cfg, meta=META)
+    if ref is None:
+        t_enc = best_of(lambda: encode_package(delta, cfg, meta=META), repeats)
+        t_dec = best_of(lambda: decode_package(result.data), repeats)
+    else:
+        enc = interleaved(lambda: encode_package(delta, cfg, meta=META), ref.encode, repeats)
+        dec = interleaved(lambda: decode_package(result.data), ref.decode, repeats)
+        t_enc, t_dec = enc.ours_s, dec.ours_s
+        ref.enc_s, ref.dec_s = min(ref.enc_s, enc.ref_s), min(ref.dec_s, dec.ref_s)
+    decoded = decode_package(result.data)
     num = sum(float((_dense(decoded.tensors[k]) - v).pow(2).sum()) for k, v in delta.items())
     den = sum(float(v.pow(2).sum()) for v in delta.values())
     return {
         "frac": result.report.frac_of_fp32,
         "rel_err": (num / den) ** 0.5,
-        "enc_gbps": dense_bytes / t_enc / 1e9,
-        "dec_gbps": dense_bytes / t_dec / 1e9,
-    }
-
-
-def baseline(delta: dict[str, torch.Tensor], repeats: int) -> dict[str, float]:
-    dense_bytes = 4 * sum(v.numel() for v in delta.values())
-    half = {k: v.half() for k, v in delta.items()}
-
-    def enc() -> bytes:
-        buf = io.BytesIO()
-        torch.save(half, buf)
-        return zstandard.ZstdCompressor(level=3).compress(buf.getvalue())
-
-    t_enc, blob = _best(enc, repeats)
-    t_dec, _ = _best(lambda: torch.load(io.BytesIO(zstandard.ZstdDecompressor().decompress(blob))), repeats)
-    return {
-        "frac": len(blob) / dense_bytes,
         "enc_gbps": dense_bytes / t_enc / 1e9,
         "dec_gbps": dense_bytes / t_dec / 1e9,
     }
@@ -121,18 +131,19 @@ def refuse_time_us() -> float:
         except Exception:
             return
 
-    t, _ = _best(attempt, 50)
-    return t * 1e6
+    return best_of(attempt, 50) * 1e6
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench codec", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="4 M parameters, one repeat (about a minute)")
     parser.add_argument("--numel", type=int, default=None, help="parameters in the synthetic delta")
+    parser.add_argument("--repeats", type=int, default=None, help="k of best-of-k (default 3, full 5)")
     args = parser.parse_args(argv)
     numel = args.numel or (4_000_000 if args.quick else 16_000_000)
-    repeats = 2 if args.quick else 3
+    repeats = args.repeats or (3 if args.quick else 5)
     console = Console()
+    console.log(load_line())
     delta = heavy_tailed_delta(numel, seed=0)
     n = sum(v.numel() for v in delta.values())
     encode_package({"warm": torch.randn(1000)}, CodecConfig(), meta=META)  # compile the numba kernels first
@@ -141,13 +152,14 @@ def main(argv: list[str]) -> int:
     for col in ("sparsify", "values", "bytes / fp32", "rel. L2 error", "encode GB/s", "decode GB/s"):
         table.add_column(col, justify="right")
     results: dict[tuple[float, str], dict[str, float]] = {}
+    ref = Reference(delta)
     for density in DENSITIES:
         for values in VALUES:
             cfg = CodecConfig(density=density, values=values, error_feedback=False)  # type: ignore[arg-type]
-            r = results[(density, values)] = measure(delta, cfg, repeats)
+            r = results[(density, values)] = measure(delta, cfg, repeats, ref)
             table.add_row(f"top-{density:.0%}", values, f"{r['frac']:.4f}", f"{r['rel_err']:.3f}",
                           f"{r['enc_gbps']:.2f}", f"{r['dec_gbps']:.2f}")  # fmt: skip
-    ef = measure(delta, CodecConfig(density=0.1, values="int8", error_feedback=True), repeats)
+    ef = measure(delta, CodecConfig(density=0.1, values="int8", error_feedback=True), repeats, ref)
     table.add_row(
         "top-10% + EF",
         "int8",
@@ -157,7 +169,7 @@ def main(argv: list[str]) -> int:
         f"{ef['dec_gbps']:.2f}",
     )
     rk = measure(
-        delta, CodecConfig(sparsify="randomk", density=0.1, values="int8", error_feedback=False), repeats
+        delta, CodecConfig(sparsify="randomk", density=0.1, values="int8", error_feedback=False), repeats, ref
     )
     table.add_row(
         "random-10%",
@@ -167,7 +179,7 @@ def main(argv: list[str]) -> int:
         f"{rk['enc_gbps']:.2f}",
         f"{rk['dec_gbps']:.2f}",
     )
-    base = baseline(delta, repeats)
+    base = ref.result()
     table.add_row(
         "zstd(torch.save fp16)",
         "fp16",
@@ -177,6 +189,7 @@ def main(argv: list[str]) -> int:
         f"{base['dec_gbps']:.2f}",
     )
     console.print(table)
+    console.print(load_line())
 
     lora = lora_delta(seed=0)
     lt = Table(title="real peft LoRA ΔW (2 × 512², r = 16)")
@@ -188,7 +201,7 @@ def main(argv: list[str]) -> int:
             lora, CodecConfig(density=density, values="int8", error_feedback=False), 1
         )
         lt.add_row(f"top-{density:.0%}", "int8", f"{r['frac']:.4f}", f"{r['rel_err']:.3f}")
-    lb = baseline(lora, 1)
+    lb = Reference(lora).result()
     lt.add_row("zstd(torch.save fp16)", "fp16", f"{lb['frac']:.4f}", "—")
     console.print(lt)
 
@@ -200,6 +213,8 @@ def main(argv: list[str]) -> int:
         "top10_int8_rel_err": round(top10["rel_err"], 4),
         "encode_gbps": round(top10["enc_gbps"], 3),
         "decode_gbps": round(top10["dec_gbps"], 3),
+        "top20_int4_encode_gbps": round(results[(0.20, "int4")]["enc_gbps"], 3),
+        "top20_int4_decode_gbps": round(results[(0.20, "int4")]["dec_gbps"], 3),
         "encode_gbps_with_error_feedback": round(ef["enc_gbps"], 3),
         "top1_int8_encode_gbps": round(results[(0.01, "int8")]["enc_gbps"], 3),
         "top1_int8_decode_gbps": round(results[(0.01, "int8")]["dec_gbps"], 3),

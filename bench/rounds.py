@@ -17,6 +17,9 @@ Each side runs in its own process, so its peak RSS (the process holding the Serv
 simulation driver) is its own. Bytes are counted from the payloads actually exchanged (uplink +
 downlink). Round time and bytes are means over rounds 2…R (round 1 includes the clients' start-up,
 and fedmerge's round 1 ships the base weights to every client; the all-rounds byte ratio is printed too).
+The two sides run ``--repeats`` times each, interleaved (fedmerge, Flower, Flower, fedmerge, …, as
+``bench.timing.interleaved`` orders calls); each side's round time is the best over its runs of the
+mean over rounds 2…R, and accuracy, bytes and RSS come from that best run. The load average is printed.
 ``server_rss_growth_10_to_50`` is fedmerge's peak RSS with 50 clients ÷ with 10 (one round each).
 The last line printed is one JSON object.
 """
@@ -33,12 +36,14 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 from fedmerge.flower.simulation import backend_config
+from fedmerge_bench.timing import interleaved, load_average, load_line
 
 ALPHA, SEED = 0.5, 0
 # task → (lr, local epochs): the same local training on both sides. Both built-in tasks are small
@@ -187,6 +192,7 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench rounds", description=__doc__)
     ap.add_argument("--quick", action="store_true", help="10 clients × 5 rounds (about a minute)")
     ap.add_argument("--task", choices=sorted(WORKLOADS), default="digits", help="workload (default digits)")
+    ap.add_argument("--repeats", type=int, default=2, help="runs per side, interleaved (best of k)")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -198,10 +204,21 @@ def main(argv: list[str]) -> int:
         return 0
     console = Console()
     clients, rounds = (10, 5) if args.quick else (20, 5)
-    ours = child("fedmerge", clients, rounds, args.task)
-    console.log(f"fedmerge: {ours['accuracy']}")
-    ref = child("flower", clients, rounds, args.task)
-    console.log(f"flower fedavg: {ref['accuracy']}")
+    console.log(load_line())
+    runs: dict[str, list[dict[str, Any]]] = {"fedmerge": [], "flower": []}
+
+    def side(kind: str) -> Callable[[], None]:
+        def run() -> None:
+            result = child(kind, clients, rounds, args.task)
+            console.log(f"{kind}: round s {[round(x, 3) for x in result['round_s']]}, "
+                        f"accuracy {result['accuracy'][-1]:.4f}")  # fmt: skip
+            runs[kind].append(result)
+
+        return run
+
+    interleaved(side("fedmerge"), side("flower"), args.repeats, warmup=False)
+    ours = min(runs["fedmerge"], key=lambda r: steady(r["round_s"]))
+    ref = min(runs["flower"], key=lambda r: steady(r["round_s"]))
     rss10 = child("fedmerge", 10, 1)["peak_rss"]  # server memory per client count: digits whatever --task
     rss50 = child("fedmerge", 50, 1)["peak_rss"]
 
@@ -222,6 +239,7 @@ def main(argv: list[str]) -> int:
     for label, a, b in rows:
         table.add_row(label, f"{a:,.3f}", f"{b:,.3f}", f"{a / b:.3f}")
     console.print(table)
+    console.print(f"best of {args.repeats} interleaved runs per side; {load_line()}")
     console.print(
         f"fedmerge server peak RSS: 10 clients {rss10 / 2**20:.0f} MiB, 50 clients {rss50 / 2**20:.0f} MiB"
     )
@@ -235,6 +253,9 @@ def main(argv: list[str]) -> int:
         "fedmerge_accuracy_per_round": [round(a, 4) for a in ours["accuracy"]],
         "flower_accuracy_per_round": [round(a, 4) for a in ref["accuracy"]],
         "server_peak_rss_vs_flower_fedavg": ours["peak_rss"] / ref["peak_rss"],
+        "fedmerge_round_s_per_run": [round(steady(r["round_s"]), 4) for r in runs["fedmerge"]],
+        "flower_round_s_per_run": [round(steady(r["round_s"]), 4) for r in runs["flower"]],
+        "load_average_1min": round(load_average()[0], 2),
     }
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()}))
     return 0

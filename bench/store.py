@@ -6,7 +6,9 @@
   ``save_file`` ones are still in the page cache when it returns.
 * export: ``ModelStore.export`` (materialise, re-hash every blob on read, stream into HF shards,
   fsync, atomic rename) against ``load_file`` + ``save_file`` of the same tensors.
-  Ratios are reference time / store time (≥ 1 means the store is faster); best of ``--repeats``.
+  Ratios are reference time / store time (≥ 1 means the store is faster); each store operation is
+  timed interleaved with its reference, best of ``--repeats`` (``bench.timing``); the load average
+  is printed.
 * peak RSS: a fresh interpreter exports a model twice the memory budget (base + one delta, so the
   export really sums) and reports its peak-RSS growth as a fraction of the model size.
 """
@@ -21,8 +23,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,6 +31,7 @@ from rich.table import Table
 from safetensors.torch import load_file, save_file
 
 from fedmerge.store import ModelStore
+from fedmerge_bench.timing import interleaved, load_average, load_line
 
 TENSOR_ELEMS = 1 << 20  # 4 MiB fp32 tensors
 
@@ -38,6 +39,7 @@ CHILD = textwrap.dedent(
     """
     import json, sys
     from fedmerge.store import ModelStore
+from fedmerge_bench.timing import interleaved, load_average, load_line
     store = ModelStore.open(sys.argv[1])
     def hwm():
         for line in open("/proc/self/status"):
@@ -58,15 +60,6 @@ def make_model(total_bytes: int, seed: int) -> dict[str, torch.Tensor]:
     return {f"layers.{i:03d}.weight": torch.randn(1024, TENSOR_ELEMS // 1024, generator=g) for i in range(n)}
 
 
-def best_of(repeats: int, fn: Callable[[], None]) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
 def measure_throughput(work: Path, model: dict[str, torch.Tensor], repeats: int) -> dict[str, float]:
     counter = iter(range(10**6))
 
@@ -83,10 +76,12 @@ def measure_throughput(work: Path, model: dict[str, torch.Tensor], repeats: int)
         with path.open("rb+") as fh:
             os.fsync(fh.fileno())
 
-    t_ref_save = best_of(repeats, ref_save)
-    t_ref_save_fsync = best_of(repeats, ref_save_fsync)
-    t_commit = best_of(repeats, store_commit)
-    src = work / "ref-0.safetensors"
+    commit = interleaved(store_commit, ref_save, repeats)
+    commit_fsync = interleaved(store_commit, ref_save_fsync, repeats)
+    t_ref_save, t_ref_save_fsync = commit.ref_s, commit_fsync.ref_s
+    t_commit = min(commit.ours_s, commit_fsync.ours_s)
+    src = work / "ref-src.safetensors"
+    save_file(model, src)
     store_dir = work / "store-export"
     with ModelStore.open(store_dir) as store:
         store.commit_base(model, name="bench")
@@ -98,8 +93,8 @@ def measure_throughput(work: Path, model: dict[str, torch.Tensor], repeats: int)
         with ModelStore.open(store_dir) as store:
             store.export("latest", work / f"out-{next(counter)}")
 
-    t_ref_export = best_of(repeats, ref_export)
-    t_export = best_of(repeats, store_export)
+    export = interleaved(store_export, ref_export, repeats)
+    t_ref_export, t_export = export.ref_s, export.ours_s
     return {
         "t_ref_save": t_ref_save,
         "t_ref_save_fsync": t_ref_save_fsync,
@@ -191,6 +186,7 @@ def main(argv: list[str]) -> int:
         f"{export_ratio:.2f}",
     )
     console.print(table)
+    console.print(load_line())
     console.print(
         f"export of a {rss['model_bytes'] / 2**20:.0f} MiB model (2x a {budget_mb} MiB budget): "
         f"peak RSS grew "
@@ -208,6 +204,7 @@ def main(argv: list[str]) -> int:
         "rss_model_mib": round(rss["model_bytes"] / 2**20, 1),
         "commit_mib_s": round(mb / t["t_commit"], 1),
         "export_mib_s": round(mb / t["t_export"], 1),
+        "load_average_1min": round(load_average()[0], 2),
     }
     print(json.dumps(result))
     return 0
