@@ -3,12 +3,14 @@
 It commits the task's pre-trained base into the store (if the store is empty), runs the fedmerge
 ServerApp and ``num-clients`` simulated ClientApps on Flower's simulation engine (Ray) for
 ``rounds`` rounds — non-IID Dirichlet partitions, TIES over top-k + int8 task vectors — and prints
-a table per round (clients accepted / rejected, bytes sent vs dense fp32, accuracy) and the versions.
+a table per round (clients accepted / rejected, bytes sent vs dense fp32, accuracy), the versions and
+the command that opens the store's dashboard.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import warnings
 from pathlib import Path
 from typing import Any
@@ -131,4 +133,15 @@ def run_demo(
         status.stop()
     with ModelStore.open(cfg.store) as st:
         console.print(versions_table(st))
+    console.print(
+        f"open its dashboard: {dashboard_command(Path(cfg.store))}",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
     return reports
+
+
+def dashboard_command(store: Path) -> str:
+    """The one command that serves the store's web dashboard (``fedmerge dashboard``)."""
+    return f"fedmerge dashboard --store {shlex.quote(str(store))}"

@@ -123,7 +123,7 @@ def _params_text(params: dict[str, Any], limit: int = 64) -> str:
 
 
 def summarize(store: ModelStore, version: Version, aliases: dict[str, list[str]]) -> VersionSummary:
-    metrics = {k: v for k in KEY_METRICS if (v := _number(version.metrics.get(k))) is not None}  # type: ignore[misc]
+    metrics = {k: v for k in KEY_METRICS if (v := _number(version.metrics.get(k))) is not None}
     return VersionSummary(
         id=version.id,
         kind=version.kind,

@@ -101,6 +101,7 @@ def demo_store(tmp_path_factory: pytest.TempPathFactory) -> StoreFacts:
     os.environ.update(FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0")
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     root = tmp_path_factory.mktemp("demo") / "store"
+    printed = io.StringIO()
     try:
         # seed 3: the injected dropout (p = 0.4) loses one of the three replies in each round
         # (fedmerge.flower.faults.draw_faults is a pure function of seed, round and partition)
@@ -109,7 +110,7 @@ def demo_store(tmp_path_factory: pytest.TempPathFactory) -> StoreFacts:
             num_clients=3,
             rounds=2,
             overrides={"fault-dropout": 0.4, "seed": 3, "local-epochs": 1},
-            console=Console(file=io.StringIO()),
+            console=Console(file=printed, width=200),
         )
     finally:
         for k, v in saved.items():
@@ -118,6 +119,11 @@ def demo_store(tmp_path_factory: pytest.TempPathFactory) -> StoreFacts:
             else:
                 os.environ[k] = v
     assert [r.version_id for r in reports] == ["v000002", "v000003"], reports
+    # the demo ends with the command that opens its dashboard
+    assert (
+        printed.getvalue().rstrip().splitlines()[-1]
+        == f"open its dashboard: fedmerge dashboard --store {root}"
+    )
     rejected = [c for r in reports for c in r.rejected]
     assert rejected, "the demo fixture needs a rejected contributor; change the seed"
     with ModelStore.open(root) as st:

@@ -201,3 +201,18 @@ def test_intake_page_reads_the_queue(small_store: Any, tmp_path: Path) -> None:
         assert f'href="/versions/{small_store.versions[-1]}"' in html
         assert 'id="chart-intake-rate"' in html and 'id="chart-intake-latency"' in html
         assert 'href="/intake"' in get(d.url + "/versions")[2].decode()
+
+
+def test_missing_extra_names_the_install_command(small_store: Any) -> None:
+    """Without starlette the dashboard says which extra to install (one line, exit 2), and
+    ``fedmerge --help`` still works."""
+    code = (
+        "import sys; sys.modules['starlette'] = None; from fedmerge.cli import main; "
+        f"main(['dashboard', '--store', {str(small_store.root)!r}])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert "pip install 'fedmerge[dashboard]'" in out.stderr
+    code = "import sys; sys.modules['starlette'] = None; from fedmerge.cli import main; main(['--help'])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and "dashboard" in out.stdout
