@@ -4,7 +4,8 @@ Per ``train`` message: take the base weights from the message (or this node's ca
 ``context.state``), fine-tune with the configured task (:func:`simulations.local_round.local_round`:
 full fine-tuning or LoRA through peft, whose merged ΔW = (α/r)·B·A is the task vector), encode
 τ = θ_ft − θ_base with the codec (top-k + int8 by default, error-feedback residual kept in
-``context.state``) and reply with the package and the training metrics.
+``context.state``) and reply with the package and the training metrics. A node may compress its task
+vector to low rank first (TSV-C: ``--node-config "tsv-c-tasks=T"``, :func:`low_rank_delta`).
 
 The node's data: in a deployment, its private file ``--node-config "data-path=/path"`` read by the
 task's ``load_data`` (a missing or unreadable path is an error reply naming it); in simulation (no
@@ -15,13 +16,15 @@ is the run config's ``task``: a built-in name or ``"package.module:factory"``
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 
+import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedmerge.codec import PackageMeta
+from fedmerge.delta.lowrank import tsv_compress
 from fedmerge.errors import ConfigError
 from fedmerge.flower.client import (
     TrainInstructions,
@@ -82,6 +85,18 @@ def node_data(context: Context, task: Task, conf: TrainInstructions) -> tuple[Cl
     return partition_for(conf.task, num, conf.partitioner, conf.dirichlet_alpha, conf.seed)[pid], pid
 
 
+def low_rank_delta(delta: Mapping[str, torch.Tensor], context: Context) -> Mapping[str, torch.Tensor]:
+    """TSV-C before the codec when the node sets ``--node-config "tsv-c-tasks=T"`` (T ≥ 1, the number of
+    tasks merged): each matrix of the task vector at rank max(1, ⌊min(m, n)/T⌋)
+    (:func:`fedmerge.delta.lowrank.tsv_compress`); unset, the delta as it is."""
+    value = context.node_config.get("tsv-c-tasks")
+    if value is None:
+        return delta
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"node config tsv-c-tasks={value!r} must be an integer ≥ 1 (the number of tasks)")
+    return tsv_compress(delta, value)
+
+
 def train_reply(message: Message, context: Context, task_factory: TaskFactory = get_task) -> Message:
     """Handle one ``train`` message; exceptions become Flower error replies the server records."""
     settings = message_settings(message.content)
@@ -96,6 +111,7 @@ def train_reply(message: Message, context: Context, task_factory: TaskFactory = 
         epochs=conf.local_epochs, lr=conf.lr, batch_size=conf.batch_size,
         lora_rank=conf.lora_rank, lora_alpha=conf.lora_alpha, device=training_device(conf.device),
     )  # fmt: skip
+    delta = low_rank_delta(update.delta, context)
     meta = PackageMeta(
         client_id=client_id_of(context, pid),
         round=conf.round,
@@ -103,7 +119,7 @@ def train_reply(message: Message, context: Context, task_factory: TaskFactory = 
         base_version_hash=conf.base_version_hash,
         num_examples=data.num_examples,
     )
-    content, _ = encode_reply(update.delta, conf.codec, meta, context, update.metrics)
+    content, _ = encode_reply(delta, conf.codec, meta, context, update.metrics)
     return Message(content, reply_to=message)
 
 
