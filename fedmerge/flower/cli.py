@@ -45,12 +45,26 @@ def serve(
         bool,
         typer.Option(help="allow a non-loopback --metrics-host (the endpoint has no authentication)"),
     ] = False,
+    dashboard_port: Annotated[
+        int | None,
+        typer.Option(help="serve the read-only web dashboard on this port (0 = any free port)"),
+    ] = None,
+    dashboard_host: Annotated[
+        str, typer.Option(help="address the dashboard binds; off loopback it requires --dashboard-token")
+    ] = "127.0.0.1",
+    dashboard_token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="FEDMERGE_DASHBOARD_TOKEN",
+            help="bearer token the dashboard requires (≥ 16 characters; prefer the environment variable)",
+        ),
+    ] = None,
 ) -> None:
     """Start the SuperLink of a real deployment; `flwr run .` then starts the fedmerge ServerApp on it.
 
     SIGINT/SIGTERM are forwarded to the SuperLink; the exit code is the SuperLink's.
     """
-    from fedmerge.errors import ConfigError
+    from fedmerge.errors import FedMergeError
     from fedmerge.flower.serve import serve_forever
 
     try:
@@ -65,8 +79,11 @@ def serve(
             metrics_port=metrics_port,
             metrics_host=metrics_host,
             metrics_allow_remote=metrics_allow_remote,
+            dashboard_port=dashboard_port,
+            dashboard_host=dashboard_host,
+            dashboard_token=dashboard_token,
         )
-    except ConfigError as exc:
+    except FedMergeError as exc:
         typer.echo(f"fedmerge serve: {exc}", err=True)
         raise typer.Exit(2) from None
     raise typer.Exit(code)

@@ -29,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from fedmerge.errors import ConfigError
 from fedmerge.metrics import (
@@ -143,6 +144,9 @@ def serve_forever(
     metrics_port: int | None = None,
     metrics_host: str = "127.0.0.1",
     metrics_allow_remote: bool = False,
+    dashboard_port: int | None = None,
+    dashboard_host: str = "127.0.0.1",
+    dashboard_token: str | None = None,
 ) -> int:
     """Open (or create) the store, run the SuperLink until it exits; returns its exit code.
 
@@ -150,7 +154,9 @@ def serve_forever(
     ServerApp processes it started); if it is still alive ``grace_s`` seconds later it is killed.
     With ``metrics_port`` (0 = any free port) the Prometheus endpoint is served on
     ``metrics_host:metrics_port`` while the SuperLink runs (a non-loopback host needs
-    ``metrics_allow_remote``; see the module docstring).
+    ``metrics_allow_remote``; see the module docstring). With ``dashboard_port`` the read-only
+    dashboard (:func:`fedmerge.dashboard.start_in_background`) is served on
+    ``dashboard_host:dashboard_port``; off loopback it requires ``dashboard_token``.
     """
     root = Path(store).resolve()
     state = (state_dir or default_state_dir(root)).resolve()
@@ -178,6 +184,17 @@ def serve_forever(
         )
         env[EVENTS_ENV] = str(state / EVENTS_FILE)
         print(f"serving metrics on {metrics_server.url}", flush=True)
+    dashboard: Any = None
+    if dashboard_port is not None:
+        from fedmerge.dashboard import start_in_background
+
+        try:
+            dashboard = start_in_background(root, dashboard_host, dashboard_port, dashboard_token or None)
+        except BaseException:
+            if metrics_server is not None:
+                metrics_server.stop()
+            raise
+        print(f"serving dashboard on {dashboard.url}", flush=True)
     received: list[int] = []
     started: list[subprocess.Popen[bytes]] = []
 
@@ -214,6 +231,8 @@ def serve_forever(
             signal.signal(sig, handler)
         if metrics_server is not None:
             metrics_server.stop()
+        if dashboard is not None:
+            dashboard.stop()
 
 
 def _timestamp(iso: str) -> float | None:
