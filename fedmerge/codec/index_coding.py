@@ -46,8 +46,17 @@ def gaps_of(indices: np.ndarray) -> np.ndarray:
 def sizes(indices: np.ndarray, numel: int) -> dict[str, tuple[int, int]]:
     """coding → (payload bytes, rice parameter) for every coding applicable to this tensor."""
     k = int(indices.size)
-    gaps = gaps_of(indices)
-    out = {"bitmap": ((numel + 7) // 8, 0), "varint": (_varint_size(gaps), 0), "rice": _best_rice(gaps)}
+    if k == 0:
+        varint, rice = 0, (0, 0)
+    else:  # one pass over the indices: varint bytes and Σ⌊g/2^r⌋ for the Rice candidates around log2(mean)
+        mean_gap = (int(indices[-1]) + 1 - k) / k
+        centre = int(np.log2(max(mean_gap, 1.0)))
+        r_lo, r_hi = max(0, centre - 2), min(MAX_RICE_K, centre + 2)
+        quotient_sums = np.zeros(r_hi - r_lo + 1, dtype=np.int64)
+        varint = int(_gap_stats(indices, r_lo, quotient_sums))
+        rice = min((((int(quotient_sums[j]) + k * (1 + r_lo + j)) + 7) // 8, r_lo + j)
+                   for j in range(quotient_sums.size))  # fmt: skip
+    out = {"bitmap": ((numel + 7) // 8, 0), "varint": (varint, 0), "rice": rice}
     if numel <= 1 << 31:
         out["coo"] = (4 * k, 0)
     return out
@@ -154,6 +163,26 @@ def _varint_size(gaps: np.ndarray) -> int:
     return int(gaps.size + sum(int(np.count_nonzero(gaps >= lim)) for lim in _VARINT_LIMITS))
 
 
+@numba.njit(cache=True, nogil=True)
+def _gap_stats(indices: np.ndarray, r_lo: int, quotient_sums: np.ndarray) -> int:
+    """For the gaps of sorted ``indices``: add Σ_j g_j >> (r_lo + m) into ``quotient_sums[m]``;
+    return the varint payload bytes Σ_j ⌈bitlen(g_j)/7⌉ (at least 1 per gap)."""
+    prev = np.int64(-1)
+    varint = 0
+    for i in range(indices.size):
+        g = indices[i] - prev - 1
+        prev = indices[i]
+        v = 1
+        t = g >> 7
+        while t > 0:
+            v += 1
+            t >>= 7
+        varint += v
+        for m in range(quotient_sums.size):
+            quotient_sums[m] += g >> (r_lo + m)
+    return varint
+
+
 def _best_rice(gaps: np.ndarray) -> tuple[int, int]:
     """(bytes, r) for the Rice parameter r minimising the payload, searched around log2(mean gap)."""
     if gaps.size == 0:
@@ -213,21 +242,54 @@ def _varint_decode(data: np.ndarray, nnz: int, numel: int, out: np.ndarray) -> i
 
 @numba.njit(cache=True, nogil=True)
 def _rice_encode(gaps: np.ndarray, r: int, out: np.ndarray) -> int:
-    bp = 0
-    low_mask = (1 << r) - 1
+    """Write the Rice code of every gap into the zeroed ``out``, LSB-first; return the bit count.
+
+    Bits collect in a 64-bit accumulator that is flushed a byte at a time (never more than 7 bits
+    pending between fields, at most 32 added at once), so the layout is exactly bit ``bp`` →
+    ``out[bp >> 3]`` bit ``bp & 7``."""
+    acc = np.uint64(0)
+    pending = 0
+    pos = 0
+    low_mask = (np.int64(1) << r) - 1
     for i in range(gaps.size):
         g = gaps[i]
         q = g >> r
-        for _ in range(q):
-            out[bp >> 3] |= np.uint8(1 << (bp & 7))
-            bp += 1
-        bp += 1  # the terminating zero
+        while q > 0:  # q ones
+            take = min(q, 32)
+            acc |= ((np.uint64(1) << np.uint64(take)) - np.uint64(1)) << np.uint64(pending)
+            pending += take
+            q -= take
+            while pending >= 8:
+                out[pos] = np.uint8(acc & np.uint64(0xFF))
+                acc >>= np.uint64(8)
+                pending -= 8
+                pos += 1
+        pending += 1  # the terminating zero
         rem = g & low_mask
-        for j in range(r):
-            if (rem >> j) & 1:
-                out[bp >> 3] |= np.uint8(1 << (bp & 7))
-            bp += 1
-    return bp
+        left = r
+        while left > 0:
+            take = min(left, 32)
+            part = np.uint64(rem & ((np.int64(1) << take) - 1))
+            acc |= part << np.uint64(pending)
+            pending += take
+            rem >>= take
+            left -= take
+            while pending >= 8:
+                out[pos] = np.uint8(acc & np.uint64(0xFF))
+                acc >>= np.uint64(8)
+                pending -= 8
+                pos += 1
+        while pending >= 8:
+            out[pos] = np.uint8(acc & np.uint64(0xFF))
+            acc >>= np.uint64(8)
+            pending -= 8
+            pos += 1
+    if pending > 0:
+        out[pos] = np.uint8(acc & np.uint64(0xFF))
+    return pos * 8 + pending
+
+
+_TRAILING_ONES = np.array([(~b & (b + 1)).bit_length() - 1 for b in range(256)], dtype=np.int64)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -236,25 +298,36 @@ def _rice_decode(data: np.ndarray, nnz: int, numel: int, r: int, out: np.ndarray
     bp = 0
     prev = np.int64(-1)
     limit_q = numel >> r
+    ones = _TRAILING_ONES
     for i in range(nnz):
         q = 0
-        while True:
+        while True:  # the unary part, up to a byte at a time
             if bp >= nbits:
                 return -1
-            bit = (data[bp >> 3] >> (bp & 7)) & 1
-            bp += 1
-            if bit == 0:
+            shift = bp & 7
+            avail = 8 - shift
+            run = ones[np.int64(data[bp >> 3]) >> shift]
+            if run < avail:
+                q += run
+                bp += run + 1
+                if q > limit_q:
+                    return -3
                 break
-            q += 1
+            q += avail
+            bp += avail
             if q > limit_q:
                 return -3
         if bp + r > nbits:
             return -1
         rem = np.int64(0)
-        for j in range(r):
-            rem |= np.int64((data[bp >> 3] >> (bp & 7)) & 1) << j
-            bp += 1
-        idx = prev + 1 + ((q << r) | rem)
+        got = 0
+        while got < r:
+            shift = bp & 7
+            take = min(8 - shift, r - got)
+            rem |= ((np.int64(data[bp >> 3]) >> shift) & ((1 << take) - 1)) << got
+            got += take
+            bp += take
+        idx = prev + 1 + ((np.int64(q) << r) | rem)
         if idx >= numel:
             return -3
         out[i] = idx

@@ -136,6 +136,7 @@ class _Selected:
     threshold: int = 0
     sparse_input: bool = False
     owned: bool = False  # flat is a buffer of our own (δ + e), reusable for the new residual
+    carried: torch.Tensor | None = None  # flat[indices], when the selection gathered it already
 
 
 def encode_package(
@@ -238,9 +239,9 @@ def _select(items: list[_Selected], config: CodecConfig, meta: PackageMeta) -> N
         groups = [sparse] if config.scope == "global" else [[it] for it in sparse]
         for group in groups:
             k = sparsify.topk_count(sum(int(it.flat.numel()) for it in group), config.density)
-            picked = sparsify.topk_indices([it.flat for it in group], k, [it.name for it in group])
-            for it, idx in zip(group, picked, strict=True):
-                it.indices = idx
+            picked = sparsify.topk_select([it.flat for it in group], k, [it.name for it in group])
+            for it, (idx, vals) in zip(group, picked, strict=True):
+                it.indices, it.carried = idx, vals
     elif config.sparsify == "randomk":
         threshold = sparsify.keep_threshold(config.density)
         for it in sparse:
@@ -257,6 +258,8 @@ def _encode_tensor(
     numel = math.prod(item.shape)
     if item.sparse_input or item.indices is None:
         carried = item.flat
+    elif item.carried is not None:
+        carried = item.carried
     else:
         carried = item.flat.index_select(0, item.indices)
     if item.scale != 1.0:
@@ -309,7 +312,8 @@ def _report(
 
 
 def read_headers(
-    data: bytes, limits: validate.DecodeLimits = validate.DecodeLimits()  # noqa: B008 (frozen)
+    data: bytes,
+    limits: validate.DecodeLimits = validate.DecodeLimits(),  # noqa: B008 (frozen)
 ) -> tuple[delta_pb2.DeltaPackage, PackageMeta, list[validate.TensorHeader]]:
     """Steps 1–5 of validation only: the parsed package, its metadata and every tensor header with
     its declared shape, checked against ``limits`` and the payload lengths — no payload is decoded and

@@ -6,7 +6,13 @@
   smallest possible for k entries (Aji & Heafield 2017; Stich et al. 2018 with error feedback).
   Selection is an exact two-level radix select on the IEEE-754 bit patterns of |x| (monotonic for
   non-negative floats): a 16-bit histogram pass, a 15-bit histogram pass restricted to the boundary
-  bin, then one pass that emits the indices in increasing order — O(n), no sort.
+  bin, then one pass that emits the indices in increasing order — O(n), no sort. Large inputs first
+  take a filter: a fixed pseudo-random sample of 2^16 magnitudes gives a lower bound L that at least
+  k entries reach (with a margin of 6 standard deviations of the sample count); one pass keeps the
+  positions with |x| ≥ L (≈ 1.1·k of them, in order), and the radix select runs on those only.
+  Every entry of the top k, and every entry tied with the k-th, is ≥ L, so the selected set — ties
+  included — is the one the full radix select returns; when fewer than k entries reach L (or more
+  than the buffer holds) the full select runs instead. The filter changes speed only, never output.
 - **random-k** (DARE, Yu et al. 2024, "Language Models are Super Mario"): entry i is kept iff
   splitmix64(seed + i) >> 11 < keep_threshold, keep_threshold = round(density · 2^53), i.e. with
   probability density, independently. The seed is sent instead of the indices; with rescaling the kept
@@ -102,6 +108,66 @@ def _emit(bits: np.ndarray, threshold: int, ties: int, out: np.ndarray) -> tuple
     return j, used
 
 
+@numba.njit(cache=True, nogil=True)
+def _filter_at_least(
+    bits: np.ndarray, lower: int, out_idx: np.ndarray, out_bits: np.ndarray, start: int
+) -> tuple[int, int]:
+    """Append (i, |bits_i|) for every i with magnitude bits ≥ ``lower`` at ``start`` of the outputs
+    (never past their end); return (new end, non-finite count). Branch-free in the common case."""
+    j = start
+    cap = out_idx.size - 1  # one spare slot: the branch-free store writes before it tests
+    nonfinite = 0
+    n = bits.size
+    for i in range(n):
+        b = bits[i] & 0x7FFFFFFF
+        nonfinite += b >= 0x7F800000
+        if j < cap:
+            out_idx[j] = i
+            out_bits[j] = b
+        j += b >= lower
+    return j, nonfinite
+
+
+@numba.njit(cache=True, nogil=True)
+def _hist_high_masked(bits: np.ndarray, hist: np.ndarray) -> None:
+    """Histogram of the top 16 of 31 magnitude bits of already-masked, finite ``bits``."""
+    for i in range(bits.size):
+        hist[bits[i] >> 15] += 1
+
+
+@numba.njit(cache=True, nogil=True)
+def _hist_low_masked(bits: np.ndarray, high_bin: int, hist: np.ndarray) -> None:
+    """Histogram of the low 15 bits of the masked ``bits`` inside ``high_bin``."""
+    for i in range(bits.size):
+        b = bits[i]
+        if (b >> 15) == high_bin:
+            hist[b & 0x7FFF] += 1
+
+
+@numba.njit(cache=True, nogil=True)
+def _emit_filtered(
+    idx: np.ndarray,
+    bits: np.ndarray,
+    threshold: int,
+    ties: int,
+    values: np.ndarray,
+    out_idx: np.ndarray,
+    out_values: np.ndarray,
+) -> tuple[int, int]:
+    """Like :func:`_emit` over filtered (index, bits) pairs; also gathers ``values[index]``."""
+    j = 0
+    used = 0
+    for c in range(idx.size):
+        b = bits[c]
+        if b > threshold or (b == threshold and used < ties):
+            i = idx[c]
+            out_idx[j] = i
+            out_values[j] = values[i]
+            j += 1
+            used += b == threshold
+    return j, used
+
+
 def _as_bits(flat: torch.Tensor) -> np.ndarray:
     return flat.numpy().view(np.uint32)
 
@@ -111,12 +177,87 @@ def topk_count(numel: int, density: float) -> int:
     return min(numel, max(1 if numel else 0, math.ceil(density * numel - 1e-9)))
 
 
+FILTER_MIN_NUMEL = 1 << 18
+"""Below this many entries the full radix select runs directly (the filter would not pay off)."""
+_SAMPLE = 1 << 16
+_SAMPLE_SEED = 0x5EED
+
+
 def topk_indices(flats: Sequence[torch.Tensor], k: int, names: Sequence[str]) -> list[torch.Tensor]:
     """Flat int64 indices (sorted) of the k largest |x| over all ``flats`` together (1-D contiguous fp32).
 
     Pass one tensor for per-tensor top-k, several for global top-k. Raises :class:`CodecError` naming
     the first tensor that holds a NaN or infinity.
     """
+    return [idx for idx, _ in topk_select(flats, k, names)]
+
+
+def topk_select(
+    flats: Sequence[torch.Tensor], k: int, names: Sequence[str]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(sorted int64 indices, their fp32 values) per tensor: the k largest |x| over all ``flats``.
+
+    The selection of :func:`topk_indices` (same set, same tie-breaking), with the carried values
+    gathered in the same pass. Raises :class:`CodecError` naming the first non-finite tensor.
+    """
+    total = sum(int(f.numel()) for f in flats)
+    if 0 < k < total and total >= FILTER_MIN_NUMEL:
+        picked = _topk_filtered(flats, k, names, total)
+        if picked is not None:
+            return picked
+    return [(idx, f.index_select(0, idx)) for f, idx in zip(flats, _topk_full(flats, k, names), strict=True)]
+
+
+def _topk_filtered(
+    flats: Sequence[torch.Tensor], k: int, names: Sequence[str], total: int
+) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Sample → lower bound → filter → exact select on the survivors; None when the bound missed."""
+    bits = [_as_bits(f) for f in flats]
+    positions = np.sort(np.random.default_rng(_SAMPLE_SEED).integers(0, total, _SAMPLE))
+    starts = np.cumsum([0] + [b.size for b in bits])
+    sample = np.empty(_SAMPLE, dtype=np.uint32)
+    for t, b in enumerate(bits):
+        lo, hi = np.searchsorted(positions, [starts[t], starts[t + 1]])
+        sample[lo:hi] = b[positions[lo:hi] - starts[t]] & _ABS_MASK
+    q = k / total
+    mean = q * _SAMPLE
+    rank = math.ceil(mean + 6.0 * math.sqrt(mean * (1.0 - q)) + 8)  # sample entries at or above L
+    if rank >= _SAMPLE:
+        return None
+    sample.sort()
+    lower = int(sample[_SAMPLE - rank])
+    capacity = int(total * (rank + 6.0 * math.sqrt(rank) + 8) / _SAMPLE) + 1024
+    cand_idx = np.empty(capacity, dtype=np.int64)
+    cand_bits = np.empty(capacity, dtype=np.uint32)
+    ends = [0]
+    for b, name in zip(bits, names, strict=True):
+        end, nonfinite = _filter_at_least(b, lower, cand_idx, cand_bits, ends[-1])
+        if nonfinite:
+            raise CodecError(f"tensor {name!r} holds NaN or infinite values; a delta must be finite")
+        ends.append(end)
+    if ends[-1] >= capacity - 1 or ends[-1] < k:
+        return None  # the buffer overflowed or the bound was too high: rare, the full select decides
+    hist = np.zeros(_HI_BINS, dtype=np.int64)
+    _hist_high_masked(cand_bits[: ends[-1]], hist)
+    high_bin, above = _boundary(hist, k)
+    low = np.zeros(_LO_BINS, dtype=np.int64)
+    _hist_low_masked(cand_bits[: ends[-1]], high_bin, low)
+    low_bin, above_low = _boundary(low, k - above)
+    threshold = (high_bin << 15) | low_bin
+    ties = k - above - above_low
+    out: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for t, f in enumerate(flats):
+        lo, hi = ends[t], ends[t + 1]
+        idx = np.empty(hi - lo, dtype=np.int64)
+        vals = np.empty(hi - lo, dtype=np.float32)
+        count, used = _emit_filtered(cand_idx[lo:hi], cand_bits[lo:hi], threshold, ties, f.numpy(), idx, vals)
+        ties -= used
+        out.append((torch.from_numpy(idx[:count]), torch.from_numpy(vals[:count])))
+    return out
+
+
+def _topk_full(flats: Sequence[torch.Tensor], k: int, names: Sequence[str]) -> list[torch.Tensor]:
+    """The exact two-level radix select over every entry (see the module docstring)."""
     total = sum(int(f.numel()) for f in flats)
     if k <= 0:
         return [torch.zeros(0, dtype=torch.int64) for _ in flats]
@@ -152,6 +293,7 @@ def _boundary(hist: np.ndarray, k: int) -> tuple[int, int]:
 
 
 # ------------------------------------------------------------------------------------------- random-k
+
 
 @numba.njit(cache=True, nogil=True)
 def _randomk_fill(seed: np.uint64, threshold: np.uint64, numel: int, out: np.ndarray) -> int:
