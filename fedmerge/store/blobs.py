@@ -9,7 +9,13 @@ the store needs; :class:`LocalBlobBackend` implements it on a directory:
 
 Writes are crash-safe: bytes go to a temporary file, which is fsynced, then renamed onto its final
 name (atomic on POSIX); :meth:`BlobBackend.sync` fsyncs the directories so the renames survive a
-power loss. A reader therefore sees a blob whole or not at all. An object-store backend would
+power loss. A reader therefore sees a blob whole or not at all. A commit writes its blobs in two
+phases so that the fsyncs are batched: :meth:`LocalBlobBackend.stage` writes a temporary file while
+hashing the same chunks (one pass over the bytes, no fsync), then :meth:`LocalBlobBackend.publish`
+fsyncs every staged file (concurrently: the fsyncs share journal commits) and only then renames each
+onto its final name. The order per blob is unchanged — bytes durable before the rename, renames
+durable (directory fsync) before the manifest — so the durability promise is the same as one
+fsync per blob. An object-store backend would
 implement the same protocol (``local_path`` then being a read-through cache).
 """
 
@@ -23,6 +29,7 @@ import secrets
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -86,16 +93,46 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_CHUNK = 1 << 20  # hash and write in 1 MiB chunks: each chunk is still in cache when it is written
+
+
+@dataclass(frozen=True)
+class StagedBlob:
+    """A blob written to ``tmp`` (not yet durable nor visible) whose bytes hash to ``digest``;
+    ``tmp`` is None when a blob with that digest already existed (its age was reset instead)."""
+
+    digest: str
+    tmp: Path | None
+    final: Path
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file's data and metadata by path."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_parts(fd: int, parts: Sequence[Buffer], hasher: hashlib._Hash | None) -> None:
+    for part in parts:
+        view = memoryview(part).cast("B")
+        for start in range(0, view.nbytes, _CHUNK):
+            chunk = view[start : start + _CHUNK]
+            if hasher is not None:
+                hasher.update(chunk)
+            while chunk.nbytes:
+                written = os.write(fd, chunk)
+                chunk = chunk[written:]
+
+
 def write_atomic(final: Path, parts: Sequence[Buffer], tmp_dir: Path) -> None:
     """Write ``parts`` to a temporary file in ``tmp_dir``, fsync it, rename it onto ``final``."""
     tmp = tmp_dir / f"{secrets.token_hex(8)}.partial"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        for part in parts:
-            view = memoryview(part)
-            while view.nbytes:
-                written = os.write(fd, view)
-                view = view[written:]
+        _write_parts(fd, parts, None)
         os.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -133,6 +170,55 @@ class LocalBlobBackend:
         write_atomic(final, parts, self.tmp_dir)
         self._dirty.add(final.parent)
         return True
+
+    def stage(self, parts: Sequence[Buffer]) -> StagedBlob:
+        """Write ``parts`` to a temporary file, hashing them on the way (no fsync, not yet visible).
+
+        If a blob with the same digest exists already, the temporary file is removed and the
+        existing blob's age reset (as :meth:`put` does). Safe to call from several threads.
+        """
+        tmp = self.tmp_dir / f"{secrets.token_hex(8)}.partial"
+        hasher = hashlib.sha256()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            _write_parts(fd, parts, hasher)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        digest = hasher.hexdigest()
+        final = self.local_path(digest)
+        if final.is_file():
+            tmp.unlink()
+            os.utime(final)
+            return StagedBlob(digest, None, final)
+        return StagedBlob(digest, tmp, final)
+
+    def publish(self, staged: Sequence[StagedBlob]) -> None:
+        """fsync every staged temporary file (concurrently), then rename each onto its final name.
+
+        Call :meth:`sync` afterwards to make the renames durable. On an error the staged files that
+        were not renamed are removed and the error propagates.
+        """
+        todo = [s for s in staged if s.tmp is not None]
+        try:
+            paths = [s.tmp for s in todo if s.tmp is not None]
+            if len(paths) > 1:
+                with ThreadPoolExecutor(max_workers=min(8, len(paths))) as pool:
+                    list(pool.map(fsync_path, paths))
+            elif paths:
+                fsync_path(paths[0])
+            for s in todo:
+                assert s.tmp is not None
+                s.final.parent.mkdir(exist_ok=True)
+                os.replace(s.tmp, s.final)  # a duplicate digest in the batch replaces equal bytes
+                self._dirty.add(s.final.parent)
+        except BaseException:
+            for s in todo:
+                if s.tmp is not None:
+                    s.tmp.unlink(missing_ok=True)
+            raise
 
     def size(self, digest: str) -> int:
         return self.local_path(digest).stat().st_size

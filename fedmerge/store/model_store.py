@@ -10,8 +10,9 @@ Layout of a store directory::
 
 Commit protocol (each step durable before the next):
 
-1. every tensor is written as a blob: temporary file → fsync → rename; then the blob directories
-   are fsynced. Blobs are content-addressed, so a crash here leaves only unreferenced blobs.
+1. every tensor is written as a blob: temporary files (hashed while written) → one batch of
+   concurrent fsyncs → renames; then the blob directories are fsynced. Blobs are content-addressed,
+   so a crash here leaves only temporary files and unreferenced blobs.
 2. ``BEGIN IMMEDIATE`` on the catalog (the writer lock); the next sequence number becomes the id
    ``v{seq:06d}``; blobs are re-checked (a concurrent ``gc`` may have removed a reused one; it is
    rewritten); the manifest is written temporary → fsync → rename.
@@ -42,7 +43,15 @@ import torch
 from fedmerge import FORMAT_VERSION
 from fedmerge.delta.state_dict import StateDict, accumulation_dtype, check_shapes, shapes_of
 from fedmerge.errors import ConfigError, IncompatibleDeltasError, StoreIntegrityError
-from fedmerge.store.blobs import Buffer, LocalBlobBackend, encode_blob, fsync_dir, read_blob, write_atomic
+from fedmerge.store.blobs import (
+    BLOB_KEY,
+    Buffer,
+    LocalBlobBackend,
+    StagedBlob,
+    fsync_dir,
+    read_blob,
+    write_atomic,
+)
 from fedmerge.store.catalog import Catalog, VersionRow
 from fedmerge.store.errors import InvalidAliasError, UnknownVersionError
 from fedmerge.store.export import DEFAULT_MAX_SHARD_BYTES, ExportResult, export_safetensors
@@ -61,7 +70,7 @@ from fedmerge.store.manifest import (
     utc_now,
     version_id,
 )
-from fedmerge.store.safetensors_format import TensorSpec, dtype_from_name, dtype_name
+from fedmerge.store.safetensors_format import TensorSpec, dtype_from_name, dtype_name, encode_single
 from fedmerge.store.verify import VerifyReport
 from fedmerge.store.verify import verify as verify_store
 
@@ -349,25 +358,37 @@ class ModelStore:
         return resolved
 
     def _write_blobs(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[str, list[Buffer]]]:
-        """Encode and store every tensor as a blob (parallel); return name → (digest, bytes parts)."""
+        """Stage every tensor as a blob (hashed while written, in parallel), then publish them with
+        one batch of concurrent fsyncs before the renames; return name → (digest, bytes parts).
+        The caller's :meth:`LocalBlobBackend.sync` then makes the renames durable."""
 
-        def one(item: tuple[str, torch.Tensor]) -> tuple[str, tuple[str, list[Buffer]]]:
-            digest, parts = encode_blob(item[1])
-            self.blobs.put(digest, parts)
-            return item[0], (digest, parts)
+        def one(item: tuple[str, torch.Tensor]) -> tuple[str, list[Buffer], StagedBlob]:
+            header, data = encode_single(item[1], BLOB_KEY)
+            parts: list[Buffer] = [header, data]
+            return item[0], parts, self.blobs.stage(parts)
 
         items = sorted(tensors.items())
         out: dict[str, tuple[str, list[Buffer]]] = {}
-        if self.workers > 1 and len(items) > 1:
-            with ThreadPoolExecutor(max_workers=self.workers) as pool:
-                for name, written in pool.map(one, items):
-                    out[name] = written
+        staged: list[StagedBlob] = []
+        try:
+            if self.workers > 1 and len(items) > 1:
+                with ThreadPoolExecutor(max_workers=self.workers) as pool:
+                    for name, parts, blob in pool.map(one, items):
+                        out[name] = (blob.digest, parts)
+                        staged.append(blob)
+                        self._faults.reached("blob")
+            else:
+                for item in items:
+                    name, parts, blob = one(item)
+                    out[name] = (blob.digest, parts)
+                    staged.append(blob)
                     self._faults.reached("blob")
-        else:
-            for item in items:
-                name, written = one(item)
-                out[name] = written
-                self._faults.reached("blob")
+        except BaseException:
+            for blob in staged:
+                if blob.tmp is not None:
+                    blob.tmp.unlink(missing_ok=True)
+            raise
+        self.blobs.publish(staged)
         return out
 
     def _commit(
