@@ -52,7 +52,7 @@ class BulkTarget:
         token = settings.get(TOKEN_KEY)
         if not address or not token:
             return None
-        return BulkTarget(str(address), str(token), int(settings.get(THRESHOLD_KEY, 0)))  # type: ignore[arg-type]
+        return BulkTarget(str(address), str(token), int(settings.get(THRESHOLD_KEY, 0)))
 
     def to_record(self) -> dict[str, Any]:
         return {ADDRESS_KEY: self.address, TOKEN_KEY: self.token, THRESHOLD_KEY: self.threshold_bytes}
