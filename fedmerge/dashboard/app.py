@@ -380,7 +380,8 @@ class _Guard(BaseHTTPMiddleware):
                 if not _known(given, d.tokens):
                     return _headers(d.error_page(request, 401, "unknown token"))
                 rest = [(k, v) for k, v in request.query_params.multi_items() if k != "token"]
-                target = request.url.path + ("?" + urlencode(rest) if rest else "")
+                # one leading slash: "//host/..." would be a redirect to another site
+                target = "/" + request.url.path.lstrip("/") + ("?" + urlencode(rest) if rest else "")
                 redirect = RedirectResponse(target, status_code=303)
                 redirect.set_cookie(
                     TOKEN_COOKIE,

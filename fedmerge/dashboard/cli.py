@@ -6,7 +6,9 @@ The web dependencies are imported when the command runs, so ``fedmerge --help`` 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -64,4 +66,8 @@ def dashboard(
     hint = "  (open it once with ?token=…)" if accepted else ""
     typer.echo(f"fedmerge dashboard of {store} on {url}{hint}")
     typer.echo("press Ctrl-C to stop")
-    make_server(app_).run(sockets=[sock])
+    sys.stdout.flush()
+    # uvicorn re-raises the SIGINT it handled, after a clean shutdown
+    with contextlib.suppress(KeyboardInterrupt):
+        make_server(app_).run(sockets=[sock])
+    typer.echo("dashboard stopped")

@@ -152,6 +152,36 @@ def test_run_and_error_pages(served: RunningDashboard, demo_store: Any, watched:
     assert watched.problems == []
 
 
+def test_intake_page(demo_store: Any, watched: Watched, tmp_path: Path) -> None:
+    """The intake page over serve-continual's own queue: merged, rejected and queued experts."""
+    from fedmerge.service.intake import IntakeQueue
+
+    queue = IntakeQueue(tmp_path / "intake")
+    subs = []
+    for i, client in enumerate(["hospital-a", "hospital-b", "lab-c", "lab-d", "hospital-a"]):
+        payload = f"expert {i}".encode()
+        sub, _ = queue.receive(
+            client_id=client, fmt="checkpoint", base_version="v000001", label=f"expert-{i}",
+            total_size=len(payload), chunks=[payload],
+        )  # fmt: skip
+        subs.append(sub)
+    queue.mark_merged([subs[0].id, subs[1].id], "v000002")
+    queue.mark_merged([subs[2].id], "v000003")
+    reason = "tensor 'fc.weight' has shape [10, 32], the base has [32, 10]; fine-tune the store's base"
+    queue.mark_rejected(subs[3].id, reason)
+    queue.close()
+    with start_in_background(
+        demo_store.root, "127.0.0.1", 0, None, intake_dir=tmp_path / "intake", refresh_ms=REFRESH_MS
+    ) as d:
+        page = watched.open(d.url + "/intake")
+        assert page.inner_text("#queue-depth") == "1"
+        assert reason in page.locator("#intake-rejections td.reason").first.inner_text()
+        assert page.locator("#intake-merged tbody tr").count() == 3
+        assert page.locator("svg#chart-intake-rate rect.s0").count() >= 1
+        screenshot(page, "intake")
+        assert watched.problems == []
+
+
 def test_live_view_updates_without_reload(
     served: RunningDashboard, demo_store: Any, watched: Watched
 ) -> None:

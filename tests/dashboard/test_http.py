@@ -216,3 +216,39 @@ def test_missing_extra_names_the_install_command(small_store: Any) -> None:
     code = "import sys; sys.modules['starlette'] = None; from fedmerge.cli import main; main(['--help'])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and "dashboard" in out.stdout
+
+
+def test_token_redirect_stays_on_the_dashboard(small_store: Any, dashboard_token: str) -> None:
+    with start_in_background(small_store.root, "0.0.0.0", 0, dashboard_token) as d:
+        conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=30)
+        conn.request("GET", f"//evil.example/x?token={dashboard_token}")
+        r = conn.getresponse()
+        r.read()
+        conn.close()
+        assert r.status == 303 and r.getheader("location") == "/evil.example/x"
+
+
+def test_cli_serves_until_interrupted(small_store: Any) -> None:
+    """``fedmerge dashboard`` prints its URL, serves the pages, and stops on SIGINT."""
+    import signal
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedmerge.cli", "dashboard", "--store", str(small_store.root), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert " on http://127.0.0.1:" in first, first + (
+            proc.stderr.read() if proc.poll() is not None else ""
+        )
+        url = first.split(" on ", 1)[1].split()[0]
+        status, _, body = get(url + "/versions")
+        assert status == 200 and small_store.versions[-1] in body.decode()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+    assert proc.returncode == 0
+    assert proc.stderr is not None and "Traceback" not in proc.stderr.read()
