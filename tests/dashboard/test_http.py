@@ -252,3 +252,18 @@ def test_cli_serves_until_interrupted(small_store: Any) -> None:
         proc.wait(timeout=30)
     assert proc.returncode == 0
     assert proc.stderr is not None and "Traceback" not in proc.stderr.read()
+
+
+def test_empty_and_root_only_stores_render(tmp_path: Path) -> None:
+    """A store that a server has just created (no version), then one with only its root."""
+    import torch
+
+    ModelStore.open(tmp_path / "s").close()
+    with start_in_background(tmp_path / "s", "127.0.0.1", 0, None) as d:
+        for path in ("/versions", "/run", "/api/fingerprint"):
+            assert get(d.url + path)[0] == 200, path
+        assert "no versions yet" in get(d.url + "/versions")[2].decode()
+        with ModelStore.open(tmp_path / "s") as st:
+            st.commit_base({"w": torch.zeros(3)}, name="base")
+        for path in ("/versions", "/run", "/versions/v000001", "/versions/latest"):
+            assert get(d.url + path)[0] == 200, path
