@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import logging
 import math
+import mmap
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -40,6 +41,7 @@ from fedmerge.aggregators import Aggregator, create
 from fedmerge.aggregators.server_optimizer import round_step, without_optimizer_state
 from fedmerge.codec import CodecConfig, DecodeLimits, PackageMeta
 from fedmerge.codec.package import read_headers
+from fedmerge.codec.stream_reader import decode_task_vector_stream
 from fedmerge.delta.sparse import SparseTensor
 from fedmerge.delta.state_dict import StateDict, floating_names, shapes_of
 from fedmerge.delta.submission import (
@@ -313,6 +315,13 @@ def package_codec(
     """What a fedmerge package actually used: its value encodings and index codings (as declared in
     its tensor headers) and the fraction of the base's coordinates it carries."""
     _, _, headers = read_headers(data, limits)
+    return codec_of_headers(headers, tensors, shapes)
+
+
+def codec_of_headers(
+    headers: Iterable[Any], tensors: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]
+) -> dict[str, Any]:
+    """:func:`package_codec` from already read tensor headers."""
     carried = 0
     for t in tensors.values():
         carried += int(t.indices.numel()) if isinstance(t, SparseTensor) else int(t.numel())
@@ -424,9 +433,21 @@ class RoundState:
                 f"package of {size} bytes exceeds max-package-bytes={self.cfg.max_package_bytes}; "
                 "lower codec-density or raise max-package-bytes"
             )
-        path = self.bulk.resolve(ref.get(REF_SHA_KEY), size, self.round, self.attempt, node_id)
-        client_id, n, digest, wire, delta, codec = self._decode(path.read_bytes())
-        return client_id, n, digest, wire, delta, {**codec, "transport": "bulk"}
+        sha = ref.get(REF_SHA_KEY)
+        path = self.bulk.resolve(sha, size, self.round, self.attempt, node_id)
+        # read tensor by tensor from a memory map: the package is never whole in memory
+        with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            pkg, headers = decode_task_vector_stream(
+                mm, self.shapes, base_id=self.base.id, base_hash=self.base.content_hash, limits=self.limits
+            )
+        meta = pkg.meta
+        if meta.round != self.round:
+            raise StaleOrInvalid(f"stale: package is for round {meta.round}, this is round {self.round}")
+        self._check_examples(meta.num_examples, meta.client_id)
+        check_values(pkg.tensors, self.max_abs, f"package of {meta.client_id!r}")
+        tensors = fill_missing(pkg.tensors, self.shapes)
+        codec = {**codec_of_headers(headers, pkg.tensors, self.shapes), "transport": "bulk"}
+        return meta.client_id, meta.num_examples, str(sha), int(size), tensors, codec  # type: ignore[arg-type]
 
     def _decode(
         self, data: bytes
