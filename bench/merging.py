@@ -16,6 +16,11 @@ al. 2023; Marczak et al. 2025). Everything is built locally from scikit-learn's 
   frozen (as Ilharco et al. fine-tune CLIP's image encoder with the text head frozen), so every expert
   must map its transformed inputs back into the same feature space. Merging acts on the body only;
   every merged body is evaluated with each task's own head, as in the CLIP benchmark.
+* **LoRA experts** (unless ``--no-lora``): the same tasks fine-tuned with real peft LoRA (rank 8, α = 16,
+  on both body layers, biases frozen, Adam at 1e-2), each turned into a task vector in product space,
+  ΔW = (α/r)·B·A from peft's ``get_delta_weight``. Every method merges them as it merges the full
+  experts (same grid, chosen on validation) into a second table, normalised by the LoRA experts'
+  own accuracies.
 * **Merges.** Every registered aggregator that merges N models merges the N task vectors
   τ_t = θ_t − θ_base, once at its paper default and over a small grid (``grid``), with unit weights.
   The grid value is chosen per seed on a validation split (as the papers choose λ on validation data)
@@ -81,7 +86,9 @@ GRID: dict[str, tuple[str, tuple[float, ...]]] = {
     "iso_c": ("scaling", (0.25, 0.5, 1.0, 1.5)),
     "iso_cts": ("scaling", (0.25, 0.5, 1.0, 1.5)),
     "tsv_m": ("scaling", (0.25, 0.5, 1.0, 1.5)),
+    "karcher": ("scaling", MEAN_GRID),
 }
+LORA_TARGETS = ("0.0", "0.2")  # the body's two Linear layers inside nn.Sequential(body, head)
 
 
 # ---------------------------------------------------------------------- tasks
@@ -129,6 +136,10 @@ class Config:
     lr: float = 3e-3  # Adam, pre-training and fine-tuning
     batch_size: int = 64
     val_size: int = 200
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_lr: float = 1e-2  # LoRA factors train at a larger step than full weights (Hu et al. 2021)
+    lora: bool = True
 
 
 @dataclass
@@ -151,6 +162,9 @@ class Suite:
     expert_val: list[float] = field(default_factory=list)
     expert_test: list[float] = field(default_factory=list)
     base_test: list[float] = field(default_factory=list)
+    lora_experts: list[dict[str, torch.Tensor]] = field(default_factory=list)  # product-space ΔW = s·B·A
+    lora_val: list[float] = field(default_factory=list)
+    lora_test: list[float] = field(default_factory=list)
 
     @torch.no_grad()
     def accuracy(self, params: Mapping[str, torch.Tensor], task: int, split: str = "test") -> float:
@@ -195,6 +209,40 @@ def zero_shot_head(pre_head: nn.Linear, classes: int) -> nn.Linear:
     return head
 
 
+def train_lora_expert(
+    body: nn.Module,
+    head: nn.Linear,
+    base: Mapping[str, torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: Config,
+    seed: int,
+    task: int,
+) -> dict[str, torch.Tensor]:
+    """A peft LoRA expert (rank ``lora_rank``, α = ``lora_alpha``, on both body layers; biases frozen) of a
+    copy of the base body, trained with the task's frozen head; returned as the body's task vector in
+    product space: ΔW = (α/r)·B·A from peft's own ``get_delta_weight``, zero for the biases."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    body = copy.deepcopy(body)
+    body.load_state_dict(dict(base))
+    lora_cfg = LoraConfig(
+        r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=list(LORA_TARGETS), lora_dropout=0.0
+    )
+    with torch.random.fork_rng():  # peft draws A's initialisation from the global generator
+        torch.manual_seed(int(generator(seed, 108, task).initial_seed()))
+        model = get_peft_model(nn.Sequential(body, head), lora_cfg)
+    train(model, x, y, cfg.finetune_epochs, cfg.lora_lr, cfg.batch_size, generator(seed, 109, task))
+    delta = {k: torch.zeros_like(v) for k, v in base.items()}
+    with torch.no_grad():
+        for target in LORA_TARGETS:
+            layer = model.get_submodule(f"base_model.model.{target}")
+            delta[f"{target[2:]}.weight"] = layer.get_delta_weight("default").detach().clone()
+    return delta
+
+
 def build_suite(cfg: Config, seed: int) -> Suite:
     """Pre-train the base body, derive each task's fixed head, fine-tune one expert body per task."""
     x_tr, y_tr, x_te, y_te = digits_split(0.3, generator(seed, 100))
@@ -233,11 +281,17 @@ def build_suite(cfg: Config, seed: int) -> Suite:
             generator(seed, 107, t),
         )
         suite.experts.append({k: v.detach() - base[k] for k, v in body.state_dict().items()})
+        if cfg.lora:
+            body.load_state_dict(base)
+            suite.lora_experts.append(train_lora_expert(body, head, base, xt, yt, cfg, seed, t))
     body.load_state_dict(base)
     body.eval()
     for t in range(len(specs)):
         suite.expert_val.append(suite.accuracies(suite.experts[t], "val")[t])
         suite.expert_test.append(suite.accuracies(suite.experts[t], "test")[t])
+        if cfg.lora:
+            suite.lora_val.append(suite.accuracies(suite.lora_experts[t], "val")[t])
+            suite.lora_test.append(suite.accuracies(suite.lora_experts[t], "test")[t])
     suite.base_test = suite.accuracies({k: torch.zeros_like(v) for k, v in base.items()}, "test")
     return suite
 
@@ -281,6 +335,45 @@ def merge_once(
         agg.add(d, 1.0, client_id=i)
     out = agg.finalize()
     return out, time.process_time() - t0
+
+
+def evaluate_methods(
+    suite: Suite,
+    experts: Sequence[Mapping[str, torch.Tensor]],
+    expert_val: Sequence[float],
+    expert_test: Sequence[float],
+    grids: Mapping[str, list[dict[str, Any]]],
+    res: dict[str, dict[str, list[Any]]],
+    errors: dict[str, str],
+    seed: int,
+) -> None:
+    """Merge ``experts`` with every method of ``grids`` (default, then its grid); record in ``res`` the
+    default's and the validation-chosen config's normalised test accuracy (÷ ``expert_test``), per-task
+    accuracies, the chosen config and the default's merge CPU seconds. A method that raises is recorded
+    in ``errors`` and not run again."""
+    merge_once("fedavg", experts, {}, seed)  # warm-up: first-use costs of torch kernels
+    for m in grids:
+        if m in errors:
+            continue
+        best: tuple[float, dict[str, Any], list[float]] | None = None
+        try:
+            for i, params in enumerate(grids[m]):
+                delta, secs = merge_once(m, experts, params, seed)
+                val = normalised(suite.accuracies(delta, "val"), expert_val)
+                test = suite.accuracies(delta, "test")
+                if i == 0:
+                    res[m]["default"].append(normalised(test, expert_test))
+                    res[m]["default_tasks"].append(test)
+                    res[m]["seconds"].append(secs)
+                if best is None or val > best[0]:
+                    best = (val, params, test)
+        except Exception as exc:  # a method that fails is reported, not fatal
+            errors[m] = f"{type(exc).__name__}: {exc}"
+            continue
+        assert best is not None
+        res[m]["tuned"].append(normalised(best[2], expert_test))
+        res[m]["tuned_tasks"].append(best[2])
+        res[m]["chosen"].append(best[1] or "default")
 
 
 def normalised(accs: Sequence[float], experts: Sequence[float]) -> float:
@@ -401,6 +494,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=Config.hidden)
     p.add_argument("--epochs-scale", type=float, default=None, help="multiply training epochs (quick 0.5)")
     p.add_argument("--no-grid", action="store_true", help="defaults only")
+    p.add_argument("--no-lora", action="store_true", help="full fine-tuned experts only (no LoRA experts)")
     p.add_argument("--cost-side", type=int, default=None, help="synthetic layer side (0: skip cost part)")
     p.add_argument("--cost-layers", type=int, default=4)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable timings)")
@@ -433,6 +527,7 @@ def run(args: argparse.Namespace) -> int:
         hidden=args.hidden,
         pretrain_epochs=max(1, round(base_cfg.pretrain_epochs * scale)),
         finetune_epochs=max(1, round(base_cfg.finetune_epochs * scale)),
+        lora=not args.no_lora,
     )
     n_seeds = args.seeds or (3 if args.quick else 5)
     seeds = [args.seed + i for i in range(n_seeds)]
@@ -446,6 +541,9 @@ def run(args: argparse.Namespace) -> int:
     }
     errors: dict[str, str] = {}
     ref: dict[str, list[list[float]]] = {"expert": [], "base": []}
+    lora_res: dict[str, dict[str, list[Any]]] = {m: {k: [] for k in res[m]} for m in names}
+    lora_errors: dict[str, str] = {}
+    lora_ref: dict[str, list[list[float]]] = {"expert": [], "base": []}
     build_s = 0.0
     for seed in seeds:
         t0 = time.perf_counter()
@@ -453,30 +551,15 @@ def run(args: argparse.Namespace) -> int:
         build_s += time.perf_counter() - t0
         ref["expert"].append(suite.expert_test)
         ref["base"].append(suite.base_test)
-        merge_once("fedavg", suite.experts, {}, seed)  # warm-up: first-use costs of torch kernels
-        for m in names:
-            if m in errors:
-                continue
-            best: tuple[float, dict[str, Any], list[float]] | None = None
-            try:
-                for i, params in enumerate(grids[m]):
-                    delta, secs = merge_once(m, suite.experts, params, seed)
-                    val = normalised(suite.accuracies(delta, "val"), suite.expert_val)
-                    test = suite.accuracies(delta, "test")
-                    if i == 0:
-                        res[m]["default"].append(normalised(test, suite.expert_test))
-                        res[m]["default_tasks"].append(test)
-                        res[m]["seconds"].append(secs)
-                    if best is None or val > best[0]:
-                        best = (val, params, test)
-            except Exception as exc:  # a method that fails is reported, not fatal
-                errors[m] = f"{type(exc).__name__}: {exc}"
-                continue
-            assert best is not None
-            res[m]["tuned"].append(normalised(best[2], suite.expert_test))
-            res[m]["tuned_tasks"].append(best[2])
-            res[m]["chosen"].append(best[1] or "default")
+        evaluate_methods(suite, suite.experts, suite.expert_val, suite.expert_test, grids, res, errors, seed)
+        if cfg.lora:
+            lora_ref["expert"].append(suite.lora_test)
+            lora_ref["base"].append(suite.base_test)
+            evaluate_methods(
+                suite, suite.lora_experts, suite.lora_val, suite.lora_test, grids, lora_res, lora_errors, seed
+            )
     ok = [m for m in names if m not in errors]
+    lora_ok = [m for m in names if m not in lora_errors] if cfg.lora else []
     accuracy_s = time.perf_counter() - t_start
 
     cost_side = args.cost_side if args.cost_side is not None else (256 if args.quick else 512)
@@ -563,6 +646,47 @@ def run(args: argparse.Namespace) -> int:
             f"({label})", *(f"{100 * statistics.fmean(s[t] for s in ref[label]):.1f}" for t in range(T))
         )
     console.print(task_table)
+    if cfg.lora:
+        lora_table = Table(
+            title=f"LoRA experts (peft, r={cfg.lora_rank}, α={cfg.lora_alpha:g}, product space "
+            f"ΔW = (α/r)·B·A), {T} tasks, {n_seeds} seeds "
+            "(normalised accuracy, % of each LoRA expert; mean ± std)"
+        )
+        for col in ("method", "default", "tuned", "tuned avg acc", "chosen (per seed)", "merge ms"):
+            lora_table.add_column(col, justify="left" if col in ("method", "chosen (per seed)") else "right")
+        for m in sorted(lora_ok, key=lambda m: -statistics.fmean(lora_res[m]["tuned"])):
+            d_m, d_s = mean_std(lora_res[m]["default"])
+            t_m, t_s = mean_std(lora_res[m]["tuned"])
+            avg_acc = mean_std([statistics.fmean(x) for x in lora_res[m]["tuned_tasks"]])
+            chosen = ",".join(
+                "d" if c == "default" else "/".join(f"{v:g}" for v in c.values())
+                for c in lora_res[m]["chosen"]
+            )
+            lora_table.add_row(
+                m,
+                f"{100 * d_m:.1f} ± {100 * d_s:.1f}",
+                f"{100 * t_m:.1f} ± {100 * t_s:.1f}",
+                f"{100 * avg_acc[0]:.1f} ± {100 * avg_acc[1]:.1f}",
+                chosen,
+                f"{1000 * min(lora_res[m]['seconds']):.1f}",
+            )
+        for label in ("expert", "base"):
+            norm = [normalised(s, e) for s, e in zip(lora_ref[label], lora_ref["expert"], strict=True)]
+            per = [statistics.fmean(s) for s in lora_ref[label]]
+            (n_m, n_s), (a_m, a_s) = mean_std(norm), mean_std(per)
+            lora_table.add_row(
+                f"({label})",
+                "",
+                f"{100 * n_m:.1f} ± {100 * n_s:.1f}",
+                f"{100 * a_m:.1f} ± {100 * a_s:.1f}",
+                "",
+                "",
+            )
+        console.print(lora_table)
+        if lora_errors:
+            console.print(
+                "[red]failed on LoRA experts:[/red] " + "; ".join(f"{k}: {v}" for k, v in lora_errors.items())
+            )
     if skipped:
         console.print("skipped: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()))
     if errors:
@@ -587,6 +711,7 @@ def run(args: argparse.Namespace) -> int:
         "errors": errors,
         "reference": ref,
         "results": {m: res[m] for m in ok},
+        "lora": {"reference": lora_ref, "errors": lora_errors, "results": {m: lora_res[m] for m in lora_ok}},
         "cost": cost_res,
         "phase_seconds": {"build_experts": build_s, "accuracy_total": accuracy_s, "total": seconds},
     }
@@ -604,6 +729,12 @@ def run(args: argparse.Namespace) -> int:
                 statistics.fmean(normalised(s, e) for s, e in zip(ref["base"], ref["expert"], strict=True)), 4
             ),
             "expert_accuracy": round(statistics.fmean(statistics.fmean(s) for s in ref["expert"]), 4),
+            "lora": {m: round(statistics.fmean(lora_res[m]["tuned"]), 4) for m in lora_ok},
+            "lora_expert_accuracy": (
+                round(statistics.fmean(statistics.fmean(s) for s in lora_ref["expert"]), 4)
+                if cfg.lora
+                else None
+            ),
             "tasks": T,
             "seeds": n_seeds,
             "seconds": round(seconds, 1),

@@ -1,6 +1,6 @@
 """Smoke test of ``python -m bench merging``: a tiny configuration (1 seed, 6 tasks, short training,
-defaults only, no cost part) must run every N-model method, print the summary JSON last and write the
-plot, with normalised accuracies in a sane range. No timing is asserted."""
+defaults only, no cost part) must run every N-model method on the full and the LoRA experts, print the
+summary JSON last and write the plot, with normalised accuracies in a sane range. No timing is asserted."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from fedmerge_bench import merging
 
@@ -15,6 +16,7 @@ TINY = ["--seeds", "1", "--tasks", "6", "--hidden", "32", "--epochs-scale", "0.2
         "--cost-side", "0"]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_merging_benchmark_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert merging.main([*TINY, "--out", str(tmp_path)]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -33,6 +35,25 @@ def test_merging_benchmark_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert (tmp_path / "merging.png").stat().st_size > 1000
     record = json.loads((tmp_path / "merging.json").read_text())
     assert len(record["tasks"]) == 6 and not record["errors"]
+    # the LoRA experts (peft, product space) are merged by every method too
+    assert 0.3 <= summary["lora_expert_accuracy"] <= 1.0
+    assert set(summary["lora"]) == set(chosen) and not record["lora"]["errors"]
+    for name in chosen:
+        assert 0.05 <= summary["lora"][name] <= 1.5, f"{name} on LoRA experts: {summary['lora'][name]}"
+
+
+def test_lora_experts_are_low_rank_product_space_deltas() -> None:
+    cfg = merging.Config(tasks=2, hidden=32, pretrain_epochs=1, finetune_epochs=1)
+    suite = merging.build_suite(cfg, seed=0)
+    assert len(suite.lora_experts) == 2
+    for lora, full in zip(suite.lora_experts, suite.experts, strict=True):
+        assert lora.keys() == full.keys()
+        for name, t in lora.items():
+            if name.endswith("bias"):
+                assert not t.any()  # LoRA trains no bias
+            else:
+                rank = int(torch.linalg.matrix_rank(t))
+                assert 1 <= rank <= cfg.lora_rank, (name, rank)
 
 
 def test_methods_skip_two_model_and_robust_aggregators() -> None:
