@@ -11,12 +11,16 @@ Entry point for the servers (``fedmerge serve`` / ``fedmerge serve-continual``):
         *,
         intake_dir: Path | None = None,
         tokens: Iterable[str] = (),
+        refresh_ms: int = 2000,
+        tls: TlsConfig | None = None,      # fedmerge.service.config.TlsConfig; client_ca = mutual TLS
     ) -> RunningDashboard        # .url (str), .port (int), .stop()
 
 It serves the pages from a uvicorn server in a daemon thread and returns once the socket is bound
 (``port=0`` picks a free port; ``RunningDashboard.port`` says which). ``token`` (and any of
 ``tokens``, e.g. every token of serve-continual's ``--tokens`` file) is required on every request when
-set; binding a non-loopback ``host`` without one raises :class:`DashboardConfigError`.
+set; binding a non-loopback ``host`` without one (or without mutual TLS) raises
+:class:`DashboardConfigError`. With ``tls`` the dashboard speaks HTTPS; with ``tls.client_ca`` every
+client must present a certificate signed by that CA.
 ``intake_dir`` is serve-continual's data directory (its ``queue.sqlite`` is read read-only);
 ``intake_status`` instead supplies the intake page's numbers directly.
 
@@ -43,6 +47,7 @@ from typing import Any
 from fedmerge.dashboard.intake import IntakeStatus
 from fedmerge.dashboard.views import NotAStoreError
 from fedmerge.errors import ConfigError, FedMergeError
+from fedmerge.service.config import TlsConfig
 
 INSTALL_HINT = "pip install 'fedmerge[dashboard]'"
 MIN_TOKEN_LENGTH = 16
@@ -80,18 +85,21 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_tokens(host: str, tokens: frozenset[str]) -> None:
-    """Refuse a non-loopback bind without a token, and tokens shorter than 16 characters."""
+def check_tokens(host: str, tokens: frozenset[str], tls: TlsConfig | None = None) -> None:
+    """Refuse a non-loopback bind without authentication (a token, or mutual TLS: ``tls`` with a
+    ``client_ca``), and tokens shorter than 16 characters."""
     for t in tokens:
         if len(t) < MIN_TOKEN_LENGTH:
             raise DashboardConfigError(
                 f"a dashboard token is {len(t)} characters; use at least {MIN_TOKEN_LENGTH} "
                 "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(24))')"
             )
-    if not tokens and not is_loopback(host):
+    mutual_tls = tls is not None and tls.client_ca is not None
+    if not tokens and not mutual_tls and not is_loopback(host):
         raise DashboardConfigError(
             f"binding the dashboard to {host} exposes the store to the network: pass a token "
-            "(--dashboard-token / --token, or the servers' --tokens file) or bind 127.0.0.1"
+            "(--dashboard-token / --token, or the servers' --tokens file), require client certificates "
+            "(--tls-client-ca), or bind 127.0.0.1"
         )
 
 
@@ -133,10 +141,11 @@ def build_app(
     intake_dir: Path | None = None,
     intake_status: Callable[[], IntakeStatus] | None = None,
     refresh_ms: int = 2000,
+    tls: TlsConfig | None = None,
 ) -> Any:
     """The Starlette application for ``store_root`` (checks: extra installed, a store, tokens)."""
     require_extra()
-    check_tokens(host, tokens)
+    check_tokens(host, tokens, tls)
     from fedmerge.dashboard.app import Dashboard, create_app
 
     dashboard = Dashboard(
@@ -172,10 +181,21 @@ class RunningDashboard:
         self.stop()
 
 
-def make_server(app: Any) -> Any:
-    """A uvicorn server for ``app`` (no access log, no signal handlers of its own outside main)."""
+def make_server(app: Any, tls: TlsConfig | None = None) -> Any:
+    """A uvicorn server for ``app`` (no access log, no signal handlers of its own outside main).
+
+    With ``tls`` it speaks HTTPS with that certificate; with ``tls.client_ca`` the TLS handshake
+    requires a client certificate signed by it (mutual TLS, as the intake's ``--tls-client-ca``).
+    """
+    import ssl
+
     import uvicorn
 
+    ssl_options: dict[str, Any] = {}
+    if tls is not None:
+        ssl_options = {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key)}
+        if tls.client_ca is not None:
+            ssl_options |= {"ssl_ca_certs": str(tls.client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
     config = uvicorn.Config(
         app,
         log_level="warning",
@@ -184,6 +204,7 @@ def make_server(app: Any) -> Any:
         ws="none",
         server_header=False,
         proxy_headers=False,
+        **ssl_options,
     )
     return uvicorn.Server(config)
 
@@ -198,6 +219,7 @@ def start_in_background(
     intake_dir: Path | None = None,
     tokens: Iterable[str] = (),
     refresh_ms: int = 2000,
+    tls: TlsConfig | None = None,
 ) -> RunningDashboard:
     """Serve the dashboard of ``store_root`` on ``host:port`` from a daemon thread (see the module doc).
 
@@ -212,10 +234,11 @@ def start_in_background(
         intake_dir=intake_dir,
         intake_status=intake_status,
         refresh_ms=refresh_ms,
+        tls=tls,
     )
     sock = bind_socket(host, port)
     bound = int(sock.getsockname()[1])
-    server = make_server(app)
+    server = make_server(app, tls)
     thread = threading.Thread(
         target=server.run, kwargs={"sockets": [sock]}, name="fedmerge-dashboard", daemon=True
     )
@@ -230,7 +253,8 @@ def start_in_background(
         raise DashboardConfigError(
             f"the dashboard on {host}:{bound} did not start within {START_TIMEOUT_S} s"
         )
-    return RunningDashboard(url=url_of(host, bound), port=bound, _server=server, _thread=thread, _sock=sock)
+    url = url_of(host, bound, "https" if tls is not None else "http")
+    return RunningDashboard(url=url, port=bound, _server=server, _thread=thread, _sock=sock)
 
 
 __all__ = [

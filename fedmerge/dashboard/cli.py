@@ -42,10 +42,16 @@ def dashboard(
         typer.Option(help="the intake's data directory (queue.sqlite); default <store>/../intake if there"),
     ] = None,
     refresh_ms: Annotated[int, typer.Option(help="how often pages poll for changes (0: never)")] = 2000,
+    tls_cert: Annotated[Path | None, typer.Option(help="serve HTTPS with this certificate (PEM)")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="the certificate's private key (PEM)")] = None,
+    tls_client_ca: Annotated[
+        Path | None, typer.Option(help="require client certificates signed by this CA (mutual TLS)")
+    ] = None,
 ) -> None:
     """Serve the read-only web dashboard of a store: versions and lineage, runs, the intake."""
-    from fedmerge.dashboard import bind_socket, build_app, make_server, url_of
+    from fedmerge.dashboard import DashboardConfigError, bind_socket, build_app, make_server, url_of
     from fedmerge.dashboard.intake import find_queue
+    from fedmerge.service.config import TlsConfig
 
     accepted: set[str] = set()
     token = token or os.environ.get("FEDMERGE_DASHBOARD_TOKEN") or None
@@ -60,14 +66,23 @@ def dashboard(
         intake = default if find_queue(default) is not None else None
     elif find_queue(intake) is None:
         raise FileNotFoundError(f"--intake {intake} has no queue.sqlite (serve-continual's --data-dir)")
-    app_ = build_app(store, host, tokens=frozenset(accepted), intake_dir=intake, refresh_ms=refresh_ms)
+    tls = None
+    if tls_cert is not None or tls_key is not None or tls_client_ca is not None:
+        if tls_cert is None or tls_key is None:
+            raise DashboardConfigError(
+                "--tls-cert and --tls-key go together (and --tls-client-ca needs both)"
+            )
+        tls = TlsConfig(tls_cert, tls_key, tls_client_ca)
+    app_ = build_app(
+        store, host, tokens=frozenset(accepted), intake_dir=intake, refresh_ms=refresh_ms, tls=tls
+    )
     sock = bind_socket(host, port)
-    url = url_of(host, int(sock.getsockname()[1]))
+    url = url_of(host, int(sock.getsockname()[1]), "https" if tls is not None else "http")
     hint = "  (open it once with ?token=…)" if accepted else ""
     typer.echo(f"fedmerge dashboard of {store} on {url}{hint}")
     typer.echo("press Ctrl-C to stop")
     sys.stdout.flush()
     # uvicorn re-raises the SIGINT it handled, after a clean shutdown
     with contextlib.suppress(KeyboardInterrupt):
-        make_server(app_).run(sockets=[sock])
+        make_server(app_, tls).run(sockets=[sock])
     typer.echo("dashboard stopped")

@@ -267,3 +267,40 @@ def test_empty_and_root_only_stores_render(tmp_path: Path) -> None:
             st.commit_base({"w": torch.zeros(3)}, name="base")
         for path in ("/versions", "/run", "/versions/v000001", "/versions/latest"):
             assert get(d.url + path)[0] == 200, path
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def test_mutual_tls_off_loopback(small_store: Any, tmp_path: Path) -> None:
+    """Off loopback, client certificates (the intake's --tls-client-ca) authenticate instead of a token:
+    without one the TLS handshake fails and nothing is served."""
+    import ssl
+
+    from fedmerge.service.config import TlsConfig
+
+    d = tmp_path
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+             "-days", "2", "-subj", "/CN=dashboard-test-ca", cwd=d)  # fmt: skip
+    for name, cn in (("server", "localhost"), ("client", "operator-a")):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                 "-subj", f"/CN={cn}", cwd=d)  # fmt: skip
+        (d / f"{name}.ext").write_text(f"subjectAltName=DNS:{cn}\n")
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext", cwd=d)  # fmt: skip
+    with pytest.raises(DashboardConfigError, match="pass a token"):  # TLS alone authenticates nobody
+        start_in_background(
+            small_store.root, "0.0.0.0", 0, None, tls=TlsConfig(d / "server.pem", d / "server.key")
+        )
+    tls = TlsConfig(d / "server.pem", d / "server.key", d / "ca.pem")
+    with start_in_background(small_store.root, "0.0.0.0", 0, None, tls=tls) as dash:
+        assert dash.url.startswith("https://")
+        url = f"https://localhost:{dash.port}/versions"
+        anonymous = ssl.create_default_context(cafile=str(d / "ca.pem"))
+        with pytest.raises((ssl.SSLError, ConnectionError, urllib.error.URLError)):
+            urllib.request.urlopen(url, context=anonymous, timeout=30).read()
+        client = ssl.create_default_context(cafile=str(d / "ca.pem"))
+        client.load_cert_chain(d / "client.pem", d / "client.key")
+        with urllib.request.urlopen(url, context=client, timeout=30) as r:
+            assert r.status == 200 and small_store.versions[-1] in r.read().decode()
