@@ -39,7 +39,6 @@ CHILD = textwrap.dedent(
     """
     import json, sys
     from fedmerge.store import ModelStore
-from fedmerge_bench.timing import interleaved, load_average, load_line
     store = ModelStore.open(sys.argv[1])
     def hwm():
         for line in open("/proc/self/status"):

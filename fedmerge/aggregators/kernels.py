@@ -23,7 +23,8 @@ have their own kernels that touch only the non-zeros.
 from __future__ import annotations
 
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -317,6 +318,7 @@ def disjoint_mean(acc: Sequence[torch.Tensor], scale: float) -> torch.Tensor:
 
 
 if HAVE_NUMBA:
+
     @sized_kernel()
     def _uniform(seed, out):
         for j in prange(out.shape[0]):
@@ -349,7 +351,7 @@ def seeded_uniform(n: int, seed: int, device: torch.device | str = "cpu") -> tor
     """n uniforms in [0, 1) (fp64): outputs 0..n−1 of SplitMix64 seeded with ``seed`` (counter-based,
     so any party holding the seed regenerates the same values, in parallel, on any device)."""
     dev = torch.device(device)
-    if HAVE_NUMBA and dev.type == "cpu":
+    if HAVE_NUMBA and dev.type == "cpu" and not _FORCE_TORCH:
         out = np.empty(n, dtype=np.float64)
         _uniform.on(n)(np.uint64(seed % (1 << 64)), out)
         return torch.from_numpy(out)
@@ -385,8 +387,28 @@ def empty(numel: int, device: torch.device) -> torch.Tensor:
     return torch.empty(numel, dtype=torch.float32, device=device)
 
 
+_FORCE_TORCH = False
+
+
+@contextmanager
+def torch_path() -> Iterator[None]:
+    """Within this block every fold runs its plain torch expressions even on CPU fp32 tensors — the
+    code path CUDA tensors (and machines without numba) always take — so the device-generic path
+    is testable on a CPU. Not thread-safe: meant for tests and benchmarks."""
+    global _FORCE_TORCH
+    previous, _FORCE_TORCH = _FORCE_TORCH, True
+    try:
+        yield
+    finally:
+        _FORCE_TORCH = previous
+
+
 def _use_numba(*tensors: torch.Tensor) -> bool:
-    return HAVE_NUMBA and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+    return (
+        HAVE_NUMBA
+        and not _FORCE_TORCH
+        and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+    )
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
