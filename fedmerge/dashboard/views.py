@@ -22,9 +22,10 @@ from fedmerge.store.safetensors_format import dtype_from_name
 MAX_PAGE_SIZE = 500
 """The most versions one page lists; a larger ``limit`` is refused (HTTP 400)."""
 DEFAULT_PAGE_SIZE = 100
-MAX_DIFF_ELEMENTS = 50_000_000
-"""A version page computes the per-tensor diff against its parent only up to this many parameters
-(two materialisations stream through memory one tensor at a time; above it the page says so)."""
+MAX_DIFF_READS = 200_000_000
+"""A version page computes the per-tensor diff against its parent only when materialising both reads
+at most this many elements: parameters × (length of the version's chain + its parent's), since every
+version of a first-parent chain is added in; above it the page says so."""
 KEY_METRICS = ("server-accuracy", "server-loss", "clients-test-accuracy", "uplink-bytes", "downlink-bytes")
 
 
@@ -251,10 +252,12 @@ def version_detail(store: ModelStore, ref: str) -> VersionDetail:
     else:
         parent = version.parents[0]
         numel = sum(math.prod(e.shape) for e in store.root_of(version).tensors.values())
-        if numel > MAX_DIFF_ELEMENTS:
+        reads = numel * (len(store.chain(version)) + len(store.chain(store.get(parent))))
+        if reads > MAX_DIFF_READS:
             note = (
-                f"the model has {numel:,} parameters (more than {MAX_DIFF_ELEMENTS:,}); "
-                "compare versions offline with ModelStore.diff"
+                f"comparing with {parent} reads {reads:,} elements (the model's {numel:,} parameters "
+                f"over both first-parent chains), more than the page's {MAX_DIFF_READS:,}; compare "
+                "them offline with ModelStore.diff"
             )
         else:
             try:
