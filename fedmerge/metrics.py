@@ -388,6 +388,8 @@ class RoundEventFeed(Collector):
         with self._lock:
             try:
                 with self.path.open("rb") as fh:
+                    if os.fstat(fh.fileno()).st_size < self.offset:  # emptied meanwhile: start over
+                        self.offset = 0
                     fh.seek(self.offset)
                     data = fh.read()
             except FileNotFoundError:

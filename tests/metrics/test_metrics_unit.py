@@ -91,6 +91,8 @@ def test_the_feed_reads_complete_lines_once_and_skips_garbage(tmp_path: Path) ->
     assert value(samples, "fedmerge_uplink_bytes_total") == 320
     assert value(samples, "fedmerge_last_committed_version_info", version="v1") == 1
     assert value(samples, "fedmerge_last_committed_round") == 2
+    path.write_text(RoundEvent(4, 0, "v2", 1).to_json() + "\n")  # emptied and rewritten meanwhile
+    assert feed.poll() == 1
 
 
 def test_two_servers_in_one_process_keep_separate_counts() -> None:
