@@ -100,3 +100,17 @@ def test_serve_counts_the_rounds_of_a_run_it_did_not_run_itself(tmp_path: Path, 
     assert value(after, "fedmerge_last_committed_version_info", version=version.id) == 1
     with urllib.request.urlopen(dashboard_url + "/versions", timeout=30) as resp:
         assert resp.status == 200 and version.id in resp.read().decode()
+
+
+def test_serve_refuses_a_remote_metrics_host_before_starting_anything(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fedmerge.flower.cli import app as flower_cli
+    from fedmerge.flower.serve import default_state_dir
+
+    store = tmp_path / "store"
+    args = ["serve", "--store", str(store), "--insecure", "--no-supernode-auth", "--port", str(free_port()),
+            "--metrics-port", "0", "--metrics-host", "0.0.0.0"]  # fmt: skip
+    result = CliRunner().invoke(flower_cli, args)
+    assert result.exit_code == 2 and "--metrics-allow-remote" in result.output, result.output
+    assert not store.exists() and not default_state_dir(store).exists()
