@@ -137,7 +137,7 @@ class Config:
     batch_size: int = 64
     val_size: int = 200
     lora_rank: int = 8
-    lora_alpha: float = 16.0
+    lora_alpha: int = 16
     lora_lr: float = 1e-2  # LoRA factors train at a larger step than full weights (Hu et al. 2021)
     lora: bool = True
 
@@ -225,6 +225,7 @@ def train_lora_expert(
     import copy
 
     from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import Linear as LoraLinear
 
     body = copy.deepcopy(body)
     body.load_state_dict(dict(base))
@@ -239,6 +240,7 @@ def train_lora_expert(
     with torch.no_grad():
         for target in LORA_TARGETS:
             layer = model.get_submodule(f"base_model.model.{target}")
+            assert isinstance(layer, LoraLinear), type(layer)
             delta[f"{target[2:]}.weight"] = layer.get_delta_weight("default").detach().clone()
     return delta
 
@@ -305,6 +307,8 @@ def methods() -> tuple[list[str], dict[str, str]]:
         fixed = getattr(cls, "exact_models", None)
         if fixed is not None:
             skipped[name] = f"merges exactly {fixed} models"
+        elif name == "fisher":
+            skipped[name] = "needs each expert's diagonal Fisher (without one it is fedavg)"
         elif name in ROBUST:
             skipped[name] = (
                 "Byzantine-robust: discards or down-weights the disagreeing (task-specific) deltas"

@@ -13,6 +13,7 @@ from fedmerge.aggregators import (  # noqa: F401  (import registers each method)
     della,
     della_linear,
     fedavg,
+    fisher,
     iso,
     karcher,
     krum,
