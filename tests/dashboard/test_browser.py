@@ -141,7 +141,7 @@ def test_version_page_shows_rejection_reason(
     assert watched.problems == []
 
 
-def test_run_and_error_pages(served: RunningDashboard, demo_store: Any, watched: Watched) -> None:
+def test_run_page_draws_its_charts(served: RunningDashboard, demo_store: Any, watched: Watched) -> None:
     page = watched.open(served.url + "/run")
     for chart in ("accuracy", "loss", "bytes", "time", "clients", "epsilon"):
         assert page.locator(f"svg#chart-{chart}").is_visible()
