@@ -16,7 +16,8 @@ dtype (bf16 and fp16 stay so: θ is cast back to the root's dtype).
 Tensors are materialised one at a time (:meth:`ModelStore.iter_materialized`) and streamed into
 shards whose headers are planned up front, so peak memory is about one tensor, not one shard or
 one model. Files are written into a hidden staging directory, fsynced, and the directory is
-renamed onto ``out_dir`` at the end: ``out_dir`` appears complete or not at all.
+renamed onto ``out_dir`` at the end: ``out_dir`` appears complete or not at all. The files are
+written first and fsynced together (concurrently) before that rename.
 
 The peft-adapter export (:func:`export_peft`) refactorises each non-zero summed delta by SVD through
 :mod:`fedmerge.delta.lora` (imported lazily), exactly unless a smaller rank is asked for.
@@ -29,12 +30,13 @@ import json
 import os
 import secrets
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedmerge.errors import ConfigError
-from fedmerge.store.blobs import fsync_dir
+from fedmerge.store.blobs import fsync_dir, fsync_path
 from fedmerge.store.card import MODEL_CARD, model_card
 from fedmerge.store.safetensors_format import TensorSpec, write_streaming
 
@@ -86,11 +88,21 @@ def shard_names(count: int) -> list[str]:
     return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
-def _write_file(path: Path, data: bytes) -> None:
+def _write_file(path: Path, data: bytes, *, sync: bool = True) -> None:
     with path.open("wb") as fh:
         fh.write(data)
         fh.flush()
-        os.fsync(fh.fileno())
+        if sync:
+            os.fsync(fh.fileno())
+
+
+def fsync_files(paths: list[Path]) -> None:
+    """fsync every file of ``paths``, concurrently (the fsyncs share the file system's journal commits)."""
+    if len(paths) > 1:
+        with ThreadPoolExecutor(max_workers=min(8, len(paths))) as pool:
+            list(pool.map(fsync_path, paths))
+    elif paths:
+        fsync_path(paths[0])
 
 
 def staging_dir(out_dir: Path) -> Path:
@@ -131,8 +143,6 @@ def export_safetensors(
         for shard, name in zip(shards, names, strict=True):
             with (stage / name).open("wb") as fh:
                 write_streaming(fh, shard, tensors, metadata={"format": "pt"})
-                fh.flush()
-                os.fsync(fh.fileno())
         total = sum(s.nbytes for s in specs)
         files = list(names)
         if len(shards) > 1:
@@ -140,14 +150,16 @@ def export_safetensors(
                 "metadata": {"total_size": total},
                 "weight_map": {s.name: n for shard, n in zip(shards, names, strict=True) for s in shard},
             }
-            _write_file(stage / INDEX_FILE, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
+            index_text = json.dumps(index, indent=2, sort_keys=True) + "\n"
+            _write_file(stage / INDEX_FILE, index_text.encode(), sync=False)
             files.append(INDEX_FILE)
         for fname, data in store.read_files(version).items():
-            _write_file(stage / fname, data)
+            _write_file(stage / fname, data, sync=False)
             files.append(fname)
-        _write_file(stage / MODEL_CARD, model_card(store, version, kind="full").encode())
-        _write_file(stage / PROVENANCE_FILE, version.to_json().encode())
+        _write_file(stage / MODEL_CARD, model_card(store, version, kind="full").encode(), sync=False)
+        _write_file(stage / PROVENANCE_FILE, version.to_json().encode(), sync=False)
         files += [MODEL_CARD, PROVENANCE_FILE]
+        fsync_files([stage / f for f in files])  # every file durable before the directory is published
         publish(stage, out)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
