@@ -13,9 +13,11 @@ reported in ``DecodedPackage.dtypes``; fp64 input travels as fp32 at best.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 import torch
@@ -38,6 +40,7 @@ from fedmerge.seeds import random_k_seed
 from fedmerge.v1 import delta_pb2
 
 Kind = Literal["task_vector", "lora"]
+_T = TypeVar("_T")
 _KINDS: dict[str, int] = {"task_vector": delta_pb2.DELTA_KIND_TASK_VECTOR, "lora": delta_pb2.DELTA_KIND_LORA}
 _VALUE_ENUM = {v: k for k, v in validate.VALUE_ENCODINGS.items()}
 _INDEX_ENUM = {v: k for k, v in validate.INDEX_ENCODINGS.items()}
@@ -173,8 +176,15 @@ def encode_package(
     )
     new_residual: dict[str, torch.Tensor] = {}
     partial: dict[str, tuple[int, int, int, str, str]] = {}
-    for item in items:
-        td, rec, sizes = _encode_tensor(item, config)
+    encoded: list[tuple[delta_pb2.TensorDelta, torch.Tensor, tuple[int, int, int, str, str]]] = [
+        (delta_pb2.TensorDelta(), torch.zeros(0), (0, 0, 0, "", ""))
+    ] * len(items)
+
+    def encode_one(i: int) -> None:
+        encoded[i] = _encode_tensor(items[i], config)
+
+    _each(encode_one, list(range(len(items))), sum(int(it.flat.numel()) for it in items))
+    for item, (td, rec, sizes) in zip(items, encoded, strict=True):
         pkg.tensors.append(td)
         partial[item.name] = sizes
         if config.error_feedback:
@@ -183,6 +193,23 @@ def encode_package(
     pkg.checksum = checksum.package_checksum(pkg)
     data = pkg.SerializeToString()
     return EncodeResult(data, new_residual, _report(pkg, partial, len(data)))
+
+
+PARALLEL_MIN_NUMEL = 1 << 18
+"""Below this many entries in a package the stages run on the calling thread (no pool start-up)."""
+
+
+def _each(fn: Callable[[_T], None], jobs: list[_T], numel: int) -> None:
+    """``fn(job)`` for every job, on up to ``os.cpu_count()`` threads for large packages. The heavy
+    stages (selection, quantisation, index coding, SHA-256) release the GIL; every job writes only
+    its own slot, so the package is byte-identical to a serial encode."""
+    workers = min(len(jobs), os.cpu_count() or 1)
+    if workers < 2 or numel < PARALLEL_MIN_NUMEL:
+        for job in jobs:
+            fn(job)
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(fn, jobs))
 
 
 def _dense(item: _Selected) -> torch.Tensor:
@@ -237,11 +264,14 @@ def _select(items: list[_Selected], config: CodecConfig, meta: PackageMeta) -> N
             _check_finite(it.name, it.flat)  # top-k and random-k check their own inputs
     if config.sparsify == "topk" and sparse:
         groups = [sparse] if config.scope == "global" else [[it] for it in sparse]
-        for group in groups:
+
+        def select(group: list[_Selected]) -> None:
             k = sparsify.topk_count(sum(int(it.flat.numel()) for it in group), config.density)
             picked = sparsify.topk_select([it.flat for it in group], k, [it.name for it in group])
             for it, (idx, vals) in zip(group, picked, strict=True):
                 it.indices, it.carried = idx, vals
+
+        _each(select, groups, sum(int(it.flat.numel()) for it in sparse))
     elif config.sparsify == "randomk":
         threshold = sparsify.keep_threshold(config.density)
         for it in sparse:

@@ -7,7 +7,7 @@
   Selection is an exact two-level radix select on the IEEE-754 bit patterns of |x| (monotonic for
   non-negative floats): a 16-bit histogram pass, a 15-bit histogram pass restricted to the boundary
   bin, then one pass that emits the indices in increasing order — O(n), no sort. Large inputs first
-  take a filter: a fixed pseudo-random sample of 2^16 magnitudes gives a lower bound L that at least
+  take a filter: a fixed strided sample of 2^16 magnitudes gives a lower bound L that at least
   k entries reach (with a margin of 6 standard deviations of the sample count); one pass keeps the
   positions with |x| ≥ L (≈ 1.1·k of them, in order), and the radix select runs on those only.
   Every entry of the top k, and every entry tied with the k-th, is ≥ L, so the selected set — ties
@@ -180,7 +180,6 @@ def topk_count(numel: int, density: float) -> int:
 FILTER_MIN_NUMEL = 1 << 18
 """Below this many entries the full radix select runs directly (the filter would not pay off)."""
 _SAMPLE = 1 << 16
-_SAMPLE_SEED = 0x5EED
 
 
 def topk_indices(flats: Sequence[torch.Tensor], k: int, names: Sequence[str]) -> list[torch.Tensor]:
@@ -213,7 +212,9 @@ def _topk_filtered(
 ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
     """Sample → lower bound → filter → exact select on the survivors; None when the bound missed."""
     bits = [_as_bits(f) for f in flats]
-    positions = np.sort(np.random.default_rng(_SAMPLE_SEED).integers(0, total, _SAMPLE))
+    stride = total // _SAMPLE  # ≥ 4 since total ≥ FILTER_MIN_NUMEL; an odd stride breaks row alignment
+    stride -= 1 - stride % 2
+    positions = np.arange(_SAMPLE, dtype=np.int64) * stride + (total - stride * _SAMPLE) // 2
     starts = np.cumsum([0] + [b.size for b in bits])
     sample = np.empty(_SAMPLE, dtype=np.uint32)
     for t, b in enumerate(bits):
@@ -224,8 +225,7 @@ def _topk_filtered(
     rank = math.ceil(mean + 6.0 * math.sqrt(mean * (1.0 - q)) + 8)  # sample entries at or above L
     if rank >= _SAMPLE:
         return None
-    sample.sort()
-    lower = int(sample[_SAMPLE - rank])
+    lower = int(np.partition(sample, _SAMPLE - rank)[_SAMPLE - rank])
     capacity = int(total * (rank + 6.0 * math.sqrt(rank) + 8) / _SAMPLE) + 1024
     cand_idx = np.empty(capacity, dtype=np.int64)
     cand_bits = np.empty(capacity, dtype=np.uint32)
