@@ -326,13 +326,13 @@ def read_blob(backend: BlobBackend, digest: str, *, what: str, check_hash: bool 
                 header = parse_header(head, size)
             except SafetensorsFormatError:
                 header = None
-        if header is None or set(header.entries) != {BLOB_KEY}:
+        if head is None or header is None or set(header.entries) != {BLOB_KEY}:
             return _read_blob_whole(fh, size, digest, what, check_hash)
         spec, begin, end = header.entries[BLOB_KEY]
         out = torch.empty(spec.shape, dtype=spec.dtype)
         hasher = hashlib.sha256(head) if check_hash else None
         if end > begin:
-            view = memoryview(out.view(-1).view(torch.uint8).numpy()).cast("B")
+            view = out.view(-1).view(torch.uint8).numpy().data.cast("B")
             fh.seek(header.data_start + begin)
             for start in range(0, view.nbytes, _CHUNK):
                 chunk = view[start : start + _CHUNK]
