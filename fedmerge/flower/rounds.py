@@ -356,9 +356,10 @@ class RoundState:
         self.seen_nodes: set[int] = set()
         self.seen_clients: set[str] = set()
         self.seen_hashes: set[str] = set()
-        self.aggregator: Aggregator = create(
-            cfg.aggregator, seed=cfg.seed, round=round_, **cfg.aggregator_params
-        )
+        params = dict(cfg.aggregator_params)
+        if cfg.bulk_address:  # large payloads: fold each delta at once, memory independent of the clients
+            params.setdefault("group_size", 1)
+        self.aggregator: Aggregator = create(cfg.aggregator, seed=cfg.seed, round=round_, **params)
         self.aggregator.begin(self.shapes)
         self.limits = DecodeLimits(max_package_bytes=cfg.max_package_bytes).within_base(self.shapes, factor=2)
         self.max_abs = (
@@ -449,9 +450,7 @@ class RoundState:
         codec = {**codec_of_headers(headers, pkg.tensors, self.shapes), "transport": "bulk"}
         return meta.client_id, meta.num_examples, str(sha), int(size), tensors, codec  # type: ignore[arg-type]
 
-    def _decode(
-        self, data: bytes
-    ) -> tuple[str, int, str, int, Mapping[str, Any], dict[str, Any]]:
+    def _decode(self, data: bytes) -> tuple[str, int, str, int, Mapping[str, Any], dict[str, Any]]:
         if len(data) > self.cfg.max_package_bytes:
             raise StaleOrInvalid(
                 f"package of {len(data)} bytes exceeds max-package-bytes={self.cfg.max_package_bytes}; "

@@ -362,3 +362,10 @@ def test_server_killed_mid_round_resumes_the_spool_and_commits_once(
     # the spooled package of the killed run is the one the new run judged (training is seeded)
     assert hashes["inst-0"] in spooled, (hashes, spooled)
     assert list(spool.iterdir()) == []
+
+
+def test_with_a_bulk_endpoint_each_delta_is_folded_at_once(tmp_path: Path) -> None:
+    """Server memory must not grow with the number of clients: no group of decoded deltas is kept."""
+    bulk = FlowerRound.open(tmp_path / "a", **{"bulk-address": "127.0.0.1:0"}).state().aggregator
+    inline = FlowerRound.open(tmp_path / "b").state().aggregator
+    assert bulk.group_size == 1 and inline.group_size > 1
