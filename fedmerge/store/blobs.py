@@ -244,14 +244,15 @@ class LocalBlobBackend:
                     yield name
 
     def sync(self) -> None:
-        dirty = sorted(self._dirty)
+        """fsync, concurrently in one batch, every blob subdirectory whose entries changed and
+        ``blobs/`` itself (whose entries are the subdirectories, possibly created by another process
+        that has not synced yet): no fsync waits for another."""
+        dirty = sorted(self._dirty | {self.blob_dir}) if self._dirty else []
         if len(dirty) > 1:  # concurrent fsyncs share journal commits: ~3× faster than one after another
             with ThreadPoolExecutor(max_workers=min(8, len(dirty))) as pool:
                 list(pool.map(fsync_dir, dirty))
         elif dirty:
             fsync_dir(dirty[0])
-        if dirty:
-            fsync_dir(self.blob_dir)
         self._dirty.clear()
 
     def stray_paths(self) -> list[Path]:
