@@ -221,7 +221,9 @@ def keep_dp_settings(content: RecordDict, context: Context) -> None:
 def keep_bulk_settings(content: RecordDict, context: Context) -> None:
     """Keep this message's bulk endpoint and upload token in ``context.state`` (removed when the
     message offers none, so a token is never used for another round)."""
-    target = BulkTarget.from_settings(message_settings(content))
+    records = content.config_records
+    has_settings = CONFIG_RECORD in records or FEDMERGE_RECORD in records
+    target = BulkTarget.from_settings(message_settings(content)) if has_settings else None
     if target is not None:
         context.state[BULK_RECORD] = ConfigRecord(target.to_record())
     elif BULK_RECORD in context.state.config_records:
