@@ -119,6 +119,9 @@ def fixture_cases() -> dict[str, tuple[str, dict[str, Any]]]:
     return {k: (m, p) for k, (m, p) in json.loads(meta["cases"]).items()}
 
 
+SVD_METHODS = {"opcm"}  # adding an expert takes an SVD of each matrix
+
+
 def prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
@@ -136,7 +139,15 @@ def test_a_state_written_before_the_adaptor_resumes_to_the_same_results(case: st
     assert same(merger.merged(), prefixed(stored, f"{case}/merged_3/"))
     for i in (3, 4):
         merger.add_expert(prefixed(stored, f"expert/{i}/"))
-    assert same(merger.merged(), prefixed(stored, f"{case}/merged_5/"))
+    merged, expected = merger.merged(), prefixed(stored, f"{case}/merged_5/")
+    if method in SVD_METHODS:
+        # LAPACK's SVD takes instruction-set-specific paths: bit-identical on one machine, not across
+        # CPUs (the fixture was written on another); the state's layout above is still bit-exact
+        assert merged.keys() == expected.keys()
+        for k in merged:
+            torch.testing.assert_close(merged[k], expected[k], rtol=0, atol=1e-5)
+    else:
+        assert same(merged, expected)
 
 
 def test_the_fixture_covers_every_method() -> None:
