@@ -14,11 +14,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import psutil
 import pytest
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
 
 from fedmerge.flower.bulk_client import (
     REF_SHA_KEY,
@@ -369,3 +371,50 @@ def test_with_a_bulk_endpoint_each_delta_is_folded_at_once(tmp_path: Path) -> No
     bulk = FlowerRound.open(tmp_path / "a", **{"bulk-address": "127.0.0.1:0"}).state().aggregator
     inline = FlowerRound.open(tmp_path / "b").state().aggregator
     assert bulk.group_size == 1 and inline.group_size > 1
+
+
+def _bad_bulk_client_app() -> ClientApp:
+    """Partitions 0 and 1 reply correctly through the bulk channel; 2 uploads and then references an
+    object that does not exist; 3 uploads and never replies (it answers after its message's deadline).
+    A reference to another node's object is covered with the real endpoint above."""
+    from fedmerge_clients.app import train_reply
+
+    app = ClientApp()
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        partition = int(context.node_config["partition-id"])
+        reply = train_reply(message, context)
+        if partition == 2:
+            reply.content.config_records[CONFIG_RECORD][REF_SHA_KEY] = "0" * 64
+        elif partition == 3:
+            late = message.metadata.created_at + message.metadata.ttl + 2.0
+            while (left := late - time.time()) > 0:
+                time.sleep(min(left, 0.5))
+        return reply
+
+    return app
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_bad_bulk_references_are_recorded_and_the_round_goes_on(tmp_path: Path, simulate: Any) -> None:
+    spool = tmp_path / "spool"
+    reports = simulate(
+        tmp_path / "store", _bad_bulk_client_app(), 4, min_clients=4, min_valid=2, max_retries=0,
+        round_deadline_s=90.0, server_eval=False, bulk_address="127.0.0.1:0", bulk_threshold_bytes=0,
+        bulk_spool_dir=str(spool), bulk_spool_reserve_bytes=0,
+    )  # fmt: skip
+    (report,) = reports
+    assert report.version_id is not None
+    with ModelStore.open(tmp_path / "store") as st:
+        contributors = {c.client_id: c for c in st.get(report.version_id).contributors}
+        assert st.verify().ok
+    accepted = [c for c in contributors.values() if c.accepted]
+    reasons = {k: str(c.reason) for k, c in contributors.items() if not c.accepted}
+    assert len(accepted) == 2 and all((c.codec or {}).get("transport") == "bulk" for c in accepted)
+    assert sum("does not exist" in r for r in reasons.values()) == 1, reasons
+    # the silent node: the round's deadline, or Flower's own expiry of its message (simulation)
+    late = [r for r in reasons.values() if r.startswith("timeout") or "Message Unavailable" in r]
+    assert len(late) == 1, reasons
+    assert list(spool.iterdir()) == []  # the silent node's upload went with the round's spool
