@@ -24,7 +24,14 @@ def test_adam_rounds_commit_the_step_and_persist_the_state(
 ) -> None:
     store = tmp_path / "store"
     app = scripted_client_app(["ok", "ok"])
-    opts = {"aggregator": "fedavg", "server_optimizer": "adam", "server_lr": 0.01, "server_tau": 1e-3}
+    opts = {
+        "aggregator": "fedavg",
+        "server_optimizer": "adam",
+        "server_lr": 0.01,
+        "server_tau": 1e-3,
+        "round_deadline_s": 600.0,
+        "wait_for_nodes_s": 300.0,
+    }  # generous: a loaded machine is slow
     first = simulate(store, app, 2, min_clients=2, min_valid=2, **opts)
     # a second run is a restarted server: it reads the moments from the version it resumes from
     second = simulate(store, app, 2, min_clients=2, min_valid=2, **opts)
