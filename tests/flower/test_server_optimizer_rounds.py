@@ -60,3 +60,36 @@ def test_adam_rounds_commit_the_step_and_persist_the_state(
         d2_from_v = (v2 - 0.99 * v1) / 0.01
         torch.testing.assert_close(d2_from_m.square(), d2_from_v, rtol=1e-3, atol=1e-9)
         assert st.verify().ok
+
+
+@pytest.mark.slow
+def test_with_the_compressed_downlink_both_states_are_kept_apart(
+    tmp_path: Path, simulate: Simulate, scripted_client_app: Scripted
+) -> None:
+    """FedAvgM and the compressed downlink persist their state side by side in each version; the
+    residual keeps only weight names, and a restarted server continues both."""
+    store = tmp_path / "store"
+    app = scripted_client_app(["ok", "ok"])
+    opts = {
+        "aggregator": "fedavg",
+        "server_optimizer": "avgm",
+        "server_lr": 0.5,
+        "downlink_density": 0.5,
+        "downlink_values": "fp32",
+        "round_deadline_s": 600.0,
+        "wait_for_nodes_s": 300.0,
+    }
+    first = simulate(store, app, 2, min_clients=2, min_valid=2, **opts)
+    second = simulate(store, app, 2, min_clients=2, min_valid=2, **opts)
+    assert [r.version_id for r in first + second] == ["v000002", "v000003"]
+    assert all(len(r.accepted) == 2 for r in first + second)
+    prefix = f"{STATE_PREFIX}avgm/"
+    with ModelStore.open(store) as st:
+        names = set(st.load_delta("v000003"))
+        for vid, step in (("v000002", 1), ("v000003", 2)):
+            state = st.load_state(vid)
+            assert state is not None and int(state[prefix + "step"]) == step
+            residual = {k for k in state if not k.startswith(STATE_PREFIX)}
+            assert residual == names  # the downlink residual: one tensor per weight, nothing else
+            assert {k[len(prefix) + 2 :] for k in state if k.startswith(prefix + "v/")} == names
+        assert st.verify().ok
