@@ -163,6 +163,8 @@ class Suite:
     expert_test: list[float] = field(default_factory=list)
     base_test: list[float] = field(default_factory=list)
     lora_experts: list[dict[str, torch.Tensor]] = field(default_factory=list)  # product-space ΔW = s·B·A
+    fishers: list[dict[str, torch.Tensor]] = field(default_factory=list)  # diagonal Fisher of each expert
+    lora_fishers: list[dict[str, torch.Tensor]] = field(default_factory=list)
     lora_val: list[float] = field(default_factory=list)
     lora_test: list[float] = field(default_factory=list)
 
@@ -245,6 +247,34 @@ def train_lora_expert(
     return delta
 
 
+FISHER_EXAMPLES = 512  # training examples per expert in its diagonal Fisher
+
+
+def diagonal_fisher(
+    body: nn.Module, head: nn.Linear, params: Mapping[str, torch.Tensor], x: torch.Tensor, g: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """The diagonal Fisher of the body's parameters at ``params`` (Matena & Raffel 2022): the mean over the
+    examples of (∂ log p(ŷ | x) / ∂θ)², ŷ drawn once per example from the model's own p(· | x) (their
+    Monte-Carlo estimate of the expectation over labels), per-example gradients by ``torch.func``."""
+    from torch.func import grad, vmap
+
+    p = {k: v.detach() for k, v in params.items()}
+    with torch.no_grad():
+        probs = torch.softmax(head(functional_call(body, p, (x,))), 1)
+        y_hat = torch.multinomial(probs, 1, generator=g).squeeze(1)
+
+    def log_p(q: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        logits = head(functional_call(body, q, (xi[None],)))[0]
+        return torch.log_softmax(logits, 0).gather(0, yi[None])[0]
+
+    total = {k: torch.zeros_like(v) for k, v in p.items()}
+    for i in range(0, len(x), 128):
+        grads = vmap(grad(log_p), in_dims=(None, 0, 0))(p, x[i : i + 128], y_hat[i : i + 128])
+        for k in total:
+            total[k] += grads[k].square().sum(0)
+    return {k: v / len(x) for k, v in total.items()}
+
+
 def build_suite(cfg: Config, seed: int) -> Suite:
     """Pre-train the base body, derive each task's fixed head, fine-tune one expert body per task."""
     x_tr, y_tr, x_te, y_te = digits_split(0.3, generator(seed, 100))
@@ -283,9 +313,14 @@ def build_suite(cfg: Config, seed: int) -> Suite:
             generator(seed, 107, t),
         )
         suite.experts.append({k: v.detach() - base[k] for k, v in body.state_dict().items()})
+        xf = xt[:FISHER_EXAMPLES]
+        full = {k: base[k] + suite.experts[t][k] for k in base}
+        suite.fishers.append(diagonal_fisher(body, head, full, xf, generator(seed, 110, t)))
         if cfg.lora:
             body.load_state_dict(base)
             suite.lora_experts.append(train_lora_expert(body, head, base, xt, yt, cfg, seed, t))
+            low = {k: base[k] + suite.lora_experts[t][k] for k in base}
+            suite.lora_fishers.append(diagonal_fisher(body, head, low, xf, generator(seed, 111, t)))
     body.load_state_dict(base)
     body.eval()
     for t in range(len(specs)):
@@ -307,8 +342,6 @@ def methods() -> tuple[list[str], dict[str, str]]:
         fixed = getattr(cls, "exact_models", None)
         if fixed is not None:
             skipped[name] = f"merges exactly {fixed} models"
-        elif name == "fisher":
-            skipped[name] = "needs each expert's diagonal Fisher (without one it is fedavg)"
         elif name in ROBUST:
             skipped[name] = (
                 "Byzantine-robust: discards or down-weights the disagreeing (task-specific) deltas"
@@ -329,14 +362,22 @@ def configs(name: str, with_grid: bool) -> list[dict[str, Any]]:
 
 
 def merge_once(
-    name: str, deltas: Sequence[Mapping[str, torch.Tensor]], params: Mapping[str, Any], seed: int
+    name: str,
+    deltas: Sequence[Mapping[str, torch.Tensor]],
+    params: Mapping[str, Any],
+    seed: int,
+    fishers: Sequence[Mapping[str, torch.Tensor]] | None = None,
 ) -> tuple[dict[str, torch.Tensor], float]:
-    """The merged task vector and the CPU seconds the merge took (begin, adds, finalize)."""
+    """The merged task vector and the CPU seconds the merge took (begin, adds, finalize). ``fishers``:
+    each expert's diagonal Fisher, passed to the ``fisher`` method (which without them is fedavg)."""
     t0 = time.process_time()
     agg = create(name, seed=seed, **params)
     agg.begin({k: tuple(v.shape) for k, v in deltas[0].items()})
     for i, d in enumerate(deltas):
-        agg.add(d, 1.0, client_id=i)
+        if name == "fisher" and fishers is not None:
+            agg.add(d, 1.0, client_id=i, fisher=fishers[i])  # type: ignore[call-arg]
+        else:
+            agg.add(d, 1.0, client_id=i)
     out = agg.finalize()
     return out, time.process_time() - t0
 
@@ -350,6 +391,7 @@ def evaluate_methods(
     res: dict[str, dict[str, list[Any]]],
     errors: dict[str, str],
     seed: int,
+    fishers: Sequence[Mapping[str, torch.Tensor]] | None = None,
 ) -> None:
     """Merge ``experts`` with every method of ``grids`` (default, then its grid); record in ``res`` the
     default's and the validation-chosen config's normalised test accuracy (÷ ``expert_test``), per-task
@@ -362,7 +404,7 @@ def evaluate_methods(
         best: tuple[float, dict[str, Any], list[float]] | None = None
         try:
             for i, params in enumerate(grids[m]):
-                delta, secs = merge_once(m, experts, params, seed)
+                delta, secs = merge_once(m, experts, params, seed, fishers)
                 val = normalised(suite.accuracies(delta, "val"), expert_val)
                 test = suite.accuracies(delta, "test")
                 if i == 0:
@@ -555,13 +597,14 @@ def run(args: argparse.Namespace) -> int:
         build_s += time.perf_counter() - t0
         ref["expert"].append(suite.expert_test)
         ref["base"].append(suite.base_test)
-        evaluate_methods(suite, suite.experts, suite.expert_val, suite.expert_test, grids, res, errors, seed)
+        evaluate_methods(
+            suite, suite.experts, suite.expert_val, suite.expert_test, grids, res, errors, seed, suite.fishers
+        )
         if cfg.lora:
             lora_ref["expert"].append(suite.lora_test)
             lora_ref["base"].append(suite.base_test)
-            evaluate_methods(
-                suite, suite.lora_experts, suite.lora_val, suite.lora_test, grids, lora_res, lora_errors, seed
-            )
+            lora = (suite.lora_experts, suite.lora_val, suite.lora_test)
+            evaluate_methods(suite, *lora, grids, lora_res, lora_errors, seed, suite.lora_fishers)
     ok = [m for m in names if m not in errors]
     lora_ok = [m for m in names if m not in lora_errors] if cfg.lora else []
     accuracy_s = time.perf_counter() - t_start

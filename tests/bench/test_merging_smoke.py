@@ -60,3 +60,26 @@ def test_methods_skip_two_model_and_robust_aggregators() -> None:
     chosen, skipped = merging.methods()
     assert not set(chosen) & merging.ROBUST
     assert set(chosen).isdisjoint(skipped)
+
+
+def test_diagonal_fisher_matches_a_per_example_loop() -> None:
+    g = torch.Generator().manual_seed(0)
+    body = merging.build_body(8, g)
+    head = merging.linear(8, 3, g)
+    head.requires_grad_(False)
+    x = torch.rand(20, 64, generator=g)
+    params = {k: v.detach().clone() for k, v in body.state_dict().items()}
+    got = merging.diagonal_fisher(body, head, params, x, torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        probs = torch.softmax(head(body(x)), 1)
+    y_hat = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(5)).squeeze(1)
+    want = {k: torch.zeros_like(v) for k, v in params.items()}
+    for i in range(len(x)):
+        body.zero_grad()
+        torch.log_softmax(head(body(x[i : i + 1])), 1)[0, y_hat[i]].backward()
+        for name, p in body.named_parameters():
+            assert p.grad is not None
+            want[name] += p.grad.square() / len(x)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-8)
+    assert "fisher" in merging.methods()[0]  # the benchmark merges with the experts' Fishers
