@@ -83,6 +83,9 @@ class Aggregator(ABC):
     # fedmerge.aggregators.continual.batch). The keys are the continual merger's ``params``; any other
     # parameter keeps its constructor default. Empty: the method is not offered as a continual merger.
     continual_defaults: ClassVar[dict[str, Any]] = {}
+    # Per-client inputs beside the delta that ``add`` needs (e.g. a diagonal Fisher); federated rounds
+    # and the intake carry deltas only, so they refuse a method that names any.
+    side_inputs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,

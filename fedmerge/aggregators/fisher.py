@@ -41,6 +41,7 @@ from fedmerge.errors import AggregatorStateError, ConfigError, InvalidSubmission
 class Fisher(Aggregator):
     name: ClassVar[str] = "fisher"
     averaging: ClassVar[bool] = True
+    side_inputs: ClassVar[tuple[str, ...]] = ("fisher",)
 
     def __init__(self, *, fisher_floor: float = 1e-6, normalize: bool = False, **common: object) -> None:
         super().__init__(**common)  # type: ignore[arg-type]

@@ -232,7 +232,7 @@ def _convert(key: str, value: Any, f: dataclasses.Field[Any], errors: list[str])
 
 
 def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
-    from fedmerge.aggregators import available
+    from fedmerge.aggregators import available, get
 
     checks = [
         (cfg.num_rounds >= 1, f"num-rounds={cfg.num_rounds} must be ≥ 1"),
@@ -280,6 +280,12 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
         cfg.codec()
     except ConfigError as exc:
         errors.append(f"codec-density/codec-values: {exc}")
+    if not errors and (needs := get(cfg.aggregator).side_inputs):
+        errors.append(
+            f"aggregator={cfg.aggregator!r} needs each client's {', '.join(needs)} beside its delta, which "
+            "federated rounds do not carry; use it through the Python API (add(delta, weight, "
+            f"{needs[0]}=...)) or choose another aggregator"
+        )
     if not errors:
         try:
             from fedmerge.aggregators import create

@@ -69,3 +69,14 @@ def test_pyproject_declares_every_run_config_key() -> None:
     keys = {f.name.replace("_", "-") for f in dataclasses.fields(RunConfig) if f.name != "aggregator_params"}
     assert sorted(keys - set(config)) == []
     assert parse_run_config(config).to_flower().items() >= {k: config[k] for k in keys}.items()
+
+
+def test_a_method_that_needs_per_client_side_inputs_is_refused_for_rounds() -> None:
+    with pytest.raises(ConfigError, match=r"aggregator='fisher' needs each client's fisher beside its delta"):
+        parse_run_config({"aggregator": "fisher"})
+    from fedmerge.aggregators import available, get
+
+    offered = [name for name in available() if not get(name).side_inputs]
+    assert "fisher" not in offered and "ties" in offered
+    for name in offered:  # every other registered method stays usable in rounds
+        parse_run_config({"aggregator": name})
