@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +32,17 @@ from fedmerge.flower.records import CONFIG_RECORD, METRICS_RECORD
 from fedmerge.store import ModelStore
 from fedmerge.v1 import intake_pb2, intake_pb2_grpc
 from fedmerge_bench.hostile_corpus import Attack, FlowerRound, train_message
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from test_deployment import (
+    BIN,
+    ROOT,
+    Deployment,
+    deployment,  # noqa: F401  (fixture)
+    free_port,
+    wait_for_port,
+)
 
 ROUND, ATTEMPT = 1, 0
 
@@ -184,46 +193,22 @@ def test_closing_the_round_reclaims_its_spool(fr: FlowerRound, endpoint: BulkEnd
 
 # ------------------------------------------------------------------ real SuperLink and SuperNodes
 
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 @dataclass
-class Deployment:
-    """A localhost SuperLink and SuperNodes (insecure: the bulk channel is what is under test); every
+class InsecureDeployment(Deployment):
+    """A localhost SuperLink and SuperNodes without TLS (the bulk channel is what is under test); every
     process is ended by its pid (and its descendants) at the end, pass or fail."""
 
-    root: Path
-    env: dict[str, str]
-    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     port: int = 0
-
-    def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
-        log = (self.root / f"{name}.log").open("wb")
-        proc = subprocess.Popen(argv, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        self.procs.append(proc)
-        return proc
 
     def up(self, nodes: int) -> None:
         self.port = free_port()
         link = self.start(
             "superlink",
             [str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
-             "--database", str(self.root / "superlink.db"), "--disable-runtime-dependency-installation"],
+             "--database", str(self.logs / "superlink.db"), "--disable-runtime-dependency-installation"],
         )  # fmt: skip
-        end = time.monotonic() + 60
-        while True:
-            assert link.poll() is None, self.tail()
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.5):
-                break
-            assert time.monotonic() < end, "the SuperLink does not listen\n" + self.tail()
-            time.sleep(0.2)
+        wait_for_port(self.port, link, 60)
         home = Path(self.env["FLWR_HOME"])
         (home / "config.toml").write_text(
             '[superlink]\ndefault = "local"\n\n[superlink.local]\n'
@@ -254,34 +239,12 @@ class Deployment:
                             out.append(child)
         return out
 
-    def stop(self) -> None:
-        for proc in reversed(self.procs):
-            with contextlib.suppress(psutil.NoSuchProcess):
-                children = psutil.Process(proc.pid).children(recursive=True)
-                proc.terminate()
-                _, alive = psutil.wait_procs([psutil.Process(proc.pid), *children], timeout=10)
-                for p in alive:
-                    with contextlib.suppress(psutil.NoSuchProcess):
-                        p.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=10)
-
-    def tail(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text()[-2500:]}" for p in sorted(self.root.glob("*.log")))
-
 
 @pytest.fixture
-def deployment(tmp_path: Path) -> Iterator[Deployment]:
-    home = tmp_path / "flwr-home"
-    home.mkdir()
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(home),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-    dep = Deployment(tmp_path, env)
+def insecure_deployment(deployment: Deployment) -> Iterator[InsecureDeployment]:  # noqa: F811
+    dep = InsecureDeployment(
+        {**deployment.env, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}, deployment.logs
+    )
     yield dep
     dep.stop()
 
@@ -311,13 +274,13 @@ def committed_rounds(store: Path) -> list[tuple[int, list[tuple[str, bool, str |
 @pytest.mark.integration
 @pytest.mark.slow
 def test_round_with_real_supernodes_moves_deltas_through_the_bulk_channel(
-    tmp_path: Path, deployment: Deployment
+    tmp_path: Path, insecure_deployment: InsecureDeployment
 ) -> None:
-    deployment.up(nodes=2)
+    insecure_deployment.up(nodes=2)
     store, spool = tmp_path / "store", tmp_path / "spool"
-    run = deployment.flwr_run(bulk_run_config(store, spool))
+    run = insecure_deployment.flwr_run(bulk_run_config(store, spool))
     out, _ = run.communicate(timeout=400)
-    assert run.returncode == 0, out[-3000:] + deployment.tail()
+    assert run.returncode == 0, out[-3000:] + insecure_deployment.tail()
     rounds = committed_rounds(store)
     assert rounds == [(1, [("inst-0", True, "bulk"), ("inst-1", True, "bulk")])], out[-3000:]
     assert list(spool.iterdir()) == []  # reclaimed after the commit
@@ -326,26 +289,26 @@ def test_round_with_real_supernodes_moves_deltas_through_the_bulk_channel(
 @pytest.mark.integration
 @pytest.mark.slow
 def test_server_killed_mid_round_resumes_the_spool_and_commits_once(
-    tmp_path: Path, deployment: Deployment
+    tmp_path: Path, insecure_deployment: InsecureDeployment
 ) -> None:
     """Partition 0 replies at once, partition 1 straggles (seed 5 draws exactly that): the ServerApp
     is SIGKILLed once partition 0's package is spooled, before the round can commit. A new run keeps
     round 1's spool (its objects are verified again before use), commits round 1 once with both
     deltas from the bulk channel, and reclaims the spool."""
-    deployment.up(nodes=2)
+    insecure_deployment.up(nodes=2)
     store, spool = tmp_path / "store", tmp_path / "spool"
     config = bulk_run_config(
         store, spool, seed=5, **{"fault-straggler": 0.5, "fault-straggler-delay-s": 20.0}
     )
-    first = deployment.flwr_run(config)
+    first = insecure_deployment.flwr_run(config)
     objects = spool / "round-1-attempt-0" / "objects"
     end = time.monotonic() + 300
     while not (objects.is_dir() and any(objects.iterdir())):
-        assert first.poll() is None, str(first.communicate()[0])[-3000:] + deployment.tail()
-        assert time.monotonic() < end, "no package was spooled\n" + deployment.tail()
+        assert first.poll() is None, str(first.communicate()[0])[-3000:] + insecure_deployment.tail()
+        assert time.monotonic() < end, "no package was spooled\n" + insecure_deployment.tail()
         time.sleep(0.1)
-    servers = deployment.serverapps()
-    assert servers, "no flwr-serverapp process found\n" + deployment.tail()
+    servers = insecure_deployment.serverapps()
+    assert servers, "no flwr-serverapp process found\n" + insecure_deployment.tail()
     for proc in servers:
         proc.kill()  # SIGKILL
     first.terminate()
@@ -353,9 +316,9 @@ def test_server_killed_mid_round_resumes_the_spool_and_commits_once(
         first.communicate(timeout=30)
     spooled = [p.name for p in objects.iterdir()]
     assert committed_rounds(store) == []  # nothing of round 1 was committed
-    second = deployment.flwr_run(config)
+    second = insecure_deployment.flwr_run(config)
     out, _ = second.communicate(timeout=500)
-    assert second.returncode == 0, out[-3000:] + deployment.tail()
+    assert second.returncode == 0, out[-3000:] + insecure_deployment.tail()
     rounds = committed_rounds(store)
     assert rounds == [(1, [("inst-0", True, "bulk"), ("inst-1", True, "bulk")])], out[-3000:]
     with ModelStore.open(store) as st:
