@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from fedmerge.endpoint_options import DashboardPort, MetricsAllowRemote, MetricsHost, MetricsPort
+
 app = typer.Typer(add_completion=False)
 
 
@@ -36,19 +38,10 @@ def serve(
     state_dir: Annotated[
         Path | None, typer.Option(help="SuperLink state directory (default: STORE.superlink beside it)")
     ] = None,
-    metrics_port: Annotated[
-        int | None,
-        typer.Option(help="serve Prometheus metrics on this port (0 = any free port; docs/metrics.md)"),
-    ] = None,
-    metrics_host: Annotated[str, typer.Option(help="address the metrics endpoint binds")] = "127.0.0.1",
-    metrics_allow_remote: Annotated[
-        bool,
-        typer.Option(help="allow a non-loopback --metrics-host (the endpoint has no authentication)"),
-    ] = False,
-    dashboard_port: Annotated[
-        int | None,
-        typer.Option(help="serve the read-only web dashboard on this port (0 = any free port)"),
-    ] = None,
+    metrics_port: MetricsPort = None,
+    metrics_host: MetricsHost = "127.0.0.1",
+    metrics_allow_remote: MetricsAllowRemote = False,
+    dashboard_port: DashboardPort = None,
     dashboard_host: Annotated[
         str, typer.Option(help="address the dashboard binds; off loopback it requires --dashboard-token")
     ] = "127.0.0.1",

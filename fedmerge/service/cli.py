@@ -18,6 +18,7 @@ from typing import Annotated, Any
 
 import typer
 
+from fedmerge.endpoint_options import DashboardPort, MetricsAllowRemote, MetricsHost, MetricsPort
 from fedmerge.errors import FedMergeError
 
 app = typer.Typer(help="Continual-merging intake service.", no_args_is_help=True, add_completion=False)
@@ -91,19 +92,10 @@ def serve_continual(
         typer.Option(help="abort (DEADLINE_EXCEEDED) a SubmitExpert/Upload stream idle this many seconds"),
     ] = 30.0,
     port_file: Annotated[Path | None, typer.Option(help="write the bound port here once serving")] = None,
-    metrics_port: Annotated[
-        int | None,
-        typer.Option(help="serve Prometheus metrics on this port (0 = any free port; docs/metrics.md)"),
-    ] = None,
-    metrics_host: Annotated[str, typer.Option(help="address the metrics endpoint binds")] = "127.0.0.1",
-    metrics_allow_remote: Annotated[
-        bool,
-        typer.Option(help="allow a non-loopback --metrics-host (the endpoint has no authentication)"),
-    ] = False,
-    dashboard_port: Annotated[
-        int | None,
-        typer.Option(help="serve the read-only web dashboard on this port (0 = any free port)"),
-    ] = None,
+    metrics_port: MetricsPort = None,
+    metrics_host: MetricsHost = "127.0.0.1",
+    metrics_allow_remote: MetricsAllowRemote = False,
+    dashboard_port: DashboardPort = None,
     dashboard_host: Annotated[
         str,
         typer.Option(help="address the dashboard binds; off loopback it requires an operator's token"),
