@@ -25,7 +25,8 @@ from flwr.clientapp import ClientApp
 
 from fedmerge.codec import PackageMeta
 from fedmerge.delta.lowrank import tsv_compress
-from fedmerge.errors import ConfigError
+from fedmerge.delta.state_dict import StateDict
+from fedmerge.errors import ConfigError, FedMergeError
 from fedmerge.flower.client import (
     TrainInstructions,
     encode_reply,
@@ -34,6 +35,7 @@ from fedmerge.flower.client import (
     training_device,
 )
 from fedmerge.flower.faults import FaultPlan, inject_faults
+from fedmerge.seeds import derive_generator
 from fedmerge_simulations.local_round import local_round
 from fedmerge_simulations.tasks import ClientData, Task, get_task
 from fedmerge_simulations.tasks.base import check_data_path
@@ -119,8 +121,25 @@ def train_reply(message: Message, context: Context, task_factory: TaskFactory = 
         base_version_hash=conf.base_version_hash,
         num_examples=data.num_examples,
     )
-    content, _ = encode_reply(delta, conf.codec, meta, context, update.metrics)
+    fisher = client_fisher(task, base, update.delta, data, conf) if conf.fisher_examples > 0 else None
+    content, _ = encode_reply(delta, conf.codec, meta, context, update.metrics, fisher)
     return Message(content, reply_to=message)
+
+
+def client_fisher(
+    task: Task, base: StateDict, delta: Mapping[str, torch.Tensor], data: ClientData, conf: TrainInstructions
+) -> dict[str, torch.Tensor]:
+    """The diagonal Fisher of the fine-tuned model (base + delta) on ``conf.fisher_examples`` of the
+    node's training examples, drawn from the client's own generator stream."""
+    estimate = getattr(task, "diagonal_fisher", None)
+    if estimate is None:
+        raise FedMergeError(
+            f"task {conf.task!r} cannot compute a diagonal Fisher (it has no diagonal_fisher method); "
+            "the round's aggregator needs one"
+        )
+    finetuned = {k: v + delta[k].to(v.dtype) if k in delta else v for k, v in base.items()}
+    generator = derive_generator(conf.seed, conf.round, data.client_id, "fisher")
+    return dict(estimate(finetuned, data.train, conf.fisher_examples, generator))
 
 
 def make_client_app(task_factory: TaskFactory = get_task) -> ClientApp:

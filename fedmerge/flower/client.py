@@ -55,12 +55,14 @@ from fedmerge.flower.records import (
     UPDATE_META_RECORD,
     UPDATE_RECORD,
 )
-from fedmerge.flower.transport import RECORD_KEY, package_to_record, record_to_package
+from fedmerge.flower.transport import FISHER_RECORD_KEY, RECORD_KEY, package_to_record, record_to_package
 from fedmerge.privacy.config import DPConfig
 from fedmerge.privacy.mechanism import privatize_client_delta
 
 BASE_STATE = "fedmerge.base"  # context.state: the held base weights
 BASE_META = "fedmerge.base-meta"
+# how a diagonal Fisher is encoded: every entry, bf16 (fp32's exponent range), no error feedback
+FISHER_CODEC = CodecConfig(sparsify="none", values="bf16", error_feedback=False)
 RESIDUAL_RECORD = "fedmerge.residual"
 DP_RECORD = "fedmerge.dp"
 BULK_RECORD = "fedmerge.bulk"  # context.state: this round's bulk endpoint and upload token
@@ -87,6 +89,7 @@ class TrainInstructions:
     lora_alpha: float
     device: str
     codec: CodecConfig
+    fisher_examples: int = 0  # > 0: the aggregator needs the client's diagonal Fisher on this many examples
 
     @staticmethod
     def from_content(content: RecordDict) -> TrainInstructions:
@@ -123,6 +126,7 @@ class TrainInstructions:
                 values=get("codec-values"),
                 error_feedback=bool(get("codec-error-feedback")),
             ),
+            fisher_examples=int(conf.get("fisher-examples", 0)),
         )
 
 
@@ -268,8 +272,14 @@ def encode_reply(
     meta: PackageMeta,
     context: Context,
     metrics: Mapping[str, float],
+    fisher: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[RecordDict, EncodeResult]:
     """Encode ``delta`` with the node's residual, keep the new residual, and build the reply content.
+
+    ``fisher`` (when the round's aggregator asks for it: ``TrainInstructions.fisher_examples`` > 0)
+    travels beside the delta as a second package in ArrayRecord ``"fedmerge.fisher"``, dense bf16
+    (:data:`FISHER_CODEC`: fp32's range, so small squared gradients are not flushed to zero), inline
+    even when the delta goes through the bulk endpoint.
 
     A package larger than the server's ``bulk-threshold-bytes`` (when the train message offered a
     bulk endpoint) is uploaded there (:func:`fedmerge.flower.bulk_client.upload_package`) and the
@@ -298,6 +308,9 @@ def encode_reply(
         content = RecordDict({CONFIG_RECORD: ref})
     else:
         content = package_to_record(result.data)
+    if fisher is not None:
+        fisher_data = encode_package(fisher, FISHER_CODEC, meta=meta).data
+        content[FISHER_RECORD_KEY] = package_to_record(fisher_data, FISHER_RECORD_KEY)[FISHER_RECORD_KEY]
     content[METRICS_RECORD] = MetricRecord(
         {
             **{k: float(v) for k, v in metrics.items()},
@@ -367,6 +380,7 @@ def fedmerge_reply(
     num_examples: int,
     metrics: Mapping[str, float] | None = None,
     client_id: str | None = None,
+    fisher: Mapping[str, torch.Tensor] | None = None,
 ) -> Message:
     """The reply to a fedmerge ``train`` message: the compressed task vector of ``model``.
 
@@ -376,7 +390,10 @@ def fedmerge_reply(
     codec of the message's ``fedmerge.config`` (top-k density, value quantisation) plus this node's
     error-feedback residual, which is updated in ``context.state``; DP clipping / local noise apply
     when the server asks for them. ``metrics`` (finite floats, e.g. ``train-loss``) travel in the
-    reply's ``"metrics"`` with ``num-examples`` (the aggregation weight, ≥ 1).
+    reply's ``"metrics"`` with ``num-examples`` (the aggregation weight, ≥ 1). When the message's
+    ``fisher-examples`` is > 0 the round's aggregator merges with each client's diagonal Fisher: pass
+    it as ``fisher`` (names of the base's floating tensors;
+    :func:`fedmerge.delta.fisher.diagonal_fisher` computes one from any per-example loss).
     """
     round_, version_id, version_hash = _base_ids(message.content)
     if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
@@ -408,5 +425,5 @@ def fedmerge_reply(
         base_version_hash=version_hash,
         num_examples=num_examples,
     )
-    content, _ = encode_reply(delta, codec, meta, context, dict(metrics or {}))
+    content, _ = encode_reply(delta, codec, meta, context, dict(metrics or {}), fisher)
     return Message(content, reply_to=message)

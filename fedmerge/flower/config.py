@@ -86,6 +86,9 @@ class RunConfig:
     fault_straggler_delay_s: float = 0.0
     max_package_bytes: int = 256 << 20
     max_num_examples: int = 10_000_000
+    # aggregators that merge with each client's diagonal Fisher (side_inputs = ("fisher",)): the number
+    # of local training examples a client's Fisher is estimated on (fedmerge/delta/fisher.py)
+    fisher_examples: int = 256
     server_eval: bool = True
     init_base: bool = True
     # experiment tracking (fedmerge/tracking.py): "" = off, "tensorboard" or "mlflow"; tracking-dir ""
@@ -280,12 +283,8 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
         cfg.codec()
     except ConfigError as exc:
         errors.append(f"codec-density/codec-values: {exc}")
-    if not errors and (needs := get(cfg.aggregator).side_inputs):
-        errors.append(
-            f"aggregator={cfg.aggregator!r} needs each client's {', '.join(needs)} beside its delta, which "
-            "federated rounds do not carry; use it through the Python API (add(delta, weight, "
-            f"{needs[0]}=...)) or choose another aggregator"
-        )
+    if not errors:
+        _check_side_inputs(cfg, get(cfg.aggregator).side_inputs, errors)
     if not errors:
         try:
             from fedmerge.aggregators import create
@@ -293,6 +292,37 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
             create(cfg.aggregator, **cfg.aggregator_params)
         except (ConfigError, TypeError) as exc:
             errors.append(f"aggregator.* parameters {cfg.aggregator_params}: {exc}")
+
+
+def needs_fisher(cfg: RunConfig) -> bool:
+    """True when the round's aggregator merges with each client's diagonal Fisher."""
+    from fedmerge.aggregators import get
+
+    return "fisher" in get(cfg.aggregator).side_inputs
+
+
+def _check_side_inputs(cfg: RunConfig, needs: tuple[str, ...], errors: list[str]) -> None:
+    """Rounds carry one side input, a client's diagonal Fisher (computed on full fine-tuning, unclipped)."""
+    unknown = [n for n in needs if n != "fisher"]
+    if unknown:
+        errors.append(
+            f"aggregator={cfg.aggregator!r} needs each client's {', '.join(unknown)} beside its delta, "
+            "which federated rounds do not carry; choose another aggregator"
+        )
+    if "fisher" not in needs:
+        return
+    if cfg.mode != "full":
+        errors.append(
+            f"aggregator={cfg.aggregator!r} merges with a Fisher over the model's parameters: it needs "
+            f"mode='full' (got {cfg.mode!r})"
+        )
+    if cfg.dp() is not None:
+        errors.append(
+            f"aggregator={cfg.aggregator!r} with DP: a client's Fisher is computed from its data and is "
+            "neither clipped nor noised; turn DP off (dp-clip-norm=0) or choose another aggregator"
+        )
+    if cfg.fisher_examples < 1:
+        errors.append(f"fisher-examples={cfg.fisher_examples} must be ≥ 1")
 
 
 def dp_calibrated(cfg: RunConfig) -> bool:

@@ -54,7 +54,7 @@ from fedmerge.delta.submission import (
 from fedmerge.errors import FedMergeError, InvalidSubmission
 from fedmerge.flower.bulk_client import REF_SHA_KEY, REF_SIZE_KEY
 from fedmerge.flower.bulk_endpoint import BulkEndpoint
-from fedmerge.flower.config import RunConfig
+from fedmerge.flower.config import RunConfig, needs_fisher
 from fedmerge.flower.downlink import apply_weights, compress_update, weights_digest
 from fedmerge.flower.faults import FaultPlan
 from fedmerge.flower.records import (
@@ -75,8 +75,10 @@ from fedmerge.flower.safeguards import (
     screen_delta,
 )
 from fedmerge.flower.transport import (
+    FISHER_RECORD_KEY,
     RECORD_KEY,
     STYPE,
+    MissingPackage,
     dense_record_to_task_vector,
     package_to_record,
     record_to_package,
@@ -243,6 +245,8 @@ def fedmerge_config(cfg: RunConfig, round_: int, base: Version) -> ConfigRecord:
             "codec-error-feedback": codec.error_feedback,
             **FaultPlan(cfg.fault_dropout, cfg.fault_straggler, cfg.fault_straggler_delay_s).to_record(),
             **dp_train_keys(cfg),
+            # > 0: reply with the diagonal Fisher of the fine-tuned model beside the delta
+            "fisher-examples": cfg.fisher_examples if needs_fisher(cfg) else 0,
         }
     )
 
@@ -373,6 +377,7 @@ class RoundState:
         self.scores: dict[str, dict[str, Any]] = {}  # per-client anomaly scores
         self.privacy: dict[str, Any] | None = None  # the DP release record, set at finalize
         self.bulk: BulkEndpoint | None = None  # resolves bulk references (large payloads)
+        self.needs_fisher = needs_fisher(cfg)  # each reply carries its diagonal Fisher beside the delta
         self.attempt = 0
 
     def judge(self, node_id: int, reply: Message) -> ReplyOutcome:
@@ -397,11 +402,12 @@ class RoundState:
                 client_id, n, digest, wire, delta, codec = self._decode(record_to_package(content))
             else:
                 client_id, n, digest, wire, delta, codec = self._dense(content, default_id)
+            side: dict[str, Any] = {"fisher": self._fisher(content, client_id)} if self.needs_fisher else {}
             self._check_unique(node_id, digest)
             client_id = self._label(client_id, node_id)
             delta, weight = screen_delta(delta, float(n), client_id, self.cfg, self.reference, self.scores)
             folding = True
-            self.aggregator.add(delta, weight, client_id=client_id)
+            self.aggregator.add(delta, weight, client_id=client_id, **side)
             folding = False
         except InvalidSubmission as exc:
             self.tainted = self.tainted or folding
@@ -467,6 +473,32 @@ class RoundState:
         tensors = fill_missing(pkg.tensors, self.shapes)  # partial: missing tensors are zero change
         codec = package_codec(data, pkg.tensors, self.shapes, self.limits)
         return meta.client_id, meta.num_examples, _sha256(data), len(data), tensors, codec
+
+    def _fisher(self, content: RecordDict, client_id: str) -> dict[str, torch.Tensor]:
+        """The client's diagonal Fisher: a package in ArrayRecord ``"fedmerge.fisher"`` judged by the same
+        rules as a delta package (size, base, shapes, round, value bound), densified; the aggregator
+        refuses negative or non-finite entries. A tensor the package leaves out has F = 0."""
+        try:
+            data = record_to_package(content, FISHER_RECORD_KEY)
+        except MissingPackage as exc:
+            raise StaleOrInvalid(
+                f"the aggregator {self.cfg.aggregator!r} merges with each client's diagonal Fisher: {exc}"
+            ) from None
+        if len(data) > self.cfg.max_package_bytes:
+            raise StaleOrInvalid(
+                f"Fisher package of {len(data)} bytes exceeds max-package-bytes={self.cfg.max_package_bytes}"
+            )
+        pkg = decode_task_vector_package(
+            data, self.shapes, base_id=self.base.id, base_hash=self.base.content_hash, limits=self.limits
+        )
+        if pkg.meta.round != self.round or pkg.meta.client_id != client_id:
+            raise StaleOrInvalid(
+                f"the Fisher package is for client {pkg.meta.client_id!r}, round {pkg.meta.round}; "
+                f"its delta is client {client_id!r}'s in round {self.round}"
+            )
+        check_values(pkg.tensors, self.max_abs, f"Fisher of {client_id!r}")
+        filled = fill_missing(pkg.tensors, self.shapes)
+        return {k: (v.to_dense() if isinstance(v, SparseTensor) else v) for k, v in filled.items()}
 
     def _dense(
         self, content: RecordDict, client_id: str

@@ -28,6 +28,7 @@ from fedmerge.delta.state_dict import StateDict, TaskVector, floating_names, tas
 
 STYPE = "fedmerge-delta-v1"
 RECORD_KEY = "fedmerge.delta"
+FISHER_RECORD_KEY = "fedmerge.fisher"  # a client's diagonal Fisher, a package like its delta's
 ARRAY_KEY = "package"
 
 
@@ -35,25 +36,26 @@ class MissingPackage(MalformedPackage):
     """A reply carries no fedmerge package (or an Array of another stype where one was expected)."""
 
 
-def package_to_record(data: bytes) -> RecordDict:
-    """A RecordDict holding ``data`` (a serialized DeltaPackage) as one Array of stype ``STYPE``."""
+def package_to_record(data: bytes, key: str = RECORD_KEY) -> RecordDict:
+    """A RecordDict holding ``data`` (a serialized DeltaPackage) as one Array of stype ``STYPE`` in the
+    ArrayRecord ``key`` (the delta's by default)."""
     array = Array(dtype="uint8", shape=(len(data),), stype=STYPE, data=bytes(data))
-    return RecordDict({RECORD_KEY: ArrayRecord({ARRAY_KEY: array})})
+    return RecordDict({key: ArrayRecord({ARRAY_KEY: array})})
 
 
-def record_to_package(rd: RecordDict) -> bytes:
+def record_to_package(rd: RecordDict, key: str = RECORD_KEY) -> bytes:
     """The serialized package in a RecordDict made by :func:`package_to_record` (else MissingPackage)."""
-    record = rd.array_records.get(RECORD_KEY)
+    record = rd.array_records.get(key)
     if record is None:
         raise MissingPackage(
-            f"reply has no ArrayRecord {RECORD_KEY!r} (has {sorted(rd.array_records)}); "
+            f"reply has no ArrayRecord {key!r} (has {sorted(rd.array_records)}); "
             "send it with fedmerge.flower.transport.package_to_record"
         )
     array = record.get(ARRAY_KEY)
     if array is None or array.stype != STYPE:
         found = "nothing" if array is None else f"stype {array.stype!r}"
         raise MissingPackage(
-            f"ArrayRecord {RECORD_KEY!r} holds {found} under {ARRAY_KEY!r}, expected stype {STYPE!r}"
+            f"ArrayRecord {key!r} holds {found} under {ARRAY_KEY!r}, expected stype {STYPE!r}"
         )
     return bytes(array.data)
 

@@ -22,6 +22,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor, nn
 
+from fedmerge.delta.fisher import diagonal_fisher
 from fedmerge.errors import ConfigError
 from fedmerge_simulations.partition import partition
 from fedmerge_simulations.tasks.training import (
@@ -284,6 +285,23 @@ class SupervisedTask(ABC):
 
     def evaluate(self, model: nn.Module, data: Split, device: str | torch.device = "cpu") -> dict[str, float]:
         return measure(model, data.x, data.y, self._loss_fn, device=device)
+
+    def diagonal_fisher(
+        self, weights: dict[str, Tensor], data: Split, max_examples: int, generator: torch.Generator
+    ) -> dict[str, Tensor]:
+        """The empirical diagonal Fisher (:func:`fedmerge.delta.fisher.diagonal_fisher`) of the model at
+        ``weights`` over the floating tensors of ``weights``, on at most ``max_examples`` examples of
+        ``data`` drawn without replacement from ``generator``."""
+        model = self.build_model(0)
+        model.load_state_dict(weights)
+        n = min(int(max_examples), len(data))
+        chosen = torch.randperm(len(data), generator=generator)[:n].tolist()
+
+        def example_loss(m: nn.Module, i: int) -> Tensor:
+            return self.batch_loss(m, data.x[i : i + 1], data.y[i : i + 1])[0]
+
+        names = [k for k, v in weights.items() if v.is_floating_point()]
+        return diagonal_fisher(model, example_loss, chosen, names)
 
     def train_lora(
         self,

@@ -71,12 +71,13 @@ def test_pyproject_declares_every_run_config_key() -> None:
     assert parse_run_config(config).to_flower().items() >= {k: config[k] for k in keys}.items()
 
 
-def test_a_method_that_needs_per_client_side_inputs_is_refused_for_rounds() -> None:
-    with pytest.raises(ConfigError, match=r"aggregator='fisher' needs each client's fisher beside its delta"):
-        parse_run_config({"aggregator": "fisher"})
+def test_rounds_carry_a_fisher_and_refuse_any_other_side_input() -> None:
     from fedmerge.aggregators import available, get
+    from fedmerge.flower.config import _check_side_inputs
 
-    offered = [name for name in available() if not get(name).side_inputs]
-    assert "fisher" not in offered and "ties" in offered
-    for name in offered:  # every other registered method stays usable in rounds
+    assert [name for name in available() if get(name).side_inputs] == ["fisher"]
+    for name in available():  # every registered method is usable in rounds
         parse_run_config({"aggregator": name})
+    errors: list[str] = []
+    _check_side_inputs(parse_run_config({}), ("hessian",), errors)
+    assert len(errors) == 1 and "needs each client's hessian beside its delta" in errors[0]
