@@ -149,6 +149,7 @@ def test_fisher_rounds_need_full_fine_tuning_without_dp_and_tell_clients_how_man
     assert fedmerge_config(parse_run_config({"aggregator": "ties"}), 1, base)["fisher-examples"] == 0
 
 
+@pytest.mark.slow
 def test_a_simulated_fisher_round_trains_estimates_and_merges(
     tmp_path: Path, simulate: Callable[..., Any]
 ) -> None:
