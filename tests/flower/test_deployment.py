@@ -137,8 +137,9 @@ class Deployment:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-2500:]}" for p in sorted(self.logs.glob("*.log")))
 
 
-@pytest.fixture
-def deployment(tmp_path: Path) -> Iterator[Deployment]:
+def deployment_env(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """The environment of a localhost deployment's processes (its own FLWR_HOME, no telemetry, no
+    runtime dependency installation, this venv's commands first) and its log folder."""
     home = tmp_path / "flwr-home"
     home.mkdir()
     logs = tmp_path / "logs"
@@ -147,9 +148,16 @@ def deployment(tmp_path: Path) -> Iterator[Deployment]:
         **os.environ,
         "FLWR_HOME": str(home),
         "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }
-    dep = Deployment(env, logs)
+    env.pop("FEDMERGE_METRICS_EVENTS", None)  # a test's own serve process sets it when it wants it
+    return env, logs
+
+
+@pytest.fixture
+def deployment(tmp_path: Path) -> Iterator[Deployment]:
+    dep = Deployment(*deployment_env(tmp_path))
     yield dep
     dep.stop()
 

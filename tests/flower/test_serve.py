@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import signal
 import subprocess
@@ -49,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_deployment import (  # helpers shared with the plain-SuperLink deployment test
     BIN,
     Deployment,
+    deployment_env,
     free_port,
     make_certificates,
     make_node_keys,
@@ -98,18 +98,7 @@ def _still_running(seen: dict[int, float]) -> list[psutil.Process]:
 
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[Served]:
-    home = tmp_path / "flwr-home"
-    home.mkdir()
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(home),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-    dep = Served(env, logs)
+    dep = Served(*deployment_env(tmp_path))
     yield dep
     dep.stop()
 

@@ -5,7 +5,6 @@ lists its version."""
 
 from __future__ import annotations
 
-import os
 import sys
 import urllib.request
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "flower"))
 sys.path.insert(0, str(Path(__file__).parent))
 
 from metrics_helpers import scrape, value
-from test_deployment import BIN, Deployment, free_port, run_flwr, wait_for_port
+from test_deployment import BIN, Deployment, deployment_env, free_port, run_flwr, wait_for_port
 
 from fedmerge.metrics import REPLY_REASONS
 from fedmerge.store import ModelStore
@@ -27,19 +26,7 @@ CONNECTION = "fedmerge-metrics"
 
 @pytest.fixture
 def dep(tmp_path: Path) -> Iterator[Deployment]:
-    home = tmp_path / "flwr-home"
-    home.mkdir()
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(home),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-    env.pop("FEDMERGE_METRICS_EVENTS", None)
-    deployment = Deployment(env, logs)
+    deployment = Deployment(*deployment_env(tmp_path))
     yield deployment
     deployment.stop()
 
