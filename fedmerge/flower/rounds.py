@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from fedmerge.aggregators import Aggregator, create
@@ -87,6 +88,8 @@ from fedmerge.store import Contributor, ModelStore, UnknownVersionError, Version
 
 log = logging.getLogger("fedmerge.rounds")
 
+# Flower's error replies for a message whose TTL (= round-deadline-s) expired before its reply came
+EXPIRED_CODES = frozenset({ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE})
 POLL_S = 0.02  # pulling is cheap (in-memory or one RPC); a reply is judged ≤ 20 ms after it lands
 MAX_REASON = 400  # characters of a client's error kept in the manifest (the end of a traceback)
 MAX_ROUND_REPLIES = 1 << 16  # replies one round may fold: with max-num-examples, the accumulator's weight
@@ -390,6 +393,9 @@ class RoundState:
         try:
             if reply.has_error():
                 err = reply.error
+                if err.code in EXPIRED_CODES:  # Flower's answer once the message's TTL (the deadline) ran out
+                    timeout = deadline_reason(self.cfg.round_deadline_s)
+                    return ReplyOutcome(node_id, default_id, False, timeout)
                 reason = " ".join(str(err.reason or "").split())
                 reason = reason if len(reason) <= MAX_REASON else "…" + reason[-MAX_REASON:]
                 return ReplyOutcome(node_id, default_id, False, f"client failed (code {err.code}): {reason}")
@@ -609,6 +615,11 @@ def build_messages(
     return messages, downlink
 
 
+def deadline_reason(deadline_s: float) -> str:
+    """The recorded reason of a node that did not reply in time (by our clock or by the message's TTL)."""
+    return f"timeout: no reply within round-deadline-s={deadline_s:g}"
+
+
 def collect(
     grid: Grid, messages: list[Message], nodes: list[int], state: RoundState, deadline_s: float
 ) -> list[ReplyOutcome]:
@@ -630,8 +641,7 @@ def collect(
         if not replies:
             time.sleep(POLL_S)
     outcomes.extend(
-        ReplyOutcome(node, f"node-{node}", False, f"timeout: no reply within round-deadline-s={deadline_s:g}")
-        for node in pending.values()
+        ReplyOutcome(node, f"node-{node}", False, deadline_reason(deadline_s)) for node in pending.values()
     )
     return outcomes
 
