@@ -38,9 +38,11 @@ import grpc
 from fedmerge.delta.submission import StaleOrInvalid
 from fedmerge.errors import ConfigError
 from fedmerge.flower.bulk_client import CHUNK_BYTES
+from fedmerge.flower.config import RunConfig
 from fedmerge.service.bulk import BulkError, BulkStatus, BulkStore, check_sha
 from fedmerge.service.server import BulkServicer, _Handlers
 from fedmerge.service.streams import IdleGuard, StreamSlots
+from fedmerge.store import ModelStore
 from fedmerge.v1 import intake_pb2_grpc
 
 HASH_BLOCK = 4 << 20
@@ -334,3 +336,13 @@ class BulkEndpoint:
                 "it is not used"
             )
         return path
+
+
+def bulk_endpoint_for(cfg: RunConfig, store: ModelStore) -> BulkEndpoint:
+    """The run's bulk endpoint (not started): spool ``bulk-spool-dir`` or ``<store>.spool``."""
+    root = Path(store.root).resolve()
+    spool = Path(cfg.bulk_spool_dir) if cfg.bulk_spool_dir else root.with_name(root.name + ".spool")
+    return BulkEndpoint(
+        spool, cfg.bulk_address, cfg.bulk_public_address, max_bytes=cfg.max_package_bytes,
+        reserve_bytes=cfg.bulk_spool_reserve_bytes, threshold=cfg.bulk_threshold_bytes,
+    )  # fmt: skip

@@ -30,7 +30,6 @@ import random
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -54,7 +53,7 @@ from fedmerge.delta.submission import (
 )
 from fedmerge.errors import FedMergeError, InvalidSubmission
 from fedmerge.flower.bulk_client import REF_SHA_KEY, REF_SIZE_KEY
-from fedmerge.flower.bulk_endpoint import BulkEndpoint
+from fedmerge.flower.bulk_endpoint import BulkEndpoint, bulk_endpoint_for
 from fedmerge.flower.config import RunConfig, needs_fisher
 from fedmerge.flower.downlink import apply_weights, compress_update, weights_digest
 from fedmerge.flower.faults import FaultPlan
@@ -890,16 +889,6 @@ def finite_merge(state: RoundState, report: RoundReport) -> tuple[RoundState, St
     ]
     report.metrics = round_metrics(report)
     return clean, merged
-
-
-def bulk_endpoint_for(cfg: RunConfig, store: ModelStore) -> BulkEndpoint:
-    """The run's bulk endpoint (not started): spool ``bulk-spool-dir`` or ``<store>.spool``."""
-    root = Path(store.root).resolve()
-    spool = Path(cfg.bulk_spool_dir) if cfg.bulk_spool_dir else root.with_name(root.name + ".spool")
-    return BulkEndpoint(
-        spool, cfg.bulk_address, cfg.bulk_public_address, max_bytes=cfg.max_package_bytes,
-        reserve_bytes=cfg.bulk_spool_reserve_bytes, threshold=cfg.bulk_threshold_bytes,
-    )  # fmt: skip
 
 
 def _codec_params(cfg: RunConfig) -> dict[str, Any]:
