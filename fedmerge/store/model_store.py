@@ -32,7 +32,7 @@ import builtins
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +53,7 @@ from fedmerge.store.blobs import (
     write_atomic,
 )
 from fedmerge.store.catalog import Catalog, VersionRow
-from fedmerge.store.errors import InvalidAliasError, UnknownVersionError
+from fedmerge.store.errors import InvalidAliasError, MissingBlobError, UnknownVersionError
 from fedmerge.store.export import DEFAULT_MAX_SHARD_BYTES, ExportResult, export_safetensors
 from fedmerge.store.faults import FaultPoints
 from fedmerge.store.gc import GcReport
@@ -140,6 +140,13 @@ def check_alias_name(name: str) -> None:
         )
     if is_version_id(name):
         raise InvalidAliasError(f"alias {name!r} looks like a version id; pick a name such as 'prod'")
+
+
+@dataclass(frozen=True)
+class StagedTensors:
+    """A delta whose blobs are already published (:meth:`ModelStore.commit_stream`): name → entry."""
+
+    entries: Mapping[str, TensorEntry]
 
 
 def _entry(digest: str, tensor: torch.Tensor) -> TensorEntry:
@@ -332,8 +339,95 @@ class ModelStore:
             aliases=aliases,
         )
 
+    def commit_stream(
+        self,
+        delta: Iterable[tuple[str, torch.Tensor]],
+        *,
+        parents: list[str],
+        method: str,
+        params: dict[str, Any],
+        contributors: list[Contributor],
+        round: int | None,
+        metrics: dict[str, Any],
+        privacy: dict[str, Any] | None,
+        aliases: Sequence[str] = ("latest",),
+        metadata: dict[str, Any] | None = None,
+    ) -> Version:
+        """:meth:`commit` of a task vector given as (name, tensor) pairs, consumed one at a time.
+
+        Each tensor is checked against the base's floating tensors (name, shape, floating dtype) and
+        staged as a blob as it arrives, so memory holds one tensor whatever the model size. The same
+        promise as :meth:`commit`: nothing is visible until every blob is durable and the catalog row
+        is written; an exception raised by ``delta`` (or by a check) aborts the commit and removes the
+        staged blobs, leaving the store as it was.
+        """
+        if not parents:
+            raise ConfigError(
+                "a delta needs at least one parent version; commit full weights with commit_base"
+            )
+        parent_versions = self._validate_parents(list(parents), "task_vector", None)
+        root = self.root_of(parent_versions[0])
+        expected = {n: e.shape for n, e in root.tensors.items() if dtype_from_name(e.dtype).is_floating_point}
+        return self._commit(
+            StagedTensors(self._stage_stream(delta, expected, parent_versions[0].id)),
+            kind="task_vector",
+            parents=list(parents),
+            name=None,
+            method=method,
+            params=params,
+            contributors=list(contributors),
+            round=round,
+            metrics=metrics,
+            privacy=privacy,
+            metadata=metadata or {},
+            state=None,
+            aliases=aliases,
+        )
+
+    def _stage_stream(
+        self, items: Iterable[tuple[str, torch.Tensor]], expected: Mapping[str, tuple[int, ...]], parent: str
+    ) -> dict[str, TensorEntry]:
+        """Stage each (name, tensor) as a blob as it arrives, then publish them all (one batch of fsyncs)."""
+        entries: dict[str, TensorEntry] = {}
+        staged: list[StagedBlob] = []
+        try:
+            for name, tensor in items:
+                _check_tensors({name: tensor}, "delta")
+                if name in entries:
+                    raise ConfigError(f"delta tensor {name!r} is given twice")
+                if name not in expected:
+                    raise IncompatibleDeltasError(
+                        f"delta tensor {name!r} is not a floating tensor of the base of {parent}", key=name
+                    )
+                check_shapes(
+                    {name: tuple(tensor.shape)}, {name: expected[name]}, what=f"delta for parent {parent}"
+                )
+                if not tensor.is_floating_point():
+                    raise IncompatibleDeltasError(
+                        f"delta tensor {name!r} is {tensor.dtype}; task vectors are floating", key=name
+                    )
+                header, data = encode_single(tensor, BLOB_KEY)
+                blob = self.blobs.stage([header, data])
+                staged.append(blob)
+                entries[name] = _entry(blob.digest, tensor)
+                self._faults.reached("blob")
+            missing = sorted(set(expected) - set(entries))
+            if missing:
+                raise IncompatibleDeltasError(
+                    f"delta for parent {parent} lacks {len(missing)} tensor(s) of the base, "
+                    f"e.g. {missing[0]!r}",
+                    key=missing[0],
+                )
+        except BaseException:
+            for blob in staged:
+                if blob.tmp is not None:
+                    blob.tmp.unlink(missing_ok=True)
+            raise
+        self.blobs.publish(staged)
+        return entries
+
     def _validate_parents(
-        self, parents: list[str], kind: str, tensors: Mapping[str, torch.Tensor]
+        self, parents: list[str], kind: str, tensors: Mapping[str, torch.Tensor] | None
     ) -> list[Version]:
         resolved = [self.get(p) for p in parents]
         if len({v.id for v in resolved}) != len(resolved):
@@ -344,7 +438,7 @@ class ModelStore:
                 f"parents {parents} descend from different base versions {sorted(roots)}; "
                 "a version can only merge versions of the same base model"
             )
-        if kind == "task_vector":
+        if kind == "task_vector" and tensors is not None:
             root = self.root_of(resolved[0])
             floating = {
                 n: e.shape for n, e in root.tensors.items() if dtype_from_name(e.dtype).is_floating_point
@@ -393,7 +487,7 @@ class ModelStore:
 
     def _commit(
         self,
-        tensors: Mapping[str, torch.Tensor],
+        tensors: Mapping[str, torch.Tensor] | StagedTensors,
         *,
         kind: str,
         parents: list[str],
@@ -409,7 +503,8 @@ class ModelStore:
         aliases: Sequence[str],
         files: Mapping[str, bytes] | None = None,
     ) -> Version:
-        _check_tensors(tensors, "delta" if kind != "full" else "weights")
+        if not isinstance(tensors, StagedTensors):
+            _check_tensors(tensors, "delta" if kind != "full" else "weights")
         if state is not None:
             _check_tensors(state, "state")
         for what, value in (
@@ -426,9 +521,19 @@ class ModelStore:
                 raise ConfigError(f"contributors must be Contributor instances, got {type(c).__name__}")
         for alias in aliases:
             check_alias_name(alias)
-        parent_versions = self._validate_parents(parents, kind, tensors) if parents else []
-
-        written = self._write_blobs(tensors)
+        staged = tensors if isinstance(tensors, StagedTensors) else None
+        parent_versions = (
+            self._validate_parents(parents, kind, None if staged else tensors)  # type: ignore[arg-type]
+            if parents
+            else []
+        )
+        if staged is not None:  # streamed: blobs staged and published by commit_stream, bytes not kept
+            written: dict[str, tuple[str, list[Buffer]]] = {}
+            entries = dict(staged.entries)
+        else:
+            assert not isinstance(tensors, StagedTensors)
+            written = self._write_blobs(tensors)
+            entries = {n: _entry(d, tensors[n]) for n, (d, _) in written.items()}
         state_written = self._write_blobs(state) if state else {}
         file_tensors = {n: file_tensor(bytes(b)) for n, b in (files or {}).items()}
         files_written = self._write_blobs(file_tensors) if file_tensors else {}
@@ -443,7 +548,7 @@ class ModelStore:
             "base_version": root.id if root else None,
             "base_hash": root.content_hash if root else None,
             "name": name,
-            "tensors": {n: _entry(d, tensors[n]) for n, (d, _) in written.items()},
+            "tensors": entries,
             "state": {n: _entry(d, state[n]) for n, (d, _) in state_written.items()} if state else {},
             "method": method,
             "params": params,
@@ -459,6 +564,11 @@ class ModelStore:
             vid = version_id(seq)
             version = build_version(vid, utc_now(), **fields)
             rewritten = False
+            for name, entry in staged.entries.items() if staged else ():
+                if not self.blobs.has(entry.blob):  # its bytes were not kept: the commit cannot redo it
+                    raise MissingBlobError(
+                        f"blob of {name!r} was removed by a concurrent gc before the commit; commit again"
+                    )
             every = {**dict(written.values()), **dict(state_written.values()), **dict(files_written.values())}
             for digest, parts in every.items():
                 if not self.blobs.has(digest):  # removed by a concurrent gc since step 1
@@ -603,15 +713,27 @@ class ModelStore:
                     "chains materialise — densify the LoRA delta (fedmerge.delta.lora) and commit it as "
                     "a task_vector"
                 )
-        for name, entry in sorted(root.tensors.items()):
-            weight = self._read(root, name, entry)
-            if not weight.is_floating_point() or not deltas:
-                yield name, weight
-                continue
-            acc = weight.to(accumulation_dtype(weight.dtype))
-            for d in deltas:
-                acc += self._read(d, name, d.tensors[name]).to(acc.dtype)
-            yield name, acc.to(weight.dtype)
+        for name in sorted(root.tensors):
+            yield name, self._materialized(root, deltas, name)
+
+    def materialized_tensor(self, ref: str | Version, name: str) -> torch.Tensor:
+        """θ[name] of the version's full weights, as :meth:`iter_materialized` yields it."""
+        version = ref if isinstance(ref, Version) else self.get(ref)
+        chain = self.chain(version)
+        if name not in chain[0].tensors:
+            raise KeyError(name)
+        return self._materialized(chain[0], chain[1:], name)
+
+    def _materialized(self, root: Version, deltas: Sequence[Version], name: str) -> torch.Tensor:
+        weight = self._read(root, name, root.tensors[name])
+        if not weight.is_floating_point() or not deltas:
+            return weight
+        acc = weight.to(accumulation_dtype(weight.dtype))
+        for d in deltas:
+            if d.kind != "task_vector":
+                raise ConfigError(f"version {d.id} of kind {d.kind!r} does not materialise; densify it first")
+            acc += self._read(d, name, d.tensors[name]).to(acc.dtype)
+        return acc.to(weight.dtype)
 
     def iter_total_delta(self, ref: str | Version) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (name, Σ_k τ_k) over the first-parent chain (θ_version − θ_root), fp32, sorted by name.

@@ -1,0 +1,81 @@
+"""Committing a task vector tensor by tensor (``commit_stream``) and reading one materialised tensor."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from store_test_helpers import commit_delta, contributor, tiny_delta, tiny_model
+
+from fedmerge.errors import ConfigError, IncompatibleDeltasError
+from fedmerge.store import ModelStore
+
+
+def stream(store: ModelStore, pairs: Iterator[tuple[str, torch.Tensor]], parent: str):  # type: ignore[no-untyped-def]
+    return store.commit_stream(
+        pairs, parents=[parent], method="fedavg", params={"p": 1}, contributors=[contributor(0)],
+        round=1, metrics={"m": 1.0}, privacy=None,
+    )  # fmt: skip
+
+
+def test_a_streamed_commit_stores_what_commit_stores(store: ModelStore) -> None:
+    base = tiny_model()
+    root = store.commit_base(base, name="tiny")
+    delta = tiny_delta(base, 1)
+    whole = commit_delta(store, delta, root.id, 1, aliases=())
+    streamed = stream(store, iter(sorted(delta.items())), root.id)
+    assert streamed.tensors == whole.tensors  # the same blobs, names, dtypes and shapes
+    assert store.get("latest").id == streamed.id
+    got = store.materialize(streamed.id)
+    assert all(torch.equal(got[n], store.materialize(whole.id)[n]) for n in base)
+    for name in base:
+        assert torch.equal(store.materialized_tensor(streamed.id, name), got[name]), name
+
+
+def test_a_failing_stream_leaves_the_store_as_it_was(store: ModelStore) -> None:
+    base = tiny_model()
+    root = store.commit_base(base, name="tiny")
+    delta = tiny_delta(base, 2)
+    blobs_before = set(store.blobs.digests())
+
+    def dies() -> Iterator[tuple[str, torch.Tensor]]:
+        items = sorted(delta.items())
+        yield items[0]
+        raise RuntimeError("the merge failed part-way")
+
+    with pytest.raises(RuntimeError, match="part-way"):
+        stream(store, dies(), root.id)
+    assert [v.id for v in store.list()] == [root.id]
+    assert store.get("latest").id == root.id
+    assert set(store.blobs.digests()) == blobs_before
+    assert store.blobs.leftover_tmp() == []
+
+
+@pytest.mark.parametrize("fault", ["missing", "extra", "shape", "integer", "twice"])
+def test_a_stream_that_does_not_match_the_base_is_refused(store: ModelStore, fault: str) -> None:
+    base = tiny_model()
+    root = store.commit_base(base, name="tiny")
+    items = sorted(tiny_delta(base, 3).items())
+    name, t = items[0]
+    if fault == "missing":
+        items = items[1:]
+    elif fault == "extra":
+        items.append(("not.in.base", torch.zeros(3)))
+    elif fault == "shape":
+        items[0] = (name, torch.zeros(t.numel() + 1))
+    elif fault == "integer":
+        items[0] = (name, torch.zeros(t.shape, dtype=torch.int32))
+    else:
+        items.append(items[0])
+    expected = ConfigError if fault == "twice" else IncompatibleDeltasError
+    with pytest.raises(expected):
+        stream(store, iter(items), root.id)
+    assert [v.id for v in store.list()] == [root.id]
+    assert store.blobs.leftover_tmp() == []
+
+
+def test_materialized_tensor_of_an_unknown_name_is_a_key_error(store: ModelStore) -> None:
+    root = store.commit_base(tiny_model(), name="tiny")
+    with pytest.raises(KeyError):
+        store.materialized_tensor(root.id, "nope")
