@@ -86,6 +86,11 @@ class Aggregator(ABC):
     # Per-client inputs beside the delta that ``add`` needs (e.g. a diagonal Fisher); federated rounds
     # and the intake carry deltas only, so they refuse a method that names any.
     side_inputs: ClassVar[tuple[str, ...]] = ()
+    # The merge of each tensor depends only on the clients' values of that tensor (and their weights):
+    # merging tensor by tensor, each with a fresh instance, gives the whole merge exactly. Federated
+    # rounds then fold spooled deltas tensor-major (fedmerge.flower.spool_merge). False for methods
+    # that look at whole deltas at once (distances or norms over every tensor: Krum, norm bounding).
+    tensorwise: ClassVar[bool] = True
 
     def __init__(
         self,

@@ -45,6 +45,7 @@ def krum_scores(sq_dist: torch.Tensor, num_neighbours: int) -> torch.Tensor:
 
 
 class KrumBase(BufferingAggregator):
+    tensorwise: ClassVar[bool] = False  # scores whole deltas (over every tensor at once)
     averaging: ClassVar[bool] = True
 
     def __init__(self, *, num_byzantine: int | None = None, **common: Any) -> None:

@@ -33,6 +33,7 @@ from fedmerge.privacy.clipping import check_max_norm, clip_factor, delta_norm, s
 
 @register
 class NormBounded(Aggregator):
+    tensorwise: ClassVar[bool] = False  # scores whole deltas (over every tensor at once)
     name: ClassVar[str] = "norm_bounded"
     averaging: ClassVar[bool] = True  # with the default inner (fedavg) and a bound above every norm
     identity_params: ClassVar[dict[str, Any]] = {"max_norm": 1e30}

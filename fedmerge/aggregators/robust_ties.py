@@ -52,6 +52,7 @@ def agreeing_median(stacked: torch.Tensor) -> torch.Tensor:
 
 @register
 class RobustTies(BufferingAggregator):
+    tensorwise: ClassVar[bool] = False  # scores whole deltas (over every tensor at once)
     name: ClassVar[str] = "robust_ties"
     identity_params: ClassVar[dict[str, Any]] = {"density": 1.0}
 

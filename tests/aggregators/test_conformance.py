@@ -260,3 +260,38 @@ def test_sign_vote_tie_elects_positive() -> None:
     torch.testing.assert_close(out, torch.tensor([1.0, 2.0, 3.0]))
     freq = merge("ties", [a, b], density=1.0, sign_election="frequency")["w"]
     torch.testing.assert_close(freq, torch.tensor([1.0, 2.0, 3.0]))  # every coordinate is a 1:1 tie
+
+
+def _side(name: str, delta: dict[str, torch.Tensor], keys: list[str]) -> dict[str, object]:
+    """Random positive side inputs (a diagonal Fisher) restricted to ``keys``, seeded by the delta."""
+    if "fisher" not in get(name).side_inputs:
+        return {}
+    g = torch.Generator().manual_seed(int(delta[keys[0]].flatten()[0].abs() * 1e6))
+    return {"fisher": {k: torch.rand(delta[k].shape, generator=g) + 0.1 for k in keys}}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_the_tensorwise_flag_tells_whether_a_per_tensor_merge_is_the_whole_merge(name: str) -> None:
+    """``tensorwise`` methods merge each tensor with a fresh instance to exactly the whole merge (what the
+    rounds' tensor-major fold relies on); the others really do look across tensors."""
+    n = clients(name, 5)
+    ds = random_deltas(n, SHAPES, seed=11)
+    ds[1]["layer.weight"] *= 40  # clients large on one tensor each: whole-delta norms and distances
+    ds[-1]["emb"] *= 40  # single out other clients than any one tensor does
+    weights = [float(i + 1) for i in range(n)]
+    whole = create(name, seed=3, round=2)
+    whole.begin(SHAPES)
+    for i, (d, w) in enumerate(zip(ds, weights, strict=True)):
+        whole.add(d, w, client_id=f"c{i}", **_side(name, d, sorted(SHAPES)))
+    expected = whole.finalize()
+    per: dict[str, torch.Tensor] = {}
+    for key, shape in SHAPES.items():
+        one = create(name, seed=3, round=2)
+        one.begin({key: shape})
+        for i, (d, w) in enumerate(zip(ds, weights, strict=True)):
+            full_side = _side(name, d, sorted(SHAPES))
+            side = {s: {key: v[key]} for s, v in full_side.items()}  # type: ignore[attr-defined]
+            one.add({key: d[key]}, w, client_id=f"c{i}", **side)
+        per[key] = one.finalize()[key]
+    same = all(torch.equal(per[k], expected[k]) for k in SHAPES)
+    assert same == get(name).tensorwise, f"{name}: per-tensor merge equal: {same}"
