@@ -17,12 +17,14 @@ from __future__ import annotations
 import mmap
 from collections.abc import Iterator, Mapping
 
+import torch
 from google.protobuf.message import DecodeError
 
 import fedmerge
 from fedmerge.codec import checksum, validate
 from fedmerge.codec.errors import ChecksumMismatch, MalformedPackage, UnsupportedFormatVersion
 from fedmerge.codec.package import DecodedPackage, _decode_tensor, _meta_of
+from fedmerge.delta.sparse import SparseTensor
 from fedmerge.v1 import delta_pb2
 
 TENSORS_FIELD = 12
@@ -116,16 +118,42 @@ class PackageReader:
         self.buf.release()
 
 
-def decode_task_vector_stream(
+class StreamedPackage:
+    """A task-vector package whose header, base and checksums are verified, decoded one tensor on demand.
+
+    Built by :func:`open_task_vector_stream`; :meth:`decode` checks and decodes one tensor from the buffer
+    (its checksum and values, as the whole-package decoder does). Call :meth:`release` when done.
+    """
+
+    def __init__(self, reader: PackageReader, headers: list[validate.TensorHeader], digest: bytes) -> None:
+        self.reader = reader
+        self.meta = reader.meta
+        self.headers = headers
+        self.digest = digest
+        self.index = {h.name: i for i, h in enumerate(headers)}
+
+    def decode(self, name: str) -> torch.Tensor | SparseTensor | None:
+        """The tensor ``name`` as the package carries it (dense or sparse); None if it left it out."""
+        i = self.index.get(name)
+        if i is None:
+            return None
+        return _decode_tensor(self.reader.tensor(i), self.headers[i])
+
+    def release(self) -> None:
+        self.reader.release()
+
+
+def open_task_vector_stream(
     buffer: bytes | memoryview | object,
     shapes: Mapping[str, tuple[int, ...]],
     *,
     base_id: str,
     base_hash: str,
     limits: validate.DecodeLimits = validate.DecodeLimits(),  # noqa: B008 (frozen)
-) -> tuple[DecodedPackage, list[validate.TensorHeader]]:
-    """:func:`fedmerge.delta.submission.decode_task_vector_package` over a buffer read tensor by tensor;
-    also returns the tensor headers (value and index encodings as declared)."""
+) -> StreamedPackage:
+    """The checks of :func:`fedmerge.delta.submission.decode_task_vector_package` up to the package
+    checksum (size, header, base, kind, every tensor header against the base), reading each tensor's
+    bytes once; the tensors are decoded later, one at a time, by :meth:`StreamedPackage.decode`."""
     from fedmerge.delta.submission import StaleOrInvalid, check_package_base
 
     head_limits = limits.within_base(shapes)
@@ -151,12 +179,27 @@ def decode_task_vector_stream(
             raise ChecksumMismatch(
                 "package checksum does not match its header and tensor checksums; resend the package"
             )
-        tensors: dict[str, object] = {}
-        dtypes: dict[str, str] = {}
-        for i, header in enumerate(headers):
-            decoded = _decode_tensor(reader.tensor(i), header)
-            tensors[header.name] = decoded
-            dtypes[header.name] = header.dtype
-        return DecodedPackage(reader.meta, tensors, dtypes, digest), headers  # type: ignore[arg-type]
-    finally:
+    except BaseException:
         reader.release()
+        raise
+    return StreamedPackage(reader, headers, digest)
+
+
+def decode_task_vector_stream(
+    buffer: bytes | memoryview | object,
+    shapes: Mapping[str, tuple[int, ...]],
+    *,
+    base_id: str,
+    base_hash: str,
+    limits: validate.DecodeLimits = validate.DecodeLimits(),  # noqa: B008 (frozen)
+) -> tuple[DecodedPackage, list[validate.TensorHeader]]:
+    """:func:`fedmerge.delta.submission.decode_task_vector_package` over a buffer read tensor by tensor;
+    also returns the tensor headers (value and index encodings as declared)."""
+    package = open_task_vector_stream(buffer, shapes, base_id=base_id, base_hash=base_hash, limits=limits)
+    try:
+        tensors = {h.name: package.decode(h.name) for h in package.headers}
+        dtypes = {h.name: h.dtype for h in package.headers}
+        decoded = DecodedPackage(package.meta, tensors, dtypes, package.digest)  # type: ignore[arg-type]
+        return decoded, package.headers
+    finally:
+        package.release()
