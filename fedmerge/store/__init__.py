@@ -15,7 +15,7 @@ from fedmerge.store.errors import (
 from fedmerge.store.export import ExportResult
 from fedmerge.store.gc import GcReport
 from fedmerge.store.manifest import Contributor, TensorEntry, Version
-from fedmerge.store.model_store import Diff, Lineage, ModelStore, TensorDiff
+from fedmerge.store.model_store import Diff, Lineage, ModelStore, TensorDiff, TensorView
 from fedmerge.store.verify import Problem, VerifyReport
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "StoreBusyError",
     "TensorDiff",
     "TensorEntry",
+    "TensorView",
     "UnknownVersionError",
     "VerifyReport",
     "Version",

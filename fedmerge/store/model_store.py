@@ -32,7 +32,7 @@ import builtins
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,6 +147,36 @@ class StagedTensors:
     """A delta whose blobs are already published (:meth:`ModelStore.commit_stream`): name → entry."""
 
     entries: Mapping[str, TensorEntry]
+
+
+class TensorView(Mapping[str, torch.Tensor]):
+    """A read-only mapping name → tensor that reads each tensor from the store when it is looked up.
+
+    Nothing is cached: memory holds the tensors the caller keeps. ``shapes`` and ``dtypes`` come from
+    the manifest without reading a blob."""
+
+    def __init__(self, specs: Sequence[TensorSpec], read: Callable[[str], torch.Tensor]) -> None:
+        self._specs = {s.name: s for s in specs}
+        self._read = read
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._specs:
+            raise KeyError(name)
+        return self._read(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._specs))
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {n: tuple(s.shape) for n, s in sorted(self._specs.items())}
+
+    @property
+    def dtypes(self) -> dict[str, torch.dtype]:
+        return {n: s.dtype for n, s in sorted(self._specs.items())}
 
 
 def _entry(digest: str, tensor: torch.Tensor) -> TensorEntry:
@@ -715,6 +745,19 @@ class ModelStore:
                 )
         for name in sorted(root.tensors):
             yield name, self._materialized(root, deltas, name)
+
+    def weights_view(self, ref: str | Version) -> TensorView:
+        """θ of the version as a :class:`TensorView`: each tensor materialised when it is looked up."""
+        version = ref if isinstance(ref, Version) else self.get(ref)
+        return TensorView(
+            self.materialized_specs(version), lambda name: self.materialized_tensor(version, name)
+        )
+
+    def delta_view(self, ref: str | Version) -> TensorView:
+        """The tensors stored in the version (:meth:`load_delta`) as a :class:`TensorView`."""
+        version = ref if isinstance(ref, Version) else self.get(ref)
+        specs = [TensorSpec(n, dtype_from_name(e.dtype), e.shape) for n, e in sorted(version.tensors.items())]
+        return TensorView(specs, lambda name: self._read(version, name, version.tensors[name]))
 
     def materialized_tensor(self, ref: str | Version, name: str) -> torch.Tensor:
         """θ[name] of the version's full weights, as :meth:`iter_materialized` yields it."""

@@ -79,3 +79,19 @@ def test_materialized_tensor_of_an_unknown_name_is_a_key_error(store: ModelStore
     root = store.commit_base(tiny_model(), name="tiny")
     with pytest.raises(KeyError):
         store.materialized_tensor(root.id, "nope")
+
+
+def test_views_read_each_tensor_on_lookup_and_equal_the_whole_reads(store: ModelStore) -> None:
+    base = tiny_model()
+    root = store.commit_base(base, name="tiny")
+    delta = tiny_delta(base, 4)
+    v = commit_delta(store, delta, root.id, 1)
+    weights, stored = store.weights_view(v.id), store.delta_view(v.id)
+    full = store.materialize(v.id)
+    assert list(weights) == sorted(full) and len(weights) == len(full)
+    assert weights.shapes == {n: tuple(t.shape) for n, t in sorted(full.items())}
+    assert all(torch.equal(weights[n], full[n]) for n in full)
+    assert dict(stored.items()).keys() == delta.keys()
+    assert all(torch.equal(stored[n], delta[n]) for n in delta)
+    with pytest.raises(KeyError):
+        stored["nope"]
