@@ -8,25 +8,57 @@ record (keys :data:`REF_SHA_KEY`, :data:`REF_SIZE_KEY`). The token authenticates
 node for this round: the server derived it from the node id, round and attempt with a secret, and it
 reached the node through Flower's authenticated channel.
 
+TLS: when the server's endpoint speaks TLS the message also says so (``bulk-tls``, and
+``bulk-tls-client-auth`` when it requires a client certificate). The node verifies the server's
+certificate against a CA bundle chosen in this order (:func:`trust_roots`): the SuperNode's
+``--node-config "bulk-root-certificates='/path/ca.pem'"``, else the file named by
+``GRPC_DEFAULT_SSL_ROOTS_FILE_PATH``, else the system's bundle (``SSL_CERT_FILE`` or OpenSSL's
+default file). Under mutual TLS it presents ``bulk-client-cert`` / ``bulk-client-key`` from its node
+config. ``bulk-require-tls=true`` in the node config refuses to send a package to a plaintext
+endpoint. A failed handshake (unknown issuer, expired certificate, a certificate that does not name the
+address dialled, a plaintext peer) is not retried: :class:`BulkUploadFailed` says which, and the
+ClientApp's error reply carries that reason to the server, which records it for this node.
+
+The TLS files of both sides are checked by the same helpers (:func:`read_certificates`,
+:func:`check_key_pair`): readable, PEM, key and certificate of one pair, within their validity.
+
 This module imports no server-side code (a ClientApp must not load the round engine or the service).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
+import ipaddress
+import os
+import ssl
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from fedmerge.errors import FedMergeError
+from fedmerge.errors import ConfigError, FedMergeError
+from fedmerge.service.client import ClientOptions, connect
 from fedmerge.v1 import intake_pb2, intake_pb2_grpc
+
+if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 ADDRESS_KEY = "bulk-address"
 TOKEN_KEY = "bulk-token"
 THRESHOLD_KEY = "bulk-threshold-bytes"
+TLS_KEY = "bulk-tls"  # train message: the endpoint speaks TLS
+CLIENT_AUTH_KEY = "bulk-tls-client-auth"  # train message: it requires a client certificate (mutual TLS)
+# a SuperNode's --node-config keys
+ROOTS_NODE_KEY = "bulk-root-certificates"
+CLIENT_CERT_NODE_KEY = "bulk-client-cert"
+CLIENT_KEY_NODE_KEY = "bulk-client-key"
+REQUIRE_TLS_NODE_KEY = "bulk-require-tls"
+GRPC_ROOTS_ENV = "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH"
 REF_SHA_KEY = "fedmerge-bulk-sha256"
 REF_SIZE_KEY = "fedmerge-bulk-size"
 CHUNK_BYTES = 1 << 20
@@ -37,13 +69,218 @@ class BulkUploadFailed(FedMergeError, RuntimeError):
     """The package could not be uploaded through the bulk endpoint (the server's reason is given)."""
 
 
+class TlsMaterialError(ConfigError):
+    """A TLS file named by a setting is missing, unreadable, not PEM, not the key of its certificate,
+    or outside its validity period; the message names the setting and the file."""
+
+
+# ------------------------------------------------------------------------------- TLS material
+
+
+def _read(path: str | Path, setting: str) -> bytes:
+    p = Path(path)
+    if not p.is_file():
+        raise TlsMaterialError(f"{setting}={str(path)!r} is not a file; name a PEM file")
+    try:
+        return p.read_bytes()
+    except OSError as exc:
+        raise TlsMaterialError(f"{setting}={str(path)!r} cannot be read: {exc.strerror or exc}") from None
+
+
+def read_certificates(path: str | Path, setting: str) -> list[x509.Certificate]:
+    """The certificates of a PEM file (a chain or a CA bundle; at least one), else TlsMaterialError."""
+    from cryptography import x509
+
+    data = _read(path, setting)
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError as exc:
+        raise TlsMaterialError(
+            f"{setting}={str(path)!r} holds no PEM certificate (-----BEGIN CERTIFICATE-----): {exc}"
+        ) from None
+    return certs
+
+
+def read_private_key(path: str | Path, setting: str) -> PrivateKeyTypes:
+    """The unencrypted PEM private key of a file, else TlsMaterialError (gRPC takes no passphrase)."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+
+    data = _read(path, setting)
+    try:
+        return serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        raise TlsMaterialError(
+            f"{setting}={str(path)!r} is an encrypted private key; gRPC needs it unencrypted "
+            "(e.g. openssl pkey -in KEY -out KEY.plain), readable by this process only"
+        ) from None
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise TlsMaterialError(
+            f"{setting}={str(path)!r} holds no PEM private key (-----BEGIN PRIVATE KEY-----): {exc}"
+        ) from None
+
+
+def check_validity(cert: x509.Certificate, setting: str, now: dt.datetime | None = None) -> None:
+    """TlsMaterialError unless not_valid_before ≤ now ≤ not_valid_after (UTC)."""
+    now = now or dt.datetime.now(dt.UTC)
+    if now > cert.not_valid_after_utc:
+        raise TlsMaterialError(
+            f"{setting}: the certificate for {cert.subject.rfc4514_string()} expired on "
+            f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; renew it"
+        )
+    if now < cert.not_valid_before_utc:
+        raise TlsMaterialError(
+            f"{setting}: the certificate for {cert.subject.rfc4514_string()} is not valid before "
+            f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC; check the clocks or reissue it"
+        )
+
+
+def check_key_pair(
+    cert_path: str | Path, key_path: str | Path, cert_setting: str, key_setting: str
+) -> x509.Certificate:
+    """The leaf (first) certificate of ``cert_path`` after checking that both files are PEM, that the
+    key is the private key of that certificate (equal public keys) and that it is valid now."""
+    from cryptography.hazmat.primitives import serialization
+
+    leaf = read_certificates(cert_path, cert_setting)[0]
+    key = read_private_key(key_path, key_setting)
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if leaf.public_key().public_bytes(*spki) != key.public_key().public_bytes(*spki):
+        raise TlsMaterialError(
+            f"{key_setting}={str(key_path)!r} is not the private key of the certificate in "
+            f"{cert_setting}={str(cert_path)!r}; pass the key the certificate was issued for"
+        )
+    check_validity(leaf, cert_setting)
+    return leaf
+
+
+def certificate_names(cert: x509.Certificate) -> list[str]:
+    """The names a client may dial to reach ``cert``'s holder: its subjectAltName DNS names and IP
+    addresses, or (no subjectAltName) its common name, as gRPC's hostname check reads them."""
+    from cryptography import x509
+    from cryptography.x509.oid import ExtensionOID, NameOID
+
+    try:
+        san = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
+    except x509.ExtensionNotFound:
+        return [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    assert isinstance(san, x509.SubjectAlternativeName)
+    return [*san.get_values_for_type(x509.DNSName), *map(str, san.get_values_for_type(x509.IPAddress))]
+
+
+def names_host(cert: x509.Certificate, host: str) -> bool:
+    """True when ``host`` (a DNS name or an IP address) is one of :func:`certificate_names` (a DNS
+    name may be a wildcard ``*.example.org`` for one leftmost label)."""
+    host = host.strip("[]").rstrip(".").lower()
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        ip = None
+    for name in certificate_names(cert):
+        name = name.rstrip(".").lower()
+        if ip is not None:
+            try:
+                if ipaddress.ip_address(name) == ip:
+                    return True
+            except ValueError:
+                continue
+        elif name == host or (name.startswith("*.") and "." in host and host.split(".", 1)[1] == name[2:]):
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class NodeTls:
+    """A node's own TLS settings for the bulk channel, from its SuperNode's ``--node-config``
+    (module docstring): CA bundle, client certificate and key (mutual TLS), and whether it refuses a
+    plaintext endpoint. Paths are on the node's machine; they are read when a package is uploaded."""
+
+    root_certificates: str = ""
+    client_cert: str = ""
+    client_key: str = ""
+    require_tls: bool = False
+
+    @staticmethod
+    def from_node_config(node_config: Mapping[str, Any]) -> NodeTls:
+        """TlsMaterialError for a non-string path, a lone client certificate or key, or a
+        ``bulk-require-tls`` that is not true/false."""
+        values: dict[str, str] = {}
+        for key in (ROOTS_NODE_KEY, CLIENT_CERT_NODE_KEY, CLIENT_KEY_NODE_KEY):
+            value = node_config.get(key, "")
+            if not isinstance(value, str):
+                raise TlsMaterialError(f"node config {key}={value!r} must be a path (a quoted string)")
+            values[key] = value
+        if bool(values[CLIENT_CERT_NODE_KEY]) != bool(values[CLIENT_KEY_NODE_KEY]):
+            raise TlsMaterialError(
+                f"node config sets only one of {CLIENT_CERT_NODE_KEY} and {CLIENT_KEY_NODE_KEY}; "
+                "a client certificate needs its key (set both, or neither)"
+            )
+        require = node_config.get(REQUIRE_TLS_NODE_KEY, False)
+        if not isinstance(require, bool):
+            raise TlsMaterialError(f"node config {REQUIRE_TLS_NODE_KEY}={require!r} must be true or false")
+        return NodeTls(
+            values[ROOTS_NODE_KEY], values[CLIENT_CERT_NODE_KEY], values[CLIENT_KEY_NODE_KEY], require
+        )
+
+
+def trust_roots(node: NodeTls) -> tuple[Path, str]:
+    """(CA bundle, where it was taken from) that verifies the server: the node's
+    ``bulk-root-certificates``, else ``$GRPC_DEFAULT_SSL_ROOTS_FILE_PATH``, else the system bundle
+    (``ssl.get_default_verify_paths().cafile``: ``$SSL_CERT_FILE`` or OpenSSL's default file).
+    The file must hold at least one PEM certificate (TlsMaterialError otherwise)."""
+    if node.root_certificates:
+        path, source = Path(node.root_certificates), f"{ROOTS_NODE_KEY}={node.root_certificates}"
+    elif os.environ.get(GRPC_ROOTS_ENV):
+        path, source = Path(os.environ[GRPC_ROOTS_ENV]), f"{GRPC_ROOTS_ENV}={os.environ[GRPC_ROOTS_ENV]}"
+    else:
+        cafile = ssl.get_default_verify_paths().cafile
+        if cafile is None:
+            raise TlsMaterialError(
+                "the bulk endpoint speaks TLS but this node has no CA bundle to verify it: set "
+                f"--node-config \"{ROOTS_NODE_KEY}='/path/ca.pem'\" (the CA that signed the server's "
+                "bulk-tls-cert), or SSL_CERT_FILE"
+            )
+        path, source = Path(cafile), f"the system CA bundle {cafile}"
+    read_certificates(path, ROOTS_NODE_KEY if node.root_certificates else source)
+    return path, source
+
+
+def _handshake_failure(detail: str, target: BulkTarget, roots: str) -> str | None:
+    """The reason a TLS handshake failed as this client saw it, from gRPC's status detail; None when
+    the failure is not one of the handshake's verdicts (then it may be retried)."""
+    host = target.address.rpartition(":")[0]
+    if "CERTIFICATE_VERIFY_FAILED" in detail:
+        why = detail.split("CERTIFICATE_VERIFY_FAILED:", 1)[1].split(":", 1)[0].strip()
+        if "expired" in why or "not yet valid" in why:
+            return (
+                f"the server's certificate is outside its validity ({why}); renew the server's bulk-tls-cert"
+            )
+        return f"the server's certificate is not trusted by {roots} ({why}): wrong CA bundle or wrong server"
+    if "Hostname Verification" in detail:
+        return (
+            f"the server's certificate does not name {host!r}, the host this node dials "
+            "(bulk-public-address must be a name or IP in the certificate's subjectAltName)"
+        )
+    if "WRONG_VERSION_NUMBER" in detail:
+        return "the endpoint did not answer in TLS (a plaintext server, or another service on that port)"
+    if "handshake failed" in detail.lower():
+        return f"TLS handshake failed ({detail.split('last error: ', 1)[-1]})"
+    return None
+
+
+# ---------------------------------------------------------------------------------- the target
+
+
 @dataclass(frozen=True)
 class BulkTarget:
-    """Where and as whom a node uploads this round's package, and above which size it must."""
+    """Where and as whom a node uploads this round's package, above which size it must, and whether
+    the endpoint speaks TLS (``tls``) and requires a client certificate (``client_auth``)."""
 
     address: str
     token: str
     threshold_bytes: int
+    tls: bool = False
+    client_auth: bool = False
 
     @staticmethod
     def from_settings(settings: Mapping[str, Any]) -> BulkTarget | None:
@@ -52,26 +289,71 @@ class BulkTarget:
         token = settings.get(TOKEN_KEY)
         if not address or not token:
             return None
-        return BulkTarget(str(address), str(token), int(settings.get(THRESHOLD_KEY, 0)))
+        return BulkTarget(
+            str(address), str(token), int(settings.get(THRESHOLD_KEY, 0)),
+            tls=bool(settings.get(TLS_KEY, False)), client_auth=bool(settings.get(CLIENT_AUTH_KEY, False)),
+        )  # fmt: skip
 
     def to_record(self) -> dict[str, Any]:
-        return {ADDRESS_KEY: self.address, TOKEN_KEY: self.token, THRESHOLD_KEY: self.threshold_bytes}
+        return {
+            ADDRESS_KEY: self.address, TOKEN_KEY: self.token, THRESHOLD_KEY: self.threshold_bytes,
+            TLS_KEY: self.tls, CLIENT_AUTH_KEY: self.client_auth,
+        }  # fmt: skip
 
 
-def upload_package(data: bytes, target: BulkTarget, *, retries: int = 6, backoff_s: float = 0.2) -> str:
+def channel_options(target: BulkTarget, node: NodeTls) -> tuple[ClientOptions, str]:
+    """How to connect to ``target`` (:class:`~fedmerge.service.client.ClientOptions`) and the trust
+    source named in errors. BulkUploadFailed when this node's TLS settings cannot serve this endpoint:
+    TLS required by the node but not offered, a client certificate required but not configured, or
+    a TLS file that fails :func:`read_certificates` / :func:`check_key_pair`."""
+    limit = 4 * CHUNK_BYTES
+    where = f"bulk upload to {target.address}"
+    if not target.tls:
+        if node.require_tls:
+            raise BulkUploadFailed(
+                f"{where} refused by this node: its endpoint is plaintext and the node config sets "
+                f"{REQUIRE_TLS_NODE_KEY}=true (the server's operator must set bulk-tls-cert/bulk-tls-key)"
+            )
+        return ClientOptions(target.address, max_message_bytes=limit), "plaintext"
+    if target.client_auth and not node.client_cert:
+        raise BulkUploadFailed(
+            f"{where}: the endpoint requires a client certificate (mutual TLS); set --node-config "
+            f"\"{CLIENT_CERT_NODE_KEY}='/path/cert.pem' {CLIENT_KEY_NODE_KEY}='/path/key.pem'\" "
+            "(issued by the CA in the server's bulk-tls-client-ca)"
+        )
+    try:
+        roots, source = trust_roots(node)
+        if node.client_cert:
+            check_key_pair(node.client_cert, node.client_key, CLIENT_CERT_NODE_KEY, CLIENT_KEY_NODE_KEY)
+    except TlsMaterialError as exc:
+        raise BulkUploadFailed(f"{where}: {exc}") from None
+    opts = ClientOptions(
+        target.address,
+        root_cert=roots,
+        client_cert=Path(node.client_cert) if node.client_cert else None,
+        client_key=Path(node.client_key) if node.client_key else None,
+        max_message_bytes=limit,
+    )
+    return opts, source
+
+
+def upload_package(
+    data: bytes, target: BulkTarget, *, node: NodeTls | None = None, retries: int = 6, backoff_s: float = 0.2
+) -> str:
     """Upload ``data`` under ``target``'s token; returns its sha256. A broken stream resumes from the
-    offset the server reports (``Begin``); memory beyond ``data`` is one chunk."""
+    offset the server reports (``Begin``); memory beyond ``data`` is one chunk. ``node`` is this
+    node's TLS settings (:meth:`NodeTls.from_node_config`); a failed TLS handshake is not retried
+    (:class:`BulkUploadFailed` names the cause: untrusted or expired certificate, wrong name,
+    plaintext peer)."""
+    node = node or NodeTls()
+    opts, roots = channel_options(target, node)
     sha = hashlib.sha256(data).hexdigest()
     metadata = (("authorization", f"Bearer {target.token}"),)
-    options = [
-        ("grpc.max_send_message_length", 4 * CHUNK_BYTES),
-        ("grpc.max_receive_message_length", 1 << 20),
-    ]
     view = memoryview(data)
     delay = backoff_s
     for attempt in range(retries + 1):
         try:
-            with grpc.insecure_channel(target.address, options=options) as channel:
+            with connect(opts) as channel:
                 stub = intake_pb2_grpc.BulkUploadStub(channel)
                 begin = intake_pb2.BulkBeginRequest(sha256=sha, total_size=len(data))
                 status = stub.Begin(begin, metadata=metadata)
@@ -91,9 +373,17 @@ def upload_package(data: bytes, target: BulkTarget, *, retries: int = 6, backoff
         except grpc.RpcError as exc:
             code = exc.code() if hasattr(exc, "code") else None
             detail = exc.details() if hasattr(exc, "details") else str(exc)
+            handshake = _handshake_failure(str(detail), target, roots) if target.tls else None
+            if handshake is not None:
+                raise BulkUploadFailed(f"bulk upload to {target.address}: {handshake}") from None
             reason = f"{getattr(code, 'name', 'UNKNOWN')}: {detail}"
             if code not in RETRYABLE:
                 raise BulkUploadFailed(f"bulk upload to {target.address} refused: {reason}") from None
+            if target.client_auth and "Socket closed" in str(detail):
+                reason += (
+                    " (under mutual TLS the server closes the handshake when it does not accept this node's "
+                    f"{CLIENT_CERT_NODE_KEY}: is it issued by the CA in the server's bulk-tls-client-ca?)"
+                )
         if attempt < retries:
             time.sleep(delay)
             delay = min(delay * 2, 5.0)

@@ -18,6 +18,14 @@ bytes hash to the declared sha256 now (re-read: a spooled object is never truste
 verified, also after a restart). Otherwise :class:`BulkReferenceError` says why. An upload that
 would leave less than ``bulk-spool-reserve-bytes`` free on the spool's disk, or that meets a full
 disk, is refused and its partial bytes are removed.
+
+TLS (``bulk-tls-cert`` / ``bulk-tls-key``, optional ``bulk-tls-client-ca``): the endpoint serves
+gRPC over TLS with that certificate chain (the service's
+:class:`~fedmerge.service.config.TlsConfig`); with a client CA the handshake itself refuses nodes
+without a certificate it issued (mutual TLS; the round token still names the node). Each ``train``
+message then says ``bulk-tls`` (and ``bulk-tls-client-auth``) so that nodes dial with TLS
+(:mod:`fedmerge.flower.bulk_client`). A plaintext endpoint binds only a loopback address unless
+``bulk-allow-insecure`` (:func:`~fedmerge.flower.config.bulk_insecure_bind_problem`).
 """
 
 from __future__ import annotations
@@ -37,9 +45,10 @@ import grpc
 
 from fedmerge.delta.submission import StaleOrInvalid
 from fedmerge.errors import ConfigError
-from fedmerge.flower.bulk_client import CHUNK_BYTES
-from fedmerge.flower.config import RunConfig
+from fedmerge.flower.bulk_client import CHUNK_BYTES, CLIENT_AUTH_KEY, TLS_KEY
+from fedmerge.flower.config import RunConfig, bulk_insecure_bind_problem
 from fedmerge.service.bulk import BulkError, BulkStatus, BulkStore, check_sha
+from fedmerge.service.config import TlsConfig
 from fedmerge.service.server import BulkServicer, _Handlers
 from fedmerge.service.streams import IdleGuard, StreamSlots
 from fedmerge.store import ModelStore
@@ -204,11 +213,27 @@ def verify_token(secret: bytes, token: str) -> tuple[int, int, int] | None:
 
 
 class BulkEndpoint:
-    """The run's bulk endpoint and spool (module docstring). ``start()`` binds; ``stop()`` ends it."""
+    """The run's bulk endpoint and spool (module docstring). ``start()`` binds; ``stop()`` ends it.
+
+    ``tls`` (certificate, key, optional client CA) makes it serve TLS; without it, a ``bind`` off
+    loopback raises ConfigError unless ``allow_insecure``."""
 
     def __init__(
-        self, spool: Path, bind: str, public: str = "", *, max_bytes: int, reserve_bytes: int, threshold: int
+        self,
+        spool: Path,
+        bind: str,
+        public: str = "",
+        *,
+        max_bytes: int,
+        reserve_bytes: int,
+        threshold: int,
+        tls: TlsConfig | None = None,
+        allow_insecure: bool = False,
     ) -> None:
+        problem = bulk_insecure_bind_problem(bind, tls is not None, allow_insecure)
+        if problem is not None:
+            raise ConfigError(problem)
+        self.tls = tls
         self.spool = Path(spool)
         self.spool.mkdir(parents=True, exist_ok=True)
         self.bind = bind
@@ -232,7 +257,14 @@ class BulkEndpoint:
             BulkServicer(_RoundHandlers(self.router, self.secret)), server
         )
         host = self.bind.rpartition(":")[0]
-        port = server.add_insecure_port(self.bind)
+        if self.tls is not None:
+            key, cert, ca = self.tls.read()
+            creds = grpc.ssl_server_credentials(
+                [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
+            )
+            port = server.add_secure_port(self.bind, creds)
+        else:
+            port = server.add_insecure_port(self.bind)
         if port == 0:
             raise ConfigError(f"bulk-address={self.bind!r} could not be bound; choose a free HOST:PORT")
         server.start()
@@ -286,6 +318,8 @@ class BulkEndpoint:
             "bulk-address": self.address,
             "bulk-token": make_token(self.secret, round_, attempt, node),
             "bulk-threshold-bytes": self.threshold,
+            TLS_KEY: self.tls is not None,
+            CLIENT_AUTH_KEY: self.tls is not None and self.tls.client_ca is not None,
         }
 
     def resolve(self, sha256: Any, size: Any, round_: int, attempt: int, node: int) -> Path:
@@ -339,10 +373,16 @@ class BulkEndpoint:
 
 
 def bulk_endpoint_for(cfg: RunConfig, store: ModelStore) -> BulkEndpoint:
-    """The run's bulk endpoint (not started): spool ``bulk-spool-dir`` or ``<store>.spool``."""
+    """The run's bulk endpoint (not started): spool ``bulk-spool-dir`` or ``<store>.spool``; TLS when
+    ``bulk-tls-cert`` is set (the files were checked by :func:`~fedmerge.flower.config.parse_run_config`)."""
     root = Path(store.root).resolve()
     spool = Path(cfg.bulk_spool_dir) if cfg.bulk_spool_dir else root.with_name(root.name + ".spool")
+    tls = None
+    if cfg.bulk_tls_cert:
+        client_ca = Path(cfg.bulk_tls_client_ca) if cfg.bulk_tls_client_ca else None
+        tls = TlsConfig(Path(cfg.bulk_tls_cert), Path(cfg.bulk_tls_key), client_ca)
     return BulkEndpoint(
         spool, cfg.bulk_address, cfg.bulk_public_address, max_bytes=cfg.max_package_bytes,
         reserve_bytes=cfg.bulk_spool_reserve_bytes, threshold=cfg.bulk_threshold_bytes,
+        tls=tls, allow_insecure=cfg.bulk_allow_insecure,
     )  # fmt: skip

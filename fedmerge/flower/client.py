@@ -44,7 +44,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from fedmerge.codec import CodecConfig, EncodeResult, PackageMeta, encode_package
 from fedmerge.delta.state_dict import StateDict
 from fedmerge.errors import FedMergeError
-from fedmerge.flower.bulk_client import REF_SHA_KEY, REF_SIZE_KEY, BulkTarget, upload_package
+from fedmerge.flower.bulk_client import (
+    REF_SHA_KEY,
+    REF_SIZE_KEY,
+    BulkTarget,
+    BulkUploadFailed,
+    NodeTls,
+    TlsMaterialError,
+    upload_package,
+)
 from fedmerge.flower.config import Mode
 from fedmerge.flower.downlink import apply_update
 from fedmerge.flower.records import (
@@ -234,6 +242,15 @@ def keep_bulk_settings(content: RecordDict, context: Context) -> None:
         del context.state[BULK_RECORD]
 
 
+def bulk_node_tls(context: Context) -> NodeTls:
+    """This node's TLS settings for the bulk endpoint, from its node config (a
+    :class:`~fedmerge.flower.bulk_client.BulkUploadFailed` naming the key when one is malformed)."""
+    try:
+        return NodeTls.from_node_config(context.node_config)
+    except TlsMaterialError as exc:
+        raise BulkUploadFailed(f"bulk upload not attempted: {exc}") from None
+
+
 def client_dp(context: Context) -> tuple[DPConfig, int] | None:
     """(DPConfig, noise seed) of the round this node is training for, or None when DP is off."""
     rec = context.state.config_records.get(DP_RECORD)
@@ -283,7 +300,11 @@ def encode_reply(
 
     A package larger than the server's ``bulk-threshold-bytes`` (when the train message offered a
     bulk endpoint) is uploaded there (:func:`fedmerge.flower.bulk_client.upload_package`) and the
-    reply's ``"config"`` carries its sha256 and size instead of the package.
+    reply's ``"config"`` carries its sha256 and size instead of the package. When the endpoint speaks
+    TLS, the node's CA bundle and client certificate come from its node config
+    (``bulk-root-certificates``, ``bulk-client-cert``, ``bulk-client-key``:
+    :class:`~fedmerge.flower.bulk_client.NodeTls`); a failed upload raises
+    :class:`~fedmerge.flower.bulk_client.BulkUploadFailed`, whose reason the server records.
 
     Under DP (:func:`client_dp`) the delta is clipped (and in local mode noised) first, and the
     metrics report ``dp-norm`` (‖τ‖ before clipping) and ``dp-clip-factor`` (min(1, C/‖τ‖)).
@@ -303,7 +324,7 @@ def encode_reply(
     target = None if record is None else BulkTarget.from_settings(record)
     if target is not None and len(result.data) > target.threshold_bytes:
         # above the threshold the package goes through the bulk endpoint; the reply names it
-        sha = upload_package(result.data, target)
+        sha = upload_package(result.data, target, node=bulk_node_tls(context))
         ref = ConfigRecord({REF_SHA_KEY: sha, REF_SIZE_KEY: len(result.data)})
         content = RecordDict({CONFIG_RECORD: ref})
     else:

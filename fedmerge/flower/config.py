@@ -115,6 +115,13 @@ class RunConfig:
     bulk_threshold_bytes: int = 32 << 20
     bulk_spool_dir: str = ""  # "" = <store>.spool beside the store
     bulk_spool_reserve_bytes: int = 256 << 20  # an upload leaving less free disk than this is refused
+    # TLS of the bulk endpoint (PEM files on the server): certificate chain and key; with a client CA,
+    # nodes must present a certificate it issued (mutual TLS). A non-loopback bulk-address needs TLS
+    # unless bulk-allow-insecure = true (then only the per-node round token authenticates uploads)
+    bulk_tls_cert: str = ""
+    bulk_tls_key: str = ""
+    bulk_tls_client_ca: str = ""
+    bulk_allow_insecure: bool = False
 
     # server optimiser on the merged delta (fedmerge/aggregators/server_optimizer.py); -1 = its default
     server_optimizer: str = "none"  # none | avgm | adam | yogi | adagrad
@@ -274,6 +281,7 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
     errors.extend(msg for ok, msg in checks if not ok)
     _check_dp(cfg, errors)
     _check_anomaly(cfg, errors)
+    _check_bulk(cfg, errors)
     _check_tracking(cfg, errors)
     try:
         cfg.server_opt()
@@ -369,18 +377,95 @@ def _check_anomaly(cfg: RunConfig, errors: list[str]) -> None:
         errors.append(f"downlink-density={cfg.downlink_density} must be in (0, 1] (1 sends full weights)")
     if cfg.downlink_values not in ("fp32", "fp16", "bf16", "int8", "int4"):
         errors.append(f"downlink-values={cfg.downlink_values!r} must be one of fp32, fp16, bf16, int8, int4")
+    if not -1.0 <= cfg.reject_min_cosine <= 1.0:
+        errors.append(f"reject-min-cosine={cfg.reject_min_cosine} must be in [-1, 1] (-1 turns it off)")
+
+
+def _check_bulk(cfg: RunConfig, errors: list[str]) -> None:
+    """The ``bulk-*`` keys: sizes, HOST:PORT addresses, and the endpoint's TLS (:func:`bulk_tls_problems`)."""
     if cfg.bulk_threshold_bytes < 0:
         errors.append(f"bulk-threshold-bytes={cfg.bulk_threshold_bytes} must be ≥ 0")
     if cfg.bulk_spool_reserve_bytes < 0:
         errors.append(f"bulk-spool-reserve-bytes={cfg.bulk_spool_reserve_bytes} must be ≥ 0")
+    addresses_ok = True
     for key, value in (("bulk-address", cfg.bulk_address), ("bulk-public-address", cfg.bulk_public_address)):
         host, sep, port = value.rpartition(":")
         if value and (not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535):
             errors.append(f"{key}={value!r} must be HOST:PORT (port 0 binds any free port)")
+            addresses_ok = False
     if cfg.bulk_public_address and not cfg.bulk_address:
         errors.append("bulk-public-address is set but bulk-address is empty; set bulk-address to bind")
-    if not -1.0 <= cfg.reject_min_cosine <= 1.0:
-        errors.append(f"reject-min-cosine={cfg.reject_min_cosine} must be in [-1, 1] (-1 turns it off)")
+    tls_keys = {"bulk-tls-cert": cfg.bulk_tls_cert, "bulk-tls-key": cfg.bulk_tls_key,
+                "bulk-tls-client-ca": cfg.bulk_tls_client_ca}  # fmt: skip
+    if not cfg.bulk_address:
+        set_keys = [k for k, v in tls_keys.items() if v]
+        errors.extend(f"{k} is set but bulk-address is empty; set bulk-address" for k in set_keys)
+        return
+    if addresses_ok:
+        errors.extend(bulk_tls_problems(cfg))
+
+
+def bulk_insecure_bind_problem(bind: str, tls: bool, allow_insecure: bool) -> str | None:
+    """Why a plaintext bulk endpoint may not bind ``bind`` (HOST:PORT), or None: off loopback it
+    needs TLS, unless ``bulk-allow-insecure`` says the operator accepts plaintext on purpose."""
+    from fedmerge.metrics import is_loopback
+
+    host = bind.rpartition(":")[0]
+    if tls or allow_insecure or is_loopback(host):
+        return None
+    return (
+        f"bulk-address={bind!r} is not a loopback address and the bulk endpoint has no TLS: deltas would "
+        "cross the network in plaintext. Set bulk-tls-cert and bulk-tls-key (and bulk-tls-client-ca for "
+        "mutual TLS), or bulk-allow-insecure=true to serve plaintext on purpose (e.g. behind a TLS proxy)"
+    )
+
+
+def bulk_tls_problems(cfg: RunConfig) -> list[str]:
+    """What is wrong with the bulk endpoint's TLS settings (empty when nothing is), read on the
+    ServerApp's machine: ``bulk-tls-cert`` and ``bulk-tls-key`` go together and are a PEM certificate
+    chain and the unencrypted PEM key of its first certificate, valid now; that certificate names the
+    host clients dial (``bulk-public-address``, else ``bulk-address``'s host); ``bulk-tls-client-ca``
+    (mutual TLS) is a PEM bundle of at least one certificate and needs the other two; a plaintext
+    endpoint off loopback needs ``bulk-allow-insecure`` (:func:`bulk_insecure_bind_problem`)."""
+    from fedmerge.flower.bulk_client import (
+        TlsMaterialError,
+        certificate_names,
+        check_key_pair,
+        names_host,
+        read_certificates,
+    )
+
+    tls = bool(cfg.bulk_tls_cert or cfg.bulk_tls_key)
+    problem = bulk_insecure_bind_problem(cfg.bulk_address, tls, cfg.bulk_allow_insecure)
+    if problem is not None:
+        return [problem]
+    if bool(cfg.bulk_tls_cert) != bool(cfg.bulk_tls_key):
+        missing = "bulk-tls-key" if cfg.bulk_tls_cert else "bulk-tls-cert"
+        return [f"{missing} is empty: bulk-tls-cert and bulk-tls-key go together (certificate and its key)"]
+    if cfg.bulk_tls_client_ca and not tls:
+        return ["bulk-tls-client-ca is set without bulk-tls-cert/bulk-tls-key; mutual TLS needs both"]
+    if not tls:
+        return []
+    problems = []
+    try:
+        leaf = check_key_pair(cfg.bulk_tls_cert, cfg.bulk_tls_key, "bulk-tls-cert", "bulk-tls-key")
+        dialled = cfg.bulk_public_address or cfg.bulk_address
+        host = dialled.rpartition(":")[0]
+        if host.strip("[]") not in ("0.0.0.0", "::") and not names_host(leaf, host):
+            problems.append(
+                f"bulk-tls-cert does not name {host!r}, the host clients dial "
+                f"({'bulk-public-address' if cfg.bulk_public_address else 'bulk-address'}): it names "
+                f"{certificate_names(leaf)}; nodes would refuse the handshake. Reissue it with that "
+                "subjectAltName, or set bulk-public-address to one of its names"
+            )
+    except TlsMaterialError as exc:
+        problems.append(str(exc))
+    if cfg.bulk_tls_client_ca:
+        try:
+            read_certificates(cfg.bulk_tls_client_ca, "bulk-tls-client-ca")
+        except TlsMaterialError as exc:
+            problems.append(str(exc))
+    return problems
 
 
 def _check_tracking(cfg: RunConfig, errors: list[str]) -> None:
