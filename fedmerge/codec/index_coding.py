@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from fedmerge.codec.errors import InvalidIndices, PayloadSizeMismatch
+from fedmerge.errors import CodecError
 
 CODINGS = ("coo", "bitmap", "varint", "rice")
 MAX_RICE_K = 40
@@ -81,15 +82,18 @@ def encode(coding: str, indices: np.ndarray, numel: int, rice_k: int) -> bytes:
         mask = np.zeros(numel, dtype=np.uint8)
         mask[indices] = 1
         return np.packbits(mask, bitorder="little").tobytes()
-    gaps = gaps_of(indices)
     if coding == "varint":
+        gaps = gaps_of(indices)
         buf = np.empty(_varint_size(gaps), dtype=np.uint8)
         _varint_encode(gaps, buf)
         return buf.tobytes()
-    nbits = int(np.sum(gaps >> rice_k)) + gaps.size * (1 + rice_k)
-    buf = np.zeros((nbits + 7) // 8, dtype=np.uint8)
-    _rice_encode(gaps, rice_k, buf)
-    return buf.tobytes()
+    # Σ_j ⌊g_j/2^r⌋ ≤ ⌊Σ_j g_j / 2^r⌋ ≤ numel >> r bits of unary parts, plus 1 + r bits per index
+    bound = ((numel >> rice_k) + indices.size * (1 + rice_k) + 7) // 8
+    buf = np.empty(bound, dtype=np.uint8)
+    written = _rice_encode(indices, rice_k, buf)
+    if written < 0:
+        raise CodecError(f"rice coding needs sorted unique indices in [0, {numel}); these are not")
+    return buf[:written].tobytes()
 
 
 def check_length(coding: str, length: int, numel: int, nnz: int, rice_k: int, *, name: str) -> None:
@@ -165,21 +169,41 @@ def _varint_size(gaps: np.ndarray) -> int:
 
 @numba.njit(cache=True, nogil=True)
 def _gap_stats(indices: np.ndarray, r_lo: int, quotient_sums: np.ndarray) -> int:
-    """For the gaps of sorted ``indices``: add Σ_j g_j >> (r_lo + m) into ``quotient_sums[m]``;
-    return the varint payload bytes Σ_j ⌈bitlen(g_j)/7⌉ (at least 1 per gap)."""
+    """For the gaps of sorted ``indices``: add Σ_j g_j >> (r_lo + m) into ``quotient_sums[m]``
+    (m < 5); return the varint payload bytes Σ_j ⌈bitlen(g_j)/7⌉ (at least 1 per gap).
+
+    The five candidate sums and the varint length (1 + [g ≥ 2^7] + … + [g ≥ 2^56]) are kept in
+    registers without branches, so the loop runs at a few cycles per index."""
+    s0 = np.int64(0)
+    s1 = np.int64(0)
+    s2 = np.int64(0)
+    s3 = np.int64(0)
+    s4 = np.int64(0)
+    varint = np.int64(0)
     prev = np.int64(-1)
-    varint = 0
     for i in range(indices.size):
-        g = indices[i] - prev - 1
-        prev = indices[i]
-        v = 1
-        t = g >> 7
-        while t > 0:
-            v += 1
-            t >>= 7
-        varint += v
-        for m in range(quotient_sums.size):
-            quotient_sums[m] += g >> (r_lo + m)
+        cur = indices[i]
+        g = cur - prev - 1
+        prev = cur
+        varint += (
+            1 + ((g >> 7) > 0) + ((g >> 14) > 0) + ((g >> 21) > 0) + ((g >> 28) > 0)
+            + ((g >> 35) > 0) + ((g >> 42) > 0) + ((g >> 49) > 0) + ((g >> 56) > 0)
+        )  # fmt: skip
+        s0 += g >> r_lo
+        s1 += g >> (r_lo + 1)
+        s2 += g >> (r_lo + 2)
+        s3 += g >> (r_lo + 3)
+        s4 += g >> (r_lo + 4)
+    m = quotient_sums.size
+    quotient_sums[0] += s0
+    if m > 1:
+        quotient_sums[1] += s1
+    if m > 2:
+        quotient_sums[2] += s2
+    if m > 3:
+        quotient_sums[3] += s3
+    if m > 4:
+        quotient_sums[4] += s4
     return varint
 
 
@@ -241,25 +265,52 @@ def _varint_decode(data: np.ndarray, nnz: int, numel: int, out: np.ndarray) -> i
 
 
 @numba.njit(cache=True, nogil=True)
-def _rice_encode(gaps: np.ndarray, r: int, out: np.ndarray) -> int:
-    """Write the Rice code of every gap into the zeroed ``out``, LSB-first; return the bit count.
+def _rice_encode(indices: np.ndarray, r: int, out: np.ndarray) -> int:
+    """Write the Rice code of the gaps of sorted ``indices`` into ``out``, LSB-first; return the bytes
+    written (every byte up to the last bit is written, so ``out`` needs no zeroing), or −1 when
+    ``out`` is too short (indices that are not sorted unique within the size ``out`` was made for).
 
-    Bits collect in a 64-bit accumulator that is flushed a byte at a time (never more than 7 bits
-    pending between fields, at most 32 added at once), so the layout is exactly bit ``bp`` →
-    ``out[bp >> 3]`` bit ``bp & 7``."""
+    Bits collect in a 64-bit accumulator holding fewer than 32 pending bits between gaps. A code of
+    at most 32 bits (q ones, a zero, r low bits: ``(2^q − 1) | (g mod 2^r) << (q + 1)``) is added in
+    one step and 4 bytes are flushed once 32 bits are pending; a longer code is added in pieces of
+    at most 32 bits, flushing a byte at a time. Either way bit ``bp`` lands in ``out[bp >> 3]``
+    bit ``bp & 7``."""
     acc = np.uint64(0)
-    pending = 0
+    pending = np.int64(0)
     pos = 0
     low_mask = (np.int64(1) << r) - 1
-    for i in range(gaps.size):
-        g = gaps[i]
+    prev = np.int64(-1)
+    for i in range(indices.size):
+        cur = indices[i]
+        g = cur - prev - 1
+        prev = cur
         q = g >> r
-        while q > 0:  # q ones
+        length = q + 1 + r
+        if length <= 32:
+            code = ((np.uint64(1) << np.uint64(q)) - np.uint64(1)) | (
+                np.uint64(g & low_mask) << np.uint64(q + 1)
+            )
+            acc |= code << np.uint64(pending)
+            pending += length
+            if pending >= 32:
+                if pos + 4 > out.size:
+                    return -1
+                out[pos] = np.uint8(acc & np.uint64(0xFF))
+                out[pos + 1] = np.uint8((acc >> np.uint64(8)) & np.uint64(0xFF))
+                out[pos + 2] = np.uint8((acc >> np.uint64(16)) & np.uint64(0xFF))
+                out[pos + 3] = np.uint8((acc >> np.uint64(24)) & np.uint64(0xFF))
+                acc >>= np.uint64(32)
+                pending -= 32
+                pos += 4
+            continue
+        while q > 0:  # q ones, at most 32 at a time
             take = min(q, 32)
             acc |= ((np.uint64(1) << np.uint64(take)) - np.uint64(1)) << np.uint64(pending)
             pending += take
             q -= take
             while pending >= 8:
+                if pos >= out.size:
+                    return -1
                 out[pos] = np.uint8(acc & np.uint64(0xFF))
                 acc >>= np.uint64(8)
                 pending -= 8
@@ -275,18 +326,20 @@ def _rice_encode(gaps: np.ndarray, r: int, out: np.ndarray) -> int:
             rem >>= take
             left -= take
             while pending >= 8:
+                if pos >= out.size:
+                    return -1
                 out[pos] = np.uint8(acc & np.uint64(0xFF))
                 acc >>= np.uint64(8)
                 pending -= 8
                 pos += 1
-        while pending >= 8:
-            out[pos] = np.uint8(acc & np.uint64(0xFF))
-            acc >>= np.uint64(8)
-            pending -= 8
-            pos += 1
-    if pending > 0:
+    while pending > 0:
+        if pos >= out.size:
+            return -1
         out[pos] = np.uint8(acc & np.uint64(0xFF))
-    return pos * 8 + pending
+        acc >>= np.uint64(8)
+        pending -= 8
+        pos += 1
+    return pos
 
 
 _TRAILING_ONES = np.array([(~b & (b + 1)).bit_length() - 1 for b in range(256)], dtype=np.int64)

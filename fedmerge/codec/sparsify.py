@@ -31,12 +31,12 @@ import numba
 import numpy as np
 import torch
 
+from fedmerge.codec._bitops import trailing_zeros
 from fedmerge.errors import CodecError
 from fedmerge.seeds import splitmix64
 
 _HI_BINS = 1 << 16
 _LO_BINS = 1 << 15
-_ABS_MASK = np.uint32(0x7FFFFFFF)
 _INF_BITS = np.uint32(0x7F800000)
 RANDOMK_ONE = 1 << 53
 """keep_threshold meaning 'keep every entry'."""
@@ -109,63 +109,125 @@ def _emit(bits: np.ndarray, threshold: int, ties: int, out: np.ndarray) -> tuple
 
 
 @numba.njit(cache=True, nogil=True)
+def _gather_sample(bits: np.ndarray, first: int, stride: int, out: np.ndarray) -> None:
+    """out[j] = |bits[first + j·stride]| as magnitude bits, for every j of ``out``."""
+    for j in range(out.size):
+        out[j] = bits[first + j * stride] & 0x7FFFFFFF
+
+
+@numba.njit(cache=True, nogil=True)
+def _kth_largest(values: np.ndarray, rank: int) -> int:
+    """The ``rank``-th largest (1 ≤ rank ≤ size) of ``values`` (uint32 below 2^31): three radix
+    passes over bits 30–20, 19–10 and 9–0, each narrowing to the digit that holds it."""
+    prefix = np.int64(0)
+    known = np.int64(0)
+    remaining = rank
+    for level in range(3):
+        shift = 20 - 10 * level
+        bins = 2048 if level == 0 else 1024
+        hist = np.zeros(bins, dtype=np.int64)
+        for i in range(values.size):
+            v = np.int64(values[i])
+            if (v & known) == prefix:
+                hist[(v >> shift) & (bins - 1)] += 1
+        digit = bins - 1
+        above = 0
+        while digit > 0 and above + hist[digit] < remaining:
+            above += hist[digit]
+            digit -= 1
+        remaining -= above
+        prefix |= np.int64(digit) << shift
+        known |= np.int64(bins - 1) << shift
+    return prefix
+
+
+@numba.njit(cache=True, nogil=True)
 def _filter_at_least(
-    bits: np.ndarray, lower: int, out_idx: np.ndarray, out_bits: np.ndarray, start: int
+    bits: np.ndarray, lower: int, out_idx: np.ndarray, out_raw: np.ndarray, start: int, hist: np.ndarray
 ) -> tuple[int, int]:
-    """Append (i, |bits_i|) for every i with magnitude bits ≥ ``lower`` at ``start`` of the outputs
-    (never past their end); return (new end, non-finite count). Branch-free in the common case."""
-    j = start
-    cap = out_idx.size - 1  # one spare slot: the branch-free store writes before it tests
-    nonfinite = 0
+    """Append (i, bits_i) for every i with magnitude bits ≥ ``lower`` at ``start`` of the outputs, in
+    increasing i, and add the top 16 magnitude bits of each to ``hist``; stores stop at the end of
+    the outputs while the count goes on. Return (start + count, largest magnitude bits seen).
+
+    Blocks of 64 entries are compared without branches into a 64-bit mask whose set bits are then
+    visited lowest first, so the cost follows the survivors rather than every entry."""
     n = bits.size
-    for i in range(n):
-        b = bits[i] & 0x7FFFFFFF
-        nonfinite += b >= 0x7F800000
-        if j < cap:
-            out_idx[j] = i
-            out_bits[j] = b
-        j += b >= lower
-    return j, nonfinite
+    cap = out_idx.size
+    low = np.uint32(lower)
+    mag = np.uint32(0x7FFFFFFF)
+    top = np.uint32(0)
+    j = start
+    blocks = n // 64
+    for blk in range(blocks):
+        base = blk * 64
+        m = np.uint64(0)
+        for t in range(64):
+            b = bits[base + t] & mag
+            top = max(top, b)
+            m |= np.uint64(b >= low) << np.uint64(t)
+        while m != np.uint64(0):
+            i = base + np.int64(trailing_zeros(m))
+            raw = bits[i]
+            if j < cap:
+                out_idx[j] = i
+                out_raw[j] = raw
+                hist[(raw & mag) >> 15] += 1
+            j += 1
+            m &= m - np.uint64(1)
+    for i in range(blocks * 64, n):
+        raw = bits[i]
+        b = raw & mag
+        top = max(top, b)
+        if b >= low:
+            if j < cap:
+                out_idx[j] = i
+                out_raw[j] = raw
+                hist[b >> 15] += 1
+            j += 1
+    return j, np.int64(top)
 
 
 @numba.njit(cache=True, nogil=True)
-def _hist_high_masked(bits: np.ndarray, hist: np.ndarray) -> None:
-    """Histogram of the top 16 of 31 magnitude bits of already-masked, finite ``bits``."""
-    for i in range(bits.size):
-        hist[bits[i] >> 15] += 1
-
-
-@numba.njit(cache=True, nogil=True)
-def _hist_low_masked(bits: np.ndarray, high_bin: int, hist: np.ndarray) -> None:
-    """Histogram of the low 15 bits of the masked ``bits`` inside ``high_bin``."""
-    for i in range(bits.size):
-        b = bits[i]
+def _hist_low_raw(raw: np.ndarray, high_bin: int, hist: np.ndarray) -> None:
+    """Histogram of the low 15 magnitude bits of the signed bit patterns ``raw`` inside ``high_bin``."""
+    for i in range(raw.size):
+        b = raw[i] & 0x7FFFFFFF
         if (b >> 15) == high_bin:
             hist[b & 0x7FFF] += 1
 
 
 @numba.njit(cache=True, nogil=True)
 def _emit_filtered(
-    idx: np.ndarray,
-    bits: np.ndarray,
-    threshold: int,
-    ties: int,
-    values: np.ndarray,
-    out_idx: np.ndarray,
-    out_values: np.ndarray,
+    idx: np.ndarray, raw: np.ndarray, threshold: int, ties: int, out_idx: np.ndarray, out_raw: np.ndarray
 ) -> tuple[int, int]:
-    """Like :func:`_emit` over filtered (index, bits) pairs; also gathers ``values[index]``."""
+    """Like :func:`_emit` over filtered (index, signed bits) pairs, keeping the bits (= the values).
+
+    Branch-free: every pair is stored at the write position, which advances only for a kept one
+    (the outputs need as many slots as there are pairs)."""
     j = 0
     used = 0
+    t = np.uint32(threshold)
     for c in range(idx.size):
-        b = bits[c]
-        if b > threshold or (b == threshold and used < ties):
-            i = idx[c]
-            out_idx[j] = i
-            out_values[j] = values[i]
-            j += 1
-            used += b == threshold
+        r = raw[c]
+        b = r & np.uint32(0x7FFFFFFF)
+        eq = b == t
+        take = (b > t) | (eq & (used < ties))
+        out_idx[j] = idx[c]
+        out_raw[j] = r
+        j += take
+        used += eq & take
     return j, used
+
+
+@numba.njit(cache=True, nogil=True)
+def _boundary_scan(hist: np.ndarray, k: int) -> tuple[int, int]:
+    """(largest bin b with Σ hist[b:] ≥ k, Σ hist[b+1:]), scanning down from the top bin."""
+    above = 0
+    b = hist.size - 1
+    while b > 0 and above + hist[b] < k:
+        above += hist[b]
+        b -= 1
+    return b, above
 
 
 def _as_bits(flat: torch.Tensor) -> np.ndarray:
@@ -214,45 +276,47 @@ def _topk_filtered(
     bits = [_as_bits(f) for f in flats]
     stride = total // _SAMPLE  # ≥ 4 since total ≥ FILTER_MIN_NUMEL; an odd stride breaks row alignment
     stride -= 1 - stride % 2
-    positions = np.arange(_SAMPLE, dtype=np.int64) * stride + (total - stride * _SAMPLE) // 2
-    starts = np.cumsum([0] + [b.size for b in bits])
+    offset = (total - stride * _SAMPLE) // 2  # sample j sits at position offset + j·stride
     sample = np.empty(_SAMPLE, dtype=np.uint32)
-    for t, b in enumerate(bits):
-        lo, hi = np.searchsorted(positions, [starts[t], starts[t + 1]])
-        sample[lo:hi] = b[positions[lo:hi] - starts[t]] & _ABS_MASK
+    start = 0
+    for b in bits:  # the samples inside [start, start + size): j from ⌈(start − offset)/stride⌉ on
+        lo = min(_SAMPLE, max(0, -((offset - start) // stride)))
+        hi = min(_SAMPLE, max(0, -((offset - start - b.size) // stride)))
+        if hi > lo:
+            _gather_sample(b, offset + lo * stride - start, stride, sample[lo:hi])
+        start += b.size
     q = k / total
     mean = q * _SAMPLE
     rank = math.ceil(mean + 6.0 * math.sqrt(mean * (1.0 - q)) + 8)  # sample entries at or above L
     if rank >= _SAMPLE:
         return None
-    lower = int(np.partition(sample, _SAMPLE - rank)[_SAMPLE - rank])
+    lower = _kth_largest(sample, rank)
     capacity = int(total * (rank + 6.0 * math.sqrt(rank) + 8) / _SAMPLE) + 1024
     cand_idx = np.empty(capacity, dtype=np.int64)
-    cand_bits = np.empty(capacity, dtype=np.uint32)
+    cand_raw = np.empty(capacity, dtype=np.uint32)  # signed bit patterns: the values themselves
+    hist = np.zeros(_HI_BINS, dtype=np.int64)
     ends = [0]
     for b, name in zip(bits, names, strict=True):
-        end, nonfinite = _filter_at_least(b, lower, cand_idx, cand_bits, ends[-1])
-        if nonfinite:
+        end, top = _filter_at_least(b, lower, cand_idx, cand_raw, ends[-1], hist)
+        if top >= _INF_BITS:
             raise CodecError(f"tensor {name!r} holds NaN or infinite values; a delta must be finite")
         ends.append(end)
-    if ends[-1] >= capacity - 1 or ends[-1] < k:
+    if ends[-1] > capacity or ends[-1] < k:
         return None  # the buffer overflowed or the bound was too high: rare, the full select decides
-    hist = np.zeros(_HI_BINS, dtype=np.int64)
-    _hist_high_masked(cand_bits[: ends[-1]], hist)
     high_bin, above = _boundary(hist, k)
     low = np.zeros(_LO_BINS, dtype=np.int64)
-    _hist_low_masked(cand_bits[: ends[-1]], high_bin, low)
+    _hist_low_raw(cand_raw[: ends[-1]], high_bin, low)
     low_bin, above_low = _boundary(low, k - above)
     threshold = (high_bin << 15) | low_bin
     ties = k - above - above_low
     out: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for t, f in enumerate(flats):
+    for t in range(len(flats)):
         lo, hi = ends[t], ends[t + 1]
         idx = np.empty(hi - lo, dtype=np.int64)
-        vals = np.empty(hi - lo, dtype=np.float32)
-        count, used = _emit_filtered(cand_idx[lo:hi], cand_bits[lo:hi], threshold, ties, f.numpy(), idx, vals)
+        raw = np.empty(hi - lo, dtype=np.uint32)
+        count, used = _emit_filtered(cand_idx[lo:hi], cand_raw[lo:hi], threshold, ties, idx, raw)
         ties -= used
-        out.append((torch.from_numpy(idx[:count]), torch.from_numpy(vals[:count])))
+        out.append((torch.from_numpy(idx[:count]), torch.from_numpy(raw[:count].view(np.float32))))
     return out
 
 
@@ -284,12 +348,9 @@ def _topk_full(flats: Sequence[torch.Tensor], k: int, names: Sequence[str]) -> l
 
 
 def _boundary(hist: np.ndarray, k: int) -> tuple[int, int]:
-    """The bin holding the k-th largest entry and the number of entries in higher bins."""
-    from_top = np.cumsum(hist[::-1])
-    pos = int(np.searchsorted(from_top, k))  # first position where the cumulative count reaches k
-    bin_index = hist.size - 1 - pos
-    above = int(from_top[pos - 1]) if pos > 0 else 0
-    return bin_index, above
+    """The bin holding the k-th largest entry and the number of entries in higher bins (1 ≤ k ≤ Σ hist)."""
+    bin_index, above = _boundary_scan(hist, k)
+    return int(bin_index), int(above)
 
 
 # ------------------------------------------------------------------------------------------- random-k

@@ -1,0 +1,37 @@
+"""Bit-level primitives for the codec's numba kernels (LLVM intrinsics, no Python-level fallback).
+
+- :func:`trailing_zeros` (x: uint64) → the number of trailing zero bits of x (``llvm.cttz``; x ≠ 0,
+  the result for 0 is 64).
+- :func:`float_of_bits` (b: uint32) → the fp32 whose IEEE-754 bit pattern is b (a bitcast).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+
+@intrinsic
+def trailing_zeros(typingctx: Any, x: Any) -> Any:
+    """cttz(x) as a uint64: the index of the lowest set bit of x (64 for x = 0)."""
+    sig = types.uint64(types.uint64)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        fn = builder.module.declare_intrinsic("llvm.cttz", [ir.IntType(64), ir.IntType(1)])
+        return builder.call(fn, [args[0], ir.Constant(ir.IntType(1), 0)])
+
+    return sig, codegen
+
+
+@intrinsic
+def float_of_bits(typingctx: Any, b: Any) -> Any:
+    """The fp32 with bit pattern ``b`` (uint32), reinterpreted without conversion."""
+    sig = types.float32(types.uint32)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
