@@ -35,3 +35,16 @@ def float_of_bits(typingctx: Any, b: Any) -> Any:
         return builder.bitcast(args[0], ir.FloatType())
 
     return sig, codegen
+
+
+@intrinsic
+def round_half_even(typingctx: Any, x: Any) -> Any:
+    """x rounded to the nearest integer, ties to even (``llvm.roundeven``: the value of ``np.rint`` in
+    the default rounding mode, ±inf and NaN unchanged), as an fp32; vectorisable, unlike a libm call."""
+    sig = types.float32(types.float32)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        fn = builder.module.declare_intrinsic("llvm.roundeven", [ir.FloatType()])
+        return builder.call(fn, [args[0]])
+
+    return sig, codegen

@@ -21,6 +21,7 @@ import numba
 import numpy as np
 import torch
 
+from fedmerge.codec._bitops import float_of_bits, round_half_even
 from fedmerge.codec.sparsify import StageProperties
 from fedmerge.errors import CodecError
 
@@ -146,10 +147,24 @@ def _blockwise(values: torch.Tensor, per_block: torch.Tensor, block_size: int) -
 
 
 def _pack_nibbles(q: torch.Tensor) -> bytes:
-    nib = (q.numpy().astype(np.int16) + 8).astype(np.uint8)
-    if nib.size % 2:
-        nib = np.append(nib, np.uint8(8))
-    return (nib[0::2] | (nib[1::2] << np.uint8(4))).tobytes()
+    """Byte j = (q_{2j} + 8) | (q_{2j+1} + 8) << 4, an odd count padded with the nibble 8 (q = 0)."""
+    q_np = q.numpy()
+    out = np.empty((q_np.size + 1) // 2, dtype=np.uint8)
+    _pack_nibble_pairs(q_np, out)
+    return out.tobytes()
+
+
+@numba.njit(cache=True, nogil=True)
+def _pack_nibble_pairs(q: np.ndarray, out: np.ndarray) -> None:
+    """out[j] = (q[2j] + 8) | (q[2j+1] + 8) << 4 for int4 codes q in [−8, 7]; a last odd code is
+    paired with the nibble 8."""
+    pairs = np.uint64(q.size // 2)
+    for j in range(pairs):
+        lo = np.uint8(q[2 * j] + 8)
+        hi = np.uint8(q[2 * j + 1] + 8)
+        out[j] = lo | (hi << np.uint8(4))
+    if q.size % 2:
+        out[q.size // 2] = np.uint8(q[q.size - 1] + 8) | np.uint8(0x80)
 
 
 def _unpack_nibbles(data: bytes, count: int) -> np.ndarray:
@@ -164,25 +179,36 @@ def _unpack_nibbles(data: bytes, count: int) -> np.ndarray:
 def _quantize_blocks(
     values: np.ndarray, block: int, qmax: np.float32, q: np.ndarray, scales: np.ndarray
 ) -> None:
-    """s_b = max|x_b|/qmax; q = clamp(round_half_even(x · (1/s_b)), −qmax, qmax) (q = 0 when s_b = 0)."""
-    n = values.size
-    for b in range(scales.size):
-        lo, hi = b * block, min(n, (b + 1) * block)
-        amax = np.float32(0.0)
+    """s_b = max|x_b|/qmax; q = clamp(round_half_even(x · (1/s_b)), −qmax, qmax) (q = 0 when s_b = 0).
+
+    ``values`` must be finite: max|x_b| is taken on the magnitude bit patterns (ordered like the
+    magnitudes of finite floats), which vectorises where a float maximum does not. Unsigned loop
+    indices spare the negative-index checks that otherwise keep these loops scalar."""
+    n = np.uint64(values.size)
+    bits = values.view(np.uint32)
+    width = np.uint64(block)
+    for b in range(np.uint64(scales.size)):
+        lo = b * width
+        hi = min(n, lo + width)
+        top = np.uint32(0)
         for i in range(lo, hi):
-            a = abs(values[i])
-            if a > amax:
-                amax = a
-        s = np.float32(amax / qmax)
+            top = max(top, bits[i] & np.uint32(0x7FFFFFFF))
+        s = np.float32(float_of_bits(top) / qmax)
         scales[b] = s
         inv = np.float32(1.0) / s if s > 0 else np.float32(0.0)
         for i in range(lo, hi):
-            r = np.rint(values[i] * inv)
+            r = round_half_even(values[i] * inv)
             q[i] = np.int8(min(qmax, max(-qmax, r)))
 
 
 @numba.njit(cache=True, nogil=True)
 def _dequantize_blocks(q: np.ndarray, scales: np.ndarray, block: int, out: np.ndarray) -> None:
     """x̂_i = q_i · s_{i // block} in fp32."""
-    for i in range(out.size):
-        out[i] = np.float32(q[i]) * scales[i // block]
+    n = np.uint64(out.size)
+    width = np.uint64(block)
+    for b in range(np.uint64(scales.size)):
+        lo = b * width
+        hi = min(n, lo + width)
+        s = scales[b]
+        for i in range(lo, hi):
+            out[i] = np.float32(q[i]) * s
