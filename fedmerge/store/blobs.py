@@ -21,19 +21,21 @@ implement the same protocol (``local_path`` then being a read-through cache).
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import mmap
 import os
 import re
 import secrets
 import struct
+import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from io import FileIO
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 
 import torch
 
@@ -41,6 +43,7 @@ from fedmerge.store.errors import CorruptBlobError, MissingBlobError
 from fedmerge.store.safetensors_format import (
     MAX_HEADER_BYTES,
     SafetensorsFormatError,
+    TensorSpec,
     encode_single,
     parse_header,
     tensor_from_buffer,
@@ -351,6 +354,138 @@ def read_blob(backend: BlobBackend, digest: str, *, what: str, check_hash: bool 
                 "restore it from a backup — the store does not repair it"
             )
         return out
+
+
+def pwrite_all(fd: int, data: Buffer, offset: int) -> None:
+    """``os.pwrite`` all of ``data`` at ``offset`` (repeating on short writes)."""
+    view = memoryview(data).cast("B")
+    while view.nbytes:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+
+
+_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of the range's dirty pages, do not wait
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return cast("Callable[[int, int, int, int], int]", fn)
+
+
+_sync_file_range = _load_sync_file_range()
+
+
+def start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Ask the kernel to start writing ``nbytes`` at ``offset`` of ``fd`` to disk now, without waiting
+    (Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)``; a no-op elsewhere or if it fails).
+
+    This is a hint, not a durability step: the caller still fsyncs. Issued while later bytes are
+    being written, it lets the disk work during the writing, so the closing fsync only waits for
+    the last chunks instead of the whole file.
+    """
+    if _sync_file_range is not None and nbytes > 0:
+        _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
+
+
+class BlobStream:
+    """Sequential reader of one blob's tensor bytes that hashes every byte it hands out.
+
+    Open one with :func:`open_blob_stream`. :meth:`readinto` fills a caller's buffer with the next
+    bytes of the tensor and feeds exactly those bytes to SHA-256 (the header was hashed on opening),
+    so what is hashed is what the caller uses; :meth:`verify` then checks that every byte was read
+    and that sha256(header ‖ data) equals the blob's name. Bytes handed out before :meth:`verify` are
+    not yet trusted: a caller that writes them somewhere must discard that output when it raises.
+    Not thread-safe; use one stream per thread (streams on different blobs run in parallel: hashlib
+    and the file reads release the GIL).
+    """
+
+    def __init__(self, fh: FileIO, digest: str, what: str, spec: TensorSpec, head: bytes, start: int) -> None:
+        self._fh = fh
+        self.digest = digest
+        self.what = what
+        self.spec = spec
+        self.remaining = spec.nbytes
+        self._hasher = hashlib.sha256(head)
+        fh.seek(start)
+
+    def readinto(self, view: memoryview) -> None:
+        """Fill ``view`` (at most :attr:`remaining` bytes) with the blob's next tensor bytes, hashing them."""
+        if view.nbytes > self.remaining:
+            raise ValueError(f"{self.what}: asked for {view.nbytes} bytes, {self.remaining} remain")
+        got = 0
+        while got < view.nbytes:
+            n = self._fh.readinto(view[got:])
+            if not n:
+                raise CorruptBlobError(
+                    f"{self.what}: blob {self.digest} ended early; restore it from a backup"
+                )
+            got += n
+        self._hasher.update(view)
+        self.remaining -= view.nbytes
+
+    def verify(self) -> None:
+        """Raise :class:`CorruptBlobError` unless the whole blob was read and hashes to its name."""
+        if self.remaining:
+            raise ValueError(f"{self.what}: {self.remaining} bytes of blob {self.digest} were never read")
+        actual = self._hasher.hexdigest()
+        if actual != self.digest:
+            raise CorruptBlobError(
+                f"{self.what}: blob {self.digest} is corrupted (its bytes hash to {actual}); "
+                "restore it from a backup — the store does not repair it"
+            )
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> BlobStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_blob_stream(
+    backend: BlobBackend, digest: str, *, what: str, expect: TensorSpec
+) -> BlobStream | None:
+    """A :class:`BlobStream` over blob ``digest``, or None when its header is not a readable one-tensor
+    header holding ``expect``'s dtype and shape (read it with :func:`read_blob` instead, which hashes
+    the whole blob first and so reports a corrupted blob as such). Raises :class:`MissingBlobError`."""
+    path = backend.local_path(digest)
+    try:
+        fh = path.open("rb", buffering=0)
+    except FileNotFoundError:
+        raise MissingBlobError(
+            f"{what}: blob {digest} is missing from {path.parent.parent}; restore it from a backup or "
+            "an export — the store never deletes referenced blobs, so something outside it did"
+        ) from None
+    try:
+        size = os.fstat(fh.fileno()).st_size
+        head = _read_header_bytes(fh, size) if size else None
+        header = None
+        if head is not None:
+            try:
+                header = parse_header(head, size)
+            except SafetensorsFormatError:
+                header = None
+        if head is None or header is None or set(header.entries) != {BLOB_KEY}:
+            fh.close()
+            return None
+        spec, begin, _ = header.entries[BLOB_KEY]
+        if (spec.dtype, spec.shape) != (expect.dtype, tuple(expect.shape)):
+            fh.close()
+            return None
+        return BlobStream(fh, digest, what, spec, head, header.data_start + begin)
+    except BaseException:
+        fh.close()
+        raise
 
 
 def _read_header_bytes(fh: FileIO, size: int) -> bytes | None:

@@ -13,11 +13,19 @@ With the files a Hugging Face base was committed with (``fedmerge init``), the d
 ``AutoModelForCausalLM.from_pretrained`` (or the architecture's Auto class) as it is, in the base's
 dtype (bf16 and fp16 stay so: θ is cast back to the root's dtype).
 
-Tensors are materialised one at a time (:meth:`ModelStore.iter_materialized`) and streamed into
-shards whose headers are planned up front, so peak memory is about one tensor, not one shard or
-one model. Files are written into a hidden staging directory, fsynced, and the directory is
-renamed onto ``out_dir`` at the end: ``out_dir`` appears complete or not at all. The files are
-written first and fsynced together (concurrently) before that rename.
+Every shard's header is planned up front and the file created at its final size; ``workers`` threads
+(one per CPU by default) then write each tensor at its own offset with ``os.pwrite``, largest tensors
+first. A tensor is computed in 1 MiB chunks: each blob of the chain is read once, every chunk hashed
+as it is read, and a root's tensor is copied straight from that chunk buffer (no decoding, no fp32
+round trip). Every blob read is verified against its sha256 name; a mismatch fails the export and
+removes the partial output. Peak memory is a few MiB per thread, whatever the model size. The
+disk writeback of each written run is started while later bytes are written (``sync_file_range``
+where available), so the fsyncs at the end have little left to wait for.
+
+Files are written into a hidden staging directory; the files and the directory are fsynced together
+(one concurrent batch), then the directory is renamed onto ``out_dir`` and its parent fsynced:
+``out_dir`` appears complete or not at all, and once :func:`export_safetensors` returns it survives a
+power loss.
 
 The peft-adapter export (:func:`export_peft`) refactorises each non-zero summed delta by SVD through
 :mod:`fedmerge.delta.lora` (imported lazily), exactly unless a smaller rank is asked for.
@@ -27,26 +35,53 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 import secrets
 import shutil
+import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
+from fedmerge.delta.state_dict import accumulation_dtype
 from fedmerge.errors import ConfigError
-from fedmerge.store.blobs import fsync_dir, fsync_path
+from fedmerge.store.blobs import (
+    BlobStream,
+    fsync_dir,
+    fsync_path,
+    open_blob_stream,
+    pwrite_all,
+    read_blob,
+    start_writeback,
+)
 from fedmerge.store.card import MODEL_CARD, model_card
-from fedmerge.store.safetensors_format import TensorSpec, write_streaming
+from fedmerge.store.errors import CorruptBlobError
+from fedmerge.store.safetensors_format import (
+    TensorSpec,
+    dtype_from_name,
+    encode_header,
+    spec_of,
+    tensor_bytes,
+)
 
 if TYPE_CHECKING:
+    from fedmerge.store.manifest import Version
     from fedmerge.store.model_store import ModelStore
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PROVENANCE_FILE = "fedmerge-version.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size="5GB"
+MAX_EXPORT_WORKERS = 16  # threads copying tensors; the default is one per CPU up to this
+CHUNK_BYTES = 1 << 20  # per-thread buffers: a chunk is still in cache when it is hashed, summed, written
+CHUNK_ELEMENTS = CHUNK_BYTES // 8  # elements per chunk: fits a 1 MiB buffer in any dtype up to 8 bytes
+WRITEBACK_BYTES = 8 << 20  # written bytes handed to the disk (start_writeback) in runs of this size
 
 
 @dataclass(frozen=True)
@@ -96,13 +131,24 @@ def _write_file(path: Path, data: bytes, *, sync: bool = True) -> None:
             os.fsync(fh.fileno())
 
 
-def fsync_files(paths: list[Path]) -> None:
-    """fsync every file of ``paths``, concurrently (the fsyncs share the file system's journal commits)."""
+def _fsync_target(target: Path | int) -> None:
+    """fsync an open descriptor, or a file or directory by path."""
+    if isinstance(target, int):
+        os.fsync(target)
+    elif target.is_dir():
+        fsync_dir(target)
+    else:
+        fsync_path(target)
+
+
+def fsync_files(paths: Sequence[Path | int]) -> None:
+    """fsync every file or directory of ``paths`` (paths or open descriptors), concurrently: the
+    fsyncs share the file system's journal commits, so the batch costs about one fsync's wait."""
     if len(paths) > 1:
-        with ThreadPoolExecutor(max_workers=min(8, len(paths))) as pool:
-            list(pool.map(fsync_path, paths))
+        with ThreadPoolExecutor(max_workers=min(16, len(paths))) as pool:
+            list(pool.map(_fsync_target, paths))
     elif paths:
-        fsync_path(paths[0])
+        _fsync_target(paths[0])
 
 
 def staging_dir(out_dir: Path) -> Path:
@@ -115,13 +161,182 @@ def staging_dir(out_dir: Path) -> Path:
     return stage
 
 
-def publish(stage: Path, out_dir: Path) -> None:
-    """fsync ``stage`` and rename it onto ``out_dir`` (an empty existing ``out_dir`` is replaced)."""
-    fsync_dir(stage)
+def publish(stage: Path, out_dir: Path, synced: Sequence[Path | int] = ()) -> None:
+    """Make ``stage`` durable and rename it onto ``out_dir`` (an empty existing ``out_dir`` is replaced).
+
+    ``synced``: the files inside ``stage`` still to fsync (paths or open descriptors). They and
+    ``stage`` itself are fsynced in one concurrent batch — the files' bytes and the directory's
+    entries are both durable before the rename — then ``out_dir.parent`` is fsynced so the rename is.
+    """
+    fsync_files([*synced, stage])
     if out_dir.exists():
         out_dir.rmdir()
     os.replace(stage, out_dir)
     fsync_dir(out_dir.parent)
+
+
+def export_workers(workers: int | None, tasks: int) -> int:
+    """Threads an export uses: ``workers``, or ``min(os.cpu_count(), MAX_EXPORT_WORKERS)``; never
+    more than ``tasks`` nor fewer than one."""
+    if workers is not None and workers < 1:
+        raise ConfigError(f"workers is {workers}; pass a positive number of threads, or none for the CPUs")
+    n = workers if workers is not None else min(os.cpu_count() or 1, MAX_EXPORT_WORKERS)
+    return max(1, min(n, tasks))
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """Where one planned tensor goes: open shard ``fd``, absolute byte ``offset`` of its data."""
+
+    spec: TensorSpec
+    fd: int
+    offset: int
+
+
+class _TensorWriter:
+    """Writes θ of one tensor of a version into its :class:`_Slot`; called from several threads.
+
+    θ = θ_root + Σ_k τ_k over the first-parent chain, summed in fp32 (fp64 stays fp64) and cast to
+    the root's dtype; non-floating tensors, and every tensor of a root, are the root's stored bytes.
+    This is :meth:`ModelStore.iter_materialized`'s formula with the same casts in the same order of
+    additions, element by element, so the same bits. It is computed in chunks of
+    :data:`CHUNK_ELEMENTS` elements: each blob of the chain is read once, sequentially, through a
+    :class:`~fedmerge.store.blobs.BlobStream` (every chunk hashed as it is read), summed in per-thread
+    1 MiB buffers and written at its offset with ``os.pwrite``; a stored tensor is copied straight
+    from the blob's chunk buffer. Each blob's digest is checked once its last chunk has passed.
+    Memory: (k + 4) MiB per thread for a chain of k deltas, whatever the tensor sizes.
+    """
+
+    def __init__(self, store: ModelStore, root: Version, deltas: list[Version]) -> None:
+        self.blobs = store.blobs
+        self.root = root
+        self.deltas = deltas
+        self._local = threading.local()
+
+    def _buffers(self, count: int) -> list[memoryview]:
+        """This thread's reusable chunk buffers (at least ``count``)."""
+        bufs: list[memoryview] = getattr(self._local, "bufs", [])
+        while len(bufs) < count:
+            bufs.append(memoryview(bytearray(CHUNK_BYTES)))
+        self._local.bufs = bufs
+        return bufs
+
+    def _what(self, version: Version, name: str) -> str:
+        return f"version {version.id} tensor {name!r}"
+
+    def write(self, slot: _Slot) -> None:
+        spec = slot.spec
+        name = spec.name
+        sources: list[tuple[Version, TensorSpec]] = [(self.root, spec)]
+        if spec.dtype.is_floating_point:
+            for d in self.deltas:
+                entry = d.tensors[name]
+                sources.append((d, TensorSpec(name, dtype_from_name(entry.dtype), tuple(entry.shape))))
+        with ExitStack() as stack:
+            streams: list[BlobStream] = []
+            for version, expect in sources:
+                what = self._what(version, name)
+                stream = open_blob_stream(self.blobs, version.tensors[name].blob, what=what, expect=expect)
+                if stream is None:  # an unreadable or unexpected header: let read_blob name the fault
+                    self._write_whole(slot)
+                    return
+                streams.append(stack.enter_context(stream))
+            if len(streams) == 1:
+                self._copy(slot, streams[0])
+            else:
+                self._sum(slot, streams)
+            for stream in streams:
+                stream.verify()
+
+    def _copy(self, slot: _Slot, stream: BlobStream) -> None:
+        buf = self._buffers(1)[0]
+        writeback = _Writeback(slot.fd, slot.offset)
+        offset = slot.offset
+        while stream.remaining:
+            view = buf[: min(stream.remaining, CHUNK_BYTES)]
+            stream.readinto(view)
+            pwrite_all(slot.fd, view, offset)
+            offset += view.nbytes
+            writeback.written(offset)
+        writeback.flush()
+
+    def _sum(self, slot: _Slot, streams: list[BlobStream]) -> None:
+        spec = slot.spec
+        acc_dtype = accumulation_dtype(spec.dtype)
+        k = len(streams)
+        bufs = self._buffers(k + 3)
+        acc_buf, tmp_buf, out_buf = bufs[k], bufs[k + 1], bufs[k + 2]
+        numel = math.prod(spec.shape)
+        out_size = _element_size(spec.dtype)
+        writeback = _Writeback(slot.fd, slot.offset)
+        for start in range(0, numel, CHUNK_ELEMENTS):
+            m = min(CHUNK_ELEMENTS, numel - start)
+            parts: list[torch.Tensor] = []
+            for stream, buf in zip(streams, bufs, strict=False):
+                view = buf[: m * _element_size(stream.spec.dtype)]
+                stream.readinto(view)
+                parts.append(torch.frombuffer(view, dtype=stream.spec.dtype, count=m))
+            acc = torch.frombuffer(acc_buf, dtype=acc_dtype, count=m)
+            acc.copy_(parts[0])  # θ_root.to(acc dtype)
+            for delta in parts[1:]:
+                if delta.dtype != acc_dtype:  # τ.to(acc dtype) first, as iter_materialized does
+                    delta = torch.frombuffer(tmp_buf, dtype=acc_dtype, count=m).copy_(delta)
+                acc += delta
+            out = acc_buf
+            if spec.dtype != acc_dtype:
+                torch.frombuffer(out_buf, dtype=spec.dtype, count=m).copy_(acc)  # cast to the root's dtype
+                out = out_buf
+            offset = slot.offset + start * out_size
+            pwrite_all(slot.fd, out[: m * out_size], offset)
+            writeback.written(offset + m * out_size)
+        writeback.flush()
+
+    def _write_whole(self, slot: _Slot) -> None:
+        """The tensor read whole with :func:`read_blob` (for blobs whose header did not stream)."""
+        spec, root = slot.spec, self.root
+        name = spec.name
+
+        def read(version: Version) -> torch.Tensor:
+            return read_blob(self.blobs, version.tensors[name].blob, what=self._what(version, name))
+
+        weight = read(root)
+        if spec.dtype.is_floating_point and self.deltas:
+            acc = weight.to(accumulation_dtype(weight.dtype))
+            for d in self.deltas:
+                acc += read(d).to(acc.dtype)
+            weight = acc.to(weight.dtype)
+        got = spec_of(name, weight)
+        if got != spec:
+            raise CorruptBlobError(
+                f"version {root.id} tensor {name!r}: it materialises as {got.dtype}{list(got.shape)} but "
+                f"the manifest says {spec.dtype}{list(spec.shape)}; restore the manifest or blob from a "
+                "backup"
+            )
+        pwrite_all(slot.fd, tensor_bytes(weight), slot.offset)
+
+
+class _Writeback:
+    """Starts the disk writeback of a slot's bytes every :data:`WRITEBACK_BYTES` as they are written
+    (:func:`~fedmerge.store.blobs.start_writeback`), so the export's closing fsync has little left."""
+
+    def __init__(self, fd: int, offset: int) -> None:
+        self.fd = fd
+        self.start = offset
+        self.end = offset
+
+    def written(self, end: int) -> None:
+        """Bytes up to file offset ``end`` are written."""
+        self.end = end
+        if self.end - self.start >= WRITEBACK_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        start_writeback(self.fd, self.start, self.end - self.start)
+        self.start = self.end
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 def export_safetensors(
@@ -130,40 +345,80 @@ def export_safetensors(
     out_dir: str | os.PathLike[str],
     *,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    workers: int | None = None,
 ) -> ExportResult:
-    """Write version ``ref``'s materialised weights to ``out_dir`` (layout in the module docstring)."""
+    """Write version ``ref``'s materialised weights to ``out_dir`` (layout in the module docstring).
+
+    Every shard is created at its final size with its header planned up front; each tensor's bytes
+    are then written at their own offset (``os.pwrite``) by ``workers`` threads (default: one per CPU,
+    at most :data:`MAX_EXPORT_WORKERS`), largest tensors first. Every blob read is verified against
+    its sha256 name; a mismatch (or any other error) fails the export and removes the partial output.
+    Memory: about one tensor (a root's: one 1 MiB buffer) per thread.
+    """
     version = store.get(ref)
     out = Path(out_dir)
+    chain = store.chain(version)
+    root, deltas = chain[0], chain[1:]
+    for d in deltas:
+        if d.kind != "task_vector":
+            raise ConfigError(
+                f"version {version.id} descends through {d.id} of kind {d.kind!r}; only task-vector "
+                "chains materialise — densify the LoRA delta (fedmerge.delta.lora) and commit it as "
+                "a task_vector"
+            )
     specs = store.materialized_specs(version)
     shards = plan_shards(specs, max_shard_bytes)
     names = shard_names(len(shards))
+    threads = export_workers(workers, len(specs))
     stage = staging_dir(out)
+    fds: list[int] = []
     try:
-        tensors = store.iter_materialized(version)
+        slots: list[_Slot] = []
         for shard, name in zip(shards, names, strict=True):
-            with (stage / name).open("wb") as fh:
-                write_streaming(fh, shard, tensors, metadata={"format": "pt"})
-        total = sum(s.nbytes for s in specs)
-        files = list(names)
-        if len(shards) > 1:
-            index = {
-                "metadata": {"total_size": total},
-                "weight_map": {s.name: n for shard, n in zip(shards, names, strict=True) for s in shard},
-            }
-            index_text = json.dumps(index, indent=2, sort_keys=True) + "\n"
-            _write_file(stage / INDEX_FILE, index_text.encode(), sync=False)
-            files.append(INDEX_FILE)
-        for fname, data in store.read_files(version).items():
-            _write_file(stage / fname, data, sync=False)
-            files.append(fname)
-        _write_file(stage / MODEL_CARD, model_card(store, version, kind="full").encode(), sync=False)
-        _write_file(stage / PROVENANCE_FILE, version.to_json().encode(), sync=False)
-        files += [MODEL_CARD, PROVENANCE_FILE]
-        fsync_files([stage / f for f in files])  # every file durable before the directory is published
-        publish(stage, out)
+            header = encode_header(shard, {"format": "pt"})
+            fd = os.open(stage / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fds.append(fd)
+            os.ftruncate(fd, len(header) + sum(s.nbytes for s in shard))
+            pwrite_all(fd, header, 0)
+            offset = len(header)
+            for spec in shard:
+                slots.append(_Slot(spec, fd, offset))
+                offset += spec.nbytes
+        slots.sort(key=lambda slot: -slot.spec.nbytes)  # largest first: the threads finish together
+        writer = _TensorWriter(store, root, deltas)
+        pool = ThreadPoolExecutor(max_workers=threads)
+        try:
+            futures = [pool.submit(writer.write, slot) for slot in slots]
+            # the small files are written while the threads copy the tensors
+            total = sum(s.nbytes for s in specs)
+            files = list(names)
+            if len(shards) > 1:
+                index = {
+                    "metadata": {"total_size": total},
+                    "weight_map": {s.name: n for shard, n in zip(shards, names, strict=True) for s in shard},
+                }
+                index_text = json.dumps(index, indent=2, sort_keys=True) + "\n"
+                _write_file(stage / INDEX_FILE, index_text.encode(), sync=False)
+                files.append(INDEX_FILE)
+            for fname, data in store.read_files(version).items():
+                _write_file(stage / fname, data, sync=False)
+                files.append(fname)
+            _write_file(stage / MODEL_CARD, model_card(store, version, kind="full").encode(), sync=False)
+            _write_file(stage / PROVENANCE_FILE, version.to_json().encode(), sync=False)
+            files += [MODEL_CARD, PROVENANCE_FILE]
+            for future in futures:
+                future.result()  # the first failure propagates; the finally below stops the rest
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # no thread writes to a descriptor after this
+        publish(stage, out, [*fds, *(stage / f for f in files[len(names) :])])
     except BaseException:
+        for fd in fds:
+            os.close(fd)
+        fds.clear()
         shutil.rmtree(stage, ignore_errors=True)
         raise
+    for fd in fds:
+        os.close(fd)
     return ExportResult(version=version.id, path=out, files=files, total_bytes=total)
 
 
@@ -188,8 +443,6 @@ def module_layouts(store: ModelStore, version: Any) -> dict[str, str] | None:
             return None
     if model is None:
         return None
-    import torch
-
     conv1d: tuple[type, ...] = ()
     try:
         from transformers.pytorch_utils import Conv1D
@@ -253,7 +506,6 @@ def export_peft(
     ``skipped`` (tensor → why it is not in the adapter: ``zero`` delta, not ``2-D``, not a LoRA layer).
     """
     lora = importlib.import_module("fedmerge.delta.lora")
-    import torch
 
     version = store.get(ref)
     if version.kind == "full":
@@ -349,11 +601,8 @@ def export_peft(
         card_extra = {k: v for k, v in summary.items() if k != "residuals"}
         _write_file(stage / MODEL_CARD, model_card(store, version, kind="peft", extra=card_extra).encode())
         _write_file(stage / PROVENANCE_FILE, version.to_json().encode())
-        for path in stage.iterdir():
-            with path.open("rb") as fh:
-                os.fsync(fh.fileno())
         files = sorted(p.name for p in stage.iterdir())
-        publish(stage, out)
+        publish(stage, out, [stage / f for f in files])
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
