@@ -14,7 +14,8 @@ certificate against a CA bundle chosen in this order (:func:`trust_roots`): the 
 ``--node-config "bulk-root-certificates='/path/ca.pem'"``, else the file named by
 ``GRPC_DEFAULT_SSL_ROOTS_FILE_PATH``, else the system's bundle (``SSL_CERT_FILE`` or OpenSSL's
 default file). Under mutual TLS it presents ``bulk-client-cert`` / ``bulk-client-key`` from its node
-config. ``bulk-require-tls=true`` in the node config refuses to send a package to a plaintext
+config (only then: a node's certificate is not shown to an endpoint that does not ask for it).
+``bulk-require-tls=true`` in the node config refuses to send a package to a plaintext
 endpoint. A failed handshake (unknown issuer, expired certificate, a certificate that does not name the
 address dialled, a plaintext peer) is not retried: :class:`BulkUploadFailed` says which, and the
 ClientApp's error reply carries that reason to the server, which records it for this node.
@@ -22,7 +23,8 @@ ClientApp's error reply carries that reason to the server, which records it for 
 The TLS files of both sides are checked by the same helpers (:func:`read_certificates`,
 :func:`check_key_pair`): readable, PEM, key and certificate of one pair, within their validity.
 
-This module imports no server-side code (a ClientApp must not load the round engine or the service).
+This module imports no server-side code (a ClientApp must not load the round engine or the service;
+it dials with the intake service's client helpers, :mod:`fedmerge.service.client`).
 """
 
 from __future__ import annotations
@@ -170,12 +172,18 @@ def certificate_names(cert: x509.Certificate) -> list[str]:
 
 def names_host(cert: x509.Certificate, host: str) -> bool:
     """True when ``host`` (a DNS name or an IP address) is one of :func:`certificate_names` (a DNS
-    name may be a wildcard ``*.example.org`` for one leftmost label)."""
+    name may be a wildcard ``*.example.org`` for one leftmost label; an IP address is never matched
+    against a common name)."""
+    from cryptography.x509.oid import ExtensionOID
+
     host = host.strip("[]").rstrip(".").lower()
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
         ip = None
+    has_san = any(e.oid == ExtensionOID.SUBJECT_ALTERNATIVE_NAME for e in cert.extensions)
+    if ip is not None and not has_san:
+        return False
     for name in certificate_names(cert):
         name = name.rstrip(".").lower()
         if ip is not None:
@@ -321,17 +329,18 @@ def channel_options(target: BulkTarget, node: NodeTls) -> tuple[ClientOptions, s
             f"\"{CLIENT_CERT_NODE_KEY}='/path/cert.pem' {CLIENT_KEY_NODE_KEY}='/path/key.pem'\" "
             "(issued by the CA in the server's bulk-tls-client-ca)"
         )
+    present = target.client_auth and bool(node.client_cert)  # the certificate goes only where it is asked
     try:
         roots, source = trust_roots(node)
-        if node.client_cert:
+        if present:
             check_key_pair(node.client_cert, node.client_key, CLIENT_CERT_NODE_KEY, CLIENT_KEY_NODE_KEY)
     except TlsMaterialError as exc:
         raise BulkUploadFailed(f"{where}: {exc}") from None
     opts = ClientOptions(
         target.address,
         root_cert=roots,
-        client_cert=Path(node.client_cert) if node.client_cert else None,
-        client_key=Path(node.client_key) if node.client_key else None,
+        client_cert=Path(node.client_cert) if present else None,
+        client_key=Path(node.client_key) if present else None,
         max_message_bytes=limit,
     )
     return opts, source

@@ -33,6 +33,7 @@ from fedmerge.flower.bulk_client import (
     BulkUploadFailed,
     NodeTls,
     TlsMaterialError,
+    names_host,
     upload_package,
 )
 from fedmerge.flower.bulk_endpoint import BulkEndpoint, bulk_endpoint_for, make_token
@@ -306,6 +307,32 @@ def test_expired_client_certificate_is_reported_before_dialling(tmp_path: Path, 
     target = BulkTarget("127.0.0.1:1", "1.0.7.x", 0, tls=True, client_auth=True)  # nothing listens there
     with pytest.raises(BulkUploadFailed, match=r"bulk-client-cert: the certificate for CN=old expired on"):
         upload_package(PAYLOAD, target, node=NodeTls(str(pki.ca), str(old.cert), str(old.key)))
+
+
+def test_client_certificate_is_only_presented_when_asked(tmp_path: Path, pki: Pki) -> None:
+    """Without mutual TLS the node's (here expired) client certificate is neither checked nor sent."""
+    old = issue(tmp_path, "old", pki.other_ca_parts, [], (NOW - 3 * DAY, NOW - DAY))
+    ep = tls_endpoint(tmp_path, pki.server)
+    try:
+        sha = upload_package(PAYLOAD, target_of(ep), node=NodeTls(str(pki.ca), str(old.cert), str(old.key)))
+        assert spooled(ep, sha) == PAYLOAD
+    finally:
+        ep.stop()
+
+
+def test_certificate_names_follow_grpc_hostname_rules(tmp_path: Path, pki: Pki) -> None:
+    def leaf(name: str, sans: list[x509.GeneralName]) -> x509.Certificate:
+        pair = issue(tmp_path, name, pki.other_ca_parts, sans)
+        return x509.load_pem_x509_certificate(pair.cert.read_bytes())
+
+    san = leaf("san", [x509.DNSName("*.example.org"), x509.IPAddress(ipaddress.ip_address("10.0.0.5"))])
+    assert names_host(san, "bulk.example.org") and names_host(san, "BULK.example.org.")
+    assert not names_host(san, "example.org") and not names_host(san, "a.bulk.example.org")
+    assert names_host(san, "10.0.0.5") and not names_host(san, "10.0.0.6")
+    assert not names_host(san, "san")  # with a subjectAltName the common name does not count
+    cn_only = leaf("127.0.0.1", [])
+    assert not names_host(cn_only, "127.0.0.1")  # an IP address is never matched against a CN
+    assert names_host(leaf("bulk-host", []), "bulk-host")
 
 
 def test_node_config_keys_are_checked() -> None:
