@@ -189,11 +189,41 @@ def _filter_at_least(
 
 @numba.njit(cache=True, nogil=True)
 def _hist_low_raw(raw: np.ndarray, high_bin: int, hist: np.ndarray) -> None:
-    """Histogram of the low 15 magnitude bits of the signed bit patterns ``raw`` inside ``high_bin``."""
-    for i in range(raw.size):
-        b = raw[i] & 0x7FFFFFFF
-        if (b >> 15) == high_bin:
-            hist[b & 0x7FFF] += 1
+    """Histogram of the low 15 magnitude bits of the signed bit patterns ``raw`` inside ``high_bin``.
+
+    Membership is tested without branches 64 entries at a time; only members are visited."""
+    hb = np.uint32(high_bin)
+    mag = np.uint32(0x7FFFFFFF)
+    n = np.uint64(raw.size)
+    blocks = n // np.uint64(64)
+    for blk in range(blocks):
+        base = blk * np.uint64(64)
+        m = np.uint64(0)
+        for t in range(np.uint64(64)):
+            m |= np.uint64(((raw[base + t] & mag) >> np.uint32(15)) == hb) << t
+        while m != np.uint64(0):
+            hist[raw[base + trailing_zeros(m)] & np.uint32(0x7FFF)] += 1
+            m &= m - np.uint64(1)
+    for i in range(blocks * np.uint64(64), n):
+        b = raw[i] & mag
+        if (b >> np.uint32(15)) == hb:
+            hist[b & np.uint32(0x7FFF)] += 1
+
+
+@numba.njit(cache=True, nogil=True)
+def _emit_at_least(
+    idx: np.ndarray, raw: np.ndarray, threshold: int, out_idx: np.ndarray, out_raw: np.ndarray
+) -> int:
+    """:func:`_emit_filtered` when every entry tied with the threshold is kept: the pairs with
+    magnitude bits ≥ ``threshold``; no count of ties runs through the loop. Return the count."""
+    j = np.uint64(0)
+    t = np.uint32(threshold)
+    for c in range(np.uint64(idx.size)):
+        r = raw[c]
+        out_idx[j] = idx[c]
+        out_raw[j] = r
+        j += np.uint64((r & np.uint32(0x7FFFFFFF)) >= t)
+    return np.int64(j)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -309,13 +339,17 @@ def _topk_filtered(
     low_bin, above_low = _boundary(low, k - above)
     threshold = (high_bin << 15) | low_bin
     ties = k - above - above_low
+    every_tie = ties == int(low[low_bin])  # the usual case: no entry equal to the k-th is dropped
     out: list[tuple[torch.Tensor, torch.Tensor]] = []
     for t in range(len(flats)):
         lo, hi = ends[t], ends[t + 1]
         idx = np.empty(hi - lo, dtype=np.int64)
         raw = np.empty(hi - lo, dtype=np.uint32)
-        count, used = _emit_filtered(cand_idx[lo:hi], cand_raw[lo:hi], threshold, ties, idx, raw)
-        ties -= used
+        if every_tie:
+            count = _emit_at_least(cand_idx[lo:hi], cand_raw[lo:hi], threshold, idx, raw)
+        else:
+            count, used = _emit_filtered(cand_idx[lo:hi], cand_raw[lo:hi], threshold, ties, idx, raw)
+            ties -= used
         out.append((torch.from_numpy(idx[:count]), torch.from_numpy(raw[:count].view(np.float32))))
     return out
 
