@@ -3,6 +3,8 @@
 - :func:`trailing_zeros` (x: uint64) → the number of trailing zero bits of x (``llvm.cttz``; x ≠ 0,
   the result for 0 is 64).
 - :func:`float_of_bits` (b: uint32) → the fp32 whose IEEE-754 bit pattern is b (a bitcast).
+- :func:`round_half_even` (x: fp32) → x rounded to an integer, ties to even (``llvm.roundeven``).
+- :func:`store_u64_le` (buf, pos, v) → the 8 bytes of v stored at ``buf[pos:pos + 8]``.
 """
 
 from __future__ import annotations
@@ -46,5 +48,23 @@ def round_half_even(typingctx: Any, x: Any) -> Any:
     def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
         fn = builder.module.declare_intrinsic("llvm.roundeven", [ir.FloatType()])
         return builder.call(fn, [args[0]])
+
+    return sig, codegen
+
+
+@intrinsic
+def store_u64_le(typingctx: Any, buf: Any, pos: Any, value: Any) -> Any:
+    """Store the 8 bytes of ``value`` (uint64) at byte ``pos`` of the uint8 array ``buf``, unaligned,
+    in the host's byte order, which is little-endian on every platform numba targets (x86-64,
+    AArch64, ppc64le). No bounds check: the caller guarantees pos + 8 ≤ buf.size."""
+    sig = types.void(buf, pos, value)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        arr = context.make_array(signature.args[0])(context, builder, args[0])
+        ptr = builder.gep(arr.data, [args[1]])
+        wide = builder.bitcast(ptr, ir.IntType(64).as_pointer())
+        store = builder.store(args[2], wide)
+        store.align = 1
+        return context.get_dummy_value()
 
     return sig, codegen

@@ -25,6 +25,7 @@ import numba
 import numpy as np
 import torch
 
+from fedmerge.codec._bitops import store_u64_le
 from fedmerge.codec.errors import InvalidIndices, PayloadSizeMismatch
 from fedmerge.errors import CodecError
 
@@ -89,7 +90,7 @@ def encode(coding: str, indices: np.ndarray, numel: int, rice_k: int) -> bytes:
         return buf.tobytes()
     # Σ_j ⌊g_j/2^r⌋ ≤ ⌊Σ_j g_j / 2^r⌋ ≤ numel >> r bits of unary parts, plus 1 + r bits per index
     bound = ((numel >> rice_k) + indices.size * (1 + rice_k) + 7) // 8
-    buf = np.empty(bound, dtype=np.uint8)
+    buf = np.empty(bound + 8, dtype=np.uint8)  # the coder stores 8 bytes at a time
     written = _rice_encode(indices, rice_k, buf)
     if written < 0:
         raise CodecError(f"rice coding needs sorted unique indices in [0, {numel}); these are not")
@@ -268,76 +269,65 @@ def _varint_decode(data: np.ndarray, nnz: int, numel: int, out: np.ndarray) -> i
 def _rice_encode(indices: np.ndarray, r: int, out: np.ndarray) -> int:
     """Write the Rice code of the gaps of sorted ``indices`` into ``out``, LSB-first; return the bytes
     written (every byte up to the last bit is written, so ``out`` needs no zeroing), or −1 when
-    ``out`` is too short (indices that are not sorted unique within the size ``out`` was made for).
+    ``out`` is too short (it needs 8 bytes beyond the payload; indices that are not sorted unique
+    within the size ``out`` was made for overrun it).
 
-    Bits collect in a 64-bit accumulator holding fewer than 32 pending bits between gaps. A code of
-    at most 32 bits (q ones, a zero, r low bits: ``(2^q − 1) | (g mod 2^r) << (q + 1)``) is added in
-    one step and 4 bytes are flushed once 32 bits are pending; a longer code is added in pieces of
-    at most 32 bits, flushing a byte at a time. Either way bit ``bp`` lands in ``out[bp >> 3]``
-    bit ``bp & 7``."""
+    Bits collect in a 64-bit accumulator holding fewer than 8 pending bits between gaps. A code of
+    at most 56 bits (q ones, a zero, r low bits: ``(2^q − 1) | (g mod 2^r) << (q + 1)``) is added in
+    one step, a longer one in pieces of at most 32 bits; after each addition the accumulator is
+    stored whole (8 bytes, unaligned, little-endian) and the output advances by the whole bytes it
+    held, without a branch. Bit ``bp`` lands in ``out[bp >> 3]`` bit ``bp & 7``."""
     acc = np.uint64(0)
-    pending = np.int64(0)
-    pos = 0
-    low_mask = (np.int64(1) << r) - 1
+    pending = np.uint64(0)
+    pos = np.int64(0)
+    limit = out.size - 8
+    ur = np.uint64(r)
+    low_mask = (np.uint64(1) << ur) - np.uint64(1)
     prev = np.int64(-1)
-    for i in range(indices.size):
+    for i in range(np.uint64(indices.size)):
         cur = indices[i]
-        g = cur - prev - 1
+        g = np.uint64(cur - prev - 1)
         prev = cur
-        q = g >> r
-        length = q + 1 + r
-        if length <= 32:
-            code = ((np.uint64(1) << np.uint64(q)) - np.uint64(1)) | (
-                np.uint64(g & low_mask) << np.uint64(q + 1)
-            )
-            acc |= code << np.uint64(pending)
-            pending += length
-            if pending >= 32:
-                if pos + 4 > out.size:
-                    return -1
-                out[pos] = np.uint8(acc & np.uint64(0xFF))
-                out[pos + 1] = np.uint8((acc >> np.uint64(8)) & np.uint64(0xFF))
-                out[pos + 2] = np.uint8((acc >> np.uint64(16)) & np.uint64(0xFF))
-                out[pos + 3] = np.uint8((acc >> np.uint64(24)) & np.uint64(0xFF))
-                acc >>= np.uint64(32)
-                pending -= 32
-                pos += 4
+        q = g >> ur
+        if q + ur <= np.uint64(55):
+            acc |= (((np.uint64(1) << q) - np.uint64(1)) | ((g & low_mask) << (q + np.uint64(1)))) << pending
+            pending += q + np.uint64(1) + ur
+            if pos > limit:
+                return -1
+            store_u64_le(out, pos, acc)
+            pos += np.int64(pending >> np.uint64(3))
+            acc >>= pending & np.uint64(0x38)
+            pending &= np.uint64(7)
             continue
-        while q > 0:  # q ones, at most 32 at a time
-            take = min(q, 32)
-            acc |= ((np.uint64(1) << np.uint64(take)) - np.uint64(1)) << np.uint64(pending)
-            pending += take
-            q -= take
-            while pending >= 8:
-                if pos >= out.size:
-                    return -1
-                out[pos] = np.uint8(acc & np.uint64(0xFF))
-                acc >>= np.uint64(8)
-                pending -= 8
-                pos += 1
-        pending += 1  # the terminating zero
+        # a long code: q ones, the zero, then the r low bits, in pieces of at most 32 bits
         rem = g & low_mask
-        left = r
-        while left > 0:
-            take = min(left, 32)
-            part = np.uint64(rem & ((np.int64(1) << take) - 1))
-            acc |= part << np.uint64(pending)
+        left_ones = q
+        left_low = ur
+        zero_done = False
+        while left_ones > np.uint64(0) or not zero_done or left_low > np.uint64(0):
+            if left_ones > np.uint64(0):
+                take = min(left_ones, np.uint64(32))
+                acc |= ((np.uint64(1) << take) - np.uint64(1)) << pending
+                left_ones -= take
+            elif not zero_done:
+                take = np.uint64(1)  # the zero: nothing to set
+                zero_done = True
+            else:
+                take = min(left_low, np.uint64(32))
+                acc |= (rem & ((np.uint64(1) << take) - np.uint64(1))) << pending
+                rem >>= take
+                left_low -= take
             pending += take
-            rem >>= take
-            left -= take
-            while pending >= 8:
-                if pos >= out.size:
-                    return -1
-                out[pos] = np.uint8(acc & np.uint64(0xFF))
-                acc >>= np.uint64(8)
-                pending -= 8
-                pos += 1
-    while pending > 0:
+            if pos > limit:
+                return -1
+            store_u64_le(out, pos, acc)
+            pos += np.int64(pending >> np.uint64(3))
+            acc >>= pending & np.uint64(0x38)
+            pending &= np.uint64(7)
+    if pending > np.uint64(0):
         if pos >= out.size:
             return -1
         out[pos] = np.uint8(acc & np.uint64(0xFF))
-        acc >>= np.uint64(8)
-        pending -= 8
         pos += 1
     return pos
 
