@@ -121,7 +121,43 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of the range's dirty pages, do not wait
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return cast("Callable[[int, int, int, int], int]", fn)
+
+
+_sync_file_range = _load_sync_file_range()
+
+
+def start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Ask the kernel to start writing ``nbytes`` at ``offset`` of ``fd`` to disk now, without waiting
+    (Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)``; a no-op elsewhere or if it fails).
+
+    This is a hint, not a durability step: the caller still fsyncs. Issued while later bytes are
+    being written, it lets the disk work during the writing, so the closing fsync only waits for
+    the last chunks instead of the whole file.
+    """
+    if _sync_file_range is not None and nbytes > 0:
+        _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
+
+
+_WRITEBACK = 8 << 20  # written bytes handed to the disk (start_writeback) in runs of this size
+
+
 def _write_parts(fd: int, parts: Sequence[Buffer], hasher: hashlib._Hash | None) -> None:
+    """Write ``parts`` to ``fd`` in :data:`_CHUNK` chunks, feeding each to ``hasher`` first; the disk
+    writeback of every :data:`_WRITEBACK` bytes is started as they are written (the caller fsyncs)."""
+    offset = flushed = 0
     for part in parts:
         view = memoryview(part).cast("B")
         for start in range(0, view.nbytes, _CHUNK):
@@ -131,6 +167,11 @@ def _write_parts(fd: int, parts: Sequence[Buffer], hasher: hashlib._Hash | None)
             while chunk.nbytes:
                 written = os.write(fd, chunk)
                 chunk = chunk[written:]
+                offset += written
+            if offset - flushed >= _WRITEBACK:
+                start_writeback(fd, flushed, offset - flushed)
+                flushed = offset
+    start_writeback(fd, flushed, offset - flushed)
 
 
 def write_atomic(final: Path, parts: Sequence[Buffer], tmp_dir: Path) -> None:
@@ -363,36 +404,6 @@ def pwrite_all(fd: int, data: Buffer, offset: int) -> None:
         written = os.pwrite(fd, view, offset)
         view = view[written:]
         offset += written
-
-
-_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of the range's dirty pages, do not wait
-
-
-def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return cast("Callable[[int, int, int, int], int]", fn)
-
-
-_sync_file_range = _load_sync_file_range()
-
-
-def start_writeback(fd: int, offset: int, nbytes: int) -> None:
-    """Ask the kernel to start writing ``nbytes`` at ``offset`` of ``fd`` to disk now, without waiting
-    (Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)``; a no-op elsewhere or if it fails).
-
-    This is a hint, not a durability step: the caller still fsyncs. Issued while later bytes are
-    being written, it lets the disk work during the writing, so the closing fsync only waits for
-    the last chunks instead of the whole file.
-    """
-    if _sync_file_range is not None and nbytes > 0:
-        _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
 
 
 class BlobStream:

@@ -267,13 +267,13 @@ class _TensorWriter:
         bufs = self._buffers(k + 3)
         acc_buf, tmp_buf, out_buf = bufs[k], bufs[k + 1], bufs[k + 2]
         numel = math.prod(spec.shape)
-        out_size = _element_size(spec.dtype)
+        out_size = spec.dtype.itemsize
         writeback = _Writeback(slot.fd, slot.offset)
         for start in range(0, numel, CHUNK_ELEMENTS):
             m = min(CHUNK_ELEMENTS, numel - start)
             parts: list[torch.Tensor] = []
             for stream, buf in zip(streams, bufs, strict=False):
-                view = buf[: m * _element_size(stream.spec.dtype)]
+                view = buf[: m * stream.spec.dtype.itemsize]
                 stream.readinto(view)
                 parts.append(torch.frombuffer(view, dtype=stream.spec.dtype, count=m))
             acc = torch.frombuffer(acc_buf, dtype=acc_dtype, count=m)
@@ -333,10 +333,6 @@ class _Writeback:
     def flush(self) -> None:
         start_writeback(self.fd, self.start, self.end - self.start)
         self.start = self.end
-
-
-def _element_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def export_safetensors(
