@@ -74,6 +74,15 @@ from fedmerge.flower.safeguards import (
     reference_for,
     screen_delta,
 )
+from fedmerge.flower.spool_merge import (
+    HeldReply,
+    NonFiniteTensor,
+    SpooledDelta,
+    aggregator_args,
+    carried_entries,
+    merge_tensor_major,
+    spool_fold_blocker,
+)
 from fedmerge.flower.transport import (
     FISHER_RECORD_KEY,
     RECORD_KEY,
@@ -83,7 +92,7 @@ from fedmerge.flower.transport import (
     package_to_record,
     record_to_package,
 )
-from fedmerge.store import Contributor, ModelStore, UnknownVersionError, Version
+from fedmerge.store import Contributor, ModelStore, TensorView, UnknownVersionError, Version
 
 log = logging.getLogger("fedmerge.rounds")
 
@@ -321,16 +330,13 @@ def package_codec(
     """What a fedmerge package actually used: its value encodings and index codings (as declared in
     its tensor headers) and the fraction of the base's coordinates it carries."""
     _, _, headers = read_headers(data, limits)
-    return codec_of_headers(headers, tensors, shapes)
+    return codec_of_headers(headers, sum(carried_entries(t) for t in tensors.values()), shapes)
 
 
 def codec_of_headers(
-    headers: Iterable[Any], tensors: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]
+    headers: Iterable[Any], carried: int, shapes: Mapping[str, tuple[int, ...]]
 ) -> dict[str, Any]:
-    """:func:`package_codec` from already read tensor headers."""
-    carried = 0
-    for t in tensors.values():
-        carried += int(t.indices.numel()) if isinstance(t, SparseTensor) else int(t.numel())
+    """:func:`package_codec` from already read tensor headers and the coordinates the package carries."""
     total = sum(math.prod(s) for s in shapes.values()) or 1
     return {
         "format": STYPE,
@@ -348,24 +354,35 @@ class RoundState:
         cfg: RunConfig,
         round_: int,
         base: Version,
-        base_weights: StateDict,
+        base_weights: Mapping[str, torch.Tensor],
         *,
         max_abs: float | None = None,
+        shapes: Mapping[str, tuple[int, ...]] | None = None,
+        fold: bool = True,
     ) -> None:
         """``max_abs``: the magnitude bound on reply values (default: :func:`value_bound` of the base
-        with total weight ``max-num-examples × MAX_ROUND_REPLIES``)."""
+        with total weight ``max-num-examples × MAX_ROUND_REPLIES``). ``shapes``: the base's floating
+        tensors (default: read from ``base_weights``, which may then be a store view). ``fold=False``:
+        accepted replies are kept in :attr:`held` for the tensor-major merge
+        (:mod:`fedmerge.flower.spool_merge`) instead of being folded as they are judged."""
         self.cfg, self.round, self.base = cfg, round_, base
         self.base_weights = base_weights
-        self.names = floating_names(base_weights)
-        self.shapes = shapes_of({n: base_weights[n] for n in self.names})
+        if shapes is None:
+            self.names = floating_names(base_weights)
+            self.shapes = shapes_of({n: base_weights[n] for n in self.names})
+        else:
+            self.shapes = {n: tuple(shapes[n]) for n in sorted(shapes)}
+            self.names = list(self.shapes)
+        self.fold = fold
+        self.held: list[HeldReply] = []  # accepted replies awaiting the tensor-major merge (fold=False)
         self.dense_bytes = dense_bytes_of(self.shapes)
         self.seen_nodes: set[int] = set()
         self.seen_clients: set[str] = set()
         self.seen_hashes: set[str] = set()
-        params = dict(cfg.aggregator_params)
+        args = aggregator_args(cfg, round_)
         if cfg.bulk_address:  # large payloads: fold each delta at once, memory independent of the clients
-            params.setdefault("group_size", 1)
-        self.aggregator: Aggregator = create(cfg.aggregator, seed=cfg.seed, round=round_, **params)
+            args.setdefault("group_size", 1)
+        self.aggregator: Aggregator = create(cfg.aggregator, **args)
         self.aggregator.begin(self.shapes)
         self.limits = DecodeLimits(max_package_bytes=cfg.max_package_bytes).within_base(self.shapes, factor=2)
         self.max_abs = (
@@ -389,6 +406,7 @@ class RoundState:
         client_id = default_id
         metrics: dict[str, float] = {}
         folding = False
+        delta: Mapping[str, Any] = {}
         try:
             if reply.has_error():
                 err = reply.error
@@ -410,16 +428,26 @@ class RoundState:
             side: dict[str, Any] = {"fisher": self._fisher(content, client_id)} if self.needs_fisher else {}
             self._check_unique(node_id, digest)
             client_id = self._label(client_id, node_id)
-            delta, weight = screen_delta(delta, float(n), client_id, self.cfg, self.reference, self.scores)
-            folding = True
-            self.aggregator.add(delta, weight, client_id=client_id, **side)
-            folding = False
+            norm = delta.norm if isinstance(delta, SpooledDelta) else None
+            screened, weight = screen_delta(
+                delta, float(n), client_id, self.cfg, self.reference, self.scores, norm=norm
+            )
+            if self.fold:
+                folding = True
+                self.aggregator.add(screened, weight, client_id=client_id, **side)
+                folding = False
+            else:
+                self.held.append(HeldReply(node_id, client_id, weight, screened))
         except InvalidSubmission as exc:
             self.tainted = self.tainted or folding
+            if isinstance(delta, SpooledDelta):
+                delta.close()
             reason = f"{type(exc).__name__}: {exc}"
             return ReplyOutcome(node_id, str(client_id), False, reason, metrics=metrics)
         except Exception as exc:  # a reply must never crash the round: anything else is malformed too
             self.tainted = self.tainted or folding
+            if isinstance(delta, SpooledDelta):
+                delta.close()
             log.warning("round %d: reply of node %d could not be judged: %r", self.round, node_id, exc)
             text = " ".join(f"{type(exc).__name__}: {exc}".split())[:MAX_REASON]
             return ReplyOutcome(
@@ -447,6 +475,23 @@ class RoundState:
             )
         sha = ref.get(REF_SHA_KEY)
         path = self.bulk.resolve(sha, size, self.round, self.attempt, node_id)
+        if not self.fold:  # verified where it lies; merged tensor-major later (spool_merge)
+            spooled = SpooledDelta(
+                path, self.shapes, base_id=self.base.id, base_hash=self.base.content_hash,
+                limits=self.limits, max_abs=self.max_abs,
+            )  # fmt: skip
+            try:
+                if spooled.meta.round != self.round:
+                    raise StaleOrInvalid(
+                        f"stale: package is for round {spooled.meta.round}, this is round {self.round}"
+                    )
+                self._check_examples(spooled.meta.num_examples, spooled.meta.client_id)
+            except BaseException:
+                spooled.close()
+                raise
+            codec = {**codec_of_headers(spooled.headers, spooled.carried, self.shapes), "transport": "bulk"}
+            meta = spooled.meta
+            return meta.client_id, meta.num_examples, str(sha), int(size), spooled, codec  # type: ignore[arg-type]
         # read tensor by tensor from a memory map: the package is never whole in memory
         with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             pkg, headers = decode_task_vector_stream(
@@ -458,7 +503,8 @@ class RoundState:
         self._check_examples(meta.num_examples, meta.client_id)
         check_values(pkg.tensors, self.max_abs, f"package of {meta.client_id!r}")
         tensors = fill_missing(pkg.tensors, self.shapes)
-        codec = {**codec_of_headers(headers, pkg.tensors, self.shapes), "transport": "bulk"}
+        carried = sum(carried_entries(t) for t in pkg.tensors.values())
+        codec = {**codec_of_headers(headers, carried, self.shapes), "transport": "bulk"}
         return meta.client_id, meta.num_examples, str(sha), int(size), tensors, codec  # type: ignore[arg-type]
 
     def _decode(self, data: bytes) -> tuple[str, int, str, int, Mapping[str, Any], dict[str, Any]]:
@@ -570,7 +616,7 @@ def build_messages(
     cfg: RunConfig,
     round_: int,
     base: Version,
-    base_weights: StateDict,
+    base_weights: Mapping[str, torch.Tensor],
     holders: set[int],
     update: DownlinkUpdate | None = None,
     parent_holders: set[int] = frozenset(),  # type: ignore[assignment]
@@ -585,7 +631,7 @@ def build_messages(
     config = train_config(cfg, round_, base)
     extras = fedmerge_config(cfg, round_, base)
     weights: ArrayRecord | None = None  # built once, and only if some node needs full weights
-    weight_bytes = sum(t.numel() * t.element_size() for t in base_weights.values())
+    weight_bytes = 0
     messages, downlink = [], 0
     for node in nodes:
         node_extras = extras if node_settings is None else ConfigRecord({**extras, **node_settings(node)})
@@ -599,7 +645,9 @@ def build_messages(
             )
             downlink += len(update.package)
         else:
-            weights = ArrayRecord(base_weights) if weights is None else weights
+            if weights is None:  # a store view is read here, once
+                weights = ArrayRecord(dict(base_weights.items()))
+                weight_bytes = sum(len(a.data) for a in weights.values())
             content[ARRAYS_RECORD] = weights
             downlink += weight_bytes
         messages.append(
@@ -699,9 +747,19 @@ class Federation:
         return reports
 
     def run_round(self, round_: int, attempt: int = 0) -> RoundReport:
+        """One round attempt: sample, push, judge replies as they arrive, merge, commit a version.
+
+        With a bulk endpoint and nothing that needs the whole merged delta in memory
+        (:func:`~fedmerge.flower.spool_merge.spool_fold_blocker`), the base weights are a store view and
+        the merge runs tensor-major from the spool (:mod:`fedmerge.flower.spool_merge`); otherwise each
+        accepted reply is folded as it is judged."""
         t0 = time.perf_counter()
         base = self.store.get("latest")
-        weights = self.weights_of(base)
+        blocker = spool_fold_blocker(self.cfg, self.evaluate is not None)
+        tensor_major = self.bulk is not None and blocker is None
+        weights: Mapping[str, torch.Tensor] = (
+            self.store.weights_view(base) if tensor_major else self.weights_of(base)
+        )
         report = RoundReport(round_, attempt, base.id, [])
         nodes = wait_for_nodes(self.grid, self.cfg.min_clients, self.cfg.wait_for_nodes_s)
         if len(nodes) < self.cfg.min_valid:
@@ -719,18 +777,48 @@ class Federation:
             sampled, self.cfg, round_, base, weights, holders, update, parent_holders,
             node_settings=None if bulk is None else lambda node: bulk.settings_for(round_, attempt, node),
         )  # fmt: skip
-        state = RoundState(self.cfg, round_, base, weights)
-        state.reference = reference_for(self.store, base)
+        shapes = floating_shapes_of(weights) if isinstance(weights, TensorView) else None
+        state = RoundState(self.cfg, round_, base, weights, shapes=shapes, fold=not tensor_major)
+        state.reference = reference_for(self.store, base, lazy=tensor_major)
         state.bulk, state.attempt = bulk, attempt
-        report.outcomes = collect(self.grid, messages, sampled, state, self.cfg.round_deadline_s)
-        # only fedmerge clients cache the base: a plain Flower client gets "arrays" in every round
-        holders.update(o.node_id for o in report.outcomes if o.accepted and o.fedmerge_client)
-        report.metrics = round_metrics(report)
+        try:
+            report.outcomes = collect(self.grid, messages, sampled, state, self.cfg.round_deadline_s)
+            # only fedmerge clients cache the base: a plain Flower client gets "arrays" in every round
+            holders.update(o.node_id for o in report.outcomes if o.accepted and o.fedmerge_client)
+            report.metrics = round_metrics(report)
+            if not state.fold and len(report.accepted) >= self.cfg.min_valid:
+                try:
+                    report.version_id = self._commit_tensor_major(base, state, report)
+                except NonFiniteTensor as exc:  # find the offenders the in-memory way
+                    log.warning("round %d: %s; merging in memory to find the offending replies", round_, exc)
+                    state = refold(state, self.weights_of(base))
+            if state.fold:
+                self._merge_in_memory(state, report, base, len(sampled), len(nodes))
+            elif report.version_id is None:
+                log.warning(
+                    "round %d attempt %d: %d valid replies < min-valid=%d; nothing committed",
+                    round_, attempt, len(report.accepted), self.cfg.min_valid,
+                )  # fmt: skip
+        finally:
+            for held in state.held:
+                held.close()
+        if bulk is not None:  # committed or abandoned: the spool is reclaimed either way
+            bulk.close_round(round_, attempt)
+        report.wall_s = time.perf_counter() - t0
+        return report
+
+    def _merge_in_memory(
+        self, state: RoundState, report: RoundReport, base: Version, cohort: int, connected: int
+    ) -> None:
+        """Finalize the folded merge (checked finite), privatise, step the server optimiser, commit."""
+        round_, attempt = report.round, report.attempt
+        weights = state.base_weights
+        assert isinstance(weights, dict), "the in-memory merge runs on materialised weights"
         state, finalized = finite_merge(state, report)
         if finalized is not None and len(report.accepted) >= self.cfg.min_valid:
             merged, state.privacy = privatize_round(
                 finalized, self.cfg, prior_accountant(self.store, base),
-                cohort=len(sampled), connected=len(nodes), accepted=len(report.accepted),
+                cohort=cohort, connected=connected, accepted=len(report.accepted),
                 round_=round_, attempt=attempt,
             )  # fmt: skip
             opt = self.cfg.server_opt()  # a server optimiser's step; its state is kept with the version
@@ -741,10 +829,23 @@ class Federation:
                 "round %d attempt %d: %d valid replies < min-valid=%d; nothing committed",
                 round_, attempt, len(report.accepted), self.cfg.min_valid,
             )  # fmt: skip
-        if bulk is not None:  # committed or abandoned: the spool is reclaimed either way
-            bulk.close_round(round_, attempt)
-        report.wall_s = time.perf_counter() - t0
-        return report
+
+    def _commit_tensor_major(self, base: Version, state: RoundState, report: RoundReport) -> str:
+        """Merge the held replies tensor by tensor straight into a streamed commit (spool_merge)."""
+        check_latest_unmoved(self.store, base, report.round)
+        version = self.store.commit_stream(
+            merge_tensor_major(self.cfg, report.round, state.shapes, state.held),
+            parents=[base.id],
+            method=self.cfg.aggregator,
+            params=self._version_params(state, {}),
+            contributors=contributors_of(report),
+            round=report.round,
+            metrics=report.metrics,
+            privacy=state.privacy,
+            metadata=self._version_metadata(state, report),
+        )
+        self.latest_weights = None  # θ was never in memory: the next round reads it from the store
+        return version.id
 
     def _commit(
         self,
@@ -770,13 +871,8 @@ class Federation:
             merged,
             parents=[base.id],
             method=self.cfg.aggregator,
-            params={
-                **state.aggregator.params,
-                "codec": _codec_params(self.cfg),
-                "mode": self.cfg.mode,
-                **({"server-optimizer": self.cfg.server_opt().params()} if opt_state else {}),
-            },
-            contributors=[o.contributor() for o in sorted(report.outcomes, key=lambda o: o.client_id)],
+            params=self._version_params(state, opt_state or {}),
+            contributors=contributors_of(report),
             round=report.round,
             metrics=report.metrics,
             privacy=state.privacy,
@@ -785,12 +881,7 @@ class Federation:
                 **(opt_state or {}),
             }
             or None,
-            metadata={
-                "attempt": report.attempt,
-                "task": self.cfg.task,
-                **client_metrics_metadata(report, self.cfg),
-                **anomaly_metadata(state.scores, state.reference, self.cfg),
-            },
+            metadata=self._version_metadata(state, report),
         )
         new_weights = apply_weights(weights, merged)
         if package is not None:
@@ -800,6 +891,46 @@ class Federation:
         fp32 = all(t.dtype == torch.float32 for t in weights.values() if t.is_floating_point())
         self.latest_weights = (version.id, new_weights) if fp32 else None
         return version.id
+
+    def _version_params(self, state: RoundState, opt_state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        return {
+            **state.aggregator.params,
+            "codec": _codec_params(self.cfg),
+            "mode": self.cfg.mode,
+            "merge-order": "in-memory" if state.fold else "tensor-major",
+            **({"server-optimizer": self.cfg.server_opt().params()} if opt_state else {}),
+        }
+
+    def _version_metadata(self, state: RoundState, report: RoundReport) -> dict[str, Any]:
+        return {
+            "attempt": report.attempt,
+            "task": self.cfg.task,
+            **client_metrics_metadata(report, self.cfg),
+            **anomaly_metadata(state.scores, state.reference, self.cfg),
+        }
+
+
+def contributors_of(report: RoundReport) -> list[Contributor]:
+    """Every judged reply of the round as a manifest contributor, sorted by client id."""
+    return [o.contributor() for o in sorted(report.outcomes, key=lambda o: o.client_id)]
+
+
+def floating_shapes_of(view: TensorView) -> dict[str, tuple[int, ...]]:
+    """The floating tensors' shapes of a store view, from its manifest (no tensor is read)."""
+    return {n: shape for n, shape in view.shapes.items() if view.dtypes[n].is_floating_point}
+
+
+def refold(state: RoundState, weights: StateDict) -> RoundState:
+    """A fresh in-memory state (``fold=True``, materialised ``weights``) with the accepted replies of
+    ``state`` judged again into it; ``state``'s held replies are closed."""
+    for held in state.held:
+        held.close()
+    new = RoundState(state.cfg, state.round, state.base, weights, max_abs=state.max_abs)
+    new.reference = state.reference
+    new.bulk, new.attempt = state.bulk, state.attempt
+    for node, reply in state.accepted_replies:
+        new.judge(node, reply)
+    return new
 
 
 def client_metrics_metadata(report: RoundReport, cfg: RunConfig) -> dict[str, Any]:

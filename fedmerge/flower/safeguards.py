@@ -54,7 +54,7 @@ class Reference:
     """What a round screens against: the base version's merged delta and its accepted clients' norms."""
 
     version_id: str | None = None
-    aggregate: StateDict | None = None
+    aggregate: Mapping[str, torch.Tensor] | None = None
     norms: tuple[float, ...] = ()
 
     def norm_score(self, norm: float) -> float | None:
@@ -67,15 +67,16 @@ class Reference:
         return abs(norm - med) / scale
 
 
-def reference_for(store: ModelStore, base: Version) -> Reference:
-    """The screening reference of a round on ``base`` (empty for a full-weights root)."""
+def reference_for(store: ModelStore, base: Version, *, lazy: bool = False) -> Reference:
+    """The screening reference of a round on ``base`` (empty for a full-weights root). ``lazy``: the
+    aggregate is a store view, read one tensor at a time when it is compared (large models)."""
     if base.kind == "full":
         return Reference(base.id)
     clients = base.metadata.get(ANOMALY_KEY, {}).get("clients", {})
     norms = tuple(
         float(c["norm"]) for c in clients.values() if c.get("norm") is not None and not c.get("rejected")
     )
-    return Reference(base.id, store.load_delta(base), norms)
+    return Reference(base.id, store.delta_view(base) if lazy else store.load_delta(base), norms)
 
 
 def screen_delta(
@@ -85,13 +86,15 @@ def screen_delta(
     cfg: RunConfig,
     ref: Reference,
     scores: dict[str, dict[str, Any]],
+    *,
+    norm: float | None = None,
 ) -> tuple[Mapping[str, Any], float]:
     """Score one reply, reject it (:class:`AnomalousSubmission`) or return (delta to fold, weight).
 
     The score lands in ``scores[client_id]`` either way. Under central DP the returned delta is
-    clipped to ``dp-clip-norm`` and the weight is 1.
+    clipped to ``dp-clip-norm`` and the weight is 1. ``norm``: ‖delta‖₂ when the caller measured it.
     """
-    norm = delta_norm(delta)
+    norm = delta_norm(delta) if norm is None else norm
     cos = None if ref.aggregate is None else cosine(delta, ref.aggregate)
     z = ref.norm_score(norm)
     reasons = []

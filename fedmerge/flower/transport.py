@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from fedmerge.codec.errors import (
     TensorNameMismatch,
     TensorShapeMismatch,
 )
-from fedmerge.delta.state_dict import StateDict, TaskVector, floating_names, task_vector
+from fedmerge.delta.state_dict import TaskVector, floating_names, task_vector
 
 STYPE = "fedmerge-delta-v1"
 RECORD_KEY = "fedmerge.delta"
@@ -60,7 +61,9 @@ def record_to_package(rd: RecordDict, key: str = RECORD_KEY) -> bytes:
     return bytes(array.data)
 
 
-def dense_record_to_task_vector(rd: RecordDict, base: StateDict, *, key: str | None = None) -> TaskVector:
+def dense_record_to_task_vector(
+    rd: RecordDict, base: Mapping[str, torch.Tensor], *, key: str | None = None
+) -> TaskVector:
     """τ = θ_reply − θ_base from a plain Flower reply holding full weights in one ArrayRecord.
 
     ``key`` selects the ArrayRecord (default: the only one). Names must be those of ``base``; every

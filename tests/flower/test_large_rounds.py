@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 import psutil
 import pytest
+import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -29,6 +30,8 @@ from fedmerge.flower.bulk_client import (
 )
 from fedmerge.flower.bulk_endpoint import BulkEndpoint, make_token
 from fedmerge.flower.records import CONFIG_RECORD, METRICS_RECORD
+from fedmerge.flower.rounds import RoundState
+from fedmerge.flower.spool_merge import merge_tensor_major
 from fedmerge.store import ModelStore
 from fedmerge.v1 import intake_pb2, intake_pb2_grpc
 from fedmerge_bench.hostile_corpus import Attack, FlowerRound, train_message
@@ -80,9 +83,45 @@ def spool_object(ep: BulkEndpoint, sha: str) -> Path:
 
 
 def judge_bulk(fr: FlowerRound, ep: BulkEndpoint, node: int, reply: Message) -> object:
-    state = fr.state()
-    state.bulk, state.attempt = ep, ATTEMPT
-    return state.judge(node, reply)
+    """The reply judged by the in-memory fold and by the tensor-major path: both must agree."""
+    outcomes = []
+    for fold in (True, False):
+        state = RoundState(fr.cfg, ROUND, fr.base, fr.weights, fold=fold)
+        state.bulk, state.attempt = ep, ATTEMPT
+        outcomes.append(state.judge(node, reply))
+        for held in state.held:
+            held.close()
+    folded, spooled = outcomes
+    assert (folded.accepted, folded.reason) == (spooled.accepted, spooled.reason)
+    return spooled
+
+
+@pytest.mark.parametrize("aggregator", ["ties", "dare_ties", "median", "fedavg"])
+def test_tensor_major_merge_of_spooled_replies_is_the_in_memory_merge(
+    tmp_path: Path, endpoint: BulkEndpoint, aggregator: str
+) -> None:
+    fr = FlowerRound.open(tmp_path / "store", aggregator=aggregator)
+    inline = RoundState(fr.cfg, ROUND, fr.base, fr.weights)
+    spooled = RoundState(fr.cfg, ROUND, fr.base, fr.weights, fold=False)
+    spooled.bulk, spooled.attempt = endpoint, ATTEMPT
+    for node in (1, 2, 3):
+        data = fr.valid(node).data
+        sha = upload_package(data, target(endpoint, node))
+        a = inline.judge(node, fr.reply(Attack(data), node_id=node))
+        b = spooled.judge(node, bulk_reply(node, sha, len(data)))
+        assert a.accepted and b.accepted, (a.reason, b.reason)
+        assert inline.scores[a.client_id]["norm"] == pytest.approx(
+            spooled.scores[b.client_id]["norm"], rel=1e-12
+        )
+    assert spooled.aggregator.num_clients == 0 and len(spooled.held) == 3  # nothing folded while judging
+    try:
+        merged = dict(merge_tensor_major(fr.cfg, ROUND, spooled.shapes, spooled.held))
+    finally:
+        for held in spooled.held:
+            held.close()
+    expected = inline.aggregator.finalize()
+    assert list(merged) == sorted(expected)
+    assert all(torch.equal(merged[k], expected[k]) for k in expected), aggregator
 
 
 def test_bulk_reply_is_accepted_and_merges_as_the_inline_reply(
@@ -371,7 +410,8 @@ def test_bad_bulk_references_are_recorded_and_the_round_goes_on(tmp_path: Path, 
     (report,) = reports
     assert report.version_id is not None
     with ModelStore.open(tmp_path / "store") as st:
-        contributors = {c.client_id: c for c in st.get(report.version_id).contributors}
+        version = st.get(report.version_id)
+        contributors = {c.client_id: c for c in version.contributors}
         assert st.verify().ok
     accepted = [c for c in contributors.values() if c.accepted]
     reasons = {k: str(c.reason) for k, c in contributors.items() if not c.accepted}
@@ -381,3 +421,4 @@ def test_bad_bulk_references_are_recorded_and_the_round_goes_on(tmp_path: Path, 
     late = [r for r in reasons.values() if r.startswith("timeout") or "Message Unavailable" in r]
     assert len(late) == 1, reasons
     assert list(spool.iterdir()) == []  # the silent node's upload went with the round's spool
+    assert version.params["merge-order"] == "tensor-major"

@@ -1,0 +1,196 @@
+"""Tensor-major merge of a round's replies: server memory independent of the clients and the model size.
+
+A round with a bulk endpoint (``bulk-address``) whose aggregator is tensorwise
+(:attr:`~fedmerge.aggregators.Aggregator.tensorwise`) judges each reply as it arrives without folding it.
+A package uploaded through the bulk endpoint is verified where it lies in the spool (sha256 of the file,
+header, base, checksums, then every tensor decoded once, one at a time from a memory map, its values
+checked and its squared norm summed) and stays there as a :class:`SpooledDelta`. After the round's
+deadline the merge runs tensor-major::
+
+    for each tensor name (sorted):
+        agg ← a fresh aggregator;  agg.begin({name: shape})
+        for each accepted reply i:  agg.add({name: τ_i[name]}, n_i)     (τ_i[name] decoded from the map)
+        yield name, agg.finalize()[name]         → ModelStore.commit_stream writes it as a blob
+
+so the server holds one tensor's accumulators and one decoded client tensor at a time, whatever the
+number of clients; the base weights are never materialised (the shapes come from the manifest, a plain
+Flower reply reads the base one tensor at a time). For a tensorwise aggregator this is the whole-model
+merge exactly (the randomness of every method is keyed by client and tensor name, not by order).
+
+Replies that arrived inline (small packages, plain Flower weights) are held decoded in memory as in the
+in-memory fold. :func:`spool_fold_blocker` names what makes a round fall back to the in-memory fold:
+something that needs the whole merged delta at once (central DP noise and clipping, a server optimiser,
+a compressed downlink, server-side evaluation) or an aggregator that is not tensorwise or takes side
+inputs.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedmerge.aggregators import create, get
+from fedmerge.codec import DecodeLimits
+from fedmerge.codec.stream_reader import StreamedPackage, open_task_vector_stream
+from fedmerge.codec.validate import TensorHeader
+from fedmerge.delta.sparse import SparseTensor
+from fedmerge.delta.submission import check_values
+from fedmerge.errors import FedMergeError
+from fedmerge.flower.config import RunConfig, needs_fisher
+
+DeltaTensor = torch.Tensor | SparseTensor
+
+
+class NonFiniteTensor(FedMergeError, ArithmeticError):
+    """The tensor-major merge produced NaN or ±inf in a tensor (the round then redoes the merge in memory
+    to find the offending replies)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"tensor {name!r} of the merge is NaN or infinite")
+        self.name = name
+
+
+def spool_fold_blocker(cfg: RunConfig, server_eval: bool) -> str | None:
+    """Why a round with this configuration cannot merge tensor-major, or None when it can."""
+    if not cfg.bulk_address:
+        return "no bulk endpoint (bulk-address)"
+    method = get(cfg.aggregator)
+    if not method.tensorwise:
+        return f"aggregator {cfg.aggregator!r} looks at whole deltas"
+    if method.side_inputs or needs_fisher(cfg):
+        return f"aggregator {cfg.aggregator!r} takes side inputs"
+    if cfg.dp() is not None:
+        return "differential privacy releases the whole merged delta (clipping, noise, accounting)"
+    if cfg.server_opt().enabled:
+        return "a server optimiser steps on the whole merged delta"
+    if cfg.downlink_density < 1.0:
+        return "the compressed downlink encodes the whole merged delta"
+    if server_eval:
+        return "server-side evaluation needs the new weights in memory"
+    return None
+
+
+def _empty(shape: tuple[int, ...]) -> SparseTensor:
+    return SparseTensor(torch.zeros(0, dtype=torch.int64), torch.zeros(0), tuple(shape))
+
+
+def carried_entries(tensor: DeltaTensor) -> int:
+    """Coordinates a decoded tensor carries (its non-zeros as sent)."""
+    return int(tensor.indices.numel()) if isinstance(tensor, SparseTensor) else int(tensor.numel())
+
+
+class SpooledDelta(Mapping[str, DeltaTensor]):
+    """A verified package in the spool, read one tensor at a time from a memory map (module doc).
+
+    Construction verifies everything the in-memory path checks (header, base, kind, tensor headers
+    against the base, checksums, values within ``max_abs``) and measures ``norm`` (‖τ‖₂ in fp64) and
+    ``carried`` (coordinates sent), decoding each tensor once. A lookup decodes that tensor again (a
+    tensor the package left out is an empty sparse tensor: zero change). :meth:`close` unmaps the file.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        shapes: Mapping[str, tuple[int, ...]],
+        *,
+        base_id: str,
+        base_hash: str,
+        limits: DecodeLimits,
+        max_abs: float,
+    ) -> None:
+        self.path = path
+        self.shapes = dict(shapes)
+        self._file = path.open("rb")
+        try:
+            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+        except BaseException:
+            self._file.close()
+            raise
+        self._package: StreamedPackage | None = None
+        try:
+            self._package = open_task_vector_stream(
+                self._map, self.shapes, base_id=base_id, base_hash=base_hash, limits=limits
+            )
+            self.meta = self._package.meta
+            self.headers: list[TensorHeader] = list(self._package.headers)
+            what = f"package of {self.meta.client_id!r}"
+            sumsq, carried = 0.0, 0
+            for name in sorted(self._package.index):
+                t = self._package.decode(name)
+                assert t is not None
+                check_values({name: t}, max_abs, what)
+                values = t.values if isinstance(t, SparseTensor) else t
+                sumsq += float(values.detach().to(torch.float64).pow(2).sum())
+                carried += carried_entries(t)
+                del t, values
+            self.norm = math.sqrt(sumsq)
+            self.carried = carried
+        except BaseException:
+            self.close()
+            raise
+
+    def __getitem__(self, name: str) -> DeltaTensor:
+        if name not in self.shapes:
+            raise KeyError(name)
+        if self._package is None:
+            raise ValueError(f"spooled package {self.path.name} is closed")
+        t = self._package.decode(name)
+        return _empty(self.shapes[name]) if t is None else t
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self.shapes))
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def close(self) -> None:
+        if self._package is not None:
+            self._package.release()
+            self._package = None
+        if not self._map.closed:
+            self._map.close()
+        self._file.close()
+
+
+@dataclass(frozen=True)
+class HeldReply:
+    """An accepted reply waiting for the tensor-major merge: its client, weight and delta."""
+
+    node_id: int
+    client_id: str
+    weight: float
+    delta: Mapping[str, DeltaTensor]
+
+    def close(self) -> None:
+        if isinstance(self.delta, SpooledDelta):
+            self.delta.close()
+
+
+def aggregator_args(cfg: RunConfig, round_: int) -> dict[str, Any]:
+    """The round's aggregator arguments: the run's seed, the round and ``aggregator-params``."""
+    return {"seed": cfg.seed, "round": round_, **cfg.aggregator_params}
+
+
+def merge_tensor_major(
+    cfg: RunConfig, round_: int, shapes: Mapping[str, tuple[int, ...]], replies: Sequence[HeldReply]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, merged fp32 tensor) for every tensor in name order (module doc); raise
+    :class:`NonFiniteTensor` at the first tensor whose merge is not finite. Each client tensor is
+    folded at once (``group_size`` 1)."""
+    args = {**aggregator_args(cfg, round_), "group_size": 1}
+    for name in sorted(shapes):
+        agg = create(cfg.aggregator, **args)
+        agg.begin({name: shapes[name]})
+        for reply in replies:
+            agg.add({name: reply.delta[name]}, reply.weight, client_id=reply.client_id)
+        merged = agg.finalize()[name]
+        if not bool(torch.isfinite(merged).all()):
+            raise NonFiniteTensor(name)
+        yield name, merged
+        del merged, agg
