@@ -160,7 +160,7 @@ def encode_package(
     if residual:
         check_residual(residual, shapes)
     items = [_prepare(name, delta[name], (residual or {}).get(name)) for name in sorted(delta)]
-    _select(items, config, meta)
+    deferred = _select(items, config, meta)
     pkg = delta_pb2.DeltaPackage(
         format_version=fedmerge.FORMAT_VERSION,
         client_id=meta.client_id,
@@ -180,10 +180,24 @@ def encode_package(
         (delta_pb2.TensorDelta(), torch.zeros(0), (0, 0, 0, "", ""))
     ] * len(items)
 
+    failures: list[tuple[int, int, CodecError]] = []  # (stage, item, error); stage 0 = selection
+
     def encode_one(i: int) -> None:
-        encoded[i] = _encode_tensor(items[i], config)
+        item = items[i]
+        if id(item) in deferred:
+            try:
+                _select_topk([item], config)
+            except CodecError as exc:
+                failures.append((0, i, exc))
+                return
+        try:
+            encoded[i] = _encode_tensor(item, config)
+        except CodecError as exc:
+            failures.append((1, i, exc))
 
     _each(encode_one, list(range(len(items))), sum(int(it.flat.numel()) for it in items))
+    if failures:  # as if every selection ran before any encoding, in name order
+        raise min(failures, key=lambda f: (f[0], f[1]))[2]
     for item, (td, rec, sizes) in zip(items, encoded, strict=True):
         pkg.tensors.append(td)
         partial[item.name] = sizes
@@ -253,8 +267,10 @@ def _check_finite(name: str, values: torch.Tensor) -> None:
         )
 
 
-def _select(items: list[_Selected], config: CodecConfig, meta: PackageMeta) -> None:
-    """Fill ``indices`` (and the random-k seed) of every item according to the sparsification stage."""
+def _select(items: list[_Selected], config: CodecConfig, meta: PackageMeta) -> set[int]:
+    """Fill ``indices`` (and the random-k seed) of every item according to the sparsification stage,
+    except for per-tensor top-k: the ids of those items are returned, for :func:`_select_topk` to
+    select each in the same job that then encodes it."""
     todo = [it for it in items if not it.sparse_input]
     minimum = max(1, config.min_sparse_numel)
     sparse = [it for it in todo if config.sparsify != "none" and it.flat.numel() >= minimum]
@@ -263,15 +279,9 @@ def _select(items: list[_Selected], config: CodecConfig, meta: PackageMeta) -> N
         if id(it) not in chosen:
             _check_finite(it.name, it.flat)  # top-k and random-k check their own inputs
     if config.sparsify == "topk" and sparse:
-        groups = [sparse] if config.scope == "global" else [[it] for it in sparse]
-
-        def select(group: list[_Selected]) -> None:
-            k = sparsify.topk_count(sum(int(it.flat.numel()) for it in group), config.density)
-            picked = sparsify.topk_select([it.flat for it in group], k, [it.name for it in group])
-            for it, (idx, vals) in zip(group, picked, strict=True):
-                it.indices, it.carried = idx, vals
-
-        _each(select, groups, sum(int(it.flat.numel()) for it in sparse))
+        if config.scope == "tensor":
+            return chosen
+        _select_topk(sparse, config)
     elif config.sparsify == "randomk":
         threshold = sparsify.keep_threshold(config.density)
         for it in sparse:
@@ -280,6 +290,15 @@ def _select(items: list[_Selected], config: CodecConfig, meta: PackageMeta) -> N
             it.threshold = threshold
             it.indices, _ = sparsify.randomk_indices(it.seed, threshold, int(it.flat.numel()))
             it.scale = sparsify.RANDOMK_ONE / threshold if config.rescale else 1.0
+    return set()
+
+
+def _select_topk(group: list[_Selected], config: CodecConfig) -> None:
+    """Top-k over ``group`` together (one tensor: per-tensor scope; all: global scope)."""
+    k = sparsify.topk_count(sum(int(it.flat.numel()) for it in group), config.density)
+    picked = sparsify.topk_select([it.flat for it in group], k, [it.name for it in group])
+    for it, (idx, vals) in zip(group, picked, strict=True):
+        it.indices, it.carried = idx, vals
 
 
 def _encode_tensor(
