@@ -68,3 +68,30 @@ def store_u64_le(typingctx: Any, buf: Any, pos: Any, value: Any) -> Any:
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+@intrinsic
+def popcount(typingctx: Any, x: Any) -> Any:
+    """The number of set bits of x (uint64), as a uint64 (``llvm.ctpop``)."""
+    sig = types.uint64(types.uint64)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        fn = builder.module.declare_intrinsic("llvm.ctpop", [ir.IntType(64)])
+        return builder.call(fn, [args[0]])
+
+    return sig, codegen
+
+
+@intrinsic
+def load_u64_le(typingctx: Any, buf: Any, pos: Any) -> Any:
+    """The 8 bytes at byte ``pos`` of the uint8 array ``buf`` as a uint64, unaligned, in the host's
+    (little-endian) byte order. No bounds check: the caller guarantees pos + 8 ≤ buf.size."""
+    sig = types.uint64(buf, pos)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        arr = context.make_array(signature.args[0])(context, builder, args[0])
+        ptr = builder.gep(arr.data, [args[1]])
+        wide = builder.bitcast(ptr, ir.IntType(64).as_pointer())
+        return builder.load(wide, align=1)
+
+    return sig, codegen

@@ -25,7 +25,7 @@ import numba
 import numpy as np
 import torch
 
-from fedmerge.codec._bitops import store_u64_le
+from fedmerge.codec._bitops import load_u64_le, store_u64_le, trailing_zeros
 from fedmerge.codec.errors import InvalidIndices, PayloadSizeMismatch
 from fedmerge.errors import CodecError
 
@@ -337,12 +337,49 @@ _TRAILING_ONES = np.array([(~b & (b + 1)).bit_length() - 1 for b in range(256)],
 
 @numba.njit(cache=True, nogil=True)
 def _rice_decode(data: np.ndarray, nnz: int, numel: int, r: int, out: np.ndarray) -> int:
+    """Decode ``nnz`` Rice-coded gaps into sorted indices; return 0 or a negative ``_STATUS`` code.
+
+    Fast path: while 8 bytes remain from the current byte, a 64-bit little-endian window holds
+    ``held`` ≥ 57 unread bits; codes (q ones = the trailing ones of the window, a zero, r bits)
+    are decoded from it and shifted out for as long as a whole code lies strictly inside the bits
+    left, then the window is reloaded. Otherwise (long codes, the last 8 bytes) the unary part is
+    read up to a byte at a time. Both paths apply the same checks in the same order, so a payload
+    gets the same indices or the same status either way."""
     nbits = data.size * 8
     bp = 0
     prev = np.int64(-1)
     limit_q = numel >> r
     ones = _TRAILING_ONES
-    for i in range(nnz):
+    window_end = data.size - 8  # a window may start at any byte up to this one
+    ur = np.uint64(r)
+    low_mask = (np.uint64(1) << ur) - np.uint64(1)
+    i = 0
+    while i < nnz:
+        start = bp >> 3
+        if start <= window_end:
+            window = load_u64_le(data, start) >> np.uint64(bp & 7)
+            held = np.uint64(64 - (bp & 7))
+            while i < nnz:
+                fq = trailing_zeros(~window)  # the run of ones (bits past held read as zeros)
+                length = fq + np.uint64(1) + ur
+                if length >= held:  # the code may not lie inside the bits left: reload or slow path
+                    break
+                if np.int64(fq) > limit_q:
+                    return -3
+                rem = (window >> (fq + np.uint64(1))) & low_mask
+                window >>= length
+                held -= length
+                bp += np.int64(length)
+                idx = prev + 1 + np.int64((fq << ur) | rem)
+                if idx >= numel:
+                    return -3
+                out[i] = idx
+                prev = idx
+                i += 1
+            if held < np.uint64(57):
+                continue  # decoded at least one code from this window: reload at the new position
+        if i >= nnz:
+            break
         q = 0
         while True:  # the unary part, up to a byte at a time
             if bp >= nbits:
@@ -375,6 +412,7 @@ def _rice_decode(data: np.ndarray, nnz: int, numel: int, r: int, out: np.ndarray
             return -3
         out[i] = idx
         prev = idx
+        i += 1
     if (bp + 7) // 8 != data.size:
         return -4
     while bp < nbits:

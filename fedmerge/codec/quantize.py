@@ -103,9 +103,11 @@ def decode(encoding: str, data: bytes, scales: bytes, count: int, block_size: in
         wide = np.frombuffer(data, dtype="<u2").astype(np.uint32) << np.uint32(16)
         return torch.from_numpy(wide.view(np.float32))
     s = np.frombuffer(scales, dtype="<f4").astype(np.float32)
-    q = np.frombuffer(data, dtype=np.int8) if encoding == "int8" else _unpack_nibbles(data, count)
     out = np.empty(count, dtype=np.float32)
-    _dequantize_blocks(q, s, block_size, out)
+    if encoding == "int8":
+        _dequantize_blocks(np.frombuffer(data, dtype=np.int8), s, block_size, out)
+    else:
+        _dequantize_blocks(_unpack_nibbles(data, count), s, block_size, out)
     return torch.from_numpy(out)
 
 
@@ -168,11 +170,20 @@ def _pack_nibble_pairs(q: np.ndarray, out: np.ndarray) -> None:
 
 
 def _unpack_nibbles(data: bytes, count: int) -> np.ndarray:
+    """int4 codes q_i = nibble_i − 8 (low nibble first) of the first ``count`` nibbles of ``data``."""
     raw = np.frombuffer(data, dtype=np.uint8)
     out = np.empty(raw.size * 2, dtype=np.int8)
-    out[0::2] = raw & 0x0F
-    out[1::2] = raw >> 4
-    return out[:count] - np.int8(8)
+    _unpack_nibble_pairs(raw, out)
+    return out[:count]
+
+
+@numba.njit(cache=True, nogil=True)
+def _unpack_nibble_pairs(raw: np.ndarray, out: np.ndarray) -> None:
+    """out[2j] = (raw[j] & 15) − 8, out[2j+1] = (raw[j] >> 4) − 8."""
+    for j in range(np.uint64(raw.size)):
+        b = raw[j]
+        out[2 * j] = np.int8(b & np.uint8(15)) - np.int8(8)
+        out[2 * j + np.uint64(1)] = np.int8(b >> np.uint8(4)) - np.int8(8)
 
 
 @numba.njit(cache=True, nogil=True)
