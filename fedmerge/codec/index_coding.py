@@ -205,7 +205,7 @@ def _gap_stats(indices: np.ndarray, r_lo: int, quotient_sums: np.ndarray) -> int
         quotient_sums[3] += s3
     if m > 4:
         quotient_sums[4] += s4
-    return varint
+    return int(varint)
 
 
 def _best_rice(gaps: np.ndarray) -> tuple[int, int]:
@@ -329,7 +329,7 @@ def _rice_encode(indices: np.ndarray, r: int, out: np.ndarray) -> int:
             return -1
         out[pos] = np.uint8(acc & np.uint64(0xFF))
         pos += 1
-    return pos
+    return int(pos)
 
 
 _TRAILING_ONES = np.array([(~b & (b + 1)).bit_length() - 1 for b in range(256)], dtype=np.int64)
@@ -369,7 +369,7 @@ def _rice_decode(data: np.ndarray, nnz: int, numel: int, r: int, out: np.ndarray
                 rem = (window >> (fq + np.uint64(1))) & low_mask
                 window >>= length
                 held -= length
-                bp += np.int64(length)
+                bp += int(np.int64(length))
                 idx = prev + 1 + np.int64((fq << ur) | rem)
                 if idx >= numel:
                     return -3

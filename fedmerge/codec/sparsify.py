@@ -138,7 +138,7 @@ def _kth_largest(values: np.ndarray, rank: int) -> int:
         remaining -= above
         prefix |= np.int64(digit) << shift
         known |= np.int64(bins - 1) << shift
-    return prefix
+    return int(prefix)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -174,17 +174,17 @@ def _filter_at_least(
                 hist[(raw & mag) >> 15] += 1
             j += 1
             m &= m - np.uint64(1)
-    for i in range(blocks * 64, n):
-        raw = bits[i]
+    for p in range(blocks * 64, n):
+        raw = bits[p]
         b = raw & mag
         top = max(top, b)
         if b >= low:
             if j < cap:
-                out_idx[j] = i
+                out_idx[j] = p
                 out_raw[j] = raw
                 hist[b >> 15] += 1
             j += 1
-    return j, np.int64(top)
+    return j, int(np.int64(top))
 
 
 @numba.njit(cache=True, nogil=True)
@@ -223,7 +223,7 @@ def _emit_at_least(
         out_idx[j] = idx[c]
         out_raw[j] = r
         j += np.uint64((r & np.uint32(0x7FFFFFFF)) >= t)
-    return np.int64(j)
+    return int(np.int64(j))
 
 
 @numba.njit(cache=True, nogil=True)
