@@ -8,11 +8,14 @@
   non-negative floats): a 16-bit histogram pass, a 15-bit histogram pass restricted to the boundary
   bin, then one pass that emits the indices in increasing order — O(n), no sort. Large inputs first
   take a filter: a fixed strided sample of 2^16 magnitudes gives a lower bound L that at least
-  k entries reach (with a margin of 6 standard deviations of the sample count); one pass keeps the
-  positions with |x| ≥ L (≈ 1.1·k of them, in order), and the radix select runs on those only.
-  Every entry of the top k, and every entry tied with the k-th, is ≥ L, so the selected set — ties
-  included — is the one the full radix select returns; when fewer than k entries reach L (or more
-  than the buffer holds) the full select runs instead. The filter changes speed only, never output.
+  k entries reach (with a margin of 6 standard deviations of the sample count; L is the sample's
+  order statistic, found by a three-digit radix select); one pass keeps the positions with
+  |x| ≥ L (≈ 1.05·k of them, in order) with their signed bit patterns — the carried values — and
+  the high histogram, comparing 64 entries at a time into a bit mask and visiting only its set
+  bits; the radix select then runs on the survivors only. Every entry of the top k, and every
+  entry tied with the k-th, is ≥ L, so the selected set — ties included — is the one the full
+  radix select returns; when fewer than k entries reach L (or more than the buffer holds) the full
+  select runs instead. The filter changes speed only, never output.
 - **random-k** (DARE, Yu et al. 2024, "Language Models are Super Mario"): entry i is kept iff
   splitmix64(seed + i) >> 11 < keep_threshold, keep_threshold = round(density · 2^53), i.e. with
   probability density, independently. The seed is sent instead of the indices; with rescaling the kept
