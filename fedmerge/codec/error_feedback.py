@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numba
+import numpy as np
 import torch
 
 from fedmerge.errors import CodecError
@@ -40,7 +42,10 @@ def corrected(delta: torch.Tensor, residual: torch.Tensor | None) -> torch.Tenso
     flat = delta.detach().reshape(-1).to(torch.float32).contiguous()
     if residual is None:
         return flat
-    return flat + residual.detach().reshape(-1).to(torch.float32)
+    e = residual.detach().reshape(-1).to(torch.float32).contiguous()
+    out = np.empty(flat.numel(), dtype=np.float32)
+    _add(flat.numpy(), e.numpy(), out)
+    return torch.from_numpy(out)
 
 
 def residual_after(
@@ -53,11 +58,47 @@ def residual_after(
 ) -> torch.Tensor:
     """e' = c − ĉ, where ĉ is ``reconstructed`` at ``indices`` (or everywhere when indices is None).
 
-    With ``owned`` the codec's own buffer ``corrected_flat`` is overwritten instead of copied.
+    With ``owned`` the codec's own buffer ``corrected_flat`` is overwritten instead of copied. The
+    fp32 subtractions are the IEEE ones of ``torch.sub``; they run in single-threaded kernels that
+    release the GIL, so no intra-op thread pool is woken for them.
     """
+    c = corrected_flat.detach().contiguous()
+    c_np = c.numpy()
+    rec = reconstructed.detach().to(torch.float32).contiguous().numpy()
+    out = c_np if owned and c.data_ptr() == corrected_flat.data_ptr() else np.empty_like(c_np)
     if indices is None:
-        out = corrected_flat.sub_(reconstructed) if owned else corrected_flat - reconstructed
-        return out.reshape(shape)
-    out = corrected_flat if owned else corrected_flat.clone()
-    out.index_put_((indices,), out.index_select(0, indices).sub_(reconstructed))
-    return out.reshape(shape)
+        _sub(c_np, rec, out)
+    else:
+        if out is not c_np:
+            _copy(c_np, out)
+        _sub_at(out, indices.to(torch.int64).contiguous().numpy(), rec)
+    return (corrected_flat if out is c_np else torch.from_numpy(out)).reshape(shape)
+
+
+@numba.njit(cache=True, nogil=True)
+def _add(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+    """out = a + b (fp32)."""
+    for i in range(np.uint64(out.size)):
+        out[i] = a[i] + b[i]
+
+
+@numba.njit(cache=True, nogil=True)
+def _sub(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+    """out = a − b (fp32); ``out`` may be ``a``."""
+    for i in range(np.uint64(out.size)):
+        out[i] = a[i] - b[i]
+
+
+@numba.njit(cache=True, nogil=True)
+def _copy(a: np.ndarray, out: np.ndarray) -> None:
+    """out = a."""
+    for i in range(np.uint64(out.size)):
+        out[i] = a[i]
+
+
+@numba.njit(cache=True, nogil=True)
+def _sub_at(out: np.ndarray, indices: np.ndarray, values: np.ndarray) -> None:
+    """out[indices[j]] −= values[j] (fp32) for every j; indices are unique."""
+    for j in range(np.uint64(indices.size)):
+        i = indices[j]
+        out[i] = out[i] - values[j]

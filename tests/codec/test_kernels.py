@@ -7,7 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from fedmerge.codec import CodecConfig, PackageMeta, encode_package, index_coding, quantize, sparsify
+from fedmerge.codec import (
+    CodecConfig,
+    PackageMeta,
+    encode_package,
+    error_feedback,
+    index_coding,
+    quantize,
+    sparsify,
+)
 from fedmerge.errors import CodecError
 
 MAG = np.uint32(0x7FFFFFFF)
@@ -351,3 +359,34 @@ def test_nibble_packing_round_trips_and_matches_the_layout(n: int) -> None:
     packed = quantize._pack_nibbles(torch.from_numpy(q))
     assert packed == want
     assert np.array_equal(quantize._unpack_nibbles(packed, n), q)
+
+
+# ---------------------------------------------------------------------------------- error feedback
+
+
+@pytest.mark.parametrize("owned", [False, True])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_residual_is_the_torch_subtraction_bit_for_bit(owned: bool, sparse: bool) -> None:
+    g = torch.Generator().manual_seed(7)
+    c = torch.randn(10_003, generator=g) * 1e-3
+    indices = torch.randperm(10_003, generator=g)[:997].sort().values if sparse else None
+    rec = torch.randn(997 if sparse else 10_003, generator=g) * 1e-3
+    if indices is None:
+        want = c - rec
+    else:
+        want = c.clone()
+        want[indices] = c[indices] - rec
+    given = c.clone()
+    got = error_feedback.residual_after(given, indices, rec, (10_003,), owned=owned)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    assert (got.data_ptr() == given.data_ptr()) == owned  # owned: the codec's buffer is reused
+    if not owned:
+        assert torch.equal(given, c)
+
+
+def test_corrected_delta_is_the_torch_sum_bit_for_bit() -> None:
+    g = torch.Generator().manual_seed(8)
+    delta, residual = torch.randn(3, 1001, generator=g), torch.randn(3, 1001, generator=g) * 1e-3
+    got = error_feedback.corrected(delta, residual)
+    assert torch.equal(got, (delta + residual).reshape(-1))
+    assert error_feedback.corrected(delta, None).data_ptr() == delta.data_ptr()  # no copy without residual
