@@ -83,7 +83,9 @@ def encode(
     n = values.numel()
     q_np = np.empty(n, dtype=np.int8)
     scales_np = np.empty((n + block_size - 1) // block_size, dtype=np.float32)
-    _quantize_blocks(values.numpy(), block_size, np.float32(_QMAX[encoding]), q_np, scales_np)
+    _quantize_blocks(
+        np.ascontiguousarray(values.numpy()), block_size, np.float32(_QMAX[encoding]), q_np, scales_np
+    )
     rec = None
     if reconstruct:
         rec_np = np.empty(n, dtype=np.float32)

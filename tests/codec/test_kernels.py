@@ -390,3 +390,12 @@ def test_corrected_delta_is_the_torch_sum_bit_for_bit() -> None:
     got = error_feedback.corrected(delta, residual)
     assert torch.equal(got, (delta + residual).reshape(-1))
     assert error_feedback.corrected(delta, None).data_ptr() == delta.data_ptr()  # no copy without residual
+
+
+def test_quantisation_accepts_a_strided_view() -> None:
+    x = torch.randn(1000, 3, generator=torch.Generator().manual_seed(9))[:, 1]
+    assert not x.is_contiguous()
+    for encoding in ("int8", "int4"):
+        strided = quantize.encode(x, encoding, 64, name="x", reconstruct=True)
+        dense = quantize.encode(x.contiguous(), encoding, 64, name="x", reconstruct=True)
+        assert (strided.data, strided.scales) == (dense.data, dense.scales)
