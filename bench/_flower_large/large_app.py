@@ -113,6 +113,9 @@ def _flower_round(grid: Grid, c: dict[str, Any]) -> dict[str, Any]:
 
 @server.main()
 def main(grid: Grid, context: Context) -> None:
+    from fedmerge.memory import use_mmap_for_large_allocations
+
+    use_mmap_for_large_allocations()  # as fedmerge's ServerApp does (server/app.py); both sides alike
     c = dict(context.run_config)
     out = Path(str(c["out-dir"])) / f"{c['bench-mode']}-result.json"
     try:

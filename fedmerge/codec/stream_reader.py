@@ -28,6 +28,7 @@ from fedmerge.delta.sparse import SparseTensor
 from fedmerge.v1 import delta_pb2
 
 TENSORS_FIELD = 12
+FOLIO_MARGIN = 2 << 20  # the largest page-cache folio a fault maps (a huge page)
 _TRUNCATED = (
     "bytes are not a fedmerge.v1.DeltaPackage (truncated or malformed wire format); was it truncated?"
 )
@@ -84,6 +85,7 @@ class PackageReader:
             if number == TENSORS_FIELD and wire == 2:
                 _, body = _varint(self.buf, _varint(self.buf, start)[1])
                 self.spans.append((body, end))
+                self._drop(start, body)  # reading the tag mapped a folio of the file in
             else:
                 header += self.buf[start:end]
         self.header = delta_pb2.DeltaPackage()
@@ -105,13 +107,21 @@ class PackageReader:
         start, end = self.spans[index]
         td = delta_pb2.TensorDelta()
         try:
-            td.ParseFromString(bytes(self.buf[start:end]))
+            td.ParseFromString(self.buf[start:end])  # from the buffer: no intermediate copy
         except (DecodeError, ValueError, RuntimeError) as exc:
             raise MalformedPackage(f"tensor {index} is not a fedmerge.v1.TensorDelta ({exc})") from None
-        if self._map is not None:  # its pages are read: drop them from this process's memory
-            first = start - start % mmap.PAGESIZE
-            self._map.madvise(mmap.MADV_DONTNEED, first, end - first)
+        self._drop(start, end)  # its pages are read: drop them from this process's memory
         return td
+
+    def _drop(self, start: int, end: int) -> None:
+        """Unmap the pages of ``buffer[start:end]`` from this process (a memory map only), with the
+        margins a fault maps in beside them (the kernel maps whole large folios of the page cache)."""
+        if self._map is None:
+            return
+        first = max(0, start - FOLIO_MARGIN)
+        first -= first % mmap.PAGESIZE
+        last = min(len(self.buf), end + FOLIO_MARGIN)
+        self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
 
     def release(self) -> None:
         """Drop the view of the buffer (so a memory map can be closed)."""

@@ -85,6 +85,13 @@ def carried_entries(tensor: DeltaTensor) -> int:
     return int(tensor.indices.numel()) if isinstance(tensor, SparseTensor) else int(tensor.numel())
 
 
+def squared_norm(values: torch.Tensor, chunk: int = 1 << 20) -> float:
+    """Σ x² in fp64, a chunk at a time (no fp64 copy of the whole tensor)."""
+    flat = values.detach().reshape(-1)
+    starts = range(0, flat.numel(), chunk)
+    return sum(float(flat[i : i + chunk].to(torch.float64).pow(2).sum()) for i in starts)
+
+
 class SpooledDelta(Mapping[str, DeltaTensor]):
     """A verified package in the spool, read one tensor at a time from a memory map (module doc).
 
@@ -125,12 +132,12 @@ class SpooledDelta(Mapping[str, DeltaTensor]):
                 t = self._package.decode(name)
                 assert t is not None
                 check_values({name: t}, max_abs, what)
-                values = t.values if isinstance(t, SparseTensor) else t
-                sumsq += float(values.detach().to(torch.float64).pow(2).sum())
+                sumsq += squared_norm(t.values if isinstance(t, SparseTensor) else t)
                 carried += carried_entries(t)
-                del t, values
+                del t
             self.norm = math.sqrt(sumsq)
             self.carried = carried
+            self._map.madvise(mmap.MADV_DONTNEED)  # drop every page the pass mapped in
         except BaseException:
             self.close()
             raise
