@@ -245,6 +245,9 @@ def main(argv: list[str]) -> int:
         "fedmerge_run_wall_s": round(fed_wall, 3),
         "server_rss_base_bytes": int(fed["rss_base"]),
         "server_rss_peak_bytes": int(fed["rss_peak"]),
+        "server_warm_up_rss_bytes": int(fed["rss_warm_up"]),
+        "fedmerge_merge_s": round(float(fed["merge_s"]), 3),
+        "merge_time_over_disk_read": round(float(fed["merge_s"]) / read_s, 2),
         "disk_read_s": round(read_s, 3),
         "flower_round_s": None if same_size is None else round(float(same_size["round_s"]), 3),
         "flower_server_rss_over_model": None
@@ -263,7 +266,8 @@ def main(argv: list[str]) -> int:
         "flower_largest_ok_bytes": 2 * tensors * flower_ok[0][0] * clients if flower_ok else 0,
         "command": "python -m bench large" + (" --quick" if args.quick else ""),
     }
-    for key in ("fedmerge_round_s", "disk_read_s", "flower_round_s", "server_peak_rss_over_model",
+    for key in ("fedmerge_round_s", "fedmerge_merge_s", "disk_read_s", "merge_time_over_disk_read",
+                "flower_round_s", "server_peak_rss_over_model",
                 "round_time_over_disk_read", "round_time_vs_flower", "flower_largest_ok_bytes"):  # fmt: skip
         print(f"{key:>28}: {out[key]}")
     print(json.dumps(out))

@@ -72,6 +72,9 @@ def _fedmerge_round(grid: Grid, c: dict[str, Any]) -> dict[str, Any]:
         nodes = wait_for_nodes(grid, n, 600.0)
         federation = Federation(grid, cfg, store)
         federation.holders[base.id] = set(nodes)  # the nodes hold the base already: uplink only
+        rss_before_warm_up = _status("VmRSS")
+        federation.warm_up()  # code (numba kernels) loaded before the round, as run() does first
+        rss_warm_up = _status("VmRSS") - rss_before_warm_up
         reset = _reset_peak()
         rss_base = _status("VmRSS")
         reports = federation.run()
@@ -80,6 +83,7 @@ def _fedmerge_round(grid: Grid, c: dict[str, Any]) -> dict[str, Any]:
     return {
         "ok": report.version_id is not None, "round_s": report.wall_s, "rss_base": rss_base,
         "rss_peak": rss_peak, "peak_reset": reset, "accepted": len(report.accepted),
+        "rss_warm_up": rss_warm_up, "merge_s": report.merge_s,
         "uplink_bytes": report.uplink_bytes,
         "rejected": [f"{o.client_id}: {o.reason}" for o in report.rejected],
     }  # fmt: skip

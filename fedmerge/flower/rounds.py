@@ -38,6 +38,8 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from fedmerge.aggregators import Aggregator, create
+from fedmerge.aggregators import get as get_aggregator
+from fedmerge.aggregators.kernels import PARALLEL_MIN_ELEMENTS
 from fedmerge.aggregators.server_optimizer import round_step, without_optimizer_state
 from fedmerge.codec import CodecConfig, DecodeLimits, PackageMeta
 from fedmerge.codec.package import read_headers
@@ -163,6 +165,7 @@ class RoundReport:
     version_id: str | None = None
     downlink_bytes: int = 0
     wall_s: float = 0.0
+    merge_s: float = 0.0  # from the last reply judged (or the deadline) to the version committed
     metrics: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -707,6 +710,7 @@ class Federation:
     server_residual: StateDict | None = None  # what the compressed downlink has not sent yet
     latest_weights: tuple[str, StateDict] | None = None  # (version id, θ) of the last commit
     bulk: BulkEndpoint | None = None  # large payloads (bulk-address); started by run() when configured
+    _warm: bool = field(default=False, init=False)
 
     def weights_of(self, base: Version) -> StateDict:
         """θ of ``base``: kept from this server's last commit, else materialised from the store (which
@@ -715,8 +719,32 @@ class Federation:
             return self.latest_weights[1]
         return self.store.materialize(base)
 
+    def warm_up(self) -> None:
+        """Load and compile the merge's code (the aggregator's numba kernels, serial and parallel, dense
+        and sparse folds) with one tiny merge, so that a round's memory and time are its data's. Done
+        once per process by :meth:`run`; a caller may do it earlier (e.g. before it measures a round)."""
+        if self._warm:
+            return
+        sizes = {"warm-up.small": (64,), "warm-up.large": (PARALLEL_MIN_ELEMENTS,)}
+        agg = create(self.cfg.aggregator, **aggregator_args(self.cfg, 0))
+        agg.begin(sizes)
+        gen = torch.Generator().manual_seed(0)
+        for i in range(3):
+            dense = {n: torch.randn(shape, generator=gen) * 1e-3 for n, shape in sizes.items()}
+            delta: dict[str, Any] = dense
+            if i == 2:  # a sparse client too
+                delta = {n: SparseTensor.from_dense(t * (t.abs() > 2e-3)) for n, t in dense.items()}
+            side: dict[str, Any] = {
+                k: {n: t.abs() for n, t in dense.items()}
+                for k in get_aggregator(self.cfg.aggregator).side_inputs
+            }
+            agg.add(delta, 1.0, client_id=f"warm-up-{i}", **side)
+        agg.finalize()
+        self._warm = True
+
     def run(self) -> list[RoundReport]:
         """``num-rounds`` rounds from the store's latest version; raises RoundAborted when one fails."""
+        self.warm_up()
         first = start_round(self.store.get("latest"))
         with contextlib.ExitStack() as stack:
             if self.bulk is None and self.cfg.bulk_address:
@@ -786,6 +814,7 @@ class Federation:
             # only fedmerge clients cache the base: a plain Flower client gets "arrays" in every round
             holders.update(o.node_id for o in report.outcomes if o.accepted and o.fedmerge_client)
             report.metrics = round_metrics(report)
+            collected = time.perf_counter()
             if not state.fold and len(report.accepted) >= self.cfg.min_valid:
                 try:
                     report.version_id = self._commit_tensor_major(base, state, report)
@@ -799,6 +828,7 @@ class Federation:
                     "round %d attempt %d: %d valid replies < min-valid=%d; nothing committed",
                     round_, attempt, len(report.accepted), self.cfg.min_valid,
                 )  # fmt: skip
+            report.merge_s = time.perf_counter() - collected
         finally:
             for held in state.held:
                 held.close()
