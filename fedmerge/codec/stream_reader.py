@@ -107,7 +107,7 @@ class PackageReader:
         start, end = self.spans[index]
         td = delta_pb2.TensorDelta()
         try:
-            td.ParseFromString(self.buf[start:end])  # from the buffer: no intermediate copy
+            td.ParseFromString(self.buf[start:end])  # type: ignore[arg-type]  # upb reads any buffer: no copy
         except (DecodeError, ValueError, RuntimeError) as exc:
             raise MalformedPackage(f"tensor {index} is not a fedmerge.v1.TensorDelta ({exc})") from None
         self._drop(start, end)  # its pages are read: drop them from this process's memory
