@@ -12,7 +12,10 @@ Life cycle of one merge::
 :class:`~fedmerge.delta.SparseTensor`; everything is accumulated in fp32. Dense deltas are held
 in a group of at most ``group_size`` clients and folded together (see
 :mod:`fedmerge.aggregators.kernels`), so memory is O(P + group_size·P) whatever the number of
-clients; sparse deltas are folded at once. Aggregators whose ``streaming`` flag is False (the
+clients. Sparse deltas are folded at once, except by methods with ``groups_sparse`` (the sign
+consensus family), which hold them in a group of at most ``group_size`` clients too and fold the
+group per block of coordinates: memory O(P + group_size·nnz); ``group_size=1`` folds every client
+at once. Aggregators whose ``streaming`` flag is False (the
 coordinate-wise median and trimmed mean) must buffer every delta: O(N·P).
 
 Randomness: every stochastic step draws from a ``torch.Generator`` derived from
@@ -91,6 +94,11 @@ class Aggregator(ABC):
     # rounds then fold spooled deltas tensor-major (fedmerge.flower.spool_merge). False for methods
     # that look at whole deltas at once (distances or norms over every tensor: Krum, norm bounding).
     tensorwise: ClassVar[bool] = True
+    # Sparse client tensors are held in groups of ``group_size`` clients and folded by
+    # ``_fold_sparse_group`` (like dense ones) instead of one by one at ``add``. Pending sparse groups
+    # are always folded before pending dense groups, so every accumulator receives the clients'
+    # contributions in the same order as with immediate sparse folds.
+    groups_sparse: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -108,6 +116,7 @@ class Aggregator(ABC):
         self.device = torch.device(device)
         self._shapes: dict[str, tuple[int, ...]] | None = None
         self._pending: list[tuple[dict[str, Prepared], float]] = []
+        self._pending_sparse: list[tuple[dict[str, Prepared], float]] = []
         self._acc: dict[str, list[torch.Tensor]] = {}
         self._num_clients = 0
         self._total_weight = 0.0
@@ -137,7 +146,7 @@ class Aggregator(ABC):
         if not reference_shapes:
             raise ConfigError(f"{self.name}: reference_shapes is empty; nothing to merge")
         self._shapes = {k: tuple(int(d) for d in v) for k, v in reference_shapes.items()}
-        self._pending, self._acc = [], {}
+        self._pending, self._pending_sparse, self._acc = [], [], {}
         self._num_clients, self._total_weight, self._finalized = 0, 0.0, False
 
     def add(
@@ -166,13 +175,18 @@ class Aggregator(ABC):
             gen = generator if generator is not None else self._generator(cid, key)
             prepared[key] = self._prepare(key, client_delta[key], gen)
         sparse = {k: p for k, p in prepared.items() if isinstance(p.data, SparseTensor)}
-        for key, item in sparse.items():
-            self._fold_sparse(key, item, w)
+        if sparse and self.groups_sparse:
+            self._pending_sparse.append((sparse, w))
+        else:
+            for key, item in sparse.items():
+                self._fold_sparse(key, item, w)
         dense = {k: p for k, p in prepared.items() if k not in sparse}
         if dense:
             self._pending.append((dense, w))
         self._num_clients += 1
         self._total_weight += w
+        if len(self._pending_sparse) >= self.group_size:
+            self._flush_sparse()
         if len(self._pending) >= self.group_size:
             self._flush()
 
@@ -286,6 +300,12 @@ class Aggregator(ABC):
     def _fold_sparse(self, key: str, item: Prepared, weight: float) -> None:
         """Fold one client's sparse tensor for one parameter into the accumulators."""
 
+    def _fold_sparse_group(self, key: str, items: list[Prepared], weights: list[float]) -> None:
+        """Fold a group of sparse client tensors for one parameter, in order (used when
+        ``groups_sparse``). Default: :meth:`_fold_sparse` for each."""
+        for item, w in zip(items, weights, strict=True):
+            self._fold_sparse(key, item, w)
+
     @abstractmethod
     def _finalize_tensor(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
         """The merged flat fp32 tensor for one parameter."""
@@ -316,7 +336,20 @@ class Aggregator(ABC):
             raise AggregatorStateError(f"{self.name}: this merge is finalized; call begin() to start another")
         return self._shapes
 
+    def _flush_sparse(self) -> None:
+        """Fold the pending sparse group, tensor by tensor, clients in arrival order."""
+        pending, self._pending_sparse = self._pending_sparse, []
+        keys: dict[str, None] = {}
+        for items, _ in pending:
+            keys.update(dict.fromkeys(items))
+        for key in keys:
+            held = [(items[key], w) for items, w in pending if key in items]
+            self._fold_sparse_group(key, [it for it, _ in held], [w for _, w in held])
+
     def _flush(self) -> None:
+        """Fold every pending group: sparse first (their clients were added before the dense group
+        folds, as with immediate sparse folds), then dense."""
+        self._flush_sparse()
         if not self._pending:
             return
         weights = [w for _, w in self._pending]

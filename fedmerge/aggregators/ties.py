@@ -37,6 +37,7 @@ from fedmerge.aggregators.kernels import (
     disjoint_mean,
     sign_split_dense,
     sign_split_sparse,
+    sign_split_sparse_group,
     topk_thresholds,
 )
 from fedmerge.aggregators.sparsify import check_keep_rounding, keep_count, trim
@@ -47,7 +48,12 @@ SIGN_ELECTIONS = {"total": VOTE_TOTAL, "frequency": VOTE_FREQUENCY}
 
 
 class SignConsensusAggregator(Aggregator):
-    """Elect a sign per coordinate, then average the agreeing entries (TIES, DARE-TIES, DELLA)."""
+    """Elect a sign per coordinate, then average the agreeing entries (TIES, DARE-TIES, DELLA).
+
+    Sparse client tensors are folded in groups of ``group_size`` clients (``groups_sparse``), per
+    block of coordinates, with results identical to folding them one by one."""
+
+    groups_sparse: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -114,6 +120,21 @@ class SignConsensusAggregator(Aggregator):
             vote,
             weight,
             count,
+            SIGN_ELECTIONS[self.sign_election],
+            self._accumulators(key, 5),
+        )
+
+    def _fold_sparse_group(self, key: str, items: list[Prepared], weights: list[float]) -> None:
+        votes, counts = zip(*(self._per_client(w) for w in weights), strict=True)
+        data = [it.data for it in items if isinstance(it.data, SparseTensor)]
+        assert len(data) == len(items)
+        sign_split_sparse_group(
+            [d.indices for d in data],
+            [d.values for d in data],
+            [it.threshold for it in items],
+            votes,
+            weights,
+            counts,
             SIGN_ELECTIONS[self.sign_election],
             self._accumulators(key, 5),
         )
