@@ -130,10 +130,11 @@ def stacked_magmax(deltas: list[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
     return t.gather(0, t.abs().argmax(0, keepdim=True))[0]
 
 
-FEDAVG, TIES, TIES_SPARSE, DARE_TIES, MAGMAX = (
+FEDAVG, TIES, TIES_SPARSE, TIES_SPARSE_ONE, DARE_TIES, MAGMAX = (
     "fedavg",
     "ties (dense, trim 0.2 on server)",
     "ties (client-trimmed sparse 0.1)",
+    "ties (client-trimmed sparse 0.1, group_size=1)",
     "dare_ties (density 0.5)",
     "magmax",
 )
@@ -154,6 +155,13 @@ def measure(
         (FEDAVG, streaming("fedavg", deltas, weights, device), peft_fedavg),
         (TIES, streaming("ties", deltas, weights, device, density=0.2), peft_ties),
         (TIES_SPARSE, streaming("ties", sparse_deltas, weights, device, density=1.0), None),
+        # one client at a time: the fold of every sparse client before sparse grouping (and of
+        # rounds that fold each reply at once)
+        (
+            TIES_SPARSE_ONE,
+            streaming("ties", sparse_deltas, weights, device, density=1.0, group_size=1),
+            None,
+        ),
         (DARE_TIES, streaming("dare_ties", deltas, weights, device, density=0.5), peft_dare_ties),
         (MAGMAX, streaming("magmax", deltas, weights, device), stacked_magmax),
     ]
@@ -161,7 +169,7 @@ def measure(
     sync = sync_for(device)
     rows = []
     for label, ours, ref in cases:
-        method_inputs = sparse_deltas if label == TIES_SPARSE else deltas
+        method_inputs = sparse_deltas if label in (TIES_SPARSE, TIES_SPARSE_ONE) else deltas
         read = read_pass(method_inputs)
         bw_pair = interleaved(ours, read, k, sync=sync)
         t_ours = bw_pair.ours_s
@@ -192,6 +200,12 @@ def measure(
             f"N={n} P={p / 2**20:.0f}M {label}: {rows[-1]['ours_gbps']:.2f} GB/s, "
             f"{frac.value:.0%} of read bandwidth"
         )
+    # grouped against one-by-one sparse folds, interleaved with each other (same inputs, same result)
+    grouped, one_by_one = (next(c[1] for c in cases if c[0] == lab) for lab in (TIES_SPARSE, TIES_SPARSE_ONE))
+    pair = interleaved(grouped, one_by_one, k, sync=sync)
+    speedup = pair.ref_s / pair.ours_s
+    next(r for r in rows if r["method"] == TIES_SPARSE)["group_speedup"] = speedup
+    console.log(f"N={n} P={p / 2**20:.0f}M sparse TIES grouped vs group_size=1: {speedup:.2f}× faster")
     return rows
 
 
@@ -223,6 +237,8 @@ def main(argv: list[str]) -> int:
         "ties_vs_peft": by[TIES]["ours_gbps"] / by[TIES]["ref_gbps"],
         "dare_ties_vs_peft": by[DARE_TIES]["ours_gbps"] / by[DARE_TIES]["ref_gbps"],
         "ties_sparse_frac_of_bandwidth": by[TIES_SPARSE]["frac_of_read_bw"],
+        "ties_sparse_group1_frac_of_bandwidth": by[TIES_SPARSE_ONE]["frac_of_read_bw"],
+        "ties_sparse_group_speedup": by[TIES_SPARSE]["group_speedup"],
         "fedavg_frac_of_bandwidth": by[FEDAVG]["frac_of_read_bw"],
         "ties_dense_frac_of_bandwidth": by[TIES]["frac_of_read_bw"],
         "fedavg_vs_peft": by[FEDAVG]["ours_gbps"] / by[FEDAVG]["ref_gbps"],
