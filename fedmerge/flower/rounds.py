@@ -649,8 +649,10 @@ def build_messages(
             downlink += len(update.package)
         else:
             if weights is None:  # a store view is read here, once
-                weights = ArrayRecord(dict(base_weights.items()))
-                weight_bytes = sum(len(a.data) for a in weights.values())
+                full = dict(base_weights.items())
+                weights = ArrayRecord(full)
+                weight_bytes = sum(t.numel() * t.element_size() for t in full.values())
+                del full
             content[ARRAYS_RECORD] = weights
             downlink += weight_bytes
         messages.append(

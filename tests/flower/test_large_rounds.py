@@ -297,6 +297,12 @@ def bulk_run_config(store: Path, spool: Path, **extra: object) -> str:
     return " ".join(f"{k}={v}" for k, v in keys.items())
 
 
+def merge_orders(store: Path) -> list[str]:
+    """Each committed round's ``merge-order`` (tensor-major from the spool, or in memory)."""
+    with ModelStore.open(store) as st:
+        return [str(st.get(v.id).params.get("merge-order")) for v in st.list() if v.round is not None]
+
+
 def committed_rounds(store: Path) -> list[tuple[int, list[tuple[str, bool, str | None]]]]:
     with ModelStore.open(store) as st:
         out = []
@@ -323,6 +329,7 @@ def test_round_with_real_supernodes_moves_deltas_through_the_bulk_channel(
     rounds = committed_rounds(store)
     assert rounds == [(1, [("inst-0", True, "bulk"), ("inst-1", True, "bulk")])], out[-3000:]
     assert list(spool.iterdir()) == []  # reclaimed after the commit
+    assert merge_orders(store) == ["in-memory"]  # server-side evaluation needs the merged delta whole
 
 
 @pytest.mark.integration
@@ -337,8 +344,9 @@ def test_server_killed_mid_round_resumes_the_spool_and_commits_once(
     insecure_deployment.up(nodes=2)
     store, spool = tmp_path / "store", tmp_path / "spool"
     config = bulk_run_config(
-        store, spool, seed=5, **{"fault-straggler": 0.5, "fault-straggler-delay-s": 20.0}
-    )
+        store, spool, seed=5,
+        **{"fault-straggler": 0.5, "fault-straggler-delay-s": 20.0, "server-eval": "false"},
+    )  # fmt: skip
     first = insecure_deployment.flwr_run(config)
     objects = spool / "round-1-attempt-0" / "objects"
     end = time.monotonic() + 300
@@ -366,6 +374,7 @@ def test_server_killed_mid_round_resumes_the_spool_and_commits_once(
     # the spooled package of the killed run is the one the new run judged (training is seeded)
     assert hashes["inst-0"] in spooled, (hashes, spooled)
     assert list(spool.iterdir()) == []
+    assert merge_orders(store) == ["tensor-major"]
 
 
 def test_with_a_bulk_endpoint_each_delta_is_folded_at_once(tmp_path: Path) -> None:
