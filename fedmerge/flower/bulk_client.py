@@ -20,6 +20,13 @@ endpoint. A failed handshake (unknown issuer, expired certificate, a certificate
 address dialled, a plaintext peer) is not retried: :class:`BulkUploadFailed` says which, and the
 ClientApp's error reply carries that reason to the server, which records it for this node.
 
+Download (``bulk-downlink = true`` on the server): a message that names the round's base for download
+(:class:`BaseReference`: keys :data:`BASE_ID_KEY`, :data:`BASE_HASH_KEY`, :data:`BASE_DIGEST_KEY`,
+:data:`BASE_SIZE_KEY`) instead of carrying ``"arrays"`` lets the node stream the base's full weights
+from the same endpoint (``fedmerge.v1.ExpertIntake.GetVersion`` under the same token and TLS) into a
+file (:func:`download_base`); the caller checks the weights' digest
+(:func:`fedmerge.flower.client.fetch_base`). Failures raise :class:`BulkDownloadFailed`.
+
 The TLS files of both sides are checked by the same helpers (:func:`read_certificates`,
 :func:`check_key_pair`): readable, PEM, key and certificate of one pair, within their validity.
 
@@ -61,6 +68,11 @@ CLIENT_CERT_NODE_KEY = "bulk-client-cert"
 CLIENT_KEY_NODE_KEY = "bulk-client-key"
 REQUIRE_TLS_NODE_KEY = "bulk-require-tls"
 GRPC_ROOTS_ENV = "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH"
+# train message: the round's base, to be downloaded from the bulk endpoint (instead of "arrays")
+BASE_ID_KEY = "bulk-base-version-id"
+BASE_HASH_KEY = "bulk-base-version-hash"
+BASE_DIGEST_KEY = "bulk-base-digest"  # fedmerge.flower.downlink.weights_digest of the full weights
+BASE_SIZE_KEY = "bulk-base-size"  # bytes of the safetensors file streamed
 REF_SHA_KEY = "fedmerge-bulk-sha256"
 REF_SIZE_KEY = "fedmerge-bulk-size"
 CHUNK_BYTES = 1 << 20
@@ -69,6 +81,11 @@ RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED, grpc.StatusCo
 
 class BulkUploadFailed(FedMergeError, RuntimeError):
     """The package could not be uploaded through the bulk endpoint (the server's reason is given)."""
+
+
+class BulkDownloadFailed(FedMergeError, RuntimeError):
+    """The round's base could not be downloaded from the bulk endpoint, or what arrived is not it
+    (cut short, wrong version, digest mismatch); the message says which."""
 
 
 class TlsMaterialError(ConfigError):
@@ -397,3 +414,107 @@ def upload_package(
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
     raise BulkUploadFailed(f"bulk upload to {target.address} failed after {retries + 1} attempts: {reason}")
+
+
+@dataclass(frozen=True)
+class BaseReference:
+    """The round's base as a train message names it for download (keys :data:`BASE_ID_KEY`,
+    :data:`BASE_HASH_KEY`, :data:`BASE_DIGEST_KEY`, :data:`BASE_SIZE_KEY`)."""
+
+    version_id: str
+    version_hash: str
+    digest: str
+    size: int
+
+    @staticmethod
+    def from_settings(settings: Mapping[str, Any]) -> BaseReference | None:
+        """From a train message's merged settings; None when the message names no base to download."""
+        if BASE_ID_KEY not in settings:
+            return None
+        try:
+            return BaseReference(
+                str(settings[BASE_ID_KEY]), str(settings[BASE_HASH_KEY]), str(settings[BASE_DIGEST_KEY]),
+                int(settings[BASE_SIZE_KEY]),
+            )  # fmt: skip
+        except KeyError as exc:
+            raise BulkDownloadFailed(
+                f"train message names a base to download but lacks {exc.args[0]!r}; server and client "
+                "versions differ"
+            ) from None
+
+
+def download_base(
+    ref: BaseReference,
+    target: BulkTarget,
+    dest: Path,
+    *,
+    node: NodeTls | None = None,
+    retries: int = 3,
+    backoff_s: float = 0.2,
+) -> Path:
+    """Stream the base ``ref`` names from ``target`` (``ExpertIntake.GetVersion``, full weights,
+    under the node's round token) into the safetensors file ``dest``; returns ``dest``.
+
+    Memory is one chunk. The first chunk must name ``ref.version_id`` with ``ref.version_hash`` and
+    announce ``ref.size`` bytes; fewer or more bytes than that is a cut or corrupt stream. A cut
+    stream (UNAVAILABLE and the like) is tried again from the start; a refusal (bad token, closed
+    round, another version) or a mismatch raises :class:`BulkDownloadFailed` at once, and ``dest``
+    is removed. The caller verifies the weights (:func:`~fedmerge.flower.downlink.weights_digest`)."""
+    node = node or NodeTls()
+    try:
+        opts, roots = channel_options(target, node)
+    except BulkUploadFailed as exc:
+        raise BulkDownloadFailed(str(exc).replace("bulk upload", "bulk download", 1)) from None
+    metadata = (("authorization", f"Bearer {target.token}"),)
+    where = f"bulk download of base {ref.version_id!r} from {target.address}"
+    request = intake_pb2.GetVersionRequest(version=ref.version_id, full_weights=True)
+    delay = backoff_s
+    reason = ""
+    for attempt in range(retries + 1):
+        try:
+            with connect(opts) as channel, dest.open("wb") as fh:
+                stub = intake_pb2_grpc.ExpertIntakeStub(channel)
+                received = 0
+                for i, chunk in enumerate(stub.GetVersion(request, metadata=metadata)):
+                    if i == 0:
+                        _check_first_chunk(chunk, ref, where)
+                    received += len(chunk.data)
+                    if received > ref.size:
+                        raise BulkDownloadFailed(f"{where}: more than the announced {ref.size} bytes arrived")
+                    fh.write(chunk.data)
+            if received != ref.size:
+                raise BulkDownloadFailed(
+                    f"{where}: the stream ended after {received} of {ref.size} bytes (cut short)"
+                )
+            return dest
+        except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else None
+            detail = exc.details() if hasattr(exc, "details") else str(exc)
+            handshake = _handshake_failure(str(detail), target, roots) if target.tls else None
+            if handshake is not None:
+                dest.unlink(missing_ok=True)
+                raise BulkDownloadFailed(f"{where}: {handshake}") from None
+            reason = f"{getattr(code, 'name', 'UNKNOWN')}: {detail}"
+            if code not in RETRYABLE:
+                dest.unlink(missing_ok=True)
+                raise BulkDownloadFailed(f"{where} refused: {reason}") from None
+        except BaseException:
+            dest.unlink(missing_ok=True)
+            raise
+        if attempt < retries:
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+    dest.unlink(missing_ok=True)
+    raise BulkDownloadFailed(f"{where} failed after {retries + 1} attempts: {reason}")
+
+
+def _check_first_chunk(chunk: intake_pb2.VersionChunk, ref: BaseReference, where: str) -> None:
+    if chunk.info.id != ref.version_id or chunk.info.content_hash != ref.version_hash:
+        raise BulkDownloadFailed(
+            f"{where}: the server streams version {chunk.info.id!r} (content hash "
+            f"{chunk.info.content_hash[:12]}…), not {ref.version_id!r} ({ref.version_hash[:12]}…)"
+        )
+    if chunk.total_size != ref.size:
+        raise BulkDownloadFailed(
+            f"{where}: the server announces {chunk.total_size} bytes, the train message {ref.size}"
+        )

@@ -26,6 +26,18 @@ without a certificate it issued (mutual TLS; the round token still names the nod
 message then says ``bulk-tls`` (and ``bulk-tls-client-auth``) so that nodes dial with TLS
 (:mod:`fedmerge.flower.bulk_client`). A plaintext endpoint binds only a loopback address unless
 ``bulk-allow-insecure`` (:func:`~fedmerge.flower.config.bulk_insecure_bind_problem`).
+
+Downlink (``bulk-downlink = true``): the endpoint also serves ``fedmerge.v1.ExpertIntake.GetVersion``
+(that method only; the others answer UNIMPLEMENTED) so that a node that needs the round's base
+downloads its full weights here instead of receiving them in Flower's ``"arrays"``.
+:meth:`BulkEndpoint.offer_base` pins the round attempt's base version and returns the reference the
+``train`` message carries (:data:`~fedmerge.flower.bulk_client.BASE_ID_KEY` and its siblings: version
+id, content hash, :func:`~fedmerge.flower.downlink.weights_digest` of the weights, file size). A
+download is authenticated by the node's round token (the upload token), is served only while that
+round attempt is open, only to a node the base was offered to, and only for that base version
+(PERMISSION_DENIED otherwise). The weights are streamed from the store tensor by tensor
+(:meth:`~fedmerge.store.ModelStore.iter_materialized`) as one safetensors file in 1 MiB chunks: the
+server holds one tensor, never the model.
 """
 
 from __future__ import annotations
@@ -33,11 +45,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import logging
 import secrets
 import shutil
 import threading
 from collections.abc import Iterator
 from concurrent import futures
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,15 +59,26 @@ import grpc
 
 from fedmerge.delta.submission import StaleOrInvalid
 from fedmerge.errors import ConfigError
-from fedmerge.flower.bulk_client import CHUNK_BYTES, CLIENT_AUTH_KEY, TLS_KEY
+from fedmerge.flower.bulk_client import (
+    BASE_DIGEST_KEY,
+    BASE_HASH_KEY,
+    BASE_ID_KEY,
+    BASE_SIZE_KEY,
+    CHUNK_BYTES,
+    CLIENT_AUTH_KEY,
+    TLS_KEY,
+)
 from fedmerge.flower.config import RunConfig, bulk_insecure_bind_problem
+from fedmerge.flower.downlink import weights_digest_of
 from fedmerge.service.bulk import BulkError, BulkStatus, BulkStore, check_sha
 from fedmerge.service.config import TlsConfig
-from fedmerge.service.server import BulkServicer, _Handlers
+from fedmerge.service.server import BulkServicer, _chunks, _Handlers, version_info
 from fedmerge.service.streams import IdleGuard, StreamSlots
-from fedmerge.store import ModelStore
-from fedmerge.v1 import intake_pb2_grpc
+from fedmerge.store import ModelStore, Version
+from fedmerge.store.safetensors_format import encode_header, tensor_bytes
+from fedmerge.v1 import intake_pb2, intake_pb2_grpc
 
+log = logging.getLogger("fedmerge.bulk")
 HASH_BLOCK = 4 << 20
 STREAM_IDLE_S = 120.0
 
@@ -196,6 +221,78 @@ class _RoundHandlers(_Handlers):
         return IdleGuard(request_iterator, STREAM_IDLE_S, call=call, hint=hint)
 
 
+@dataclass(frozen=True)
+class BaseOffer:
+    """The base a round attempt's nodes may download: the version, the digest of its full weights,
+    the size of the safetensors file streamed, and the nodes it was offered to (filled as offered)."""
+
+    version: Version
+    digest: str
+    size: int
+    nodes: set[int] = field(default_factory=set)
+
+
+class NodeBulkSettings(dict[str, Any]):
+    """:meth:`BulkEndpoint.settings_for`'s keys for one node (a dict), able to add the reference of
+    the round's base (:meth:`base_reference`) for a node that must download it."""
+
+    def __init__(
+        self, endpoint: BulkEndpoint, round_: int, attempt: int, node: int, values: dict[str, Any]
+    ) -> None:
+        super().__init__(values)
+        self.endpoint, self.round, self.attempt, self.node = endpoint, round_, attempt, node
+
+    def base_reference(self, base: Version) -> dict[str, Any] | None:
+        """The train message keys that let this node download ``base`` (:meth:`BulkEndpoint.offer_base`)."""
+        return self.endpoint.offer_base(self.round, self.attempt, self.node, base)
+
+
+def _bearer(context: grpc.ServicerContext) -> str:
+    for key, value in context.invocation_metadata():
+        if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
+            return value[len("Bearer ") :]
+    return ""
+
+
+class _BaseDownload(intake_pb2_grpc.ExpertIntakeServicer):
+    """``ExpertIntake.GetVersion`` for round nodes: the round attempt's base, full weights only."""
+
+    def __init__(self, endpoint: BulkEndpoint) -> None:
+        self.endpoint = endpoint
+
+    def GetVersion(  # noqa: N802
+        self, request: intake_pb2.GetVersionRequest, context: grpc.ServicerContext
+    ) -> Iterator[intake_pb2.VersionChunk]:
+        owner = verify_token(self.endpoint.secret, _bearer(context))
+        if owner is None:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid round token")
+            raise AssertionError("unreachable")
+        round_, attempt, node = owner
+        offer = self.endpoint.offer_of(round_, attempt)
+        if offer is None:
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"round {round_} attempt {attempt} is closed or offers no base download",
+            )
+            raise AssertionError("unreachable")
+        if node not in offer.nodes:
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"node {node} was not offered the base of round {round_} attempt {attempt}",
+            )
+        if request.version != offer.version.id or not request.full_weights:
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"round {round_} attempt {attempt} serves only the full weights of its base "
+                f"{offer.version.id!r}, not {request.version!r} (full_weights={request.full_weights})",
+            )
+        yield from self.endpoint.stream_base(offer)
+        log.info(
+            "round %d attempt %d: node %d downloaded base %s (%d bytes) from the bulk endpoint",
+            round_, attempt, node, offer.version.id, offer.size,
+        )  # fmt: skip
+
+
 def make_token(secret: bytes, round_: int, attempt: int, node: int) -> str:
     mac = hmac.new(secret, f"{round_}/{attempt}/{node}".encode(), hashlib.sha256).hexdigest()
     return f"{round_}.{attempt}.{node}.{mac}"
@@ -229,6 +326,7 @@ class BulkEndpoint:
         threshold: int,
         tls: TlsConfig | None = None,
         allow_insecure: bool = False,
+        store_root: Path | None = None,
     ) -> None:
         problem = bulk_insecure_bind_problem(bind, tls is not None, allow_insecure)
         if problem is not None:
@@ -243,6 +341,10 @@ class BulkEndpoint:
         self.secret = secrets.token_bytes(32)
         self.server: grpc.Server | None = None
         self.address = ""
+        self.store_root = store_root  # the model store bases are downloaded from (None: no downlink)
+        self._offers: dict[tuple[int, int], BaseOffer] = {}
+        self._digests: dict[str, tuple[str, int]] = {}  # version id -> (weights digest, file size)
+        self._offer_lock = threading.Lock()
 
     def start(self) -> str:
         """Bind and serve; returns the address clients dial."""
@@ -250,12 +352,13 @@ class BulkEndpoint:
             futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="fedmerge-bulk"),
             options=[
                 ("grpc.max_receive_message_length", 4 * CHUNK_BYTES),
-                ("grpc.max_send_message_length", 1 << 20),
+                ("grpc.max_send_message_length", 4 * CHUNK_BYTES),
             ],
         )
         intake_pb2_grpc.add_BulkUploadServicer_to_server(
             BulkServicer(_RoundHandlers(self.router, self.secret)), server
         )
+        intake_pb2_grpc.add_ExpertIntakeServicer_to_server(_BaseDownload(self), server)
         host = self.bind.rpartition(":")[0]
         if self.tls is not None:
             key, cert, ca = self.tls.read()
@@ -300,6 +403,8 @@ class BulkEndpoint:
     def close_round(self, round_: int, attempt: int) -> None:
         """Reclaim the round attempt's spool (after its commit, or when it is abandoned)."""
         self.router.close(round_, attempt)
+        with self._offer_lock:
+            self._offers.pop((round_, attempt), None)
 
     def discard_except(self, round_: int) -> list[str]:
         """Remove every spool left by an earlier run except those of ``round_`` (which a resumed
@@ -312,15 +417,82 @@ class BulkEndpoint:
                 removed.append(child.name)
         return removed
 
-    def settings_for(self, round_: int, attempt: int, node: int) -> dict[str, Any]:
-        """The train message keys that let ``node`` upload this round attempt's package."""
-        return {
-            "bulk-address": self.address,
-            "bulk-token": make_token(self.secret, round_, attempt, node),
-            "bulk-threshold-bytes": self.threshold,
-            TLS_KEY: self.tls is not None,
-            CLIENT_AUTH_KEY: self.tls is not None and self.tls.client_ca is not None,
-        }
+    def settings_for(self, round_: int, attempt: int, node: int) -> NodeBulkSettings:
+        """The train message keys that let ``node`` upload this round attempt's package (a dict that
+        can also add the base's download reference: :meth:`NodeBulkSettings.base_reference`)."""
+        return NodeBulkSettings(
+            self,
+            round_,
+            attempt,
+            node,
+            {
+                "bulk-address": self.address,
+                "bulk-token": make_token(self.secret, round_, attempt, node),
+                "bulk-threshold-bytes": self.threshold,
+                TLS_KEY: self.tls is not None,
+                CLIENT_AUTH_KEY: self.tls is not None and self.tls.client_ca is not None,
+            },
+        )
+
+    def offer_base(self, round_: int, attempt: int, node: int, base: Version) -> dict[str, Any] | None:
+        """Let ``node`` download ``base`` in this round attempt and return the reference its train
+        message carries: {BASE_ID_KEY: id, BASE_HASH_KEY: content hash, BASE_DIGEST_KEY:
+        weights_digest(θ), BASE_SIZE_KEY: bytes of the safetensors file}. None when the endpoint has
+        no store, or the file is not larger than ``bulk-threshold-bytes`` (then "arrays" is cheaper).
+        The digest is computed once per version, reading the weights tensor by tensor."""
+        if self.store_root is None:
+            return None
+        with self._offer_lock:
+            known = self._digests.get(base.id)
+        if known is None:
+            with ModelStore.open(self.store_root) as store:
+                specs = store.materialized_specs(base)
+                header = encode_header(specs, {"fedmerge_version": base.id})
+                size = len(header) + sum(s.nbytes for s in specs)
+                digest = weights_digest_of(store.iter_materialized(base)) if size > self.threshold else ""
+            known = (digest, size)
+            with self._offer_lock:
+                self._digests[base.id] = known
+        digest, size = known
+        if size <= self.threshold:
+            return None
+        with self._offer_lock:
+            offer = self._offers.get((round_, attempt))
+            if offer is None or offer.version.id != base.id:
+                offer = self._offers[(round_, attempt)] = BaseOffer(base, digest, size)
+            offer.nodes.add(node)
+        return {BASE_ID_KEY: base.id, BASE_HASH_KEY: base.content_hash, BASE_DIGEST_KEY: digest,
+                BASE_SIZE_KEY: size}  # fmt: skip
+
+    def offer_of(self, round_: int, attempt: int) -> BaseOffer | None:
+        """The base offered in an open round attempt, else None."""
+        if not self.router.is_open(round_, attempt):
+            return None
+        with self._offer_lock:
+            return self._offers.get((round_, attempt))
+
+    def stream_base(self, offer: BaseOffer) -> Iterator[intake_pb2.VersionChunk]:
+        """The offered base's full weights as one safetensors file in chunks of at most
+        :data:`CHUNK_BYTES`, read from the store one tensor at a time; the first chunk carries the
+        version's info and the file's size."""
+        assert self.store_root is not None
+        with ModelStore.open(self.store_root) as store:
+            specs = store.materialized_specs(offer.version)
+            header = encode_header(specs, {"fedmerge_version": offer.version.id})
+
+            def parts() -> Iterator[bytes | memoryview]:
+                yield header
+                for _, t in store.iter_materialized(offer.version):
+                    yield tensor_bytes(t)
+
+            first = True
+            for piece in _chunks(parts(), CHUNK_BYTES):
+                if first:
+                    info = version_info(offer.version)
+                    yield intake_pb2.VersionChunk(info=info, data=piece, total_size=offer.size)
+                    first = False
+                else:
+                    yield intake_pb2.VersionChunk(data=piece)
 
     def resolve(self, sha256: Any, size: Any, round_: int, attempt: int, node: int) -> Path:
         """The verified spool file of a reference (module docstring), else :class:`BulkReferenceError`."""
@@ -384,5 +556,5 @@ def bulk_endpoint_for(cfg: RunConfig, store: ModelStore) -> BulkEndpoint:
     return BulkEndpoint(
         spool, cfg.bulk_address, cfg.bulk_public_address, max_bytes=cfg.max_package_bytes,
         reserve_bytes=cfg.bulk_spool_reserve_bytes, threshold=cfg.bulk_threshold_bytes,
-        tls=tls, allow_insecure=cfg.bulk_allow_insecure,
+        tls=tls, allow_insecure=cfg.bulk_allow_insecure, store_root=root,
     )  # fmt: skip

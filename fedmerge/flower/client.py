@@ -34,8 +34,10 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,14 +49,17 @@ from fedmerge.errors import FedMergeError
 from fedmerge.flower.bulk_client import (
     REF_SHA_KEY,
     REF_SIZE_KEY,
+    BaseReference,
+    BulkDownloadFailed,
     BulkTarget,
     BulkUploadFailed,
     NodeTls,
     TlsMaterialError,
+    download_base,
     upload_package,
 )
 from fedmerge.flower.config import Mode
-from fedmerge.flower.downlink import apply_update
+from fedmerge.flower.downlink import apply_update, weights_digest
 from fedmerge.flower.records import (
     ARRAYS_RECORD,
     CONFIG_RECORD,
@@ -183,7 +188,9 @@ class MissingBase(FedMergeError, RuntimeError):
 
 
 def resolve_base(content: RecordDict, context: Context, version_id: str, version_hash: str) -> StateDict:
-    """The base weights for ``version_id``: from the message (and then cached) or from the cache."""
+    """The base weights for ``version_id``: from the message's ``"arrays"`` or compressed update, or
+    downloaded from the bulk endpoint the message names (:func:`fetch_base`), and then cached; or from
+    the cache."""
     state = context.state
     keep_dp_settings(content, context)
     keep_bulk_settings(content, context)
@@ -192,6 +199,11 @@ def resolve_base(content: RecordDict, context: Context, version_id: str, version
         state[BASE_META] = ConfigRecord({"version-id": version_id, "version-hash": version_hash})
     elif UPDATE_RECORD in content.array_records:
         apply_downlink_update(content, context, version_id, version_hash)
+    else:
+        held_meta = state.config_records.get(BASE_META)
+        ref = BaseReference.from_settings(message_settings(content))
+        if ref is not None and (held_meta is None or held_meta.get("version-hash") != version_hash):
+            fetch_base(ref, context, version_id, version_hash)
     meta = state.config_records.get(BASE_META)
     if meta is None or meta.get("version-hash") != version_hash:
         held = None if meta is None else meta.get("version-id")
@@ -200,6 +212,44 @@ def resolve_base(content: RecordDict, context: Context, version_id: str, version
             "(it does on the next round)"
         )
     return dict(state.array_records[BASE_STATE].to_torch_state_dict())
+
+
+def fetch_base(ref: BaseReference, context: Context, version_id: str, version_hash: str) -> None:
+    """Download the base the train message names from the bulk endpoint (streamed into a temporary
+    safetensors file: memory one chunk while it arrives), check it and keep it in ``context.state``
+    as if it had come in ``"arrays"``. Raises :class:`~fedmerge.flower.bulk_client.BulkDownloadFailed`
+    when the reference is not this round's base, the endpoint refuses or cuts the stream, or the
+    weights' :func:`~fedmerge.flower.downlink.weights_digest` is not the one announced."""
+    if ref.version_id != version_id or ref.version_hash != version_hash:
+        raise BulkDownloadFailed(
+            f"train message asks to train on {version_id!r} but names {ref.version_id!r} for download; "
+            "it was not built by a matching fedmerge ServerApp"
+        )
+    record = context.state.config_records.get(BULK_RECORD)
+    target = None if record is None else BulkTarget.from_settings(record)
+    if target is None:
+        raise BulkDownloadFailed(
+            f"train message names base {version_id!r} for download but no bulk endpoint and token"
+        )
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory(prefix="fedmerge-base-") as tmp:
+        path = download_base(ref, target, Path(tmp) / "base.safetensors", node=bulk_node_tls(context))
+        try:
+            weights = load_file(path)
+        except SafetensorError as exc:
+            raise BulkDownloadFailed(
+                f"downloaded base {version_id!r} is not a safetensors file: {exc}"
+            ) from None
+    digest = weights_digest(weights)
+    if digest != ref.digest:
+        raise BulkDownloadFailed(
+            f"downloaded base {version_id!r} has weights digest {digest[:12]}…, the server announced "
+            f"{ref.digest[:12]}…: corrupted in transit or a wrong server; it is not used"
+        )
+    context.state[BASE_STATE] = ArrayRecord({k: v.contiguous() for k, v in weights.items()})
+    context.state[BASE_META] = ConfigRecord({"version-id": version_id, "version-hash": version_hash})
 
 
 def apply_downlink_update(content: RecordDict, context: Context, version_id: str, version_hash: str) -> None:
@@ -361,7 +411,10 @@ def base_weights(message: Message, context: Context) -> StateDict:
     """The weights of the base version this ``train`` message asks the node to fine-tune.
 
     Taken from the message's ``"arrays"`` (and cached in ``context.state``), rebuilt from the held
-    parent and a compressed update, or read from the cache when the server knows this node holds them.
+    parent and a compressed update, downloaded from the bulk endpoint when the message names the base
+    for download (``bulk-downlink``: :func:`fetch_base`, which raises
+    :class:`~fedmerge.flower.bulk_client.BulkDownloadFailed` when that fails), or read from the cache
+    when the server knows this node holds them.
     Raises :class:`MissingBase` when the node holds another version (the server then sends the weights
     in the next round) and FedMergeError when the message was not sent by a fedmerge ServerApp.
     """

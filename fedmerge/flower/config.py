@@ -122,6 +122,10 @@ class RunConfig:
     bulk_tls_key: str = ""
     bulk_tls_client_ca: str = ""
     bulk_allow_insecure: bool = False
+    # base weights through the bulk endpoint: a node that needs the round's base (above
+    # bulk-threshold-bytes) gets a reference and downloads it there instead of Flower's "arrays".
+    # Set it only when every node runs fedmerge's ClientApp (a plain Flower client needs "arrays")
+    bulk_downlink: bool = False
 
     # server optimiser on the merged delta (fedmerge/aggregators/server_optimizer.py); -1 = its default
     server_optimizer: str = "none"  # none | avgm | adam | yogi | adagrad
@@ -393,6 +397,8 @@ def _check_bulk(cfg: RunConfig, errors: list[str]) -> None:
         if value and (not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535):
             errors.append(f"{key}={value!r} must be HOST:PORT (port 0 binds any free port)")
             addresses_ok = False
+    if cfg.bulk_downlink and not cfg.bulk_address:
+        errors.append("bulk-downlink = true needs the bulk endpoint; set bulk-address")
     if cfg.bulk_public_address and not cfg.bulk_address:
         errors.append("bulk-public-address is set but bulk-address is empty; set bulk-address to bind")
     tls_keys = {"bulk-tls-cert": cfg.bulk_tls_cert, "bulk-tls-key": cfg.bulk_tls_key,

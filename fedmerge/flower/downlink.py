@@ -16,7 +16,7 @@ Nothing the clients sent is lost: what the downlink drops this round stays in R 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 
@@ -32,9 +32,20 @@ class UpdateMismatch(InvalidSubmission):
 
 def weights_digest(weights: Mapping[str, torch.Tensor]) -> str:
     """sha256 over (name, dtype, shape, bytes) of every tensor in name order."""
+    return weights_digest_of((name, weights[name]) for name in sorted(weights))
+
+
+def weights_digest_of(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """:func:`weights_digest` of (name, tensor) pairs that arrive in name order, one at a time (e.g.
+    :meth:`~fedmerge.store.ModelStore.iter_materialized`): memory is one tensor. ValueError when the
+    names are not strictly increasing (the digest would not be the one of the state dict)."""
     h = hashlib.sha256()
-    for name in sorted(weights):
-        t = weights[name].detach().cpu().contiguous()
+    previous: str | None = None
+    for name, tensor in tensors:
+        if previous is not None and name <= previous:
+            raise ValueError(f"tensor {name!r} after {previous!r}: the digest needs names in sorted order")
+        previous = name
+        t = tensor.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()

@@ -630,15 +630,26 @@ def build_messages(
     :meth:`Federation.run_round`) get no weights, the compressed ``update`` goes to fedmerge clients
     holding its parent, and every other node — any plain Flower client — gets the full weights in
     ``"arrays"``. ``node_settings(node)`` adds per-node keys to ``"fedmerge.config"`` (the bulk
-    endpoint and the node's upload token). Returns (messages, downlink bytes)."""
+    endpoint and the node's upload token). With ``bulk-downlink = true`` and a base larger than
+    ``bulk-threshold-bytes``, a node that needs full weights gets instead the base's download
+    reference from the bulk endpoint (:meth:`~fedmerge.flower.bulk_endpoint.NodeBulkSettings.base_reference`)
+    and fetches them there. Returns (messages, downlink bytes)."""
+    from fedmerge.flower.bulk_client import BASE_SIZE_KEY
+    from fedmerge.flower.bulk_endpoint import NodeBulkSettings
+
     config = train_config(cfg, round_, base)
     extras = fedmerge_config(cfg, round_, base)
     weights: ArrayRecord | None = None  # built once, and only if some node needs full weights
     weight_bytes = 0
     messages, downlink = [], 0
     for node in nodes:
-        node_extras = extras if node_settings is None else ConfigRecord({**extras, **node_settings(node)})
+        settings = {} if node_settings is None else node_settings(node)
+        node_extras = extras if node_settings is None else ConfigRecord({**extras, **settings})
         content = RecordDict({CONFIG_RECORD: config, FEDMERGE_RECORD: node_extras})
+        needs_base = node not in holders and (update is None or node not in parent_holders)
+        ref = None
+        if cfg.bulk_downlink and needs_base and isinstance(settings, NodeBulkSettings):
+            ref = settings.base_reference(base)  # None below bulk-threshold-bytes: "arrays" then
         if node in holders:
             pass
         elif update is not None and node in parent_holders:
@@ -647,6 +658,9 @@ def build_messages(
                 {"parent-version-id": update.parent_id, "digest": update.digest}
             )
             downlink += len(update.package)
+        elif ref is not None:  # the node downloads the base from the bulk endpoint
+            content[FEDMERGE_RECORD] = ConfigRecord({**node_extras, **ref})
+            downlink += int(ref[BASE_SIZE_KEY])
         else:
             if weights is None:  # a store view is read here, once
                 full = dict(base_weights.items())
