@@ -26,7 +26,6 @@ from fedmerge_simulations.tasks.training import seed_from, torch_threads
 log = logging.getLogger("fedmerge.secagg")
 
 
-
 class SecAggClient(NumPyClient):
     """Trains on its partition and returns the submission terms (secure) or the dense fp32 task vector."""
 

@@ -20,8 +20,6 @@ from fedmerge_server.secagg import SecAggRound, Traffic, serve
 log = logging.getLogger("fedmerge.secagg")
 
 
-
-
 class InProcessGrid(Grid):
     """A synchronous grid in the calling thread, for tests and debugging: every pushed message goes
     through a protobuf round trip (as on the wire), is handled by its node's ``ClientApp`` (mods

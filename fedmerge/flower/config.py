@@ -478,4 +478,4 @@ def _check_tracking(cfg: RunConfig, errors: list[str]) -> None:
     from fedmerge.tracking import TRACKERS
 
     if cfg.tracking and cfg.tracking not in TRACKERS:
-        errors.append(f"tracking={cfg.tracking!r} must be one of {list(TRACKERS)} (or \"\" to turn it off)")
+        errors.append(f'tracking={cfg.tracking!r} must be one of {list(TRACKERS)} (or "" to turn it off)')

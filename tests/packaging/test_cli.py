@@ -33,8 +33,10 @@ def test_version_flag() -> None:
     ],
 )
 def test_errors_are_one_line_without_traceback(args: tuple[str, ...], message: str, tmp_path: Path) -> None:
-    out = fedmerge(*args, "--store", str(tmp_path / "s"), cwd=tmp_path) if args[0] == "demo" else fedmerge(
-        *args, cwd=tmp_path
+    out = (
+        fedmerge(*args, "--store", str(tmp_path / "s"), cwd=tmp_path)
+        if args[0] == "demo"
+        else fedmerge(*args, cwd=tmp_path)
     )
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
