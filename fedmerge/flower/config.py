@@ -90,6 +90,12 @@ class RunConfig:
     # of local training examples a client's Fisher is estimated on (fedmerge/delta/fisher.py)
     fisher_examples: int = 256
     server_eval: bool = True
+    # federated evaluation (fedmerge/flower/evaluation.py): after every evaluate-every-th committed round,
+    # "evaluate" messages with the new weights go to max(⌊fraction-evaluate·N⌋, min-evaluate-nodes)
+    # nodes (at most N); 0 = off (Flower's strategies default to 1.0)
+    fraction_evaluate: float = 0.0
+    min_evaluate_nodes: int = 2
+    evaluate_every: int = 1
     init_base: bool = True
     # experiment tracking (fedmerge/tracking.py): "" = off, "tensorboard" or "mlflow"; tracking-dir ""
     # = <store>.tracking beside the store for TensorBoard, MLflow's own configuration for MLflow
@@ -271,6 +277,12 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
         ),
         (cfg.max_package_bytes >= 1, f"max-package-bytes={cfg.max_package_bytes} must be ≥ 1"),
         (cfg.max_num_examples >= 1, f"max-num-examples={cfg.max_num_examples} must be ≥ 1"),
+        (
+            0.0 <= cfg.fraction_evaluate <= 1.0,
+            f"fraction-evaluate={cfg.fraction_evaluate} must be in [0, 1] (0 = no federated evaluation)",
+        ),
+        (cfg.min_evaluate_nodes >= 1, f"min-evaluate-nodes={cfg.min_evaluate_nodes} must be ≥ 1"),
+        (cfg.evaluate_every >= 1, f"evaluate-every={cfg.evaluate_every} must be ≥ 1 (rounds)"),
         (0.0 <= cfg.fault_dropout <= 1.0, f"fault-dropout={cfg.fault_dropout} must be in [0, 1]"),
         (0.0 <= cfg.fault_straggler <= 1.0, f"fault-straggler={cfg.fault_straggler} must be in [0, 1]"),
         (
