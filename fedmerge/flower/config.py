@@ -4,13 +4,26 @@ Keys are Flower's kebab-case (``[tool.flwr.app.config]`` in ``pyproject.toml``, 
 ``flwr run . --run-config "num-rounds=5 aggregator='fedavg'"``). Aggregator hyper-parameters are keys
 prefixed ``aggregator.`` (e.g. ``"aggregator.divisor" = "weight"``) and are passed to
 :func:`fedmerge.aggregators.create` as they are. Every key missing from the run config takes the
-default below; unknown keys, wrong types and out-of-range values are collected and reported together
-in one :class:`~fedmerge.errors.ConfigError`.
+default below; wrong types and out-of-range values are collected and reported together in one
+:class:`~fedmerge.errors.ConfigError`, one short line per problem.
+
+A Flower app's own keys coexist with fedmerge's:
+
+* the names Flower's templates and strategies use for the same settings are accepted
+  (:data:`FLOWER_ALIASES`: ``num-server-rounds`` → ``num-rounds``, ``fraction-train`` /
+  ``fraction-fit`` → ``fraction``, ``min-train-nodes`` / ``min-fit-nodes`` → ``min-clients``);
+  giving a name and its alias different values is an error;
+* a key fedmerge does not know is kept in :attr:`RunConfig.extra`, passed to the clients in every
+  ``train`` message's ``"config"`` record, and logged once per process;
+* unless it is a near-miss of a known key (``num-round``, ``batch_size``: :func:`near_miss`, by
+  :mod:`difflib` similarity), which is an error naming the key and the suggestion.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Literal, get_args
@@ -50,6 +63,33 @@ def aggregator_param_names() -> list[str]:
 
 # Set by the round itself: the run's ``seed``, the round number, the server's device.
 RESERVED_AGGREGATOR_PARAMS = ("seed", "round", "device")
+
+log = logging.getLogger("fedmerge.config")
+
+# Flower's names (its templates' pyproject keys and FedAvg's parameters) → fedmerge's key
+FLOWER_ALIASES: dict[str, str] = {
+    "num-server-rounds": "num-rounds",
+    "fraction-train": "fraction",
+    "fraction-fit": "fraction",
+    "min-train-nodes": "min-clients",
+    "min-fit-nodes": "min-clients",
+}
+NEAR_MISS_CUTOFF = 0.85  # difflib ratio above which an unknown key is taken for a misspelt known one
+_LOGGED_EXTRA: set[str] = set()  # pass-through keys already logged by this process
+
+
+def near_miss(key: str, known: list[str]) -> str | None:
+    """The known key ``key`` most likely misspells (``num-round`` → ``num-rounds``, ``batch_size`` →
+    ``batch-size``), or None: the closest by :class:`difflib.SequenceMatcher` ratio ≥
+    :data:`NEAR_MISS_CUTOFF`, compared with '_' read as '-' and case ignored."""
+    if not known:
+        return None
+    norm = key.replace("_", "-").lower()
+    exact = [k for k in known if k == norm]
+    if exact:
+        return exact[0]
+    close = difflib.get_close_matches(norm, known, n=1, cutoff=NEAR_MISS_CUTOFF)
+    return close[0] if close else None
 
 
 @dataclass(frozen=True)
@@ -132,6 +172,8 @@ class RunConfig:
     # bulk-threshold-bytes) gets a reference and downloads it there instead of Flower's "arrays".
     # Set it only when every node runs fedmerge's ClientApp (a plain Flower client needs "arrays")
     bulk_downlink: bool = False
+    # keys fedmerge does not know (a Flower app's own): passed to clients in the "config" record
+    extra: dict[str, Any] = field(default_factory=dict)
 
     # server optimiser on the merged delta (fedmerge/aggregators/server_optimizer.py); -1 = its default
     server_optimizer: str = "none"  # none | avgm | adam | yogi | adagrad
@@ -174,12 +216,15 @@ class RunConfig:
         """The run config as Flower ``--run-config`` keys (aggregator params flattened)."""
         out: dict[str, Any] = {}
         for f in fields(self):
-            if f.name == "aggregator_params":
+            if f.name in NOT_KEYS:
                 continue
             out[f.name.replace("_", "-")] = getattr(self, f.name)
         for key, value in self.aggregator_params.items():
             out[AGGREGATOR_PREFIX + key] = value
-        return out
+        return {**out, **self.extra}
+
+
+NOT_KEYS = ("aggregator_params", "extra")  # RunConfig fields that are not run-config keys themselves
 
 
 def _expected(f: dataclasses.Field[Any]) -> Any:
@@ -190,8 +235,10 @@ def parse_run_config(raw: Mapping[str, Any]) -> RunConfig:
     """Parse Flower's run config into a :class:`RunConfig`; every problem reported in one ConfigError."""
     errors: list[str] = []
     values: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
     agg_params: dict[str, Any] | None = None
-    known = {f.name.replace("_", "-"): f for f in fields(RunConfig) if f.name != "aggregator_params"}
+    known = {f.name.replace("_", "-"): f for f in fields(RunConfig) if f.name not in NOT_KEYS}
+    raw = _resolve_aliases(raw, errors)
     for key, value in raw.items():
         if key.startswith(AGGREGATOR_PREFIX):
             agg_params = {} if agg_params is None else agg_params
@@ -204,7 +251,11 @@ def parse_run_config(raw: Mapping[str, Any]) -> RunConfig:
             continue
         f = known.get(key)
         if f is None:
-            errors.append(f"unknown key {key!r} (known: {', '.join(sorted(known))}, or 'aggregator.<param>')")
+            guess = near_miss(key, sorted(known) + sorted(FLOWER_ALIASES))
+            if guess is not None:
+                errors.append(f"unknown key {key!r}: did you mean {guess!r}?")
+            else:
+                extra[key] = value
             continue
         converted = _convert(key, value, f, errors)
         if converted is not None:
@@ -212,13 +263,34 @@ def parse_run_config(raw: Mapping[str, Any]) -> RunConfig:
     # user keys override the round defaults, never silently drop them
     defaults = round_defaults(values.get("aggregator", "ties"))
     values["aggregator_params"] = {**defaults, **(agg_params or {})}
+    values["extra"] = extra
     if errors:
         raise ConfigError("invalid run config: " + "; ".join(errors))
     cfg = RunConfig(**values)
     _check_ranges(cfg, errors)
     if errors:
         raise ConfigError("invalid run config: " + "; ".join(errors))
+    new = sorted(set(extra) - _LOGGED_EXTRA)
+    if new:
+        _LOGGED_EXTRA.update(new)
+        log.info("run config keys passed to the clients as they are (not fedmerge's): %s", ", ".join(new))
     return cfg
+
+
+def _resolve_aliases(raw: Mapping[str, Any], errors: list[str]) -> dict[str, Any]:
+    """``raw`` with Flower's names (:data:`FLOWER_ALIASES`) replaced by fedmerge's; a setting given
+    under two names with different values is an error."""
+    out: dict[str, Any] = {}
+    given: dict[str, str] = {}  # fedmerge key → the name it was given under
+    for key, value in raw.items():
+        target = FLOWER_ALIASES.get(key, key)
+        if target in out and out[target] != value:
+            errors.append(f"{given[target]}={out[target]!r} and {key}={value!r} set the same thing; keep one")
+            continue
+        if target not in out or key == target:
+            given[target] = key
+        out[target] = value
+    return out
 
 
 def _convert(key: str, value: Any, f: dataclasses.Field[Any], errors: list[str]) -> Any:

@@ -63,10 +63,12 @@ from fedmerge.flower.records import (
     ARRAYS_RECORD,
     BASE_RECORD,  # noqa: F401  (re-exported for older imports)
     CONFIG_RECORD,
+    DTYPES_RECORD,
     FEDMERGE_RECORD,
     METRICS_RECORD,
     UPDATE_META_RECORD,
     UPDATE_RECORD,
+    widen_for_numpy,
 )
 from fedmerge.flower.safeguards import (
     Reference,
@@ -224,9 +226,11 @@ def train_config(cfg: RunConfig, round_: int, base: Version) -> ConfigRecord:
     """Flower's ``"config"`` record of a ``train`` message: what any client (plain or fedmerge) needs
     to train this round. ``server-round``, ``lr``, ``local-epochs`` and ``batch-size`` are the keys
     Flower's quickstarts read; the rest are fedmerge's task settings (the server is the single source
-    of settings)."""
+    of settings). Run-config keys fedmerge does not know (a Flower app's own, :attr:`RunConfig.extra`)
+    travel here too, under their own names, so a ClientApp reads them as it would from Flower."""
     return ConfigRecord(
         {
+            **cfg.extra,
             "server-round": round_,
             "round": round_,
             "lr": cfg.lr,
@@ -625,21 +629,24 @@ def build_messages(
     parent_holders: set[int] = frozenset(),  # type: ignore[assignment]
     node_settings: Callable[[int], Mapping[str, Any]] | None = None,
 ) -> tuple[list[Message], int]:
-    """One ``train`` message per node, in Flower's shape (``"arrays"``, ``"config"``) with fedmerge's
-    extras beside them (``"fedmerge.config"``). ``holders`` (fedmerge clients holding the base: see
+    """One ``train`` message per node, in Flower's shape (``"arrays"``, ``"config"``) with fedmerge's extras
+    beside them (``"fedmerge.config"``). ``holders`` (fedmerge clients holding the base: see
     :meth:`Federation.run_round`) get no weights, the compressed ``update`` goes to fedmerge clients
     holding its parent, and every other node — any plain Flower client — gets the full weights in
-    ``"arrays"``. ``node_settings(node)`` adds per-node keys to ``"fedmerge.config"`` (the bulk
-    endpoint and the node's upload token). With ``bulk-downlink = true`` and a base larger than
-    ``bulk-threshold-bytes``, a node that needs full weights gets instead the base's download
-    reference from the bulk endpoint (:meth:`~fedmerge.flower.bulk_endpoint.NodeBulkSettings.base_reference`)
-    and fetches them there. Returns (messages, downlink bytes)."""
+    ``"arrays"`` — bf16 tensors widened to fp32 there and named in ``"fedmerge.dtypes"``
+    (:func:`~fedmerge.flower.records.widen_for_numpy`). ``node_settings(node)`` adds per-node keys to
+    ``"fedmerge.config"`` (the bulk endpoint and the node's upload token). With ``bulk-downlink = true``
+    and a base larger than ``bulk-threshold-bytes``, a node that needs full weights gets instead the
+    base's download reference from the bulk endpoint
+    (:meth:`~fedmerge.flower.bulk_endpoint.NodeBulkSettings.base_reference`) and fetches them there.
+    Returns (messages, downlink bytes)."""
     from fedmerge.flower.bulk_client import BASE_SIZE_KEY
     from fedmerge.flower.bulk_endpoint import NodeBulkSettings
 
     config = train_config(cfg, round_, base)
     extras = fedmerge_config(cfg, round_, base)
     weights: ArrayRecord | None = None  # built once, and only if some node needs full weights
+    dtypes: ConfigRecord | None = None  # "fedmerge.dtypes": the tensors widened in "arrays"
     weight_bytes = 0
     messages, downlink = [], 0
     for node in nodes:
@@ -663,11 +670,14 @@ def build_messages(
             downlink += int(ref[BASE_SIZE_KEY])
         else:
             if weights is None:  # a store view is read here, once
-                full = dict(base_weights.items())
+                full, widened = widen_for_numpy(dict(base_weights.items()))  # numpy has no bf16
                 weights = ArrayRecord(full)
+                dtypes = ConfigRecord(widened) if widened else None
                 weight_bytes = sum(t.numel() * t.element_size() for t in full.values())
                 del full
             content[ARRAYS_RECORD] = weights
+            if dtypes is not None:
+                content[DTYPES_RECORD] = dtypes
             downlink += weight_bytes
         messages.append(
             Message(

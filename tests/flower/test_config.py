@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fedmerge.errors import ConfigError
-from fedmerge.flower.config import RunConfig, parse_run_config
+from fedmerge.flower.config import NOT_KEYS, RunConfig, parse_run_config
 
 
 def test_defaults_are_ties_over_topk_int8_with_weighted_mean() -> None:
@@ -35,10 +35,61 @@ def test_values_and_aggregator_params_are_read() -> None:
 
 def test_all_errors_are_reported_together() -> None:
     with pytest.raises(ConfigError) as info:
-        parse_run_config({"num-rounds": "two", "colour": "red", "mode": "half", "fraction": True})
+        parse_run_config({"num-rounds": "two", "num-round": 1, "mode": "half", "fraction": True})
     message = str(info.value)
-    for needle in ("num-rounds='two'", "'colour'", "mode='half'", "fraction=True"):
+    for needle in ("num-rounds='two'", "'num-round'", "mode='half'", "fraction=True"):
         assert needle in message
+    assert "known:" not in message and "store" not in message  # never the whole key list
+
+
+@pytest.mark.parametrize(
+    ("key", "suggestion"),
+    [("num-round", "num-rounds"), ("batch_size", "batch-size"), ("Local-Epochs", "local-epochs"),
+     ("fraction-eval", "fraction-evaluate"), ("num-server-round", "num-server-rounds")],
+)  # fmt: skip
+def test_a_near_miss_of_a_known_key_is_one_error_naming_the_suggestion(key: str, suggestion: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_run_config({key: 1})
+    assert str(info.value) == f"invalid run config: unknown key {key!r}: did you mean {suggestion!r}?"
+
+
+def test_an_apps_own_keys_pass_through_to_the_clients_and_are_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from fedmerge.flower.rounds import train_config
+    from fedmerge.store import Version
+
+    own = {"learning-rate-decay": 0.5, "use-wandb": False, "model-name": "tiny", "min-available-nodes": 3}
+    with caplog.at_level("INFO", logger="fedmerge.config"):
+        cfg = parse_run_config({**own, "num-rounds": 2})
+        again = parse_run_config(own)
+    assert cfg.extra == own and again.extra == own
+    lines = [r.getMessage() for r in caplog.records if "passed to the clients" in r.getMessage()]
+    assert len(lines) <= 1  # once per process (an earlier test may have logged them already)
+    assert parse_run_config(cfg.to_flower()) == cfg
+    base = Version.__new__(Version)
+    record = train_config(cfg, 1, base)
+    assert {k: record[k] for k in own} == own
+    assert record["server-round"] == 1 and record["lr"] == cfg.lr
+
+
+def test_flower_template_names_mean_fedmerges_keys() -> None:
+    cfg = parse_run_config(
+        {"num-server-rounds": 5, "fraction-train": 0.5, "min-train-nodes": 3, "fraction-evaluate": 0.25,
+         "min-evaluate-nodes": 1}
+    )  # fmt: skip
+    assert (cfg.num_rounds, cfg.fraction, cfg.min_clients) == (5, 0.5, 3)
+    assert (cfg.fraction_evaluate, cfg.min_evaluate_nodes) == (0.25, 1)
+    assert cfg.extra == {}
+    assert parse_run_config({"num-server-rounds": 4, "num-rounds": 4}).num_rounds == 4
+    with pytest.raises(ConfigError) as info:
+        parse_run_config({"num-rounds": 2, "num-server-rounds": 3})
+    assert (
+        str(info.value)
+        == "invalid run config: num-rounds=2 and num-server-rounds=3 set the same thing; keep one"
+    )
+    with pytest.raises(ConfigError, match=r"fraction=2.0 must be in \(0, 1\]"):
+        parse_run_config({"fraction-fit": 2.0})
 
 
 def test_ranges_and_aggregator_are_checked() -> None:
@@ -66,7 +117,7 @@ def test_pyproject_declares_every_run_config_key() -> None:
 
     declared = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["tool"]["flwr"]
     config = declared["app"]["config"]
-    keys = {f.name.replace("_", "-") for f in dataclasses.fields(RunConfig) if f.name != "aggregator_params"}
+    keys = {f.name.replace("_", "-") for f in dataclasses.fields(RunConfig) if f.name not in NOT_KEYS}
     assert sorted(keys - set(config)) == []
     assert parse_run_config(config).to_flower().items() >= {k: config[k] for k in keys}.items()
 

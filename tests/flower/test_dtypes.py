@@ -5,6 +5,10 @@ dtype, and replies whose bytes do not match their header rejected while the roun
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
@@ -61,3 +65,118 @@ def test_a_bad_dtypes_record_is_one_clear_error(record: dict[str, object], match
     with pytest.raises(DtypeRecordError, match=match) as info:
         dtypes_of(ConfigRecord(record), _weights())  # type: ignore[arg-type]
     assert DTYPES_RECORD in str(info.value)
+
+
+# ----------------------------------------------------------------------- rounds on a real store
+
+
+def _base(dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    shapes = {"fc1.weight": (12, 8), "fc1.bias": (12,), "fc2.weight": (3, 12), "fc2.bias": (3,)}
+    return {n: (0.5 * torch.randn(s, generator=g)).to(dtype) for n, s in shapes.items()}
+
+
+def _client_delta(node_id: int, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    g = torch.Generator().manual_seed(node_id * 1000 + sum(map(ord, name)))
+    return 0.01 * torch.randn(shape, generator=g)
+
+
+def _plain_app(seen: dict[int, dict[str, Any]], lie: set[int] = frozenset()) -> Any:  # type: ignore[assignment]
+    """A ClientApp written with Flower's API only: loads "arrays" with numpy, adds a fixed step in
+    fp32 and replies fp32 weights; nodes in ``lie`` send bf16 bytes under a float32 header."""
+    from flwr.app import Array, Context, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        arrays = msg.content.array_records["arrays"]
+        dtypes = msg.content.config_records.get(DTYPES_RECORD)
+        seen[context.node_id] = {
+            "dtypes": {k: a.dtype for k, a in arrays.items()},
+            "record": None if dtypes is None else dict(dtypes),
+        }
+        out = {}
+        for name, array in arrays.items():
+            w = torch.from_numpy(array.numpy().copy()).float()
+            w = w + _client_delta(context.node_id, name, tuple(w.shape))
+            if context.node_id in lie:  # bf16 bytes under the .npy header of a float32 array
+                header = Array(w.numpy()).data[: -w.numel() * 4]
+                raw = w.to(torch.bfloat16).view(torch.int16).numpy().tobytes()
+                out[name] = Array(dtype="float32", shape=tuple(w.shape), stype="numpy.ndarray",
+                                  data=header + raw)  # fmt: skip
+            else:
+                out[name] = Array(w.numpy())
+        content = RecordDict({"arrays": ArrayRecord(out), "metrics": MetricRecord({"num-examples": 10})})
+        return Message(content, reply_to=msg)
+
+    return app
+
+
+@pytest.fixture(autouse=True)
+def _server_identity() -> Iterator[None]:
+    """Messages read the process's task identity; set it as Flower's ServerApp runtime does."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def _federation(tmp_path: Path, base: dict[str, torch.Tensor], app: Any, nodes: int) -> Any:
+    from fedmerge.flower.config import parse_run_config
+    from fedmerge.flower.rounds import Federation, ensure_base
+    from fedmerge.store import ModelStore
+    from fedmerge_simulations.secagg import InProcessGrid
+
+    cfg = parse_run_config(
+        {
+            "store": str(tmp_path / "store"),
+            "aggregator": "fedavg",
+            "min-clients": nodes,
+            "min-valid": 2,
+            "num-rounds": 1,
+            "server-eval": False,
+            "wait-for-nodes-s": 0.0,
+        }
+    )
+    store = ModelStore.open(cfg.store)
+    ensure_base(store, lambda: base, name="mlp")
+    return Federation(InProcessGrid(app, nodes), cfg, store)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_a_plain_client_round_keeps_the_base_dtype(tmp_path: Path, dtype: torch.dtype) -> None:
+    base = _base(dtype)
+    seen: dict[int, dict[str, Any]] = {}
+    fed = _federation(tmp_path, base, _plain_app(seen), nodes=3)
+    with fed.store:
+        (report,) = fed.run()
+        assert report.version_id is not None and len(report.accepted) == 3, report.outcomes
+        merged = fed.store.materialize(fed.store.get(report.version_id))
+    sent = "float32" if dtype == torch.bfloat16 else str(dtype).removeprefix("torch.")
+    for info in seen.values():
+        assert set(info["dtypes"].values()) == {sent}
+        assert info["record"] == ({n: "bfloat16" for n in base} if dtype == torch.bfloat16 else None)
+    # the reference: mean of the fp32 deltas against the widened base, cast to the base dtype once
+    for name, tensor in base.items():
+        mean = sum(_client_delta(node, name, tuple(tensor.shape)) for node in seen) / 3
+        expected = (tensor.float() + mean).to(dtype)
+        assert merged[name].dtype == dtype
+        torch.testing.assert_close(merged[name], expected, rtol=0, atol=0 if dtype != torch.float32 else 1e-6)
+    # downlink counts the bytes that travelled: fp32 for a widened bf16 base
+    per_node = sum(t.numel() * (4 if dtype == torch.bfloat16 else t.element_size()) for t in base.values())
+    assert report.downlink_bytes == 3 * per_node
+
+
+def test_bf16_bytes_under_a_float32_header_are_rejected_and_the_round_goes_on(tmp_path: Path) -> None:
+    fed = _federation(tmp_path, _base(torch.bfloat16), _plain_app({}, lie={1001}), nodes=3)
+    with fed.store:
+        (report,) = fed.run()
+    assert report.version_id is not None and len(report.accepted) == 2
+    (bad,) = report.rejected
+    assert bad.node_id == 1001
+    assert "PayloadSizeMismatch" in str(bad.reason) and "float32" in str(bad.reason)
