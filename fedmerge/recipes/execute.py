@@ -1,0 +1,277 @@
+"""Recipe execution: the streaming merge (one tensor name at a time, one aggregator per name), the
+commit into the store (a delta of the anchor, or a new root for another layout) and the export."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedmerge.aggregators import create
+from fedmerge.recipes.plan import Plan, plan_merge
+from fedmerge.recipes.schema import HF_CONFIG, Recipe, RecipeError, RecipeModelError, parse_recipe
+from fedmerge.recipes.sources import LAYER_COUNT_KEYS, Source, Spec, StoreSource
+from fedmerge.store import ModelStore, Version
+from fedmerge.store.blobs import encode_blob
+from fedmerge.store.init import open_base
+from fedmerge.store.safetensors_format import dtype_from_name
+
+
+# ------------------------------------------------------------------------------------------ merge
+def iter_merged(plan: Plan) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
+    """Yield (name, θ, τ) one tensor at a time, sorted by name: θ the merged tensor (fp32 when merged,
+    else as stored: non-floating tensors are copied from the base or the first model) and τ = θ − θ_base
+    exactly as the aggregator returned it for task-vector methods (else ``None``). One aggregator per
+    tensor: memory is the inputs' tensors of that one name plus the aggregator's accumulators."""
+    spec = plan.spec
+    if spec.space == "passthrough":
+        for name, (src, src_name, scale) in plan.out_map.items():
+            t = src.get(src_name)
+            yield name, (t.float() * scale if scale is not None and t.is_floating_point() else t), None
+        return
+    assert spec.aggregator is not None
+    ref = plan.base or plan.inputs[0][0]
+    for name in sorted(ref.specs):
+        s = ref.specs[name]
+        if not s.dtype.is_floating_point:
+            yield name, ref.get(name), None
+            continue
+        base = plan.base.get(name).float() if plan.base is not None else None
+        agg = create(spec.aggregator, **plan.agg_params)
+        agg.begin({name: s.shape})
+        if spec.space == "weights" and spec.needs_base:  # slerp: the base is the first end point
+            assert base is not None
+            agg.add({name: base}, 1.0, client_id=0)  # endpoints are ordered by client id: base first
+        for i, (src, w) in enumerate(plan.inputs, start=1):
+            x = src.get(name).float()
+            agg.add(
+                {name: x - base if spec.space == "task_vector" and base is not None else x}, w, client_id=i
+            )
+            del x
+        merged = agg.finalize()[name]
+        if spec.space == "task_vector" and base is not None:
+            yield name, base + merged, merged
+        else:
+            yield name, merged, None
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What :func:`run_recipe` committed (and exported)."""
+
+    version: str
+    kind: str
+    parents: list[str]
+    method: str
+    aggregator: str | None
+    aggregator_params: dict[str, Any]
+    tensors: int
+    export: str | None
+    notes: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "kind": self.kind,
+            "parents": self.parents,
+            "method": self.method,
+            "aggregator": self.aggregator,
+            "aggregator_params": self.aggregator_params,
+            "tensors": self.tensors,
+            "export": self.export,
+            "notes": self.notes,
+        }
+
+
+def _root_for(store: ModelStore, src: Source) -> Version | None:
+    """The store's root version whose tensors are bit-identical to ``src``'s, if any (hashes one tensor at
+    a time, only for roots with the same names, shapes and dtypes)."""
+    for v in store.query(kind="full"):
+        specs = {n: Spec(dtype_from_name(e.dtype), tuple(e.shape)) for n, e in v.tensors.items()}
+        if specs != src.specs:
+            continue
+        if all(encode_blob(src.get(n).contiguous())[0] == e.blob for n, e in sorted(v.tensors.items())):
+            return v
+    return None
+
+
+def _anchor_version(plan: Plan, store: ModelStore) -> tuple[Version | None, bool]:
+    """(version parents[0] will be, whether it must be created from the anchor's directory)."""
+    anchor = plan.anchor
+    assert anchor is not None
+    if isinstance(anchor, StoreSource):
+        return anchor.version, False
+    found = _root_for(store, anchor)
+    return found, found is None
+
+
+class _Lazy(Mapping[str, torch.Tensor]):
+    def __init__(self, src: Source) -> None:
+        self.src = src
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.src.specs:
+            raise KeyError(name)
+        return self.src.get(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self.src.specs))
+
+    def __len__(self) -> int:
+        return len(self.src.specs)
+
+
+def _recipe_record(plan: Plan) -> dict[str, Any]:
+    r = plan.recipe
+    text = json.dumps(r.raw, sort_keys=True)
+    return {
+        "recipe": r.raw,
+        "recipe_sha256": hashlib.sha256(text.encode()).hexdigest(),
+        "recipe_file": Path(r.source).name,
+        "sources": {
+            raw: {"kind": s.ref.kind, **({"version": s.version.id} if isinstance(s, StoreSource) else {})}
+            for raw, s in sorted(plan.sources.items())
+        },
+        "dtype": r.dtype,
+        "out_dtype": r.out_dtype,
+        "tokenizer_source": r.tokenizer_source,
+        "chat_template": r.chat_template,
+        "notes": plan.notes,
+    }
+
+
+def run_recipe(
+    recipe: Recipe | str | os.PathLike[str],
+    store: ModelStore | str | os.PathLike[str],
+    *,
+    export: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    aliases: Sequence[str] = ("latest",),
+) -> MergeResult:
+    """Validate, merge tensor by tensor, commit and (optionally) export; see the module docstring.
+
+    ``store`` is a :class:`~fedmerge.store.ModelStore` or a directory (opened, and created if new).
+    """
+    r = recipe if isinstance(recipe, Recipe) else parse_recipe(recipe)
+    if export is not None:
+        out = Path(export)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise RecipeError(f"export target {out} exists and is not empty; pick a new directory")
+    owned = not isinstance(store, ModelStore)
+    s = store if isinstance(store, ModelStore) else ModelStore.open(store)
+    try:
+        plan = plan_merge(r, s, seed=seed)
+        try:
+            return _execute(plan, s, export=export, aliases=aliases)
+        finally:
+            plan.close()
+    finally:
+        if owned:
+            s.close()
+
+
+def _execute(
+    plan: Plan, s: ModelStore, *, export: str | os.PathLike[str] | None, aliases: Sequence[str]
+) -> MergeResult:
+    anchor = plan.anchor
+    assert anchor is not None
+    anchor_version, create_root = _anchor_version(plan, s)
+    store_inputs = [src.version.id for src in plan.every if isinstance(src, StoreSource)]
+    # the output's layout: a delta when it matches the anchor's tensors, else a new root (passthrough)
+    out_specs = _output_specs(plan)
+    as_delta = out_specs == anchor.specs
+    roots = {s.root_of(s.get(v)).id for v in store_inputs}
+    if as_delta and anchor_version is not None:
+        roots.add(s.root_of(anchor_version).id)
+    if as_delta and (len(roots) > 1 or (create_root and roots)):
+        raise RecipeModelError(
+            f"the inputs descend from different roots of the store ({sorted(roots)}"
+            f"{' and the base directory, which is none of them' if create_root else ''}); "
+            "a merge combines versions of one base model"
+        )
+    record = _recipe_record(plan)
+    params = {
+        "aggregator": plan.spec.aggregator,
+        "aggregator_params": plan.agg_params,
+        "mergekit_params": plan.mergekit_params,
+        "per_model": plan.per_model,
+    }
+    method = plan.recipe.merge_method
+    if not as_delta:
+        files = anchor.files()
+        if HF_CONFIG in files and plan.out_config:
+            cfg = json.loads(files[HF_CONFIG])
+            for k in LAYER_COUNT_KEYS:
+                if k in cfg:
+                    cfg[k] = plan.out_config["num_layers"]
+            files[HF_CONFIG] = json.dumps(cfg, indent=2, sort_keys=True).encode()
+        merged = {n: t.to(out_specs[n].dtype) for n, t, _ in iter_merged(plan)}
+        version = s.commit_base(
+            merged,
+            name=plan.recipe.raw.get("name") or f"{method}-merge",
+            metadata={
+                **record,
+                "method": method,
+                "params": params,
+                "derived_from": sorted(set(store_inputs)),
+            },
+            files=files,
+            aliases=aliases,
+        )
+        parents: list[str] = []
+    else:
+        if create_root:
+            assert anchor.ref.path is not None
+            base = open_base(anchor.ref.path)
+            with base.checkpoint:
+                anchor_version = s.commit_base(
+                    _Lazy(anchor), name=base.name, metadata=base.metadata, files=base.files, aliases=()
+                )
+        assert anchor_version is not None
+        parents = [anchor_version.id] + [v for v in dict.fromkeys(store_inputs) if v != anchor_version.id]
+        delta: dict[str, torch.Tensor] = {}
+        exact = plan.base is anchor  # τ from the aggregator is θ − θ_parent0 exactly
+        for name, theta, tau in iter_merged(plan):
+            if not theta.is_floating_point():
+                continue
+            delta[name] = tau if exact and tau is not None else theta.float() - anchor.get(name).float()
+        version = s.commit(
+            delta,
+            parents=parents,
+            method=method,
+            params=params,
+            contributors=[],
+            round=None,
+            metrics={},
+            privacy=None,
+            metadata=record,
+            aliases=aliases,
+        )
+    exported = None
+    if export is not None:
+        s.export(version.id, export)
+        exported = str(export)
+    return MergeResult(
+        version=version.id,
+        kind=version.kind,
+        parents=parents,
+        method=method,
+        aggregator=plan.spec.aggregator,
+        aggregator_params=plan.agg_params,
+        tensors=len(version.tensors),
+        export=exported,
+        notes=plan.notes,
+    )
+
+
+def _output_specs(plan: Plan) -> dict[str, Spec]:
+    if plan.spec.space == "passthrough":
+        return {n: src.specs[sn] for n, (src, sn, _) in plan.out_map.items()}
+    ref = plan.base or plan.inputs[0][0]
+    return dict(ref.specs)

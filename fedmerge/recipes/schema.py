@@ -1,0 +1,321 @@
+"""Recipe schema: the YAML keys mergekit's ``MergeConfiguration`` accepts, parsed and validated into
+typed dataclasses (nothing is opened here), and the recipe errors.
+
+See :mod:`fedmerge.recipes` for the format and docs/merging.md for what is supported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+
+from fedmerge.errors import ConfigError
+
+Scalar = bool | int | float | str
+
+STORE_PREFIX = "store:"
+ADAPTER_CONFIG = "adapter_config.json"
+HF_CONFIG = "config.json"
+
+
+# ------------------------------------------------------------------------------------------ errors
+class RecipeError(ConfigError):
+    """A recipe cannot be run as written; nothing was read beyond headers and nothing was committed."""
+
+
+class RecipeSchemaError(RecipeError):
+    """Unknown or malformed keys, or a value of the wrong type."""
+
+
+class UnsupportedMethodError(RecipeError):
+    """The merge method is unknown, not implemented by fedmerge, or its aggregator is not registered."""
+
+
+class RecipeParameterError(RecipeError):
+    """A parameter is unknown for the method, out of range, or given per model where it is global."""
+
+
+class RecipeModelError(RecipeError):
+    """A model is missing, unreadable, or its tensors disagree with the others (names, shapes, dtypes)."""
+
+
+class SliceError(RecipeError):
+    """A slice's layer range is empty or beyond its model's layers, or the slices' layers disagree."""
+
+
+# ------------------------------------------------------------------------------------------ schema
+TOP_KEYS = {
+    "merge_method",
+    "base_model",
+    "models",
+    "slices",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+    "chat_template",
+    "name",
+}
+UNSUPPORTED_KEYS = {
+    "modules": "per-module recipes (multimodal models) are not supported; merge each module separately",
+    "tokenizer": "tokenizer surgery is not supported; use tokenizer_source (recorded) or omit it",
+}
+MODEL_KEYS = {"model", "parameters"}
+SLICE_KEYS = {"sources", "parameters", "base_model", "residual_weight"}
+SOURCE_KEYS = {"model", "layer_range", "parameters"}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A parsed model reference: a store version, a Hugging Face directory, or a base plus an adapter."""
+
+    raw: str
+    kind: Literal["store", "hf", "adapter"]
+    path: Path | None = None  # hf directory, or the base directory of ``A+B``
+    adapter: Path | None = None
+    store_ref: str | None = None  # the id or alias after ``store:``
+    base: ModelRef | None = None  # the base of an adapter (``A+B`` or the recipe's base_model)
+
+    def __str__(self) -> str:
+        return self.raw
+
+
+@dataclass(frozen=True)
+class InputModel:
+    model: ModelRef
+    parameters: dict[str, Scalar] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SliceSource:
+    model: ModelRef
+    layer_range: tuple[int, int]
+    parameters: dict[str, Scalar] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Slice:
+    sources: list[SliceSource]
+    parameters: dict[str, Scalar] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A validated recipe (schema level: keys, types, references parsed; nothing opened yet)."""
+
+    merge_method: str
+    base_model: ModelRef | None
+    models: list[InputModel]
+    slices: list[Slice]
+    parameters: dict[str, Scalar]
+    dtype: str | None
+    out_dtype: str | None
+    tokenizer_source: str | None
+    chat_template: str | None
+    raw: dict[str, Any]
+    source: str = "<recipe>"
+
+
+def _where(path: str, key: str | int) -> str:
+    return f"{path}[{key}]" if isinstance(key, int) else (f"{path}.{key}" if path else str(key))
+
+
+def _check_keys(obj: Any, allowed: set[str], where: str) -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        raise RecipeSchemaError(f"{where or 'the recipe'} must be a mapping, got {type(obj).__name__}")
+    bad = sorted(str(k) for k in obj if k not in allowed)
+    if bad:
+        raise RecipeSchemaError(
+            f"unknown key{'s' if len(bad) > 1 else ''} {', '.join(repr(b) for b in bad)} in "
+            f"{where or 'the recipe'}; allowed: {', '.join(sorted(allowed))}"
+        )
+    return obj
+
+
+def _parameters(obj: Any, where: str) -> dict[str, Scalar]:
+    if obj is None:
+        return {}
+    if not isinstance(obj, dict):
+        raise RecipeSchemaError(f"{where} must be a mapping of parameter names to values")
+    out: dict[str, Scalar] = {}
+    for k, v in obj.items():
+        if not isinstance(k, str):
+            raise RecipeSchemaError(f"{where} has a non-string key {k!r}")
+        if isinstance(v, list | dict):
+            raise RecipeParameterError(
+                f"{_where(where, k)} is a {'gradient (list)' if isinstance(v, list) else 'filtered value'}; "
+                "fedmerge takes one scalar per parameter (per-layer gradients and filters are not supported)"
+            )
+        if not isinstance(v, bool | int | float | str):
+            raise RecipeSchemaError(f"{_where(where, k)} must be a number, boolean or string, got {v!r}")
+        out[k] = v
+    return out
+
+
+def parse_model_ref(raw: Any, where: str, root: Path) -> ModelRef:
+    """Parse one model reference (module docstring); paths are made absolute against ``root``."""
+    if isinstance(raw, dict) and "model" in raw and set(raw) <= {"model", "lora", "override_architecture"}:
+        raise RecipeSchemaError(f"{where}: structured model references are not supported; write PATH or A+B")
+    if not isinstance(raw, str) or not raw.strip():
+        raise RecipeSchemaError(f"{where} must be a model reference string, got {raw!r}")
+    text = raw.strip()
+    if text.startswith(STORE_PREFIX):
+        ref = text[len(STORE_PREFIX) :]
+        if not ref:
+            raise RecipeSchemaError(
+                f"{where}: {text!r} names no version; write store:v000003 or store:latest"
+            )
+        return ModelRef(text, "store", store_ref=ref)
+    if "+" in text and not (root / text).exists():
+        base_text, adapter_text = text.split("+", 1)
+        base = parse_model_ref(base_text, where, root)
+        if base.kind == "adapter":
+            raise RecipeSchemaError(f"{where}: the base of {text!r} is itself an adapter")
+        return ModelRef(text, "adapter", adapter=(root / adapter_text).resolve(), base=base)
+    path = (root / text).resolve()
+    if (path / ADAPTER_CONFIG).is_file() and not (path / HF_CONFIG).is_file():
+        return ModelRef(text, "adapter", adapter=path)  # merged into the recipe's base_model
+    return ModelRef(text, "hf", path=path)
+
+
+def parse_recipe(data: str | os.PathLike[str] | Mapping[str, Any], *, root: Path | None = None) -> Recipe:
+    """Validate a recipe's schema. ``data`` is a YAML file path or an already-loaded mapping.
+
+    Raises a :class:`RecipeError` subclass naming the first problem; opens no model.
+    """
+    source = "<recipe>"
+    if isinstance(data, str | os.PathLike):
+        p = Path(data)
+        source = str(p)
+        try:
+            text = p.read_text()
+        except OSError as exc:
+            raise RecipeError(f"cannot read recipe {p}: {exc.strerror or exc}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise RecipeSchemaError(f"{p} is not valid YAML: {exc}") from None
+        root = root or p.resolve().parent
+    else:
+        loaded = dict(data)
+    root = root or Path.cwd()
+    for key, why in UNSUPPORTED_KEYS.items():
+        if isinstance(loaded, dict) and key in loaded:
+            raise RecipeSchemaError(f"key {key!r}: {why}")
+    doc = _check_keys(loaded, TOP_KEYS, "")
+    method = doc.get("merge_method")
+    if not isinstance(method, str) or not method:
+        raise RecipeSchemaError("the recipe needs merge_method (e.g. ties, linear, passthrough)")
+    base = (
+        parse_model_ref(doc["base_model"], "base_model", root) if doc.get("base_model") is not None else None
+    )
+    models: list[InputModel] = []
+    for i, m in enumerate(doc.get("models") or []):
+        w = _where("models", i)
+        if isinstance(m, str):
+            m = {"model": m}
+        m = _check_keys(m, MODEL_KEYS, w)
+        if "model" not in m:
+            raise RecipeSchemaError(f"{w} has no 'model'")
+        models.append(
+            InputModel(
+                parse_model_ref(m["model"], f"{w}.model", root),
+                _parameters(m.get("parameters"), f"{w}.parameters"),
+            )
+        )
+    slices: list[Slice] = []
+    for i, s in enumerate(doc.get("slices") or []):
+        w = _where("slices", i)
+        s = _check_keys(s, SLICE_KEYS, w)
+        for unsupported in ("base_model", "residual_weight"):
+            if s.get(unsupported) is not None:
+                raise RecipeSchemaError(
+                    f"{w}.{unsupported} is not supported; set base_model at the top level"
+                )
+        if not isinstance(s.get("sources"), list) or not s["sources"]:
+            raise RecipeSchemaError(f"{w} needs a non-empty list 'sources'")
+        sources = []
+        for j, src in enumerate(s["sources"]):
+            ws = _where(f"{w}.sources", j)
+            src = _check_keys(src, SOURCE_KEYS, ws)
+            if "model" not in src or "layer_range" not in src:
+                raise RecipeSchemaError(f"{ws} needs 'model' and 'layer_range'")
+            lr = src["layer_range"]
+            if (
+                not isinstance(lr, list | tuple)
+                or len(lr) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in lr)
+            ):
+                raise SliceError(f"{ws}.layer_range must be two integers [start, end), got {lr!r}")
+            if not 0 <= lr[0] < lr[1]:
+                raise SliceError(
+                    f"{ws}.layer_range {list(lr)} is empty or negative; write [start, end) with start < end"
+                )
+            sources.append(
+                SliceSource(
+                    parse_model_ref(src["model"], f"{ws}.model", root),
+                    (int(lr[0]), int(lr[1])),
+                    _parameters(src.get("parameters"), f"{ws}.parameters"),
+                )
+            )
+        slices.append(Slice(sources, _parameters(s.get("parameters"), f"{w}.parameters")))
+    if bool(models) == bool(slices):
+        raise RecipeSchemaError(
+            "give exactly one of 'models' and 'slices' (mergekit's rule), with at least one entry"
+        )
+    for key in ("dtype", "out_dtype"):
+        v = doc.get(key)
+        if v is not None and v not in DTYPES:
+            raise RecipeSchemaError(f"{key} {v!r} is not one of {', '.join(sorted(DTYPES))}")
+    tok = doc.get("tokenizer_source")
+    if tok is not None and not isinstance(tok, str):
+        raise RecipeSchemaError(f"tokenizer_source must be 'base', 'union' or a model reference, got {tok!r}")
+    chat = doc.get("chat_template")
+    if chat is not None and not isinstance(chat, str):
+        raise RecipeSchemaError("chat_template must be a string")
+    if base is not None and base.kind == "adapter" and base.base is None:
+        raise RecipeSchemaError("base_model is a bare adapter; write BASE+ADAPTER")
+    if base is not None:  # bare adapters are merged into the base
+        models = [InputModel(_with_base(m.model, base), m.parameters) for m in models]
+    for m in models:
+        if m.model.kind == "adapter" and m.model.base is None:
+            raise RecipeSchemaError(
+                f"model {m.model.raw!r} is a peft adapter and the recipe has no base_model; "
+                "write BASE+ADAPTER"
+            )
+    return Recipe(
+        merge_method=method,
+        base_model=base,
+        models=models,
+        slices=slices,
+        parameters=_parameters(doc.get("parameters"), "parameters"),
+        dtype=doc.get("dtype"),
+        out_dtype=doc.get("out_dtype"),
+        tokenizer_source=tok,
+        chat_template=chat,
+        raw=json.loads(json.dumps(doc, default=str)),
+        source=source,
+    )
+
+
+def _with_base(ref: ModelRef, base: ModelRef) -> ModelRef:
+    if ref.kind == "adapter" and ref.base is None:
+        return ModelRef(
+            ref.raw, "adapter", adapter=ref.adapter, base=base.base if base.kind == "adapter" else base
+        )
+    return ref
