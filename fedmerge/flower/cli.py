@@ -18,6 +18,47 @@ def _group() -> None:
 
 
 @app.command()
+def certs(
+    folder: Annotated[Path, typer.Argument(help="directory to write (or, with --check, to check)")],
+    host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--host",
+            help="DNS name or IP address SuperNodes dial (repeat; 127.0.0.1 and localhost are always named)",
+        ),
+    ] = None,
+    supernodes: Annotated[int, typer.Option(help="make N SuperNode key pairs supernode-1 … supernode-N")] = 0,
+    supernode: Annotated[
+        list[str] | None, typer.Option("--supernode", help="make a key pair for this SuperNode (repeat)")
+    ] = None,
+    check: Annotated[
+        bool, typer.Option("--check", help="check DIR's certificates for each --host instead of writing")
+    ] = False,
+    days: Annotated[int, typer.Option(help="validity of the CA and the SuperLink's certificate")] = 365,
+    connection: Annotated[
+        str, typer.Option(help="the SuperLink connection's name in $FLWR_HOME/config.toml")
+    ] = "fedmerge",
+) -> None:
+    """Make the CA, the SuperLink's TLS certificate and SuperNode key pairs (or check them with --check)."""
+    from fedmerge.errors import FedMergeError
+    from fedmerge.flower.certs import check_certificates, make_certificates, next_steps, node_names
+
+    try:
+        if check:
+            names = check_certificates(folder, host or [])
+            typer.echo(
+                f"{folder / 'server.pem'}: signed by ca.crt, valid, its key matches; names {', '.join(names)}"
+            )
+            return
+        made = make_certificates(folder, host or [], node_names(supernodes, supernode or []), days=days,
+                                 connection=connection)  # fmt: skip
+    except FedMergeError as exc:
+        typer.echo(f"fedmerge certs: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(next_steps(made, connection))
+
+
+@app.command()
 def serve(
     store: Annotated[Path, typer.Option(help="model store directory (created if missing)")] = Path(
         "fedmerge-store"
@@ -38,6 +79,16 @@ def serve(
     state_dir: Annotated[
         Path | None, typer.Option(help="SuperLink state directory (default: STORE.superlink beside it)")
     ] = None,
+    public_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--public-host", help="a name or IP SuperNodes dial (repeat): the certificate must name it"
+        ),
+    ] = None,
+    app_dir: Annotated[
+        Path,
+        typer.Option("--app", help="the Flower app `flwr run` will start: its run config shapes the hints"),
+    ] = Path("."),
     metrics_port: MetricsPort = None,
     metrics_host: MetricsHost = "127.0.0.1",
     metrics_allow_remote: MetricsAllowRemote = False,
@@ -75,6 +126,8 @@ def serve(
             dashboard_port=dashboard_port,
             dashboard_host=dashboard_host,
             dashboard_token=dashboard_token,
+            app=app_dir,
+            public_hosts=public_host or [],
         )
     except FedMergeError as exc:
         typer.echo(f"fedmerge serve: {exc}", err=True)

@@ -27,6 +27,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -105,9 +106,51 @@ def superlink_argv(
     return argv
 
 
-def instructions(store: Path, host: str, port: int, certificates: Path | None, supernode_auth: bool) -> str:
-    """What the operator and the institutions run against this SuperLink (printed at start)."""
-    where = "<this-host>" if host in ("0.0.0.0", "::") else host
+def app_config(app: Path) -> dict[str, Any]:
+    """The ``[tool.flwr.app.config]`` table of the Flower app ``app`` (a directory); ``{}`` without one.
+
+    A ``pyproject.toml`` that does not parse is ConfigError naming it.
+    """
+    pyproject = Path(app) / "pyproject.toml"
+    if not pyproject.is_file():
+        return {}
+    try:
+        data = tomllib.loads(pyproject.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--app {app}: {pyproject} does not parse ({exc})") from None
+    table = data.get("tool", {}).get("flwr", {}).get("app", {}).get("config", {})
+    return dict(table) if isinstance(table, dict) else {}
+
+
+def node_config_hint(config: dict[str, Any]) -> str:
+    """The ``--node-config`` an institution passes for the app's task (what its ClientApp reads)."""
+    task = str(config.get("task", ""))
+    if task == "hf_causal_lm":  # the base model's config.json + tokenizer, and a private text file
+        return "client-id='NAME' model-dir='/models/my-lm' data-path='/data/notes.txt'"
+    if task == "digits":
+        return "client-id='NAME' data-path='/data/train.npz'"
+    if task:
+        return f"client-id='NAME' data-path='/data/...'  (read by task {task}'s load_data)"
+    return "client-id='NAME' data-path='/data/...'"
+
+
+def instructions(
+    store: Path,
+    host: str,
+    port: int,
+    certificates: Path | None,
+    supernode_auth: bool,
+    app: Path | None = None,
+    names: list[str] | None = None,
+) -> str:
+    """What the operator and the institutions run against this SuperLink (printed at start).
+
+    ``app`` is the Flower app ``flwr run`` will start (its ``[tool.flwr.app.config]`` decides the
+    node config and ``min-clients`` shown); ``names`` are the hosts the TLS certificate names (the
+    address shown is the first one that is not loopback).
+    """
+    public = [n for n in names or [] if n not in ("127.0.0.1", "localhost", "::1")]
+    where = host if host not in ("0.0.0.0", "::") else (public[0] if public else "<this-host>")
     address = f"{where}:{port}"
     connection = [f'address = "{address}"']
     if certificates is None:
@@ -115,7 +158,11 @@ def instructions(store: Path, host: str, port: int, certificates: Path | None, s
     else:
         connection.append(f'root-certificates = "{certificates.resolve() / "ca.crt"}"')
     node_tls = "--insecure" if certificates is None else "--root-certificates ca.crt"
-    auth = " --auth-supernode-private-key KEY" if supernode_auth else ""
+    auth = " --auth-supernode-private-key supernodes/NAME" if supernode_auth else ""
+    config = app_config(app) if app is not None else {}
+    app_arg = "." if app is None else str(app)
+    min_clients = config.get("min-clients")
+    run_config = f"store='{Path(store).resolve()}'" + (f" min-clients={min_clients}" if min_clients else "")
     lines = [
         f"SuperLink (Fleet, Control and Runtime APIs) listening on {host}:{port}",
         "operator, in $FLWR_HOME/config.toml:",
@@ -123,11 +170,15 @@ def instructions(store: Path, host: str, port: int, certificates: Path | None, s
         *(f"  {line}" for line in connection),
     ]
     if supernode_auth:
-        lines.append("register each institution's public key:  flwr supernode register KEY.pub fedmerge")
+        lines.append(
+            "register each institution's public key:  flwr supernode register supernodes/NAME.pub fedmerge "
+            "--name NAME  (keys: fedmerge certs DIR --supernode NAME)"
+        )
     lines += [
         f"institutions:  flower-supernode --superlink {address} {node_tls}{auth} "
-        "--node-config \"client-id='NAME' partition-id=I num-partitions=N\"",
-        f"start rounds:  flwr run . fedmerge --run-config \"store='{Path(store).resolve()}'\"",
+        f'--node-config "{node_config_hint(config)}"',
+        "  (several SuperNodes on one host: give each its own --port, e.g. 9094, 9095, 9096)",
+        f'start rounds:  flwr run {app_arg} fedmerge --stream --run-config "{run_config}"',
     ]
     return "\n".join(lines)
 
@@ -147,6 +198,8 @@ def serve_forever(
     dashboard_port: int | None = None,
     dashboard_host: str = "127.0.0.1",
     dashboard_token: str | None = None,
+    app: Path | None = None,
+    public_hosts: list[str] | None = None,
 ) -> int:
     """Open (or create) the store, run the SuperLink until it exits; returns its exit code.
 
@@ -157,12 +210,25 @@ def serve_forever(
     ``metrics_allow_remote``; see the module docstring). With ``dashboard_port`` the read-only
     dashboard (:func:`fedmerge.dashboard.start_in_background`) is served on
     ``dashboard_host:dashboard_port``; off loopback it requires ``dashboard_token``.
+
+    With TLS the certificates are checked first (:func:`fedmerge.flower.certs.check_certificates`: signed
+    by ca.crt, valid, matching key, naming 127.0.0.1, the bind ``host`` unless it binds every interface,
+    and each of ``public_hosts``, the names SuperNodes dial), so a certificate for the wrong host is one
+    line here instead of exit code 305 on every SuperNode. ``app`` (the Flower app ``flwr run`` starts)
+    only shapes the printed hints.
     """
     root = Path(store).resolve()
     state = (state_dir or default_state_dir(root)).resolve()
     if state == root or root in state.parents:
         raise ConfigError(f"--state-dir {state} is inside the store {root}; put it beside the store")
     argv = superlink_argv(state, port, insecure, certificates, supernode_auth, host)  # validates first
+    names: list[str] = []
+    if not insecure and certificates is not None:
+        from fedmerge.flower.certs import check_certificates
+
+        dialled = [] if host in ("0.0.0.0", "::") else [host]
+        names = check_certificates(certificates, [*dialled, *(public_hosts or [])])
+    hints = instructions(root, host, port, None if insecure else certificates, supernode_auth, app, names)
     if metrics_port is not None:
         check_metrics_bind(metrics_host, metrics_allow_remote)
     with ModelStore.open(root) as opened:
@@ -212,7 +278,7 @@ def serve_forever(
         if received:  # interrupted between the handlers and the start
             proc.send_signal(received[0])
         print(f"model store: {root}\nSuperLink state: {state}\nSuperLink pid {proc.pid}", flush=True)
-        print(instructions(root, host, port, None if insecure else certificates, supernode_auth), flush=True)
+        print(hints, flush=True)
         kill_at: float | None = None
         while True:
             try:

@@ -1,34 +1,38 @@
 """A real localhost deployment: ``flower-superlink`` + 2 ``flower-supernode`` processes with TLS and
 SuperNode authentication, then ``flwr run .`` for 2 rounds against that SuperLink.
 
-Everything is generated in the test: a CA and a server certificate for 127.0.0.1/localhost
-(``cryptography``), one ECDSA P-384 key pair per SuperNode (registered with ``flwr supernode register``),
+Everything is generated in the test: a CA and a server certificate for 127.0.0.1/localhost and one
+ECDSA P-384 key pair per SuperNode (``fedmerge.flower.certs``, registered with ``flwr supernode register``),
 a temporary ``FLWR_HOME`` whose ``config.toml`` names the SuperLink connection. Free ports are taken
 from the OS. Every process started here is torn down by its pid in the fixture finalizer, pass or fail.
+``flwr`` commands are ended only when they stop making progress (``progress.py``), never at a fixed time.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
-import ipaddress
 import os
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from fedmerge.flower import certs
 from fedmerge.store import ModelStore
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from progress import run_watched
 
 pytestmark = pytest.mark.integration
 
@@ -53,58 +57,15 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def make_certificates(folder: Path) -> Path:
-    """``ca.crt``, ``server.pem``, ``server.key``: a server cert for 127.0.0.1/localhost signed by a new CA"""
-    now = dt.datetime.now(dt.UTC)
-    ca_key = ec.generate_private_key(ec.SECP384R1())
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(_name("fedmerge test CA"))
-        .issuer_name(_name("fedmerge test CA"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP384R1())
-    san = x509.SubjectAlternativeName(
-        [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-    )
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name("localhost"))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(san, critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    (folder / "server.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (folder / "server.key").write_bytes(_pem_key(key))
+    """``ca.crt``, ``server.pem``, ``server.key`` for 127.0.0.1/localhost, as ``fedmerge certs`` makes them"""
+    certs.make_certificates(folder, ["localhost"])
     return folder
 
 
 def make_node_keys(folder: Path, name: str) -> tuple[Path, Path]:
     """An ECDSA P-384 key pair in OpenSSH format (as flower-supernode and ``flwr supernode register`` read)"""
-    key = ec.generate_private_key(ec.SECP384R1())
-    private = folder / name
-    public = folder / f"{name}.pub"
-    private.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-        )
-    )
-    public.write_bytes(
-        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    )
-    private.chmod(0o600)
-    return private, public
+    key = certs.make_node_key(folder, name)
+    return key.private, key.public
 
 
 @dataclass
@@ -162,10 +123,12 @@ def deployment(tmp_path: Path) -> Iterator[Deployment]:
     dep.stop()
 
 
-def run_flwr(dep: Deployment, args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(BIN / "flwr"), *args], cwd=ROOT, env=dep.env, capture_output=True, text=True, timeout=timeout
-    )
+def run_flwr(
+    dep: Deployment, args: list[str], idle_s: float, watch: Sequence[Path] = ()
+) -> subprocess.CompletedProcess[str]:
+    """``flwr ARGS``, ended only after ``idle_s`` seconds without progress in its output or under ``watch``
+    (e.g. the store a run commits to; :func:`progress.run_watched`)."""
+    return run_watched([str(BIN / "flwr"), *args], cwd=ROOT, env=dep.env, idle_s=idle_s, watch=watch)
 
 
 def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
@@ -221,7 +184,7 @@ def test_tls_and_node_auth_deployment_runs_two_rounds(tmp_path: Path, deployment
     store = tmp_path / "store"
     # only keys declared in pyproject's [tool.flwr.app.config] may be overridden by `flwr run`
     run_config = f"store='{store}' num-rounds=2 min-clients=2 min-valid=2 local-epochs=1"
-    result = run_flwr(deployment, ["run", ".", "--stream", "--run-config", run_config], 240)
+    result = run_flwr(deployment, ["run", ".", "--stream", "--run-config", run_config], 180, [store])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:] + deployment.tail()
     with ModelStore.open(store) as st:
         rounds = sorted((v.round, v.id) for v in st.list() if v.round is not None)

@@ -40,13 +40,21 @@ from typer.testing import CliRunner
 
 from fedmerge.errors import ConfigError
 from fedmerge.flower.cli import app as flower_cli
-from fedmerge.flower.serve import DEFAULT_HOST, DEFAULT_PORT, default_state_dir, serve_forever, superlink_argv
+from fedmerge.flower.serve import (
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    default_state_dir,
+    instructions,
+    serve_forever,
+    superlink_argv,
+)
 from fedmerge.store import ModelStore
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from test_deployment import (  # helpers shared with the plain-SuperLink deployment test
     BIN,
+    ROOT,
     Deployment,
     deployment_env,
     free_port,
@@ -275,3 +283,33 @@ def test_serve_refuses_before_creating_anything(tmp_path: Path) -> None:
         serve_forever(store, insecure=True, supernode_auth=False, state_dir=store / "superlink")
     assert not store.exists()
     assert default_state_dir(store) == tmp_path / "store.superlink"
+
+
+def test_serve_hints_fit_the_app_it_will_run(tmp_path: Path) -> None:
+    certs = make_certificates(tmp_path / "certs")
+    hf = instructions(
+        tmp_path / "store", "0.0.0.0", 8000, certs, True, ROOT / "examples" / "hf_lora", ["localhost"]
+    )
+    assert "model-dir=" in hf and "data-path=" in hf and "partition-id" not in hf
+    assert f"flwr run {ROOT / 'examples' / 'hf_lora'} fedmerge --stream" in hf and "min-clients=3" in hf
+    assert "flwr supernode register supernodes/NAME.pub fedmerge --name NAME" in hf
+    assert "own --port" in hf and "<this-host>:8000" in hf  # the certificate names only loopback
+    public = instructions(
+        tmp_path / "store", "0.0.0.0", 8000, certs, True, ROOT, ["agg.example.org", "127.0.0.1"]
+    )
+    assert "--superlink agg.example.org:8000" in public and "data-path=" in public
+    with pytest.raises(ConfigError, match="does not parse"):
+        (tmp_path / "app").mkdir()
+        (tmp_path / "app" / "pyproject.toml").write_text("[tool.flwr.app.config\n")
+        instructions(tmp_path / "store", "0.0.0.0", 8000, None, False, tmp_path / "app")
+
+
+def test_serve_refuses_a_certificate_for_another_host_before_starting(tmp_path: Path) -> None:
+    certs = make_certificates(tmp_path / "certs")  # names 127.0.0.1 and localhost only
+    store = tmp_path / "store"
+    argv = ["serve", "--store", str(store), "--certificates", str(certs), "--port", str(free_port())]
+    result = CliRunner().invoke(flower_cli, [*argv, "--public-host", "10.0.0.5"])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "does not name '10.0.0.5'" in lines[0], result.output
+    assert not store.exists() and not default_state_dir(store).exists()
