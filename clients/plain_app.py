@@ -4,7 +4,9 @@ fedmerge: it is the test that fedmerge's ServerApp speaks Flower's conventions.
 Per ``train`` message it loads the model from ``msg.content["arrays"]``, reads ``lr`` and
 ``local-epochs`` from ``msg.content["config"]``, trains on its slice of scikit-learn's digits (the
 slice ``partition-id`` of ``num-partitions``), and replies its full weights as ``"arrays"`` with a
-``"metrics"`` MetricRecord holding ``num-examples`` and ``train_loss``. The model is the same
+``"metrics"`` MetricRecord holding ``num-examples`` and ``train_loss``. Per ``evaluate`` message it
+replies ``eval_loss`` and ``eval_acc`` of the received weights on its slice's held-out fifth, with
+``num-examples``, as Flower's quickstarts do. The model is the same
 64→128→64→10 MLP as fedmerge's built-in ``digits`` task (same parameter names), so a store whose
 base is that task's works with it.
 """
@@ -42,6 +44,14 @@ def load_partition(partition_id: int, num_partitions: int) -> tuple[torch.Tensor
     return x, torch.tensor(bunch.target[perm], dtype=torch.long)
 
 
+def split(
+    x: torch.Tensor, y: torch.Tensor
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """(train, held-out): the last fifth of the slice is held out for evaluation."""
+    cut = len(y) - len(y) // 5
+    return (x[:cut], y[:cut]), (x[cut:], y[cut:])
+
+
 def train_model(net: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, seed: int) -> float:
     """Plain SGD; returns the mean training loss of the last epoch."""
     gen = torch.Generator().manual_seed(seed)
@@ -70,7 +80,7 @@ def train(msg: Message, context: Context) -> Message:
     net = Net()
     net.load_state_dict(arrays.to_torch_state_dict())
     pid = int(str(context.node_config["partition-id"]))
-    x, y = load_partition(pid, int(str(context.node_config["num-partitions"])))
+    (x, y), _ = split(*load_partition(pid, int(str(context.node_config["num-partitions"]))))
     epochs, lr = int(str(config.get("local-epochs", 1))), float(str(config.get("lr", 0.05)))
     loss = train_model(net, x, y, epochs, lr, seed=1000 * int(str(config.get("server-round", 0))) + pid)
     content = RecordDict(
@@ -80,3 +90,22 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Flower's quickstart shape: ``"arrays"`` in, ``"metrics"`` (``eval_loss``, ``eval_acc``,
+    ``num-examples``) out."""
+    arrays = msg.content["arrays"]
+    assert isinstance(arrays, ArrayRecord)
+    net = Net()
+    net.load_state_dict(arrays.to_torch_state_dict())
+    pid = int(str(context.node_config["partition-id"]))
+    _, (x, y) = split(*load_partition(pid, int(str(context.node_config["num-partitions"]))))
+    net.eval()
+    with torch.no_grad():
+        logits = net(x)
+        loss = float(F.cross_entropy(logits, y))
+        acc = float((logits.argmax(dim=1) == y).float().mean())
+    metrics = MetricRecord({"eval_loss": loss, "eval_acc": acc, "num-examples": len(y)})
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

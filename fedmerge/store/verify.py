@@ -36,7 +36,7 @@ _ERROR_OF_KIND: dict[str, type[StoreIntegrityError]] = {
     "foreign_file": ForeignFileError,
 }
 MANIFEST_NAME = re.compile(r"^v\d{6,}\.json$")
-_TOP_LEVEL = {"store.json", "blobs", "manifests", "tmp"}
+_TOP_LEVEL = {"store.json", "blobs", "manifests", "tmp", "evaluations"}  # evaluations: store/evaluations.py
 _CATALOG_FILES = {"catalog.sqlite", "catalog.sqlite-wal", "catalog.sqlite-shm", "catalog.sqlite-journal"}
 
 
