@@ -52,7 +52,7 @@ from fedmerge.store.blobs import (
     read_blob,
     write_atomic,
 )
-from fedmerge.store.catalog import Catalog, VersionRow
+from fedmerge.store.catalog import Catalog, VersionRow, open_catalog
 from fedmerge.store.errors import InvalidAliasError, MissingBlobError, UnknownVersionError
 from fedmerge.store.export import DEFAULT_MAX_SHARD_BYTES, ExportResult, export_safetensors
 from fedmerge.store.faults import FaultPoints
@@ -238,13 +238,20 @@ class ModelStore:
 
     @classmethod
     def open(
-        cls, path: str | os.PathLike[str], *, busy_timeout: float = 30.0, workers: int = 4
+        cls,
+        path: str | os.PathLike[str],
+        catalog: str | None = None,
+        *,
+        busy_timeout: float = 30.0,
+        workers: int = 4,
     ) -> ModelStore:
         """Open the store at ``path``, creating the layout if the directory is missing or empty.
 
         A non-empty directory without ``store.json`` is refused (``StoreIntegrityError``) rather
         than written into. ``busy_timeout`` bounds how long a commit waits for another writer.
-        ``workers`` threads hash and write blobs in parallel.
+        ``workers`` threads hash and write blobs in parallel. ``catalog``: None keeps the catalog in
+        ``catalog.sqlite`` inside the store; a ``postgresql://`` URL keeps it in that database
+        (:class:`~fedmerge.store.pg_catalog.PgCatalog`), shared by every server opening the store.
         """
         root = Path(path)
         marker = root / STORE_MARKER
@@ -270,8 +277,7 @@ class ModelStore:
             )
         (root / "manifests").mkdir(exist_ok=True)
         blobs = LocalBlobBackend(root)
-        catalog = Catalog(root / CATALOG_FILE, busy_timeout=busy_timeout)
-        return cls(root, catalog, blobs, max(1, workers))
+        return cls(root, open_catalog(root, catalog, busy_timeout), blobs, max(1, workers))
 
     def close(self) -> None:
         self.catalog.close()
@@ -590,7 +596,7 @@ class ModelStore:
             "files": {n: _entry(d, file_tensors[n]) for n, (d, _) in files_written.items()},
         }
         with self.catalog.write() as conn:
-            seq = Catalog.next_sequence(conn)
+            seq = self.catalog.next_sequence(conn)
             vid = version_id(seq)
             version = build_version(vid, utc_now(), **fields)
             rewritten = False
@@ -621,7 +627,7 @@ class ModelStore:
                 base_version=version.base_version,
                 created_at=version.created_at,
             )
-            Catalog.insert_version(
+            self.catalog.insert_version(
                 conn,
                 row,
                 list(version.parents),
@@ -629,7 +635,7 @@ class ModelStore:
                 version.blobs,
             )
             for alias in aliases:
-                Catalog.move_alias(conn, alias, vid, "set", version.created_at)
+                self.catalog.move_alias(conn, alias, vid, "set", version.created_at)
             self._faults.reached("catalog-insert")
         self._faults.reached("committed")
         self._cache[vid] = version
@@ -874,7 +880,7 @@ class ModelStore:
         check_alias_name(name)
         vid = self.resolve(ref)
         with self.catalog.write() as conn:
-            return Catalog.move_alias(conn, name, vid, "set", utc_now())
+            return self.catalog.move_alias(conn, name, vid, "set", utc_now())
 
     def rollback(self, alias: str, to: str | None = None) -> str:
         """Move ``alias`` back; return the version it now names. Nothing is deleted.
@@ -888,17 +894,17 @@ class ModelStore:
         if to is not None:
             vid = self.resolve(to)
             with self.catalog.write() as conn:
-                Catalog.move_alias(conn, alias, vid, "rollback", utc_now())
+                self.catalog.move_alias(conn, alias, vid, "rollback", utc_now())
             return vid
         with self.catalog.write() as conn:
-            move = Catalog.last_undoable_move(conn, alias)
+            move = self.catalog.last_undoable_move(conn, alias)
             if move is None or move.previous is None:
                 raise ConfigError(
                     f"alias {alias!r} has no earlier target to roll back to; pass an explicit version "
                     "with to="
                 )
-            Catalog.mark_undone(conn, move.seq)
-            Catalog.move_alias(conn, alias, move.previous, "rollback", utc_now())
+            self.catalog.mark_undone(conn, move.seq)
+            self.catalog.move_alias(conn, alias, move.previous, "rollback", utc_now())
             return move.previous
 
     # -- export, verify, gc ----------------------------------------------------------------------

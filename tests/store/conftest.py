@@ -6,6 +6,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -16,6 +17,8 @@ from fedmerge.store import ModelStore
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))  # tests here import store_test_helpers (plain functions, no fixtures)
+
+from pg_server import PgServer  # noqa: E402
 
 
 def load_worker() -> ModuleType:
@@ -31,9 +34,33 @@ def worker() -> ModuleType:
     return load_worker()
 
 
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """One real PostgreSQL server for the session (a fresh database per test: ``catalog_url``)."""
+    server = PgServer().start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[ModelStore]:
-    s = ModelStore.open(tmp_path / "store")
+def catalog_url(request: pytest.FixtureRequest) -> str | None:
+    """None (SQLite inside the store) or the URL of a fresh database on the session's PostgreSQL.
+
+    Modules that set ``BOTH_CATALOGS = True`` run every test using ``store`` on both."""
+    if getattr(request, "param", "sqlite") == "sqlite":
+        return None
+    server: PgServer = request.getfixturevalue("pg_server")
+    return server.create_database(f"t_{uuid.uuid4().hex[:16]}")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "catalog_url" in metafunc.fixturenames and getattr(metafunc.module, "BOTH_CATALOGS", False):
+        metafunc.parametrize("catalog_url", ["sqlite", "postgresql"], indirect=True)
+
+
+@pytest.fixture
+def store(tmp_path: Path, catalog_url: str | None) -> Iterator[ModelStore]:
+    s = ModelStore.open(tmp_path / "store", catalog=catalog_url)
     yield s
     s.close()
 

@@ -11,6 +11,8 @@ from store_test_helpers import commit_delta, contributor, tiny_delta, tiny_model
 from fedmerge.errors import ConfigError, IncompatibleDeltasError
 from fedmerge.store import ModelStore
 
+BOTH_CATALOGS = True  # every test using ``store`` runs on SQLite and on PostgreSQL
+
 
 def stream(store: ModelStore, pairs: Iterator[tuple[str, torch.Tensor]], parent: str):  # type: ignore[no-untyped-def]
     return store.commit_stream(

@@ -13,6 +13,8 @@ from fedmerge.errors import ConfigError
 from fedmerge.store import ModelStore
 from fedmerge.store.blobs import encode_blob
 
+BOTH_CATALOGS = True  # every test using ``store`` runs on SQLite and on PostgreSQL
+
 
 def _orphan_blob(store: ModelStore, age: float, value: float) -> str:
     """Store a blob no version references, with its modification time ``age`` seconds ago."""

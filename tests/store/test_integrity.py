@@ -12,6 +12,8 @@ from fedmerge.errors import StoreIntegrityError
 from fedmerge.store import CorruptBlobError, ForeignFileError, MissingBlobError, ModelStore, Version
 from fedmerge.store.blobs import encode_blob
 
+BOTH_CATALOGS = True  # every test using ``store`` runs on SQLite and on PostgreSQL
+
 
 def _two_versions(store: ModelStore) -> tuple[Version, Version]:
     base = tiny_model()
@@ -76,7 +78,7 @@ def test_edited_manifest_is_detected_on_read_and_by_verify(store: ModelStore) ->
     doc = json.loads(path.read_text())
     doc["metrics"]["loss"] = 0.01  # a quiet edit of history
     path.write_text(json.dumps(doc))
-    fresh = ModelStore.open(store.root)
+    fresh = ModelStore.open(store.root, catalog=store.catalog.url)
     with pytest.raises(StoreIntegrityError, match=rf"version {v.id}: manifest .* modified after commit"):
         fresh.get(v.id)
     problems = fresh.verify().problems

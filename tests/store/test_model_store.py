@@ -12,6 +12,8 @@ from fedmerge.delta.state_dict import accumulation_dtype, apply
 from fedmerge.errors import ConfigError, IncompatibleDeltasError, StoreIntegrityError
 from fedmerge.store import InvalidAliasError, ModelStore, UnknownVersionError
 
+BOTH_CATALOGS = True  # every test using ``store`` runs on SQLite and on PostgreSQL
+
 
 def test_commit_base_then_deltas_materialises_to_base_plus_chain(store: ModelStore) -> None:
     base = tiny_model()
@@ -49,7 +51,7 @@ def test_load_delta_and_state_round_trip_bit_exact(store: ModelStore) -> None:
     delta = tiny_delta(base, 3)
     state = {"sign_sum": torch.arange(6, dtype=torch.int32), "energy": torch.rand(3, 3, dtype=torch.float64)}
     v = commit_delta(store, delta, root.id, 1, state=state)
-    reopened = ModelStore.open(store.root)
+    reopened = ModelStore.open(store.root, catalog=store.catalog.url)
     got = reopened.load_delta(v.id)
     assert all(torch.equal(got[k], delta[k]) for k in delta)
     got_state = reopened.load_state(v.id)
