@@ -199,6 +199,28 @@ def test_evaluations_are_recorded_beside_the_version_which_stays_unchanged(tmp_p
         assert store.verify().ok
 
 
+def test_store_show_prints_the_recorded_evaluations(tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from fedmerge.store.cli import app
+
+    with ModelStore.open(tmp_path / "s") as store:
+        version = ensure_base(store, lambda: {"w": torch.ones(3)}, name="t")
+        nodes = [NodeEvaluation("a", 5, True, None, {"loss": 0.25}), NodeEvaluation("b", 0, False, "why")]
+        record_evaluation(store, Evaluation(version.id, 4, {"loss": 0.25}, 5, nodes))
+    runner = CliRunner()
+    shown = runner.invoke(app, ["show", "--store", str(tmp_path / "s"), version.id], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0, shown.output
+    text = " ".join(shown.output.split())
+    assert "federated evaluation (round 4)" in text and '{"loss": 0.25} over 5 examples' in text
+    assert "1 node(s) accepted, 1 dropped" in text
+    as_json = runner.invoke(app, ["show", "--store", str(tmp_path / "s"), version.id, "--json"])
+    doc = json.loads(as_json.output)
+    assert doc["evaluations"][0]["metrics"] == {"loss": 0.25} and doc["evaluations"][0]["round"] == 4
+
+
 # ----------------------------------------------------------------------------- the ClientApp's side
 
 
