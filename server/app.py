@@ -2,8 +2,9 @@
 
 ``flwr run .`` loads ``server.app:app``. The run config (``[tool.flwr.app.config]``, overridable with
 ``--run-config``) is parsed once into :class:`fedmerge.flower.config.RunConfig`; the store at
-``store`` is opened (its ``latest`` version is the base; an empty store gets the task's pre-trained
-base when ``init-base`` is true) and :class:`fedmerge.flower.rounds.Federation` runs the rounds,
+``store`` is opened (its ``latest`` version is the base; only a built-in task with a pre-trained
+base and ``init-base = true`` creates the store, any other missing store is a :class:`MissingStore`
+naming the path and ``fedmerge init``) and :class:`fedmerge.flower.rounds.Federation` runs the rounds,
 resuming at ``latest.round + 1``.
 """
 
@@ -25,12 +26,30 @@ from fedmerge.flower.rounds import Federation, RoundReport, ensure_base
 from fedmerge.memory import use_mmap_for_large_allocations
 from fedmerge.metrics import RoundEventLog
 from fedmerge.store import ModelStore, UnknownVersionError
+from fedmerge.store.model_store import STORE_MARKER
 from fedmerge.tracking import MetricsSink, open_sink
 from fedmerge_simulations.tasks import Task, get_task
 
 
 class BaseMismatch(ConfigError):
     """The task's model and the store's base differ in tensor names, shapes or dtypes."""
+
+
+class MissingStore(ConfigError):
+    """The run config's ``store`` is not a store with a base version (and the run will not make one)."""
+
+
+def check_store_exists(cfg: RunConfig) -> None:
+    """Refuse (one :class:`MissingStore`) a ``store`` path that holds no fedmerge store: rounds never
+    create an empty store, only the built-in tasks' pre-trained base with ``init-base = true``."""
+    path = Path(cfg.store)
+    if (path / STORE_MARKER).is_file():
+        return
+    what = "does not exist" if not path.exists() else f"is not a fedmerge store (no {STORE_MARKER})"
+    raise MissingStore(
+        f"store {cfg.store!r} {what} (absolute: {path.resolve()}); check the 'store' key, or create "
+        f"the store from your model with `fedmerge init --store {cfg.store} --base <model-dir>`"
+    )
 
 
 def task_evaluator(task_name: str, seed: int) -> Callable[[StateDict], dict[str, float]]:
@@ -86,19 +105,19 @@ def run_server(
     use_mmap_for_large_allocations()
     task = get_task(cfg.task)
     evaluate = task_evaluator(cfg.task, cfg.seed) if cfg.server_eval else None
+    makes_base = cfg.init_base and callable(getattr(task, "pretrained_base", None))
+    if not makes_base:
+        check_store_exists(cfg)
     with ModelStore.open(cfg.store) as store:
-        if cfg.init_base:
-            if not callable(getattr(task, "pretrained_base", None)):
-                try:
-                    store.get("latest")
-                except UnknownVersionError:
-                    raise ConfigError(
-                        f"store {cfg.store!r} is empty and task {cfg.task!r} has no pretrained_base(seed); "
-                        "initialise the store with a base model first (fedmerge init)"
-                    ) from None
-            else:
-                ensure_base(store, lambda: task.pretrained_base(cfg.seed), name=cfg.task)
-        base = store.get("latest")
+        if makes_base:
+            ensure_base(store, lambda: task.pretrained_base(cfg.seed), name=cfg.task)
+        try:
+            base = store.get("latest")
+        except UnknownVersionError:
+            raise MissingStore(
+                f"store {cfg.store!r} holds no version yet; create its base with "
+                f"`fedmerge init --store {cfg.store} --base <model-dir>`"
+            ) from None
         if callable(getattr(task, "use_store_files", None)):  # e.g. hf_causal_lm: config.json kept by init
             task.use_store_files(store.read_files(base))  # type: ignore[attr-defined]
         weights = store.materialize(base)

@@ -58,7 +58,6 @@ from fedmerge.flower.bulk_client import REF_SHA_KEY, REF_SIZE_KEY
 from fedmerge.flower.bulk_endpoint import BulkEndpoint, bulk_endpoint_for
 from fedmerge.flower.config import RunConfig, needs_fisher
 from fedmerge.flower.downlink import apply_weights, compress_update, weights_digest
-from fedmerge.flower.evaluation import EvaluationReport, evaluation_due, run_evaluation
 from fedmerge.flower.faults import FaultPlan
 from fedmerge.flower.records import (
     ARRAYS_RECORD,
@@ -104,7 +103,9 @@ log = logging.getLogger("fedmerge.rounds")
 # Flower's error replies for a message whose TTL (= round-deadline-s) expired before its reply came
 EXPIRED_CODES = frozenset({ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE})
 POLL_S = 0.02  # pulling is cheap (in-memory or one RPC); a reply is judged ≤ 20 ms after it lands
-MAX_REASON = 400  # characters of a client's error kept in the manifest (the end of a traceback)
+MAX_REASON = 400  # characters of a client's error kept in the manifest (its head and its end)
+CLIENT_ID_KEY = "client-id"  # a reply's ConfigRecord "config" may name the node's client id with it
+MAX_CLIENT_ID = 128
 MAX_ROUND_REPLIES = 1 << 16  # replies one round may fold: with max-num-examples, the accumulator's weight
 
 
@@ -170,7 +171,6 @@ class RoundReport:
     wall_s: float = 0.0
     merge_s: float = 0.0  # from the last reply judged (or the deadline) to the version committed
     metrics: dict[str, float] = field(default_factory=dict)
-    evaluation: EvaluationReport | None = None  # the federated evaluation of the committed version
 
     @property
     def accepted(self) -> list[ReplyOutcome]:
@@ -322,6 +322,28 @@ def reply_num_examples(content: RecordDict) -> int:
     return int(value)
 
 
+def shorten_middle(text: str, limit: int = MAX_REASON) -> str:
+    """``text`` if it fits in ``limit`` characters, else its head and its end with `` … `` between: a
+    client's error says what went wrong in its first line and where at its end."""
+    if len(text) <= limit:
+        return text
+    head = (limit - 3) * 2 // 3
+    return f"{text[:head]} … {text[len(text) - (limit - 3 - head) :]}"
+
+
+def reply_client_id(content: RecordDict) -> str | None:
+    """The node's client id as its reply states it: ``"client-id"`` in the reply's ConfigRecord
+    ``"config"`` (a plain Flower client's node config ``client-id``), whitespace collapsed and cut to
+    :data:`MAX_CLIENT_ID` characters; None when absent or not a non-empty string. A label only: the
+    round's identity of a reply is its Flower node."""
+    record = content.config_records.get(CONFIG_RECORD)
+    value = None if record is None else record.get(CLIENT_ID_KEY)
+    if not isinstance(value, str):
+        return None
+    label = " ".join(value.split())[:MAX_CLIENT_ID]
+    return label or None
+
+
 def dense_bytes_of(shapes: Mapping[str, tuple[int, ...]]) -> int:
     """fp32 bytes of a dense delta with these shapes (what Flower's dense exchange sends)."""
     return 4 * sum(math.prod(s) for s in shapes.values())
@@ -406,12 +428,15 @@ class RoundState:
         self.privacy: dict[str, Any] | None = None  # the DP release record, set at finalize
         self.bulk: BulkEndpoint | None = None  # resolves bulk references (large payloads)
         self.needs_fisher = needs_fisher(cfg)  # each reply carries its diagonal Fisher beside the delta
+        # node id → its client id, as its replies state it (kept across rounds by the Federation): a
+        # node is named so even in a reply without content (a client error, a timeout)
+        self.labels: dict[int, str] = {}
         self.attempt = 0
 
     def judge(self, node_id: int, reply: Message) -> ReplyOutcome:
         """Validate one reply and fold it into the aggregator if it is accepted. Never raises: every
         failure while reading the reply (of any class) is a recorded rejection of that reply."""
-        default_id = f"node-{node_id}"
+        default_id = self.labels.get(node_id, f"node-{node_id}")
         client_id = default_id
         metrics: dict[str, float] = {}
         folding = False
@@ -422,11 +447,13 @@ class RoundState:
                 if err.code in EXPIRED_CODES:  # Flower's answer once the message's TTL (the deadline) ran out
                     timeout = deadline_reason(self.cfg.round_deadline_s)
                     return ReplyOutcome(node_id, default_id, False, timeout)
-                reason = " ".join(str(err.reason or "").split())
-                reason = reason if len(reason) <= MAX_REASON else "…" + reason[-MAX_REASON:]
+                reason = shorten_middle(" ".join(str(err.reason or "").split()))
                 return ReplyOutcome(node_id, default_id, False, f"client failed (code {err.code}): {reason}")
             content = reply.content
             metrics = _metrics_of(content)
+            claimed = reply_client_id(content)
+            if claimed is not None:
+                client_id = default_id = self.labels[node_id] = claimed
             ref = content.config_records.get(CONFIG_RECORD)
             if ref is not None and REF_SHA_KEY in ref:
                 client_id, n, digest, wire, delta, codec = self._decode_bulk(ref, node_id)
@@ -458,7 +485,7 @@ class RoundState:
             if isinstance(delta, SpooledDelta):
                 delta.close()
             log.warning("round %d: reply of node %d could not be judged: %r", self.round, node_id, exc)
-            text = " ".join(f"{type(exc).__name__}: {exc}".split())[:MAX_REASON]
+            text = shorten_middle(" ".join(f"{type(exc).__name__}: {exc}".split()))
             return ReplyOutcome(
                 node_id, str(client_id), False, f"MalformedReply: reply could not be read ({text})",
                 metrics=metrics,
@@ -705,7 +732,7 @@ def collect(
     ids = list(grid.push_messages(messages))
     pending = {mid: node for mid, node in zip(ids, nodes, strict=True) if mid}
     outcomes = [
-        ReplyOutcome(node, f"node-{node}", False, "message could not be pushed")
+        ReplyOutcome(node, state.labels.get(node, f"node-{node}"), False, "message could not be pushed")
         for mid, node in zip(ids, nodes, strict=True)
         if not mid
     ]
@@ -719,7 +746,8 @@ def collect(
         if not replies:
             time.sleep(POLL_S)
     outcomes.extend(
-        ReplyOutcome(node, f"node-{node}", False, deadline_reason(deadline_s)) for node in pending.values()
+        ReplyOutcome(node, state.labels.get(node, f"node-{node}"), False, deadline_reason(deadline_s))
+        for node in pending.values()
     )
     return outcomes
 
@@ -738,6 +766,7 @@ class Federation:
     server_residual: StateDict | None = None  # what the compressed downlink has not sent yet
     latest_weights: tuple[str, StateDict] | None = None  # (version id, θ) of the last commit
     bulk: BulkEndpoint | None = None  # large payloads (bulk-address); started by run() when configured
+    labels: dict[int, str] = field(default_factory=dict)  # node id → the client id its replies state
     _warm: bool = field(default=False, init=False)
 
     def weights_of(self, base: Version) -> StateDict:
@@ -784,22 +813,12 @@ class Federation:
                     log.info("discarded the spools of an earlier run: %s", dropped)
             return self._run_rounds(first)
 
-    def evaluate_federated(self, report: RoundReport) -> EvaluationReport:
-        """Send the version ``report`` committed to a sample of nodes as ``evaluate`` messages and record
-        their aggregated metrics with it (:mod:`fedmerge.flower.evaluation`); bad replies are dropped."""
-        version = self.store.get(str(report.version_id))
-        labels = {o.node_id: o.client_id for o in report.outcomes if o.accepted}
-        weights = self.weights_of(version)
-        return run_evaluation(self.grid, self.cfg, self.store, report.round, version, weights, labels)
-
     def _run_rounds(self, first: int) -> list[RoundReport]:
         reports = []
         for round_ in range(first, first + self.cfg.num_rounds):
             for attempt in range(self.cfg.max_retries + 1):
                 report = self.run_round(round_, attempt)
                 reports.append(report)
-                if report.version_id is not None and evaluation_due(self.cfg, round_):
-                    report.evaluation = self.evaluate_federated(report)
                 if self.on_round is not None:
                     self.on_round(report)
                 if report.version_id is not None:
@@ -846,6 +865,7 @@ class Federation:
         shapes = floating_shapes_of(weights) if isinstance(weights, TensorView) else None
         state = RoundState(self.cfg, round_, base, weights, shapes=shapes, fold=not tensor_major)
         state.reference = reference_for(self.store, base, lazy=tensor_major)
+        state.labels = self.labels  # client ids stated in earlier replies name the nodes
         state.bulk, state.attempt = bulk, attempt
         try:
             report.outcomes = collect(self.grid, messages, sampled, state, self.cfg.round_deadline_s)
@@ -994,7 +1014,7 @@ def refold(state: RoundState, weights: StateDict) -> RoundState:
     for held in state.held:
         held.close()
     new = RoundState(state.cfg, state.round, state.base, weights, max_abs=state.max_abs)
-    new.reference = state.reference
+    new.reference, new.labels = state.reference, state.labels
     new.bulk, new.attempt = state.bulk, state.attempt
     for node, reply in state.accepted_replies:
         new.judge(node, reply)
@@ -1051,7 +1071,7 @@ def finite_merge(state: RoundState, report: RoundReport) -> tuple[RoundState, St
 
     def fresh() -> RoundState:
         new = RoundState(state.cfg, state.round, state.base, state.base_weights, max_abs=state.max_abs)
-        new.reference = state.reference
+        new.reference, new.labels = state.reference, state.labels
         new.bulk, new.attempt = state.bulk, state.attempt
         return new
 

@@ -12,7 +12,7 @@ from rich.table import Table
 from rich.tree import Tree
 
 from fedmerge.errors import FedMergeError
-from fedmerge.store.evaluations import evaluations_of
+from fedmerge.store.manifest import Version
 from fedmerge.store.model_store import ModelStore
 
 app = typer.Typer(help="Inspect and manage a versioned model store.", no_args_is_help=True)
@@ -72,6 +72,21 @@ def init(
         console.print(f"[yellow]note:[/yellow] tensors not checked against config.json: {result.note}")
 
 
+def contributor_counts(version: Version) -> dict[str, int]:
+    """How many contributors a version lists (as ``store show`` does), accepted and rejected."""
+    accepted = sum(1 for c in version.contributors if c.accepted)
+    return {"total": len(version.contributors), "accepted": accepted,
+            "rejected": len(version.contributors) - accepted}  # fmt: skip
+
+
+def contributors_cell(version: Version) -> str:
+    """``3 (2 rejected)``: every contributor ``store show`` lists; just the count when none was rejected."""
+    n = contributor_counts(version)
+    if not n["rejected"]:
+        return str(n["total"])
+    return f"{n['total']} ({n['rejected']} rejected)"
+
+
 @app.command()
 def versions(
     store: StoreOpt,
@@ -95,6 +110,7 @@ def versions(
                     "round": v.round,
                     "parents": list(v.parents),
                     "aliases": sorted(a for a, t in aliases.items() if t == v.id),
+                    "contributors": contributor_counts(v),
                     "content_hash": v.content_hash,
                     "created_at": v.created_at,
                 }
@@ -112,7 +128,7 @@ def versions(
             v.method,
             "" if v.round is None else str(v.round),
             ",".join(v.parents),
-            str(sum(c.accepted for c in v.contributors)),
+            contributors_cell(v),
             ",".join(sorted(a for a, t in aliases.items() if t == v.id)),
             v.created_at[:19],
         )
@@ -126,9 +142,8 @@ def show(
     """Show one version's manifest."""
     s = _open(store)
     v = _run(lambda: s.get(version))
-    evaluations = _run(lambda: evaluations_of(s, v.id))
     if as_json:
-        _emit({**json.loads(v.to_json()), "evaluations": [e.to_dict() for e in evaluations]})
+        _emit(json.loads(v.to_json()))
         return
     table = Table(title=f"{v.id} ({v.kind})", show_header=False)
     rows = [
@@ -138,14 +153,6 @@ def show(
         ("method", f"{v.method} {json.dumps(v.params, sort_keys=True)}"),
         ("round", str(v.round)),
         ("metrics", json.dumps(v.metrics, sort_keys=True)),
-        *[
-            (
-                f"federated evaluation (round {e.round})",
-                f"{json.dumps(e.metrics, sort_keys=True)} over {e.num_examples} examples, "
-                f"{len(e.accepted)} node(s) accepted, {len(e.dropped)} dropped",
-            )
-            for e in evaluations
-        ],
         ("privacy", json.dumps(v.privacy, sort_keys=True)),
         ("aliases", ", ".join(s.aliases_of(v.id)) or "-"),
         ("created", v.created_at),

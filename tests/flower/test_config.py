@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 
 from fedmerge.errors import ConfigError
@@ -132,3 +135,36 @@ def test_rounds_carry_a_fisher_and_refuse_any_other_side_input() -> None:
     errors: list[str] = []
     _check_side_inputs(parse_run_config({}), ("hessian",), errors)
     assert len(errors) == 1 and "needs each client's hessian beside its delta" in errors[0]
+
+
+def test_a_store_path_without_a_store_is_one_error_naming_the_path_and_fedmerge_init(tmp_path: Path) -> None:
+    from fedmerge.store import ModelStore
+    from fedmerge_server.app import MissingStore, run_server
+
+    missing = tmp_path / "stor32"
+    cfg = parse_run_config({"store": str(missing), "init-base": False, "server-eval": False})
+    with pytest.raises(MissingStore) as info:
+        run_server(None, cfg)  # type: ignore[arg-type]  # refused before any message is sent
+    message = str(info.value)
+    assert f"store {str(missing)!r} does not exist" in message and "fedmerge init --store" in message
+    assert not missing.exists()  # nothing created silently
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("x")
+    with pytest.raises(MissingStore, match="is not a fedmerge store"):
+        run_server(None, replace(cfg, store=str(tmp_path / "other")))  # type: ignore[arg-type]
+    ModelStore.open(tmp_path / "empty").close()
+    with pytest.raises(MissingStore, match="holds no version yet; create its base with `fedmerge init"):
+        run_server(None, replace(cfg, store=str(tmp_path / "empty")))  # type: ignore[arg-type]
+
+
+def test_the_server_app_raises_when_its_run_fails(tmp_path: Path) -> None:
+    """Flower's ServerApp runtime marks the run ``finished:failed`` and exits non-zero when ``main``
+    raises: the failure must propagate out of the app, not be logged and swallowed."""
+    from flwr.app import Context, RecordDict
+
+    from fedmerge_server.app import MissingStore, make_server_app
+
+    app = make_server_app({"store": str(tmp_path / "nowhere"), "init-base": False, "server-eval": False})
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    with pytest.raises(MissingStore):
+        app(None, context)  # type: ignore[arg-type]

@@ -128,3 +128,42 @@ def test_judge_never_raises_on_a_reply_whose_content_cannot_be_read(fr: FlowerRo
     content[METRICS_RECORD] = MetricRecord({"num-examples": 3})
     out = fr.state().judge(8, Message(content, reply_to=train_message(8)))
     assert not out.accepted and out.reason
+
+
+def test_a_client_failure_keeps_its_first_line_and_its_end(fr: FlowerRound) -> None:
+    from flwr.app import Error, Message
+
+    from fedmerge.flower.rounds import MAX_REASON
+
+    first = "RuntimeError: Error(s) in loading state_dict for Net: size mismatch for fc1.weight"
+    middle = " ".join(f"frame {i} in module_{i}.py" for i in range(200))
+    last = "copying a param with shape torch.Size([64, 128]) from checkpoint"
+    reply = Message(Error(2, f"{first}\n{middle}\n{last}"), reply_to=train_message(4))
+    out = fr.state().judge(4, reply)
+    assert not out.accepted and out.reason is not None
+    text = out.reason.removeprefix("client failed (code 2): ")
+    assert text.startswith(first) and text.endswith(last) and " … " in text
+    assert len(text) == MAX_REASON
+
+
+def test_nodes_are_named_by_the_client_id_their_replies_state(fr: FlowerRound) -> None:
+    from flwr.app import ConfigRecord, Error, Message
+
+    state = fr.state()
+    reply = _dense_reply(fr, 5, {"num-examples": 12})
+    reply.content["config"] = ConfigRecord({"client-id": "  hospital\n a  "})
+    ok = state.judge(5, reply)
+    assert ok.accepted and ok.client_id == "hospital a", ok.reason
+    rejected = _dense_reply(fr, 6, None)
+    rejected.content["config"] = ConfigRecord({"client-id": "clinic-b"})
+    out = state.judge(6, rejected)
+    assert not out.accepted and out.client_id == "clinic-b"
+    # later, a reply without content (an error) from the same node is still named by its client id
+    later = fr.state()
+    later.labels = state.labels
+    failed = later.judge(6, Message(Error(2, "CUDA out of memory"), reply_to=train_message(6)))
+    assert failed.client_id == "clinic-b" and "CUDA out of memory" in str(failed.reason)
+    # a node without client-id keeps its Flower node id; a client-id of the wrong type is ignored
+    anonymous = _dense_reply(fr, 7, {"num-examples": 3})
+    anonymous.content["config"] = ConfigRecord({"client-id": 17})
+    assert later.judge(7, anonymous).client_id == "node-7"

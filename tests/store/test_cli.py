@@ -83,3 +83,28 @@ def test_errors_exit_1_with_a_message(populated: Path, tmp_path: Path) -> None:
     blob.write_bytes(b"garbage")
     result = runner.invoke(app, ["verify", "--store", str(populated), "--json"])
     assert result.exit_code == 1 and json.loads(result.output)["problems"][0]["kind"] == "corrupt_blob"
+
+
+def test_versions_counts_accepted_and_rejected_contributors_as_show_lists_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedmerge.store import cli
+
+    monkeypatch.setattr(cli.console, "width", 160)  # a wide terminal: cells are not wrapped
+    path = tmp_path / "store"
+    with ModelStore.open(path) as store:
+        base = tiny_model()
+        root = store.commit_base(base, name="tiny")
+        people = [
+            contributor(1),
+            contributor(2, accepted=False),
+            contributor(3, accepted=False),
+        ]
+        commit_delta(store, tiny_delta(base, 1), root.id, 1, contributors=people)
+    listed = json.loads(run("versions", "--store", str(path), "--json"))
+    assert listed[0]["contributors"] == {"total": 3, "accepted": 1, "rejected": 2}
+    assert listed[1]["contributors"] == {"total": 0, "accepted": 0, "rejected": 0}
+    shown = json.loads(run("show", "--store", str(path), "latest", "--json"))
+    assert len(shown["contributors"]) == 3
+    table = run("versions", "--store", str(path))
+    assert "3 (2 rejected)" in table
