@@ -12,6 +12,7 @@ from rich.table import Table
 from rich.tree import Tree
 
 from fedmerge.errors import FedMergeError
+from fedmerge.store.evaluations import evaluations_of
 from fedmerge.store.manifest import Version
 from fedmerge.store.model_store import ModelStore
 
@@ -142,8 +143,9 @@ def show(
     """Show one version's manifest."""
     s = _open(store)
     v = _run(lambda: s.get(version))
+    evaluations = _run(lambda: evaluations_of(s, v.id))
     if as_json:
-        _emit(json.loads(v.to_json()))
+        _emit({**json.loads(v.to_json()), "evaluations": [e.to_dict() for e in evaluations]})
         return
     table = Table(title=f"{v.id} ({v.kind})", show_header=False)
     rows = [
@@ -153,6 +155,14 @@ def show(
         ("method", f"{v.method} {json.dumps(v.params, sort_keys=True)}"),
         ("round", str(v.round)),
         ("metrics", json.dumps(v.metrics, sort_keys=True)),
+        *[
+            (
+                f"federated evaluation (round {e.round})",
+                f"{json.dumps(e.metrics, sort_keys=True)} over {e.num_examples} examples, "
+                f"{len(e.accepted)} node(s) accepted, {len(e.dropped)} dropped",
+            )
+            for e in evaluations
+        ],
         ("privacy", json.dumps(v.privacy, sort_keys=True)),
         ("aliases", ", ".join(s.aliases_of(v.id)) or "-"),
         ("created", v.created_at),
