@@ -58,6 +58,7 @@ from fedmerge.flower.bulk_client import REF_SHA_KEY, REF_SIZE_KEY
 from fedmerge.flower.bulk_endpoint import BulkEndpoint, bulk_endpoint_for
 from fedmerge.flower.config import RunConfig, needs_fisher
 from fedmerge.flower.downlink import apply_weights, compress_update, weights_digest
+from fedmerge.flower.evaluation import EvaluationReport, evaluation_due, run_evaluation
 from fedmerge.flower.faults import FaultPlan
 from fedmerge.flower.records import (
     ARRAYS_RECORD,
@@ -171,6 +172,7 @@ class RoundReport:
     wall_s: float = 0.0
     merge_s: float = 0.0  # from the last reply judged (or the deadline) to the version committed
     metrics: dict[str, float] = field(default_factory=dict)
+    evaluation: EvaluationReport | None = None  # the federated evaluation of the committed version
 
     @property
     def accepted(self) -> list[ReplyOutcome]:
@@ -813,12 +815,22 @@ class Federation:
                     log.info("discarded the spools of an earlier run: %s", dropped)
             return self._run_rounds(first)
 
+    def evaluate_federated(self, report: RoundReport) -> EvaluationReport:
+        """Send the version ``report`` committed to a sample of nodes as ``evaluate`` messages and record
+        their aggregated metrics with it (:mod:`fedmerge.flower.evaluation`); bad replies are dropped."""
+        version = self.store.get(str(report.version_id))
+        labels = {o.node_id: o.client_id for o in report.outcomes if o.accepted}
+        weights = self.weights_of(version)
+        return run_evaluation(self.grid, self.cfg, self.store, report.round, version, weights, labels)
+
     def _run_rounds(self, first: int) -> list[RoundReport]:
         reports = []
         for round_ in range(first, first + self.cfg.num_rounds):
             for attempt in range(self.cfg.max_retries + 1):
                 report = self.run_round(round_, attempt)
                 reports.append(report)
+                if report.version_id is not None and evaluation_due(self.cfg, round_):
+                    report.evaluation = self.evaluate_federated(report)
                 if self.on_round is not None:
                     self.on_round(report)
                 if report.version_id is not None:
