@@ -6,6 +6,7 @@
 """
 
 from fedmerge.aggregators import (  # noqa: F401  (import registers each method)
+    arcee_fusion,
     breadcrumbs,
     continual,
     dare_linear,
@@ -21,8 +22,12 @@ from fedmerge.aggregators import (  # noqa: F401  (import registers each method)
     median,
     model_stock,
     multislerp,
+    nearswap,
     norm_bounded,
+    nuslerp,
+    ram,
     robust_ties,
+    sce,
     slerp,
     task_arithmetic,
     ties,

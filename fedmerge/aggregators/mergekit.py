@@ -86,6 +86,11 @@ PARAMETER_CHECKS: dict[str, Callable[[Any], None]] = {
     "max_iter": _check_range("max_iter", 1, 10_000),
     "tol": _check_range("tol", 0.0, 1.0),
     "eps": _check_range("eps", 0.0, 1.0),
+    "select_topk": _check_range("select_topk", 0.0, 1.0),
+    "r": _check_finite("r"),
+    "alpha": _check_finite("alpha"),
+    "nuslerp_row_wise": _check_bool("nuslerp_row_wise"),
+    "nuslerp_flatten": _check_bool("nuslerp_flatten"),
 }
 """Value checks of mergekit's parameters by name (any method); raise :class:`MergekitParameterError`."""
 
@@ -256,11 +261,44 @@ METHODS: dict[str, MergekitMethod] = {
         notes=("with base_model, multislerp interpolates task vectors and adds the base back (as mergekit)",),
     ),
     "passthrough": MergekitMethod(None, "passthrough", {}, {"scale": None}, models=(1, 1)),
+    "nuslerp": MergekitMethod(
+        "nuslerp",
+        "weights",
+        {"nuslerp_row_wise": False, "nuslerp_flatten": True},
+        {"weight": 1.0},
+        models=(2, 2),
+        notes=("with base_model, nuslerp interpolates task vectors and adds the base back (as mergekit)",),
+    ),
+    "nearswap": MergekitMethod(
+        "nearswap",
+        "weights",
+        {"t": None},
+        {},
+        needs_base=True,
+        models=(1, 1),
+        notes=("the base is added first, the other model second",),
+    ),
+    "arcee_fusion": MergekitMethod(
+        "arcee_fusion",
+        "weights",
+        {},
+        {},
+        needs_base=True,
+        models=(1, 1),
+        notes=("the base is added first, the other model second",),
+    ),
+    "sce": MergekitMethod(
+        "sce", "task_vector", {"int8_mask": False, "select_topk": 1.0}, {}, needs_base=True
+    ),
+    "ram": MergekitMethod("ram", "task_vector", {"epsilon": 1e-5}, {}, needs_base=True),
+    "ramplus_tl": MergekitMethod(
+        "ramplus_tl", "task_vector", {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}, {}, needs_base=True
+    ),
 }
 """mergekit method name → :class:`MergekitMethod` (mergekit a6e4028's ``merge_methods/registry.py``)."""
 
-NOT_IMPLEMENTED = {"nuslerp", "sce", "arcee_fusion", "nearswap", "ram"}
-"""mergekit methods without a fedmerge counterpart (refused by name)."""
+NOT_IMPLEMENTED: set[str] = set()
+"""mergekit methods without a fedmerge counterpart (refused by name): none of mergekit 0.1.5's."""
 
 
 def method(name: str) -> MergekitMethod:

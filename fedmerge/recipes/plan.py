@@ -218,7 +218,7 @@ def plan_merge(recipe: Recipe, store: ModelStore, *, seed: int = 0) -> Plan:
         for k, v in params.items():
             _check(k, v)
     spec = method_spec(recipe.merge_method)
-    if recipe.merge_method == "multislerp" and recipe.base_model is not None:
+    if recipe.merge_method in ("multislerp", "nuslerp") and recipe.base_model is not None:
         spec = dataclasses.replace(spec, space="task_vector", needs_base=True)
     glob, per_model = _resolve_params(recipe, spec)
     if spec.needs_base and recipe.base_model is None:

@@ -227,7 +227,7 @@ def test_new_methods_are_registered() -> None:
         "iso_cts",
         "tsv_m",
     } <= set(ALL)
-    assert EXACT == {"slerp": 2}
+    assert EXACT == {"slerp": 2, "nuslerp": 2, "arcee_fusion": 2, "nearswap": 2}
 
 
 def test_unknown_names_and_parameters_are_reported() -> None:

@@ -135,7 +135,7 @@ def test_one_table_of_mergekit_methods() -> None:
         ("multislerp", {"normalize_weights": False}, "not reproduced"),
         ("ties", {"lamda": 1.0}, "'lamda'"),
         ("ties", {"density": [0.1, 0.5]}, "lists"),
-        ("sce", {}, "not implemented"),
+        ("nope", {}, "no fedmerge equivalent"),
     ):
         with pytest.raises(ConfigError, match=match):
             mergekit_params(name, params)

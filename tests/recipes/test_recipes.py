@@ -281,8 +281,6 @@ def _ties(paths: dict[str, Path], /, **over: Any) -> dict[str, Any]:
 BAD: dict[str, tuple[Callable[[dict[str, Path]], dict[str, Any]], type[Exception], str]] = {
     "unknown top-level key": (lambda m: _ties(m, merge_methd="ties"), RecipeSchemaError, "'merge_methd'"),
     "unknown method": (lambda m: _ties(m, merge_method="nope"), UnsupportedMethodError, "available: "),
-    "mergekit method not implemented": (
-        lambda m: _ties(m, merge_method="sce"), UnsupportedMethodError, "not implemented"),
     "unknown parameter": (lambda m: _ties(m, parameters={"lamda": 1.0}), RecipeParameterError, "'lamda'"),
     "missing model": (
         lambda m: _ties(m, models=[{"model": str(m["base"].parent / "nowhere")}]),

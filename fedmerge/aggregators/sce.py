@@ -1,0 +1,78 @@
+"""SCE: Select, Calculate, Erase (Wan et al. 2024, "FuseChat: Knowledge Fusion of Chat Models",
+arXiv 2408.07990, §3.3; mergekit 0.1.5's ``sce``), per tensor over the task vectors τ_i = θ_i − θ_base.
+
+    Select:    with ``select_topk`` = k_f < 1, keep the ⌊k_f · nnz(v)⌋ coordinates of largest variance
+               v_j = Var_i τ_{i,j} (population variance across models; nnz counts v_j ≠ 0) in every τ_i
+    Calculate: η_i = mean_j τ_{i,j}² / Σ_l mean_j τ_{l,j}²   (1/N when the sum is below 1e-6)
+    Erase:     m_{i,j} = [sign τ_{i,j} = sign Σ_l τ_{l,j}]  (sign of the sum, ≥ 0 counting as +;
+               a zero entry never agrees)
+    τ'_j = Σ_i η_i m_{i,j} τ_{i,j} / max(Σ_i η_i m_{i,j}, 1e-6)
+
+The per-model ``weight`` is not used (the weights η come from the task vectors, as in the paper and
+mergekit). ``select_topk`` ∈ [0, 1], default 1 (no selection; mergekit's default). ``int8_mask`` is
+accepted for mergekit recipes and changes nothing (the dtype of mergekit's mask). Not streaming: the
+variance, the mean squares and the sign of the sum need every task vector of the tensor (N × P).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from fedmerge.aggregators.base import check_fraction, register
+from fedmerge.aggregators.robust import BufferingAggregator
+
+
+def sce_select_mask(tvs: torch.Tensor, select_topk: float) -> torch.Tensor:
+    """0/1 mask (over one model's coordinates) of the ⌊k_f · nnz(var)⌋ largest-variance coordinates."""
+    if select_topk <= 0:
+        return torch.zeros_like(tvs[0])
+    if select_topk >= 1:
+        return torch.ones_like(tvs[0])
+    var = torch.var(tvs, dim=0, unbiased=False)
+    k = int(int(torch.count_nonzero(var)) * select_topk)
+    mask = torch.zeros_like(var)
+    if k == 0:
+        return mask
+    mask.view(-1)[torch.topk(var.abs().view(-1), k=k, largest=True).indices] = 1
+    return mask
+
+
+def sce(tvs: torch.Tensor, select_topk: float = 1.0) -> torch.Tensor:
+    """SCE of stacked task vectors ``tvs`` (N, …) in fp32; see the module docstring."""
+    x = tvs.float()
+    if select_topk < 1:
+        x = x * sce_select_mask(x, select_topk).unsqueeze(0)
+    majority = torch.where(x.sum(dim=0) >= 0, 1.0, -1.0)
+    erase = (x.sign() == majority).to(x.dtype)
+    ms = x.square().reshape(x.shape[0], -1).mean(dim=1)
+    total = float(ms.sum())
+    eta = torch.full_like(ms, 1.0 / ms.shape[0]) if abs(total) < 1e-6 else ms / total
+    eta = eta.reshape(-1, *([1] * (x.dim() - 1)))
+    erased = eta * erase
+    return (x * erased).sum(dim=0) / erased.sum(dim=0).clamp(min=1e-6)
+
+
+@register
+class SCE(BufferingAggregator):
+    name: ClassVar[str] = "sce"
+    averaging: ClassVar[bool] = True  # identical τ: η = 1/N, every sign agrees → τ
+
+    def __init__(self, *, select_topk: float = 1.0, int8_mask: bool = False, **common: object) -> None:
+        super().__init__(**common)  # type: ignore[arg-type]
+        self.select_topk = check_fraction("select_topk", select_topk)
+        self.int8_mask = bool(int8_mask)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {**super().params, "select_topk": self.select_topk, "int8_mask": self.int8_mask}
+
+    def _finalize_tensor(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
+        # sorted by client id: the result does not depend on the arrival order (up to fp32 sums)
+        order = sorted(range(len(self._ids)), key=lambda i: str(self._ids[i]))
+        buf = self._buffers.pop(key)
+        return sce(torch.stack([buf[i] for i in order]), self.select_topk)
+
+    def _reduce(self, stacked: torch.Tensor) -> torch.Tensor:  # pragma: no cover - _finalize_tensor overrides
+        raise NotImplementedError
