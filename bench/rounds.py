@@ -100,9 +100,9 @@ def _flower_apps(
     from flwr.serverapp import Grid, ServerApp
     from flwr.serverapp.strategy import FedAvg
 
+    from fedmerge.tasks.local_round import client_generator
     from fedmerge_clients.app import node_partition, partition_for
     from fedmerge_server.app import task_evaluator
-    from fedmerge_simulations.local_round import client_generator
     from fedmerge_simulations.tasks import get_task
 
     lr, epochs = WORKLOADS[task_name]

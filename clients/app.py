@@ -1,7 +1,7 @@
 """The fedmerge ClientApp: train locally on the received base, reply with a compressed task vector.
 
 Per ``train`` message: take the base weights from the message (or this node's cache in
-``context.state``), fine-tune with the configured task (:func:`simulations.local_round.local_round`:
+``context.state``), fine-tune with the configured task (:func:`fedmerge.tasks.local_round.local_round`:
 full fine-tuning or LoRA through peft, whose merged ΔW = (α/r)·B·A is the task vector), encode
 τ = θ_ft − θ_base with the codec (top-k + int8 by default, error-feedback residual kept in
 ``context.state``) and reply with the package and the training metrics. A node may compress its task
@@ -11,7 +11,7 @@ The node's data: in a deployment, its private file ``--node-config "data-path=/p
 task's ``load_data`` (a missing or unreadable path is an error reply naming it); in simulation (no
 ``data-path``), the ``partition-id`` / ``num-partitions`` slice of the task's client pool. The task
 is the run config's ``task``: a built-in name or ``"package.module:factory"``
-(:func:`fedmerge_simulations.tasks.get_task`); or pass a factory to :func:`make_client_app`.
+(:func:`fedmerge.tasks.get_task`); or pass a factory to :func:`make_client_app`.
 
 Per ``evaluate`` message (fedmerge's ServerApp after a round, or any Flower strategy): load the weights
 of ``"arrays"`` (bf16 tensors narrowed back per ``"fedmerge.dtypes"``) into the task's model and reply
@@ -62,9 +62,9 @@ from fedmerge.flower.records import (
     widen_for_numpy,
 )
 from fedmerge.seeds import derive_generator
-from fedmerge_simulations.local_round import local_round
-from fedmerge_simulations.tasks import ClientData, Task, get_task
-from fedmerge_simulations.tasks.base import check_data_path
+from fedmerge.tasks import ClientData, Task, get_task
+from fedmerge.tasks.base import check_data_path
+from fedmerge.tasks.local_round import local_round
 
 TaskFactory = Callable[[str], Task]
 

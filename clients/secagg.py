@@ -19,9 +19,9 @@ from flwr.common import (
 )
 
 from fedmerge.privacy.secagg import SecAggConfig, check_range, submission_terms
-from fedmerge_simulations.local_round import local_round
-from fedmerge_simulations.tasks import get_task
-from fedmerge_simulations.tasks.training import seed_from, torch_threads
+from fedmerge.tasks import get_task
+from fedmerge.tasks.local_round import local_round
+from fedmerge.tasks.training import seed_from, torch_threads
 
 log = logging.getLogger("fedmerge.secagg")
 

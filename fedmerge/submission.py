@@ -55,89 +55,33 @@ import torch
 from fedmerge.codec import DecodedPackage, DecodeLimits, decode_package, read_headers
 from fedmerge.codec.validate import base_package_bytes
 from fedmerge.delta.lora import (
-    _A,
-    _B,
+    LORA_A,
+    LORA_B,
     PEFT_PREFIX,
     LoraError,
     check_factor_ranks,
     lora_to_delta,
+    pair_factors,
     peft_adapter_from_bytes,
+)
+from fedmerge.delta.rules import (  # the rules every format meets
+    FP32_MAX,  # noqa: F401 (re-exported)
+    IncompleteSubmission,
+    NonFiniteMerge,  # noqa: F401 (re-exported)
+    StaleOrInvalid,
+    ValueOutOfBounds,  # noqa: F401 (re-exported)
+    check_finite,  # noqa: F401 (re-exported)
+    check_package_base,
+    check_values,
+    value_bound,
 )
 from fedmerge.delta.sparse import SparseTensor
 from fedmerge.errors import InvalidSubmission
 
-FP32_MAX = float(torch.finfo(torch.float32).max)
 MAX_CONFIG_BYTES = 1 << 20
 """Largest ``adapter_config.json`` read from a peft archive."""
 MAX_TAR_MEMBERS = 256
 """Most members a peft archive may list (a peft adapter directory holds a handful of files)."""
-
-
-class StaleOrInvalid(InvalidSubmission):
-    """A well-formed submission the server cannot use: stale base or round, duplicate, bad weight or size."""
-
-
-class IncompleteSubmission(InvalidSubmission):
-    """A submission does not cover what its kind requires (no tensor, one LoRA factor of a pair...)."""
-
-
-class ValueOutOfBounds(InvalidSubmission):
-    """A value exceeds the magnitude bound the merge arithmetic can hold (:func:`value_bound`)."""
-
-
-class NonFiniteMerge(InvalidSubmission):
-    """Merging a contribution would make the merged model non-finite; it is left out."""
-
-
-# ------------------------------------------------------------------------------------------ bounds
-
-
-def value_bound(shapes: Mapping[str, tuple[int, ...]], *, total_weight: float = 1.0) -> float:
-    """B = min(FP32_MAX / (4·W), sqrt(FP32_MAX / (4·P))), P = Σ numel(shapes), W = ``total_weight``
-    (module docstring): the largest |value| whose weighted sums and squared norms stay finite in fp32."""
-    p = max(1, sum(math.prod(s) for s in shapes.values()))
-    w = max(1.0, float(total_weight))
-    return min(FP32_MAX / (4.0 * w), math.sqrt(FP32_MAX / (4.0 * p)))
-
-
-def check_values(tensors: Mapping[str, torch.Tensor | SparseTensor], bound: float, what: str) -> None:
-    """Every value finite and |value| ≤ ``bound``; else NonFinite/ValueOutOfBounds naming the tensor."""
-    for name in sorted(tensors):
-        t = tensors[name]
-        values = t.values if isinstance(t, SparseTensor) else t
-        if values.numel() == 0:
-            continue
-        low, high = torch.aminmax(values.detach())  # one pass; NaN propagates into both, ±inf shows
-        peak = max(-float(low), float(high))
-        if not math.isfinite(float(low)) or not math.isfinite(float(high)):
-            raise ValueOutOfBounds(f"{what}: tensor {name!r} holds NaN or infinite values")
-        if peak > bound:
-            raise ValueOutOfBounds(
-                f"{what}: tensor {name!r} holds |value| = {peak:.4g} above the bound {bound:.4g} the "
-                "merge can hold in fp32 without overflow; task vectors are θ_ft − θ₀, check the run"
-            )
-
-
-# ------------------------------------------------------------------------------------------ base
-
-
-def check_package_base(meta_id: str, meta_hash: str, base_id: str, base_hash: str) -> None:
-    """Refuse (:class:`StaleOrInvalid`) a package not computed against this base: its
-    ``base_version_id`` must equal ``base_id`` and its ``base_version_hash`` equal ``base_hash``, both
-    set (one policy for intake and rounds; a package naming no base is refused like a stale one)."""
-    if meta_id == base_id and meta_hash == base_hash and meta_id and meta_hash:
-        return
-    got_hash = meta_hash[:16] + "…" if meta_hash else "(none)"
-    if not meta_id or not meta_hash:
-        raise StaleOrInvalid(
-            f"delta package names no base (id {meta_id or '(none)'!r}, hash {got_hash}); set "
-            f"base_version_id={base_id!r} and base_version_hash={base_hash!r} in PackageMeta"
-        )
-    raise StaleOrInvalid(
-        f"stale delta package: computed against base {meta_id!r} (hash {got_hash}) but this server "
-        f"merges onto base {base_id!r} (hash {base_hash[:16]}…; expected hash {base_hash}, received "
-        f"{meta_hash}); recompute the delta against that version"
-    )
 
 
 # ------------------------------------------------------------------------------------------ completeness
@@ -374,23 +318,24 @@ def lora_package_task_vector(
     declared = {h.name: h.shape for h in headers}
     if not declared:
         raise IncompleteSubmission("LoRA delta package holds no tensors; send lora_A and lora_B factors")
-    modules: dict[str, str] = {}
-    for name in sorted(declared):
-        if not name.endswith((_A, _B)):
+    pairs = pair_factors(declared)
+    problems = sorted([(k, "") for k in pairs.others] + pairs.unpaired)
+    if problems:
+        name, partner = problems[0]
+        if not partner:
             raise InvalidSubmission(
                 f"LoRA delta package: tensor {name!r} is not a lora_A/lora_B factor; send task-vector "
                 "tensors as a package of kind task_vector"
             )
-        module = name[: -len(_A)] if name.endswith(_A) else name[: -len(_B)]
-        if module + _A not in declared or module + _B not in declared:
-            have, lack = ("lora_A", "lora_B") if name.endswith(_A) else ("lora_B", "lora_A")
-            raise IncompleteSubmission(
-                f"LoRA delta package: module {module!r} has {have} but no {lack}; "
-                "send both factors of every adapted module"
-            )
-        modules[module] = module.removeprefix(PEFT_PREFIX) + ".weight"
+        module = name.removesuffix(LORA_A).removesuffix(LORA_B)
+        have, lack = ("lora_A", "lora_B") if name.endswith(LORA_A) else ("lora_B", "lora_A")
+        raise IncompleteSubmission(
+            f"LoRA delta package: module {module!r} has {have} but no {lack}; "
+            "send both factors of every adapted module"
+        )
+    modules = {m: m.removeprefix(PEFT_PREFIX) + ".weight" for m in pairs.modules}
     for module, weight in sorted(modules.items()):
-        a_shape, b_shape = declared[module + _A], declared[module + _B]
+        a_shape, b_shape = declared[module + LORA_A], declared[module + LORA_B]
         try:
             check_factor_ranks(
                 module, torch.empty(a_shape, device="meta"), torch.empty(b_shape, device="meta"),
@@ -404,7 +349,7 @@ def lora_package_task_vector(
     bound = value_bound(shapes) if max_abs is None else max_abs
     check_values(dense, math.sqrt(bound), "LoRA delta package")
     scale = meta.lora_alpha / meta.lora_rank
-    delta = {w: scale * (dense[m + _B] @ dense[m + _A]) for m, w in sorted(modules.items())}
+    delta = {w: scale * (dense[m + LORA_B] @ dense[m + LORA_A]) for m, w in sorted(modules.items())}
     check_values(delta, bound, "LoRA delta package")
     return complete_task_vector(base, delta, "LoRA delta package")
 

@@ -27,8 +27,8 @@ from fedmerge.memory import use_mmap_for_large_allocations
 from fedmerge.metrics import RoundEventLog
 from fedmerge.store import ModelStore, UnknownVersionError
 from fedmerge.store.model_store import STORE_MARKER
+from fedmerge.tasks import Task, get_task
 from fedmerge.tracking import MetricsSink, open_sink
-from fedmerge_simulations.tasks import Task, get_task
 
 
 class BaseMismatch(ConfigError):

@@ -44,7 +44,7 @@ from fedmerge.privacy.secagg import (
     snap_sum,
 )
 from fedmerge.store import Contributor, ModelStore, Version
-from fedmerge_simulations.tasks import get_task
+from fedmerge.tasks import get_task
 
 log = logging.getLogger("fedmerge.secagg")
 

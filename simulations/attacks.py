@@ -1,7 +1,7 @@
 """Attack simulations: an in-process federated loop on a built-in task with a fraction of malicious clients,
 run against every aggregator / defence, measuring global accuracy and backdoor success.
 
-Honest clients run :func:`simulations.local_round.local_round` (real training, seeded by (seed, round,
+Honest clients run :func:`fedmerge.tasks.local_round.local_round` (real training, seeded by (seed, round,
 client)). The first ⌈f·N⌉ clients of a seeded permutation are malicious and send, per round:
 
     sign_flip    −τ_own                     (τ_own: an honest update on their own data)
@@ -40,9 +40,9 @@ from fedmerge.aggregators import create
 from fedmerge.delta.state_dict import StateDict
 from fedmerge.errors import ConfigError
 from fedmerge.privacy import delta_norm, merge_with_rejection
-from fedmerge_simulations.local_round import client_generator, local_round
+from fedmerge.tasks.base import ClientData, Split, Task
+from fedmerge.tasks.local_round import client_generator, local_round
 from fedmerge_simulations.tasks import get_task
-from fedmerge_simulations.tasks.base import ClientData, Split, Task
 
 ATTACKS = ("none", "sign_flip", "scaling", "noise", "label_flip", "backdoor")
 DEFENCES = (

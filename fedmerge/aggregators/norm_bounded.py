@@ -27,8 +27,8 @@ from fedmerge.aggregators.base import (
     get,
     register,
 )
+from fedmerge.delta.clipping import check_max_norm, clip_factor, delta_norm, scale_delta
 from fedmerge.errors import ConfigError
-from fedmerge.privacy.clipping import check_max_norm, clip_factor, delta_norm, scale_delta
 
 
 @register

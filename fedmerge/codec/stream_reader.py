@@ -7,7 +7,7 @@ parses the small header fields alone, so a tensor is materialised only while it 
 memory is one tensor's encoded bytes plus what the caller keeps. The byte format is unchanged.
 
 :func:`decode_task_vector_stream` applies the checks of
-:func:`fedmerge.delta.submission.decode_task_vector_package` in the same order (package size, header,
+:func:`fedmerge.submission.decode_task_vector_package` in the same order (package size, header,
 base, kind, every tensor header against the base, package checksum, then each tensor's checksum and
 values) and returns the same :class:`~fedmerge.codec.package.DecodedPackage`.
 """
@@ -24,6 +24,7 @@ import fedmerge
 from fedmerge.codec import checksum, validate
 from fedmerge.codec.errors import ChecksumMismatch, MalformedPackage, UnsupportedFormatVersion
 from fedmerge.codec.package import DecodedPackage, _decode_tensor, _meta_of
+from fedmerge.delta.rules import StaleOrInvalid, check_package_base
 from fedmerge.delta.sparse import SparseTensor
 from fedmerge.v1 import delta_pb2
 
@@ -161,11 +162,9 @@ def open_task_vector_stream(
     base_hash: str,
     limits: validate.DecodeLimits = validate.DecodeLimits(),  # noqa: B008 (frozen)
 ) -> StreamedPackage:
-    """The checks of :func:`fedmerge.delta.submission.decode_task_vector_package` up to the package
+    """The checks of :func:`fedmerge.submission.decode_task_vector_package` up to the package
     checksum (size, header, base, kind, every tensor header against the base), reading each tensor's
     bytes once; the tensors are decoded later, one at a time, by :meth:`StreamedPackage.decode`."""
-    from fedmerge.delta.submission import StaleOrInvalid, check_package_base
-
     head_limits = limits.within_base(shapes)
     reader = PackageReader(buffer, head_limits)
     try:
@@ -203,7 +202,7 @@ def decode_task_vector_stream(
     base_hash: str,
     limits: validate.DecodeLimits = validate.DecodeLimits(),  # noqa: B008 (frozen)
 ) -> tuple[DecodedPackage, list[validate.TensorHeader]]:
-    """:func:`fedmerge.delta.submission.decode_task_vector_package` over a buffer read tensor by tensor;
+    """:func:`fedmerge.submission.decode_task_vector_package` over a buffer read tensor by tensor;
     also returns the tensor headers (value and index encodings as declared)."""
     package = open_task_vector_stream(buffer, shapes, base_id=base_id, base_hash=base_hash, limits=limits)
     try:

@@ -30,7 +30,7 @@ import json
 import logging
 import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -43,7 +43,8 @@ from fedmerge.errors import ConfigError, IncompatibleDeltasError
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
-_A, _B = ".lora_A.weight", ".lora_B.weight"
+LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
+"""The key suffixes of a peft module's two factors (A: r × in, B: out × r)."""
 
 logger = logging.getLogger(__name__)
 
@@ -162,27 +163,19 @@ def peft_adapter_from_bytes(
     if not isinstance(use_rslora, bool):
         raise LoraError(f"{origin}/{ADAPTER_CONFIG}: 'use_rslora' must be true or false, got {use_rslora!r}")
     modules: dict[str, LoraModule] = {}
-    extra: dict[str, torch.Tensor] = {}
-    for key in sorted(tensors):
-        if key.endswith(_B) and key[: -len(_B)] + _A not in tensors:
-            raise LoraError(
-                f"{origin}/{ADAPTER_WEIGHTS}: {key!r} has no matching {key[: -len(_B)] + _A!r}; "
-                "send both factors of every adapted module"
-            )
-        if key.endswith(_A):
-            module = key[: -len(_A)]
-            b_key = module + _B
-            if b_key not in tensors:
-                raise LoraError(
-                    f"{origin}/{ADAPTER_WEIGHTS}: {key!r} has no matching {b_key!r}; "
-                    "send both factors of every adapted module"
-                )
-            a, b = tensors[key], tensors[b_key]
-            check_factor_ranks(module, a, b)
-            name = module.removeprefix(PEFT_PREFIX) + ".weight"
-            modules[name] = LoraModule(a, b, scaling_for(alpha, int(a.shape[0]), use_rslora))
-        elif not key.endswith(_B):
-            extra[key] = tensors[key]
+    pairs = pair_factors(tensors)
+    if pairs.unpaired:
+        key, missing = pairs.unpaired[0]
+        raise LoraError(
+            f"{origin}/{ADAPTER_WEIGHTS}: {key!r} has no matching {missing!r}; "
+            "send both factors of every adapted module"
+        )
+    for module, (a_key, b_key) in sorted(pairs.modules.items()):
+        a, b = tensors[a_key], tensors[b_key]
+        check_factor_ranks(module, a, b)
+        name = module.removeprefix(PEFT_PREFIX) + ".weight"
+        modules[name] = LoraModule(a, b, scaling_for(alpha, int(a.shape[0]), use_rslora))
+    extra = {key: tensors[key] for key in pairs.others}
     targets = config.get("target_modules") or ()
     if not isinstance(targets, str | list | tuple) or not all(isinstance(t, str) for t in targets):
         raise LoraError(f"{origin}/{ADAPTER_CONFIG}: target_modules must be a string or a list of strings")
@@ -196,6 +189,38 @@ def peft_adapter_from_bytes(
         config=config,
         extra=extra,
     )
+
+
+@dataclass
+class FactorPairs:
+    """peft factor keys grouped by module (:func:`pair_factors`)."""
+
+    modules: dict[str, tuple[str, str]]
+    """module key (the name before ``.lora_A.weight``) → (A key, B key), for complete pairs."""
+    unpaired: list[tuple[str, str]]
+    """(key, the missing partner's key) for every factor without its partner, sorted by key."""
+    others: list[str]
+    """keys that are no LoRA factor, sorted."""
+
+
+def pair_factors(keys: Iterable[str]) -> FactorPairs:
+    """Group ``*.lora_A.weight`` / ``*.lora_B.weight`` keys by module: the one pairing rule of peft
+    adapters and LoRA packages (each caller refuses ``unpaired`` and ``others`` in its own words)."""
+    names = set(keys)
+    pairs = FactorPairs({}, [], [])
+    for key in sorted(names):
+        if key.endswith(LORA_A):
+            module, partner = key[: -len(LORA_A)], key[: -len(LORA_A)] + LORA_B
+        elif key.endswith(LORA_B):
+            module, partner = key[: -len(LORA_B)], key[: -len(LORA_B)] + LORA_A
+        else:
+            pairs.others.append(key)
+            continue
+        if partner not in names:
+            pairs.unpaired.append((key, partner))
+        elif key.endswith(LORA_A):
+            pairs.modules[module] = (key, partner)
+    return pairs
 
 
 def check_factor_ranks(module: str, a: torch.Tensor, b: torch.Tensor, rank: int | None = None) -> None:
@@ -230,8 +255,8 @@ def save_peft_adapter(adapter: LoraAdapter, directory: str | Path) -> None:
     for name, mod in sorted(adapter.modules.items()):
         module = name.removesuffix(".weight")
         peft_scaling = scaling_for(adapter.alpha, mod.rank, adapter.use_rslora)
-        tensors[PEFT_PREFIX + module + _A] = mod.A.contiguous()
-        tensors[PEFT_PREFIX + module + _B] = (mod.B * (mod.scaling / peft_scaling)).contiguous()
+        tensors[PEFT_PREFIX + module + LORA_A] = mod.A.contiguous()
+        tensors[PEFT_PREFIX + module + LORA_B] = (mod.B * (mod.scaling / peft_scaling)).contiguous()
         if mod.rank != adapter.rank:
             rank_pattern[module] = mod.rank
     config = dict(adapter.config)
@@ -374,16 +399,17 @@ def merge_lora(
     adapters: Sequence[LoraAdapter],
     weights: Sequence[float] | None = None,
     space: Space = "product",
-    aggregator: str | DenseAggregator | None = None,
+    aggregator: DenseAggregator | None = None,
     *,
     rank: int | None = None,
     **params: Any,
 ) -> LoraAdapter:
     """Merge adapters in the chosen space (module docstring); weights default to equal.
 
-    ``aggregator`` (product space only): None = weighted mean with weights normalised to sum 1; a
-    name = ``fedmerge.aggregators.merge(name, deltas, weights, **params)``; or a callable
-    ``(deltas, weights) -> merged``. Input ranks may differ between adapters and modules.
+    ``aggregator`` (product space only): None = weighted mean with weights normalised to sum 1, or the
+    merge function ``(deltas, weights) -> merged`` (a registered method by name:
+    :func:`fedmerge.aggregators.lora.merge_lora`). ``params`` are for that function only when
+    the caller binds them; here they are refused. Input ranks may differ between adapters and modules.
 
     ``rank`` (product space): None (default) re-factorises at the exact rank of the merged update
     (:func:`delta_to_lora`; ≤ Σ r_i for the mean, ≤ min(m, n) always), so nothing is lost. A smaller
@@ -451,18 +477,21 @@ def _check_same_modules(adapters: Sequence[LoraAdapter]) -> None:
 def _aggregate(
     deltas: list[dict[str, torch.Tensor]],
     weights: list[float],
-    aggregator: str | DenseAggregator | None,
+    aggregator: DenseAggregator | None,
     params: Mapping[str, Any],
 ) -> dict[str, torch.Tensor]:
+    if params:
+        raise LoraError(
+            f"parameters {sorted(params)} need a method by name: fedmerge.aggregators.lora.merge_lora"
+        )
     if aggregator is None:
-        if params:
-            raise LoraError(f"the default weighted mean takes no parameters, got {sorted(params)}")
         total = sum(weights)
         return {k: sum(w / total * d[k] for w, d in zip(weights, deltas, strict=True)) for k in deltas[0]}  # type: ignore[misc]
-    if isinstance(aggregator, str):
-        from fedmerge.aggregators import merge  # imported lazily: aggregators are optional for LoRA I/O
-
-        return merge(aggregator, deltas, weights, **params)
+    if not callable(aggregator):
+        raise LoraError(
+            f"aggregator must be a merge function (deltas, weights) -> merged, got {aggregator!r}; "
+            "merge with a registered method by name with fedmerge.aggregators.lora.merge_lora"
+        )
     return dict(aggregator(deltas, weights))
 
 

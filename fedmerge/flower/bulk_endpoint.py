@@ -57,7 +57,7 @@ from typing import Any
 
 import grpc
 
-from fedmerge.delta.submission import StaleOrInvalid
+from fedmerge.delta.rules import StaleOrInvalid
 from fedmerge.errors import ConfigError
 from fedmerge.flower.bulk_client import (
     BASE_DIGEST_KEY,

@@ -44,15 +44,9 @@ from fedmerge.aggregators.server_optimizer import round_step, without_optimizer_
 from fedmerge.codec import CodecConfig, DecodeLimits, PackageMeta
 from fedmerge.codec.package import read_headers
 from fedmerge.codec.stream_reader import decode_task_vector_stream
+from fedmerge.delta.rules import NonFiniteMerge, StaleOrInvalid, check_values, value_bound
 from fedmerge.delta.sparse import SparseTensor
 from fedmerge.delta.state_dict import StateDict, floating_names, shapes_of
-from fedmerge.delta.submission import (
-    StaleOrInvalid,
-    check_values,
-    decode_task_vector_package,
-    fill_missing,
-    value_bound,
-)
 from fedmerge.errors import FedMergeError, InvalidSubmission
 from fedmerge.flower.bulk_client import REF_SHA_KEY, REF_SIZE_KEY
 from fedmerge.flower.bulk_endpoint import BulkEndpoint, bulk_endpoint_for
@@ -81,7 +75,6 @@ from fedmerge.flower.safeguards import (
 )
 from fedmerge.flower.spool_merge import (
     HeldReply,
-    NonFiniteTensor,
     SpooledDelta,
     aggregator_args,
     carried_entries,
@@ -98,6 +91,7 @@ from fedmerge.flower.transport import (
     record_to_package,
 )
 from fedmerge.store import Contributor, ModelStore, TensorView, UnknownVersionError, Version
+from fedmerge.submission import decode_task_vector_package, fill_missing
 
 log = logging.getLogger("fedmerge.rounds")
 
@@ -888,7 +882,7 @@ class Federation:
             if not state.fold and len(report.accepted) >= self.cfg.min_valid:
                 try:
                     report.version_id = self._commit_tensor_major(base, state, report)
-                except NonFiniteTensor as exc:  # find the offenders the in-memory way
+                except NonFiniteMerge as exc:  # find the offenders the in-memory way
                     log.warning("round %d: %s; merging in memory to find the offending replies", round_, exc)
                     state = refold(state, self.weights_of(base))
             if state.fold:

@@ -39,21 +39,11 @@ from fedmerge.aggregators import create, get
 from fedmerge.codec import DecodeLimits
 from fedmerge.codec.stream_reader import StreamedPackage, open_task_vector_stream
 from fedmerge.codec.validate import TensorHeader
+from fedmerge.delta.rules import check_finite, check_values
 from fedmerge.delta.sparse import SparseTensor
-from fedmerge.delta.submission import check_values
-from fedmerge.errors import FedMergeError
 from fedmerge.flower.config import RunConfig, needs_fisher
 
 DeltaTensor = torch.Tensor | SparseTensor
-
-
-class NonFiniteTensor(FedMergeError, ArithmeticError):
-    """The tensor-major merge produced NaN or ±inf in a tensor (the round then redoes the merge in memory
-    to find the offending replies)."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(f"tensor {name!r} of the merge is NaN or infinite")
-        self.name = name
 
 
 def spool_fold_blocker(cfg: RunConfig, server_eval: bool) -> str | None:
@@ -188,7 +178,7 @@ def merge_tensor_major(
     cfg: RunConfig, round_: int, shapes: Mapping[str, tuple[int, ...]], replies: Sequence[HeldReply]
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, merged fp32 tensor) for every tensor in name order (module doc); raise
-    :class:`NonFiniteTensor` at the first tensor whose merge is not finite. Each client tensor is
+    :class:`NonFiniteMerge` at the first tensor whose merge is not finite. Each client tensor is
     folded at once (``group_size`` 1)."""
     args = {**aggregator_args(cfg, round_), "group_size": 1}
     for name in sorted(shapes):
@@ -197,7 +187,6 @@ def merge_tensor_major(
         for reply in replies:
             agg.add({name: reply.delta[name]}, reply.weight, client_id=reply.client_id)
         merged = agg.finalize()[name]
-        if not bool(torch.isfinite(merged).all()):
-            raise NonFiniteTensor(name)
+        check_finite({name: merged}, "the tensor-major merge")
         yield name, merged
         del merged, agg

@@ -1,5 +1,6 @@
-"""Differential privacy primitives (clipping, calibrated Gaussian noise, RDP accounting, the DP config
-and manifest record) and per-client anomaly scores. See ``docs/privacy.md``."""
+"""Differential privacy primitives (clipping — whose home is :mod:`fedmerge.delta.clipping`, under the
+aggregators that also clip —, calibrated Gaussian noise, RDP accounting, the DP config and manifest
+record) and per-client anomaly scores. See ``docs/privacy.md``."""
 
 import importlib
 from typing import TYPE_CHECKING, Any
@@ -13,7 +14,7 @@ _HOME = {
         "accountant",
     ),
     **dict.fromkeys(("anomaly_scores", "cosine", "merge_with_rejection", "robust_z"), "anomaly"),
-    **dict.fromkeys(("clip_delta", "clip_factor", "delta_norm"), "clipping"),
+    **dict.fromkeys(("clip_delta", "clip_factor", "delta_norm"), "fedmerge.delta.clipping"),
     **dict.fromkeys(("DPConfig", "privacy_record"), "config"),
     **dict.fromkeys(("privatize_aggregate", "privatize_client_delta"), "mechanism"),
     **dict.fromkeys(("add_gaussian_noise", "noise_std"), "noise"),
@@ -23,10 +24,12 @@ _HOME = {
 def __getattr__(name: str) -> Any:
     if name not in _HOME:
         raise AttributeError(f"module 'fedmerge.privacy' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"fedmerge.privacy.{_HOME[name]}"), name)
+    home = _HOME[name]
+    return getattr(importlib.import_module(home if "." in home else f"fedmerge.privacy.{home}"), name)
 
 
 if TYPE_CHECKING:
+    from fedmerge.delta.clipping import clip_delta, clip_factor, delta_norm
     from fedmerge.privacy.accountant import (
         DEFAULT_ORDERS,
         ContributionLedger,
@@ -38,7 +41,6 @@ if TYPE_CHECKING:
         rdp_to_epsilon,
     )
     from fedmerge.privacy.anomaly import anomaly_scores, cosine, merge_with_rejection, robust_z
-    from fedmerge.privacy.clipping import clip_delta, clip_factor, delta_norm
     from fedmerge.privacy.config import DPConfig, privacy_record
     from fedmerge.privacy.mechanism import privatize_aggregate, privatize_client_delta
     from fedmerge.privacy.noise import add_gaussian_noise, noise_std

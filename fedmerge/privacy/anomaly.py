@@ -24,9 +24,9 @@ from typing import Any, TypeAlias
 import torch
 
 from fedmerge.aggregators.base import create
+from fedmerge.delta.clipping import DeltaTensor, delta_norm
 from fedmerge.delta.sparse import SparseTensor
 from fedmerge.errors import ConfigError
-from fedmerge.privacy.clipping import DeltaTensor, delta_norm
 
 Delta: TypeAlias = Mapping[str, DeltaTensor]
 MAD_TO_SIGMA = 1.4826

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
+from fedmerge.delta.clipping import DeltaTensor, clip_delta
 from fedmerge.privacy.accountant import RdpAccountant
-from fedmerge.privacy.clipping import DeltaTensor, clip_delta
 from fedmerge.privacy.config import DPConfig, privacy_record
 from fedmerge.privacy.noise import add_gaussian_noise, noise_std
 

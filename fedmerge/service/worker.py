@@ -25,7 +25,12 @@ from typing import Any
 import torch
 
 from fedmerge.aggregators.continual import ContinualMerger, create_continual
-from fedmerge.delta.submission import (  # noqa: F401 (re-exported: the worker's former home of these)
+from fedmerge.delta.rules import NonFiniteMerge, first_nonfinite
+from fedmerge.errors import ConfigError, FedMergeError, InvalidSubmission, StoreIntegrityError
+from fedmerge.metrics import FedmergeMetrics
+from fedmerge.service.intake import IntakeQueue, Submission
+from fedmerge.store import Contributor, ModelStore, StoreBusyError, UnknownVersionError, Version
+from fedmerge.submission import (  # noqa: F401 (re-exported: the worker's former home of these)
     _complete,
     check_package_base,
     checkpoint_to_task_vector,
@@ -33,10 +38,6 @@ from fedmerge.delta.submission import (  # noqa: F401 (re-exported: the worker's
     package_to_task_vector,
     peft_tar_to_task_vector,
 )
-from fedmerge.errors import ConfigError, FedMergeError, InvalidSubmission, StoreIntegrityError
-from fedmerge.metrics import FedmergeMetrics
-from fedmerge.service.intake import IntakeQueue, Submission
-from fedmerge.store import Contributor, ModelStore, StoreBusyError, UnknownVersionError, Version
 
 log = logging.getLogger(__name__)
 
@@ -53,19 +54,6 @@ STORE_FAILURES: tuple[type[BaseException], ...] = (StoreBusyError, StoreIntegrit
 COMMIT_FAILURES: tuple[type[BaseException], ...] = (*STORE_FAILURES, OSError)
 
 MAX_REASON_CHARS = 2000
-
-
-class NonFiniteMergeError(InvalidSubmission):
-    """Folding an expert in would make the merged task vector (or the merger's state) non-finite."""
-
-
-def _first_nonfinite(tensors: Mapping[str, torch.Tensor]) -> str | None:
-    """The first (sorted) floating tensor name in ``tensors`` holding NaN or ±inf, or None."""
-    for name in sorted(tensors):
-        t = tensors[name]
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            return name
-    return None
 
 
 def _max_abs(tau: Mapping[str, torch.Tensor] | None) -> str:
@@ -208,19 +196,19 @@ class MergeWorker:
     def _fold_in(self, sub: Submission) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Convert ``sub`` and add it to the merger; returns (merged τ, merger state) after it.
 
-        Raises :class:`NonFiniteMergeError` (state NOT yet restored; the caller restores it) when the
+        Raises :class:`NonFiniteMerge` (state NOT yet restored; the caller restores it) when the
         merged result or the state would hold NaN/inf."""
         tau = expert_task_vector(
             sub, self.queue.spool_path(sub), self.base, self.base_weights, self.max_bytes
         )
         merged = self.merger.add_expert(tau)
         state = self.merger.state_dict()
-        bad = _first_nonfinite(merged)
+        bad = first_nonfinite(merged)
         where = "merged task vector"
         if bad is None:
-            bad, where = _first_nonfinite(state), "merger state"
+            bad, where = first_nonfinite(state), "merger state"
         if bad is not None:
-            raise NonFiniteMergeError(
+            raise NonFiniteMerge(
                 f"merging this expert with {self.method} makes the {where} tensor {bad!r} non-finite "
                 f"(NaN or inf; the expert's largest |value| is {_max_abs(tau)}); it was not merged and "
                 "the merger's state is as before it — send a task vector of ordinary magnitude"

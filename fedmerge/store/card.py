@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from fedmerge.store.manifest import Version
-    from fedmerge.store.model_store import ModelStore
+    from fedmerge.store.reader import StoreReader
 
 MODEL_CARD = "README.md"
 
@@ -26,7 +26,9 @@ def _cell(text: object) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def model_card(store: ModelStore, version: Version, *, kind: str, extra: dict[str, Any] | None = None) -> str:
+def model_card(
+    store: StoreReader, version: Version, *, kind: str, extra: dict[str, Any] | None = None
+) -> str:
     """Markdown for ``version``; ``kind`` is ``"full"`` (weights) or ``"peft"`` (adapter), ``extra``
     adds export facts (rank, residuals, skipped tensors) as a JSON block."""
     chain = store.chain(version)

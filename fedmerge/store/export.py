@@ -72,7 +72,7 @@ from fedmerge.store.safetensors_format import (
 
 if TYPE_CHECKING:
     from fedmerge.store.manifest import Version
-    from fedmerge.store.model_store import ModelStore
+    from fedmerge.store.reader import StoreReader
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -207,7 +207,7 @@ class _TensorWriter:
     Memory: (k + 4) MiB per thread for a chain of k deltas, whatever the tensor sizes.
     """
 
-    def __init__(self, store: ModelStore, root: Version, deltas: list[Version]) -> None:
+    def __init__(self, store: StoreReader, root: Version, deltas: list[Version]) -> None:
         self.blobs = store.blobs
         self.root = root
         self.deltas = deltas
@@ -336,7 +336,7 @@ class _Writeback:
 
 
 def export_safetensors(
-    store: ModelStore,
+    store: StoreReader,
     ref: str,
     out_dir: str | os.PathLike[str],
     *,
@@ -418,7 +418,7 @@ def export_safetensors(
     return ExportResult(version=version.id, path=out, files=files, total_bytes=total)
 
 
-def module_layouts(store: ModelStore, version: Any) -> dict[str, str] | None:
+def module_layouts(store: StoreReader, version: Any) -> dict[str, str] | None:
     """Weight name → how peft adapts it, from the root's ``config.json`` (the model built on the meta
     device): ``"linear"`` (ΔW = s·B·A), ``"conv1d"`` (transformers' Conv1D stores W as in × out:
     ΔW = (s·B·A)ᵀ), ``"embedding"`` (``lora_embedding_A/B``: ΔW = (s·B·A)ᵀ) or ``"other"`` (peft's
@@ -479,7 +479,7 @@ def _targets(exported: set[str], candidates: set[str]) -> list[str]:
 
 
 def export_peft(
-    store: ModelStore,
+    store: StoreReader,
     ref: str,
     out_dir: str | os.PathLike[str],
     *,

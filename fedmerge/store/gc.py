@@ -18,7 +18,7 @@ from fedmerge.errors import ConfigError
 from fedmerge.store.verify import MANIFEST_NAME
 
 if TYPE_CHECKING:
-    from fedmerge.store.model_store import ModelStore
+    from fedmerge.store.reader import StoreReader
 
 
 @dataclass
@@ -39,7 +39,7 @@ class GcReport:
         }
 
 
-def gc(store: ModelStore, grace_seconds: float, *, dry_run: bool = False) -> GcReport:
+def gc(store: StoreReader, grace_seconds: float, *, dry_run: bool = False) -> GcReport:
     """Remove unreferenced blobs and leftovers older than ``grace_seconds`` (see the module docstring)."""
     if grace_seconds < 0:
         raise ConfigError(f"grace_seconds is {grace_seconds}; pass a non-negative number of seconds")

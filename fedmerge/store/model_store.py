@@ -665,11 +665,13 @@ class ModelStore:
             return cached
         row = self.catalog.row(vid)
         assert row is not None
-        version = self._read_manifest(row)
+        version = self.read_manifest(row)
         self._cache[vid] = version
         return version
 
-    def _read_manifest(self, row: VersionRow) -> Version:
+    def read_manifest(self, row: VersionRow) -> Version:
+        """The manifest of a catalog row, read and checked against the row (a missing or altered
+        manifest is a :class:`StoreIntegrityError`)."""
         path = self.manifest_dir / f"{row.id}.json"
         try:
             raw = path.read_bytes()

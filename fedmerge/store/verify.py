@@ -28,7 +28,7 @@ from fedmerge.store.errors import CorruptBlobError, ForeignFileError, MissingBlo
 from fedmerge.store.safetensors_format import SafetensorsFormatError, dtype_name, read_file_header
 
 if TYPE_CHECKING:
-    from fedmerge.store.model_store import ModelStore
+    from fedmerge.store.reader import StoreReader
 
 _ERROR_OF_KIND: dict[str, type[StoreIntegrityError]] = {
     "corrupt_blob": CorruptBlobError,
@@ -100,7 +100,7 @@ class VerifyReport:
         }
 
 
-def _check_layout(store: ModelStore, committed: set[str], report: VerifyReport) -> None:
+def _check_layout(store: StoreReader, committed: set[str], report: VerifyReport) -> None:
     for path in sorted(store.root.iterdir()):
         if path.name in _CATALOG_FILES or (
             path.name in _TOP_LEVEL and path.is_dir() == (path.name != "store.json")
@@ -135,7 +135,7 @@ def _check_layout(store: ModelStore, committed: set[str], report: VerifyReport) 
     report.leftovers.extend(str(p) for p in store.blobs.leftover_tmp())
 
 
-def _hash_blobs(store: ModelStore, report: VerifyReport) -> dict[str, bool]:
+def _hash_blobs(store: StoreReader, report: VerifyReport) -> dict[str, bool]:
     """Digest → intact, for every stored blob."""
     intact: dict[str, bool] = {}
     for digest in store.blobs.digests():
@@ -146,7 +146,7 @@ def _hash_blobs(store: ModelStore, report: VerifyReport) -> dict[str, bool]:
     return intact
 
 
-def verify(store: ModelStore) -> VerifyReport:
+def verify(store: StoreReader) -> VerifyReport:
     """Check the whole store (see the module docstring); return a report, raise nothing for problems."""
     report = VerifyReport()
     rows = store.catalog.rows()
@@ -158,7 +158,7 @@ def verify(store: ModelStore) -> VerifyReport:
     for row in rows:
         report.versions_checked += 1
         try:
-            version = store._read_manifest(row)
+            version = store.read_manifest(row)
         except StoreIntegrityError as exc:
             report.problems.append(Problem("bad_manifest", str(exc), version=row.id))
             continue
@@ -225,7 +225,7 @@ def _check_blob_header(
         )
 
 
-def _check_aliases(store: ModelStore, committed: set[str], report: VerifyReport) -> None:
+def _check_aliases(store: StoreReader, committed: set[str], report: VerifyReport) -> None:
     for alias, vid in store.catalog.aliases().items():
         if vid not in committed:
             report.problems.append(

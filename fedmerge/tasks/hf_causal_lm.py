@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedmerge.errors import ConfigError
-from fedmerge_simulations.tasks.base import ClientData, Split, check_data_path
-from fedmerge_simulations.tasks.training import fit, measure
+from fedmerge.tasks.base import ClientData, Split, check_data_path
+from fedmerge.tasks.training import fit, measure
 
 IGNORE = -100
 

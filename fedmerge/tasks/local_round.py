@@ -18,8 +18,8 @@ from peft import get_peft_model_state_dict
 
 from fedmerge.delta.state_dict import StateDict, TaskVector, task_vector
 from fedmerge.errors import ConfigError
-from fedmerge_simulations.tasks.base import ClientData, Task
-from fedmerge_simulations.tasks.training import seed_from
+from fedmerge.tasks.base import ClientData, Task
+from fedmerge.tasks.training import seed_from
 
 Mode = Literal["full", "lora"]
 

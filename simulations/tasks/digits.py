@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fedmerge.tasks.training import OptimizerName, fit
 from fedmerge_simulations.tasks.base import Split, SupervisedTask
-from fedmerge_simulations.tasks.training import OptimizerName, fit
 
 
 class DigitsMLP(nn.Module):

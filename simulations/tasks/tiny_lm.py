@@ -29,8 +29,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from fedmerge.tasks.training import fit, seed_from
 from fedmerge_simulations.tasks.base import Split, SupervisedTask
-from fedmerge_simulations.tasks.training import fit, seed_from
 
 PAD, BOS, SEP, EOS = 0, 1, 2, 3
 TASK_TOKEN0 = 4  # instruction tokens 4 … 15

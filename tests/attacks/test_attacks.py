@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fedmerge.errors import ConfigError
+from fedmerge.tasks.base import Split
 from fedmerge_simulations.attack_report import markdown_table, summarise, write_report
 from fedmerge_simulations.attacks import (
     TARGET_LABEL,
@@ -22,7 +23,6 @@ from fedmerge_simulations.attacks import (
     run_one,
     stamp_trigger,
 )
-from fedmerge_simulations.tasks.base import Split
 
 
 def _split(n: int = 40) -> Split:

@@ -22,7 +22,7 @@ from fedmerge.aggregators.continual import (
 )
 from fedmerge.aggregators.magmax import MagMax
 from fedmerge.aggregators.task_arithmetic import TaskArithmetic
-from fedmerge.delta.submission import NonFiniteMerge
+from fedmerge.submission import NonFiniteMerge
 from fedmerge.errors import AggregatorStateError, ConfigError
 
 FIXTURE = Path(__file__).parent / "data" / "state_format1.safetensors"

@@ -17,9 +17,9 @@ from fedmerge.delta.lora import (
     factorize,
     load_peft_adapter,
     lora_to_delta,
-    merge_lora,
     save_peft_adapter,
 )
+from fedmerge.aggregators.lora import merge_lora
 from fedmerge.delta.state_dict import task_vector
 from fedmerge.errors import IncompatibleDeltasError
 

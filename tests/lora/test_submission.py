@@ -1,4 +1,4 @@
-"""Submission → task vector (fedmerge.delta.submission): peft archives, LoRA completeness and ranks,
+"""Submission → task vector (fedmerge.submission): peft archives, LoRA completeness and ranks,
 the one base-check policy, and tar members that would expand on extraction."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save
 
 from fedmerge.codec import CodecConfig, PackageMeta, encode_package
-from fedmerge.delta.submission import (
+from fedmerge.submission import (
     StaleOrInvalid,
     check_package_base,
     package_to_task_vector,

@@ -2,6 +2,11 @@
 
 * ``fedmerge/`` (the library) imports nothing from the applications (``server/``, ``clients/``,
   ``simulations/``, ``bench/``, installed as ``fedmerge_server`` … ``fedmerge_bench``), by either name;
+* no application imports another (what two applications share lives in the library);
+* the library has no import cycle, computed from the source: between modules (every import
+  statement counts — inside functions and under ``TYPE_CHECKING`` too — and importing ``a.b.c`` runs
+  the ``__init__`` of ``a`` and ``a.b``), and between its packages (``fedmerge.delta``,
+  ``fedmerge.codec`` …), where each ``cli`` module belongs to the command layer above them all;
 * a ClientApp process loads no server-side module (round engine, aggregators, store, intake service);
 * every package folder is listed in ``[tool.setuptools] packages``, and nothing is installed under a
   generic top-level name.
@@ -24,6 +29,105 @@ SERVER_SIDE = ("fedmerge.flower.rounds", "fedmerge.aggregators", "fedmerge.store
 CLIENT_SIDE_OF_SERVICE = ("fedmerge.service", "fedmerge.service.client")
 
 
+def _relative_base(module: str, path: Path, node: ast.ImportFrom) -> str:
+    """The absolute module a relative ``from`` import in ``module`` (at ``path``) names."""
+    parts = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+    parts = parts[: len(parts) - (node.level - 1)]
+    return ".".join([*parts, *([node.module] if node.module else [])])
+
+
+def module_name(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(root: Path, package: str) -> dict[str, set[str]]:
+    """Module → the modules of ``package`` (under ``root``) that loading it runs: each imported
+    module, the ``__init__`` of every package above it, and ``from a import b`` of a submodule ``b``
+    (the packages containing the importer itself are already loading and are left out)."""
+    paths = {module_name(p, root): p for p in (root / package).rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for module, path in paths.items():
+        targets: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = _relative_base(module, path, node) if node.level else node.module or ""
+                targets.add(base)
+                targets.update(f"{base}.{alias.name}" for alias in node.names)
+        edges = set()
+        for target in targets:
+            parts = target.split(".")
+            for i in range(1, len(parts) + 1):
+                name = ".".join(parts[:i])
+                if name in paths and not (module == name or module.startswith(name + ".")):
+                    edges.add(name)
+        graph[module] = edges
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one node (Tarjan, iterative), sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+    for start in sorted(graph):
+        if start in index:
+            continue
+        work = [(start, iter(sorted(graph[start])))]
+        index[start] = low[start] = len(index)
+        stack.append(start)
+        on_stack.add(start)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph.get(child, ())))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return sorted(found)
+
+
+def package_graph(graph: dict[str, set[str]], depth: int = 2) -> dict[str, set[str]]:
+    """The module graph folded onto packages (``fedmerge.delta.lora`` → ``fedmerge.delta``); each
+    ``cli`` module is its own node (the command layer mounting the packages it composes)."""
+
+    def home(module: str) -> str:
+        return module if module.rsplit(".", 1)[-1] == "cli" else ".".join(module.split(".")[:depth])
+
+    folded: dict[str, set[str]] = {}
+    for module, targets in graph.items():
+        edges = folded.setdefault(home(module), set())
+        edges.update(home(t) for t in targets if home(t) != home(module))
+    return folded
+
+
+def _describe(graph: dict[str, set[str]], component: list[str]) -> str:
+    inside = set(component)
+    return "; ".join(f"{m} → {', '.join(sorted(graph[m] & inside))}" for m in component)
+
+
 def imported_modules(path: Path) -> set[str]:
     """Every absolute module name an import statement in ``path`` names (also inside functions)."""
     names: set[str] = set()
@@ -43,6 +147,37 @@ def test_library_imports_no_application() -> None:
         if name.split(".")[0] in APP_NAMES
     }
     assert not offenders, f"the library imports applications: {sorted(offenders)}"
+
+
+def test_no_import_cycle_between_library_modules() -> None:
+    graph = import_graph(ROOT, "fedmerge")
+    found = cycles(graph)
+    assert not found, "import cycles in the library: " + " | ".join(_describe(graph, c) for c in found)
+
+
+def test_no_import_cycle_between_library_packages() -> None:
+    graph = package_graph(import_graph(ROOT, "fedmerge"))
+    found = cycles(graph)
+    assert not found, "packages import each other: " + " | ".join(_describe(graph, c) for c in found)
+
+
+def test_the_cycle_checker_sees_cycles(tmp_path: Path) -> None:
+    pkg = tmp_path / "lib"
+    for folder in (pkg, pkg / "a", pkg / "b"):
+        folder.mkdir()
+        (folder / "__init__.py").write_text("")
+    (pkg / "a" / "low.py").write_text("from lib.b import high\n")
+    (pkg / "a" / "other.py").write_text("")
+    (pkg / "b" / "high.py").write_text("def f():\n    from ..a import other\n")
+    (pkg / "b" / "cli.py").write_text("import lib.a.low\n")
+    graph = import_graph(tmp_path, "lib")
+    assert graph["lib.b.high"] == {"lib.a", "lib.a.other"} and graph["lib.a.low"] == {"lib.b", "lib.b.high"}
+    assert cycles(graph) == []  # low → high → other: no module cycle
+    assert cycles(package_graph(graph)) == [["lib.a", "lib.b"]]  # but a → b → a; b.cli is above both
+    (pkg / "a" / "other.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import lib.a.low\n"
+    )
+    assert cycles(import_graph(tmp_path, "lib")) == [["lib.a.low", "lib.a.other", "lib.b.high"]]
 
 
 def test_the_checker_sees_an_application_import(tmp_path: Path) -> None:

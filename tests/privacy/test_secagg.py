@@ -28,12 +28,12 @@ from fedmerge.errors import ConfigError
 from fedmerge.flower.rounds import RoundAborted
 from fedmerge.privacy.secagg import SecAggConfig, SecAggRangeError, check_range, submission_terms
 from fedmerge.store import ModelStore
+from fedmerge.tasks.local_round import local_round
+from fedmerge.tasks.training import torch_threads
 from fedmerge_clients.app import partition_for
 from fedmerge_server.secagg import SecAggRound
-from fedmerge_simulations.local_round import local_round
 from fedmerge_simulations.secagg import run_secagg
 from fedmerge_simulations.tasks import get_task
-from fedmerge_simulations.tasks.training import torch_threads
 
 CLIENTS = 4
 BASE: dict[str, Any] = {"num-clients": CLIENTS, "num-rounds": 1, "seed": 3, "server-eval": False}

@@ -5,7 +5,7 @@ import torch
 
 from fedmerge.delta import apply
 from fedmerge.errors import ConfigError
-from fedmerge_simulations.local_round import client_generator, local_round
+from fedmerge.tasks.local_round import client_generator, local_round
 from fedmerge_simulations.tasks import DigitsTask, TinyLMTask
 
 

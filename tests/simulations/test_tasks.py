@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from fedmerge.errors import ConfigError
+from fedmerge.tasks.base import ClientData, Split
 from fedmerge_simulations.tasks import DigitsTask, Task, TinyLMTask, get_task, register_task, task_names
-from fedmerge_simulations.tasks.base import ClientData, Split
 from fedmerge_simulations.tasks.tiny_lm import CLIENT_TASKS, make_sequences
 
 

@@ -22,7 +22,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from fedmerge.delta import hf  # noqa: E402
-from fedmerge.delta.submission import checkpoint_to_task_vector  # noqa: E402
+from fedmerge.submission import checkpoint_to_task_vector  # noqa: E402
 from fedmerge.errors import InvalidSubmission  # noqa: E402
 from fedmerge.store import ModelStore  # noqa: E402
 from fedmerge.store.cli import app  # noqa: E402

@@ -29,8 +29,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from fedmerge.delta.rules import NonFiniteMerge, check_values, first_nonfinite, value_bound
 from fedmerge.delta.state_dict import check_shapes
-from fedmerge.delta.submission import NonFiniteMerge, check_values, value_bound
 from fedmerge.errors import AggregatorStateError, ConfigError, InvalidSubmission
 from fedmerge.registry import Registry
 
@@ -102,7 +102,7 @@ class ContinualMerger(ABC):
         """Fold one expert's task vector in; return the merged task vector after it.
 
         Transactional: an expert that is refused (validation, the magnitude bound
-        :func:`~fedmerge.delta.submission.value_bound` of its shapes, or a merge that would not be
+        :func:`~fedmerge.delta.rules.value_bound` of its shapes, or a merge that would not be
         finite) raises :class:`InvalidSubmission` and leaves the state exactly as before.
         """
         tau = self._validated(task_vector)
@@ -111,11 +111,12 @@ class ContinualMerger(ABC):
             self._add(tau)
             self._num_merged += 1
             merged = self.merged()
-            bad = next((k for k in sorted(merged) if not bool(torch.isfinite(merged[k]).all())), None)
+            bad = first_nonfinite(merged)
             if bad is not None:
                 raise NonFiniteMerge(
                     f"{self.name}: merging expert #{self._num_merged} makes tensor {bad!r} NaN or "
-                    "infinite; the expert was left out"
+                    "infinite; the expert was left out",
+                    bad,
                 )
         except BaseException:
             self.load_state_dict(snapshot)

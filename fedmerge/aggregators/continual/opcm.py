@@ -33,7 +33,7 @@ entries): identical to FusionBench's full-SVD result, without the m×m and n×n 
 Two degenerate cases FusionBench does not meet: a linear weight whose merged task vector is all
 zeros has no subspace to protect, so τ_t is added unprojected (FusionBench would zero the diagonal
 in whatever basis the SVD of the zero matrix returns); if ν = 0 or ‖S‖ = 0, λ_t = 1.
-Overflow: every expert is bounded by :func:`~fedmerge.delta.submission.value_bound` (|x| ≤
+Overflow: every expert is bounded by :func:`~fedmerge.delta.rules.value_bound` (|x| ≤
 sqrt(FP32_MAX / 4P), so ‖τ‖_F ≤ sqrt(FP32_MAX)/2), the norms are taken in fp64, the projection
 coordinates satisfy |Uᵀ τ V|_ij ≤ ‖τ‖_F (U, V orthonormal) and ‖S‖ grows at most by ‖τ_t‖ per expert:
 no fp32 product overflows for experts inside the bound. A 3e38-valued expert is refused by the bound
