@@ -97,15 +97,29 @@ def check_base_matches_task(
         )
 
 
+def server_task(cfg: RunConfig) -> Task | None:
+    """The run's task on the server, or None for ``task = ""``: then the store's base is the model and
+    the ClientApps bring their own (e.g. Flower's quickstart apps), so nothing of the task is imported
+    here; that needs ``server-eval = false`` (one ConfigError otherwise) and a store with a base."""
+    if cfg.task:
+        return get_task(cfg.task)
+    if cfg.server_eval:
+        raise ConfigError(
+            "task = '' (no task on the server) cannot evaluate on the server; set server-eval=false, "
+            "or name the task whose global test set evaluates the model"
+        )
+    return None
+
+
 def run_server(
     grid: Grid, cfg: RunConfig, on_round: Callable[[RoundReport], None] | None = None
 ) -> list[RoundReport]:
     """Open the store, make sure it has a base, check the task's model against it, and run
     ``cfg.num_rounds`` rounds. Every configuration error is raised before any message is sent."""
     use_mmap_for_large_allocations()
-    task = get_task(cfg.task)
+    task = server_task(cfg)
     evaluate = task_evaluator(cfg.task, cfg.seed) if cfg.server_eval else None
-    makes_base = cfg.init_base and callable(getattr(task, "pretrained_base", None))
+    makes_base = task is not None and cfg.init_base and callable(getattr(task, "pretrained_base", None))
     if not makes_base:
         check_store_exists(cfg)
     with ModelStore.open(cfg.store) as store:
@@ -119,9 +133,10 @@ def run_server(
                 f"`fedmerge init --store {cfg.store} --base <model-dir>`"
             ) from None
         if callable(getattr(task, "use_store_files", None)):  # e.g. hf_causal_lm: config.json kept by init
-            task.use_store_files(store.read_files(base))  # type: ignore[attr-defined]
+            task.use_store_files(store.read_files(base))  # type: ignore[union-attr]
         weights = store.materialize(base)
-        check_base_matches_task(task, cfg.task, weights, base.id, cfg.seed)
+        if task is not None:
+            check_base_matches_task(task, cfg.task, weights, base.id, cfg.seed)
         federation = Federation(grid, cfg, store, evaluate=evaluate, on_round=on_round)
         federation.latest_weights = (base.id, weights)
         return federation.run()
