@@ -59,6 +59,9 @@ ROUND_SECONDS_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 MERGE_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 
 
+MAX_EVALUATE_METRICS = 16  # metric names a server exports from federated evaluation (client-chosen)
+
+
 class MetricsBindError(ConfigError):
     """The metrics endpoint may not (or could not) bind the requested address."""
 
@@ -100,6 +103,11 @@ class RoundEvent:
     downlink_bytes: int = 0
     wall_s: float = 0.0
     time: float = 0.0  # wall-clock time of the event (seconds since the epoch)
+    # the federated evaluation after the round (fedmerge.flower.evaluation), when there was one
+    evaluate_accepted: int = 0
+    evaluate_dropped: int = 0
+    evaluate_metrics: dict[str, float] = field(default_factory=dict)  # aggregated, by metric name
+    evaluate_downlink_bytes: int = 0
 
     @classmethod
     def from_report(cls, report: Any) -> RoundEvent:
@@ -108,6 +116,15 @@ class RoundEvent:
         for outcome in report.rejected:
             key = reply_reason(outcome.reason)
             rejected[key] = rejected.get(key, 0) + 1
+        ev = getattr(report, "evaluation", None)
+        evaluation: dict[str, Any] = {}
+        if ev is not None:
+            evaluation = {
+                "evaluate_accepted": len(ev.accepted),
+                "evaluate_dropped": len(ev.dropped),
+                "evaluate_metrics": {str(k): float(v) for k, v in ev.metrics.items()},
+                "evaluate_downlink_bytes": int(ev.downlink_bytes),
+            }
         return cls(
             round=int(report.round),
             attempt=int(report.attempt),
@@ -118,6 +135,7 @@ class RoundEvent:
             downlink_bytes=int(report.downlink_bytes),
             wall_s=float(report.wall_s),
             time=time.time(),
+            **evaluation,
         )
 
     def to_json(self) -> str:
@@ -140,6 +158,10 @@ class RoundEvent:
             downlink_bytes=int(doc.get("downlink_bytes", 0)),
             wall_s=float(doc.get("wall_s", 0.0)),
             time=float(doc.get("time", 0.0)),
+            evaluate_accepted=int(doc.get("evaluate_accepted", 0)),
+            evaluate_dropped=int(doc.get("evaluate_dropped", 0)),
+            evaluate_metrics={str(k): float(v) for k, v in dict(doc.get("evaluate_metrics") or {}).items()},
+            evaluate_downlink_bytes=int(doc.get("evaluate_downlink_bytes", 0)),
         )
 
 
@@ -176,6 +198,7 @@ class FedmergeMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        self._evaluate_names: set[str] = set()  # metric names exported so far (bounded label set)
         # rounds
         self.rounds_completed = Counter(
             "fedmerge_rounds_completed", "Rounds that committed a version.", registry=r
@@ -253,6 +276,25 @@ class FedmergeMetrics:
             "fedmerge_intake_queue_depth", "Acknowledged experts waiting to be merged.", registry=r
         )
         # store and versions
+        # federated evaluation (evaluate messages after a round)
+        self.evaluate_replies = Counter(
+            "fedmerge_evaluate_replies",
+            "Evaluate replies, accepted into the aggregate or dropped.",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in ("accepted", "dropped"):
+            self.evaluate_replies.labels(outcome)
+        self.evaluate_metric = Gauge(
+            "fedmerge_evaluate_metric",
+            "The last federated evaluation's metrics, weighted by num-examples (at most "
+            f"{MAX_EVALUATE_METRICS} metric names per server; later names are not exported).",
+            ["metric"],
+            registry=r,
+        )
+        self.last_evaluated_round = Gauge(
+            "fedmerge_last_evaluated_round", "Round of the last federated evaluation.", registry=r
+        )
         self.versions_committed = Counter(
             "fedmerge_versions_committed", "Versions this server committed.", registry=r
         )
@@ -282,11 +324,26 @@ class FedmergeMetrics:
         self.uplink.inc(event.uplink_bytes)
         self.downlink.inc(event.downlink_bytes)
         self.round_duration.observe(event.wall_s)
+        self.observe_evaluation(event)
         if event.version_id is None:
             self.rounds_uncommitted.inc()
             return
         self.rounds_completed.inc()
         self.committed(event.version_id, event.round, at=event.time or None)
+
+    def observe_evaluation(self, event: RoundEvent) -> None:
+        """Count the round's federated evaluation (nothing when it had none): replies by outcome,
+        its downlink, and each aggregated metric as a gauge (a bounded set of metric names)."""
+        if not event.evaluate_accepted and not event.evaluate_dropped:
+            return
+        self.evaluate_replies.labels("accepted").inc(event.evaluate_accepted)
+        self.evaluate_replies.labels("dropped").inc(event.evaluate_dropped)
+        self.downlink.inc(event.evaluate_downlink_bytes)
+        self.last_evaluated_round.set(event.round)
+        for name, value in sorted(event.evaluate_metrics.items()):
+            if name in self._evaluate_names or len(self._evaluate_names) < MAX_EVALUATE_METRICS:
+                self._evaluate_names.add(name)
+                self.evaluate_metric.labels(name).set(value)
 
     # ------------------------------------------------------------------------------ intake
     def intake_acknowledged(self, duplicate: bool) -> None:
