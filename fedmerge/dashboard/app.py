@@ -282,6 +282,13 @@ class Dashboard:
                 x_label=label,
                 y_min=0.0,
             ),
+            "evaluation": svg.line_chart(
+                "federated evaluation (weighted by num-examples)",
+                run.evaluation_series(),
+                chart_id="chart-evaluation",
+                empty="no federated evaluation in this run (fraction-evaluate = 0)",
+                x_label=label,
+            ),
             "clients": svg.stacked_bars(
                 "contributors per round",
                 xs,

@@ -16,6 +16,7 @@ from typing import Any
 
 from fedmerge.errors import ConfigError, IncompatibleDeltasError
 from fedmerge.store import ModelStore, Version
+from fedmerge.store.evaluations import latest_evaluations
 from fedmerge.store.model_store import STORE_MARKER
 from fedmerge.store.safetensors_format import dtype_from_name
 
@@ -308,6 +309,11 @@ class RunPoint:
     epsilon: float | None
     accepted: int
     rejected: int
+    # the federated evaluation recorded beside the version (fedmerge/store/evaluations.py): its
+    # metrics weighted by num-examples, and how many nodes were accepted / dropped
+    evaluation: dict[str, float] = field(default_factory=dict)
+    evaluated: int = 0
+    evaluate_dropped: int = 0
 
 
 @dataclass(frozen=True)
@@ -320,6 +326,16 @@ class Run:
 
     def series(self, key: str) -> list[tuple[float, float]]:
         return [(p.x, p.metrics[key]) for p in self.points if key in p.metrics]
+
+    def evaluation_series(self, limit: int = 6) -> list[tuple[str, list[tuple[float, float]]]]:
+        """One series per federated-evaluation metric (the ``limit`` most reported names, then by name)."""
+        counts: dict[str, int] = {}
+        for p in self.points:
+            for key in p.evaluation:
+                counts[key] = counts.get(key, 0) + 1
+        names = sorted(counts, key=lambda k: (-counts[k], k))[:limit]
+        points = self.points
+        return [(k, [(p.x, p.evaluation[k]) for p in points if k in p.evaluation]) for k in sorted(names)]
 
 
 def default_head(store: ModelStore) -> str | None:
@@ -337,8 +353,11 @@ def run_view(store: ModelStore, ref: str, *, limit: int = MAX_PAGE_SIZE) -> Run:
     chain = store.chain(head) if head.kind != "full" else [head]
     root = chain[0]
     points: list[RunPoint] = []
-    for v in chain[1:][-limit:]:
+    shown = chain[1:][-limit:]
+    evaluations = latest_evaluations(store, [v.id for v in shown])
+    for v in shown:
         metrics = {k: n for k, val in v.metrics.items() if (n := _number(val)) is not None}
+        ev = evaluations.get(v.id)
         points.append(
             RunPoint(
                 id=v.id,
@@ -349,6 +368,9 @@ def run_view(store: ModelStore, ref: str, *, limit: int = MAX_PAGE_SIZE) -> Run:
                 epsilon=epsilon_of(v),
                 accepted=sum(1 for c in v.contributors if c.accepted),
                 rejected=sum(1 for c in v.contributors if not c.accepted),
+                evaluation={} if ev is None else dict(ev.metrics),
+                evaluated=0 if ev is None else len(ev.accepted),
+                evaluate_dropped=0 if ev is None else len(ev.dropped),
             )
         )
     return Run(head=head.id, root=root.id, points=points)
