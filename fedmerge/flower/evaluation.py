@@ -315,6 +315,10 @@ def run_evaluation(
     report.metrics, report.num_examples = aggregate_evaluate(report.nodes)
     for node in report.dropped:
         log.warning("round %d: evaluate reply of %s dropped: %s", round_, node.client_id, node.reason)
+    log.info(
+        "round %d: federated evaluation of %s: %s over %d examples (%d nodes accepted, %d dropped)",
+        round_, version.id, report.metrics, report.num_examples, len(report.accepted), len(report.dropped),
+    )  # fmt: skip
     if report.accepted:
         try:
             record_evaluation(store, report.as_evaluation())
