@@ -352,10 +352,13 @@ class Aggregator(ABC):
         self._flush_sparse()
         if not self._pending:
             return
-        weights = [w for _, w in self._pending]
-        for key in self._pending[0][0]:
-            self._fold_dense(key, [items[key] for items, _ in self._pending], weights)
-        self._pending = []
+        pending, self._pending = self._pending, []
+        keys: dict[str, None] = {}  # a client whose tensor is sparse (e.g. left out: zero change)
+        for items, _ in pending:  # holds no dense item for it: each tensor folds the clients holding it
+            keys.update(dict.fromkeys(items))
+        for key in keys:
+            held = [(items[key], w) for items, w in pending if key in items]
+            self._fold_dense(key, [it for it, _ in held], [w for _, w in held])
 
 
 def dense_of(x: DeltaTensor) -> torch.Tensor:
