@@ -35,10 +35,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from io import FileIO
 from pathlib import Path
-from typing import Protocol, cast
+from typing import BinaryIO, Protocol, cast
 
 import torch
 
+from fedmerge.fsutil import fsync_dir
 from fedmerge.store.errors import CorruptBlobError, MissingBlobError
 from fedmerge.store.safetensors_format import (
     MAX_HEADER_BYTES,
@@ -70,7 +71,13 @@ class BlobBackend(Protocol):
         ...
 
     def local_path(self, digest: str) -> Path:
-        """A local file holding the blob's bytes, for memory-mapped reads."""
+        """Where the blob's bytes sit on this machine (for an object store: its cache entry)."""
+        ...
+
+    def open_read(self, digest: str, what: str) -> tuple[BinaryIO, int]:
+        """(seekable unbuffered reader, size) of the blob; :class:`MissingBlobError` if it is absent.
+
+        The reader hands out the stored bytes unchecked: callers hash what they use."""
         ...
 
     def size(self, digest: str) -> int: ...
@@ -88,15 +95,6 @@ class BlobBackend(Protocol):
     def sync(self) -> None:
         """Make every completed :meth:`put` durable (directory entries included)."""
         ...
-
-
-def fsync_dir(path: Path) -> None:
-    """fsync a directory so the renames and unlinks inside it are durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 _CHUNK = 1 << 20  # hash and write in 1 MiB chunks: each chunk is still in cache when it is written
@@ -207,6 +205,17 @@ class LocalBlobBackend:
 
     def has(self, digest: str) -> bool:
         return self.local_path(digest).is_file()
+
+    def open_read(self, digest: str, what: str) -> tuple[BinaryIO, int]:
+        path = self.local_path(digest)
+        try:
+            fh = path.open("rb", buffering=0)
+        except FileNotFoundError:
+            raise MissingBlobError(
+                f"{what}: blob {digest} is missing from {path.parent.parent}; restore it from a backup or "
+                "an export — the store never deletes referenced blobs, so something outside it did"
+            ) from None
+        return cast("BinaryIO", fh), os.fstat(fh.fileno()).st_size
 
     def put(self, digest: str, parts: Sequence[Buffer]) -> bool:
         final = self.local_path(digest)
@@ -352,16 +361,8 @@ def read_blob(backend: BlobBackend, digest: str, *, what: str, check_hash: bool 
     in error messages. Raises :class:`MissingBlobError` or :class:`CorruptBlobError`; nothing is
     repaired.
     """
-    path = backend.local_path(digest)
-    try:
-        fh = path.open("rb", buffering=0)
-    except FileNotFoundError:
-        raise MissingBlobError(
-            f"{what}: blob {digest} is missing from {path.parent.parent}; restore it from a backup or "
-            "an export — the store never deletes referenced blobs, so something outside it did"
-        ) from None
+    fh, size = backend.open_read(digest, what)
     with fh:
-        size = os.fstat(fh.fileno()).st_size
         if size == 0:
             raise CorruptBlobError(f"{what}: blob {digest} is empty; restore it from a backup")
         head = _read_header_bytes(fh, size)
@@ -418,7 +419,9 @@ class BlobStream:
     and the file reads release the GIL).
     """
 
-    def __init__(self, fh: FileIO, digest: str, what: str, spec: TensorSpec, head: bytes, start: int) -> None:
+    def __init__(
+        self, fh: BinaryIO, digest: str, what: str, spec: TensorSpec, head: bytes, start: int
+    ) -> None:
         self._fh = fh
         self.digest = digest
         self.what = what
@@ -469,16 +472,8 @@ def open_blob_stream(
     """A :class:`BlobStream` over blob ``digest``, or None when its header is not a readable one-tensor
     header holding ``expect``'s dtype and shape (read it with :func:`read_blob` instead, which hashes
     the whole blob first and so reports a corrupted blob as such). Raises :class:`MissingBlobError`."""
-    path = backend.local_path(digest)
+    fh, size = backend.open_read(digest, what)
     try:
-        fh = path.open("rb", buffering=0)
-    except FileNotFoundError:
-        raise MissingBlobError(
-            f"{what}: blob {digest} is missing from {path.parent.parent}; restore it from a backup or "
-            "an export — the store never deletes referenced blobs, so something outside it did"
-        ) from None
-    try:
-        size = os.fstat(fh.fileno()).st_size
         head = _read_header_bytes(fh, size) if size else None
         header = None
         if head is not None:
@@ -499,7 +494,7 @@ def open_blob_stream(
         raise
 
 
-def _read_header_bytes(fh: FileIO, size: int) -> bytes | None:
+def _read_header_bytes(fh: BinaryIO, size: int) -> bytes | None:
     """The 8-byte length and the JSON header of a safetensors file, or None if they cannot fit."""
     head = fh.read(8)
     if len(head) < 8:
@@ -511,20 +506,31 @@ def _read_header_bytes(fh: FileIO, size: int) -> bytes | None:
     return head + rest if len(rest) == n else None
 
 
-def _read_blob_whole(fh: FileIO, size: int, digest: str, what: str, check_hash: bool) -> torch.Tensor:
-    """Memory-map a blob whose header did not parse: hash first, then report the format error."""
+def _read_blob_whole(fh: BinaryIO, size: int, digest: str, what: str, check_hash: bool) -> torch.Tensor:
+    """Memory-map (a local file) or read whole a blob whose header did not parse: hash first, then
+    report the format error."""
+    if not isinstance(fh, FileIO):
+        fh.seek(0)
+        data = bytearray(fh.read())
+        return _decode_whole(data, len(data), digest, what, check_hash)
     with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) as mm:
-        if check_hash:
-            actual = hashlib.sha256(mm).hexdigest()
-            if actual != digest:
-                raise CorruptBlobError(
-                    f"{what}: blob {digest} is corrupted (its bytes hash to {actual}); "
-                    "restore it from a backup — the store does not repair it"
-                )
-        try:
-            header = parse_header(mm, size)
-            if set(header.entries) != {BLOB_KEY}:
-                raise SafetensorsFormatError(f"holds {sorted(header.entries)}, expected [{BLOB_KEY!r}]")
-            return tensor_from_buffer(mm, header, BLOB_KEY)
-        except SafetensorsFormatError as exc:
-            raise CorruptBlobError(f"{what}: blob {digest} is not a valid tensor blob: {exc}") from None
+        return _decode_whole(mm, size, digest, what, check_hash)
+
+
+def _decode_whole(
+    mm: mmap.mmap | bytearray, size: int, digest: str, what: str, check_hash: bool
+) -> torch.Tensor:
+    if check_hash:
+        actual = hashlib.sha256(mm).hexdigest()
+        if actual != digest:
+            raise CorruptBlobError(
+                f"{what}: blob {digest} is corrupted (its bytes hash to {actual}); "
+                "restore it from a backup — the store does not repair it"
+            )
+    try:
+        header = parse_header(mm, size)
+        if set(header.entries) != {BLOB_KEY}:
+            raise SafetensorsFormatError(f"holds {sorted(header.entries)}, expected [{BLOB_KEY!r}]")
+        return tensor_from_buffer(mm, header, BLOB_KEY)
+    except SafetensorsFormatError as exc:
+        raise CorruptBlobError(f"{what}: blob {digest} is not a valid tensor blob: {exc}") from None

@@ -1,0 +1,528 @@
+"""Blobs in S3-compatible object storage: :class:`S3BlobBackend` (``s3://bucket/prefix``).
+
+Objects under ``prefix``::
+
+    <prefix>/blobs/<first 2 hex>/<64 hex>.safetensors    one committed blob (same name as on disk)
+    <prefix>/manifests/v000012.json                      a copy of each version's manifest
+
+Writes. A blob's digest is computed first (one pass over the encoder's byte parts, which are views
+of the tensor: nothing is copied whole), then the bytes are uploaded under that name: one
+``PutObject`` up to :data:`MULTIPART_THRESHOLD`, else a multipart upload whose parts are cut from
+the same views (:data:`PART_BYTES` at a time, never the whole blob in a second buffer). Both carry
+``If-None-Match: *``: an object store that already holds the name answers ``PreconditionFailed``
+and the write is a no-op (a second writer of the same content-addressed blob loses nothing). A
+multipart upload that is not completed is never visible; a failed one is aborted, and ``gc`` aborts
+the ones a crashed writer left. An object is durable once its upload has completed, so
+:meth:`S3BlobBackend.publish` and :meth:`S3BlobBackend.sync` have nothing left to do.
+
+Reads. :meth:`S3BlobBackend.open_read` returns a seekable reader: a blob already in the local
+read-through cache is a local file; a blob up to :attr:`S3BlobBackend.cache_blob_max` is downloaded
+whole into the cache while its sha256 is checked (a mismatch is a :class:`CorruptBlobError` and
+nothing is cached); a larger blob is read by HTTP ranges (:class:`RangeReader`) without downloading
+it first. Either way the store's readers hash every byte they use, so bytes changed in the bucket
+are refused. The cache holds at most ``cache_bytes`` (least recently used blobs evicted first).
+
+Retries. Every request goes through botocore's retry handler (``adaptive`` mode: exponential
+back-off with jitter on 5xx, ``SlowDown``/throttling and connection errors, ``max_attempts``
+tries). What is still failing afterwards becomes one :class:`ObjectStoreError` line naming the
+bucket, the endpoint and what to check (unreachable, wrong credentials, no such bucket).
+
+gc rule. ``gc`` deletes an unreferenced blob only when its ``LastModified`` is older than the grace
+period, and sweeps inside the catalog's writer lock; a commit re-checks every blob it references
+inside that same lock and uploads again any that is gone. A blob a commit reuses but does not
+upload keeps its old age, so it may be deleted while the commit is still writing its other blobs:
+the re-check then uploads it again (whole commits) or refuses the commit with a retryable
+:class:`~fedmerge.store.errors.MissingBlobError` (streamed commits, whose bytes were not kept).
+With a PostgreSQL catalog the writer lock is shared by every server, so the rule holds across them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import re
+import secrets
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+from urllib.parse import urlparse
+
+from fedmerge.errors import ConfigError, FedMergeError
+from fedmerge.store.blobs import _DIGEST, Buffer, StagedBlob
+from fedmerge.store.errors import CorruptBlobError, MissingBlobError
+
+MULTIPART_THRESHOLD = 16 << 20
+"""Blobs larger than this are uploaded in parts."""
+PART_BYTES = 16 << 20
+"""Bytes per multipart part (S3's minimum is 5 MiB, except the last)."""
+READ_AHEAD = 8 << 20
+"""Bytes one ranged GET fetches at least (a tensor's bytes are read sequentially)."""
+DEFAULT_CACHE_BYTES = 2 << 30
+
+
+class ObjectStoreError(FedMergeError, RuntimeError):
+    """The object store cannot be used: unreachable, refused credentials, missing bucket, or a request
+    still failing after botocore's retries. Nothing was committed by the failing call."""
+
+    retryable = True
+
+
+def is_s3_url(url: str | os.PathLike[str]) -> bool:
+    return isinstance(url, str) and url.startswith("s3://")
+
+
+@dataclass(frozen=True)
+class S3Location:
+    bucket: str
+    prefix: str  # "" or ends without "/"
+
+    @classmethod
+    def parse(cls, url: str) -> S3Location:
+        parsed = urlparse(url)
+        if parsed.scheme != "s3" or not parsed.netloc:
+            raise ConfigError(f"store {url!r} is not an s3://bucket/prefix URL")
+        if not re.fullmatch(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", parsed.netloc):
+            raise ConfigError(
+                f"store {url!r}: {parsed.netloc!r} is not a valid bucket name (3-63 lowercase letters, "
+                "digits, dots or hyphens)"
+            )
+        return cls(parsed.netloc, parsed.path.strip("/"))
+
+    def key(self, *parts: str) -> str:
+        return "/".join(p for p in (self.prefix, *parts) if p)
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+
+
+def default_cache_dir(loc: S3Location, endpoint: str | None) -> Path:
+    """``$FEDMERGE_S3_CACHE`` or ``~/.cache/fedmerge/s3``, then endpoint host, bucket and prefix."""
+    base = Path(os.environ.get("FEDMERGE_S3_CACHE") or Path.home() / ".cache" / "fedmerge" / "s3")
+    host = urlparse(endpoint).netloc.replace(":", "_") if endpoint else "aws"
+    return base / host / loc.bucket / (loc.prefix or "_")
+
+
+def make_client(endpoint: str | None, max_attempts: int = 8, connect_timeout: float = 5.0) -> Any:
+    """A boto3 S3 client (credentials from boto3's usual chain) with adaptive retries and back-off."""
+    try:
+        import boto3
+        from botocore.config import Config
+    except ImportError:
+        raise ConfigError("an s3:// store needs boto3: pip install 'fedmerge[s3]'") from None
+    config = Config(
+        retries={"max_attempts": max_attempts, "mode": "adaptive"},
+        connect_timeout=connect_timeout,
+        read_timeout=60,
+        max_pool_connections=32,
+        s3={"addressing_style": "path"},
+    )
+    endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
+    session = boto3.session.Session()
+    return session.client("s3", endpoint_url=endpoint, config=config)
+
+
+def _error_code(exc: BaseException) -> str:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        code = str(response.get("Error", {}).get("Code", ""))
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return code or str(status or "")
+    return ""
+
+
+class S3BlobBackend:
+    """:class:`~fedmerge.store.blobs.BlobBackend` on an S3-compatible bucket (see the module doc).
+
+    ``cache_dir`` holds the read-through cache (``blobs/``) and local temporary files (``tmp/``).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        cache_dir: Path,
+        *,
+        endpoint: str | None = None,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        max_attempts: int = 8,
+        client: Any = None,
+    ) -> None:
+        self.loc = S3Location.parse(url)
+        self.endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
+        self.client = client if client is not None else make_client(self.endpoint, max_attempts)
+        self.root = Path(cache_dir)
+        self.blob_dir = self.root / "cache"
+        self.tmp_dir = self.root / "tmp"
+        self.blob_dir.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self.cache_bytes = cache_bytes
+        self.cache_blob_max = max(0, cache_bytes // 8)
+        self._listing: dict[str, tuple[int, float]] = {}
+        self._cache_lock = threading.Lock()
+
+    # -- errors ----------------------------------------------------------------------------------
+
+    def _fail(self, exc: BaseException, doing: str) -> ObjectStoreError:
+        code = _error_code(exc)
+        where = f"{self.loc} at {self.endpoint or 'AWS'}"
+        if code in {"NoSuchBucket"}:
+            hint = "the bucket does not exist: create it, or fix the s3:// URL"
+        elif code in {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "Forbidden"}:
+            hint = (
+                f"the object store refused the credentials ({code}): check AWS_ACCESS_KEY_ID / "
+                "AWS_SECRET_ACCESS_KEY or the profile, and the bucket's permissions"
+            )
+        elif code:
+            hint = f"the object store answered {code} after retries with back-off"
+        else:
+            hint = (
+                f"the object store is unreachable ({type(exc).__name__}) after retries with back-off: "
+                "check --s3-endpoint / AWS_ENDPOINT_URL and that the server is running"
+            )
+        return ObjectStoreError(f"{doing} on {where}: {hint}")
+
+    def check(self) -> None:
+        """Fail fast with one clear line if the bucket cannot be reached or read."""
+        try:
+            self.client.head_bucket(Bucket=self.loc.bucket)
+        except Exception as exc:
+            if _error_code(exc) in {"404", "NoSuchBucket", "NotFound"}:
+                raise ObjectStoreError(
+                    f"bucket {self.loc.bucket!r} does not exist at {self.endpoint or 'AWS'}: create it "
+                    "(aws s3 mb s3://BUCKET) or fix the s3:// URL"
+                ) from None
+            raise self._fail(exc, "opening the store") from None
+
+    # -- names -----------------------------------------------------------------------------------
+
+    def key(self, digest: str) -> str:
+        if not _DIGEST.match(digest):
+            raise MissingBlobError(f"{digest!r} is not a sha256 hex digest; the manifest is damaged")
+        return self.loc.key("blobs", digest[:2], f"{digest}.safetensors")
+
+    def local_path(self, digest: str) -> Path:
+        """Where the blob sits in the read-through cache (it may not be there)."""
+        self.key(digest)
+        return self.blob_dir / digest[:2] / f"{digest}.safetensors"
+
+    def describe(self, digest: str) -> str:
+        return f"s3://{self.loc.bucket}/{self.key(digest)}"
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def has(self, digest: str) -> bool:
+        try:
+            self.client.head_object(Bucket=self.loc.bucket, Key=self.key(digest))
+        except Exception as exc:
+            if _error_code(exc) in {"404", "NoSuchKey", "NotFound"}:
+                return False
+            raise self._fail(exc, f"looking up blob {digest}") from None
+        return True
+
+    def put(self, digest: str, parts: Sequence[Buffer]) -> bool:
+        """Upload ``parts`` under ``digest`` unless the bucket holds it already (then False)."""
+        views = [memoryview(p).cast("B") for p in parts]
+        total = sum(v.nbytes for v in views)
+        key = self.key(digest)
+        try:
+            if total <= MULTIPART_THRESHOLD:
+                body = b"".join(views) if len(views) != 1 else views[0].tobytes()
+                self.client.put_object(Bucket=self.loc.bucket, Key=key, Body=body, IfNoneMatch="*")
+            else:
+                self._multipart(key, views)
+        except Exception as exc:
+            if _error_code(exc) == "PreconditionFailed":
+                return False
+            if isinstance(exc, ObjectStoreError):
+                raise
+            raise self._fail(exc, f"uploading blob {digest}") from None
+        return True
+
+    def _multipart(self, key: str, views: list[memoryview]) -> None:
+        upload = self.client.create_multipart_upload(Bucket=self.loc.bucket, Key=key)
+        upload_id = upload["UploadId"]
+        done: list[dict[str, Any]] = []
+        try:
+            for number, chunk in enumerate(_chunks(views, PART_BYTES), start=1):
+                answer = self.client.upload_part(
+                    Bucket=self.loc.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=chunk
+                )
+                done.append({"ETag": answer["ETag"], "PartNumber": number})
+            self.client.complete_multipart_upload(
+                Bucket=self.loc.bucket,
+                Key=key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": done},
+                IfNoneMatch="*",
+            )
+        except BaseException:
+            with contextlib.suppress(Exception):  # else gc aborts the upload left behind
+                self.client.abort_multipart_upload(Bucket=self.loc.bucket, Key=key, UploadId=upload_id)
+            raise
+
+    def stage(self, parts: Sequence[Buffer]) -> StagedBlob:
+        """Hash ``parts`` and upload them (a no-op if the blob exists): durable once this returns."""
+        hasher = hashlib.sha256()
+        for p in parts:
+            hasher.update(memoryview(p).cast("B"))
+        digest = hasher.hexdigest()
+        self.put(digest, parts)
+        return StagedBlob(digest, None, self.local_path(digest))
+
+    def publish(self, staged: Sequence[StagedBlob]) -> None:
+        """Nothing left to do: :meth:`stage` completed each upload."""
+
+    def sync(self) -> None:
+        """Nothing left to do: a completed upload is durable in the object store."""
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def size(self, digest: str) -> int:
+        return self._stat(digest)[0]
+
+    def mtime(self, digest: str) -> float:
+        return self._stat(digest)[1]
+
+    def _stat(self, digest: str) -> tuple[int, float]:
+        if digest in self._listing:
+            return self._listing[digest]
+        try:
+            head = self.client.head_object(Bucket=self.loc.bucket, Key=self.key(digest))
+        except Exception as exc:
+            if _error_code(exc) in {"404", "NoSuchKey", "NotFound"}:
+                raise MissingBlobError(f"blob {digest} is missing from {self.loc}") from None
+            raise self._fail(exc, f"looking up blob {digest}") from None
+        return int(head["ContentLength"]), head["LastModified"].timestamp()
+
+    def digests(self) -> Iterator[str]:
+        """Every blob in the bucket (its size and age remembered for :meth:`size` and :meth:`mtime`)."""
+        listing: dict[str, tuple[int, float]] = {}
+        try:
+            for obj in self._list(self.loc.key("blobs") + "/"):
+                name = obj["Key"].rsplit("/", 1)[-1].removesuffix(".safetensors")
+                if _DIGEST.match(name) and obj["Key"] == self.key(name):
+                    listing[name] = (int(obj["Size"]), obj["LastModified"].timestamp())
+        except ObjectStoreError:
+            raise
+        self._listing = listing
+        yield from sorted(listing)
+
+    def _list(self, prefix: str) -> Iterator[dict[str, Any]]:
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.loc.bucket, Prefix=prefix
+            ):
+                yield from page.get("Contents", [])
+        except Exception as exc:
+            raise self._fail(exc, "listing blobs") from None
+
+    def stray_paths(self) -> list[str]:
+        """Objects under ``blobs/`` whose key is not a blob name (never written by the store)."""
+        out = []
+        for obj in self._list(self.loc.key("blobs") + "/"):
+            name = obj["Key"].rsplit("/", 1)[-1].removesuffix(".safetensors")
+            if not (_DIGEST.match(name) and obj["Key"] == self.key(name)):
+                out.append(f"s3://{self.loc.bucket}/{obj['Key']}")
+        return out
+
+    def leftover_tmp(self, older_than: float | None = None) -> list[Path]:
+        now = time.time()
+        return [
+            p
+            for p in sorted(self.tmp_dir.iterdir())
+            if older_than is None or now - p.stat().st_mtime >= older_than
+        ]
+
+    def incomplete_uploads(self, older_than: float) -> list[tuple[str, str]]:
+        """(key, upload id) of multipart uploads under ``blobs/`` started at least ``older_than`` s ago."""
+        try:
+            answer = self.client.list_multipart_uploads(
+                Bucket=self.loc.bucket, Prefix=self.loc.key("blobs") + "/"
+            )
+        except Exception as exc:
+            raise self._fail(exc, "listing multipart uploads") from None
+        now = time.time()
+        return [
+            (u["Key"], u["UploadId"])
+            for u in answer.get("Uploads", [])
+            if now - u["Initiated"].timestamp() >= older_than
+        ]
+
+    def abort_upload(self, key: str, upload_id: str) -> None:
+        try:
+            self.client.abort_multipart_upload(Bucket=self.loc.bucket, Key=key, UploadId=upload_id)
+        except Exception as exc:
+            raise self._fail(exc, f"aborting the upload of {key}") from None
+
+    def delete(self, digest: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.loc.bucket, Key=self.key(digest))
+        except Exception as exc:
+            raise self._fail(exc, f"deleting blob {digest}") from None
+        self.local_path(digest).unlink(missing_ok=True)
+        self._listing.pop(digest, None)
+
+    def open_read(self, digest: str, what: str) -> tuple[BinaryIO, int]:
+        """(reader, size) of the blob: a cached file, a whole download into the cache, or by ranges."""
+        cached = self.local_path(digest)
+        try:
+            fh = cached.open("rb", buffering=0)
+        except FileNotFoundError:
+            pass
+        else:
+            os.utime(cached)  # least recently used is evicted first
+            return fh, os.fstat(fh.fileno()).st_size  # type: ignore[return-value]
+        try:
+            head = self.client.head_object(Bucket=self.loc.bucket, Key=self.key(digest))
+        except Exception as exc:
+            if _error_code(exc) in {"404", "NoSuchKey", "NotFound"}:
+                raise MissingBlobError(
+                    f"{what}: blob {digest} is missing from {self.loc}; restore it from a backup or an "
+                    "export — the store never deletes referenced blobs, so something outside it did"
+                ) from None
+            raise self._fail(exc, f"{what}: reading blob {digest}") from None
+        size = int(head["ContentLength"])
+        if size <= self.cache_blob_max:
+            self._download(digest, cached, what)
+            fh = cached.open("rb", buffering=0)
+            return fh, size  # type: ignore[return-value]
+        return io.BufferedReader(RangeReader(self, digest, size), READ_AHEAD), size  # type: ignore[return-value]
+
+    def _download(self, digest: str, dest: Path, what: str) -> None:
+        """Download a whole blob into the cache, checking its sha256 (nothing cached on a mismatch)."""
+        tmp = self.tmp_dir / f"{secrets.token_hex(8)}.download"
+        hasher = hashlib.sha256()
+        try:
+            body = self.client.get_object(Bucket=self.loc.bucket, Key=self.key(digest))["Body"]
+            with tmp.open("wb") as out:
+                for chunk in body.iter_chunks(1 << 20):
+                    hasher.update(chunk)
+                    out.write(chunk)
+        except Exception as exc:
+            tmp.unlink(missing_ok=True)
+            raise self._fail(exc, f"{what}: downloading blob {digest}") from None
+        if hasher.hexdigest() != digest:
+            tmp.unlink(missing_ok=True)
+            raise CorruptBlobError(
+                f"{what}: blob {digest} is corrupted in {self.loc} (its bytes hash to {hasher.hexdigest()}); "
+                "restore it from a backup — the store does not repair it"
+            )
+        dest.parent.mkdir(exist_ok=True)
+        os.replace(tmp, dest)
+        self._evict(keep=dest)
+
+    def _evict(self, keep: Path) -> None:
+        with self._cache_lock:
+            files = []
+            total = 0
+            for path in self.blob_dir.glob("*/*.safetensors"):
+                try:
+                    st = path.stat()
+                except FileNotFoundError:
+                    continue
+                files.append((st.st_mtime, st.st_size, path))
+                total += st.st_size
+            for _, size, path in sorted(files):
+                if total <= self.cache_bytes:
+                    break
+                if path != keep:
+                    path.unlink(missing_ok=True)
+                    total -= size
+
+    def hash_blob(self, digest: str) -> tuple[str, int]:
+        """(sha256 of the bytes in the bucket, size), streamed (the cache is not trusted for this)."""
+        hasher = hashlib.sha256()
+        size = 0
+        try:
+            body = self.client.get_object(Bucket=self.loc.bucket, Key=self.key(digest))["Body"]
+            for chunk in body.iter_chunks(1 << 20):
+                hasher.update(chunk)
+                size += len(chunk)
+        except Exception as exc:
+            raise self._fail(exc, f"hashing blob {digest}") from None
+        return hasher.hexdigest(), size
+
+    def get_range(self, digest: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of the blob (one ranged GET)."""
+        try:
+            body = self.client.get_object(
+                Bucket=self.loc.bucket, Key=self.key(digest), Range=f"bytes={start}-{end - 1}"
+            )["Body"]
+            return bytes(body.read())
+        except Exception as exc:
+            raise self._fail(exc, f"reading blob {digest}") from None
+
+    # -- manifests -------------------------------------------------------------------------------
+
+    def put_manifest(self, name: str, data: bytes) -> None:
+        """Keep a copy of a manifest in the bucket (an interrupted commit's copy is overwritten)."""
+        try:
+            self.client.put_object(Bucket=self.loc.bucket, Key=self.loc.key("manifests", name), Body=data)
+        except Exception as exc:
+            raise self._fail(exc, f"uploading manifest {name}") from None
+
+    def get_manifest(self, name: str) -> bytes | None:
+        try:
+            body = self.client.get_object(Bucket=self.loc.bucket, Key=self.loc.key("manifests", name))["Body"]
+            return bytes(body.read())
+        except Exception as exc:
+            if _error_code(exc) in {"404", "NoSuchKey", "NotFound"}:
+                return None
+            raise self._fail(exc, f"downloading manifest {name}") from None
+
+
+class RangeReader(io.RawIOBase):
+    """A seekable raw reader of one blob by HTTP ranges (wrap it in :class:`io.BufferedReader`)."""
+
+    def __init__(self, backend: S3BlobBackend, digest: str, size: int) -> None:
+        self.backend = backend
+        self.digest = digest
+        self.size = size
+        self.pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self.pos, 2: self.size}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        n = min(view.nbytes, self.size - self.pos)
+        if n <= 0:
+            return 0
+        data = self.backend.get_range(self.digest, self.pos, self.pos + n)
+        view[: len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+
+def _chunks(views: Sequence[memoryview], size: int) -> Iterator[bytes | memoryview]:
+    """The concatenation of ``views`` cut into pieces of ``size`` bytes (the last one shorter); a piece
+    inside one view is handed out as bytes of that slice only, so at most one part is ever copied."""
+    pending: list[memoryview] = []
+    have = 0
+    for view in views:
+        start = 0
+        while start < view.nbytes:
+            take = min(size - have, view.nbytes - start)
+            pending.append(view[start : start + take])
+            have += take
+            start += take
+            if have == size:
+                yield b"".join(pending)
+                pending, have = [], 0
+    if pending:
+        yield b"".join(pending)
