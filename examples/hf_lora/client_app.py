@@ -13,6 +13,10 @@ builds the model from the config, loads the round's base weights, wraps it with 
 (rank ``lora-rank``, alpha ``lora-alpha`` from the run config), trains ``local-epochs`` passes with
 AdamW at ``lr``, and replies the compressed merged update ΔW = (α/r)·B·A (top-k + int8 with error
 feedback by default; the server's run config decides).
+
+Per ``evaluate`` message (after a round, with ``fraction-evaluate`` > 0) the node loads the sent weights
+from Flower's ``"arrays"`` (bf16 arrives widened to fp32, exact values) into the model and replies its
+mean token loss and perplexity on its own text with ``num-examples`` (Flower's evaluate answer).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import math
 from pathlib import Path
 
 import torch
-from flwr.app import ConfigRecord, Context, Message
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -85,3 +89,23 @@ def train(msg: Message, context: Context) -> Message:
     loss = loss_sum / max(steps, 1)
     metrics = {"train-loss": loss, "train-perplexity": math.exp(min(loss, 50.0))}
     return fedmerge_reply(msg, context, peft_model, num_examples=len(lines), metrics=metrics)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    model_dir, data_path = local_path(context, "model-dir"), local_path(context, "data-path")
+    lines = [ln for ln in data_path.read_text().splitlines() if ln.strip()]
+    if not lines:
+        raise ValueError(f"data-path {str(data_path)!r} holds no text")
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    batch = tokenizer(lines, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    model.eval()
+    with torch.no_grad():
+        loss = float(
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
+        )
+    metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "num-examples": len(lines)}
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -1,16 +1,17 @@
 """Make a small Hugging Face causal LM directory to federate, with nothing downloaded.
 
-    python examples/hf_lora/make_model.py OUT_DIR corpus1.txt [corpus2.txt ...]
+    python examples/hf_lora/make_model.py OUT_DIR corpus1.txt [corpus2.txt ...] [--dtype bfloat16]
 
 A byte-level BPE tokenizer is trained on the given text with the ``tokenizers`` library and saved as
-a ``PreTrainedTokenizerFast``; a 2-layer Llama (hidden 64) is built from its config with a fixed seed
-and saved with ``save_pretrained`` (``config.json``, ``model.safetensors``, ``generation_config.json``,
-tokenizer files). Then ``fedmerge init --store STORE --base OUT_DIR``.
+a ``PreTrainedTokenizerFast``; a 2-layer Llama (hidden 64) is built from its config with a fixed seed,
+cast to ``--dtype`` (``float32`` by default; ``bfloat16`` and ``float16`` as most published checkpoints
+are) and saved with ``save_pretrained`` (``config.json`` with that dtype, ``model.safetensors``,
+``generation_config.json``, tokenizer files). Then ``fedmerge init --store STORE --base OUT_DIR``.
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
 from pathlib import Path
 
 import torch
@@ -18,10 +19,15 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def make_model(out: Path, corpora: list[Path], *, vocab_size: int = 512, seed: int = 0) -> Path:
-    """Write the model directory ``out`` (see the module docstring) and return it."""
+def make_model(
+    out: Path, corpora: list[Path], *, vocab_size: int = 512, seed: int = 0, dtype: str = "float32"
+) -> Path:
+    """Write the model directory ``out`` (module docstring) with weights in ``dtype``; return it."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -37,7 +43,7 @@ def make_model(out: Path, corpora: list[Path], *, vocab_size: int = 512, seed: i
         tie_word_embeddings=False,
     )  # fmt: skip
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config).to(DTYPES[dtype])  # initialised in fp32, then cast
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     fast.save_pretrained(out)
@@ -45,4 +51,11 @@ def make_model(out: Path, corpora: list[Path], *, vocab_size: int = 512, seed: i
 
 
 if __name__ == "__main__":
-    make_model(Path(sys.argv[1]), [Path(p) for p in sys.argv[2:]])
+    parser = argparse.ArgumentParser(description="Make a small Hugging Face causal LM directory to federate.")
+    parser.add_argument("out", type=Path, help="model directory to write")
+    parser.add_argument("corpora", type=Path, nargs="+", help="text files the tokenizer is trained on")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the saved weights"
+    )
+    args = parser.parse_args()
+    print(make_model(args.out, args.corpora, dtype=args.dtype))

@@ -62,15 +62,19 @@ def run_watched(
     watch: Sequence[Path] = (),
     max_s: float | None = None,
     poll_s: float = 0.5,
+    merge_stderr: bool = False,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``argv`` to its end like ``subprocess.run(capture_output=True, text=True)``, ending it (and its
     children, by pid) only after ``idle_s`` seconds without progress (module docstring) or past ``max_s``.
 
-    Raises NoProgress then; otherwise returns the completed process whatever its exit code.
+    Raises NoProgress then; otherwise returns the completed process whatever its exit code. With
+    ``merge_stderr`` stderr goes to stdout in the order written (``stderr`` is then empty).
     """
     cap = 10 * idle_s if max_s is None else max_s
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(list(argv), cwd=cwd, env=env, stdout=out, stderr=err)
+        proc = subprocess.Popen(
+            list(argv), cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT if merge_stderr else err
+        )
         start = last = time.monotonic()
         seen = (
             os.fstat(out.fileno()).st_size,
