@@ -97,12 +97,12 @@ def train(msg: Message, context: Context) -> Message:
     model = Net()
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())  # type: ignore[union-attr]
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    partition_id = int(context.node_config["partition-id"])  # type: ignore[arg-type]
-    num_partitions = int(context.node_config["num-partitions"])  # type: ignore[arg-type]
-    trainloader, _ = load_data(partition_id, num_partitions, int(context.run_config["batch-size"]))  # type: ignore[arg-type]
+    partition_id = int(context.node_config["partition-id"])
+    num_partitions = int(context.node_config["num-partitions"])
+    trainloader, _ = load_data(partition_id, num_partitions, int(context.run_config["batch-size"]))
     train_loss = train_fn(
-        model, trainloader, int(context.run_config["local-epochs"]),  # type: ignore[arg-type]
-        float(msg.content["config"]["lr"]), device,  # type: ignore[index,arg-type]
+        model, trainloader, int(context.run_config["local-epochs"]),
+        float(msg.content["config"]["lr"]), device,  # type: ignore[arg-type]
     )  # fmt: skip
     metrics = MetricRecord({"train_loss": train_loss, "num-examples": len(trainloader.dataset)})  # type: ignore[arg-type]
     content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
@@ -114,11 +114,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     model = Net()
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())  # type: ignore[union-attr]
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    partition_id = int(context.node_config["partition-id"])  # type: ignore[arg-type]
-    num_partitions = int(context.node_config["num-partitions"])  # type: ignore[arg-type]
-    _, valloader = load_data(partition_id, num_partitions, int(context.run_config["batch-size"]))  # type: ignore[arg-type]
+    partition_id = int(context.node_config["partition-id"])
+    num_partitions = int(context.node_config["num-partitions"])
+    _, valloader = load_data(partition_id, num_partitions, int(context.run_config["batch-size"]))
     eval_loss, eval_acc = test_fn(model, valloader, device)
-    metrics = MetricRecord(
-        {"eval_loss": eval_loss, "eval_acc": eval_acc, "num-examples": len(valloader.dataset)}
-    )  # type: ignore[arg-type]
+    n = len(valloader.dataset)  # type: ignore[arg-type]
+    metrics = MetricRecord({"eval_loss": eval_loss, "eval_acc": eval_acc, "num-examples": n})
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

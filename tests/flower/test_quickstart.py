@@ -1,11 +1,17 @@
 """A ClientApp with the protocol of Flower's quickstart-pytorch (``quickstart_pytorch.py``: Flower's
 API only, its own CNN and run-config keys, local synthetic data) federates with fedmerge's ServerApp,
-train and evaluate, with no task on the server (``task = ""``): the store's base is the model."""
+train and evaluate, with no task on the server (``task = ""``): the store's base is the model. In
+process (every message through a protobuf round trip), and with ``flwr run`` of an app whose
+``pyproject.toml`` names fedmerge's ServerApp beside the quickstart's ClientApp (slow)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
+import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,3 +93,89 @@ def test_no_task_on_the_server_needs_server_eval_off(tmp_path: Path) -> None:
     run_config = _run_config(store, **{"server-eval": True})
     with pytest.raises(ConfigError, match="set server-eval=false"):
         run_server(_grid(run_config), parse_run_config(run_config))
+
+
+APP_PYPROJECT = """\
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "quickstart-with-fedmerge"
+version = "1.0.0"
+dependencies = ["flwr[simulation]>=1.42", "torch"]
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "fedmerge-tests"
+
+[tool.flwr.app.components]
+serverapp = "fedmerge_server.app:app"  # fedmerge's ServerApp, from the installed fedmerge
+clientapp = "quickstart_pytorch:app"   # the quickstart's ClientApp, unchanged
+
+[tool.flwr.app.config]
+# the quickstart's own keys (its ClientApp reads batch-size and local-epochs)
+num-server-rounds = 2
+fraction-evaluate = 1.0
+local-epochs = 1
+learning-rate = 0.1
+batch-size = 16
+# fedmerge's ServerApp: a store initialised with the model's weights, no task on the server
+store = "fedmerge-store"
+task = ""
+server-eval = false
+aggregator = "fedavg"
+min-clients = 3
+min-valid = 3
+min-evaluate-nodes = 3
+lr = 0.05
+"""
+
+
+@pytest.fixture
+def local_superlink_cleanup() -> Iterator[None]:
+    """End the local SuperLink ``flwr run`` started for this test's FLWR_HOME (its processes, by pid)."""
+    import psutil
+
+    yield
+    home = os.environ["FLWR_HOME"]
+    procs = [
+        p for p in psutil.process_iter(["pid", "cmdline"])
+        if home in " ".join(p.info.get("cmdline") or []) and p.pid != os.getpid()
+    ]  # fmt: skip
+    for proc in procs:
+        for p in [*proc.children(recursive=True), proc]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.terminate()
+    psutil.wait_procs(procs, timeout=10)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_quickstart_with_fedmerge_server_app_under_flwr_run(
+    tmp_path: Path, local_superlink_cleanup: None
+) -> None:
+    from progress import run_watched
+
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    (app_dir / "pyproject.toml").write_text(APP_PYPROJECT)
+    shutil.copy(Path(__file__).with_name("quickstart_pytorch.py"), app_dir / "quickstart_pytorch.py")
+    store = tmp_path / "store"
+    with ModelStore.open(store) as st:
+        st.commit_base(dict(qs.Net().state_dict()), name="quickstart-pytorch")
+    flwr = str(Path(sys.executable).with_name("flwr"))
+    result = run_watched(
+        [flwr, "run", str(app_dir), "--stream", "--run-config", f"store='{store}'",
+         "--federation-config", "num-supernodes=3 client-resources-num-cpus=1"],
+        cwd=app_dir, env=dict(os.environ), idle_s=180, watch=[store],
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    with ModelStore.open(store) as st:
+        latest = st.get("latest")
+        assert latest.round == 2 and sum(c.accepted for c in latest.contributors) == NODES
+        for vid in ("v000002", "v000003"):
+            (evaluation,) = evaluations_of(st, vid)
+            assert len(evaluation.accepted) == NODES and {"eval_loss", "eval_acc"} <= set(evaluation.metrics)

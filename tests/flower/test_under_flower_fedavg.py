@@ -18,7 +18,7 @@ from fedmerge_clients.app import app as fedmerge_client_app
 from fedmerge_simulations.secagg import InProcessGrid
 from fedmerge_simulations.tasks import get_task
 
-TRAIN_CONFIG = {
+TRAIN_CONFIG: dict[str, Any] = {
     "task": "digits",
     "lr": 0.05,
     "local-epochs": 1,
@@ -91,6 +91,6 @@ def test_fedmerge_client_app_federates_under_flowers_fedavg_server_app() -> None
     config: dict[str, Any] = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        run_simulation(server, fedmerge_client_app, num_supernodes=3, backend_config=config)  # type: ignore[arg-type]
+        run_simulation(server, fedmerge_client_app, num_supernodes=3, backend_config=config)
     assert len(results) == 1
     _check(results[0], 2)
