@@ -1,4 +1,4 @@
-"""``python -m bench hostile [--quick]``: the hostile-input corpus (``bench/hostile_corpus.py``) against
+"""``python -m bench hostile [--quick]``: the hostile-input corpus (``fedmerge_testing/hostile/``) against
 both entry points, and ``docs/hostile-input.md``, its table (one row per case × entry point).
 
 - Flower: one simulation round (Flower's simulation engine, Ray) with one hostile ClientApp per case
@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fedmerge_bench.hostile_corpus import (
+from fedmerge_testing.hostile import (
     CASES,
     CLASSES,
     INTAKE_LIMIT,
@@ -132,7 +132,7 @@ def render(rows: Sequence[Outcome], totals: dict[str, Any], command: str, notes:
         "# Hostile input: every entry point against a corpus of bad inputs",
         "",
         f"Produced by `{command}` (the table below is rewritten by every run; do not edit it by hand).",
-        "The corpus is `bench/hostile_corpus.py` (`CASES`); the tests that hold these results are",
+        "The corpus is `fedmerge_testing/hostile/` (`CASES`); the tests that hold these results are",
         "`tests/hostile/` (`test_flower_path.py`, `test_intake.py`, `test_corpus.py`).",
         "",
         "```json",

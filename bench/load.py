@@ -558,9 +558,11 @@ def fedmerge_round(clients: int, store: Path) -> dict[str, Any]:
 
     LR, EPOCHS = WORKLOADS["digits"]
     from fedmerge.flower.rounds import RoundReport
+    from fedmerge.plugins import load_object
     from fedmerge.store import ModelStore
-    from fedmerge_clients.app import app as client_app
-    from fedmerge_server.app import make_server_app
+
+    client_app = load_object("fedmerge_clients.app:app", "ClientApp")
+    make_server_app = load_object("fedmerge_server.app:make_server_app", "ServerApp factory")
 
     reports: list[RoundReport] = []
     config = {

@@ -27,7 +27,7 @@ from fedmerge.service.client import ClientOptions, submit_expert, wait_merged
 from fedmerge.service.config import ServiceConfig
 from fedmerge.service.server import IntakeServer
 from fedmerge.store import ModelStore
-from fedmerge_bench.hostile_corpus import tiny_base
+from fedmerge_testing.hostile import tiny_base
 
 TOKEN = "bench-metrics-token-0123456789"
 

@@ -43,6 +43,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedmerge.flower.simulation import backend_config
+from fedmerge.plugins import load_object
 from fedmerge_bench.timing import interleaved, load_average, load_line
 
 ALPHA, SEED = 0.5, 0
@@ -66,8 +67,8 @@ def run_fedmerge(clients: int, rounds: int, task: str = "digits") -> dict[str, A
     from flwr.simulation import run_simulation
 
     from fedmerge.flower.rounds import RoundReport
-    from fedmerge_clients.app import app as client_app
-    from fedmerge_server.app import make_server_app
+    client_app = load_object("fedmerge_clients.app:app", "ClientApp")
+    make_server_app = load_object("fedmerge_server.app:make_server_app", "ServerApp factory")
 
     reports: list[RoundReport] = []
     with tempfile.TemporaryDirectory() as store:
@@ -100,10 +101,10 @@ def _flower_apps(
     from flwr.serverapp import Grid, ServerApp
     from flwr.serverapp.strategy import FedAvg
 
+    from fedmerge.tasks import get_task
+    from fedmerge.tasks.evaluate import task_evaluator
     from fedmerge.tasks.local_round import client_generator
-    from fedmerge_clients.app import node_partition, partition_for
-    from fedmerge_server.app import task_evaluator
-    from fedmerge_simulations.tasks import get_task
+    from fedmerge.tasks.partitions import node_partition, partition_for
 
     lr, epochs = WORKLOADS[task_name]
     client = ClientApp()

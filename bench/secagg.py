@@ -45,10 +45,10 @@ def _replay_error(store: Path, reports: list[Any], cfg: Any) -> float:
     """max |committed − fedmerge aggregate of the retrained client deltas| over the rounds of one leg."""
     from fedmerge.aggregators import merge
     from fedmerge.store import ModelStore
+    from fedmerge.tasks import get_task
     from fedmerge.tasks.local_round import local_round
+    from fedmerge.tasks.partitions import partition_for
     from fedmerge.tasks.training import torch_threads
-    from fedmerge_clients.app import partition_for
-    from fedmerge_simulations.tasks import get_task
 
     task = get_task(cfg.task)
     parts = partition_for(cfg.task, cfg.num_clients, cfg.partitioner, cfg.dirichlet_alpha, cfg.seed)

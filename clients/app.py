@@ -31,7 +31,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 import torch
@@ -65,28 +64,9 @@ from fedmerge.seeds import derive_generator
 from fedmerge.tasks import ClientData, Task, get_task
 from fedmerge.tasks.base import check_data_path
 from fedmerge.tasks.local_round import local_round
+from fedmerge.tasks.partitions import node_partition, partition_for
 
 TaskFactory = Callable[[str], Task]
-
-
-@lru_cache(maxsize=8)
-def partition_for(
-    task_name: str, num_partitions: int, partitioner: str, alpha: float, seed: int
-) -> list[ClientData]:
-    args = {"alpha": alpha} if partitioner == "dirichlet" else {}
-    return get_task(task_name).client_datasets(num_partitions, partitioner, seed, **args)
-
-
-def node_partition(context: Context) -> tuple[int, int]:
-    """(partition-id, num-partitions) from the node config; a ConfigError says how to set them."""
-    cfg = context.node_config
-    if "partition-id" not in cfg or "num-partitions" not in cfg:
-        raise ConfigError(
-            "node_config has neither data-path nor partition-id / num-partitions; start the SuperNode "
-            'with --node-config "data-path=/path/to/local/data" (or "partition-id=0 num-partitions=3" '
-            "for a built-in task's shared data set)"
-        )
-    return int(cfg["partition-id"]), int(cfg["num-partitions"])
 
 
 def client_id_of(context: Context, partition_id: int) -> str:

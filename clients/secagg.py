@@ -33,7 +33,7 @@ class SecAggClient(NumPyClient):
         self._context = context
 
     def fit(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
-        from fedmerge_clients.app import node_partition, partition_for
+        from fedmerge.tasks.partitions import node_partition, partition_for
 
         round_ = int(cast(int, config["round"]))
         names = str(config["names"]).split(",")

@@ -20,7 +20,7 @@ import torch
 from fedmerge.codec import CodecConfig, PackageMeta, decode_package, encode_package
 from fedmerge.errors import InvalidSubmission
 from fedmerge.v1 import delta_pb2
-from fedmerge_bench.hostile_corpus import resign
+from fedmerge_testing.hostile import resign
 
 SHAPES = {"a.weight": (24, 8), "a.bias": (24,), "b.weight": (4, 24)}
 

@@ -28,6 +28,7 @@ from fedmerge.metrics import RoundEventLog
 from fedmerge.store import ModelStore, UnknownVersionError
 from fedmerge.store.model_store import STORE_MARKER
 from fedmerge.tasks import Task, get_task
+from fedmerge.tasks.evaluate import task_evaluator
 from fedmerge.tracking import MetricsSink, open_sink
 
 
@@ -50,27 +51,6 @@ def check_store_exists(cfg: RunConfig) -> None:
         f"store {cfg.store!r} {what} (absolute: {path.resolve()}); check the 'store' key, or create "
         f"the store from your model with `fedmerge init --store {cfg.store} --base <model-dir>`"
     )
-
-
-def task_evaluator(task_name: str, seed: int) -> Callable[[StateDict], dict[str, float]]:
-    """Server-side evaluation of full weights, pluggable: the task's ``server_evaluate(model)`` if it
-    has one, else ``evaluate(model, global_test_set())`` (``loss`` and ``accuracy``). A task with
-    neither is a ConfigError: set ``server-eval=false``."""
-    task = get_task(task_name)
-    custom = getattr(task, "server_evaluate", None)
-    if custom is None and not callable(getattr(task, "global_test_set", None)):
-        raise ConfigError(
-            f"task {task_name!r} has neither server_evaluate(model) nor global_test_set(); "
-            "set server-eval=false or give the task one of them"
-        )
-
-    def evaluate(weights: StateDict) -> dict[str, float]:
-        model = task.build_model(seed)
-        model.load_state_dict(weights)
-        result = custom(model) if custom is not None else task.evaluate(model, task.global_test_set())
-        return {str(k): float(v) for k, v in result.items() if k != "num-examples"}
-
-    return evaluate
 
 
 def check_base_matches_task(

@@ -193,7 +193,7 @@ class SecAggStrategy(FedAvg):
         self.reports: list[SecAggRound] = []
         self.evaluate_weights = None
         if cfg.server_eval:
-            from fedmerge_server.app import task_evaluator
+            from fedmerge.tasks.evaluate import task_evaluator
 
             self.evaluate_weights = task_evaluator(cfg.task, cfg.seed)
 

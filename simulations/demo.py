@@ -85,8 +85,12 @@ def run_demo(
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     from flwr.simulation import run_simulation
 
-    from fedmerge_clients.app import app as client_app
-    from fedmerge_server.app import make_server_app, task_evaluator
+    from fedmerge.plugins import load_object
+    from fedmerge.tasks.evaluate import task_evaluator
+    from fedmerge_simulations.runner import CLIENT_APP, SERVER_APP_FACTORY
+
+    client_app = load_object(CLIENT_APP, "ClientApp")
+    make_server_app = load_object(SERVER_APP_FACTORY, "ServerApp factory")
 
     console = console or Console()
     config: dict[str, Any] = {

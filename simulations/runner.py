@@ -28,6 +28,10 @@ from fedmerge.flower.simulation import backend_config
 from fedmerge_simulations.experiment import AggregatorSpec, CodecSpec, ExperimentConfig, Trial, parse_config
 from fedmerge_simulations.report import Result, write_report
 
+CLIENT_APP = "fedmerge_clients.app:app"
+SERVER_APP_FACTORY = "fedmerge_server.app:make_server_app"
+"""The apps a trial runs, by import string as Flower names them (an application imports no other)."""
+
 
 class TrialFailed(FedMergeError, RuntimeError):
     """A trial's simulation exited with an error; its output is attached."""
@@ -79,8 +83,10 @@ def execute_trial(trial: Trial, store: Path) -> Result:
     from flwr.simulation import run_simulation
 
     from fedmerge.flower.rounds import RoundReport
-    from fedmerge_clients.app import app as client_app
-    from fedmerge_server.app import make_server_app
+    from fedmerge.plugins import load_object
+
+    client_app = load_object(CLIENT_APP, "ClientApp")
+    make_server_app = load_object(SERVER_APP_FACTORY, "ServerApp factory")
 
     reports: list[RoundReport] = []
     exp = trial.experiment
@@ -195,7 +201,7 @@ def run_experiment(config: ExperimentConfig, out: Path, console: Console | None 
 
 
 def _base_accuracy(config: ExperimentConfig) -> float | None:
-    from fedmerge_server.app import task_evaluator
+    from fedmerge.tasks.evaluate import task_evaluator
     from fedmerge_simulations.tasks import get_task
 
     seed = config.seeds[0]

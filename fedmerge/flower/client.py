@@ -32,7 +32,6 @@ N(0, (z·C)²) from a generator that is secret (``dp-noise-seed = -1``) or seede
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 import tempfile
 from collections.abc import Mapping
@@ -71,6 +70,7 @@ from fedmerge.flower.records import (
 from fedmerge.flower.transport import FISHER_RECORD_KEY, RECORD_KEY, package_to_record, record_to_package
 from fedmerge.privacy.config import DPConfig
 from fedmerge.privacy.mechanism import privatize_client_delta
+from fedmerge.seeds import labelled_seed
 
 BASE_STATE = "fedmerge.base"  # context.state: the held base weights
 BASE_META = "fedmerge.base-meta"
@@ -319,8 +319,7 @@ def local_noise_generator(noise_seed: int, round_: int, client_id: str) -> torch
     """Secret (``noise_seed = -1``: from the OS) or reproducible from (noise_seed, round, client)."""
     if noise_seed < 0:
         return torch.Generator().manual_seed(secrets.randbits(63))
-    digest = hashlib.sha256(f"dp-local/{noise_seed}/{round_}/{client_id}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    return torch.Generator().manual_seed(labelled_seed("dp-local", noise_seed, round_, client_id))
 
 
 def load_residual(context: Context) -> dict[str, torch.Tensor] | None:

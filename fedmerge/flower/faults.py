@@ -14,7 +14,6 @@ the process or the order in which clients run. No global RNG is touched.
 
 from __future__ import annotations
 
-import hashlib
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedmerge.errors import FedMergeError
+from fedmerge.seeds import labelled_digest
 
 DROPOUT_KEY = "fault-dropout"
 STRAGGLER_KEY = "fault-straggler"
@@ -71,7 +71,7 @@ class FaultDraw:
 def draw_faults(plan: FaultPlan, seed: int, round_: int, partition: int) -> FaultDraw:
     """Two uniform draws u₁, u₂ from the (seed, round, partition) stream: drop iff u₁ < p_d, straggle
     iff u₂ < p_s (a dropped client does not straggle)."""
-    rng = random.Random(hashlib.sha256(f"fault/{seed}/{round_}/{partition}".encode()).digest())
+    rng = random.Random(labelled_digest("fault", seed, round_, partition))
     u_drop, u_straggle = rng.random(), rng.random()
     drop = u_drop < plan.dropout
     return FaultDraw(drop=drop, straggle=not drop and u_straggle < plan.straggler)

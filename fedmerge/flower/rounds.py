@@ -90,6 +90,7 @@ from fedmerge.flower.transport import (
     package_to_record,
     record_to_package,
 )
+from fedmerge.seeds import labelled_digest
 from fedmerge.store import Contributor, ModelStore, TensorView, UnknownVersionError, Version
 from fedmerge.submission import decode_task_vector_package, fill_missing
 
@@ -206,7 +207,7 @@ def sample_nodes(node_ids: Iterable[int], cfg: RunConfig, round_: int, attempt: 
     """⌈fraction·N⌉ nodes, at least ``min-clients`` (if connected), seeded by (seed, round, attempt)."""
     nodes = sorted(node_ids)
     k = min(len(nodes), max(cfg.min_clients, math.ceil(cfg.fraction * len(nodes))))
-    rng = random.Random(hashlib.sha256(f"{cfg.seed}/{round_}/{attempt}".encode()).digest())
+    rng = random.Random(labelled_digest(cfg.seed, round_, attempt))
     return sorted(rng.sample(nodes, k))
 
 

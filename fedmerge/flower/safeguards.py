@@ -25,7 +25,6 @@ In local mode the clients noised already: nothing is added and each release is c
 
 from __future__ import annotations
 
-import hashlib
 import math
 import secrets
 import statistics
@@ -40,6 +39,7 @@ from fedmerge.errors import InvalidSubmission
 from fedmerge.flower.config import RunConfig, dp_calibrated
 from fedmerge.privacy import RdpAccountant, clip_delta, cosine, delta_norm, privatize_aggregate
 from fedmerge.privacy.anomaly import MAD_TO_SIGMA, anomaly_scores
+from fedmerge.seeds import labelled_seed
 from fedmerge.store import ModelStore, Version
 
 ANOMALY_KEY = "anomaly"
@@ -135,8 +135,7 @@ def noise_generator(cfg: RunConfig, round_: int, attempt: int) -> torch.Generato
     """Secret (``dp-noise-seed = -1``: from the OS) or reproducible from (dp-noise-seed, round, attempt)."""
     if cfg.dp_noise_seed < 0:
         return torch.Generator().manual_seed(secrets.randbits(63))
-    digest = hashlib.sha256(f"dp-central/{cfg.dp_noise_seed}/{round_}/{attempt}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    return torch.Generator().manual_seed(labelled_seed("dp-central", cfg.dp_noise_seed, round_, attempt))
 
 
 def privatize_round(

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from fedmerge.errors import InvalidSubmission
+from fedmerge.fsutil import fsync_dir
 
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 
@@ -282,11 +283,3 @@ class BulkStore:
             os.replace(tmp, self.objects / sha)
             fsync_dir(self.objects)
         return BulkStatus(sha, len(data), len(data), True)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -24,7 +24,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from fedmerge.errors import InvalidSubmission
-from fedmerge.service.bulk import BulkStore, check_sha, fsync_dir
+from fedmerge.fsutil import fsync_dir
+from fedmerge.service.bulk import BulkStore, check_sha
 from fedmerge.service.config import Limits
 
 FORMATS = ("checkpoint", "peft_tar", "delta_package")

@@ -310,20 +310,3 @@ class Catalog:
 
 
 CATALOG_FILE = "catalog.sqlite"
-
-
-def open_catalog(root: Path, catalog: str | None, busy_timeout: float = 30.0) -> Catalog:
-    """The catalog of the store at ``root``: ``catalog.sqlite`` inside it when ``catalog`` is None,
-    else the PostgreSQL database ``catalog`` names (``postgresql://user@host:port/db``)."""
-    if catalog is None or catalog == "":
-        return Catalog(root / CATALOG_FILE, busy_timeout=busy_timeout)
-    from fedmerge.store.pg_catalog import PgCatalog, is_postgres_url
-
-    if not is_postgres_url(catalog):
-        from fedmerge.errors import ConfigError
-
-        raise ConfigError(
-            f"catalog {catalog!r} is not supported: leave it out (SQLite inside the store) or pass "
-            "a postgresql://user@host:port/database URL"
-        )
-    return PgCatalog(catalog, busy_timeout=busy_timeout)

@@ -51,9 +51,9 @@ import torch
 
 from fedmerge.delta.state_dict import accumulation_dtype
 from fedmerge.errors import ConfigError
+from fedmerge.fsutil import fsync_dir
 from fedmerge.store.blobs import (
     BlobStream,
-    fsync_dir,
     fsync_path,
     open_blob_stream,
     pwrite_all,
@@ -62,6 +62,7 @@ from fedmerge.store.blobs import (
 )
 from fedmerge.store.card import MODEL_CARD, model_card
 from fedmerge.store.errors import CorruptBlobError
+from fedmerge.store.manifest import materialisable
 from fedmerge.store.safetensors_format import (
     TensorSpec,
     dtype_from_name,
@@ -353,15 +354,7 @@ def export_safetensors(
     """
     version = store.get(ref)
     out = Path(out_dir)
-    chain = store.chain(version)
-    root, deltas = chain[0], chain[1:]
-    for d in deltas:
-        if d.kind != "task_vector":
-            raise ConfigError(
-                f"version {version.id} descends through {d.id} of kind {d.kind!r}; only task-vector "
-                "chains materialise — densify the LoRA delta (fedmerge.delta.lora) and commit it as "
-                "a task_vector"
-            )
+    root, deltas = materialisable(version, store.chain(version))
     specs = store.materialized_specs(version)
     shards = plan_shards(specs, max_shard_bytes)
     names = shard_names(len(shards))

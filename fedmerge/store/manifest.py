@@ -286,3 +286,17 @@ def from_json(text: str | bytes, *, source: str) -> Version:
             f"manifest {source} has unknown kind {version.kind!r}; expected one of {KINDS}"
         )
     return version
+
+
+def materialisable(version: Version, chain: list[Version]) -> tuple[Version, list[Version]]:
+    """(root, deltas) of ``chain`` = [root, …, ``version``] (first parents); a :class:`ConfigError`
+    unless every delta on it is a task vector (θ = θ_root + Σ τ_k: only task-vector chains materialise)."""
+    root, deltas = chain[0], chain[1:]
+    for d in deltas:
+        if d.kind != "task_vector":
+            raise ConfigError(
+                f"version {version.id} descends through {d.id} of kind {d.kind!r}; only task-vector "
+                "chains materialise — densify the LoRA delta (fedmerge.delta.lora) and commit it as "
+                "a task_vector"
+            )
+    return root, deltas

@@ -52,7 +52,8 @@ from fedmerge.store.blobs import (
     read_blob,
     write_atomic,
 )
-from fedmerge.store.catalog import Catalog, VersionRow, open_catalog
+from fedmerge.store.catalog import Catalog, VersionRow
+from fedmerge.store.catalogs import open_catalog
 from fedmerge.store.errors import InvalidAliasError, MissingBlobError, UnknownVersionError
 from fedmerge.store.export import DEFAULT_MAX_SHARD_BYTES, ExportResult, export_safetensors
 from fedmerge.store.faults import FaultPoints
@@ -67,6 +68,7 @@ from fedmerge.store.manifest import (
     check_json_value,
     from_json,
     is_version_id,
+    materialisable,
     utc_now,
     version_id,
 )
@@ -742,15 +744,7 @@ class ModelStore:
         (plus the one being added), whatever the model size.
         """
         version = ref if isinstance(ref, Version) else self.get(ref)
-        chain = self.chain(version)
-        root, deltas = chain[0], chain[1:]
-        for d in deltas:
-            if d.kind != "task_vector":
-                raise ConfigError(
-                    f"version {version.id} descends through {d.id} of kind {d.kind!r}; only task-vector "
-                    "chains materialise — densify the LoRA delta (fedmerge.delta.lora) and commit it as "
-                    "a task_vector"
-                )
+        root, deltas = materialisable(version, self.chain(version))
         for name in sorted(root.tensors):
             yield name, self._materialized(root, deltas, name)
 

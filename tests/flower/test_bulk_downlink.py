@@ -45,7 +45,7 @@ from fedmerge.flower.rounds import build_messages
 from fedmerge.store import ModelStore, Version
 from fedmerge.store.safetensors_format import encode_header
 from fedmerge.v1 import intake_pb2, intake_pb2_grpc
-from fedmerge_bench.hostile_corpus import FlowerRound
+from fedmerge_testing.hostile import FlowerRound
 
 sys.path.insert(0, str(Path(__file__).parent))
 

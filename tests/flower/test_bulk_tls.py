@@ -183,7 +183,7 @@ def test_upload_verified_with_the_right_ca_reaches_the_spool(tmp_path: Path, pki
 def test_tls_upload_is_judged_like_any_bulk_reply(tmp_path: Path, pki: Pki) -> None:
     from test_large_rounds import bulk_reply
 
-    from fedmerge_bench.hostile_corpus import FlowerRound
+    from fedmerge_testing.hostile import FlowerRound
 
     fr = FlowerRound.open(tmp_path / "store")
     ep = tls_endpoint(tmp_path, pki.server)

@@ -21,7 +21,7 @@ from fedmerge.flower.config import parse_run_config
 from fedmerge.flower.rounds import fedmerge_config
 from fedmerge.flower.transport import FISHER_RECORD_KEY, record_to_package
 from fedmerge.store import ModelStore
-from fedmerge_bench.hostile_corpus import FlowerRound, train_message
+from fedmerge_testing.hostile import FlowerRound, train_message
 
 LOSSLESS = CodecConfig(sparsify="none", values="fp32", error_feedback=False)
 FLOOR = 1e-6

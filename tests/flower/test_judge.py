@@ -13,7 +13,7 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
 from fedmerge.flower.rounds import METRICS_RECORD, RoundReport, finite_merge
-from fedmerge_bench.hostile_corpus import Attack, FlowerRound, case, train_message
+from fedmerge_testing.hostile import Attack, FlowerRound, case, train_message
 
 
 @pytest.fixture

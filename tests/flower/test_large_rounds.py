@@ -34,7 +34,7 @@ from fedmerge.flower.rounds import RoundState
 from fedmerge.flower.spool_merge import merge_tensor_major
 from fedmerge.store import ModelStore
 from fedmerge.v1 import intake_pb2, intake_pb2_grpc
-from fedmerge_bench.hostile_corpus import Attack, FlowerRound, train_message
+from fedmerge_testing.hostile import Attack, FlowerRound, train_message
 
 sys.path.insert(0, str(Path(__file__).parent))
 

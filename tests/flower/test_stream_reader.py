@@ -14,7 +14,7 @@ import torch
 from fedmerge.codec.stream_reader import decode_task_vector_stream
 from fedmerge.delta.sparse import SparseTensor
 from fedmerge.submission import decode_task_vector_package
-from fedmerge_bench.hostile_corpus import FlowerRound
+from fedmerge_testing.hostile import FlowerRound
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import torch
 
 from fedmerge.codec import CodecConfig, PackageMeta, decode_package
 from fedmerge.codec.errors import DeclaredSizeTooLarge
-from fedmerge_bench.hostile_corpus import (
+from fedmerge_testing.hostile import (
     CASES,
     CLASSES,
     ENTRY_POINTS,

@@ -25,7 +25,7 @@ from fedmerge.codec import decode_package
 from fedmerge.codec.checksum import package_checksum, tensor_checksum
 from fedmerge.store import ModelStore
 from fedmerge.v1 import delta_pb2
-from fedmerge_bench.hostile_corpus import (
+from fedmerge_testing.hostile import (
     Attack,
     FlowerRound,
     Outcome,

@@ -1,6 +1,6 @@
 """The hostile-input corpus against a real intake server process over gRPC on localhost.
 
-One server takes the whole corpus (``fedmerge_bench.hostile_corpus.run_intake``): a valid expert first,
+One server takes the whole corpus (``fedmerge_testing.hostile.run_intake``): a valid expert first,
 then every case — each must give a clear error (a gRPC status with a message, or a REJECTED submission
 with its reason), leave the server serving, and change no stored version — then a second valid expert, which
 must still be merged. A second server takes a hypothesis fuzz of the SubmitExpert stream.
@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from fedmerge.store import ModelStore
 from fedmerge.v1 import intake_pb2, intake_pb2_grpc
-from fedmerge_bench.hostile_corpus import (
+from fedmerge_testing.hostile import (
     INTAKE_SERVER_ARGS,
     TOKENS,
     Attack,

@@ -39,7 +39,7 @@ from fedmerge.service.client import ClientOptions, connect, upload_bulk
 from fedmerge.service.intake import IntakeQueue
 from fedmerge.store import ModelStore
 from fedmerge.v1 import delta_pb2, intake_pb2, intake_pb2_grpc
-from fedmerge_bench.hostile_corpus import (
+from fedmerge_testing.hostile import (
     gnu_sparse_member,
     resign,
     store_snapshot,

@@ -13,13 +13,13 @@ import torch
 from safetensors.torch import save
 
 from fedmerge.codec import CodecConfig, PackageMeta, encode_package
+from fedmerge.errors import InvalidSubmission
 from fedmerge.submission import (
     StaleOrInvalid,
     check_package_base,
     package_to_task_vector,
     peft_tar_to_task_vector,
 )
-from fedmerge.errors import InvalidSubmission
 
 BASE = {
     "l1.weight": torch.zeros(16, 8),
@@ -168,7 +168,7 @@ def test_one_base_policy_refuses_empty_and_stale_fields_naming_both_hashes() -> 
 def test_coo_package_declaring_a_huge_tensor_is_refused_against_the_base(tmp_path: Path) -> None:
     from fedmerge.codec.errors import PackageError
     from fedmerge.v1 import delta_pb2
-    from fedmerge_bench.hostile_corpus import mutate
+    from fedmerge_testing.hostile import mutate
 
     meta = PackageMeta("c", 0, "v1", "h" * 64)
     data = encode_package({"l1.bias": torch.ones(16)}, CodecConfig(), meta=meta).data

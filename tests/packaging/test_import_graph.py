@@ -1,8 +1,11 @@
 """The line between library and applications, checked on the source and on a real import.
 
 * ``fedmerge/`` (the library) imports nothing from the applications (``server/``, ``clients/``,
-  ``simulations/``, ``bench/``, installed as ``fedmerge_server`` … ``fedmerge_bench``), by either name;
-* no application imports another (what two applications share lives in the library);
+  ``simulations/``, ``bench/``, installed as ``fedmerge_server`` … ``fedmerge_bench``), by either name,
+  nor from the test support ``fedmerge_testing/`` (which the tests, fuzzers and benchmarks share);
+* no application imports another (what two applications share lives in the library; the apps a
+  simulation runs are loaded by import string), but for the few edges named in
+  ``APP_IMPORTS_ALLOWED`` with their reason;
 * the library has no import cycle, computed from the source: between modules (every import
   statement counts — inside functions and under ``TYPE_CHECKING`` too — and importing ``a.b.c`` runs
   the ``__init__`` of ``a`` and ``a.b``), and between its packages (``fedmerge.delta``,
@@ -24,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 APP_FOLDERS = {"server": "fedmerge_server", "clients": "fedmerge_clients",
                "simulations": "fedmerge_simulations", "bench": "fedmerge_bench"}  # fmt: skip
 APP_NAMES = set(APP_FOLDERS) | set(APP_FOLDERS.values())
+TEST_SUPPORT = "fedmerge_testing"  # in the repository, not in the wheel: tests, fuzzers, benchmarks
 SERVER_SIDE = ("fedmerge.flower.rounds", "fedmerge.aggregators", "fedmerge.store", "fedmerge.service")
 # the service's own client side (the light gRPC client the bulk channel's uploads and downloads use)
 CLIENT_SIDE_OF_SERVICE = ("fedmerge.service", "fedmerge.service.client")
@@ -144,9 +148,32 @@ def test_library_imports_no_application() -> None:
         f"{path.relative_to(ROOT)}: {name}"
         for path in (ROOT / "fedmerge").rglob("*.py")
         for name in imported_modules(path)
-        if name.split(".")[0] in APP_NAMES
+        if name.split(".")[0] in APP_NAMES | {TEST_SUPPORT}
     }
-    assert not offenders, f"the library imports applications: {sorted(offenders)}"
+    assert not offenders, f"the library imports applications or test support: {sorted(offenders)}"
+
+
+# Application → application imports still allowed, each named with its reason (the rest go through
+# the library, or by import string as Flower loads apps: fedmerge.plugins.load_object).
+APP_IMPORTS_ALLOWED = {
+    # the benchmarks measure the simulations' experiments (attacks, continual digits, SecAgg+ driver)
+    "bench/": {"fedmerge_simulations"},
+    # the in-process SecAgg+ driver runs the SecAgg+ ServerApp and ClientApps in one process
+    "simulations/secagg.py": {"fedmerge_server", "fedmerge_clients"},
+}
+
+
+def test_no_application_imports_another() -> None:
+    offenders = set()
+    for folder, installed in APP_FOLDERS.items():
+        for path in (ROOT / folder).rglob("*.py"):
+            where = str(path.relative_to(ROOT))
+            allowed = set().union(*(v for k, v in APP_IMPORTS_ALLOWED.items() if where.startswith(k)))
+            for name in imported_modules(path):
+                top = name.split(".")[0]
+                if top in APP_NAMES - {folder, installed} and top not in allowed:
+                    offenders.add(f"{where}: {name}")
+    assert not offenders, f"applications import each other: {sorted(offenders)}"
 
 
 def test_no_import_cycle_between_library_modules() -> None:

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from fedmerge.service.config import ServiceConfig
 from fedmerge.service.server import IntakeServer
 from fedmerge.store import ModelStore
-from fedmerge_bench.hostile_corpus import tiny_base
+from fedmerge_testing.hostile import tiny_base
 
 TOKENS = {f"token-for-client-{i:02d}-xxxxxxxx": f"client-{i:02d}" for i in range(64)}
 TOKEN = "token-for-client-00-xxxxxxxx"
