@@ -1,17 +1,14 @@
 """``fedmerge demo``: a federation on the embedded store, end to end, in under a minute on 2 CPU cores.
 
 It commits the task's pre-trained base into the store (if the store is empty), runs the fedmerge
-ServerApp and ``num-clients`` simulated ClientApps on Flower's simulation engine (Ray) for
-``rounds`` rounds — non-IID Dirichlet partitions, TIES over top-k + int8 task vectors — and prints
-a table per round (clients accepted / rejected, bytes sent vs dense fp32, accuracy), the versions and
-the command that opens the store's dashboard.
-"""
+ServerApp and ``num-clients`` simulated ClientApps on Flower's simulation runtime (``flwr run`` on a
+private SuperLink in simulation mode; Ray) for ``rounds`` rounds — non-IID Dirichlet partitions, TIES
+over top-k + int8 task vectors — and prints a table per round (clients accepted / rejected, bytes sent
+vs dense fp32, accuracy), the versions and the command that opens the store's dashboard."""
 
 from __future__ import annotations
 
-import os
 import shlex
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +17,7 @@ from rich.table import Table
 
 from fedmerge.flower.config import parse_run_config
 from fedmerge.flower.rounds import RoundReport, ensure_base
-from fedmerge.flower.simulation import backend_config
+from fedmerge.flower.simulation import ServerAppFactory, run_simulation_app
 from fedmerge.store import ModelStore
 from fedmerge_simulations.tasks import get_task
 
@@ -81,16 +78,8 @@ def run_demo(
     console: Console | None = None,
 ) -> list[RoundReport]:
     """Run the demo federation; returns the round reports (also printed)."""
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    from flwr.simulation import run_simulation
-
-    from fedmerge.plugins import load_object
     from fedmerge.tasks.evaluate import task_evaluator
     from fedmerge_simulations.runner import CLIENT_APP, SERVER_APP_FACTORY
-
-    client_app = load_object(CLIENT_APP, "ClientApp")
-    make_server_app = load_object(SERVER_APP_FACTORY, "ServerApp factory")
 
     console = console or Console()
     config: dict[str, Any] = {
@@ -125,14 +114,13 @@ def run_demo(
             f"starting Flower's simulation engine (Ray) with {num_clients} SuperNodes, "
             f"then round 1 of {rounds}…"
         )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            run_simulation(
-                make_server_app(config, on_round=on_round),
-                client_app,
-                num_supernodes=num_clients,
-                backend_config=backend_config(),
-            )
+        run_simulation_app(
+            ServerAppFactory(SERVER_APP_FACTORY),
+            CLIENT_APP,
+            num_supernodes=num_clients,
+            run_config=config,
+            on_report=on_round,
+        )
     finally:
         status.stop()
     with ModelStore.open(cfg.store) as st:
