@@ -14,9 +14,13 @@ from typing import Any
 import torch
 
 from fedmerge.aggregators import create
+from fedmerge.aggregators.base import dense_of
+from fedmerge.aggregators.gta import breadcrumbs_mask
+from fedmerge.aggregators.sparsify import dare_drop, della_drop, trim
 from fedmerge.recipes.plan import Plan, plan_merge
 from fedmerge.recipes.schema import HF_CONFIG, Recipe, RecipeError, RecipeModelError, parse_recipe
 from fedmerge.recipes.sources import LAYER_COUNT_KEYS, Source, Spec, StoreSource
+from fedmerge.seeds import derive_generator
 from fedmerge.store import ModelStore, Version
 from fedmerge.store.blobs import encode_blob
 from fedmerge.store.init import open_base
@@ -24,41 +28,69 @@ from fedmerge.store.safetensors_format import dtype_from_name
 
 
 # ------------------------------------------------------------------------------------------ merge
+def _presparsify(
+    aggregator: str, params: dict[str, Any], x: torch.Tensor, gen: torch.Generator
+) -> torch.Tensor:
+    """One model's own trim (its density, γ, ε) with the function the aggregator uses, for tensors whose
+    per-model values differ; the aggregator then runs with density 1 (which keeps every entry)."""
+    d = float(params["density"])
+    if aggregator == "ties":
+        return dense_of(trim(x, d, params.get("keep_rounding", "floor")))
+    if aggregator in ("dare_ties", "dare_linear"):
+        return dense_of(dare_drop(x, d, gen, params["rescale"], params["mask_rng"]))
+    if aggregator in ("della", "della_linear"):
+        return della_drop(x, d, float(params["epsilon"]), gen, params["rescale"], params["mask_rng"])
+    if aggregator in ("breadcrumbs", "breadcrumbs_ties"):
+        return breadcrumbs_mask(x, d, float(params["gamma"]), params["rescale"], params["keep_rounding"])
+    raise AssertionError(f"no per-model sparsification for {aggregator}")  # per_model_global methods only
+
+
+def _read(plan: Plan, src: Source, name: str) -> torch.Tensor:
+    """A tensor as mergekit reads it: cast to the recipe's ``dtype`` (if any), then fp32 for the maths."""
+    x = src.get(name)
+    if plan.compute_dtype is not None and x.is_floating_point():
+        x = x.to(plan.compute_dtype)
+    return x.float() if x.is_floating_point() else x
+
+
 def iter_merged(plan: Plan) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
     """Yield (name, θ, τ) one tensor at a time, sorted by name: θ the merged tensor (fp32 when merged,
     else as stored: non-floating tensors are copied from the base or the first model) and τ = θ − θ_base
     exactly as the aggregator returned it for task-vector methods (else ``None``). One aggregator per
-    tensor: memory is the inputs' tensors of that one name plus the aggregator's accumulators."""
+    tensor, with that tensor's parameters: memory is the inputs' tensors of that one name plus the
+    aggregator's accumulators."""
     spec = plan.spec
-    if spec.space == "passthrough":
-        for name, (src, src_name, scale) in plan.out_map.items():
-            t = src.get(src_name)
-            yield name, (t.float() * scale if scale is not None and t.is_floating_point() else t), None
-        return
-    assert spec.aggregator is not None
-    ref = plan.base or plan.inputs[0][0]
-    for name in sorted(ref.specs):
-        s = ref.specs[name]
-        if not s.dtype.is_floating_point:
-            yield name, ref.get(name), None
+    for job in plan.jobs:
+        first, first_name = job.inputs[0] if job.inputs else job.base or (None, "")
+        assert first is not None
+        if not first.specs[first_name].dtype.is_floating_point:
+            yield job.name, first.get(first_name), None
             continue
-        base = plan.base.get(name).float() if plan.base is not None else None
-        agg = create(spec.aggregator, **plan.agg_params)
-        agg.begin({name: s.shape})
-        if spec.space == "weights" and spec.needs_base:  # slerp: the base is the first end point
+        if spec.space == "passthrough":
+            x = _read(plan, first, first_name)
+            yield job.name, x * job.scale if job.scale is not None else x, None
+            continue
+        assert spec.aggregator is not None
+        base = _read(plan, *job.base) if job.base is not None else None
+        agg = create(spec.aggregator, **job.agg_params)
+        agg.begin({job.name: first.specs[first_name].shape})
+        if spec.space == "weights" and spec.needs_base:  # slerp, nearswap, arcee_fusion: the base first
             assert base is not None
-            agg.add({name: base}, 1.0, client_id=0)  # endpoints are ordered by client id: base first
-        for i, (src, w) in enumerate(plan.inputs, start=1):
-            x = src.get(name).float()
-            agg.add(
-                {name: x - base if spec.space == "task_vector" and base is not None else x}, w, client_id=i
-            )
+            agg.add({job.name: base}, 1.0, client_id=0)  # endpoints are ordered by client id: base first
+        for i, ((src, n), w) in enumerate(zip(job.inputs, job.weights, strict=True), start=1):
+            x = _read(plan, src, n)
+            if spec.space == "task_vector" and base is not None:
+                x = x - base
+            if job.presparsify is not None:
+                gen = derive_generator(int(job.agg_params.get("seed", 0)), 0, i, job.name)
+                x = _presparsify(spec.aggregator, job.presparsify[i - 1], x, gen)
+            agg.add({job.name: x}, w, client_id=i)
             del x
-        merged = agg.finalize()[name]
+        merged = agg.finalize()[job.name]
         if spec.space == "task_vector" and base is not None:
-            yield name, base + merged, merged
+            yield job.name, base + merged, merged
         else:
-            yield name, merged, None
+            yield job.name, merged, None
 
 
 @dataclass(frozen=True)
@@ -199,8 +231,8 @@ def _execute(
     params = {
         "aggregator": plan.spec.aggregator,
         "aggregator_params": plan.agg_params,
-        "mergekit_params": plan.mergekit_params,
-        "per_model": plan.per_model,
+        "per_tensor": len({repr(sorted(j.agg_params.items())) for j in plan.jobs if j.agg_params}) > 1
+        or any(j.presparsify is not None for j in plan.jobs),
     }
     method = plan.recipe.merge_method
     if not as_delta:
@@ -210,6 +242,12 @@ def _execute(
             for k in LAYER_COUNT_KEYS:
                 if k in cfg:
                     cfg[k] = plan.out_config["num_layers"]
+            files[HF_CONFIG] = json.dumps(cfg, indent=2, sort_keys=True).encode()
+        if HF_CONFIG in files and plan.out_dtype is not None:
+            cfg = json.loads(files[HF_CONFIG])
+            for k in ("torch_dtype", "dtype"):
+                if k in cfg:
+                    cfg[k] = str(plan.out_dtype).removeprefix("torch.")
             files[HF_CONFIG] = json.dumps(cfg, indent=2, sort_keys=True).encode()
         merged = {n: t.to(out_specs[n].dtype) for n, t, _ in iter_merged(plan)}
         version = s.commit_base(
@@ -271,7 +309,10 @@ def _execute(
 
 
 def _output_specs(plan: Plan) -> dict[str, Spec]:
-    if plan.spec.space == "passthrough":
-        return {n: src.specs[sn] for n, (src, sn, _) in plan.out_map.items()}
-    ref = plan.base or plan.inputs[0][0]
-    return dict(ref.specs)
+    """Each output tensor's dtype and shape: the first input's, floating ones in the output dtype."""
+    out = {}
+    for job in plan.jobs:
+        src, n = job.inputs[0] if job.inputs else job.base  # type: ignore[misc]
+        s = src.specs[n]
+        out[job.name] = Spec(plan.out_dtype, s.shape) if plan.out_dtype and s.dtype.is_floating_point else s
+    return out

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 from fedmerge.aggregators import available, create, get
 from fedmerge.aggregators.mergekit import (
@@ -20,18 +22,20 @@ from fedmerge.aggregators.mergekit import (
 )
 from fedmerge.aggregators.sparsify import keep_count
 from fedmerge.errors import ConfigError
+from fedmerge.recipes.parameters import Setting, layer_position, leaves, resolve
 from fedmerge.recipes.schema import (
     DTYPES,
-    InputModel,
     ModelRef,
     Recipe,
     RecipeModelError,
     RecipeParameterError,
     RecipeSchemaError,
+    Slice,
     SliceError,
     UnsupportedMethodError,
 )
 from fedmerge.recipes.sources import (
+    LAYER_RE,
     PRE_MARKERS,
     AdapterSource,
     HFSource,
@@ -83,6 +87,21 @@ def method_spec(name: str) -> MergekitMethod:
 
 
 # ------------------------------------------------------------------------------------------- plan
+@dataclass(frozen=True)
+class TensorJob:
+    """One output tensor: where its inputs come from and the parameters resolved for it (per-layer
+    gradients and filters evaluated at this tensor)."""
+
+    name: str
+    inputs: tuple[tuple[Source, str], ...]  # each merged model's (source, tensor name), recipe order
+    base: tuple[Source, str] | None  # the base model's tensor (task vectors, slerp-like end points)
+    weights: tuple[float, ...]  # each input's weight
+    agg_params: dict[str, Any]  # the aggregator's keyword arguments (empty for passthrough)
+    # each input's own sparsification (translated parameters) when per-model densities … differ
+    presparsify: tuple[dict[str, Any], ...] | None = None
+    scale: float | None = None  # passthrough's per-model scale
+
+
 @dataclass
 class Plan:
     """Everything checked and resolved before the first tensor is read."""
@@ -91,15 +110,23 @@ class Plan:
     spec: MergekitMethod
     sources: dict[str, Source]
     base: Source | None
-    inputs: list[tuple[Source, float]]  # (source, weight) of each merged model, recipe order
-    agg_params: dict[str, Any]
-    mergekit_params: dict[str, Any]
-    per_model: list[dict[str, Any]]
-    out_map: dict[str, tuple[Source, str, float | None]] = field(default_factory=dict)  # passthrough
+    jobs: list[TensorJob] = field(default_factory=list)  # sorted by output name
+    agg_params: dict[str, Any] = field(default_factory=dict)  # the first merged tensor's (recorded)
+    compute_dtype: torch.dtype | None = None  # inputs are cast to it first (mergekit's ``dtype``)
+    out_dtype: torch.dtype | None = None  # floating outputs (``out_dtype``, else ``dtype``)
     out_config: dict[str, Any] | None = None
     anchor: Source | None = None  # the source parents[0] materialises to
     notes: list[str] = field(default_factory=list)
     every: list[Source] = field(default_factory=list)  # every opened source (adapters' bases too)
+
+    @property
+    def inputs(self) -> list[Source]:
+        """The merged models (base excluded), recipe order, once each."""
+        out: dict[int, Source] = {}
+        for job in self.jobs:
+            for src, _ in job.inputs:
+                out.setdefault(id(src), src)
+        return list(out.values())
 
     def close(self) -> None:
         for s in self.every:
@@ -160,29 +187,22 @@ def _check_same(sources: Sequence[Source], what: str) -> None:
                 )
 
 
-def _resolve_params(recipe: Recipe, spec: MergekitMethod) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Check every parameter name and value; return (global parameters, per-model parameters)."""
+def _check_names(recipe: Recipe, spec: MergekitMethod) -> None:
+    """Every parameter name is one the method takes, where it is given; every value in range."""
     allowed_global = set(spec.parameters) | set(spec.tensor_parameters)
     native = recipe.merge_method not in METHODS  # a fedmerge aggregator: its own parameters pass through
-    unknown = [] if native else sorted(set(recipe.parameters) - allowed_global)
-    if unknown:
-        raise RecipeParameterError(
-            f"{recipe.merge_method} does not take parameter{'s' if len(unknown) > 1 else ''} {unknown}; "
-            f"it takes {sorted(allowed_global) or 'none'}"
-        )
-    for k, v in recipe.parameters.items():
-        _check(k, v)
-    glob = {k: recipe.parameters.get(k, d) for k, d in spec.parameters.items()}
-    if native:
-        glob = {k: v for k, v in recipe.parameters.items() if k != "weight"}
-    missing = sorted(k for k, v in glob.items() if v is None)
-    if missing:
-        raise RecipeParameterError(
-            f"{recipe.merge_method} needs parameter{'s' if len(missing) > 1 else ''} {missing}"
-        )
-    per_model: list[dict[str, Any]] = []
-    entries = [(m.model.raw, m.parameters) for m in recipe.models] or [
-        (s.model.raw, {**sl.parameters, **s.parameters}) for sl in recipe.slices for s in sl.sources
+    scopes = [("parameters", recipe.parameters)] + [
+        (f"slices[{i}].parameters", sl.parameters) for i, sl in enumerate(recipe.slices)
+    ]
+    for where, params in scopes:
+        unknown = [] if native else sorted(set(params) - allowed_global)
+        if unknown:
+            raise RecipeParameterError(
+                f"{recipe.merge_method} does not take parameter{'s' if len(unknown) > 1 else ''} {unknown} "
+                f"({where}); it takes {sorted(allowed_global) or 'none'}"
+            )
+    entries = [(m.model.raw, m.parameters) for m in recipe.models] + [
+        (s.model.raw, s.parameters) for sl in recipe.slices for s in sl.sources
     ]
     for raw, params in entries:
         bad = sorted(set(params) - set(spec.tensor_parameters))
@@ -192,95 +212,294 @@ def _resolve_params(recipe: Recipe, spec: MergekitMethod) -> tuple[dict[str, Any
                 f"{'s' if len(bad) > 1 else ''} {bad}; "
                 f"per model it takes {sorted(spec.tensor_parameters) or 'none'}"
             )
-        for k, v in params.items():
-            _check(k, v)
-        per_model.append(
-            {k: params.get(k, recipe.parameters.get(k, d)) for k, d in spec.tensor_parameters.items()}
-        )
-    for k in spec.per_model_global:
-        values = {pm[k] for pm in per_model}
-        if len(values) > 1:
-            listing = ", ".join(f"{raw}: {pm[k]}" for (raw, _), pm in zip(entries, per_model, strict=True))
-            raise RecipeParameterError(
-                f"per-model {k} differs ({listing}), but fedmerge's {spec.aggregator} takes one {k} for all "
-                f"models; set it once under parameters (mergekit would apply each model's own)"
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One model of an output slice: its source, first layer, and parameter scopes (highest first)."""
+
+    raw: str
+    source: Source
+    start: int
+    scopes: tuple[Mapping[str, Setting], ...]
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """One output tensor before parameters: its name, the slice's entries with their tensor names, t."""
+
+    name: str
+    entries: tuple[tuple[_Entry, str], ...]
+    shared: tuple[Mapping[str, Setting], ...]
+    t: float
+
+
+def _output_slices(recipe: Recipe, sources: Mapping[str, Source]) -> list[tuple[list[_Entry], Slice | None]]:
+    """mergekit's normalisation: ``models`` is one slice over every layer of every model."""
+    if recipe.models:
+        entries = [
+            _Entry(m.model.raw, sources[m.model.raw], 0, (m.parameters, recipe.parameters))
+            for m in recipe.models
+        ]
+        return [(entries, None)]
+    out: list[tuple[list[_Entry], Slice | None]] = []
+    for sl in recipe.slices:
+        entries = [
+            _Entry(
+                s.model.raw,
+                sources[s.model.raw],
+                s.layer_range[0],
+                (s.parameters, sl.parameters, recipe.parameters),
             )
-        glob[k] = values.pop()
-    return glob, per_model
+            for s in sl.sources
+        ]
+        out.append((entries, sl))
+    return list(out)
+
+
+def _model_slots(recipe: Recipe, entries: list[_Entry]) -> list[_Slot]:
+    """A ``models`` recipe: every tensor name of the first model; t from its layer index."""
+    ref = entries[0].source
+    prefix, count, _, _ = layer_template(ref.specs)
+    slots = []
+    for name in sorted(ref.specs):
+        m = LAYER_RE.match(name)
+        t = layer_position(int(m["idx"]), count) if (m is not None and m["prefix"] == prefix) else 0.0
+        slots.append(_Slot(name, tuple((e, name) for e in entries), (recipe.parameters,), t))
+    return slots
+
+
+def _slice_slots(recipe: Recipe, slices: list[tuple[list[_Entry], Slice | None]]) -> tuple[list[_Slot], int]:
+    """A ``slices`` recipe: output layer j of slice k takes layer start + offset of each of its sources;
+    embeddings from the first slice's sources, the other non-layer tensors from the last slice's."""
+    layouts = {}
+    for k, (entries, sl) in enumerate(slices):
+        lengths = set()
+        assert sl is not None
+        for e, src in zip(entries, sl.sources, strict=True):
+            prefix, count, tmpl, other = layer_template(e.source.specs)
+            if prefix is None:
+                raise SliceError(f"slices[{k}]: model {e.raw!r} has no numbered layers to slice")
+            a, b = src.layer_range
+            if b > count:
+                raise SliceError(
+                    f"slices[{k}]: layer_range [{a}, {b}) goes beyond model {e.raw!r}, "
+                    f"which has {count} layers (0–{count - 1})"
+                )
+            layouts[e.raw] = (prefix, tmpl, other)
+            lengths.add(b - a)
+        if len(lengths) != 1:
+            raise SliceError(
+                f"slices[{k}]: its sources take {sorted(lengths)} layers; every source of a slice must take "
+                "the same number of layers (mergekit's rule)"
+            )
+    first_raw = next(iter(layouts))
+    first = layouts[first_raw]
+    for raw, lay in layouts.items():
+        if lay != first:
+            raise SliceError(
+                f"{recipe.merge_method}: model {raw!r} has other layer tensors, non-layer tensors or dtypes "
+                f"than {first_raw!r}; slices must come from models of one architecture"
+            )
+    prefix, tmpl, other = first
+    slots: list[_Slot] = []
+    j = 0
+    for entries, sl in slices:
+        assert sl is not None
+        length = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
+        shared = (sl.parameters, recipe.parameters)
+        for offset in range(length):
+            t = layer_position(offset, length)
+            for rest in sorted(tmpl):
+                ins = tuple((e, f"{prefix}.{e.start + offset}.{rest}") for e in entries)
+                slots.append(_Slot(f"{prefix}.{j}.{rest}", ins, shared, t))
+            j += 1
+    (first_entries, first_sl), (last_entries, last_sl) = slices[0], slices[-1]
+    assert first_sl is not None and last_sl is not None
+    for name in sorted(other):
+        pre = any(mk in name for mk in PRE_MARKERS)
+        entries, sl = (first_entries, first_sl) if pre else (last_entries, last_sl)
+        slots.append(_Slot(name, tuple((e, name) for e in entries), (sl.parameters, recipe.parameters), 0.0))
+    return sorted(slots, key=lambda s: s.name), j
+
+
+def _value(key: str, scopes: Sequence[Mapping[str, Setting]], name: str, t: float, default: Any) -> Any:
+    v = resolve(key, scopes, name, t)
+    if v is None:
+        return default
+    _check(key, v)
+    return v
+
+
+class _Resolver:
+    """Turns a slot into a :class:`TensorJob`: parameters resolved for the tensor, translated to the
+    aggregator's, each distinct set checked once by constructing the aggregator."""
+
+    def __init__(self, recipe: Recipe, spec: MergekitMethod, base_raw: str | None, seed: int) -> None:
+        self.recipe, self.spec, self.base_raw, self.seed = recipe, spec, base_raw, seed
+        self.native = recipe.merge_method not in METHODS
+        self.takes_seed = spec.aggregator is not None and "seed" in accepted_params(get(spec.aggregator))
+        self.checked: set[str] = set()
+
+    def translate(self, glob: dict[str, Any], where: str) -> dict[str, Any]:
+        try:
+            out = dict(glob) if self.native else mergekit_params(self.recipe.merge_method, glob)
+        except MergekitParameterError as exc:
+            raise RecipeParameterError(f"{self.recipe.merge_method} ({where}): {exc}") from None
+        return {**out, **({"seed": self.seed} if self.takes_seed else {})}
+
+    def check(self, params: dict[str, Any], glob: dict[str, Any]) -> None:
+        key = repr(sorted(params.items()))
+        if key in self.checked or self.spec.aggregator is None:
+            return
+        try:
+            create(self.spec.aggregator, **params)  # the registry checks names and ranges now
+        except ConfigError as exc:
+            raise RecipeParameterError(
+                f"{self.recipe.merge_method} (mergekit parameters {glob}) maps to aggregator "
+                f"{self.spec.aggregator!r} with {params}, which this fedmerge refuses: {exc}"
+            ) from None
+        self.checked.add(key)
+
+    def job(self, slot: _Slot) -> TensorJob:
+        spec, name, t = self.spec, slot.name, slot.t
+        base = next(((e.source, n) for e, n in slot.entries if e.raw == self.base_raw), None)
+        inputs = [(e, n) for e, n in slot.entries if e.raw != self.base_raw]
+        if self.native:
+            keys = {k for sc in slot.shared for k in sc} - {"weight"}
+            glob = {k: _value(k, slot.shared, name, t, None) for k in sorted(keys)}
+            glob = {k: v for k, v in glob.items() if v is not None}
+        else:
+            glob = {k: _value(k, slot.shared, name, t, d) for k, d in spec.parameters.items()}
+        missing = sorted(k for k, v in glob.items() if v is None)
+        if missing:
+            raise RecipeParameterError(
+                f"{self.recipe.merge_method} needs parameter{'s' if len(missing) > 1 else ''} {missing} "
+                f"(no value for tensor {name!r})"
+            )
+        per_model = [
+            {k: _value(k, e.scopes, n, t, d) for k, d in spec.tensor_parameters.items()} for e, n in inputs
+        ]
+        if spec.space == "passthrough":
+            scale = per_model[0].get("scale") if per_model else None
+            return TensorJob(name, tuple((e.source, n) for e, n in inputs), None, (1.0,), {}, scale=scale)
+        weights = tuple(float(pm.get("weight", 1.0)) for pm in per_model)
+        presparsify = None
+        differing = [k for k in spec.per_model_global if len({pm[k] for pm in per_model}) > 1]
+        for k in spec.per_model_global:
+            glob[k] = per_model[0][k] if per_model else spec.tensor_parameters[k]
+        if differing:  # each model trimmed with its own values first; the aggregator then keeps all
+            presparsify = tuple(
+                self.translate({**glob, **{k: pm[k] for k in spec.per_model_global}}, f"tensor {name!r}")
+                for pm in per_model
+            )
+            glob["density"] = 1.0
+        params = self.translate(glob, f"tensor {name!r}")
+        self.check(params, glob)
+        for p in presparsify or ():
+            self.check(p, glob)
+        job = TensorJob(
+            name, tuple((e.source, n) for e, n in inputs), base, weights, params, presparsify=presparsify
+        )
+        _check_keep_counts(self.recipe, job)
+        return job
+
+
+def _check_keep_counts(recipe: Recipe, job: TensorJob) -> None:
+    """mergekit's magnitude trim refuses to keep no entry of a tensor (``keep_rounding="mergekit"``):
+    refuse such a recipe from the headers rather than in the middle of the merge."""
+    for params in job.presparsify or (job.agg_params,):
+        density = params.get("density")
+        if params.get("keep_rounding") != "mergekit" or density is None or density >= 1:
+            continue
+        src, n = job.inputs[0]
+        s = src.specs[n]
+        if s.dtype.is_floating_point:
+            try:
+                keep_count(math.prod(s.shape), density, "mergekit")
+            except ConfigError as exc:
+                raise RecipeParameterError(f"{recipe.merge_method}, tensor {job.name!r}: {exc}") from None
 
 
 def plan_merge(recipe: Recipe, store: ModelStore, *, seed: int = 0) -> Plan:
-    """Check the recipe against its models (headers only) and resolve the merge; see the module doc."""
+    """Check the recipe against its models (headers only) and resolve the merge, tensor by tensor."""
     # values first (t outside [0, 1], negative densities …), whatever the method and its registration
     every_params = [recipe.parameters, *(m.parameters for m in recipe.models)]
     every_params += [p for sl in recipe.slices for p in (sl.parameters, *(x.parameters for x in sl.sources))]
     for params in every_params:
-        for k, v in params.items():
-            _check(k, v)
+        for k, setting in params.items():
+            for v in leaves(setting):
+                _check(k, v)
     spec = method_spec(recipe.merge_method)
     if recipe.merge_method in ("multislerp", "nuslerp") and recipe.base_model is not None:
         spec = dataclasses.replace(spec, space="task_vector", needs_base=True)
-    glob, per_model = _resolve_params(recipe, spec)
+    _check_names(recipe, spec)
     if spec.needs_base and recipe.base_model is None:
         raise RecipeSchemaError(f"{recipe.merge_method} needs base_model (task vectors are relative to it)")
-    agg_params: dict[str, Any] = {}
-    if spec.aggregator is not None:
-        native = recipe.merge_method not in METHODS  # its own parameters, unchanged
-        try:
-            translated = dict(glob) if native else mergekit_params(recipe.merge_method, glob)
-        except MergekitParameterError as exc:
-            raise RecipeParameterError(f"{recipe.merge_method}: {exc}") from None
-        agg_params = {**translated, **({"seed": seed} if _takes_seed(spec.aggregator) else {})}
-        try:
-            create(spec.aggregator, **agg_params)  # the registry checks names and ranges now
-        except ConfigError as exc:
-            raise RecipeParameterError(
-                f"{recipe.merge_method} (mergekit parameters {glob}) maps to aggregator {spec.aggregator!r} "
-                f"with {agg_params}, which this fedmerge refuses: {exc}"
-            ) from None
-    slices = recipe.slices
     sources, every = _open_sources(recipe, store)
     try:
-        plan = Plan(recipe, spec, sources, None, [], agg_params, glob, per_model, every=every)
+        plan = Plan(recipe, spec, sources, None, every=every)
         plan.base = sources[recipe.base_model.raw] if recipe.base_model is not None else None
         plan.notes += list(spec.notes)
+        base_raw = recipe.base_model.raw if recipe.base_model is not None else None
+        slices = _output_slices(recipe, sources)
         if spec.space == "passthrough":
-            _plan_passthrough(plan)
-        else:
-            models = recipe.models
-            if slices:  # slices that each take all layers of every model are the same as `models`
-                models = _slices_as_models(recipe)
-            inputs = [m for m in models if not (plan.base is not None and m.model.raw == plan.base.ref.raw)]
-            lo, hi = spec.models
-            if len(inputs) < lo or (hi is not None and len(inputs) > hi):
-                want = f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None else f"{lo}–{hi}"
-                raise RecipeSchemaError(
-                    f"{recipe.merge_method} merges {want} model{'s' if (hi or lo) > 1 else ''} "
-                    "besides the base; "
-                    f"the recipe gives {len(inputs)}"
-                )
-            weights = {
-                m.model.raw: float(pm.get("weight", 1.0)) for m, pm in zip(models, per_model, strict=True)
-            }
-            plan.inputs = [(sources[m.model.raw], weights[m.model.raw]) for m in inputs]
-            everyone = ([plan.base] if plan.base is not None else []) + [s for s, _ in plan.inputs]
+            _check_passthrough(recipe, slices)
+        elif (
+            recipe.models
+            and plan.base is not None
+            and spec.needs_base
+            and all(e.raw != base_raw for e in slices[0][0])
+        ):  # mergekit adds the base to the models
+            slices[0][0].append(_Entry(base_raw or "", plan.base, 0, ({}, recipe.parameters)))
+        if recipe.models:
+            everyone = [e.source for e in slices[0][0]]
+            if plan.base is not None and plan.base not in everyone:
+                everyone.insert(0, plan.base)
             _check_same(everyone, recipe.merge_method)
-            _check_keep_counts(plan)
-            if spec.space == "weights" and plan.base is not None and recipe.merge_method == "linear":
-                plan.notes.append("linear ignores base_model unless it is listed among models (as mergekit)")
-        anchor = plan.base or (plan.inputs[0][0] if plan.inputs else next(iter(plan.out_map.values()))[0])
-        plan.anchor = anchor.base if isinstance(anchor, AdapterSource) else anchor
-        dtypes = {s.dtype for s in plan.anchor.specs.values() if s.dtype.is_floating_point}
-        if recipe.out_dtype and dtypes and {DTYPES[recipe.out_dtype]} != dtypes:
-            raise RecipeSchemaError(
-                f"out_dtype {recipe.out_dtype} differs from the base's dtype {sorted(map(str, dtypes))}; "
-                "the store "
-                "keeps the base's dtype — convert the exported model afterwards"
-            )
-        if recipe.dtype and dtypes and {DTYPES[recipe.dtype]} != dtypes:
+            slots = _model_slots(recipe, slices[0][0])
+            layers: int | None = None
+        else:
+            slots, layers = _slice_slots(recipe, slices)
+        if spec.space != "passthrough":
+            for idx, (entries, _) in enumerate(slices):
+                n_inputs = len([e for e in entries if e.raw != base_raw])
+                lo, hi = spec.models
+                where = "" if recipe.models else f"slices[{idx}]: "
+                if n_inputs < lo or (hi is not None and n_inputs > hi):
+                    want = f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None else f"{lo}–{hi}"
+                    raise RecipeSchemaError(
+                        f"{where}{recipe.merge_method} merges {want} model{'s' if (hi or lo) > 1 else ''} "
+                        f"besides the base; the recipe gives {n_inputs}"
+                    )
+                if spec.needs_base and all(e.raw != base_raw for e in entries):
+                    raise SliceError(
+                        f"slices[{idx}]: {recipe.merge_method} needs the base model {base_raw!r} among the "
+                        "slice's sources (its layers are the base of the others')"
+                    )
+        resolver = _Resolver(recipe, spec, base_raw if spec.space != "passthrough" else None, seed)
+        plan.jobs = [
+            TensorJob(s.name, ((s.entries[0][0].source, s.entries[0][1]),), None, (1.0,), {})
+            if not s.entries[0][0].source.specs[s.entries[0][1]].dtype.is_floating_point
+            else resolver.job(s)
+            for s in slots
+        ]
+        plan.agg_params = next((j.agg_params for j in plan.jobs if j.agg_params), {})
+        if len({repr(sorted(j.agg_params.items())) for j in plan.jobs if j.agg_params}) > 1:
+            plan.notes.append("parameters vary per tensor (gradients or filters); recorded per recipe")
+        if layers is not None:
+            plan.out_config = {"num_layers": layers}
+        if spec.space == "passthrough" and recipe.slices:
             plan.notes.append(
-                f"dtype {recipe.dtype} recorded; fedmerge merges in fp32 and keeps the base's dtype"
+                f"passthrough: {layers} layers; embeddings from {slices[0][0][0].raw!r}, the other non-layer "
+                f"tensors (final norm, head) from {slices[-1][0][0].raw!r}"
             )
+        if spec.space == "weights" and plan.base is not None and recipe.merge_method == "linear":
+            plan.notes.append("linear ignores base_model unless it is listed among models (as mergekit)")
+        anchor = plan.base or slots_anchor(plan)
+        plan.anchor = anchor.base if isinstance(anchor, AdapterSource) else anchor
+        plan.compute_dtype = DTYPES[recipe.dtype] if recipe.dtype else None
+        plan.out_dtype = DTYPES[recipe.out_dtype] if recipe.out_dtype else plan.compute_dtype
         if recipe.tokenizer_source not in (None, "base"):
             plan.notes.append(
                 f"tokenizer_source {recipe.tokenizer_source!r} recorded; the tokenizer files are the base's"
@@ -292,88 +511,16 @@ def plan_merge(recipe: Recipe, store: ModelStore, *, seed: int = 0) -> Plan:
         raise
 
 
-def _check_keep_counts(plan: Plan) -> None:
-    """mergekit's magnitude trim refuses to keep no entry of a tensor (``keep_rounding="mergekit"``):
-    refuse such a recipe from the headers rather than in the middle of the merge."""
-    density = plan.agg_params.get("density")
-    if plan.agg_params.get("keep_rounding") != "mergekit" or density is None or density >= 1:
-        return
-    ref = plan.base or plan.inputs[0][0]
-    for name, s in sorted(ref.specs.items()):
-        if s.dtype.is_floating_point:
-            try:
-                keep_count(math.prod(s.shape), density, "mergekit")
-            except ConfigError as exc:
-                raise RecipeParameterError(f"{plan.recipe.merge_method}, tensor {name!r}: {exc}") from None
+def slots_anchor(plan: Plan) -> Source:
+    """Without a base: the first model of the first merged tensor."""
+    return plan.jobs[0].inputs[0][0]
 
 
-def _takes_seed(name: str) -> bool:
-    return "seed" in accepted_params(get(name))
-
-
-def _slices_as_models(recipe: Recipe) -> list[InputModel]:
-    if len(recipe.slices) != 1:
-        raise SliceError(
-            f"{recipe.merge_method} with {len(recipe.slices)} slices: fedmerge merges whole models; "
-            "slices are "
-            "supported for passthrough, or as one slice whose sources all span every layer"
-        )
-    return [InputModel(s.model, s.parameters) for s in recipe.slices[0].sources]
-
-
-def _plan_passthrough(plan: Plan) -> None:
-    recipe, sources = plan.recipe, plan.sources
-    if recipe.models:
-        if len(recipe.models) != 1:
-            raise RecipeSchemaError(f"passthrough copies one model; the recipe lists {len(recipe.models)}")
-        src = sources[recipe.models[0].model.raw]
-        scale = plan.per_model[0].get("scale")
-        plan.out_map = {n: (src, n, scale) for n in sorted(src.specs)}
-        return
-    flat = [(i, s) for i, sl in enumerate(recipe.slices) for s in sl.sources]
-    for i, sl in enumerate(recipe.slices):
-        if len(sl.sources) != 1:
+def _check_passthrough(recipe: Recipe, slices: list[tuple[list[_Entry], Slice | None]]) -> None:
+    if recipe.models and len(recipe.models) != 1:
+        raise RecipeSchemaError(f"passthrough copies one model; the recipe lists {len(recipe.models)}")
+    for i, (entries, _) in enumerate(slices):
+        if len(entries) != 1:
             raise SliceError(
-                f"slices[{i}]: passthrough takes exactly one source per slice, got {len(sl.sources)}"
+                f"slices[{i}]: passthrough takes exactly one source per slice, got {len(entries)}"
             )
-    templates = {}
-    for i, s in flat:
-        src = sources[s.model.raw]
-        prefix, count, tmpl, other = layer_template(src.specs)
-        if prefix is None:
-            raise SliceError(f"slices[{i}]: model {s.model.raw!r} has no numbered layers to slice")
-        a, b = s.layer_range
-        if b > count:
-            raise SliceError(
-                f"slices[{i}]: layer_range [{a}, {b}) goes beyond model {s.model.raw!r}, "
-                f"which has {count} layers "
-                f"(0–{count - 1})"
-            )
-        templates[s.model.raw] = (prefix, tmpl, other)
-    first = next(iter(templates.values()))
-    for raw, t in templates.items():
-        if t != first:
-            raise SliceError(
-                f"passthrough: model {raw!r} has other layer tensors, non-layer tensors or dtypes than "
-                f"{flat[0][1].model.raw!r}; slices must come from models of one architecture"
-            )
-    prefix, tmpl, other = first
-    out: dict[str, tuple[Source, str, float | None]] = {}
-    j = 0
-    for idx, (_, s) in enumerate(flat):
-        src = sources[s.model.raw]
-        scale = plan.per_model[idx].get("scale")
-        for layer in range(*s.layer_range):
-            for rest in tmpl:
-                out[f"{prefix}.{j}.{rest}"] = (src, f"{prefix}.{layer}.{rest}", scale)
-            j += 1
-    first_src, last_src = sources[flat[0][1].model.raw], sources[flat[-1][1].model.raw]
-    for name in other:
-        src = first_src if any(mk in name for mk in PRE_MARKERS) else last_src
-        out[name] = (src, name, None)
-    plan.out_map = dict(sorted(out.items()))
-    plan.out_config = {"num_layers": j}
-    plan.notes.append(
-        f"passthrough: {j} layers; embeddings from {flat[0][1].model.raw!r}, the other non-layer tensors "
-        f"(final norm, head) from {flat[-1][1].model.raw!r}"
-    )

@@ -17,8 +17,7 @@ import torch
 import yaml
 
 from fedmerge.errors import ConfigError
-
-Scalar = bool | int | float | str
+from fedmerge.recipes.parameters import Conditional, Scalar, Setting
 
 STORE_PREFIX = "store:"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -98,20 +97,20 @@ class ModelRef:
 @dataclass(frozen=True)
 class InputModel:
     model: ModelRef
-    parameters: dict[str, Scalar] = field(default_factory=dict)
+    parameters: dict[str, Setting] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class SliceSource:
     model: ModelRef
     layer_range: tuple[int, int]
-    parameters: dict[str, Scalar] = field(default_factory=dict)
+    parameters: dict[str, Setting] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Slice:
     sources: list[SliceSource]
-    parameters: dict[str, Scalar] = field(default_factory=dict)
+    parameters: dict[str, Setting] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -122,7 +121,7 @@ class Recipe:
     base_model: ModelRef | None
     models: list[InputModel]
     slices: list[Slice]
-    parameters: dict[str, Scalar]
+    parameters: dict[str, Setting]
     dtype: str | None
     out_dtype: str | None
     tokenizer_source: str | None
@@ -147,23 +146,52 @@ def _check_keys(obj: Any, allowed: set[str], where: str) -> dict[str, Any]:
     return obj
 
 
-def _parameters(obj: Any, where: str) -> dict[str, Scalar]:
+def _scalar(v: Any, where: str) -> Scalar:
+    if not isinstance(v, bool | int | float | str):
+        raise RecipeSchemaError(f"{where} must be a number, boolean or string, got {v!r}")
+    return v
+
+
+def _setting(v: Any, where: str) -> Setting:
+    """A scalar, a gradient (list of scalars) or conditional values (``{filter, value}`` or a list)."""
+    if isinstance(v, dict):
+        v = [v]
+    if not isinstance(v, list):
+        return _scalar(v, where)
+    if all(not isinstance(e, dict) for e in v):
+        return tuple(_scalar(e, f"{where}[{i}]") for i, e in enumerate(v))
+    conds: list[Conditional] = []
+    for i, e in enumerate(v):
+        w = f"{where}[{i}]"
+        if not isinstance(e, dict) or "value" not in e or set(e) - {"value", "filter"}:
+            raise RecipeSchemaError(
+                f"{w} must be a conditional value {{filter: NAME-SUBSTRING, value: ...}} (filter optional), "
+                f"got {e!r}"
+            )
+        f = e.get("filter")
+        if f is not None and not isinstance(f, str):
+            raise RecipeSchemaError(f"{w}.filter must be a string (a substring of tensor names), got {f!r}")
+        value = e["value"]
+        if isinstance(value, list):
+            inner: Scalar | tuple[Scalar, ...] = tuple(
+                _scalar(x, f"{w}.value[{k}]") for k, x in enumerate(value)
+            )
+        else:
+            inner = _scalar(value, f"{w}.value")
+        conds.append(Conditional(inner, f))
+    return tuple(conds)
+
+
+def _parameters(obj: Any, where: str) -> dict[str, Setting]:
     if obj is None:
         return {}
     if not isinstance(obj, dict):
         raise RecipeSchemaError(f"{where} must be a mapping of parameter names to values")
-    out: dict[str, Scalar] = {}
+    out: dict[str, Setting] = {}
     for k, v in obj.items():
         if not isinstance(k, str):
             raise RecipeSchemaError(f"{where} has a non-string key {k!r}")
-        if isinstance(v, list | dict):
-            raise RecipeParameterError(
-                f"{_where(where, k)} is a {'gradient (list)' if isinstance(v, list) else 'filtered value'}; "
-                "fedmerge takes one scalar per parameter (per-layer gradients and filters are not supported)"
-            )
-        if not isinstance(v, bool | int | float | str):
-            raise RecipeSchemaError(f"{_where(where, k)} must be a number, boolean or string, got {v!r}")
-        out[k] = v
+        out[k] = _setting(v, _where(where, k))
     return out
 
 
