@@ -18,8 +18,9 @@ Refused before anything is written (so no version changes), each with one
 ``config.json`` (:class:`~fedmerge.delta.hf.MissingConfigError`), ``.bin``-only weights
 (:class:`~fedmerge.delta.hf.UnsupportedWeightsError`), tensors that do not match the config
 (:class:`~fedmerge.delta.hf.ArchitectureMismatchError`), a peft adapter passed as the base or one
-whose modules are not weights of the base (:class:`AdapterBaseMismatchError`), a store that already
-has versions (:class:`StoreNotEmptyError`).
+whose modules are not weights of the base (:class:`AdapterBaseMismatchError`), a ``config.json``
+whose ``torch_dtype`` no floating tensor has (:class:`DtypeMismatchError`), a store that already has
+versions (:class:`StoreNotEmptyError`).
 """
 
 from __future__ import annotations
@@ -132,6 +133,11 @@ def open_base(path: str | os.PathLike[str], name: str | None = None) -> BaseMode
     try:
         check = hf.check_architecture(p, ckpt.shapes())
         files = hf.companion_files(p)
+    except BaseException:
+        ckpt.close()
+        raise
+    try:
+        check_declared_dtype(p, config, ckpt)
     except BaseException:
         ckpt.close()
         raise
@@ -262,6 +268,42 @@ def _commit_adapter(
         architecture_checked=model.check.checked,
         note=model.check.note,
     )
+
+
+class DtypeMismatchError(hf.HFModelError):
+    """``config.json`` declares a dtype (``torch_dtype`` / ``dtype``) that none of the floating
+    tensors has: ``from_pretrained`` would cast the weights, and exports would disagree with it."""
+
+
+_SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
+
+
+def check_declared_dtype(directory: Path, config: Mapping[str, Any], ckpt: hf.HFCheckpoint) -> None:
+    """Refuse (one :class:`DtypeMismatchError`) a model directory whose ``config.json`` says
+    ``torch_dtype`` (or transformers' newer ``dtype``) is e.g. ``float16`` while no floating tensor of
+    its checkpoint is: a bf16 checkpoint labelled fp16 loads as fp16 and loses range. ``"auto"``, an
+    absent or an unknown value declares nothing. A checkpoint mixing dtypes (fp32 norms beside bf16
+    weights) passes when the declared one is among them."""
+    declared = config.get("torch_dtype", config.get("dtype"))
+    if not isinstance(declared, str) or declared.removeprefix("torch.") not in _SAFETENSORS_DTYPES:
+        return
+    name = declared.removeprefix("torch.")
+    counts: dict[str, int] = {}
+    for info in ckpt.tensors.values():
+        if _known(info.dtype) and dtype_from_name(info.dtype).is_floating_point:
+            counts[info.dtype] = counts.get(info.dtype, 0) + 1
+    if not counts or _SAFETENSORS_DTYPES[name] in counts:
+        return
+    held = ", ".join(f"{n} {_torch_name(d)}" for d, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    main = _torch_name(max(counts, key=lambda d: counts[d]))
+    raise DtypeMismatchError(
+        f"{directory / hf.CONFIG_FILE} says torch_dtype {name!r} but the weights are {held} tensor(s); "
+        f"set its torch_dtype to {main!r}, or re-save the model with save_pretrained"
+    )
+
+
+def _torch_name(safetensors_dtype: str) -> str:
+    return str(dtype_from_name(safetensors_dtype)).removeprefix("torch.")
 
 
 def _known(dtype: str) -> bool:
