@@ -107,5 +107,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         loss = float(
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
         )
-    metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "num-examples": len(lines)}
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    metrics = MetricRecord(
+        {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "num-examples": len(lines)}
+    )
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)

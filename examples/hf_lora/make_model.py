@@ -43,7 +43,8 @@ def make_model(
         tie_word_embeddings=False,
     )  # fmt: skip
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(DTYPES[dtype])  # initialised in fp32, then cast
+    model = LlamaForCausalLM(config)
+    torch.nn.Module.to(model, DTYPES[dtype])  # initialised in fp32, then cast in place
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     fast.save_pretrained(out)

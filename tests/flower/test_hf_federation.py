@@ -143,7 +143,7 @@ def check_federation(d: Path, output: str, dtype: torch.dtype, rounds: int) -> N
     assert torch.equal(model.state_dict()[k], base.state_dict()[k])  # LoRA touched only q and v
     tokenizer = AutoTokenizer.from_pretrained(merged)
     ids = model.generate(**tokenizer("the server", return_tensors="pt"), max_new_tokens=8, do_sample=False)
-    text = tokenizer.decode(ids[0], skip_special_tokens=True)
+    text = str(tokenizer.decode(ids[0], skip_special_tokens=True))
     assert text.startswith("the server") and len(text) > len("the server")
 
 
