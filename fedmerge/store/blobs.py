@@ -33,9 +33,9 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from io import FileIO
+from io import BufferedReader, FileIO
 from pathlib import Path
-from typing import BinaryIO, Protocol, cast
+from typing import Protocol, cast
 
 import torch
 
@@ -43,6 +43,7 @@ from fedmerge.fsutil import fsync_dir
 from fedmerge.store.errors import CorruptBlobError, MissingBlobError
 from fedmerge.store.safetensors_format import (
     MAX_HEADER_BYTES,
+    Header,
     SafetensorsFormatError,
     TensorSpec,
     encode_single,
@@ -53,6 +54,8 @@ from fedmerge.store.safetensors_format import (
 BLOB_KEY = "tensor"
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 Buffer = bytes | memoryview
+BlobReader = FileIO | BufferedReader
+"""What :meth:`BlobBackend.open_read` returns: a local file, or a buffered reader over ranged GETs."""
 
 
 class BlobBackend(Protocol):
@@ -74,7 +77,7 @@ class BlobBackend(Protocol):
         """Where the blob's bytes sit on this machine (for an object store: its cache entry)."""
         ...
 
-    def open_read(self, digest: str, what: str) -> tuple[BinaryIO, int]:
+    def open_read(self, digest: str, what: str) -> tuple[BlobReader, int]:
         """(seekable unbuffered reader, size) of the blob; :class:`MissingBlobError` if it is absent.
 
         The reader hands out the stored bytes unchecked: callers hash what they use."""
@@ -94,6 +97,39 @@ class BlobBackend(Protocol):
 
     def sync(self) -> None:
         """Make every completed :meth:`put` durable (directory entries included)."""
+        ...
+
+    @property
+    def tmp_dir(self) -> Path:
+        """A local directory for temporary files (same file system as the store's manifests)."""
+        ...
+
+    def stage(self, parts: Sequence[Buffer]) -> StagedBlob:
+        """Write a blob while hashing it; visible and durable after :meth:`publish` and :meth:`sync`."""
+        ...
+
+    def publish(self, staged: Sequence[StagedBlob]) -> None: ...
+
+    def hash_blob(self, digest: str) -> tuple[str, int]:
+        """(sha256 hex of the stored bytes, their size), read from the backend itself."""
+        ...
+
+    def describe(self, digest: str) -> str:
+        """Where the blob lives, for messages (a path or a URL)."""
+        ...
+
+    def stray_paths(self) -> Sequence[Path | str]:
+        """Entries among the blobs that the store did not write."""
+        ...
+
+    def leftover_tmp(self, older_than: float | None = None) -> list[Path]: ...
+
+    def put_manifest(self, name: str, data: bytes) -> None:
+        """Keep a copy of a manifest with the blobs (a no-op where the manifests are already there)."""
+        ...
+
+    def get_manifest(self, name: str) -> bytes | None:
+        """The copy kept by :meth:`put_manifest`, or None."""
         ...
 
 
@@ -193,10 +229,27 @@ class LocalBlobBackend:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.blob_dir = self.root / "blobs"
-        self.tmp_dir = self.root / "tmp"
+        self._tmp_dir = self.root / "tmp"
         self.blob_dir.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self._tmp_dir.mkdir(parents=True, exist_ok=True)
         self._dirty: set[Path] = set()
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self._tmp_dir
+
+    def describe(self, digest: str) -> str:
+        return str(self.local_path(digest))
+
+    def hash_blob(self, digest: str) -> tuple[str, int]:
+        path = self.local_path(digest)
+        return hash_file(path), path.stat().st_size
+
+    def put_manifest(self, name: str, data: bytes) -> None:
+        """Nothing to do: the manifests are in the same directory."""
+
+    def get_manifest(self, name: str) -> bytes | None:
+        return None
 
     def local_path(self, digest: str) -> Path:
         if not _DIGEST.match(digest):
@@ -206,7 +259,7 @@ class LocalBlobBackend:
     def has(self, digest: str) -> bool:
         return self.local_path(digest).is_file()
 
-    def open_read(self, digest: str, what: str) -> tuple[BinaryIO, int]:
+    def open_read(self, digest: str, what: str) -> tuple[BlobReader, int]:
         path = self.local_path(digest)
         try:
             fh = path.open("rb", buffering=0)
@@ -215,7 +268,7 @@ class LocalBlobBackend:
                 f"{what}: blob {digest} is missing from {path.parent.parent}; restore it from a backup or "
                 "an export — the store never deletes referenced blobs, so something outside it did"
             ) from None
-        return cast("BinaryIO", fh), os.fstat(fh.fileno()).st_size
+        return fh, os.fstat(fh.fileno()).st_size
 
     def put(self, digest: str, parts: Sequence[Buffer]) -> bool:
         final = self.local_path(digest)
@@ -420,7 +473,7 @@ class BlobStream:
     """
 
     def __init__(
-        self, fh: BinaryIO, digest: str, what: str, spec: TensorSpec, head: bytes, start: int
+        self, fh: BlobReader, digest: str, what: str, spec: TensorSpec, head: bytes, start: int
     ) -> None:
         self._fh = fh
         self.digest = digest
@@ -494,7 +547,18 @@ def open_blob_stream(
         raise
 
 
-def _read_header_bytes(fh: BinaryIO, size: int) -> bytes | None:
+def read_blob_header(backend: BlobBackend, digest: str, *, what: str) -> Header:
+    """The parsed safetensors header of blob ``digest`` (only its first bytes are read; nothing is
+    hashed). Raises :class:`SafetensorsFormatError` if it does not parse, :class:`MissingBlobError`."""
+    fh, size = backend.open_read(digest, what)
+    with fh:
+        head = _read_header_bytes(fh, size)
+    if head is None:
+        raise SafetensorsFormatError(f"the header of a {size}-byte blob does not fit in it")
+    return parse_header(head, size)
+
+
+def _read_header_bytes(fh: BlobReader, size: int) -> bytes | None:
     """The 8-byte length and the JSON header of a safetensors file, or None if they cannot fit."""
     head = fh.read(8)
     if len(head) < 8:
@@ -506,7 +570,7 @@ def _read_header_bytes(fh: BinaryIO, size: int) -> bytes | None:
     return head + rest if len(rest) == n else None
 
 
-def _read_blob_whole(fh: BinaryIO, size: int, digest: str, what: str, check_hash: bool) -> torch.Tensor:
+def _read_blob_whole(fh: BlobReader, size: int, digest: str, what: str, check_hash: bool) -> torch.Tensor:
     """Memory-map (a local file) or read whole a blob whose header did not parse: hash first, then
     report the format error."""
     if not isinstance(fh, FileIO):
@@ -528,7 +592,7 @@ def _decode_whole(
                 "restore it from a backup — the store does not repair it"
             )
     try:
-        header = parse_header(mm, size)
+        header = parse_header(mm if isinstance(mm, mmap.mmap) else memoryview(mm), size)
         if set(header.entries) != {BLOB_KEY}:
             raise SafetensorsFormatError(f"holds {sorted(header.entries)}, expected [{BLOB_KEY!r}]")
         return tensor_from_buffer(mm, header, BLOB_KEY)

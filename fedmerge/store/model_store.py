@@ -45,6 +45,7 @@ from fedmerge.delta.state_dict import StateDict, accumulation_dtype, check_shape
 from fedmerge.errors import ConfigError, IncompatibleDeltasError, StoreIntegrityError
 from fedmerge.store.blobs import (
     BLOB_KEY,
+    BlobBackend,
     Buffer,
     LocalBlobBackend,
     StagedBlob,
@@ -72,6 +73,7 @@ from fedmerge.store.manifest import (
     utc_now,
     version_id,
 )
+from fedmerge.store.s3 import S3BlobBackend, is_s3_url
 from fedmerge.store.safetensors_format import TensorSpec, dtype_from_name, dtype_name, encode_single
 from fedmerge.store.verify import VerifyReport
 from fedmerge.store.verify import verify as verify_store
@@ -227,7 +229,7 @@ def _check_tensors(tensors: Mapping[str, torch.Tensor], what: str) -> None:
 class ModelStore:
     """Immutable, content-addressed, crash-safe model versions in a directory (see the module doc)."""
 
-    def __init__(self, root: Path, catalog: Catalog, blobs: LocalBlobBackend, workers: int) -> None:
+    def __init__(self, root: Path, catalog: Catalog, blobs: BlobBackend, workers: int) -> None:
         self.root = root
         self.catalog = catalog
         self.blobs = blobs
@@ -246,6 +248,8 @@ class ModelStore:
         *,
         busy_timeout: float = 30.0,
         workers: int = 4,
+        s3_endpoint: str | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
     ) -> ModelStore:
         """Open the store at ``path``, creating the layout if the directory is missing or empty.
 
@@ -254,7 +258,17 @@ class ModelStore:
         ``workers`` threads hash and write blobs in parallel. ``catalog``: None keeps the catalog in
         ``catalog.sqlite`` inside the store; a ``postgresql://`` URL keeps it in that database
         (:class:`~fedmerge.store.pg_catalog.PgCatalog`), shared by every server opening the store.
+
+        ``path`` may be ``s3://bucket/prefix``: the blobs (and a copy of each manifest) then live in
+        that bucket (:class:`~fedmerge.store.s3.S3BlobBackend`; endpoint ``s3_endpoint`` or
+        ``AWS_ENDPOINT_URL``, credentials from boto3's chain), and ``cache_dir`` (default
+        :func:`~fedmerge.store.s3.default_cache_dir`) holds the read-through cache, the manifests
+        read so far and, without a ``catalog`` URL, the SQLite catalog.
         """
+        blobs: BlobBackend | None = None
+        if is_s3_url(path):
+            s3 = S3BlobBackend.connect(str(path), endpoint=s3_endpoint, cache_dir=cache_dir)
+            path, blobs = s3.root, s3
         root = Path(path)
         marker = root / STORE_MARKER
         if not marker.exists():
@@ -278,7 +292,8 @@ class ModelStore:
                 f"format {FORMAT_VERSION} — use the fedmerge version that wrote the store"
             )
         (root / "manifests").mkdir(exist_ok=True)
-        blobs = LocalBlobBackend(root)
+        if blobs is None:
+            blobs = LocalBlobBackend(root)
         return cls(root, open_catalog(root, catalog, busy_timeout), blobs, max(1, workers))
 
     def close(self) -> None:
@@ -615,6 +630,7 @@ class ModelStore:
             if rewritten:
                 self.blobs.sync()
             manifest = version.to_json().encode()
+            self.blobs.put_manifest(f"{vid}.json", manifest)
             write_atomic(self.manifest_dir / f"{vid}.json", [manifest], self.blobs.tmp_dir)
             fsync_dir(self.manifest_dir)
             self._faults.reached("manifest")
@@ -675,9 +691,17 @@ class ModelStore:
         """The manifest of a catalog row, read and checked against the row (a missing or altered
         manifest is a :class:`StoreIntegrityError`)."""
         path = self.manifest_dir / f"{row.id}.json"
+        raw: bytes | None
         try:
             raw = path.read_bytes()
         except FileNotFoundError:
+            kept = self.blobs.get_manifest(path.name)  # committed by another server on the shared store
+            if kept is not None and _sha256_bytes(kept) == row.manifest_sha256:
+                write_atomic(path, [kept], self.blobs.tmp_dir)
+                raw = kept
+            else:
+                raw = None
+        if raw is None:
             raise StoreIntegrityError(
                 f"version {row.id}: manifest {path} is missing although the catalog lists it; "
                 "restore it from a backup"

@@ -10,7 +10,7 @@ from typing import Protocol
 
 import torch
 
-from fedmerge.store.blobs import LocalBlobBackend
+from fedmerge.store.blobs import BlobBackend
 from fedmerge.store.catalog import Catalog, VersionRow
 from fedmerge.store.manifest import Version
 from fedmerge.store.safetensors_format import TensorSpec
@@ -26,7 +26,7 @@ class StoreReader(Protocol):
     def manifest_dir(self) -> Path: ...
 
     @property
-    def blobs(self) -> LocalBlobBackend: ...
+    def blobs(self) -> BlobBackend: ...
 
     @property
     def catalog(self) -> Catalog: ...

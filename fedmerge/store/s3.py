@@ -49,11 +49,11 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 from urllib.parse import urlparse
 
 from fedmerge.errors import ConfigError, FedMergeError
-from fedmerge.store.blobs import _DIGEST, Buffer, StagedBlob
+from fedmerge.store.blobs import _DIGEST, BlobReader, Buffer, StagedBlob
 from fedmerge.store.errors import CorruptBlobError, MissingBlobError
 
 MULTIPART_THRESHOLD = 16 << 20
@@ -141,6 +141,8 @@ class S3BlobBackend:
     ``cache_dir`` holds the read-through cache (``blobs/``) and local temporary files (``tmp/``).
     """
 
+    tmp_dir: Path
+
     def __init__(
         self,
         url: str,
@@ -155,7 +157,7 @@ class S3BlobBackend:
         self.endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
         self.client = client if client is not None else make_client(self.endpoint, max_attempts)
         self.root = Path(cache_dir)
-        self.blob_dir = self.root / "cache"
+        self.blob_dir = self.root / "blobs"  # the read-through cache
         self.tmp_dir = self.root / "tmp"
         self.blob_dir.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -163,6 +165,25 @@ class S3BlobBackend:
         self.cache_blob_max = max(0, cache_bytes // 8)
         self._listing: dict[str, tuple[int, float]] = {}
         self._cache_lock = threading.Lock()
+
+    @classmethod
+    def connect(
+        cls,
+        url: str,
+        *,
+        endpoint: str | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        max_attempts: int = 8,
+    ) -> S3BlobBackend:
+        """The backend of ``url`` after checking that its bucket answers (else one-line
+        :class:`ObjectStoreError`); ``cache_dir`` defaults to :func:`default_cache_dir`."""
+        loc = S3Location.parse(url)
+        endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
+        root = Path(cache_dir) if cache_dir is not None else default_cache_dir(loc, endpoint)
+        backend = cls(url, root, endpoint=endpoint, cache_bytes=cache_bytes, max_attempts=max_attempts)
+        backend.check()
+        return backend
 
     # -- errors ----------------------------------------------------------------------------------
 
@@ -366,7 +387,7 @@ class S3BlobBackend:
         self.local_path(digest).unlink(missing_ok=True)
         self._listing.pop(digest, None)
 
-    def open_read(self, digest: str, what: str) -> tuple[BinaryIO, int]:
+    def open_read(self, digest: str, what: str) -> tuple[BlobReader, int]:
         """(reader, size) of the blob: a cached file, a whole download into the cache, or by ranges."""
         cached = self.local_path(digest)
         try:
@@ -375,7 +396,7 @@ class S3BlobBackend:
             pass
         else:
             os.utime(cached)  # least recently used is evicted first
-            return fh, os.fstat(fh.fileno()).st_size  # type: ignore[return-value]
+            return fh, os.fstat(fh.fileno()).st_size
         try:
             head = self.client.head_object(Bucket=self.loc.bucket, Key=self.key(digest))
         except Exception as exc:
@@ -389,8 +410,8 @@ class S3BlobBackend:
         if size <= self.cache_blob_max:
             self._download(digest, cached, what)
             fh = cached.open("rb", buffering=0)
-            return fh, size  # type: ignore[return-value]
-        return io.BufferedReader(RangeReader(self, digest, size), READ_AHEAD), size  # type: ignore[return-value]
+            return fh, size
+        return io.BufferedReader(RangeReader(self, digest, size), READ_AHEAD), size
 
     def _download(self, digest: str, dest: Path, what: str) -> None:
         """Download a whole blob into the cache, checking its sha256 (nothing cached on a mismatch)."""

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedmerge.errors import StoreIntegrityError
-from fedmerge.store.blobs import BLOB_KEY, hash_file
+from fedmerge.store.blobs import BLOB_KEY, read_blob_header
 from fedmerge.store.errors import CorruptBlobError, ForeignFileError, MissingBlobError
-from fedmerge.store.safetensors_format import SafetensorsFormatError, dtype_name, read_file_header
+from fedmerge.store.safetensors_format import SafetensorsFormatError, dtype_name
 
 if TYPE_CHECKING:
     from fedmerge.store.reader import StoreReader
@@ -124,12 +123,12 @@ def _check_layout(store: StoreReader, committed: set[str], report: VerifyReport)
             )
         elif path.stem not in committed:
             report.leftovers.append(str(path))
-    for path in store.blobs.stray_paths():
+    for stray in store.blobs.stray_paths():
         report.problems.append(
             Problem(
                 "foreign_file",
-                f"foreign file {path} among the blobs: not a <sha256>.safetensors blob name; move it out",
-                path=str(path),
+                f"foreign file {stray} among the blobs: not a <sha256>.safetensors blob name; move it out",
+                path=str(stray),
             )
         )
     report.leftovers.extend(str(p) for p in store.blobs.leftover_tmp())
@@ -139,10 +138,10 @@ def _hash_blobs(store: StoreReader, report: VerifyReport) -> dict[str, bool]:
     """Digest → intact, for every stored blob."""
     intact: dict[str, bool] = {}
     for digest in store.blobs.digests():
-        path = store.blobs.local_path(digest)
-        intact[digest] = hash_file(path) == digest
+        actual, size = store.blobs.hash_blob(digest)  # from the backend itself (not a cache)
+        intact[digest] = actual == digest
         report.blobs_checked += 1
-        report.bytes_hashed += path.stat().st_size
+        report.bytes_hashed += size
     return intact
 
 
@@ -173,7 +172,7 @@ def verify(store: StoreReader) -> VerifyReport:
                 )
         for part, entries in (("tensor", version.tensors), ("state", version.state), ("file", version.files)):
             for name, entry in sorted(entries.items()):
-                path = store.blobs.local_path(entry.blob)
+                path = store.blobs.describe(entry.blob)
                 if entry.blob not in intact:
                     report.problems.append(
                         Problem(
@@ -197,16 +196,26 @@ def verify(store: StoreReader) -> VerifyReport:
                         )
                     )
                 else:
-                    _check_blob_header(path, entry.dtype, entry.shape, row.id, part, name, report)
+                    _check_blob_header(
+                        store, entry.blob, entry.dtype, entry.shape, row.id, part, name, report
+                    )
     _check_aliases(store, committed, report)
     return report
 
 
 def _check_blob_header(
-    path: Path, dtype: str, shape: tuple[int, ...], vid: str, part: str, name: str, report: VerifyReport
+    store: StoreReader,
+    digest: str,
+    dtype: str,
+    shape: tuple[int, ...],
+    vid: str,
+    part: str,
+    name: str,
+    report: VerifyReport,
 ) -> None:
+    path = store.blobs.describe(digest)
     try:
-        header = read_file_header(path)
+        header = read_blob_header(store.blobs, digest, what=f"version {vid} {part} {name!r}")
         spec = header.entries[BLOB_KEY][0]
         ok = dtype_name(spec.dtype) == dtype and spec.shape == shape
         detail = f"holds {dtype_name(spec.dtype)}{list(spec.shape)}"
@@ -216,7 +225,7 @@ def _check_blob_header(
         report.problems.append(
             Problem(
                 "corrupt_blob",
-                f"version {vid} {part} {name!r}: blob {path.name} {detail} but the manifest says "
+                f"version {vid} {part} {name!r}: blob {digest} {detail} but the manifest says "
                 f"{dtype}{list(shape)}",
                 version=vid,
                 tensor=name,
