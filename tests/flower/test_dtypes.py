@@ -180,3 +180,63 @@ def test_bf16_bytes_under_a_float32_header_are_rejected_and_the_round_goes_on(tm
     (bad,) = report.rejected
     assert bad.node_id == 1001
     assert "PayloadSizeMismatch" in str(bad.reason) and "float32" in str(bad.reason)
+
+
+def _package_app(shapes: dict[str, tuple[int, ...]], values: str) -> Any:
+    """A ClientApp replying fedmerge packages (dense, ``values`` encoded) against whatever base the
+    message names: nodes hold their base as fedmerge clients do, so later rounds send no weights."""
+    from flwr.app import Context, Message, MetricRecord
+    from flwr.clientapp import ClientApp
+
+    from fedmerge.codec import CodecConfig, PackageMeta, encode_package
+    from fedmerge.flower.records import FEDMERGE_RECORD
+    from fedmerge.flower.transport import package_to_record
+
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        extras = msg.content.config_records[FEDMERGE_RECORD]
+        round_ = int(extras["round"])
+        delta = {n: _client_delta(context.node_id + 10 * round_, n, s) for n, s in shapes.items()}
+        meta = PackageMeta(f"c{context.node_id}", round_, str(extras["base-version-id"]),
+                           str(extras["base-version-hash"]), num_examples=10)  # fmt: skip
+        codec = CodecConfig(sparsify="none", density=1.0, values=values, error_feedback=False)  # type: ignore[arg-type]
+        content = package_to_record(encode_package(delta, codec, meta=meta).data)
+        content["metrics"] = MetricRecord({"num-examples": 10})
+        return Message(content, reply_to=msg)
+
+    return app
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"downlink-density": 0.5, "downlink-values": "bf16"}, {"server-optimizer": "adam"}],
+    ids=["plain", "compressed-downlink", "server-adam"],
+)
+def test_fedmerge_packages_on_a_bf16_base_over_rounds(tmp_path: Path, overrides: dict[str, Any]) -> None:
+    from fedmerge.flower.config import parse_run_config
+    from fedmerge.flower.rounds import Federation, ensure_base
+    from fedmerge.store import ModelStore
+    from fedmerge_simulations.secagg import InProcessGrid
+
+    base = _base(torch.bfloat16)
+    shapes = {n: tuple(t.shape) for n, t in base.items()}
+    cfg = parse_run_config(
+        {"store": str(tmp_path / "store"), "aggregator": "fedavg", "min-clients": 3, "min-valid": 3,
+         "num-rounds": 3, "server-eval": False, "wait-for-nodes-s": 0.0, **overrides}
+    )  # fmt: skip
+    with ModelStore.open(cfg.store) as store:
+        ensure_base(store, lambda: base, name="mlp")
+        reports = Federation(InProcessGrid(_package_app(shapes, "bf16"), 3), cfg, store).run()
+        assert [len(r.accepted) for r in reports] == [3, 3, 3], [r.outcomes for r in reports]
+        assert reports[0].downlink_bytes == 3 * sum(4 * t.numel() for t in base.values())  # widened once
+        if "downlink-density" in overrides:  # holders of the parent get the compressed update instead
+            assert reports[1].downlink_bytes < reports[0].downlink_bytes
+        else:  # new weights every round: the new version, widened again
+            assert reports[1].downlink_bytes == reports[0].downlink_bytes
+        assert all(o.codec and o.codec["values"] == "bf16" for r in reports for o in r.outcomes)
+        for report in reports:
+            weights = store.materialize(store.get(str(report.version_id)))
+            assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+            assert all(bool(torch.isfinite(t).all()) for t in weights.values())
