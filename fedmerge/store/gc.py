@@ -6,6 +6,11 @@ catalog row points to (interrupted commits). Each only when its modification tim
 their time refreshed) is never robbed. The sweep runs inside the catalog's writer lock, and a
 commit re-checks its blobs inside that same lock, so a version never references a removed blob.
 Referenced blobs, manifests of committed versions and foreign files are never touched.
+
+On object storage (:class:`~fedmerge.store.s3.S3BlobBackend`) a blob's age is its ``LastModified``
+(a reused blob is not touched: the commit's re-check inside the writer lock uploads it again if gc
+removed it; see :mod:`fedmerge.store.s3`), and multipart uploads that a crashed writer left
+incomplete (never visible) are aborted once they are older than the grace period.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from fedmerge.errors import ConfigError
+from fedmerge.store.s3 import S3BlobBackend
 from fedmerge.store.verify import MANIFEST_NAME
 
 if TYPE_CHECKING:
@@ -70,6 +76,11 @@ def gc(store: StoreReader, grace_seconds: float, *, dry_run: bool = False) -> Gc
             report.removed_files.append(str(path))
             if not dry_run:
                 path.unlink()
+        if isinstance(store.blobs, S3BlobBackend):
+            for key, upload_id in store.blobs.incomplete_uploads(grace_seconds):
+                report.removed_files.append(f"s3://{store.blobs.loc.bucket}/{key} (upload {upload_id})")
+                if not dry_run:
+                    store.blobs.abort_upload(key, upload_id)
         if not dry_run:
             store.blobs.sync()
     return report

@@ -158,9 +158,7 @@ class S3BlobBackend:
         self.client = client if client is not None else make_client(self.endpoint, max_attempts)
         self.root = Path(cache_dir)
         self.blob_dir = self.root / "blobs"  # the read-through cache
-        self.tmp_dir = self.root / "tmp"
-        self.blob_dir.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir = self.root / "tmp"  # both created on first use (the store creates its layout)
         self.cache_bytes = cache_bytes
         self.cache_blob_max = max(0, cache_bytes // 8)
         self._listing: dict[str, tuple[int, float]] = {}
@@ -352,6 +350,8 @@ class S3BlobBackend:
 
     def leftover_tmp(self, older_than: float | None = None) -> list[Path]:
         now = time.time()
+        if not self.tmp_dir.is_dir():
+            return []
         return [
             p
             for p in sorted(self.tmp_dir.iterdir())
@@ -415,6 +415,7 @@ class S3BlobBackend:
 
     def _download(self, digest: str, dest: Path, what: str) -> None:
         """Download a whole blob into the cache, checking its sha256 (nothing cached on a mismatch)."""
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.tmp_dir / f"{secrets.token_hex(8)}.download"
         hasher = hashlib.sha256()
         try:
@@ -432,7 +433,7 @@ class S3BlobBackend:
                 f"{what}: blob {digest} is corrupted in {self.loc} (its bytes hash to {hasher.hexdigest()}); "
                 "restore it from a backup — the store does not repair it"
             )
-        dest.parent.mkdir(exist_ok=True)
+        dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, dest)
         self._evict(keep=dest)
 
