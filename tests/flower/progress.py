@@ -63,15 +63,19 @@ def run_watched(
     max_s: float | None = None,
     poll_s: float = 0.5,
     merge_stderr: bool = False,
+    output_file: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``argv`` to its end like ``subprocess.run(capture_output=True, text=True)``, ending it (and its
     children, by pid) only after ``idle_s`` seconds without progress (module docstring) or past ``max_s``.
 
     Raises NoProgress then; otherwise returns the completed process whatever its exit code. With
-    ``merge_stderr`` stderr goes to stdout in the order written (``stderr`` is then empty).
+    ``merge_stderr`` stderr goes to stdout in the order written (``stderr`` is then empty); with
+    ``output_file`` stdout is written there as it comes (kept for a post-mortem even if the test is
+    interrupted) instead of an anonymous temporary file.
     """
     cap = 10 * idle_s if max_s is None else max_s
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    stdout = output_file.open("w+b") if output_file is not None else tempfile.TemporaryFile()  # noqa: SIM115
+    with stdout as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(
             list(argv), cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT if merge_stderr else err
         )

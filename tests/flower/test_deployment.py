@@ -177,6 +177,7 @@ def start_secure_federation(dep: Deployment, tmp_path: Path, node_configs: list[
     return address
 
 
+@pytest.mark.timeout(0)  # bounded by observed progress (run_flwr), not by a wall-clock guess
 def test_tls_and_node_auth_deployment_runs_two_rounds(tmp_path: Path, deployment: Deployment) -> None:
     start_secure_federation(
         deployment, tmp_path, [f'partition-id={i} num-partitions=2 client-id="inst-{i}"' for i in range(2)]

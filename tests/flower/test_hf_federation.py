@@ -96,7 +96,7 @@ def run_readme(tmp_path: Path, dtype: str) -> tuple[Path, str]:
     env[MARKER] = str(tmp_path)
     result = run_watched(
         ["bash", "-eux", "-c", script], cwd=ROOT, env=env, idle_s=240, watch=[d / "store", d / "logs"],
-        merge_stderr=True,
+        merge_stderr=True, output_file=tmp_path / "readme-run.log",
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-6000:] + logs_tail(d)
     return d, result.stdout
@@ -159,6 +159,7 @@ def test_readme_settings_are_substitutable() -> None:
 
 @pytest.mark.slow
 @pytest.mark.integration
+@pytest.mark.timeout(0)  # bounded by observed progress (run_watched), not by a wall-clock guess
 def test_readme_deployment_bf16_tls_node_auth_evaluate_export(run_dir: Path) -> None:
     d, output = run_readme(run_dir, "bfloat16")
     check_federation(d, output, torch.bfloat16, rounds=2)
@@ -181,6 +182,7 @@ def test_readme_deployment_bf16_tls_node_auth_evaluate_export(run_dir: Path) -> 
 
 @pytest.mark.slow
 @pytest.mark.integration
+@pytest.mark.timeout(0)  # bounded by observed progress (run_watched), not by a wall-clock guess
 def test_readme_deployment_fp16(run_dir: Path) -> None:
     d, output = run_readme(run_dir, "float16")
     check_federation(d, output, torch.float16, rounds=2)
