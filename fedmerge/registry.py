@@ -13,8 +13,9 @@ C = TypeVar("C", bound=type)
 
 
 def accepted_params(cls: type) -> set[str]:
-    """Keyword parameters of ``cls.__init__`` and of every ``__init__`` along its MRO."""
-    names: set[str] = set()
+    """Keyword parameters of ``cls.__init__`` and of every ``__init__`` along its MRO, plus the names a
+    class declares in ``declared_params`` (a parameter block taken through ``**params``)."""
+    names: set[str] = set(getattr(cls, "declared_params", ()))
     for klass in cls.__mro__:
         init: Callable[..., Any] | None = klass.__dict__.get("__init__")
         if init is None or klass is object:

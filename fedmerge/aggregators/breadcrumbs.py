@@ -23,104 +23,28 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import torch
-
-from fedmerge.aggregators.base import DeltaTensor, Prepared, check_fraction, dense_of, register
+from fedmerge.aggregators.base import register
+from fedmerge.aggregators.gta import BreadcrumbsPrune, GeneralizedTaskArithmetic
 from fedmerge.aggregators.linear import LinearAggregator
-from fedmerge.aggregators.sparsify import check_keep_rounding, check_rescale, magnitude_outliers
 from fedmerge.aggregators.ties import SignConsensusAggregator
-from fedmerge.errors import ConfigError
-
-
-def breadcrumbs_mask(
-    x: torch.Tensor, density: float, gamma: float, rescale: str, rounding: str
-) -> torch.Tensor:
-    """τ̃ = magnitude_outliers(τ), optionally L1-rescaled (mergekit's eps 1e-7 guard)."""
-    kept = magnitude_outliers(x, density, gamma, rounding).float()
-    if rescale == "l1" and density < 1.0:
-        before, after = x.float().abs().sum(), kept.abs().sum()
-        if before >= 1e-7 and after >= 1e-7:
-            kept = kept * (before / after)
-    return kept
-
-
-class _BreadcrumbsParams:
-    density: float
-    gamma: float
-    rescale: str
-    keep_rounding: str
-
-    def _init_breadcrumbs(
-        self, density: float, gamma: float, rescale: str | bool, keep_rounding: str
-    ) -> None:
-        self.density = check_fraction("density", density)
-        self.gamma = check_fraction("gamma", gamma)
-        self.rescale = check_rescale(rescale)
-        if self.rescale == "inverse":
-            raise ConfigError(
-                "breadcrumbs' mask is deterministic: rescale must be 'l1' or 'none' (or a bool)"
-            )
-        self.keep_rounding = check_keep_rounding(keep_rounding)
-
-    def _breadcrumbs_params(self) -> dict[str, object]:
-        return {
-            "density": self.density,
-            "gamma": self.gamma,
-            "rescale": self.rescale,
-            "keep_rounding": self.keep_rounding,
-        }
-
-    def _prepare(self, key: str, x: DeltaTensor, generator: torch.Generator) -> Prepared:
-        if self.density >= 1.0:
-            return Prepared(x)
-        return Prepared(
-            breadcrumbs_mask(dense_of(x), self.density, self.gamma, self.rescale, self.keep_rounding)
-        )
 
 
 @register
-class Breadcrumbs(_BreadcrumbsParams, LinearAggregator):
+class Breadcrumbs(GeneralizedTaskArithmetic, LinearAggregator):
+    """The breadcrumbs mask (:class:`~fedmerge.aggregators.gta.BreadcrumbsPrune`: density, gamma,
+    rescale, keep_rounding), then a weighted sum."""
+
     name: ClassVar[str] = "breadcrumbs"
     averaging: ClassVar[bool] = True
     identity_params: ClassVar[dict[str, object]] = {"density": 1.0, "normalize": True}
-
-    def __init__(
-        self,
-        *,
-        density: float = 0.1,
-        gamma: float = 0.01,
-        rescale: str | bool = "none",
-        keep_rounding: str = "floor",
-        scaling: float = 1.0,
-        normalize: bool = False,
-        **common: object,
-    ) -> None:
-        super().__init__(scaling=scaling, normalize=normalize, **common)
-        self._init_breadcrumbs(density, gamma, rescale, keep_rounding)
-
-    @property
-    def params(self) -> dict[str, object]:
-        return {**super().params, **self._breadcrumbs_params()}
+    sparsification = BreadcrumbsPrune
 
 
 @register
-class BreadcrumbsTies(_BreadcrumbsParams, SignConsensusAggregator):
+class BreadcrumbsTies(GeneralizedTaskArithmetic, SignConsensusAggregator):
+    """The breadcrumbs mask, then TIES' sign election and mean."""
+
     name: ClassVar[str] = "breadcrumbs_ties"
     averaging: ClassVar[bool] = True
     identity_params: ClassVar[dict[str, object]] = {"density": 1.0, "divisor": "weight"}
-
-    def __init__(
-        self,
-        *,
-        density: float = 0.1,
-        gamma: float = 0.01,
-        rescale: str | bool = "none",
-        keep_rounding: str = "floor",
-        **kwargs: object,
-    ) -> None:
-        super().__init__(**kwargs)  # type: ignore[arg-type]
-        self._init_breadcrumbs(density, gamma, rescale, keep_rounding)
-
-    @property
-    def params(self) -> dict[str, object]:
-        return {**super().params, **self._breadcrumbs_params()}
+    sparsification = BreadcrumbsPrune

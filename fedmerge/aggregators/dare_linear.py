@@ -17,36 +17,16 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import torch
-
-from fedmerge.aggregators.base import DeltaTensor, Prepared, check_fraction, register
+from fedmerge.aggregators.base import register
+from fedmerge.aggregators.gta import Dare, GeneralizedTaskArithmetic
 from fedmerge.aggregators.linear import LinearAggregator
-from fedmerge.aggregators.sparsify import check_mask_rng, check_rescale, dare_drop
 
 
 @register
-class DareLinear(LinearAggregator):
+class DareLinear(GeneralizedTaskArithmetic, LinearAggregator):
+    """DARE's drop (:class:`~fedmerge.aggregators.gta.Dare`: density, rescale, mask_rng), then a
+    weighted sum (scaling, normalize)."""
+
     name: ClassVar[str] = "dare_linear"
     stochastic: ClassVar[bool] = True
-
-    def __init__(
-        self,
-        *,
-        density: float = 0.5,
-        rescale: str | bool = "inverse",
-        mask_rng: str = "splitmix64",
-        scaling: float = 1.0,
-        normalize: bool = False,
-        **common: object,
-    ) -> None:
-        super().__init__(scaling=scaling, normalize=normalize, **common)
-        self.density = check_fraction("density", density, open_low=True)
-        self.rescale = check_rescale(rescale)
-        self.mask_rng = check_mask_rng(mask_rng)
-
-    @property
-    def params(self) -> dict[str, object]:
-        return {**super().params, "density": self.density, "rescale": self.rescale, "mask_rng": self.mask_rng}
-
-    def _prepare(self, key: str, x: DeltaTensor, generator: torch.Generator) -> Prepared:
-        return Prepared(dare_drop(x, self.density, generator, self.rescale, self.mask_rng))
+    sparsification = Dare

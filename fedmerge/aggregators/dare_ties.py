@@ -19,37 +19,18 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import torch
-
-from fedmerge.aggregators.base import DeltaTensor, Prepared, check_fraction, register
-from fedmerge.aggregators.sparsify import check_mask_rng, check_rescale, dare_drop
+from fedmerge.aggregators.base import register
+from fedmerge.aggregators.gta import Dare, GeneralizedTaskArithmetic
 from fedmerge.aggregators.ties import SignConsensusAggregator
 
 
 @register
-class DareTies(SignConsensusAggregator):
+class DareTies(GeneralizedTaskArithmetic, SignConsensusAggregator):
+    """DARE's drop (:class:`~fedmerge.aggregators.gta.Dare`), then TIES' sign election and mean."""
+
     name: ClassVar[str] = "dare_ties"
     stochastic: ClassVar[bool] = True
     averaging: ClassVar[bool] = True
     identity_params: ClassVar[dict[str, object]] = {"density": 1.0, "divisor": "weight"}
     round_defaults: ClassVar[dict[str, object]] = {"divisor": "weight"}  # a weighted disjoint mean
-
-    def __init__(
-        self,
-        *,
-        density: float = 0.5,
-        rescale: str | bool = "inverse",
-        mask_rng: str = "splitmix64",
-        **kwargs: object,
-    ) -> None:
-        super().__init__(**kwargs)  # type: ignore[arg-type]
-        self.density = check_fraction("density", density, open_low=True)
-        self.rescale = check_rescale(rescale)
-        self.mask_rng = check_mask_rng(mask_rng)
-
-    @property
-    def params(self) -> dict[str, object]:
-        return {**super().params, "density": self.density, "rescale": self.rescale, "mask_rng": self.mask_rng}
-
-    def _prepare(self, key: str, x: DeltaTensor, generator: torch.Generator) -> Prepared:
-        return Prepared(dare_drop(x, self.density, generator, self.rescale, self.mask_rng))
+    sparsification = Dare

@@ -18,29 +18,14 @@ from __future__ import annotations
 from typing import ClassVar
 
 from fedmerge.aggregators.base import register
-from fedmerge.aggregators.della import MagPrune
+from fedmerge.aggregators.gta import GeneralizedTaskArithmetic, MagPrune
 from fedmerge.aggregators.linear import LinearAggregator
 
 
 @register
-class DellaLinear(MagPrune, LinearAggregator):
+class DellaLinear(GeneralizedTaskArithmetic, LinearAggregator):
+    """MAGPRUNE (:class:`~fedmerge.aggregators.gta.MagPrune`), then a weighted sum."""
+
     name: ClassVar[str] = "della_linear"
     stochastic: ClassVar[bool] = True
-
-    def __init__(
-        self,
-        *,
-        density: float = 0.5,
-        epsilon: float = 0.1,
-        rescale: str | bool = "inverse",
-        mask_rng: str = "splitmix64",
-        scaling: float = 1.0,
-        normalize: bool = False,
-        **common: object,
-    ) -> None:
-        super().__init__(scaling=scaling, normalize=normalize, **common)
-        self._init_magprune(density, epsilon, rescale, mask_rng)
-
-    @property
-    def params(self) -> dict[str, object]:
-        return {**super().params, **self._magprune_params()}
+    sparsification = MagPrune

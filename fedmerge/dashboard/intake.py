@@ -1,40 +1,26 @@
-"""The intake page's numbers, read from the intake's durable queue (``<data-dir>/queue.sqlite``).
-
-The expert intake (:mod:`fedmerge.service.intake`) persists every acknowledged submission in a SQLite
-table before it answers, and marks it merged (with the version), rejected or failed (with a reason).
-:func:`read_intake` opens that database read-only (``mode=ro``; it never creates or migrates it) so
-``fedmerge dashboard --store DIR`` shows the queue of a running or stopped ``serve-continual``.
+"""The intake page's numbers, from the intake's own read API (:mod:`fedmerge.service.intake_stats`:
+a read-only snapshot of the durable queue), so ``fedmerge dashboard --store DIR`` shows the queue of
+a running or stopped ``serve-continual`` without knowing the queue's table.
 """
 
 from __future__ import annotations
 
-import sqlite3
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from urllib.parse import quote
 
 from fedmerge.dashboard.views import parse_time
+from fedmerge.service.intake_stats import QueuedSubmission, QueueUnreadable, find_queue, read_queue
 
-QUEUE_FILE = "queue.sqlite"
 RECENT = 50
 """How many recent rejections and merges the page lists."""
 WINDOW_MINUTES = 30
 """The submissions-per-minute chart covers this many minutes ending now."""
 
 
-@dataclass(frozen=True)
-class IntakeEvent:
-    """One submission as the page lists it."""
-
-    id: str
-    client_id: str
-    state: str
-    version: str | None
-    reason: str | None
-    created_at: str
-    updated_at: str
+IntakeEvent = QueuedSubmission
+"""One submission as the page lists it."""
 
 
 @dataclass(frozen=True)
@@ -61,48 +47,17 @@ class IntakeStatus:
         return f"{self.queue_depth}|{sorted(self.states.items())}"
 
 
-class IntakeUnreadable(Exception):
-    """The queue database exists but could not be read (locked, or not an intake queue)."""
+IntakeUnreadable = QueueUnreadable
+"""The queue database exists but could not be read (locked, or not an intake queue)."""
 
-
-def find_queue(data_dir: Path) -> Path | None:
-    """``data_dir/queue.sqlite`` if it exists."""
-    path = Path(data_dir) / QUEUE_FILE
-    return path if path.is_file() else None
+__all__ = ["IntakeEvent", "IntakeStatus", "IntakeUnreadable", "find_queue", "read_intake"]
 
 
 def read_intake(data_dir: Path, *, now: datetime | None = None) -> IntakeStatus:
     """Summarise the queue under ``data_dir`` (see :class:`IntakeStatus`); read-only."""
-    path = Path(data_dir).resolve() / QUEUE_FILE
-    uri = f"file:{quote(str(path))}?mode=ro"
-    try:
-        conn = sqlite3.connect(uri, uri=True, timeout=5.0)
-    except sqlite3.Error as exc:
-        raise IntakeUnreadable(f"cannot open {path}: {exc}") from None
-    try:
-        states = dict(conn.execute("SELECT state, COUNT(*) FROM submissions GROUP BY state").fetchall())
-        cols = "id, client_id, state, version, reason, created_at, updated_at"
-        recent_bad = conn.execute(
-            f"SELECT {cols} FROM submissions WHERE state IN ('rejected', 'failed') "
-            "ORDER BY updated_at DESC, seq DESC LIMIT ?",
-            (RECENT,),
-        ).fetchall()
-        recent_merged = conn.execute(
-            f"SELECT {cols} FROM submissions WHERE state = 'merged' ORDER BY updated_at DESC, seq DESC "
-            "LIMIT ?",
-            (RECENT,),
-        ).fetchall()
-        start = (now or datetime.now(UTC)) - timedelta(minutes=WINDOW_MINUTES)
-        created = [
-            r[0]
-            for r in conn.execute(
-                "SELECT created_at FROM submissions WHERE created_at >= ?", (start.isoformat(),)
-            ).fetchall()
-        ]
-    except sqlite3.Error as exc:
-        raise IntakeUnreadable(f"cannot read {path}: {exc}") from None
-    finally:
-        conn.close()
+    start = (now or datetime.now(UTC)) - timedelta(minutes=WINDOW_MINUTES)
+    snap = read_queue(Path(data_dir), recent=RECENT, since=start.isoformat())
+    states, created = snap.states, snap.created_since
     current = now or datetime.now(UTC)
     buckets: Counter[int] = Counter()
     last10 = 0
@@ -116,7 +71,7 @@ def read_intake(data_dir: Path, *, now: datetime | None = None) -> IntakeStatus:
             if ago < 10:
                 last10 += 1
     per_minute = [(-m, buckets.get(m, 0)) for m in range(WINDOW_MINUTES - 1, -1, -1)]
-    events_merged = [IntakeEvent(*map(_text, r)) for r in recent_merged]  # type: ignore[arg-type]
+    events_merged = snap.merged
     latency: list[tuple[str, float]] = []
     for e in reversed(events_merged):
         a, b = parse_time(e.created_at), parse_time(e.updated_at)
@@ -124,14 +79,10 @@ def read_intake(data_dir: Path, *, now: datetime | None = None) -> IntakeStatus:
             latency.append((e.id, max(0.0, (b - a).total_seconds())))
     return IntakeStatus(
         queue_depth=int(states.get("queued", 0)),
-        states={str(k): int(v) for k, v in states.items()},
+        states=dict(states),
         per_minute=per_minute,
         rate_per_minute=last10 / 10.0,
         ack_to_merge_s=latency,
-        rejections=[IntakeEvent(*map(_text, r)) for r in recent_bad],  # type: ignore[arg-type]
+        rejections=snap.refused,
         merged=events_merged,
     )
-
-
-def _text(value: object) -> str | None:
-    return None if value is None else str(value)
