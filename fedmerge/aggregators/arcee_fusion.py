@@ -11,12 +11,14 @@ importance looks at both models' values).
 mergekit samples 10⁶ entries (with replacement, from torch's global generator) for the quantiles of
 larger tensors; fedmerge sorts them all (exact; the same on tensors up to 10⁶ entries). x_0 is the
 model added with the smaller client id (the recipe adds the base first). Exactly two models; weights
-are not used. Not streaming: both inputs are buffered (2 × P).
+are not used. ``precision`` (float32, float16, bfloat16; default float32): the dtype the importance
+and its quantiles are computed in (a recipe's ``dtype``, as mergekit). Not streaming: both inputs
+are buffered (2 × P).
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -24,12 +26,22 @@ import torch.nn.functional as F
 from fedmerge.aggregators.base import ClientDelta, register
 from fedmerge.aggregators.robust import BufferingAggregator
 from fedmerge.aggregators.slerp import id_order
-from fedmerge.errors import AggregatorStateError
+from fedmerge.errors import AggregatorStateError, ConfigError
+
+PRECISIONS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def arcee_fusion(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
-    """mergekit's Arcee Fusion of base ``x0`` and model ``x1`` (fp32); see the module docstring."""
-    a, b = x0.float(), x1.float()
+def check_precision(precision: str) -> str:
+    """The name of a compute dtype (mergekit computes a recipe's methods in its ``dtype``)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
+def arcee_fusion(x0: torch.Tensor, x1: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """mergekit's Arcee Fusion of base ``x0`` and model ``x1``, the importance and the quantiles computed
+    in ``dtype`` (mergekit's operations), the result in fp32 (mergekit's fp32 mask promotes it)."""
+    a, b = x0.to(dtype), x1.to(dtype)
     p = F.softmax(b, dim=-1) + 1e-8
     q = F.softmax(a, dim=-1) + 1e-8
     kl = torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
@@ -37,7 +49,7 @@ def arcee_fusion(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
     ordered = torch.sort(importance.reshape(-1)).values
     idx = (torch.tensor([0.25, 0.5, 0.75]) * (ordered.numel() - 1)).long()
     q1, median, q3 = ordered[idx]
-    mask = (importance >= median + 1.5 * (q3 - q1)).to(a.dtype)
+    mask = (importance >= median + 1.5 * (q3 - q1)).float()
     return a + (b - a) * mask
 
 
@@ -45,6 +57,14 @@ def arcee_fusion(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
 class ArceeFusion(BufferingAggregator):
     name: ClassVar[str] = "arcee_fusion"
     exact_models: ClassVar[int] = 2
+
+    def __init__(self, *, precision: str = "float32", **common: object) -> None:
+        super().__init__(**common)  # type: ignore[arg-type]
+        self.precision = check_precision(precision)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {**super().params, "precision": self.precision}
 
     def add(
         self,
@@ -55,7 +75,9 @@ class ArceeFusion(BufferingAggregator):
         generator: torch.Generator | None = None,
     ) -> None:
         if self._shapes is not None and not self._finalized and self._num_clients >= 2:
-            raise AggregatorStateError("arcee_fusion merges exactly two models (a base and one other); a third was added")
+            raise AggregatorStateError(
+                "arcee_fusion merges exactly two models (a base and one other); a third was added"
+            )
         super().add(client_delta, weight, client_id=client_id, generator=generator)
 
     def _finalize_tensor(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -63,7 +85,7 @@ class ArceeFusion(BufferingAggregator):
         if len(buf) == 1:
             return buf[0]
         i0, i1 = sorted(range(2), key=lambda i: id_order(self._ids[i]))
-        return arcee_fusion(buf[i0].reshape(shape), buf[i1].reshape(shape))
+        return arcee_fusion(buf[i0].reshape(shape), buf[i1].reshape(shape), PRECISIONS[self.precision])
 
     def _reduce(self, stacked: torch.Tensor) -> torch.Tensor:  # pragma: no cover - _finalize_tensor overrides
         raise NotImplementedError

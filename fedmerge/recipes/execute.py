@@ -72,6 +72,7 @@ def iter_merged(plan: Plan) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | 
             continue
         assert spec.aggregator is not None
         base = _read(plan, *job.base) if job.base is not None else None
+        lowp = plan.compute_dtype if plan.compute_dtype not in (None, torch.float32) else None
         agg = create(spec.aggregator, **job.agg_params)
         agg.begin({job.name: first.specs[first_name].shape})
         if spec.space == "weights" and spec.needs_base:  # slerp, nearswap, arcee_fusion: the base first
@@ -80,7 +81,8 @@ def iter_merged(plan: Plan) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | 
         for i, ((src, n), w) in enumerate(zip(job.inputs, job.weights, strict=True), start=1):
             x = _read(plan, src, n)
             if spec.space == "task_vector" and base is not None:
-                x = x - base
+                # mergekit subtracts in the recipe's dtype: the task vector is rounded to it
+                x = (x.to(lowp) - base.to(lowp)).float() if lowp is not None else x - base
             if job.presparsify is not None:
                 gen = derive_generator(int(job.agg_params.get("seed", 0)), 0, i, job.name)
                 x = _presparsify(spec.aggregator, job.presparsify[i - 1], x, gen)

@@ -339,6 +339,9 @@ class _Resolver:
         self.recipe, self.spec, self.base_raw, self.seed = recipe, spec, base_raw, seed
         self.native = recipe.merge_method not in METHODS
         self.takes_seed = spec.aggregator is not None and "seed" in accepted_params(get(spec.aggregator))
+        self.takes_precision = spec.aggregator is not None and "precision" in accepted_params(
+            get(spec.aggregator)
+        )
         self.checked: set[str] = set()
 
     def translate(self, glob: dict[str, Any], where: str) -> dict[str, Any]:
@@ -346,6 +349,8 @@ class _Resolver:
             out = dict(glob) if self.native else mergekit_params(self.recipe.merge_method, glob)
         except MergekitParameterError as exc:
             raise RecipeParameterError(f"{self.recipe.merge_method} ({where}): {exc}") from None
+        if self.takes_precision and self.recipe.dtype is not None:  # mergekit computes in the recipe's dtype
+            out["precision"] = str(DTYPES[self.recipe.dtype]).removeprefix("torch.")
         return {**out, **({"seed": self.seed} if self.takes_seed else {})}
 
     def check(self, params: dict[str, Any], glob: dict[str, Any]) -> None:
@@ -500,6 +505,9 @@ def plan_merge(recipe: Recipe, store: ModelStore, *, seed: int = 0) -> Plan:
         plan.anchor = anchor.base if isinstance(anchor, AdapterSource) else anchor
         plan.compute_dtype = DTYPES[recipe.dtype] if recipe.dtype else None
         plan.out_dtype = DTYPES[recipe.out_dtype] if recipe.out_dtype else plan.compute_dtype
+        if recipe.merge_method == "arcee_fusion" and not recipe.out_dtype and plan.compute_dtype is not None:
+            plan.out_dtype = torch.float32  # mergekit's fp32 mask promotes the result; it writes fp32
+            plan.notes.append("arcee_fusion writes float32 without out_dtype (as mergekit)")
         if recipe.tokenizer_source not in (None, "base"):
             plan.notes.append(
                 f"tokenizer_source {recipe.tokenizer_source!r} recorded; the tokenizer files are the base's"

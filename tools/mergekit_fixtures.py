@@ -1,0 +1,297 @@
+"""Build the mergekit parity fixtures: tests/fixtures/mergekit/ (inputs, recipes, mergekit's outputs).
+
+Run with a Python that has mergekit 0.1.5 (never a fedmerge dependency)::
+
+    python3 -m venv /tmp/mk && /tmp/mk/bin/pip install mergekit==0.1.5 torch==2.13.0
+    /tmp/mk/bin/python tools/mergekit_fixtures.py            # writes tests/fixtures/mergekit/
+
+1. Four tiny Llama models (hidden 32, 4 layers, vocab 128; fp32) from a config: ``base`` with seeded
+   N(0, 0.02) weights (norms 1), and ``a``, ``b``, ``c`` = base + seeded noise of different scales
+   and sparsity (so that trims, sign votes and quantiles have something to decide). Each gets a
+   WordLevel tokenizer built offline from a few sentences (``save_pretrained``).
+2. Every recipe of mergekit's ``examples/`` (as of 0.1.5) and recipes of its documented methods, with
+   the model names replaced by those models (base model → ``base``, the others in order → ``a``, ``b``,
+   ``c``) and the 40-layer ranges scaled to 4 layers; nothing else changed.
+3. ``mergekit-yaml`` on each recipe; its ``model.safetensors`` is stored as ``expected/NAME.safetensors``.
+
+``tests/recipes/test_mergekit_parity.py`` runs ``fedmerge merge`` on the same recipes and models and
+compares tensor by tensor. Deterministic: rerunning rewrites identical inputs (stochastic mergekit
+methods — DARE, DELLA — are not among the recipes: their masks come from torch's global generator).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+HERE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "mergekit"
+SENTENCES = [
+    "the quick brown fox jumps over the lazy dog",
+    "a merge of models keeps what each one learned",
+    "small models make fast tests",
+]
+LAYERS = 4
+
+# mergekit's examples/ (0.1.5), model names as there; layer ranges of 40-layer models scaled to 4
+EXAMPLES: dict[str, dict[str, Any]] = {
+    "linear": {
+        "models": [
+            {"model": "psmathur/orca_mini_v3_13b", "parameters": {"weight": 1.0}},
+            {"model": "WizardLM/WizardLM-13B-V1.2", "parameters": {"weight": 0.3}},
+            {"model": "garage-bAInd/Platypus2-13B", "parameters": {"weight": 0.5}},
+        ],
+        "merge_method": "linear",
+        "dtype": "float16",
+    },
+    "bio-merge": {
+        "models": [
+            {"model": "mistralai/Mistral-7B-Instruct-v0.2", "parameters": {"density": 0.5, "weight": 0.5}},
+            {"model": "BioMistral/BioMistral-7B", "parameters": {"density": 0.5, "weight": 0.5}},
+        ],
+        "merge_method": "ties",
+        "base_model": "mistralai/Mistral-7B-v0.1",
+        "parameters": {"normalize": False, "int8_mask": True},
+        "dtype": "float16",
+    },
+    "ties": {
+        "models": [
+            {"model": "psmathur/orca_mini_v3_13b", "parameters": {"density": [1, 0.7, 0.1], "weight": 1.0}},
+            {
+                "model": "garage-bAInd/Platypus2-13B",
+                "parameters": {"density": 0.5, "weight": [0, 0.3, 0.7, 1]},
+            },
+            {
+                "model": "WizardLM/WizardMath-13B-V1.0",
+                "parameters": {"density": 0.33, "weight": [{"filter": "mlp", "value": 0.5}, {"value": 0}]},
+            },
+        ],
+        "merge_method": "ties",
+        "base_model": "TheBloke/Llama-2-13B-fp16",
+        "parameters": {"normalize": True, "int8_mask": True},
+        "dtype": "float16",
+    },
+    "gradient-slerp": {
+        "slices": [
+            {
+                "sources": [
+                    {"model": "psmathur/orca_mini_v3_13b", "layer_range": [0, 40]},
+                    {"model": "garage-bAInd/Platypus2-13B", "layer_range": [0, 40]},
+                ]
+            }
+        ],
+        "merge_method": "slerp",
+        "base_model": "psmathur/orca_mini_v3_13b",
+        "parameters": {
+            "t": [
+                {"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+                {"value": 0.5},
+            ]
+        },
+        "dtype": "float16",
+    },
+    "orcamini-platy-44layer": {
+        "slices": [
+            {"sources": [{"model": "psmathur/orca_mini_v3_13b", "layer_range": [0, 24]}]},
+            {"sources": [{"model": "garage-bAInd/Platypus2-13B", "layer_range": [20, 40]}]},
+        ],
+        "merge_method": "passthrough",
+        "dtype": "float16",
+    },
+    "arcee_fusion": {
+        "models": [{"model": "model_a"}, {"model": "model_b"}],
+        "merge_method": "arcee_fusion",
+        "base_model": "model_a",
+        "dtype": "bfloat16",
+    },
+}
+
+# recipes of the other methods mergekit 0.1.5 registers (docs/merge_methods.md's parameters)
+METHOD_RECIPES: dict[str, dict[str, Any]] = {
+    "nuslerp": {
+        "models": [
+            {"model": "m1", "parameters": {"weight": 0.3}},
+            {"model": "m2", "parameters": {"weight": 0.7}},
+        ],
+        "merge_method": "nuslerp",
+        "base_model": "base",
+        "dtype": "float32",
+    },
+    "nuslerp-rows-no-base": {
+        "models": [
+            {"model": "m1", "parameters": {"weight": 1.0}},
+            {"model": "m2", "parameters": {"weight": 2.0}},
+        ],
+        "merge_method": "nuslerp",
+        "parameters": {"nuslerp_flatten": False},
+        "dtype": "float32",
+    },
+    "nearswap": {
+        "models": [{"model": "base"}, {"model": "m1"}],
+        "merge_method": "nearswap",
+        "base_model": "base",
+        "parameters": {"t": 0.004},
+        "dtype": "float32",
+    },
+    "sce": {
+        "models": [{"model": "m1"}, {"model": "m2"}, {"model": "m3"}],
+        "merge_method": "sce",
+        "base_model": "base",
+        "parameters": {"select_topk": 0.5},
+        "dtype": "bfloat16",
+    },
+    "ram": {
+        "models": [{"model": "m1"}, {"model": "m2"}, {"model": "m3"}],
+        "merge_method": "ram",
+        "base_model": "base",
+        "dtype": "float32",
+    },
+    "ramplus_tl": {
+        "models": [{"model": "m1"}, {"model": "m2"}, {"model": "m3"}],
+        "merge_method": "ramplus_tl",
+        "base_model": "base",
+        "parameters": {"r": 0.2, "alpha": 0.5},
+        "dtype": "float32",
+    },
+    "task_arithmetic-gradient-filter": {
+        "models": [
+            {"model": "m1", "parameters": {"weight": [0.2, 1.0]}},
+            {
+                "model": "m2",
+                "parameters": {"weight": [{"filter": "self_attn", "value": 0.9}, {"value": 0.1}]},
+            },
+        ],
+        "merge_method": "task_arithmetic",
+        "base_model": "base",
+        "parameters": {"lambda": [1.0, 0.5]},
+        "dtype": "float32",
+    },
+    "ties-fp32-out-bf16": {
+        "models": [
+            {"model": "m1", "parameters": {"density": 0.6, "weight": 1.0}},
+            {"model": "m2", "parameters": {"density": 0.3, "weight": 0.5}},
+        ],
+        "merge_method": "ties",
+        "base_model": "base",
+        "dtype": "float32",
+        "out_dtype": "bfloat16",
+    },
+    "breadcrumbs_ties": {
+        "models": [
+            {"model": "m1", "parameters": {"density": 0.7, "gamma": 0.05, "weight": 1.0}},
+            {"model": "m2", "parameters": {"density": 0.5, "gamma": 0.1, "weight": 1.0}},
+        ],
+        "merge_method": "breadcrumbs_ties",
+        "base_model": "base",
+        "dtype": "float32",
+    },
+    "slerp-slices": {
+        "slices": [
+            {"sources": [{"model": "base", "layer_range": [0, 2]}, {"model": "m1", "layer_range": [2, 4]}]},
+            {"sources": [{"model": "base", "layer_range": [1, 4]}, {"model": "m1", "layer_range": [0, 3]}]},
+        ],
+        "merge_method": "slerp",
+        "base_model": "base",
+        "parameters": {"t": [0.1, 0.9]},
+        "dtype": "float32",
+    },
+}
+
+SCALED_RANGES = {0: 0, 20: 2, 24: 2, 40: 4}
+
+
+def build_models(root: Path) -> None:
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=False, torch_dtype="float32",
+    )  # fmt: skip
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(SENTENCES, trainers.WordLevelTrainer(special_tokens=["<unk>", "<s>", "</s>"]))
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    model = transformers.LlamaForCausalLM(cfg)
+    g = torch.Generator().manual_seed(0)
+    base = {
+        k: (torch.ones_like(v) if v.dim() == 1 else 0.02 * torch.randn(v.shape, generator=g))
+        for k, v in sorted(model.state_dict().items())
+    }
+    spec = {"base": (0.0, 1.0), "a": (0.01, 0.6), "b": (0.02, 0.4), "c": (0.015, 0.8)}
+    for name, (scale, keep) in spec.items():
+        g = torch.Generator().manual_seed(1 + list(spec).index(name))
+        state = {
+            k: v + scale * torch.randn(v.shape, generator=g) * (torch.rand(v.shape, generator=g) < keep)
+            for k, v in base.items()
+        }
+        model.load_state_dict(state)
+        out = root / "models" / name
+        model.save_pretrained(str(out))
+        fast.save_pretrained(str(out))
+
+
+def rewrite(recipe: dict[str, Any], where: str) -> dict[str, Any]:
+    """Model names → ``{where}/base`` (the base model) and ``{where}/a``, ``b``, ``c`` in order."""
+    names: dict[str, str] = {}
+    base = recipe.get("base_model")
+    if base is not None:
+        names[base] = "base"
+
+    def ref(n: str) -> str:
+        if n not in names:
+            names[n] = "abc"[len([v for v in names.values() if v != "base"])]
+        return f"{where}/{names[n]}"
+
+    out = json.loads(json.dumps(recipe))
+    if base is not None:
+        out["base_model"] = ref(base)
+    for m in out.get("models", []):
+        m["model"] = ref(m["model"])
+    for s in out.get("slices", []):
+        for src in s["sources"]:
+            src["model"] = ref(src["model"])
+            if any(x in SCALED_RANGES and x > LAYERS for x in src["layer_range"]):
+                src["layer_range"] = [SCALED_RANGES[x] for x in src["layer_range"]]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=HERE)
+    ap.add_argument("--mergekit-yaml", default=str(Path(sys.executable).parent / "mergekit-yaml"))
+    args = ap.parse_args()
+    root: Path = args.out
+    for sub in ("models", "recipes", "expected"):
+        shutil.rmtree(root / sub, ignore_errors=True)
+        (root / sub).mkdir(parents=True)
+    build_models(root)
+    for name, recipe in {**EXAMPLES, **METHOD_RECIPES}.items():
+        relative = rewrite(recipe, "../models")
+        (root / "recipes" / f"{name}.yml").write_text(yaml.safe_dump(relative, sort_keys=False))
+        with tempfile.TemporaryDirectory() as tmp:
+            absolute = rewrite(recipe, str((root / "models").resolve()))
+            path = Path(tmp) / "recipe.yml"
+            path.write_text(yaml.safe_dump(absolute, sort_keys=False))
+            subprocess.run([args.mergekit_yaml, str(path), f"{tmp}/out", "--no-lazy-unpickle"], check=True)
+            files = sorted(Path(tmp, "out").glob("*.safetensors"))
+            if len(files) != 1:
+                raise SystemExit(f"{name}: expected one safetensors file, got {files}")
+            shutil.copy(files[0], root / "expected" / f"{name}.safetensors")
+        print(f"{name}: ok", flush=True)
+
+
+if __name__ == "__main__":
+    main()
