@@ -1,7 +1,8 @@
 """mergekit's merge methods as fedmerge aggregators: the one table of names, defaults and renames.
 
 fedmerge's defaults follow the papers (and peft where it implements them); mergekit's
-(mergekit 0.1.5; arcee-ai/mergekit a6e4028 for the methods 0.1.4 had) differ for several methods. :data:`METHODS` maps
+(mergekit 0.1.5; arcee-ai/mergekit a6e4028 for the methods 0.1.4 had) differ for several methods.
+:data:`METHODS` maps
 each mergekit method name to a :class:`MergekitMethod`: the registered aggregator that implements it,
 whether it merges task vectors τ_i = θ_i − θ_base or the weights θ_i, mergekit's parameters with
 mergekit's defaults, and the fedmerge parameters that reproduce mergekit's behaviour.
@@ -18,7 +19,8 @@ Names: mergekit's ``lambda`` (a Python keyword) is ``scaling``; ``rescale`` (a b
 ``gamma``, ``epsilon``, ``normalize``, ``int8_mask``, ``t``, ``filter_wise``, ``eps`` keep their
 names. Per-model ``density``/``gamma``/``epsilon`` (mergekit allows them per model) are one value per
 aggregator here; per-layer gradients (lists) and filters (mappings) are refused here — recipes
-(:mod:`fedmerge.recipes`) resolve both per tensor and trim each model with its own values. Every choice made where
+(:mod:`fedmerge.recipes`) resolve both per tensor and trim each model with its own values. Every
+choice made where
 fedmerge's two former tables or fedmerge and mergekit disagree is in docs/merging.md.
 """
 
