@@ -70,6 +70,12 @@ def simulate(
     as_json: bool = typer.Option(
         False, "--json", help="print the summary rows as one JSON object on stdout; progress goes to stderr"
     ),
+    ray_address: str | None = typer.Option(
+        None,
+        "--ray-address",
+        help="run the clients on this existing Ray cluster (HOST:PORT of `ray start --head`, or 'auto') "
+        "instead of starting a local Ray per trial",
+    ),
 ) -> None:
     """Compare aggregators and codecs on simulated non-IID federations; write tables and plots.
 
@@ -82,7 +88,7 @@ def simulate(
 
     cfg = load_config(config or DEFAULT_CONFIG)
     console = Console(stderr=as_json)
-    summary = run_experiment(cfg, out or Path("results") / cfg.name, console)
+    summary = run_experiment(cfg, out or Path("results") / cfg.name, console, ray_address=ray_address)
     console.print(summary.read_text(), markup=False)
     console.print(f"report: {summary.parent}")
     if as_json:

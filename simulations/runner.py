@@ -1,8 +1,10 @@
 """Run an experiment: every (aggregator, codec, seed) trial as a federation on Flower's simulation engine.
 
-Each trial runs the fedmerge ServerApp and ClientApp through ``flwr.simulation.run_simulation`` in a
-fresh process (Ray is started and stopped per trial, and a crash or leak in one trial cannot touch
-another) with its own model store under ``OUT/stores/``. A finished trial writes
+Each trial runs the fedmerge ServerApp and ClientApp on Flower's simulation runtime
+(:func:`fedmerge.flower.simulation.run_simulation_app`: ``flwr run`` on a private SuperLink in
+simulation mode, the run config in the app's ``[tool.flwr.app.config]``) from a fresh process (Ray is
+started and stopped per trial unless ``ray_address`` names a cluster, and a crash or leak in one trial
+cannot touch another) with its own model store under ``OUT/stores/``. A finished trial writes
 ``OUT/trials/KEY.json``; running the same experiment again skips it (resumable), and the report is
 rebuilt from all trial files. Progress is shown with a rich progress bar.
 """
@@ -23,8 +25,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedmerge.errors import FedMergeError
-from fedmerge.flower.simulation import backend_config
+from fedmerge.errors import ConfigError, FedMergeError
+from fedmerge.flower.simulation import ServerAppFactory, run_simulation_app
 from fedmerge_simulations.experiment import AggregatorSpec, CodecSpec, ExperimentConfig, Trial, parse_config
 from fedmerge_simulations.report import Result, write_report
 
@@ -76,30 +78,28 @@ def run_config(trial: Trial, store: Path) -> dict[str, Any]:
     return config
 
 
-def execute_trial(trial: Trial, store: Path) -> Result:
-    """Run one trial in this process and return its result (called in the child process)."""
-    import warnings
+def execute_trial(trial: Trial, store: Path, ray_address: str | None = None) -> Result:
+    """Run one trial from this process and return its result (called in the child process).
 
-    from flwr.simulation import run_simulation
-
+    ``ray_address``: run the trial's ClientApps on that existing Ray cluster."""
     from fedmerge.flower.rounds import RoundReport
-    from fedmerge.plugins import load_object
-
-    client_app = load_object(CLIENT_APP, "ClientApp")
-    make_server_app = load_object(SERVER_APP_FACTORY, "ServerApp factory")
 
     reports: list[RoundReport] = []
     exp = trial.experiment
     num_gpus = exp.gpu_fraction if exp.device == "cuda" else 0.0
+    if exp.cpus_per_client != int(exp.cpus_per_client):
+        raise ConfigError(f"cpus_per_client must be a whole number (Flower's), got {exp.cpus_per_client}")
     t0 = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        run_simulation(
-            make_server_app(run_config(trial, store), on_round=reports.append),
-            client_app,
-            num_supernodes=exp.clients,
-            backend_config=backend_config(exp.cpus_per_client, num_gpus),
-        )
+    run_simulation_app(
+        ServerAppFactory(SERVER_APP_FACTORY),
+        CLIENT_APP,
+        num_supernodes=exp.clients,
+        run_config=run_config(trial, store),
+        num_cpus=int(exp.cpus_per_client),
+        num_gpus=num_gpus,
+        ray_address=ray_address,
+        on_report=reports.append,
+    )
     rounds = [
         {
             "round": r.round,
@@ -139,14 +139,15 @@ def _trial_payload(trial: Trial) -> str:
     return json.dumps(exp)
 
 
-def run_trial_subprocess(trial: Trial, out: Path) -> Result:
+def run_trial_subprocess(trial: Trial, out: Path, ray_address: str | None = None) -> Result:
     """Run ``trial`` in a fresh Python process; its store lives under ``out/stores/KEY``."""
     store = out / "stores" / trial.key
     shutil.rmtree(store, ignore_errors=True)  # an interrupted trial starts over from its base
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
     env.setdefault("FLWR_HOME", tempfile.mkdtemp(prefix="flwr-home-"))
     proc = subprocess.run(
-        [sys.executable, "-m", "fedmerge_simulations.runner", _trial_payload(trial), str(store)],
+        [sys.executable, "-m", "fedmerge_simulations.runner", _trial_payload(trial), str(store)]
+        + ([ray_address] if ray_address else []),
         capture_output=True,
         text=True,
         env=env,
@@ -158,8 +159,13 @@ def run_trial_subprocess(trial: Trial, out: Path) -> Result:
     return dict(json.loads(lines[-1]))
 
 
-def run_experiment(config: ExperimentConfig, out: Path, console: Console | None = None) -> Path:
+def run_experiment(
+    config: ExperimentConfig, out: Path, console: Console | None = None, ray_address: str | None = None
+) -> Path:
     """Run every trial not already finished in ``out/trials``, then write the report; returns summary.md.
+
+    ``ray_address``: every trial's ClientApps run on that existing Ray cluster (``ray start --head``;
+    ``auto`` finds the local one) instead of a Ray instance started per trial.
 
     With ``tracking`` set, each trial's ServerApp logs every committed round's store metrics
     (TensorBoard: under ``tracking_dir/KEY``, default ``out/tracking/KEY``; trials already finished are
@@ -184,7 +190,7 @@ def run_experiment(config: ExperimentConfig, out: Path, console: Console | None 
                 bar,
                 description=f"{trial.aggregator.display} / {trial.codec.name} / seed {trial.seed}",
             )
-            result = run_trial_subprocess(trial, out)
+            result = run_trial_subprocess(trial, out, ray_address)
             tmp = trials_dir / f".{trial.key}.json.tmp"
             tmp.write_text(json.dumps(result))
             tmp.replace(trials_dir / f"{trial.key}.json")  # a trial file is whole or absent
@@ -209,12 +215,13 @@ def _base_accuracy(config: ExperimentConfig) -> float | None:
 
 
 def main(argv: list[str]) -> int:
-    """Child entry point: ``python -m simulations.runner TRIAL_JSON STORE`` prints the trial's result."""
+    """Child entry point: ``python -m simulations.runner TRIAL_JSON STORE [RAY_ADDRESS]`` prints the
+    trial's result."""
     raw = json.loads(argv[0])
     config = parse_config(raw, source="trial")
     (trial,) = config.trials()
     assert isinstance(trial.aggregator, AggregatorSpec) and isinstance(trial.codec, CodecSpec)
-    print(json.dumps(execute_trial(trial, Path(argv[1]))))
+    print(json.dumps(execute_trial(trial, Path(argv[1]), argv[2] if len(argv) > 2 else None)))
     return 0
 
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -13,6 +12,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from fedmerge.errors import ConfigError
+from fedmerge.flower.simulation import emit_report, run_simulation_app
 from fedmerge.privacy.secagg import SecAggConfig
 from fedmerge_clients.secagg import client_app, plain_client_app, secure_client_app
 from fedmerge_server.secagg import SecAggRound, Traffic, serve
@@ -160,16 +160,23 @@ def run_legs(
         return results
     if engine != "simulation":
         raise ConfigError(f"engine must be 'simulation' or 'inprocess', got {engine!r}")
-    from flwr.simulation import run_simulation
+
+    def serve_and_report(grid: Grid, context: Context) -> None:
+        """In the simulation process: each round and each finished leg go back to this caller."""
+        for config in configs:
+            traffic: list[Traffic] = []
+            rounds = serve(grid, context, config, lambda r: emit_report(("round", r)), traffic)
+            emit_report(("leg", rounds, traffic))
+
+    def on_report(item: tuple[Any, ...]) -> None:
+        if item[0] == "round" and on_round is not None:
+            on_round(item[1])
+        elif item[0] == "leg":
+            results.append(item[1])
+            if traffic_out is not None:
+                traffic_out.extend(item[2])
 
     server = ServerApp()
-    server.main()(serve_all)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        run_simulation(
-            server,
-            app,
-            num_supernodes=cfgs[0].num_clients,
-            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
-        )
+    server.main()(serve_and_report)
+    run_simulation_app(server, app, num_supernodes=cfgs[0].num_clients, on_report=on_report)
     return results
