@@ -11,14 +11,12 @@ Here the strategy is ``SecAggStrategy`` (``server/secagg.py``, a legacy FedAvg s
 each round's aggregate to the :class:`~fedmerge.store.ModelStore`); the plain reference path is the same
 workflow and strategy without the workflow and the mod, the clients sending dense fp32 task vectors.
 
-**Running.** ``run_secagg`` (``simulations/secagg.py``) drives the pair with
-``flwr.simulation.run_simulation`` (Ray). It is deprecated and passes an empty run config, but it runs the
-ServerApp in the calling process, so the settings reach it by closure and the per-round reports come back
-through a callback, as the project's other simulation tests and the demo do. ``flwr run DIR`` would need
-an app directory with its own ``pyproject.toml`` and a SuperLink in a subprocess, from which results come
-back only through the store. (``server_app``, ``secure_client_app`` and ``plain_client_app`` read
-``context.run_config``, so an app directory naming them as components and holding only this module's keys
-would also run.)
+**Running.** ``run_secagg`` (``simulations/secagg.py``) drives the pair on Flower's simulation runtime
+(:func:`fedmerge.flower.simulation.run_simulation_app`: ``flwr run`` on a private SuperLink in simulation
+mode, Ray). The ServerApp runs in Flower's simulation process; the settings travel with it, and each
+round's report and each leg's traffic come back through :func:`fedmerge.flower.simulation.emit_report`.
+(``server_app``, ``secure_client_app`` and ``plain_client_app`` read ``context.run_config``, so an app
+directory naming them as components and holding only this module's keys would also run.)
 
 **What a client submits** (τ_i its task vector, n_i its example count, W = ``weight-scale``, a public
 power of two ≥ every n_i; the last array is always the weight n_i/W):
