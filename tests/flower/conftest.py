@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from flwr.clientapp import ClientApp
 
 from fedmerge.flower.records import FEDMERGE_RECORD
 from fedmerge.flower.rounds import RoundReport
+from fedmerge.flower.simulation import ServerAppFactory, run_simulation_app
 from fedmerge.flower.transport import package_to_record, record_to_package
 from fedmerge_clients.app import train_reply
 from fedmerge_clients.plain_app import train as plain_train
@@ -88,22 +88,18 @@ def _scripted_client_app(plan: list[str]) -> ClientApp:
 
 
 def _simulate(store: Path, client_app: ClientApp, num_nodes: int, **overrides: Any) -> list[RoundReport]:
-    """Run the fedmerge ServerApp on Flower's simulation engine; returns the round reports."""
-    from flwr.simulation import run_simulation
-
-    from fedmerge_server.app import make_server_app
-
+    """Run the fedmerge ServerApp on Flower's simulation runtime (``flwr run`` on a private SuperLink,
+    the overrides as the run config); returns the round reports."""
     reports: list[RoundReport] = []
     config = {"store": str(store), "num-rounds": 1, "local-epochs": 1, "lr": 0.05, "server-eval": True}
     config.update({k.replace("_", "-"): v for k, v in overrides.items()})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        run_simulation(
-            make_server_app(config, on_round=reports.append),
-            client_app,
-            num_supernodes=num_nodes,
-            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
-        )
+    run_simulation_app(
+        ServerAppFactory("fedmerge_server.app:make_server_app"),
+        client_app,
+        num_supernodes=num_nodes,
+        run_config=config,
+        on_report=reports.append,
+    )
     return reports
 
 
