@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,7 @@ class LocalSeaweed:
         self.s3_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.dir / "weed.log"
+        self._ports: list[int] = []
 
     @property
     def endpoint(self) -> str:
@@ -93,7 +95,9 @@ class LocalSeaweed:
                 }
             )
         )
-        ports = [free_port() for _ in range(4)]
+        if not self._ports:  # kept across a restart: the master's state names them
+            self._ports = [free_port() for _ in range(4)]
+        ports = self._ports
         cmd = [
             weed_binary(),
             "server",
@@ -109,7 +113,8 @@ class LocalSeaweed:
             "-s3.port.iceberg=0",  # no extra listeners on fixed ports
             "-s3.port.lance=0",
             "-master.telemetry=false",
-            "-volume.max=0",
+            "-volume.max=64",
+            "-master.volumeSizeLimitMB=1024",
             f"-metricsPort={ports[3]}",
         ]
         log = self.log_path.open("ab")
@@ -120,11 +125,8 @@ class LocalSeaweed:
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"weed server exited with {self.proc.returncode}: {self._tail()}")
-            try:
-                client.list_buckets()
+            if self._ready(client):
                 return self
-            except Exception:
-                pass
             size = self.log_path.stat().st_size
             if size != last_size:
                 last_size, last_progress = size, time.monotonic()
@@ -132,6 +134,17 @@ class LocalSeaweed:
                 self.stop()
                 raise RuntimeError(f"weed server made no progress for {stall_s:.0f} s: {self._tail()}")
             time.sleep(0.2)
+
+    def _ready(self, client: Any) -> bool:
+        """S3 answers and the master knows the volume server (else reads of stored objects fail)."""
+        try:
+            client.list_buckets()
+            url = f"http://127.0.0.1:{self._ports[0]}/dir/status"
+            with urllib.request.urlopen(url, timeout=2) as answer:
+                status = answer.read().decode()
+        except Exception:
+            return False
+        return f"127.0.0.1:{self._ports[1]}" in status
 
     def _tail(self) -> str:
         try:
