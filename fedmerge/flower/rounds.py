@@ -489,6 +489,7 @@ class RoundState:
             )  # fmt: skip
         self.seen_nodes.add(node_id)
         self.seen_clients.add(client_id)
+        self.labels.setdefault(node_id, client_id)  # a package's client id names the node's later errors
         self.seen_hashes.add(digest)
         self.accepted_replies.append((node_id, reply))
         return ReplyOutcome(node_id, client_id, True, None, n, digest, wire, self.dense_bytes, metrics, codec)

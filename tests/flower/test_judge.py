@@ -167,3 +167,15 @@ def test_nodes_are_named_by_the_client_id_their_replies_state(fr: FlowerRound) -
     anonymous = _dense_reply(fr, 7, {"num-examples": 3})
     anonymous.content["config"] = ConfigRecord({"client-id": 17})
     assert later.judge(7, anonymous).client_id == "node-7"
+
+
+def test_a_node_whose_package_named_it_keeps_that_name_when_it_later_fails(fr: FlowerRound) -> None:
+    from flwr.app import Error, Message
+
+    state = fr.state()
+    ok = state.judge(0, fr.reply(Attack(fr.valid(0).data), node_id=0))
+    assert ok.accepted and ok.client_id == "honest-0"
+    later = fr.state()
+    later.labels = state.labels
+    failed = later.judge(0, Message(Error(2, "killed"), reply_to=train_message(0)))
+    assert failed.client_id == "honest-0" and not failed.accepted
