@@ -60,9 +60,12 @@ def certs(
 
 @app.command()
 def serve(
-    store: Annotated[Path, typer.Option(help="model store directory (created if missing)")] = Path(
-        "fedmerge-store"
-    ),
+    store: Annotated[
+        Path, typer.Option(help="model store directory (made by `fedmerge init`; see --create-store)")
+    ] = Path("fedmerge-store"),
+    create_store: Annotated[
+        bool, typer.Option(help="create an empty store if --store is none (a built-in task fills it)")
+    ] = False,
     host: str = typer.Option(
         "0.0.0.0", help="address the SuperLink binds (Fleet, Control and Runtime APIs share one port)"
     ),
@@ -127,6 +130,7 @@ def serve(
             dashboard_host=dashboard_host,
             dashboard_token=dashboard_token,
             app=app_dir,
+            create_store=create_store,
             public_hosts=public_host or [],
         )
     except FedMergeError as exc:

@@ -41,6 +41,7 @@ from fedmerge.metrics import (
     start_metrics_server,
 )
 from fedmerge.store import ModelStore, UnknownVersionError
+from fedmerge.store.model_store import STORE_MARKER
 
 CERT_FILES = ("ca.crt", "server.pem", "server.key")
 DEFAULT_HOST = "0.0.0.0"
@@ -200,6 +201,7 @@ def serve_forever(
     dashboard_token: str | None = None,
     app: Path | None = None,
     public_hosts: list[str] | None = None,
+    create_store: bool = False,
 ) -> int:
     """Open (or create) the store, run the SuperLink until it exits; returns its exit code.
 
@@ -215,7 +217,9 @@ def serve_forever(
     by ca.crt, valid, matching key, naming 127.0.0.1, the bind ``host`` unless it binds every interface,
     and each of ``public_hosts``, the names SuperNodes dial), so a certificate for the wrong host is one
     line here instead of exit code 305 on every SuperNode. ``app`` (the Flower app ``flwr run`` starts)
-    only shapes the printed hints.
+    only shapes the printed hints. A ``store`` that is not a fedmerge store is refused (ConfigError
+    naming the path and ``fedmerge init``) unless ``create_store``, so a misspelt path never becomes an
+    empty store.
     """
     root = Path(store).resolve()
     state = (state_dir or default_state_dir(root)).resolve()
@@ -231,8 +235,15 @@ def serve_forever(
     hints = instructions(root, host, port, None if insecure else certificates, supernode_auth, app, names)
     if metrics_port is not None:
         check_metrics_bind(metrics_host, metrics_allow_remote)
+    if not (root / STORE_MARKER).is_file() and not create_store:
+        what = "does not exist" if not root.exists() else f"is not a fedmerge store (no {STORE_MARKER})"
+        raise ConfigError(
+            f"--store {root} {what}; make it from your model with `fedmerge init --store {root} --base "
+            "<model-dir>`, or pass --create-store to start empty (a built-in task's base is then committed "
+            "by the first run)"
+        )
     with ModelStore.open(root) as opened:
-        # create the store now (or refuse a directory that is not one) rather than in round 1
+        # open the store now (or refuse a directory that is not one) rather than in round 1
         try:
             head = opened.get("latest")
         except UnknownVersionError:

@@ -124,7 +124,7 @@ def _start_serve(dep: Served, tmp_path: Path) -> tuple[int, Path, Path, subproce
     serve = dep.start(
         "serve",
         [str(BIN / "fedmerge"), "serve", "--store", str(store), "--certificates", str(certs),
-         "--port", str(port)],
+         "--port", str(port), "--create-store"],
     )  # fmt: skip
     wait_for_port(port, serve, 60)
     return port, certs, store, serve
@@ -282,6 +282,13 @@ def test_serve_refuses_before_creating_anything(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="inside the store"):
         serve_forever(store, insecure=True, supernode_auth=False, state_dir=store / "superlink")
     assert not store.exists()
+    misspelt = CliRunner().invoke(
+        flower_cli,
+        ["serve", "--store", str(store), "--insecure", "--no-supernode-auth", "--port", str(free_port())],
+    )
+    assert misspelt.exit_code == 2 and len(misspelt.output.strip().splitlines()) == 1, misspelt.output
+    assert "does not exist" in misspelt.output and "fedmerge init --store" in misspelt.output
+    assert not store.exists() and not default_state_dir(store).exists()
     assert default_state_dir(store) == tmp_path / "store.superlink"
 
 

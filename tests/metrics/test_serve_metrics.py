@@ -55,7 +55,7 @@ def test_serve_counts_the_rounds_of_a_run_it_did_not_run_itself(tmp_path: Path, 
     serve = dep.start(
         "serve",
         [str(BIN / "fedmerge"), "serve", "--store", str(store), "--insecure", "--no-supernode-auth",
-         "--port", str(port), "--metrics-port", "0", "--dashboard-port", "0"],
+         "--port", str(port), "--metrics-port", "0", "--dashboard-port", "0", "--create-store"],
     )  # fmt: skip
     wait_for_port(port, serve, 60)
     metrics_url = _printed(dep.logs / "serve.log", "serving metrics on ")
