@@ -92,6 +92,16 @@ def serve_continual(
         typer.Option(help="abort (DEADLINE_EXCEEDED) a SubmitExpert/Upload stream idle this many seconds"),
     ] = 30.0,
     port_file: Annotated[Path | None, typer.Option(help="write the bound port here once serving")] = None,
+    catalog: Annotated[
+        str | None,
+        typer.Option(
+            help="postgresql://user@host:port/db: catalog, queue and track lease shared by several "
+            "replicas (with one shared --data-dir); default SQLite files for one server"
+        ),
+    ] = None,
+    lease_ttl_s: Annotated[
+        float, typer.Option(help="with --catalog: a dead replica's track is taken over after this long")
+    ] = 15.0,
     metrics_port: MetricsPort = None,
     metrics_host: MetricsHost = "127.0.0.1",
     metrics_allow_remote: MetricsAllowRemote = False,
@@ -143,15 +153,16 @@ def serve_continual(
             max_workers=max_workers,
             max_message_bytes=max_message_bytes,
             stream_idle_timeout_s=stream_idle_timeout_s,
+            catalog=catalog,
+            lease_ttl_s=lease_ttl_s,
         )
         if base_weights is not None:
-            with ModelStore.open(store) as s:
-                empty = not s.list(limit=1)
-            if empty:  # the same path as `fedmerge init`: a model directory keeps config and tokenizer
-                from fedmerge.store.init import init_store
+            with ModelStore.open(store, catalog=catalog) as s:
+                if not s.list(limit=1):  # the path of `fedmerge init`: a model directory keeps its files
+                    from fedmerge.store.init import init_store
 
-                v = init_store(store, base_weights).root
-                typer.echo(f"committed base {base_weights} as {v.id}")
+                    v = init_store(s, base_weights).root
+                    typer.echo(f"committed base {base_weights} as {v.id}")
         dashboard_tokens = _dashboard_tokens(config, dashboard_host) if dashboard_port is not None else []
         server = IntakeServer(config, metrics=metrics)
         port = server.start()

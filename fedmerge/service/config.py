@@ -85,7 +85,12 @@ class ServiceConfig:
       or name the client with ``--operator``;
     * ``limits``: per-client size limits and quotas; ``chunk_size``: bytes per streamed chunk;
     * ``stream_idle_timeout_s``: a ``SubmitExpert`` or ``Upload`` stream that delivers no message for
-      this long is aborted with ``DEADLINE_EXCEEDED`` (a stalled client frees its handler thread).
+      this long is aborted with ``DEADLINE_EXCEEDED`` (a stalled client frees its handler thread);
+    * ``catalog``: None keeps the catalog and the queue in SQLite files (one server); a
+      ``postgresql://`` URL keeps the store's catalog, the queue and the track leases in that
+      database, so several replicas share them (``data_dir`` must then be one shared directory;
+      :mod:`fedmerge.service.replicas`); ``lease_ttl_s``: how long a replica's lease on the track
+      lasts unrenewed (a dead holder's track is taken over after at most this long).
     """
 
     store: Path
@@ -105,8 +110,18 @@ class ServiceConfig:
     max_workers: int = 16
     max_message_bytes: int = 8 << 20
     stream_idle_timeout_s: float = 30.0
+    catalog: str | None = None
+    lease_ttl_s: float = 15.0
 
     def __post_init__(self) -> None:
+        if self.catalog is not None and not str(self.catalog).startswith(("postgresql://", "postgres://")):
+            raise ServiceConfigError(
+                f"catalog must be a postgresql://user@host:port/database URL (or left out for SQLite), "
+                f"got {self.catalog!r}"
+            )
+        ttl = self.lease_ttl_s
+        if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0.5 <= ttl < math.inf:
+            raise ServiceConfigError(f"lease_ttl_s must be a number of seconds ≥ 0.5, got {ttl!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ServiceConfigError(f"batch_size must be an integer ≥ 1, got {self.batch_size!r}")
         if not (4096 <= self.chunk_size <= 64 << 20):

@@ -18,7 +18,8 @@ import os
 import secrets
 import sqlite3
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -202,8 +203,8 @@ class IntakeQueue:
             )
         with self._lock:
             queued, total = self._conn.execute(
-                "SELECT COALESCE(SUM(state = 'queued'), 0), COALESCE(SUM(size), 0) FROM submissions "
-                "WHERE client_id = ?",
+                "SELECT COALESCE(SUM(CASE WHEN state = 'queued' THEN 1 ELSE 0 END), 0), "
+                "COALESCE(SUM(size), 0) FROM submissions WHERE client_id = ?",
                 (client_id,),
             ).fetchone()
         if int(queued) >= lim.max_queued:
@@ -308,10 +309,10 @@ class IntakeQueue:
         stamp = now()
         with self._lock:
             cur = self._conn.execute(
-                "INSERT OR IGNORE INTO submissions (id, sha256, client_id, format, base_version, label, "
+                "INSERT INTO submissions (id, sha256, client_id, format, base_version, label, "
                 "size, state, version, reason, created_at, updated_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', NULL, "
-                "NULL, ?, ?)",
+                "NULL, ?, ?) ON CONFLICT DO NOTHING",
                 (submission_id(sha), sha, client_id, fmt, base_version, label, size, stamp, stamp),
             )
             inserted = cur.rowcount == 1
@@ -333,14 +334,22 @@ class IntakeQueue:
             self._arrived.notify_all()
 
     def mark_merged(self, ids: Iterable[str], version: str) -> None:
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
+        with self._lock, self._transaction():
             for sid in ids:
                 self._conn.execute(
                     "UPDATE submissions SET state = 'merged', version = ?, updated_at = ? WHERE id = ?",
                     (version, now(), sid),
                 )
-            self._conn.execute("COMMIT")
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
 
     def begin_attempt(self, sid: str) -> int:
         """Durably count one more merge attempt of ``sid`` (before merging it); returns the count.

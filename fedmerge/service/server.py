@@ -169,7 +169,7 @@ class _Handlers:
     def store(self) -> ModelStore:
         s = getattr(self._local, "store", None)
         if s is None:
-            s = ModelStore.open(self.config.store)
+            s = ModelStore.open(self.config.store, catalog=self.config.catalog)
             self._local.store = s
             with self._lock:
                 self._stores.append(s)
@@ -516,7 +516,12 @@ class IntakeServer:
         self.metrics = metrics
         root = config.intake_dir
         root.mkdir(parents=True, exist_ok=True)
-        self.queue = IntakeQueue(root, config.limits)
+        if config.catalog is not None:  # one of several replicas: queue and leases in PostgreSQL
+            from fedmerge.service.replicas import SharedIntakeQueue
+
+            self.queue: IntakeQueue = SharedIntakeQueue(root, config.catalog, config.limits)
+        else:
+            self.queue = IntakeQueue(root, config.limits)
         self.bulk = BulkStore(root / "bulk", max_bytes=config.limits.max_bulk_bytes)
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -533,7 +538,7 @@ class IntakeServer:
     def _worker_main(self) -> None:
         store: ModelStore | None = None
         try:
-            store = ModelStore.open(self.config.store)
+            store = ModelStore.open(self.config.store, catalog=self.config.catalog)
             worker = MergeWorker(
                 store,
                 self.queue,
@@ -546,6 +551,11 @@ class IntakeServer:
                 metrics=self.metrics,
             )
             worker.recover()
+            lease = None
+            if self.config.catalog is not None:  # merge only while holding the track's lease
+                from fedmerge.service.replicas import TrackLease
+
+                lease = TrackLease(self.config.catalog, self.config.track, ttl_s=self.config.lease_ttl_s)
             if self.metrics is not None:
                 head = worker.head or store.get("latest")
                 self.metrics.show_version(head.id, head.round, _timestamp(head.created_at))
@@ -558,7 +568,15 @@ class IntakeServer:
         self.worker = worker
         self._ready.set()
         try:
-            worker.run(self._stop)
+            if lease is not None:
+                from fedmerge.service.replicas import run_leased
+
+                try:
+                    run_leased(worker, lease, self._stop)
+                finally:
+                    lease.close()
+            else:
+                worker.run(self._stop)
         finally:
             store.close()
 

@@ -1,0 +1,104 @@
+"""Helpers for the replica tests: a real PostgreSQL, replica processes, the OPCM reference merge."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fedmerge.aggregators.continual import create_continual
+from fedmerge.service.intake import Submission
+from fedmerge.service.worker import expert_task_vector
+from fedmerge.store import ModelStore, Version
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "store"))
+
+from pg_server import PgServer
+
+__all__ = ["PgServer", "ReplicaProcess", "opcm_reference", "track_chain"]
+
+
+class ReplicaProcess:
+    """One ``serve-continual --catalog …`` replica in a subprocess (its own port file)."""
+
+    def __init__(self, name: str, store: Path, data_dir: Path, catalog: str, tokens: Path, log: Path) -> None:
+        self.name, self.store, self.data_dir, self.catalog = name, store, data_dir, catalog
+        self.tokens, self.log = tokens, log
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    def start(self, lease_ttl_s: float = 2.0, timeout: float = 120.0) -> int:
+        port_file = self.log.with_suffix(".port")
+        port_file.unlink(missing_ok=True)
+        cmd = [
+            sys.executable, "-m", "fedmerge.service.cli", "serve-continual",
+            "--store", str(self.store), "--data-dir", str(self.data_dir), "--catalog", self.catalog,
+            "--lease-ttl-s", str(lease_ttl_s), "--listen", "127.0.0.1:0", "--tokens", str(self.tokens),
+            "--port-file", str(port_file),
+        ]  # fmt: skip
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+        last = time.monotonic()
+        size = 0
+        while not port_file.exists():  # wait while the replica keeps writing its log (progress)
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: {self.tail()}")
+            grown = self.log.stat().st_size
+            if grown != size:
+                size, last = grown, time.monotonic()
+            if time.monotonic() - last > timeout:
+                raise RuntimeError(f"{self.name} did not start: {self.tail()}")
+            time.sleep(0.05)
+        self.port = int(port_file.read_text())
+        return self.port
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
+
+    def kill(self) -> None:
+        if self.alive:
+            assert self.proc is not None
+            self.proc.kill()
+            self.proc.wait(30)
+
+    def stop(self) -> None:
+        if self.alive:
+            assert self.proc is not None
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(30)
+
+
+def track_chain(store: ModelStore, track: str = "continual") -> list[Version]:
+    """The track's versions oldest first, following ``parents[1]`` back from the alias."""
+    chain: list[Version] = []
+    v: Version | None = store.get(track)
+    while v is not None and v.kind != "full":
+        chain.append(v)
+        v = store.get(v.parents[1]) if len(v.parents) > 1 else None
+    return list(reversed(chain))
+
+
+def opcm_reference(
+    store: ModelStore, subs: list[Submission], spool: Path, params: dict[str, object] | None = None
+) -> dict[str, torch.Tensor]:
+    """OPCM run directly, in one process, on ``subs`` in order: the merged task vector after the last."""
+    base = store.root_of(store.get("latest"))
+    weights = store.load_delta(base)
+    merger = create_continual("opcm", **(params or {}))
+    merged: dict[str, torch.Tensor] = {}
+    for sub in subs:
+        tau = expert_task_vector(sub, spool / sub.sha256, base, weights, 1 << 30)
+        merged = merger.add_expert(tau)
+    return merged
