@@ -206,6 +206,34 @@ METHOD_RECIPES: dict[str, dict[str, Any]] = {
     },
 }
 
+# docs/multimerge.md's example (mergekit-multi), its final dare_ties made ties (DARE's masks come from
+# torch's global generator, so no two runs agree); the models in order → a, b (base), c, …
+MULTI: dict[str, list[dict[str, Any]]] = {
+    "multimerge": [
+        {
+            "name": "first-merge",
+            "merge_method": "linear",
+            "models": [{"model": "mistralai/Mistral-7B-v0.1"}, {"model": "BioMistral/BioMistral-7B"}],
+            "parameters": {"weight": 0.5},
+        },
+        {
+            "name": "second-merge",
+            "merge_method": "slerp",
+            "base_model": "first-merge",
+            "models": [{"model": "NousResearch/Hermes-2-Pro-Mistral-7B"}],
+            "parameters": {"t": 0.5},
+        },
+        {
+            "merge_method": "ties",
+            "base_model": "mistralai/Mistral-7B-v0.1",
+            "models": [
+                {"model": "second-merge", "parameters": {"density": 0.6, "weight": 0.5}},
+                {"model": "teknium/OpenHermes-2.5-Mistral-7B", "parameters": {"density": 0.8, "weight": 0.5}},
+            ],
+        },
+    ]
+}
+
 SCALED_RANGES = {0: 0, 20: 2, 24: 2, 40: 4}
 
 
@@ -243,14 +271,22 @@ def build_models(root: Path) -> None:
         fast.save_pretrained(str(out))
 
 
-def rewrite(recipe: dict[str, Any], where: str) -> dict[str, Any]:
-    """Model names → ``{where}/base`` (the base model) and ``{where}/a``, ``b``, ``c`` in order."""
-    names: dict[str, str] = {}
+def rewrite(
+    recipe: dict[str, Any],
+    where: str,
+    names: dict[str, str] | None = None,
+    keep: frozenset[str] = frozenset(),
+) -> dict[str, Any]:
+    """Model names → ``{where}/base`` (the base model) and ``{where}/a``, ``b``, ``c`` in order (``names``
+    shared across the documents of a multi-document recipe; names in ``keep`` are left as they are)."""
+    names = {} if names is None else names
     base = recipe.get("base_model")
-    if base is not None:
+    if base is not None and base not in keep and base not in names:
         names[base] = "base"
 
     def ref(n: str) -> str:
+        if n in keep:
+            return n
         if n not in names:
             names[n] = "abc"[len([v for v in names.values() if v != "base"])]
         return f"{where}/{names[n]}"
@@ -272,13 +308,36 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=HERE)
     ap.add_argument("--mergekit-yaml", default=str(Path(sys.executable).parent / "mergekit-yaml"))
+    ap.add_argument("--only", nargs="*", help="rerun only these recipes (models and the others kept)")
     args = ap.parse_args()
     root: Path = args.out
-    for sub in ("models", "recipes", "expected"):
-        shutil.rmtree(root / sub, ignore_errors=True)
-        (root / sub).mkdir(parents=True)
-    build_models(root)
+    if not args.only:
+        for sub in ("models", "recipes", "expected"):
+            shutil.rmtree(root / sub, ignore_errors=True)
+            (root / sub).mkdir(parents=True)
+        build_models(root)
+    for name, docs in MULTI.items():
+        if args.only and name not in args.only:
+            continue
+        keep = frozenset(d["name"] for d in docs if "name" in d)
+        shared: dict[str, str] = {"mistralai/Mistral-7B-v0.1": "base"}
+        relative = [rewrite(d, "../models", shared, keep) for d in docs]
+        (root / "recipes" / f"{name}.yml").write_text(yaml.safe_dump_all(relative, sort_keys=False))
+        with tempfile.TemporaryDirectory() as tmp:
+            shared = {"mistralai/Mistral-7B-v0.1": "base"}
+            absolute = [rewrite(d, str((root / "models").resolve()), shared, keep) for d in docs]
+            path = Path(tmp) / "recipe.yml"
+            path.write_text(yaml.safe_dump_all(absolute, sort_keys=False))
+            multi = str(Path(args.mergekit_yaml).parent / "mergekit-multi")
+            subprocess.run([multi, str(path), "-I", f"{tmp}/mid", "--out-path", f"{tmp}/out"], check=True)
+            files = sorted(Path(tmp, "out").glob("*.safetensors"))
+            if len(files) != 1:
+                raise SystemExit(f"{name}: expected one safetensors file, got {files}")
+            shutil.copy(files[0], root / "expected" / f"{name}.safetensors")
+        print(f"{name}: ok", flush=True)
     for name, recipe in {**EXAMPLES, **METHOD_RECIPES}.items():
+        if args.only and name not in args.only:
+            continue
         relative = rewrite(recipe, "../models")
         (root / "recipes" / f"{name}.yml").write_text(yaml.safe_dump(relative, sort_keys=False))
         with tempfile.TemporaryDirectory() as tmp:

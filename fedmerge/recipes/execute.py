@@ -17,6 +17,7 @@ from fedmerge.aggregators import create
 from fedmerge.aggregators.base import dense_of
 from fedmerge.aggregators.gta import breadcrumbs_mask
 from fedmerge.aggregators.sparsify import dare_drop, della_drop, trim
+from fedmerge.recipes.multi import load_documents, run_documents
 from fedmerge.recipes.plan import Plan, plan_merge
 from fedmerge.recipes.schema import HF_CONFIG, Recipe, RecipeError, RecipeModelError, parse_recipe
 from fedmerge.recipes.sources import LAYER_COUNT_KEYS, Source, Spec, StoreSource
@@ -192,19 +193,34 @@ def run_recipe(
 
     ``store`` is a :class:`~fedmerge.store.ModelStore` or a directory (opened, and created if new).
     """
-    r = recipe if isinstance(recipe, Recipe) else parse_recipe(recipe)
+    docs = None if isinstance(recipe, Recipe) else load_documents(recipe)
+    r = (
+        recipe
+        if isinstance(recipe, Recipe)
+        else parse_recipe(recipe)
+        if docs is not None and len(docs) < 2
+        else None
+    )
     if export is not None:
         out = Path(export)
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise RecipeError(f"export target {out} exists and is not empty; pick a new directory")
     owned = not isinstance(store, ModelStore)
     s = store if isinstance(store, ModelStore) else ModelStore.open(store)
-    try:
-        plan = plan_merge(r, s, seed=seed)
+
+    def run_one(one: Recipe, final: bool) -> MergeResult:
+        plan = plan_merge(one, s, seed=seed)
         try:
-            return _execute(plan, s, export=export, aliases=aliases)
+            return _execute(plan, s, export=export if final else None, aliases=aliases if final else ())
         finally:
             plan.close()
+
+    try:
+        if r is not None:
+            return run_one(r, True)
+        assert docs is not None and not isinstance(recipe, Recipe)
+        result: MergeResult = run_documents(recipe, docs, run_one)  # mergekit-multi
+        return result
     finally:
         if owned:
             s.close()

@@ -39,9 +39,12 @@ TRIMS = {"ties", "breadcrumbs_ties", "breadcrumbs"}  # magnitude cut: ties of eq
 
 def test_every_mergekit_example_has_a_fixture() -> None:
     examples = {"linear", "bio-merge", "ties", "gradient-slerp", "orcamini-platy-44layer", "arcee_fusion"}
+    examples |= {"multimerge"}  # docs/multimerge.md (mergekit-multi)
     assert examples <= set(RECIPES)
     methods = {
-        yaml.safe_load((FIXTURES / "recipes" / f"{r}.yml").read_text())["merge_method"] for r in RECIPES
+        doc["merge_method"]
+        for r in RECIPES
+        for doc in yaml.safe_load_all((FIXTURES / "recipes" / f"{r}.yml").read_text())
     }
     assert {"nuslerp", "nearswap", "sce", "ram", "ramplus_tl", "arcee_fusion"} <= methods
 
@@ -56,7 +59,7 @@ def load_dir(path: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("name", RECIPES)
 def test_recipe_matches_mergekit(name: str, tmp_path: Path) -> None:
     recipe = FIXTURES / "recipes" / f"{name}.yml"
-    method = yaml.safe_load(recipe.read_text())["merge_method"]
+    method = list(yaml.safe_load_all(recipe.read_text()))[-1]["merge_method"]
     with pytest.raises(SystemExit) as done:
         main(["merge", str(recipe), "--store", str(tmp_path / "store"), "--export", str(tmp_path / "out")])
     assert done.value.code in (0, None)
@@ -80,3 +83,25 @@ def test_recipe_matches_mergekit(name: str, tmp_path: Path) -> None:
     model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
     logits = model(torch.tensor([[1, 2, 3]])).logits
     assert logits.shape == (1, 3, 128) and torch.isfinite(logits.float()).all()
+
+
+def test_multi_document_recipe_refuses_cycles_and_commits_nothing(tmp_path: Path) -> None:
+    from fedmerge.recipes import RecipeSchemaError, run_recipe
+    from fedmerge.store import ModelStore
+
+    models = FIXTURES / "models"
+    docs = [
+        {"name": "x", "merge_method": "linear", "models": [str(models / "a"), "y"]},
+        {"name": "y", "merge_method": "linear", "models": [str(models / "b"), "x"]},
+        {"merge_method": "linear", "models": ["x", str(models / "c")]},
+    ]
+    path = tmp_path / "multi.yml"
+    path.write_text(yaml.safe_dump_all(docs))
+    with pytest.raises(RecipeSchemaError, match="cycle: x → y → x"):
+        run_recipe(path, tmp_path / "store")
+    two_final = [{"merge_method": "linear", "models": [str(models / m)]} for m in ("a", "b")]
+    path.write_text(yaml.safe_dump_all(two_final))
+    with pytest.raises(RecipeSchemaError, match="have no name"):
+        run_recipe(path, tmp_path / "store")
+    with ModelStore.open(tmp_path / "store") as s:
+        assert s.list() == []
