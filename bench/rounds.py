@@ -42,7 +42,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from fedmerge.flower.simulation import backend_config
+from fedmerge.flower.simulation import emit_report, run_simulation_app
 from fedmerge.plugins import load_object
 from fedmerge_bench.timing import interleaved, load_average, load_line
 
@@ -64,13 +64,29 @@ def peak_rss_bytes() -> int:
 
 
 def run_fedmerge(clients: int, rounds: int, task: str = "digits") -> dict[str, Any]:
-    from flwr.simulation import run_simulation
+    from flwr.app import Context
+    from flwr.serverapp import Grid, ServerApp
 
     from fedmerge.flower.rounds import RoundReport
-    client_app = load_object("fedmerge_clients.app:app", "ClientApp")
-    make_server_app = load_object("fedmerge_server.app:make_server_app", "ServerApp factory")
+
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        """fedmerge's ServerApp, then the peak RSS of the process that ran it (the simulation's)."""
+        make_server_app = load_object("fedmerge_server.app:make_server_app", "ServerApp factory")
+        make_server_app(on_round=emit_report)(grid=grid, context=context)
+        emit_report({"peak_rss": peak_rss_bytes()})
 
     reports: list[RoundReport] = []
+    rss: list[int] = []
+
+    def on_report(item: Any) -> None:
+        if isinstance(item, dict):
+            rss.append(item["peak_rss"])
+        else:
+            reports.append(item)
+
     with tempfile.TemporaryDirectory() as store:
         config = {
             "store": store, "num-rounds": rounds, "min-clients": clients, "min-valid": clients,
@@ -78,17 +94,14 @@ def run_fedmerge(clients: int, rounds: int, task: str = "digits") -> dict[str, A
             "lr": WORKLOADS[task][0], "local-epochs": WORKLOADS[task][1], "dirichlet-alpha": ALPHA,
             "seed": SEED,
         }  # fmt: skip
-        run_simulation(
-            make_server_app(config, on_round=reports.append),
-            client_app,
-            num_supernodes=clients,
-            backend_config=backend_config(),
+        run_simulation_app(
+            server, "fedmerge_clients.app:app", num_supernodes=clients, run_config=config, on_report=on_report
         )
     return {
         "round_s": [r.wall_s for r in reports],
         "bytes": [r.uplink_bytes + r.downlink_bytes for r in reports],
         "accuracy": [r.metrics.get("server-accuracy", float("nan")) for r in reports],
-        "peak_rss": peak_rss_bytes(),
+        "peak_rss": rss[-1],
     }
 
 
@@ -151,23 +164,18 @@ def _flower_apps(
         dense = sum(len(a.data) for a in initial.values())  # fp32 weights, each way, per client
         out["round_s"] = [b - a for a, b in itertools.pairwise(stamps)]
         out["bytes"] = [2 * clients * dense] * rounds
+        out["peak_rss"] = peak_rss_bytes()
+        emit_report(out)  # the ServerApp runs in the simulation's process
 
     return server, client
 
 
 def run_flower(clients: int, rounds: int, task: str = "digits") -> dict[str, Any]:
-    from flwr.simulation import run_simulation
-
-    out: dict[str, Any] = {"accuracy": []}
-    server, client = _flower_apps(rounds, clients, out, task)
-    run_simulation(
-        server,
-        client,
-        num_supernodes=clients,
-        backend_config=backend_config(),  # the same Ray settings on both sides
-    )
-    out["peak_rss"] = peak_rss_bytes()
-    return out
+    results: list[dict[str, Any]] = []
+    server, client = _flower_apps(rounds, clients, {"accuracy": []}, task)
+    # the same runtime and Ray settings on both sides
+    run_simulation_app(server, client, num_supernodes=clients, on_report=results.append)
+    return results[-1]
 
 
 def child(kind: str, clients: int, rounds: int, task: str = "digits") -> dict[str, Any]:

@@ -2,12 +2,17 @@
 
     python -m bench simulate [--quick]
 
-Both sides run on Flower's simulation engine in the same run, in separate processes, with the same
-task (digits), partitions, local training and number of virtual clients (quick: 20 clients,
-5 rounds; full: 100 clients, 5 rounds): fedmerge's ServerApp/ClientApp (top-20 % int4 task
-vectors, streaming FedAvg, a committed version per round) versus ``flwr.serverapp.strategy.FedAvg``
-with a quickstart-style dense ClientApp (see ``bench/rounds.py``, which runs both). Updates per
-minute = clients per round × 60 / steady-state round time (rounds 2…R). Last line: one JSON object.
+Both sides run on Flower's simulation runtime (``flwr run`` on a private SuperLink in simulation mode,
+:func:`fedmerge.flower.simulation.run_simulation_app`) in the same run, in separate processes, with the
+same task (digits), partitions, local training and number of virtual clients: fedmerge's
+ServerApp/ClientApp (top-20 % int4 task vectors up and down with error feedback, streaming FedAvg, a
+committed version and a server evaluation per round) versus ``flwr.serverapp.strategy.FedAvg`` with a
+quickstart-style dense fp32 ClientApp (see ``bench/rounds.py``, which runs both). Updates per minute =
+clients per round × 60 / steady-state round time (rounds 2…R). Two federation sizes: 20 clients
+(``updates_per_min_vs_flower``) and 100 clients (``updates_per_min_vs_flower_100``); quick: 5 and 3
+rounds, one run per side; full: 5 rounds each, two interleaved runs per side, best of 2.
+Final accuracies of both sides are printed (fedmerge's codec is lossy: its accuracy differs from
+Flower's dense exchange). Last line: one JSON object (compare two with ``python -m bench compare``).
 """
 
 from __future__ import annotations
@@ -15,43 +20,60 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 from fedmerge_bench.rounds import child, steady
+from fedmerge_bench.timing import interleaved, load_average
+
+
+def measure(clients: int, rounds: int, repeats: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Each side ``repeats`` times, interleaved; the run with the best steady round time per side."""
+    runs: dict[str, list[dict[str, Any]]] = {"fedmerge": [], "flower": []}
+
+    def side(kind: str) -> Any:
+        return lambda: runs[kind].append(child(kind, clients, rounds))
+
+    interleaved(side("fedmerge"), side("flower"), repeats, warmup=False)
+    ours = min(runs["fedmerge"], key=lambda r: steady(r["round_s"]))
+    ref = min(runs["flower"], key=lambda r: steady(r["round_s"]))
+    return ours, ref
 
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench simulate", description=__doc__)
-    ap.add_argument("--quick", action="store_true", help="20 clients × 5 rounds")
+    ap.add_argument("--quick", action="store_true", help="one run per side: 20 clients × 5, 100 × 3 rounds")
     args = ap.parse_args(argv)
-    clients, rounds = (20, 5) if args.quick else (100, 5)
     console = Console()
-    ours = child("fedmerge", clients, rounds)
-    ref = child("flower", clients, rounds)
-    ours_upm = clients * 60 / steady(ours["round_s"])
-    ref_upm = clients * 60 / steady(ref["round_s"])
-    table = Table(title=f"client updates per minute, {clients} virtual clients on 2 CPU slots, digits")
-    for col in ("runner", "s per round (2…R)", "updates / min", "final accuracy"):
-        table.add_column(col, justify="right")
-    table.add_row(
-        "fedmerge", f"{steady(ours['round_s']):.3f}", f"{ours_upm:,.0f}", f"{ours['accuracy'][-1]:.3f}"
-    )
-    table.add_row(
-        "Flower FedAvg", f"{steady(ref['round_s']):.3f}", f"{ref_upm:,.0f}", f"{ref['accuracy'][-1]:.3f}"
-    )
-    console.print(table)
-    print(
-        json.dumps(
-            {
-                "updates_per_min_vs_flower": round(ours_upm / ref_upm, 4),
-                "fedmerge_updates_per_min": round(ours_upm, 1),
-                "flower_updates_per_min": round(ref_upm, 1),
-                "clients": clients,
-            }
-        )
-    )
+    sizes = [(20, 5), (100, 3)] if args.quick else [(20, 5), (100, 5)]
+    repeats = 1 if args.quick else 2
+    summary: dict[str, Any] = {}
+    for clients, rounds in sizes:
+        ours, ref = measure(clients, rounds, repeats)
+        ours_upm = clients * 60 / steady(ours["round_s"])
+        ref_upm = clients * 60 / steady(ref["round_s"])
+        table = Table(title=f"client updates per minute, {clients} virtual clients, digits, {rounds} rounds")
+        for col in ("runner", "s per round (2…R)", "updates / min", "final accuracy"):
+            table.add_column(col, justify="right")
+        for name, res, upm in (("fedmerge", ours, ours_upm), ("Flower FedAvg", ref, ref_upm)):
+            table.add_row(name, f"{steady(res['round_s']):.3f}", f"{upm:,.0f}", f"{res['accuracy'][-1]:.3f}")
+        console.print(table)
+        suffix = "" if clients == 20 else f"_{clients}"
+        summary |= {
+            f"updates_per_min_vs_flower{suffix}": round(ours_upm / ref_upm, 4),
+            f"fedmerge_updates_per_min{suffix}": round(ours_upm, 1),
+            f"flower_updates_per_min{suffix}": round(ref_upm, 1),
+            f"fedmerge_round_s{suffix}": round(steady(ours["round_s"]), 4),
+            f"flower_round_s{suffix}": round(steady(ref["round_s"]), 4),
+            f"fedmerge_accuracy{suffix}": round(ours["accuracy"][-1], 4),
+            f"flower_accuracy{suffix}": round(ref["accuracy"][-1], 4),
+        }
+    summary["codec"] = "top-20% int4 up and down, error feedback"
+    summary["clients"] = 20
+    summary["load_average_1min"] = round(load_average()[0], 2)
+    print(json.dumps(summary))
     return 0
 
 
