@@ -16,12 +16,21 @@
   is printed.
 * peak RSS: a fresh interpreter exports a model twice the memory budget (base + one delta, so the
   export really sums) and reports its peak-RSS growth as a fraction of the model size.
+
+``--backend s3`` measures the store on S3-compatible object storage instead (a local SeaweedFS
+started for the run, or ``--s3-url s3://bucket/prefix`` on ``AWS_ENDPOINT_URL``): ``commit_base``
+to a fresh prefix against a plain boto3 multipart upload (``upload_fileobj``, its default
+``TransferConfig``: 8 MiB parts, 10 threads) of the same tensors' bytes as one safetensors object,
+and ``export`` (every blob fetched by ranged GETs, no cache, re-hashed) against a plain boto3
+``download_file`` of that object; both timed interleaved, best of ``--repeats``
+(keys ``s3_commit_vs_boto3``, ``s3_export_vs_boto3``: reference time / store time).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -32,6 +41,7 @@ import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -39,6 +49,8 @@ from rich.table import Table
 from safetensors.torch import load_file, save_file
 
 from fedmerge.store import ModelStore
+from fedmerge.store.s3 import S3BlobBackend, S3Location, make_client
+from fedmerge.store.s3_local import LocalSeaweed
 from fedmerge_bench.timing import interleaved, load_average, load_line
 
 TENSOR_ELEMS = 1 << 20  # 4 MiB fp32 tensors
@@ -181,7 +193,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--model-mb", type=int, default=None, help="model size for throughput (MiB)")
     parser.add_argument("--budget-mb", type=int, default=None, help="memory budget; the RSS model is 2x this")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--backend", choices=("local", "s3"), default="local")
+    parser.add_argument("--s3-url", default=None, help="s3://bucket/prefix (default: a local SeaweedFS)")
     args = parser.parse_args(argv)
+    if args.backend == "s3":
+        return main_s3(args)
     model_mb = args.model_mb or (64 if args.quick else 512)
     budget_mb = args.budget_mb or (128 if args.quick else 1024)
     repeats = args.repeats or (3 if args.quick else 5)
@@ -263,6 +279,115 @@ def main(argv: list[str]) -> int:
         "rss_model_mib": round(rss["model_bytes"] / 2**20, 1),
         "commit_mib_s": round(mb / t["t_commit"], 1),
         "export_mib_s": round(mb / t["t_export"], 1),
+        "load_average_1min": round(load_average()[0], 2),
+        "cpus": os.cpu_count(),
+    }
+    print(json.dumps(result))
+    return 0
+
+
+def measure_s3(
+    work: Path, model: dict[str, torch.Tensor], repeats: int, bucket: str, prefix: str, client: Any
+) -> dict[str, float]:
+    from safetensors.torch import save as save_bytes
+
+    counter = iter(range(10**6))
+    blob = save_bytes(model)
+
+    def store_commit() -> None:
+        url = f"s3://{bucket}/{prefix}/c{next(counter)}"
+        with ModelStore.open(url, cache_dir=work / f"cache-{next(counter)}") as store:
+            store.commit_base(model, name="bench")
+
+    def ref_upload() -> None:
+        client.upload_fileobj(io.BytesIO(blob), bucket, f"{prefix}/ref-{next(counter)}.safetensors")
+
+    commit = interleaved(store_commit, ref_upload, repeats)
+    src_key = f"{prefix}/ref-src.safetensors"
+    client.upload_fileobj(io.BytesIO(blob), bucket, src_key)
+    url = f"s3://{bucket}/{prefix}/export"
+    with ModelStore.open(url, cache_dir=work / "cache-export") as store:
+        store.commit_base(model, name="bench")
+
+    def store_export() -> None:
+        with ModelStore.open(url, cache_dir=work / "cache-export") as store:
+            assert isinstance(store.blobs, S3BlobBackend)
+            store.blobs.cache_blob_max = 0  # ranged reads, nothing cached: every byte comes from S3
+            store.export("latest", work / f"out-{next(counter)}")
+
+    def ref_download() -> None:
+        client.download_file(bucket, src_key, str(work / f"ref-out-{next(counter)}.safetensors"))
+
+    export = interleaved(store_export, ref_download, repeats)
+    return {
+        "t_commit": commit.ours_s,
+        "t_ref_upload": commit.ref_s,
+        "t_export": export.ours_s,
+        "t_ref_download": export.ref_s,
+    }
+
+
+def main_s3(args: argparse.Namespace) -> int:
+    model_mb = args.model_mb or (64 if args.quick else 256)
+    repeats = args.repeats or (3 if args.quick else 5)
+    torch.set_num_threads(1)
+    console = Console()
+    with tempfile.TemporaryDirectory(prefix="fedmerge-bench-s3-") as tmp:
+        work = Path(tmp)
+        server: LocalSeaweed | None = None
+        try:
+            if args.s3_url:
+                loc = S3Location.parse(args.s3_url)
+                bucket, prefix = loc.bucket, loc.prefix or "bench"
+                client = make_client(None)
+                where = f"{args.s3_url} at {os.environ.get('AWS_ENDPOINT_URL', 'AWS')}"
+            else:
+                server = LocalSeaweed(work / "seaweed").start()
+                os.environ.update(server.env())
+                bucket, prefix = server.create_bucket("bench"), "run"
+                client = make_client(server.endpoint)
+                where = f"a local SeaweedFS ({server.endpoint})"
+            model = make_model(model_mb << 20, seed=0)
+            nbytes = sum(t.numel() * t.element_size() for t in model.values())
+            t = measure_s3(work, model, repeats, bucket, prefix, client)
+        finally:
+            if server is not None:
+                server.stop()
+    mb = nbytes / 2**20
+    commit_ratio = t["t_ref_upload"] / t["t_commit"]
+    export_ratio = t["t_ref_download"] / t["t_export"]
+    table = Table(title=f"model store on {where} vs plain boto3 ({mb:.0f} MiB, best of {repeats})")
+    for col in ("operation", "store s", "store MiB/s", "boto3 s", "boto3 MiB/s", "ratio"):
+        table.add_column(col, justify="right" if col != "operation" else "left")
+    table.add_row(
+        "commit vs upload_fileobj",
+        f"{t['t_commit']:.3f}",
+        f"{mb / t['t_commit']:.0f}",
+        f"{t['t_ref_upload']:.3f}",
+        f"{mb / t['t_ref_upload']:.0f}",
+        f"{commit_ratio:.2f}",
+    )
+    table.add_row(
+        "export vs download_file",
+        f"{t['t_export']:.3f}",
+        f"{mb / t['t_export']:.0f}",
+        f"{t['t_ref_download']:.3f}",
+        f"{mb / t['t_ref_download']:.0f}",
+        f"{export_ratio:.2f}",
+    )
+    console.print(table)
+    console.print(load_line())
+    result = {
+        "benchmark": "store",
+        "backend": "s3",
+        "quick": bool(args.quick),
+        "model_mib": round(mb, 1),
+        "s3_commit_vs_boto3": round(commit_ratio, 3),
+        "s3_export_vs_boto3": round(export_ratio, 3),
+        "s3_commit_mib_s": round(mb / t["t_commit"], 1),
+        "s3_export_mib_s": round(mb / t["t_export"], 1),
+        "boto3_upload_mib_s": round(mb / t["t_ref_upload"], 1),
+        "boto3_download_mib_s": round(mb / t["t_ref_download"], 1),
         "load_average_1min": round(load_average()[0], 2),
         "cpus": os.cpu_count(),
     }

@@ -397,21 +397,45 @@ class S3BlobBackend:
         else:
             os.utime(cached)  # least recently used is evicted first
             return fh, os.fstat(fh.fileno()).st_size
-        try:
-            head = self.client.head_object(Bucket=self.loc.bucket, Key=self.key(digest))
+        try:  # the first bytes and the size in one request (no separate HEAD)
+            first = self.client.get_object(
+                Bucket=self.loc.bucket, Key=self.key(digest), Range=f"bytes=0-{READ_AHEAD - 1}"
+            )
+            head = bytes(first["Body"].read())
         except Exception as exc:
             if _error_code(exc) in {"404", "NoSuchKey", "NotFound"}:
                 raise MissingBlobError(
                     f"{what}: blob {digest} is missing from {self.loc}; restore it from a backup or an "
                     "export — the store never deletes referenced blobs, so something outside it did"
                 ) from None
+            if _error_code(exc) == "InvalidRange":  # an empty object
+                return io.BufferedReader(RangeReader(self, digest, 0, b"")), 0
             raise self._fail(exc, f"{what}: reading blob {digest}") from None
-        size = int(head["ContentLength"])
+        content_range = str(first.get("ContentRange") or "")
+        size = int(content_range.rsplit("/", 1)[1]) if "/" in content_range else len(head)
         if size <= self.cache_blob_max:
-            self._download(digest, cached, what)
+            if len(head) == size:
+                self._cache_bytes(digest, head, cached, what)
+            else:
+                self._download(digest, cached, what)
             fh = cached.open("rb", buffering=0)
             return fh, size
-        return io.BufferedReader(RangeReader(self, digest, size), READ_AHEAD), size
+        return io.BufferedReader(RangeReader(self, digest, size, head), READ_AHEAD), size
+
+    def _cache_bytes(self, digest: str, data: bytes, dest: Path, what: str) -> None:
+        """Put a blob fetched whole into the cache, checking its sha256 (nothing cached on a mismatch)."""
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != digest:
+            raise CorruptBlobError(
+                f"{what}: blob {digest} is corrupted in {self.loc} (its bytes hash to {actual}); "
+                "restore it from a backup — the store does not repair it"
+            )
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.tmp_dir / f"{secrets.token_hex(8)}.download"
+        tmp.write_bytes(data)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, dest)
+        self._evict(keep=dest)
 
     def _download(self, digest: str, dest: Path, what: str) -> None:
         """Download a whole blob into the cache, checking its sha256 (nothing cached on a mismatch)."""
@@ -500,11 +524,12 @@ class S3BlobBackend:
 class RangeReader(io.RawIOBase):
     """A seekable raw reader of one blob by HTTP ranges (wrap it in :class:`io.BufferedReader`)."""
 
-    def __init__(self, backend: S3BlobBackend, digest: str, size: int) -> None:
+    def __init__(self, backend: S3BlobBackend, digest: str, size: int, head: bytes = b"") -> None:
         self.backend = backend
         self.digest = digest
         self.size = size
         self.pos = 0
+        self.head = head  # the blob's first bytes, already fetched
 
     def readable(self) -> bool:
         return True
@@ -525,7 +550,10 @@ class RangeReader(io.RawIOBase):
         n = min(view.nbytes, self.size - self.pos)
         if n <= 0:
             return 0
-        data = self.backend.get_range(self.digest, self.pos, self.pos + n)
+        if self.pos < len(self.head):
+            data = self.head[self.pos : self.pos + n]
+        else:
+            data = self.backend.get_range(self.digest, self.pos, self.pos + n)
         view[: len(data)] = data
         self.pos += len(data)
         return len(data)
