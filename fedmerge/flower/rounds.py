@@ -63,6 +63,8 @@ from fedmerge.flower.records import (
     METRICS_RECORD,
     UPDATE_META_RECORD,
     UPDATE_RECORD,
+    DtypeRecordError,
+    dtypes_of,
     widen_for_numpy,
 )
 from fedmerge.flower.safeguards import (
@@ -600,6 +602,10 @@ class RoundState:
         n = reply_num_examples(content)
         self._check_examples(n, client_id)
         key = next(iter(records))
+        try:  # the reply may say which of its fp32 tensors are widened bf16 ("fedmerge.dtypes")
+            dtypes_of(content.config_records.get(DTYPES_RECORD), records[key].keys())
+        except DtypeRecordError as exc:
+            raise StaleOrInvalid(str(exc)) from None
         delta = dense_record_to_task_vector(content, self.base_weights, key=key)
         check_values(delta, self.max_abs, f"dense reply of {client_id!r}")
         digest = hashlib.sha256()

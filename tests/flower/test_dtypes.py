@@ -240,3 +240,33 @@ def test_fedmerge_packages_on_a_bf16_base_over_rounds(tmp_path: Path, overrides:
             weights = store.materialize(store.get(str(report.version_id)))
             assert {t.dtype for t in weights.values()} == {torch.bfloat16}
             assert all(bool(torch.isfinite(t).all()) for t in weights.values())
+
+
+def test_a_reply_with_a_bad_dtypes_record_is_rejected_with_its_reason(tmp_path: Path) -> None:
+    from flwr.app import Message, MetricRecord, RecordDict
+
+    from fedmerge.flower.config import parse_run_config
+    from fedmerge.flower.rounds import RoundState, ensure_base
+    from fedmerge.store import ModelStore
+    from fedmerge_testing.hostile import train_message
+
+    base = _base(torch.bfloat16)
+    cfg = parse_run_config({"store": str(tmp_path / "s"), "aggregator": "fedavg", "server-eval": False})
+    with ModelStore.open(cfg.store) as store:
+        version = ensure_base(store, lambda: base, name="mlp")
+    state = RoundState(cfg, 1, version, base)
+    wide, widened = widen_for_numpy(base)
+
+    def reply(dtypes: dict[str, Any] | None) -> Message:
+        content = RecordDict({"arrays": ArrayRecord({k: v + 0.01 for k, v in wide.items()}),
+                              "metrics": MetricRecord({"num-examples": 5})})  # fmt: skip
+        if dtypes is not None:
+            content[DTYPES_RECORD] = ConfigRecord(dtypes)
+        return Message(content, reply_to=train_message(7))
+
+    bad = state.judge(7, reply({"fc1.weight": "float8"}))
+    assert not bad.accepted and "StaleOrInvalid" in str(bad.reason) and "'float8'" in str(bad.reason)
+    ghost = state.judge(8, reply({"ghost": "bfloat16"}))
+    assert not ghost.accepted and "'ghost', which is not a tensor" in str(ghost.reason)
+    ok = state.judge(9, reply(widened))
+    assert ok.accepted, ok.reason
