@@ -182,7 +182,7 @@ def _recipe_record(plan: Plan) -> dict[str, Any]:
 
 
 def run_recipe(
-    recipe: Recipe | str | os.PathLike[str],
+    recipe: Recipe | str | os.PathLike[str] | Mapping[str, Any],
     store: ModelStore | str | os.PathLike[str],
     *,
     export: str | os.PathLike[str] | None = None,
@@ -193,12 +193,12 @@ def run_recipe(
 
     ``store`` is a :class:`~fedmerge.store.ModelStore` or a directory (opened, and created if new).
     """
-    docs = None if isinstance(recipe, Recipe) else load_documents(recipe)
+    docs = None if isinstance(recipe, Recipe | Mapping) else load_documents(recipe)
     r = (
         recipe
         if isinstance(recipe, Recipe)
         else parse_recipe(recipe)
-        if docs is not None and len(docs) < 2
+        if isinstance(recipe, Mapping) or (docs is not None and len(docs) < 2)
         else None
     )
     if export is not None:
@@ -218,7 +218,7 @@ def run_recipe(
     try:
         if r is not None:
             return run_one(r, True)
-        assert docs is not None and not isinstance(recipe, Recipe)
+        assert docs is not None and not isinstance(recipe, Recipe | Mapping)
         result: MergeResult = run_documents(recipe, docs, run_one)  # mergekit-multi
         return result
     finally:

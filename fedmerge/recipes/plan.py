@@ -260,7 +260,10 @@ def _output_slices(recipe: Recipe, sources: Mapping[str, Source]) -> list[tuple[
 def _model_slots(recipe: Recipe, entries: list[_Entry]) -> list[_Slot]:
     """A ``models`` recipe: every tensor name of the first model; t from its layer index."""
     ref = entries[0].source
-    prefix, count, _, _ = layer_template(ref.specs)
+    try:
+        prefix, count, _, _ = layer_template(ref.specs)
+    except SliceError:  # layers of different tensors: no gradient position, every tensor at t = 0
+        prefix, count = None, 0
     slots = []
     for name in sorted(ref.specs):
         m = LAYER_RE.match(name)

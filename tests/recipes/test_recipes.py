@@ -370,3 +370,30 @@ def test_peft_adapter_is_merged_into_its_base(models: dict[str, Path], tmp_path:
     }
     run_recipe(write(tmp_path, recipe), tmp_path / "s2", export=tmp_path / "o2")
     assert_close(loaded(tmp_path / "o2"), want)
+
+
+def test_mapping_recipe_over_store_versions_with_irregular_layers(tmp_path: Path) -> None:
+    """A recipe given as a mapping (not a file), over a model whose numbered layers hold different
+    tensors (no layer position: every tensor at t = 0, the gradient's first value)."""
+    with ModelStore.open(tmp_path / "s") as st:
+        shapes = {"w": (4, 3), "net.layers.0.a": (2,), "net.layers.1.b": (5,)}
+        base = st.commit_base({k: torch.zeros(v) for k, v in shapes.items()}, name="toy")
+        g = torch.Generator().manual_seed(0)
+        deltas = [{k: torch.randn(v, generator=g) for k, v in shapes.items()} for _ in range(2)]
+        ids = [
+            st.commit(d, parents=[base.id], method="x", params={}, contributors=[], round=None, metrics={},
+                      privacy=None).id
+            for d in deltas
+        ]  # fmt: skip
+        result = run_recipe(
+            {
+                "merge_method": "task_arithmetic",
+                "base_model": f"store:{base.id}",
+                "models": [{"model": f"store:{i}", "parameters": {"weight": [0.25, 1.0]}} for i in ids],
+            },
+            st,
+        )
+        merged = st.materialize(result.version)
+    assert result.parents == [base.id, *ids]
+    for k in shapes:
+        torch.testing.assert_close(merged[k].float(), 0.25 * (deltas[0][k] + deltas[1][k]))
