@@ -17,7 +17,7 @@ import os
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import psutil
@@ -125,3 +125,46 @@ def run_watched(
             out.read().decode(errors="replace"),
             err.read().decode(errors="replace"),
         )
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its live descendants (0 when it is gone)."""
+    total = 0.0
+    with contextlib.suppress(psutil.NoSuchProcess):
+        root = psutil.Process(pid)
+        for proc in [root, *root.children(recursive=True)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                times = proc.cpu_times()
+                total += times.user + times.system
+    return total
+
+
+def wait_until(
+    condition: Callable[[], bool],
+    what: str,
+    *,
+    pid: int,
+    idle_s: float,
+    max_s: float | None = None,
+    poll_s: float = 0.2,
+    min_cpu_s: float = 0.05,
+) -> None:
+    """Return once ``condition()`` holds; NoProgress when the process ``pid`` (and its children) has
+    spent less than ``min_cpu_s`` of CPU in the last ``idle_s`` seconds, has exited, or ``max_s``
+    (default 10 × ``idle_s``) has passed. ``what`` names the condition in the message."""
+    cap = 10 * idle_s if max_s is None else max_s
+    start = last = time.monotonic()
+    cpu = tree_cpu_seconds(pid)
+    while not condition():
+        now = time.monotonic()
+        if not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+            raise NoProgress(f"{what}: process {pid} exited after {now - start:.0f} s")
+        used = tree_cpu_seconds(pid)
+        if used - cpu >= min_cpu_s:
+            cpu, last = used, now
+        if now - last > idle_s or now - start > cap:
+            raise NoProgress(
+                f"{what}: not after {now - start:.0f} s; process {pid} used no CPU for {now - last:.0f} s "
+                f"(idle window {idle_s:.0f} s, cap {cap:.0f} s)"
+            )
+        time.sleep(poll_s)

@@ -15,7 +15,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ from fedmerge.store import ModelStore
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from progress import run_watched
+from progress import run_watched, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -131,14 +130,16 @@ def run_flwr(
     return run_watched([str(BIN / "flwr"), *args], cwd=ROOT, env=dep.env, idle_s=idle_s, watch=watch)
 
 
-def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        assert proc.poll() is None, f"process {proc.pid} exited with {proc.returncode}"
+def wait_for_port(port: int, proc: subprocess.Popen[bytes], idle_s: float) -> None:
+    """Until something listens on 127.0.0.1:``port``; ``proc`` exiting or spending no CPU for ``idle_s``
+    seconds (:func:`progress.wait_until`) ends the wait, however slow a loaded machine starts it."""
+
+    def listening() -> bool:
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {timeout_s} s")
+            return True
+        return False
+
+    wait_until(listening, f"something listening on 127.0.0.1:{port}", pid=proc.pid, idle_s=idle_s)
 
 
 def start_secure_federation(dep: Deployment, tmp_path: Path, node_configs: list[str]) -> str:

@@ -5,6 +5,7 @@ moving outlives its idle window many times over; a silent one is ended after it,
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from progress import NoProgress, run_watched
+from progress import NoProgress, run_watched, wait_until
 
 
 def test_a_command_that_keeps_printing_outlives_its_idle_window(tmp_path: Path) -> None:
@@ -50,3 +51,26 @@ def test_a_command_that_prints_forever_stops_at_the_cap(tmp_path: Path) -> None:
     with pytest.raises(NoProgress, match="cap of 3 s"):
         run_watched(["bash", "-c", "while true; do echo .; sleep 0.1; done"], cwd=tmp_path,
                     env=dict(os.environ), idle_s=2, max_s=3, poll_s=0.1)  # fmt: skip
+
+
+def test_wait_until_waits_while_the_process_works_and_stops_when_it_idles(tmp_path: Path) -> None:
+    flag = tmp_path / "ready"
+    # busy for ~8 s (CPU), then ready: longer than the idle window, yet never idle
+    script = f"end=$((SECONDS + 8)); while [ $SECONDS -lt $end ]; do :; done; touch {flag}; sleep 60"
+    busy = subprocess.Popen(["bash", "-c", script])
+    try:
+        wait_until(flag.exists, "ready", pid=busy.pid, idle_s=5.0)
+    finally:
+        busy.kill()
+        busy.wait()
+    idle = subprocess.Popen(["sleep", "60"])
+    try:
+        with pytest.raises(NoProgress, match="used no CPU"):
+            wait_until(lambda: False, "never", pid=idle.pid, idle_s=1.0)
+    finally:
+        idle.kill()
+        idle.wait()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    with pytest.raises(NoProgress, match="exited"):
+        wait_until(lambda: False, "never", pid=gone.pid, idle_s=5.0)
