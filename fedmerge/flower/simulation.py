@@ -470,7 +470,10 @@ def _flwr_run(
 def failure_line(log: str) -> str:
     """The one line that says why a simulation run failed: the last exception its log names."""
     found = [m.group(0) for m in _EXCEPTION_LINE.finditer(log)]
-    return f"simulation failed: {found[-1]}" if found else "simulation failed (see its log below)"
+    if not found:
+        return "simulation failed (see its log below)"
+    cause = f" (first: {found[0]})" if found[0] != found[-1] else ""  # a chain prints its cause first
+    return f"simulation failed: {found[-1]}{cause}"
 
 
-_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception|Failed|Exit)\b: .*$", re.MULTILINE)
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*)?(?:Error|Exception|Failed|Exit)\b: .*$", re.MULTILINE)
