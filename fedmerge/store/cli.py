@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import typer
 from rich.console import Console
@@ -15,16 +15,27 @@ from fedmerge.errors import FedMergeError
 from fedmerge.store.evaluations import evaluations_of
 from fedmerge.store.manifest import Version
 from fedmerge.store.model_store import ModelStore
+from fedmerge.store.s3 import is_s3_url
 
 app = typer.Typer(help="Inspect and manage a versioned model store.", no_args_is_help=True)
 console = Console()
 
-StoreOpt = Annotated[Path, typer.Option("--store", help="store directory", envvar="FEDMERGE_STORE")]
+StoreOpt = Annotated[
+    str,
+    typer.Option(
+        "--store",
+        help="store directory, or s3://bucket/prefix (endpoint from AWS_ENDPOINT_URL, credentials from "
+        "boto3's usual chain)",
+        envvar="FEDMERGE_STORE",
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
 
 
-def _open(path: Path) -> ModelStore:
-    if not (path / "store.json").exists():
+def _open(path: str) -> ModelStore:
+    if is_s3_url(path):
+        return cast(ModelStore, _run(lambda: ModelStore.open(path)))
+    if not (Path(path) / "store.json").exists():
         _fail(f"{path} is not a model store (no store.json); pass --store with a store directory")
     return ModelStore.open(path)
 

@@ -9,6 +9,7 @@ missing bucket, 5xx/SlowDown answers (through a real TCP proxy in front of the s
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import threading
 import time
@@ -363,3 +364,25 @@ def test_missing_blob_is_reported_with_its_location(
     with pytest.raises(MissingBlobError, match=f"s3://{bucket}/models"):
         s3store.materialize(v.id)
     assert [p.kind for p in s3store.verify().problems] == ["missing_blob"]
+
+
+def test_store_commands_take_an_s3_url(
+    s3store: ModelStore, bucket: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from fedmerge.store.cli import app
+
+    v = s3store.commit_base(tiny_model(), name="base")
+    monkeypatch.setenv("FEDMERGE_S3_CACHE", str(tmp_path / "cli-cache"))
+    runner = CliRunner()
+    ok = runner.invoke(app, ["verify", "--store", f"s3://{bucket}/models", "--json"])
+    assert ok.exit_code == 0, ok.output
+    # the CLI's own cache directory holds a SQLite catalog of its own: it sees no version, and
+    # verify walks every blob in the bucket
+    report = json.loads(ok.output)
+    assert report["problems"] == []
+    assert report["blobs_checked"] == len({e.blob for e in v.tensors.values()})
+    bad = runner.invoke(app, ["verify", "--store", "s3://no-such-bucket-here/models"])
+    assert bad.exit_code == 1
+    assert "does not exist" in bad.output and "Traceback" not in bad.output
