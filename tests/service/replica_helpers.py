@@ -12,6 +12,7 @@ import torch
 
 from fedmerge.aggregators.continual import create_continual
 from fedmerge.service.intake import Submission
+from fedmerge.service.replicas import SharedIntakeQueue
 from fedmerge.service.worker import expert_task_vector
 from fedmerge.store import ModelStore, Version
 
@@ -19,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "store"))
 
 from pg_server import PgServer
 
-__all__ = ["PgServer", "ReplicaProcess", "opcm_reference", "track_chain"]
+__all__ = ["PgServer", "ReplicaProcess", "audit_track", "opcm_reference", "track_chain"]
 
 
 class ReplicaProcess:
@@ -102,3 +103,29 @@ def opcm_reference(
         tau = expert_task_vector(sub, spool / sub.sha256, base, weights, 1 << 30)
         merged = merger.add_expert(tau)
     return merged
+
+
+def audit_track(store_path: Path, data: Path, url: str, expected: int, acked: set[str] | None = None) -> None:
+    """Every acked expert in exactly one version of one linear chain; the head equals direct OPCM
+    on the same experts in the chain's order; ``store verify`` clean."""
+    q = SharedIntakeQueue(data, url)
+    with ModelStore.open(store_path, catalog=url) as store:
+        report = store.verify()
+        assert report.ok, report.problems
+        chain = track_chain(store)
+        opcm = [v for v in store.list() if v.method == "opcm"]
+        assert sorted(v.id for v in chain) == sorted(v.id for v in opcm), "one linear chain, no fork"
+        order = [c.submission_hash for v in chain for c in v.contributors]
+        assert len(order) == len(set(order)) == expected, "each expert merged exactly once"
+        subs = {s.sha256: s for s in q.all()}
+        assert all(s.state == "merged" for s in subs.values())
+        assert sorted(order) == sorted(subs)
+        if acked is not None:
+            assert {s.id for s in subs.values()} == acked, "the queue holds exactly the acknowledged experts"
+        head = store.get("continual")
+        assert head.metadata["num_merged"] == expected
+        want = opcm_reference(store, [subs[h] for h in order], q.spool)
+        got = store.load_delta(head)
+        for name, tensor in want.items():
+            torch.testing.assert_close(got[name], tensor, rtol=0, atol=0)
+    q.close()

@@ -14,8 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
-from replica_helpers import PgServer, opcm_reference, track_chain
+from replica_helpers import PgServer, audit_track
 from service_helpers import TOKEN, base_weights, make_store, server_config, write_expert
 
 from fedmerge.service.client import ClientOptions, submit_expert, wait_merged
@@ -138,30 +137,7 @@ def test_two_replicas_serve_one_track_merge_each_expert_once_equal_to_direct_opc
     finally:
         for srv in replicas:
             srv.stop(0.5)
-    _audit(store, data, url, expected=8)
-
-
-def _audit(store_path: Path, data: Path, url: str, expected: int) -> None:
-    """Every acked expert in exactly one version of one linear chain; the head equals direct OPCM."""
-    q = SharedIntakeQueue(data, url)
-    with ModelStore.open(store_path, catalog=url) as store:
-        report = store.verify()
-        assert report.ok, report.problems
-        chain = track_chain(store)
-        opcm = [v for v in store.list() if v.method == "opcm"]
-        assert sorted(v.id for v in chain) == sorted(v.id for v in opcm), "one linear chain, no fork"
-        order = [c.submission_hash for v in chain for c in v.contributors]
-        assert len(order) == len(set(order)) == expected, "each expert merged exactly once"
-        subs = {s.sha256: s for s in q.all()}
-        assert all(s.state == "merged" for s in subs.values())
-        assert sorted(order) == sorted(subs)
-        head = store.get("continual")
-        assert head.metadata["num_merged"] == expected
-        want = opcm_reference(store, [subs[h] for h in order], q.spool)
-        got = store.load_delta(head)
-        for name, tensor in want.items():
-            torch.testing.assert_close(got[name], tensor, rtol=0, atol=0)
-    q.close()
+    audit_track(store, data, url, expected=8)
 
 
 def test_postgres_restarted_under_a_running_replica_loses_no_acknowledged_expert(
@@ -184,7 +160,7 @@ def test_postgres_restarted_under_a_running_replica_loses_no_acknowledged_expert
         assert all(s.state == intake_pb2.SUBMISSION_STATE_MERGED for s in subs), [s.reason for s in subs]
     finally:
         srv.stop(0.5)
-    _audit(store, data, url, expected=6)
+    audit_track(store, data, url, expected=6)
 
 
 def test_a_catalog_that_is_not_postgresql_is_refused(tmp_path: Path) -> None:
