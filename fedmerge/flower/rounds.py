@@ -705,7 +705,7 @@ def build_messages(
             if weights is None:  # a store view is read here, once
                 full, widened = widen_for_numpy(dict(base_weights.items()))  # numpy has no bf16
                 weights = ArrayRecord(full)
-                dtypes = ConfigRecord(widened) if widened else None
+                dtypes = ConfigRecord(dict[str, Any](widened)) if widened else None
                 weight_bytes = sum(t.numel() * t.element_size() for t in full.values())
                 del full
             content[ARRAYS_RECORD] = weights
