@@ -77,6 +77,11 @@ class BlobBackend(Protocol):
         """Where the blob's bytes sit on this machine (for an object store: its cache entry)."""
         ...
 
+    @property
+    def read_threads(self) -> int | None:
+        """Threads worth reading blobs in parallel (None: one per CPU, reads being CPU-bound)."""
+        ...
+
     def open_read(self, digest: str, what: str) -> tuple[BlobReader, int]:
         """(seekable unbuffered reader, size) of the blob; :class:`MissingBlobError` if it is absent.
 
@@ -237,6 +242,10 @@ class LocalBlobBackend:
     @property
     def tmp_dir(self) -> Path:
         return self._tmp_dir
+
+    @property
+    def read_threads(self) -> int | None:
+        return None
 
     def describe(self, digest: str) -> str:
         return str(self.local_path(digest))

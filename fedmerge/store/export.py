@@ -358,7 +358,7 @@ def export_safetensors(
     specs = store.materialized_specs(version)
     shards = plan_shards(specs, max_shard_bytes)
     names = shard_names(len(shards))
-    threads = export_workers(workers, len(specs))
+    threads = export_workers(workers if workers is not None else store.blobs.read_threads, len(specs))
     stage = staging_dir(out)
     fds: list[int] = []
     try:

@@ -142,6 +142,8 @@ class S3BlobBackend:
     """
 
     tmp_dir: Path
+    read_threads: int | None = 8
+    """A reading thread mostly waits on the network: more of them than CPUs keep the link busy."""
 
     def __init__(
         self,
