@@ -966,7 +966,11 @@ class Federation:
             meta = PackageMeta("server", report.round, base.id, base.content_hash)
             package, merged, self.server_residual = compress_update(merged, self.server_residual, codec, meta)
         if self.evaluate is not None:
-            new = {k: (v + merged[k].to(v.dtype)) if k in merged else v for k, v in weights.items()}
+            # θ + τ summed in (at least) fp32 and cast once to the base's dtype, as the store materialises
+            new = dict(weights)
+            for k in merged:
+                t = weights[k]
+                new[k] = (t.to(torch.promote_types(t.dtype, torch.float32)) + merged[k]).to(t.dtype)
             report.metrics.update({f"server-{k}": float(v) for k, v in self.evaluate(new).items()})
         check_latest_unmoved(self.store, base, report.round)
         version = self.store.commit(

@@ -153,10 +153,14 @@ def test_a_plain_client_round_keeps_the_base_dtype(tmp_path: Path, dtype: torch.
     base = _base(dtype)
     seen: dict[int, dict[str, Any]] = {}
     fed = _federation(tmp_path, base, _plain_app(seen), nodes=3)
+    evaluated: dict[str, torch.Tensor] = {}
+    fed.evaluate = lambda weights: evaluated.update(weights) or {"score": 1.0}  # server-side evaluation
     with fed.store:
         (report,) = fed.run()
         assert report.version_id is not None and len(report.accepted) == 3, report.outcomes
         merged = fed.store.materialize(fed.store.get(report.version_id))
+    # the server evaluates exactly the weights it commits
+    assert all(torch.equal(evaluated[n], merged[n]) for n in merged) and report.metrics["server-score"] == 1.0
     sent = "float32" if dtype == torch.bfloat16 else str(dtype).removeprefix("torch.")
     for info in seen.values():
         assert set(info["dtypes"].values()) == {sent}
