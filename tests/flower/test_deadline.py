@@ -19,7 +19,6 @@ replies are valid but late.
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmerge.flower.config import parse_run_config
 from fedmerge.flower.rounds import RoundAborted, RoundReport
+from fedmerge.flower.simulation import emit_report, run_simulation_app
 from fedmerge.store import ModelStore
 from fedmerge_server.app import run_server
 
@@ -61,8 +61,6 @@ def _warm_up(grid: Grid, nodes: int) -> None:
 def _run(store: Path, plan: list[str], scripted: Scripted, reports: list[RoundReport], **over: Any) -> None:
     """The fedmerge round engine (``run_server``) with ``plan[i]`` at partition i, after a warm-up;
     every round report lands in ``reports`` (also those of a run that ends in RoundAborted)."""
-    from flwr.simulation import run_simulation
-
     config: dict[str, Any] = {
         "store": str(store),
         "num-rounds": 1,
@@ -80,19 +78,16 @@ def _run(store: Path, plan: list[str], scripted: Scripted, reports: list[RoundRe
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         _warm_up(grid, len(plan))
-        run_server(grid, parse_run_config({**dict(context.run_config), **config}), reports.append)
+        run_server(grid, parse_run_config(dict(context.run_config)), emit_report)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        run_simulation(
-            app,
-            scripted(plan),
-            num_supernodes=len(plan),
-            backend_config={
-                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                "init_args": {"num_cpus": len(plan)},  # one actor per node: a straggler blocks no one
-            },
-        )
+    run_simulation_app(  # a RoundAborted of the ServerApp is raised here
+        app,
+        scripted(plan),
+        num_supernodes=len(plan),
+        run_config=config,
+        ray_num_cpus=len(plan),  # one actor per node: a straggler blocks no one
+        on_report=reports.append,
+    )
 
 
 def _timeouts(report: RoundReport) -> list[str]:

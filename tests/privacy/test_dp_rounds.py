@@ -4,7 +4,6 @@ feedback, the server's noise scale and fixed denominator, screening, and real si
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -179,22 +178,19 @@ def flower_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Mo
 
 
 def _simulate(store: Path, num_nodes: int, **overrides: Any) -> list[RoundReport]:
-    from flwr.simulation import run_simulation
-
-    from fedmerge_clients.app import app as client_app
-    from fedmerge_server.app import make_server_app
+    """fedmerge's apps on Flower's simulation runtime, ``overrides`` in the run config."""
+    from fedmerge.flower.simulation import ServerAppFactory, run_simulation_app
 
     reports: list[RoundReport] = []
     config = {"store": str(store), "local-epochs": 1, "lr": 0.1, "min-clients": num_nodes, "min-valid": 2}
     config.update(overrides)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        run_simulation(
-            make_server_app(config, on_round=reports.append),
-            client_app,
-            num_supernodes=num_nodes,
-            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
-        )
+    run_simulation_app(
+        ServerAppFactory("fedmerge_server.app:make_server_app"),
+        "fedmerge_clients.app:app",
+        num_supernodes=num_nodes,
+        run_config=config,
+        on_report=reports.append,
+    )
     return reports
 
 
