@@ -185,7 +185,9 @@ def test_tls_and_node_auth_deployment_runs_two_rounds(tmp_path: Path, deployment
     )
     store = tmp_path / "store"
     # only keys declared in pyproject's [tool.flwr.app.config] may be overridden by `flwr run`
-    run_config = f"store='{store}' num-rounds=2 min-clients=2 min-valid=2 local-epochs=1"
+    # the round deadline is the ServerApp's own (a product setting): generous, so that a loaded machine
+    # slows the rounds down without failing them; the test's own wait follows progress (run_flwr)
+    run_config = f"store='{store}' num-rounds=2 min-clients=2 min-valid=2 local-epochs=1 round-deadline-s=900"
     result = run_flwr(deployment, ["run", ".", "--stream", "--run-config", run_config], 180, [store])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:] + deployment.tail()
     with ModelStore.open(store) as st:
