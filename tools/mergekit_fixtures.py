@@ -194,6 +194,25 @@ METHOD_RECIPES: dict[str, dict[str, Any]] = {
         "base_model": "base",
         "dtype": "float32",
     },
+    "linear-tokenizer-union": {
+        "models": [
+            {"model": "m1", "parameters": {"weight": 1.0}},
+            {"model": "m2", "parameters": {"weight": 0.5}},
+        ],
+        "merge_method": "linear",
+        "tokenizer_source": "union",
+        "dtype": "bfloat16",
+    },
+    "task_arithmetic-tokenizer-model": {
+        "models": [
+            {"model": "m1", "parameters": {"weight": 0.7}},
+            {"model": "m2", "parameters": {"weight": 0.4}},
+        ],
+        "merge_method": "task_arithmetic",
+        "base_model": "base",
+        "tokenizer_source": "m2",
+        "dtype": "float32",
+    },
     "slerp-slices": {
         "slices": [
             {"sources": [{"model": "base", "layer_range": [0, 2]}, {"model": "m1", "layer_range": [2, 4]}]},
@@ -292,6 +311,8 @@ def rewrite(
         return f"{where}/{names[n]}"
 
     out = json.loads(json.dumps(recipe))
+    if out.get("tokenizer_source") not in (None, "base", "union"):
+        out["tokenizer_source"] = ref(out["tokenizer_source"])
     if base is not None:
         out["base_model"] = ref(base)
     for m in out.get("models", []):

@@ -46,9 +46,12 @@ def _presparsify(
     raise AssertionError(f"no per-model sparsification for {aggregator}")  # per_model_global methods only
 
 
-def _read(plan: Plan, src: Source, name: str) -> torch.Tensor:
-    """A tensor as mergekit reads it: cast to the recipe's ``dtype`` (if any), then fp32 for the maths."""
+def _read(plan: Plan, src: Source, name: str, rows: int | None = None) -> torch.Tensor:
+    """A tensor as mergekit reads it: cast to the recipe's ``dtype`` (if any), then fp32 for the maths;
+    a vocabulary tensor cut to the tokenizer's ``rows``."""
     x = src.get(name)
+    if rows is not None:
+        x = x[:rows]
     if plan.compute_dtype is not None and x.is_floating_point():
         x = x.to(plan.compute_dtype)
     return x.float() if x.is_floating_point() else x
@@ -68,19 +71,20 @@ def iter_merged(plan: Plan) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | 
             yield job.name, first.get(first_name), None
             continue
         if spec.space == "passthrough":
-            x = _read(plan, first, first_name)
+            x = _read(plan, first, first_name, job.rows)
             yield job.name, x * job.scale if job.scale is not None else x, None
             continue
         assert spec.aggregator is not None
-        base = _read(plan, *job.base) if job.base is not None else None
+        base = _read(plan, *job.base, job.rows) if job.base is not None else None
         lowp = plan.compute_dtype if plan.compute_dtype not in (None, torch.float32) else None
         agg = create(spec.aggregator, **job.agg_params)
-        agg.begin({job.name: first.specs[first_name].shape})
+        shape = first.specs[first_name].shape
+        agg.begin({job.name: (job.rows, *shape[1:]) if job.rows is not None else shape})
         if spec.space == "weights" and spec.needs_base:  # slerp, nearswap, arcee_fusion: the base first
             assert base is not None
             agg.add({job.name: base}, 1.0, client_id=0)  # endpoints are ordered by client id: base first
         for i, ((src, n), w) in enumerate(zip(job.inputs, job.weights, strict=True), start=1):
-            x = _read(plan, src, n)
+            x = _read(plan, src, n, job.rows)
             if spec.space == "task_vector" and base is not None:
                 # mergekit subtracts in the recipe's dtype: the task vector is rounded to it
                 x = (x.to(lowp) - base.to(lowp)).float() if lowp is not None else x - base
@@ -258,8 +262,10 @@ def _execute(
         if HF_CONFIG in files and plan.out_config:
             cfg = json.loads(files[HF_CONFIG])
             for k in LAYER_COUNT_KEYS:
-                if k in cfg:
+                if k in cfg and "num_layers" in plan.out_config:
                     cfg[k] = plan.out_config["num_layers"]
+            if "vocab_size" in plan.out_config:
+                cfg["vocab_size"] = plan.out_config["vocab_size"]
             files[HF_CONFIG] = json.dumps(cfg, indent=2, sort_keys=True).encode()
         if HF_CONFIG in files and plan.out_dtype is not None:
             cfg = json.loads(files[HF_CONFIG])
@@ -332,5 +338,7 @@ def _output_specs(plan: Plan) -> dict[str, Spec]:
     for job in plan.jobs:
         src, n = job.inputs[0] if job.inputs else job.base  # type: ignore[misc]
         s = src.specs[n]
+        if job.rows is not None:
+            s = Spec(s.dtype, (job.rows, *s.shape[1:]))
         out[job.name] = Spec(plan.out_dtype, s.shape) if plan.out_dtype and s.dtype.is_floating_point else s
     return out

@@ -4,6 +4,7 @@ where (slices) — everything checked before the first tensor is read."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from fedmerge.errors import ConfigError
 from fedmerge.recipes.parameters import Setting, layer_position, leaves, resolve
 from fedmerge.recipes.schema import (
     DTYPES,
+    HF_CONFIG,
     ModelRef,
     Recipe,
     RecipeModelError,
@@ -100,6 +102,7 @@ class TensorJob:
     # each input's own sparsification (translated parameters) when per-model densities … differ
     presparsify: tuple[dict[str, Any], ...] | None = None
     scale: float | None = None  # passthrough's per-model scale
+    rows: int | None = None  # a vocabulary tensor cut to the tokenizer's size (``tokenizer_source``)
 
 
 @dataclass
@@ -511,9 +514,17 @@ def plan_merge(recipe: Recipe, store: ModelStore, *, seed: int = 0) -> Plan:
         if recipe.merge_method == "arcee_fusion" and not recipe.out_dtype and plan.compute_dtype is not None:
             plan.out_dtype = torch.float32  # mergekit's fp32 mask promotes the result; it writes fp32
             plan.notes.append("arcee_fusion writes float32 without out_dtype (as mergekit)")
-        if recipe.tokenizer_source not in (None, "base"):
+        if recipe.tokenizer_source is not None:
+            n_vocab = _check_tokenizer_source(recipe, [e.source for entries, _ in slices for e in entries])
+            if n_vocab is not None:
+                _cut_vocabulary(plan, n_vocab)
             plan.notes.append(
-                f"tokenizer_source {recipe.tokenizer_source!r} recorded; the tokenizer files are the base's"
+                f"tokenizer_source {recipe.tokenizer_source!r}: every model has the same tokenizer, so the "
+                f"vocabulary is that tokenizer's ({n_vocab} tokens: the embedding rows, as mergekit's); the "
+                "tokenizer files are the base's"
+                if n_vocab is not None
+                else f"tokenizer_source {recipe.tokenizer_source!r}: the models have no tokenizer.json; "
+                "tensors unchanged (mergekit would need a tokenizer)"
             )
         return plan
     except BaseException:
@@ -535,3 +546,74 @@ def _check_passthrough(recipe: Recipe, slices: list[tuple[list[_Entry], Slice | 
             raise SliceError(
                 f"slices[{i}]: passthrough takes exactly one source per slice, got {len(entries)}"
             )
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "added_tokens.json",
+    "special_tokens_map.json",
+)
+
+
+def _cut_vocabulary(plan: Plan, n_vocab: int) -> None:
+    """mergekit rebuilds the vocabulary tensors (non-layer tensors with ``vocab_size`` rows) for the
+    tokenizer: with one shared tokenizer, token i keeps row i and rows beyond the tokenizer are dropped."""
+    assert plan.anchor is not None
+    config = plan.anchor.files().get(HF_CONFIG)
+    rows = json.loads(config).get("vocab_size") if config else None
+    if not isinstance(rows, int):
+        raise RecipeModelError("tokenizer_source needs config.json's vocab_size to find the embeddings")
+    if n_vocab > rows:
+        raise RecipeModelError(
+            f"tokenizer_source: the tokenizer has {n_vocab} tokens but the model {rows} embedding rows; new "
+            "rows need mergekit's embedding defaults, which fedmerge does not implement"
+        )
+    if n_vocab == rows:
+        return
+    for k, job in enumerate(plan.jobs):
+        src, n = job.inputs[0] if job.inputs else job.base  # type: ignore[misc]
+        shape = src.specs[n].shape
+        if LAYER_RE.match(job.name) is None and shape and shape[0] == rows:
+            plan.jobs[k] = dataclasses.replace(job, rows=n_vocab)
+    plan.out_config = {**(plan.out_config or {}), "vocab_size": n_vocab}
+
+
+def _vocab_size(files: Mapping[str, bytes]) -> int | None:
+    """Tokens of a ``tokenizer.json`` (its model's vocabulary and added tokens: max id + 1)."""
+    raw = files.get("tokenizer.json")
+    if raw is None:
+        return None
+    tok = json.loads(raw)
+    vocab = tok.get("model", {}).get("vocab", {})
+    ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))
+    ids += [a["id"] for a in tok.get("added_tokens", [])]
+    return max(ids) + 1 if ids else 0
+
+
+def _check_tokenizer_source(recipe: Recipe, models: Sequence[Source]) -> int | None:
+    """``tokenizer_source`` (``base``, ``union`` or one of the models) is honoured when every model has
+    the same tokenizer: mergekit's vocabulary is then that tokenizer and its embedding permutation is the
+    identity. Different tokenizers need mergekit's vocabulary surgery, which fedmerge does not do."""
+    tok = recipe.tokenizer_source
+    raws = {s.ref.raw for s in models}
+    if tok not in ("base", "union") and tok not in raws:
+        raise RecipeSchemaError(
+            f"tokenizer_source {tok!r} is not 'base', 'union' or one of the recipe's models ({sorted(raws)})"
+        )
+    signatures: dict[str, tuple[tuple[str, bytes], ...]] = {}
+    for src in models:
+        files = src.files()
+        signatures[src.ref.raw] = tuple((n, files[n]) for n in TOKENIZER_FILES if n in files)
+    first_raw, first = next(iter(signatures.items()))
+    for raw, sig in signatures.items():
+        if sig != first:
+            raise RecipeModelError(
+                f"tokenizer_source {tok!r}: models {first_raw!r} and {raw!r} have different tokenizers; "
+                "fedmerge does not rebuild the vocabulary and permute token embeddings (mergekit's tokenizer "
+                "surgery) — merge models that share a tokenizer, or omit tokenizer_source"
+            )
+    return _vocab_size(models[0].files())  # None: no tokenizer.json (mergekit would fail to load one)

@@ -82,7 +82,7 @@ def test_recipe_matches_mergekit(name: str, tmp_path: Path) -> None:
     )
     model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
     logits = model(torch.tensor([[1, 2, 3]])).logits
-    assert logits.shape == (1, 3, 128) and torch.isfinite(logits.float()).all()
+    assert logits.shape == (1, 3, want["lm_head.weight"].shape[0]) and torch.isfinite(logits.float()).all()
 
 
 def test_multi_document_recipe_refuses_cycles_and_commits_nothing(tmp_path: Path) -> None:
@@ -105,3 +105,24 @@ def test_multi_document_recipe_refuses_cycles_and_commits_nothing(tmp_path: Path
         run_recipe(path, tmp_path / "store")
     with ModelStore.open(tmp_path / "store") as s:
         assert s.list() == []
+
+
+def test_tokenizer_source_with_different_tokenizers_is_refused(tmp_path: Path) -> None:
+    """Different tokenizers need mergekit's vocabulary surgery: refused, naming both models."""
+    import json
+    import shutil
+
+    from fedmerge.recipes import RecipeModelError, run_recipe
+
+    other = tmp_path / "other"
+    shutil.copytree(FIXTURES / "models" / "b", other)
+    tok = json.loads((other / "tokenizer.json").read_text())
+    tok["model"]["vocab"]["merged"] = len(tok["model"]["vocab"])
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    recipe = {
+        "merge_method": "linear",
+        "models": [str(FIXTURES / "models" / "a"), str(other)],
+        "tokenizer_source": "union",
+    }
+    with pytest.raises(RecipeModelError, match="different tokenizers"):
+        run_recipe(recipe, tmp_path / "store")
