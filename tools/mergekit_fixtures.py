@@ -9,7 +9,7 @@ Run with a Python that has mergekit 0.1.5 (never a fedmerge dependency)::
    N(0, 0.02) weights (norms 1), and ``a``, ``b``, ``c`` = base + seeded noise of different scales
    and sparsity (so that trims, sign votes and quantiles have something to decide). Each gets a
    WordLevel tokenizer built offline from a few sentences (``save_pretrained``).
-2. Every recipe of mergekit's ``examples/`` (as of 0.1.5) and recipes of its documented methods, with
+2. Every recipe of mergekit's ``examples/`` (arcee-ai/mergekit a6e4028) and recipes of the other methods, with
    the model names replaced by those models (base model → ``base``, the others in order → ``a``, ``b``,
    ``c``) and the 40-layer ranges scaled to 4 layers; nothing else changed.
 3. ``mergekit-yaml`` on each recipe; its ``model.safetensors`` is stored as ``expected/NAME.safetensors``.
