@@ -2,6 +2,6 @@
 
 - :mod:`simulations.partition` — IID, Dirichlet label skew, pathological k-class, quantity (power law)
   and task-per-client partitioners, plus per-client class histograms (JSON and PNG).
-- :mod:`simulations.tasks` — the task plugin protocol and the built-in ``digits`` and ``tiny_lm`` tasks.
-- :mod:`fedmerge.tasks.local_round` — one client's round: fine-tune (full or LoRA) and return the delta.
+- :mod:`simulations.tasks` — the built-in ``digits`` and ``tiny_lm`` tasks (the task protocol, ``get_task``
+  and one client's round, ``local_round``, are the library's: :mod:`fedmerge.tasks`).
 """

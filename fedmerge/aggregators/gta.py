@@ -22,6 +22,7 @@ Each method module (``dare_linear.py`` …) states its formula, paper and mergek
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
 
@@ -41,14 +42,33 @@ from fedmerge.errors import ConfigError
 
 @dataclass(frozen=True)
 class Sparsification(ABC):
-    """A parameter block and the per-client drop it defines (validated on construction)."""
+    """A parameter block and the per-client drop it defines. ``checks`` validates (and normalises)
+    each field in declaration order on construction; :meth:`_check_together` what spans fields."""
+
+    checks: ClassVar[dict[str, Callable[[Any], Any]]] = {}
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            object.__setattr__(self, f.name, self.checks[f.name](getattr(self, f.name)))
+        self._check_together()
+
+    def _check_together(self) -> None:  # noqa: B027 (optional hook, none by default)
+        """Checks over several fields (none by default)."""
 
     @abstractmethod
     def apply(self, x: DeltaTensor, generator: torch.Generator) -> DeltaTensor:
         """τ̃ = S(τ) for one tensor of one client."""
 
-    def _set(self, name: str, value: object) -> None:
-        object.__setattr__(self, name, value)
+
+def _fraction(name: str, *, open_low: bool = False) -> Callable[[Any], float]:
+    return lambda value: check_fraction(name, value, open_low=open_low)
+
+
+def _deterministic_rescale(value: str | bool) -> str:
+    rescale = check_rescale(value)
+    if rescale == "inverse":
+        raise ConfigError("breadcrumbs' mask is deterministic: rescale must be 'l1' or 'none' (or a bool)")
+    return rescale
 
 
 @dataclass(frozen=True)
@@ -58,11 +78,9 @@ class Dare(Sparsification):
     density: float = 0.5
     rescale: str | bool = "inverse"
     mask_rng: str = "splitmix64"
-
-    def __post_init__(self) -> None:
-        self._set("density", check_fraction("density", self.density, open_low=True))
-        self._set("rescale", check_rescale(self.rescale))
-        self._set("mask_rng", check_mask_rng(self.mask_rng))
+    checks: ClassVar[dict[str, Callable[[Any], Any]]] = {
+        "density": _fraction("density", open_low=True), "rescale": check_rescale, "mask_rng": check_mask_rng,
+    }  # fmt: skip
 
     def apply(self, x: DeltaTensor, generator: torch.Generator) -> DeltaTensor:
         return dare_drop(x, self.density, generator, str(self.rescale), self.mask_rng)
@@ -76,19 +94,14 @@ class MagPrune(Sparsification):
     epsilon: float = 0.1
     rescale: str | bool = "inverse"
     mask_rng: str = "splitmix64"
+    checks: ClassVar[dict[str, Callable[[Any], Any]]] = {**Dare.checks, "epsilon": _fraction("epsilon")}
 
-    def __post_init__(self) -> None:
-        density = check_fraction("density", self.density, open_low=True)
-        epsilon = check_fraction("epsilon", self.epsilon)
-        if density < 1.0 and not (density - epsilon > 0 and density + epsilon < 1):
+    def _check_together(self) -> None:
+        if self.density < 1.0 and not (self.density - self.epsilon > 0 and self.density + self.epsilon < 1):
             raise ConfigError(
                 f"DELLA needs density ± epsilon inside (0, 1); got density={self.density}, "
                 f"epsilon={self.epsilon}"
             )
-        self._set("density", density)
-        self._set("epsilon", epsilon)
-        self._set("rescale", check_rescale(self.rescale))
-        self._set("mask_rng", check_mask_rng(self.mask_rng))
 
     def apply(self, x: DeltaTensor, generator: torch.Generator) -> DeltaTensor:
         return della_drop(
@@ -116,17 +129,10 @@ class BreadcrumbsPrune(Sparsification):
     gamma: float = 0.01
     rescale: str | bool = "none"
     keep_rounding: str = "floor"
-
-    def __post_init__(self) -> None:
-        self._set("density", check_fraction("density", self.density))
-        self._set("gamma", check_fraction("gamma", self.gamma))
-        rescale = check_rescale(self.rescale)
-        if rescale == "inverse":
-            raise ConfigError(
-                "breadcrumbs' mask is deterministic: rescale must be 'l1' or 'none' (or a bool)"
-            )
-        self._set("rescale", rescale)
-        self._set("keep_rounding", check_keep_rounding(self.keep_rounding))
+    checks: ClassVar[dict[str, Callable[[Any], Any]]] = {
+        "density": _fraction("density"), "gamma": _fraction("gamma"),
+        "rescale": _deterministic_rescale, "keep_rounding": check_keep_rounding,
+    }  # fmt: skip
 
     def apply(self, x: DeltaTensor, generator: torch.Generator) -> DeltaTensor:
         if self.density >= 1.0:

@@ -193,7 +193,7 @@ FLOWER_DIRECT_CONFIG: dict[str, Any] = {
 
 
 def _digits_base(seed: int) -> dict[str, torch.Tensor]:
-    from fedmerge_simulations.tasks import get_task
+    from fedmerge.tasks import get_task
 
     return get_task("digits").pretrained_base(seed)
 
