@@ -102,7 +102,7 @@ def run_server(
     makes_base = task is not None and cfg.init_base and callable(getattr(task, "pretrained_base", None))
     if not makes_base:
         check_store_exists(cfg)
-    with ModelStore.open(cfg.store) as store:
+    with ModelStore.open(cfg.store, catalog=cfg.catalog or None) as store:
         if makes_base and task is not None:
             pretrained = task.pretrained_base
             ensure_base(store, lambda: pretrained(cfg.seed), name=cfg.task)

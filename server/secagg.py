@@ -379,7 +379,7 @@ def serve(
             max_weight=1.0, clipping_range=cfg.clipping_range, quantization_range=cfg.quantization_range,
             modulus_range=cfg.modulus_range, timeout=cfg.timeout_s,
         )  # fmt: skip
-    with ModelStore.open(cfg.store) as store:
+    with ModelStore.open(cfg.store, catalog=cfg.catalog or None) as store:
         strategy = SecAggStrategy(cfg, store, counting, workflow, on_round)
         legacy = LegacyContext(context, config=ServerConfig(num_rounds=cfg.num_rounds), strategy=strategy)
         DefaultWorkflow(fit_workflow=workflow)(counting, legacy)

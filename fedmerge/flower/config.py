@@ -97,6 +97,8 @@ class RunConfig:
     """Everything a round needs; attribute ``foo_bar`` is run-config key ``foo-bar``."""
 
     store: str = "fedmerge-store"
+    # "" keeps the catalog in the store (SQLite); postgresql://… shares it with other servers
+    catalog: str = ""
     task: str = "digits"
     mode: Mode = "full"
     num_rounds: int = 2
@@ -561,5 +563,7 @@ def bulk_tls_problems(cfg: RunConfig) -> list[str]:
 def _check_tracking(cfg: RunConfig, errors: list[str]) -> None:
     from fedmerge.tracking import TRACKERS
 
+    if cfg.catalog and not cfg.catalog.startswith(("postgresql://", "postgres://")):
+        errors.append(f'catalog={cfg.catalog!r} must be a postgresql://user@host:port/database URL (or "")')
     if cfg.tracking and cfg.tracking not in TRACKERS:
         errors.append(f'tracking={cfg.tracking!r} must be one of {list(TRACKERS)} (or "" to turn it off)')

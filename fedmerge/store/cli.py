@@ -32,12 +32,31 @@ StoreOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
 
 
+_CATALOG: dict[str, str | None] = {"url": None}
+
+
+@app.callback()
+def _options(
+    catalog: Annotated[
+        str | None,
+        typer.Option(
+            "--catalog",
+            help="postgresql://user@host:port/db when the store's catalog is shared (default: the "
+            "SQLite catalog inside the store)",
+            envvar="FEDMERGE_CATALOG",
+        ),
+    ] = None,
+) -> None:
+    _CATALOG["url"] = catalog
+
+
 def _open(path: str) -> ModelStore:
+    catalog = _CATALOG["url"]
     if is_s3_url(path):
-        return cast(ModelStore, _run(lambda: ModelStore.open(path)))
+        return cast(ModelStore, _run(lambda: ModelStore.open(path, catalog=catalog)))
     if not (Path(path) / "store.json").exists():
         _fail(f"{path} is not a model store (no store.json); pass --store with a store directory")
-    return ModelStore.open(path)
+    return cast(ModelStore, _run(lambda: ModelStore.open(path, catalog=catalog)))
 
 
 def _fail(message: str) -> None:
@@ -67,11 +86,27 @@ def init(
     ] = None,
     name: Annotated[str | None, typer.Option(help="the base's name (default: from config.json)")] = None,
     as_json: JsonOpt = False,
+    catalog: Annotated[
+        str | None,
+        typer.Option(
+            "--catalog",
+            help="postgresql://… to keep the new store's catalog there",
+            envvar="FEDMERGE_CATALOG",
+        ),
+    ] = None,
 ) -> None:
     """Create a new store's root version from a Hugging Face model (and optionally a peft adapter)."""
     from fedmerge.store.init import init_store
 
-    result = _run(lambda: init_store(store, base, adapter=adapter, name=name))
+    url = catalog or _CATALOG["url"]
+
+    def create() -> Any:
+        if url is None:
+            return init_store(store, base, adapter=adapter, name=name)
+        with ModelStore.open(store, catalog=url) as opened:
+            return init_store(opened, base, adapter=adapter, name=name)
+
+    result = _run(create)
     if as_json:
         _emit(result.to_dict())
         return

@@ -36,7 +36,13 @@ _ERROR_OF_KIND: dict[str, type[StoreIntegrityError]] = {
 }
 MANIFEST_NAME = re.compile(r"^v\d{6,}\.json$")
 _TOP_LEVEL = {"store.json", "blobs", "manifests", "tmp", "evaluations"}  # evaluations: store/evaluations.py
-_CATALOG_FILES = {"catalog.sqlite", "catalog.sqlite-wal", "catalog.sqlite-shm", "catalog.sqlite-journal"}
+_CATALOG_FILES = {
+    "catalog.sqlite",
+    "catalog.sqlite-wal",
+    "catalog.sqlite-shm",
+    "catalog.sqlite-journal",
+    "catalog.postgresql",  # where the catalog is shared (fedmerge.store.catalogs.SHARED_MARKER)
+}
 
 
 @dataclass(frozen=True)

@@ -130,3 +130,45 @@ def test_a_fenced_write_without_its_lease_commits_nothing(tmp_path: Path, pg_ser
         _commit(store, root.id, 2.0)
     assert [v.id for v in store.list()] == ["v000002", root.id]
     store.close()
+
+
+def test_a_store_whose_catalog_is_in_postgres_is_not_opened_on_sqlite(
+    tmp_path: Path, pg_server: PgServer
+) -> None:
+    url = pg_server.create_database("marked")
+    with ModelStore.open(tmp_path / "store", catalog=url) as store:
+        store.commit_base({"w": torch.zeros(3)}, name="b")
+        assert store.verify().ok, "the marker is the store's own file"
+    with pytest.raises(ConfigError, match=r"is in PostgreSQL .*pass its URL"):
+        ModelStore.open(tmp_path / "store")
+    assert not (tmp_path / "store" / "catalog.sqlite").exists()
+
+
+def test_the_store_commands_read_and_init_a_shared_catalog(tmp_path: Path, pg_server: PgServer) -> None:
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    url = pg_server.create_database("cli")
+    save_file({"w": torch.ones(4)}, str(tmp_path / "base.safetensors"))
+    store = str(tmp_path / "store")
+
+    def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        import os
+
+        return subprocess.run(
+            [sys.executable, "-m", "fedmerge.cli", *args],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+
+    made = cli("init", "--catalog", url, "--store", store, "--base", str(tmp_path / "base.safetensors"))
+    assert made.returncode == 0, made.stderr
+    listed = cli("store", "versions", "--store", store, "--json", env={"FEDMERGE_CATALOG": url})
+    assert listed.returncode == 0 and "v000001" in listed.stdout, listed.stderr
+    refused = cli("store", "versions", "--store", store)
+    said = " ".join((refused.stdout + refused.stderr).split())  # the console wraps long lines
+    assert refused.returncode == 1 and "is in PostgreSQL" in said and "pass its URL" in said
+    assert "Traceback" not in refused.stdout + refused.stderr
