@@ -1,11 +1,12 @@
 """The server side of a federation in its own process, so that tests can SIGKILL it.
 
 ``python tests/flower/sim_worker.py STORE NUM_NODES JSON_OVERRIDES`` runs the fedmerge ServerApp with
-``NUM_NODES`` simulated ClientApps (Flower's simulation engine) on the store at ``STORE`` and prints
+``NUM_NODES`` simulated ClientApps (Flower's simulation runtime: a private SuperLink and its
+``flwr-simulation`` process, both descendants of this one) on the store at ``STORE`` and prints
 ``round R VERSION`` after each round. Before training, each client touches
 ``$FEDMERGE_TEST_MARKERS/train-r{round}-p{partition}`` when that variable names a folder, so a test
-can tell that a round is in flight. ``FEDMERGE_STORE_KILL_AT`` (the store's fault hook) is honoured
-because the ServerApp opens the store in this process.
+can tell that a round is in flight. ``FEDMERGE_STORE_KILL_AT`` (the store's fault hook) reaches the
+ServerApp's process through the environment, so that process SIGKILLs itself mid-commit.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import warnings
 from pathlib import Path
 
 from flwr.app import Context, Message
@@ -42,23 +42,20 @@ def marking_client_app() -> ClientApp:
 
 
 def main(argv: list[str]) -> int:
-    from flwr.simulation import run_simulation
-
-    from fedmerge_server.app import make_server_app
+    from fedmerge.flower.simulation import ServerAppFactory, run_simulation_app
 
     store, num_nodes, overrides = argv[0], int(argv[1]), json.loads(argv[2])
 
     def on_round(report: RoundReport) -> None:
         print(f"round {report.round} {report.version_id}", flush=True)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        run_simulation(
-            make_server_app({"store": store, **overrides}, on_round=on_round),
-            marking_client_app(),
-            num_supernodes=num_nodes,
-            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
-        )
+    run_simulation_app(
+        ServerAppFactory("fedmerge_server.app:make_server_app"),
+        marking_client_app(),
+        num_supernodes=num_nodes,
+        run_config={"store": store, **overrides},
+        on_report=on_round,
+    )
     return 0
 
 
