@@ -113,8 +113,8 @@ class LocalSeaweed:
             "-s3.port.iceberg=0",  # no extra listeners on fixed ports
             "-s3.port.lance=0",
             "-master.telemetry=false",
-            "-volume.max=64",
-            "-master.volumeSizeLimitMB=1024",
+            "-volume.max=1000",  # a bucket is a collection: each takes volumes of its own
+            "-master.volumeSizeLimitMB=256",
             f"-metricsPort={ports[3]}",
         ]
         log = self.log_path.open("ab")

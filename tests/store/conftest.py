@@ -14,6 +14,7 @@ from types import ModuleType
 import pytest
 
 from fedmerge.store import ModelStore
+from fedmerge.store.s3_local import LocalSeaweed
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))  # tests here import store_test_helpers (plain functions, no fixtures)
@@ -56,11 +57,34 @@ def catalog_url(request: pytest.FixtureRequest) -> str | None:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "catalog_url" in metafunc.fixturenames and getattr(metafunc.module, "BOTH_CATALOGS", False):
         metafunc.parametrize("catalog_url", ["sqlite", "postgresql"], indirect=True)
+    if "store_url" in metafunc.fixturenames and getattr(metafunc.module, "BOTH_BACKENDS", False):
+        metafunc.parametrize("store_url", ["local", "s3"], indirect=True)
+
+
+@pytest.fixture(scope="session")
+def seaweed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSeaweed]:
+    """One real SeaweedFS S3 gateway for the session (a fresh bucket per test: ``store_url``)."""
+    server = LocalSeaweed(tmp_path_factory.mktemp("seaweed")).start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture
-def store(tmp_path: Path, catalog_url: str | None) -> Iterator[ModelStore]:
-    s = ModelStore.open(tmp_path / "store", catalog=catalog_url)
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A store directory, or ``s3://<fresh bucket>/store`` on the session's SeaweedFS (with its
+    credentials in the environment). Modules that set ``BOTH_BACKENDS = True`` run on both."""
+    if getattr(request, "param", "local") == "local":
+        return str(tmp_path / "store")
+    server: LocalSeaweed = request.getfixturevalue("seaweed_server")
+    monkeypatch: pytest.MonkeyPatch = request.getfixturevalue("monkeypatch")
+    for key, value in server.env().items():
+        monkeypatch.setenv(key, value)
+    return f"s3://{server.create_bucket(f't-{uuid.uuid4().hex[:20]}')}/store"
+
+
+@pytest.fixture
+def store(tmp_path: Path, catalog_url: str | None, store_url: str) -> Iterator[ModelStore]:
+    s = ModelStore.open(store_url, catalog=catalog_url, cache_dir=tmp_path / "s3-cache")
     yield s
     s.close()
 
