@@ -1,0 +1,94 @@
+"""KnOTS: merging LoRA adapters after aligning them with one SVD (Stoica, Ramesh, Ecsedi, Choshen &
+Hoffman, ICLR 2025, "Model Merging with SVD to Tie the KnOTS", arXiv 2410.19735; reference code
+``gstoica27/KnOTS``, ``task_merger.py``, ``SVDMerger.apply_svd`` and ``SVDMerger.merge``).
+
+Per adapted module, T adapters with ΔW_i = s_i·B_i·A_i (m × n; ranks may differ):
+
+    [ΔW_1 | … | ΔW_T] = U Σ [V_1 | … | V_T]       (thin SVD of the m × T·n concatenation, float64)
+    keep the k numerically non-zero singular triplets (k ≤ min(m, Σ r_i))
+    X_i = Σ V_i                                   (k × n: task i's coordinates in the shared basis U)
+    X   = merge(X_1, …, X_T)                      (any registered method: task_arithmetic, ties …)
+    ΔW  = U X
+
+U is a shared, orthonormal basis of every ΔW_i's column space and ΔW_i = U X_i exactly, so a linear
+merge equals the same merge of the dense ΔW_i; TIES' trimming and sign election act on the aligned
+X_i, where the tasks' coordinates are comparable (the paper's point). The reference merges
+diag(s)·V_i ("simple and safe for all merging methods") and multiplies by U; its mask functions and
+the final mean/sum are here the registered method (``ties`` trims, elects signs and takes the
+disjoint mean as TIES does). The merged update is returned as the LoRA adapter B' = U, A' = X
+(scaling 1, rank k per module): exact, no truncation.
+
+Rank rule: the reference keeps s > 1e-5 (absolute); this keeps s > max(m, T·n)·ε_fp32·s_max, the
+numerical rank of the fp32 inputs, so adapters of small magnitude are not cut. Both keep every
+direction of well-conditioned updates.
+
+Streaming: not a streaming ``Aggregator``. The shared basis U needs every adapter's ΔW of a module at
+once, and the output rank k is not the inputs' shape, while fedmerge's streaming contract folds one
+client's tensor per key into a fixed-shape accumulator. So this is an adapter-level merge like
+:func:`fedmerge.delta.lora.merge_lora`: it holds the T dense m × n updates of one module at a time
+(O(T·m·n)) and every adapter's factors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from fedmerge.aggregators.base import merge
+from fedmerge.aggregators.core_space import lora_result
+from fedmerge.delta.lora import LoraAdapter, LoraError, LoraModule, _check_same_modules, _weights
+
+KNOTS_KEY = "v"
+
+
+def knots_components(deltas: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(U, [Σ V_1, …, Σ V_T]) in float64 from the SVD of [ΔW_1 | … | ΔW_T], numerically-zero
+    singular triplets removed (module docstring)."""
+    stack = torch.cat([d.to(torch.float64) for d in deltas], dim=1)
+    u, s, vh = torch.linalg.svd(stack, full_matrices=False)
+    if s.numel():
+        keep = s > max(stack.shape) * torch.finfo(torch.float32).eps * float(s[0])
+        u, s, vh = u[:, keep], s[keep], vh[keep]
+    n = deltas[0].shape[1]
+    return u, [s[:, None] * v for v in torch.split(vh, n, dim=1)]
+
+
+def knots_matrix(
+    deltas: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    method: str = "task_arithmetic",
+    **params: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge one module's dense updates ΔW_i with KnOTS; returns (B', A') in fp32, ΔW_merged = B'·A'.
+    ``method`` names a registered aggregator applied to the aligned Σ V_i with ``weights``/``params``."""
+    u, parts = knots_components(deltas)
+    if u.shape[1] == 0:  # every update is zero
+        m, n = deltas[0].shape
+        return torch.zeros(m, 0), torch.zeros(0, n)
+    merged = merge(method, [{KNOTS_KEY: p.float()} for p in parts], weights, **params)
+    return u.float(), merged[KNOTS_KEY].float()
+
+
+def knots_merge(
+    adapters: Sequence[LoraAdapter],
+    weights: Sequence[float] | None = None,
+    method: str = "task_arithmetic",
+    **params: Any,
+) -> LoraAdapter:
+    """Merge LoRA adapters module by module with KnOTS and a registered ``method`` (``task_arithmetic``,
+    ``ties`` …; ``params`` are its parameters).
+
+    Weights default to 1 each and are passed to ``method`` as they are (task arithmetic sums them:
+    use ``normalize=True`` for a weighted mean). Ranks may differ between adapters and modules.
+    The result has scaling 1 per module and each module's own rank (``rank_pattern`` on save)."""
+    ws = _weights(adapters, weights)
+    _check_same_modules(adapters)
+    if adapters[0].fan_in_fan_out:
+        raise LoraError("knots_merge needs adapters stored as out × in (fan_in_fan_out is False)")
+    modules: dict[str, LoraModule] = {}
+    for name in adapters[0].modules:
+        b, a = knots_matrix([ad.modules[name].delta() for ad in adapters], ws, method, **params)
+        modules[name] = LoraModule(a, b, 1.0)
+    return lora_result(adapters[0], modules)
