@@ -391,5 +391,9 @@ def main_s3(args: argparse.Namespace) -> int:
         "load_average_1min": round(load_average()[0], 2),
         "cpus": os.cpu_count(),
     }
+    # three serve-continual replicas on one PostgreSQL against one (bench/replicas.py)
+    from fedmerge_bench.replicas import intake_replicas
+
+    result.update(intake_replicas(bool(args.quick)))
     print(json.dumps(result))
     return 0
