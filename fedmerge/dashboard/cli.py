@@ -47,8 +47,14 @@ def dashboard(
     tls_client_ca: Annotated[
         Path | None, typer.Option(help="require client certificates signed by this CA (mutual TLS)")
     ] = None,
+    catalog: Annotated[
+        str | None,
+        typer.Option(help="postgresql://… when the store's catalog is shared", envvar="FEDMERGE_CATALOG"),
+    ] = None,
 ) -> None:
     """Serve the read-only web dashboard of a store: versions and lineage, runs, the intake."""
+    if catalog:
+        os.environ["FEDMERGE_CATALOG"] = catalog  # read by every page's open_store
     from fedmerge.dashboard import DashboardConfigError, bind_socket, build_app, make_server, url_of
     from fedmerge.dashboard.intake import find_queue
     from fedmerge.service.config import TlsConfig

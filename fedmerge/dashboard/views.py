@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -42,7 +43,11 @@ def open_store(root: Path) -> ModelStore:
             f"{root} is not a model store (no {STORE_MARKER}); pass --store with the directory that "
             "`fedmerge demo`, `fedmerge init` or a server wrote"
         )
-    return ModelStore.open(root)
+    return ModelStore.open(root, catalog=os.environ.get(CATALOG_ENV) or None)
+
+
+CATALOG_ENV = "FEDMERGE_CATALOG"
+"""The shared catalog's URL (``postgresql://…``) of a store whose catalog is not inside it."""
 
 
 # ----------------------------------------------------------------------------------------- helpers

@@ -156,6 +156,8 @@ def serve_continual(
             catalog=catalog,
             lease_ttl_s=lease_ttl_s,
         )
+        if catalog is not None:  # the dashboard (--dashboard-port) opens the store on it too
+            os.environ["FEDMERGE_CATALOG"] = catalog
         if base_weights is not None:
             with ModelStore.open(store, catalog=catalog) as s:
                 if not s.list(limit=1):  # the path of `fedmerge init`: a model directory keeps its files

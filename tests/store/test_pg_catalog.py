@@ -172,3 +172,19 @@ def test_the_store_commands_read_and_init_a_shared_catalog(tmp_path: Path, pg_se
     said = " ".join((refused.stdout + refused.stderr).split())  # the console wraps long lines
     assert refused.returncode == 1 and "is in PostgreSQL" in said and "pass its URL" in said
     assert "Traceback" not in refused.stdout + refused.stderr
+
+
+def test_the_dashboard_reads_the_shared_catalog_it_is_given(
+    tmp_path: Path, pg_server: PgServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedmerge.dashboard.views import CATALOG_ENV, open_store
+
+    url = pg_server.create_database("dash")
+    with ModelStore.open(tmp_path / "store", catalog=url) as store:
+        store.commit_base({"w": torch.zeros(3)}, name="b")
+    monkeypatch.delenv(CATALOG_ENV, raising=False)
+    with pytest.raises(ConfigError, match="is in PostgreSQL"):
+        open_store(tmp_path / "store")
+    monkeypatch.setenv(CATALOG_ENV, url)
+    with open_store(tmp_path / "store") as seen:
+        assert [v.id for v in seen.list()] == ["v000001"]
