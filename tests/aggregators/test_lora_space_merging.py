@@ -115,6 +115,16 @@ def test_core_matches_reference_transcription(method: str, params: dict[str, obj
     assert rel(b @ a, expected) < 1e-5
 
 
+def test_core_iso_c_matches_reference_isotropized_sum() -> None:
+    """The reference's core-space Iso-C: the summed cores with every singular value set to their mean."""
+    pairs = factors(21, 20, 14, [2, 3, 4])
+    m_list, u_ref, vh_ref = reference_core(pairs)
+    u, s, vh = torch.linalg.svd(torch.stack(m_list).sum(0), full_matrices=False)
+    expected = u_ref @ (u * s.mean()) @ vh @ vh_ref
+    b, a = core_space_matrix(pairs, [1.0, 1.0, 1.0], "iso_c")
+    assert rel(b @ a, expected) < 1e-5
+
+
 def test_core_ties_differs_from_dense_ties() -> None:
     """Non-linear merges act on the aligned cores, not on the m × n products."""
     pairs = factors(7, 20, 14, [3, 3, 3])
