@@ -64,9 +64,9 @@ def knots_matrix(
     """Merge one module's dense updates ΔW_i with KnOTS; returns (B', A') in fp32, ΔW_merged = B'·A'.
     ``method`` names a registered aggregator applied to the aligned Σ V_i with ``weights``/``params``."""
     u, parts = knots_components(deltas)
-    if u.shape[1] == 0:  # every update is zero
+    if u.shape[1] == 0:  # every update is zero: a rank-1 zero adapter (peft has no rank 0)
         m, n = deltas[0].shape
-        return torch.zeros(m, 0), torch.zeros(0, n)
+        return torch.zeros(m, 1), torch.zeros(1, n)
     merged = merge(method, [{KNOTS_KEY: p.float()} for p in parts], weights, **params)
     return u.float(), merged[KNOTS_KEY].float()
 

@@ -192,6 +192,19 @@ def test_merged_adapter_round_trips_through_peft_files(merge_fn: MergeFn, tmp_pa
 
 
 @pytest.mark.parametrize("merge_fn", [core_space_merge, knots_merge])
+def test_zero_adapters_merge_to_a_saveable_zero_adapter(merge_fn: MergeFn, tmp_path: Path) -> None:
+    ads = adapters(29, [2, 3])
+    for ad in ads:
+        for mod in ad.modules.values():
+            mod.B.zero_()
+    out = merge_fn(ads, None, "ties", density=0.5)
+    save_peft_adapter(out, tmp_path)
+    back = load_peft_adapter(tmp_path)
+    for name, mod in back.modules.items():
+        assert mod.rank >= 1 and torch.count_nonzero(mod.delta()) == 0, name
+
+
+@pytest.mark.parametrize("merge_fn", [core_space_merge, knots_merge])
 def test_bad_input_is_named(merge_fn: MergeFn) -> None:
     ads = adapters(23, [2, 2])
     del ads[1].modules["layers.0.v_proj.weight"]
