@@ -125,9 +125,13 @@ def deployment(tmp_path: Path) -> Iterator[Deployment]:
 def run_flwr(
     dep: Deployment, args: list[str], idle_s: float, watch: Sequence[Path] = ()
 ) -> subprocess.CompletedProcess[str]:
-    """``flwr ARGS``, ended only after ``idle_s`` seconds without progress in its output or under ``watch``
-    (e.g. the store a run commits to; :func:`progress.run_watched`)."""
-    return run_watched([str(BIN / "flwr"), *args], cwd=ROOT, env=dep.env, idle_s=idle_s, watch=watch)
+    """``flwr ARGS``, ended only after ``idle_s`` seconds without progress in its output, under ``watch``
+    (e.g. the store a run commits to) or in the SuperNodes' logs (a ClientApp started or replied;
+    :func:`progress.run_watched`). The SuperLink's log is not watched: it grows with every poll."""
+    nodes = sorted(dep.logs.glob("supernode*.log"))
+    return run_watched(
+        [str(BIN / "flwr"), *args], cwd=ROOT, env=dep.env, idle_s=idle_s, watch=[*watch, *nodes]
+    )
 
 
 def wait_for_port(port: int, proc: subprocess.Popen[bytes], idle_s: float) -> None:
@@ -188,7 +192,7 @@ def test_tls_and_node_auth_deployment_runs_two_rounds(tmp_path: Path, deployment
     # the round deadline is the ServerApp's own (a product setting): generous, so that a loaded machine
     # slows the rounds down without failing them; the test's own wait follows progress (run_flwr)
     run_config = f"store='{store}' num-rounds=2 min-clients=2 min-valid=2 local-epochs=1 round-deadline-s=900"
-    result = run_flwr(deployment, ["run", ".", "--stream", "--run-config", run_config], 180, [store])
+    result = run_flwr(deployment, ["run", ".", "--stream", "--run-config", run_config], 300, [store])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:] + deployment.tail()
     with ModelStore.open(store) as st:
         rounds = sorted((v.round, v.id) for v in st.list() if v.round is not None)

@@ -8,9 +8,10 @@ init``, ``fedmerge certs``, ``fedmerge serve`` (TLS, node authentication), the c
 registration of the three keys, three ``flower-supernode`` processes on their own ports, ``flwr run
 examples/hf_lora`` (LoRA, TIES, federated evaluation after each round), ``fedmerge store export`` and
 ``from_pretrained``. The run is ended only when it stops making progress (``progress.py``: its output,
-the store, the logs). Then the test checks what a user would rely on: every round committed with the
-three institutions accepted, the version's weights in the base's dtype, evaluations recorded, the export
-loading with transformers in that dtype and generating, the peft export matching it.
+the store, the SuperNodes' logs). Then the test checks what a user would rely on: every round
+committed with the three institutions accepted, the version's weights in the base's dtype,
+evaluations recorded, the export loading with transformers in that dtype and generating, the peft
+export matching it.
 
 Every process of the run carries a marker in its environment; at teardown each one still alive is
 ended by its pid, pass or fail.
@@ -94,8 +95,11 @@ def run_readme(tmp_path: Path, dtype: str) -> tuple[Path, str]:
     env, _ = deployment_env(tmp_path)
     env.pop("FLWR_HOME")  # the block sets its own
     env[MARKER] = str(tmp_path)
+    # progress: the block's own trace and output, the store, the SuperNodes' logs (not serve.log, which
+    # grows with every poll of the SuperLink)
+    node_logs = [d / "logs" / f"supernode-{i}.log" for i in (1, 2, 3)]
     result = run_watched(
-        ["bash", "-eux", "-c", script], cwd=ROOT, env=env, idle_s=240, watch=[d / "store", d / "logs"],
+        ["bash", "-eux", "-c", script], cwd=ROOT, env=env, idle_s=300, watch=[d / "store", *node_logs],
         merge_stderr=True, output_file=tmp_path / "readme-run.log",
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-6000:] + logs_tail(d)
