@@ -160,6 +160,17 @@ def test_knots_matches_reference_transcription(method: str, params: dict[str, ob
     assert rel(b @ a, expected) < 1e-5
 
 
+def test_knots_from_factors_matches_reference_on_dense_updates() -> None:
+    """knots_merge never forms the m × T·n concatenation; it agrees with the reference's dense SVD."""
+    ads = adapters(31, [4, 2, 5])
+    out = knots_merge(ads, None, "ties", density=0.3)
+    for name, mod in out.modules.items():
+        u, parts = reference_knots([ad.modules[name].delta() for ad in ads])
+        expected = u @ merged_by("ties", parts, [1.0, 1.0, 1.0], density=0.3)
+        assert mod.rank == 11
+        assert rel(mod.delta(), expected) < 1e-5
+
+
 def test_knots_linear_merge_equals_dense_task_arithmetic() -> None:
     ads = adapters(13, [3, 1, 6])
     ws = [0.2, 0.5, 0.3]
