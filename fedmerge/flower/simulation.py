@@ -296,6 +296,16 @@ def _filled(cell: Any) -> bool:
     return True
 
 
+def _die_with_parent() -> None:
+    """In the SuperLink's process before exec: SIGTERM when the caller dies (even by SIGKILL), so a
+    killed caller leaves no SuperLink behind (Linux ``PR_SET_PDEATHSIG``; elsewhere a no-op)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 def _bin(name: str) -> str:
     return shutil.which(name) or str(Path(sys.executable).with_name(name))
 
@@ -399,6 +409,7 @@ def run_simulation_app(
                  "--port", str(port), "--database", ":flwr-in-memory:",
                  "--disable-runtime-dependency-installation"],
                 env=run_env, stdout=log_f, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=_die_with_parent,
             )  # fmt: skip
         try:
             _wait_for_port(port, superlink, log)
