@@ -107,6 +107,7 @@ class SecAggConfig:
     """
 
     store: str = ""
+    catalog: str = ""  # "" = the store's own SQLite catalog; "postgresql://…" = a shared one
     task: str = "digits"
     mode: str = "fedavg"
     secure: bool = True

@@ -22,8 +22,8 @@ from fedmerge.aggregators.continual import (
 )
 from fedmerge.aggregators.magmax import MagMax
 from fedmerge.aggregators.task_arithmetic import TaskArithmetic
-from fedmerge.submission import NonFiniteMerge
 from fedmerge.errors import AggregatorStateError, ConfigError
+from fedmerge.submission import NonFiniteMerge
 
 FIXTURE = Path(__file__).parent / "data" / "state_format1.safetensors"
 ADAPTED = sorted(n for n in available_continual() if issubclass(get_continual(n), BatchContinual))

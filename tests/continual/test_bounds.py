@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from fedmerge.aggregators.continual import available_continual, create_continual
-from fedmerge.submission import ValueOutOfBounds, value_bound
 from fedmerge.errors import IncompatibleDeltasError
+from fedmerge.submission import ValueOutOfBounds, value_bound
 
 SHAPES = {"a.weight": (12, 8), "b.weight": (8, 12), "b.bias": (8,)}
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from peft import PeftModel
 
+from fedmerge.aggregators.lora import merge_lora
 from fedmerge.delta.lora import (
     LoraError,
     LoraTruncationWarning,
@@ -19,7 +20,6 @@ from fedmerge.delta.lora import (
     lora_to_delta,
     save_peft_adapter,
 )
-from fedmerge.aggregators.lora import merge_lora
 from fedmerge.delta.state_dict import task_vector
 from fedmerge.errors import IncompatibleDeltasError
 

@@ -22,11 +22,11 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from fedmerge.delta import hf  # noqa: E402
-from fedmerge.submission import checkpoint_to_task_vector  # noqa: E402
 from fedmerge.errors import InvalidSubmission  # noqa: E402
 from fedmerge.store import ModelStore  # noqa: E402
 from fedmerge.store.cli import app  # noqa: E402
 from fedmerge.store.init import AdapterBaseMismatchError, StoreNotEmptyError, init_store  # noqa: E402
+from fedmerge.submission import checkpoint_to_task_vector  # noqa: E402
 
 WORDS = ["<unk>", "<s>", "</s>", "the", "cat", "sat", "on", "mat", "a", "dog"]
 
