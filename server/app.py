@@ -27,6 +27,7 @@ from fedmerge.memory import use_mmap_for_large_allocations
 from fedmerge.metrics import RoundEventLog
 from fedmerge.store import ModelStore, UnknownVersionError
 from fedmerge.store.model_store import STORE_MARKER
+from fedmerge.store.s3 import is_s3_url
 from fedmerge.tasks import Task, get_task
 from fedmerge.tasks.evaluate import task_evaluator
 from fedmerge.tracking import MetricsSink, open_sink
@@ -43,6 +44,8 @@ class MissingStore(ConfigError):
 def check_store_exists(cfg: RunConfig) -> None:
     """Refuse (one :class:`MissingStore`) a ``store`` path that holds no fedmerge store: rounds never
     create an empty store, only the built-in tasks' pre-trained base with ``init-base = true``."""
+    if is_s3_url(cfg.store):  # ModelStore.open checks the bucket; an empty one is a MissingStore below
+        return
     path = Path(cfg.store)
     if (path / STORE_MARKER).is_file():
         return
@@ -158,14 +161,22 @@ def tracking_dir(cfg: RunConfig) -> Path | None:
     if cfg.tracking_dir:
         return Path(cfg.tracking_dir)
     if cfg.tracking == "tensorboard":
-        store = Path(cfg.store).resolve()
+        store = Path(store_name(cfg)).resolve()
         return store.with_name(store.name + ".tracking")
     return None
 
 
+def store_name(cfg: RunConfig) -> str:
+    """The store's local name for files kept beside it: its directory, or for ``s3://bucket/prefix``
+    ``bucket-prefix`` in the working directory (the bucket holds only the store's own objects)."""
+    if is_s3_url(cfg.store):
+        return cfg.store.removeprefix("s3://").strip("/").replace("/", "-")
+    return cfg.store
+
+
 def tracking_sink(cfg: RunConfig) -> MetricsSink | None:
     """The run's tracking sink (``tracking`` / ``tracking-dir`` keys), None when tracking is off."""
-    return open_sink(cfg.tracking, tracking_dir(cfg), run_name=Path(cfg.store).name)
+    return open_sink(cfg.tracking, tracking_dir(cfg), run_name=Path(store_name(cfg)).name)
 
 
 def with_tracking(
