@@ -23,10 +23,9 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from fedmerge.aggregators.base import ClientDelta, register
-from fedmerge.aggregators.robust import BufferingAggregator
-from fedmerge.aggregators.slerp import id_order
-from fedmerge.errors import AggregatorStateError, ConfigError
+from fedmerge.aggregators.base import register
+from fedmerge.aggregators.robust import PairAggregator
+from fedmerge.errors import ConfigError
 
 PRECISIONS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -54,9 +53,9 @@ def arcee_fusion(x0: torch.Tensor, x1: torch.Tensor, dtype: torch.dtype = torch.
 
 
 @register
-class ArceeFusion(BufferingAggregator):
+class ArceeFusion(PairAggregator):
     name: ClassVar[str] = "arcee_fusion"
-    exact_models: ClassVar[int] = 2
+    pair_note: ClassVar[str] = " (a base and one other)"
 
     def __init__(self, *, precision: str = "float32", **common: object) -> None:
         super().__init__(**common)  # type: ignore[arg-type]
@@ -66,26 +65,7 @@ class ArceeFusion(BufferingAggregator):
     def params(self) -> dict[str, Any]:
         return {**super().params, "precision": self.precision}
 
-    def add(
-        self,
-        client_delta: ClientDelta,
-        weight: float = 1.0,
-        *,
-        client_id: str | int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        if self._shapes is not None and not self._finalized and self._num_clients >= 2:
-            raise AggregatorStateError(
-                "arcee_fusion merges exactly two models (a base and one other); a third was added"
-            )
-        super().add(client_delta, weight, client_id=client_id, generator=generator)
-
-    def _finalize_tensor(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
-        buf = self._buffers.pop(key)
-        if len(buf) == 1:
-            return buf[0]
-        i0, i1 = sorted(range(2), key=lambda i: id_order(self._ids[i]))
-        return arcee_fusion(buf[i0].reshape(shape), buf[i1].reshape(shape), PRECISIONS[self.precision])
-
-    def _reduce(self, stacked: torch.Tensor) -> torch.Tensor:  # pragma: no cover - _finalize_tensor overrides
-        raise NotImplementedError
+    def _merge_pair(
+        self, key: str, shape: tuple[int, ...], i0: int, i1: int, first: torch.Tensor, second: torch.Tensor
+    ) -> torch.Tensor:
+        return arcee_fusion(first.reshape(shape), second.reshape(shape), PRECISIONS[self.precision])

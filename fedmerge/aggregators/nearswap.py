@@ -17,10 +17,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from fedmerge.aggregators.base import ClientDelta, register
-from fedmerge.aggregators.robust import BufferingAggregator
-from fedmerge.aggregators.slerp import id_order
-from fedmerge.errors import AggregatorStateError, ConfigError
+from fedmerge.aggregators.base import register
+from fedmerge.aggregators.robust import PairAggregator
+from fedmerge.errors import ConfigError
 
 
 def nearswap(t: float, x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
@@ -31,9 +30,9 @@ def nearswap(t: float, x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
 
 
 @register
-class NearSwap(BufferingAggregator):
+class NearSwap(PairAggregator):
     name: ClassVar[str] = "nearswap"
-    exact_models: ClassVar[int] = 2
+    pair_note: ClassVar[str] = " (a base and one other)"
 
     def __init__(self, *, t: float = 1e-4, **common: object) -> None:
         super().__init__(**common)  # type: ignore[arg-type]
@@ -45,26 +44,7 @@ class NearSwap(BufferingAggregator):
     def params(self) -> dict[str, Any]:
         return {**super().params, "t": self.t}
 
-    def add(
-        self,
-        client_delta: ClientDelta,
-        weight: float = 1.0,
-        *,
-        client_id: str | int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        if self._shapes is not None and not self._finalized and self._num_clients >= 2:
-            raise AggregatorStateError(
-                "nearswap merges exactly two models (a base and one other); a third was added"
-            )
-        super().add(client_delta, weight, client_id=client_id, generator=generator)
-
-    def _finalize_tensor(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
-        buf = self._buffers.pop(key)
-        if len(buf) == 1:
-            return buf[0]
-        i0, i1 = sorted(range(2), key=lambda i: id_order(self._ids[i]))
-        return nearswap(self.t, buf[i0], buf[i1])
-
-    def _reduce(self, stacked: torch.Tensor) -> torch.Tensor:  # pragma: no cover - _finalize_tensor overrides
-        raise NotImplementedError
+    def _merge_pair(
+        self, key: str, shape: tuple[int, ...], i0: int, i1: int, first: torch.Tensor, second: torch.Tensor
+    ) -> torch.Tensor:
+        return nearswap(self.t, first, second)

@@ -21,9 +21,7 @@ from typing import Any, ClassVar
 import torch
 
 from fedmerge.aggregators.base import ClientDelta, register
-from fedmerge.aggregators.robust import BufferingAggregator
-from fedmerge.aggregators.slerp import id_order
-from fedmerge.errors import AggregatorStateError
+from fedmerge.aggregators.robust import PairAggregator
 
 
 def nuslerp(
@@ -49,9 +47,8 @@ def nuslerp(
 
 
 @register
-class NuSlerp(BufferingAggregator):
+class NuSlerp(PairAggregator):
     name: ClassVar[str] = "nuslerp"
-    exact_models: ClassVar[int] = 2
 
     def __init__(
         self, *, nuslerp_row_wise: bool = False, nuslerp_flatten: bool = True, **common: object
@@ -77,25 +74,18 @@ class NuSlerp(BufferingAggregator):
         client_id: str | int | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
-        if self._shapes is not None and not self._finalized and self._num_clients >= 2:
-            raise AggregatorStateError("nuslerp merges exactly two models; a third was added")
         super().add(client_delta, weight, client_id=client_id, generator=generator)
         self._weights.append(float(weight))
 
-    def _finalize_tensor(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
-        buf = self._buffers.pop(key)
-        if len(buf) == 1:
-            return buf[0]
-        i0, i1 = sorted(range(2), key=lambda i: id_order(self._ids[i]))
+    def _merge_pair(
+        self, key: str, shape: tuple[int, ...], i0: int, i1: int, first: torch.Tensor, second: torch.Tensor
+    ) -> torch.Tensor:
         total = self._weights[i0] + self._weights[i1]
         t = 0.5 if abs(total) < 1e-6 else self._weights[i1] / total
         return nuslerp(
             t,
-            buf[i0].reshape(shape),
-            buf[i1].reshape(shape),
+            first.reshape(shape),
+            second.reshape(shape),
             dim=0 if self.row_wise else -1,
             flatten=self.flatten,
         )
-
-    def _reduce(self, stacked: torch.Tensor) -> torch.Tensor:  # pragma: no cover - _finalize_tensor overrides
-        raise NotImplementedError

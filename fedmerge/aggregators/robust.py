@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 import torch
 
 from fedmerge.aggregators.base import Aggregator, ClientDelta, DeltaTensor, Prepared, dense_of
+from fedmerge.errors import AggregatorStateError
 
 
 class BufferingAggregator(Aggregator):
@@ -52,3 +53,47 @@ class BufferingAggregator(Aggregator):
     @abstractmethod
     def _reduce(self, stacked: torch.Tensor) -> torch.Tensor:
         """Coordinate-wise statistic over dim 0."""
+
+
+def id_order(client_id: Any) -> tuple[int, Any]:
+    """Sort key of client ids: integers (by value) before strings (by value)."""
+    return (0, int(client_id)) if isinstance(client_id, int) else (1, str(client_id))
+
+
+class PairAggregator(BufferingAggregator):
+    """A merge of exactly two models (slerp, nuslerp, nearswap, arcee_fusion): a third ``add`` is refused
+    (:class:`AggregatorStateError`), and each tensor is ``_merge_pair(key, shape, i0, i1, first, second)``
+    with the two buffered deltas ordered by client id (:func:`id_order`); one model alone is itself."""
+
+    exact_models: ClassVar[int] = 2
+    pair_note: ClassVar[str] = ""  # said after "merges exactly two models" when a third arrives
+
+    def add(
+        self,
+        client_delta: ClientDelta,
+        weight: float = 1.0,
+        *,
+        client_id: str | int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if self._shapes is not None and not self._finalized and self._num_clients >= 2:
+            raise AggregatorStateError(
+                f"{self.name} merges exactly two models{self.pair_note}; a third was added"
+            )
+        super().add(client_delta, weight, client_id=client_id, generator=generator)
+
+    def _finalize_tensor(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
+        buf = self._buffers.pop(key)
+        if len(buf) == 1:
+            return buf[0]
+        i0, i1 = sorted(range(2), key=lambda i: id_order(self._ids[i]))
+        return self._merge_pair(key, shape, i0, i1, buf[i0], buf[i1])
+
+    @abstractmethod
+    def _merge_pair(
+        self, key: str, shape: tuple[int, ...], i0: int, i1: int, first: torch.Tensor, second: torch.Tensor
+    ) -> torch.Tensor:
+        """The merged delta of one tensor from the first and second model's (flattened) deltas."""
+
+    def _reduce(self, stacked: torch.Tensor) -> torch.Tensor:  # pragma: no cover - _finalize_tensor overrides
+        raise NotImplementedError

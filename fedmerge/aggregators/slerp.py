@@ -26,14 +26,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from fedmerge.aggregators.base import ClientDelta, check_fraction, register
-from fedmerge.aggregators.robust import BufferingAggregator
-from fedmerge.errors import AggregatorStateError, ConfigError
-
-
-def id_order(client_id: Any) -> tuple[int, Any]:
-    """Sort key of client ids: integers (by value) before strings (by value)."""
-    return (0, int(client_id)) if isinstance(client_id, int) else (1, str(client_id))
+from fedmerge.aggregators.base import check_fraction, register
+from fedmerge.aggregators.robust import PairAggregator
+from fedmerge.errors import ConfigError
 
 
 def slerp(
@@ -56,10 +51,9 @@ def slerp(
 
 
 @register
-class Slerp(BufferingAggregator):
+class Slerp(PairAggregator):
     name: ClassVar[str] = "slerp"
     averaging: ClassVar[bool] = True  # two identical models: d = 1 → lerp → the model
-    exact_models: ClassVar[int] = 2
 
     def __init__(
         self,
@@ -88,27 +82,10 @@ class Slerp(BufferingAggregator):
                 raise ConfigError(f"slerp: t names no value for tensors {missing}")
         super().begin(reference_shapes)
 
-    def add(
-        self,
-        client_delta: ClientDelta,
-        weight: float = 1.0,
-        *,
-        client_id: str | int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        if self._shapes is not None and not self._finalized and self._num_clients >= 2:
-            raise AggregatorStateError("slerp merges exactly two models; a third was added")
-        super().add(client_delta, weight, client_id=client_id, generator=generator)
-
     def _t(self, key: str) -> float:
         return self.t[key] if isinstance(self.t, dict) else self.t
 
-    def _finalize_tensor(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
-        buf = self._buffers.pop(key)
-        if len(buf) == 1:
-            return buf[0]
-        first, second = sorted(range(2), key=lambda i: id_order(self._ids[i]))
-        return slerp(self._t(key), buf[first], buf[second], self.dot_threshold, self.eps)
-
-    def _reduce(self, stacked: torch.Tensor) -> torch.Tensor:  # pragma: no cover - _finalize_tensor overrides
-        raise NotImplementedError
+    def _merge_pair(
+        self, key: str, shape: tuple[int, ...], i0: int, i1: int, first: torch.Tensor, second: torch.Tensor
+    ) -> torch.Tensor:
+        return slerp(self._t(key), first, second, self.dot_threshold, self.eps)
