@@ -42,6 +42,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from fedmerge.flower.config import RunConfig
+from fedmerge.flower.exchange import exchange
 from fedmerge.flower.records import (
     ARRAYS_RECORD,
     CONFIG_RECORD,
@@ -55,7 +56,6 @@ from fedmerge.store.evaluations import Evaluation, NodeEvaluation, record_evalua
 log = logging.getLogger("fedmerge.evaluation")
 
 EVALUATE = MessageType.EVALUATE
-POLL_S = 0.02
 MAX_REASON = 400
 EXPIRED_CODES = frozenset({ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE})
 
@@ -262,26 +262,11 @@ def collect_evaluate(
     labels: Mapping[int, str],
 ) -> list[NodeEvaluation]:
     """Push, then pull replies as they arrive and judge each, until all came or the deadline passed."""
-    ids = list(grid.push_messages(messages))
-    pending = {mid: node for mid, node in zip(ids, nodes, strict=True) if mid}
-    outcomes = [
-        NodeEvaluation(labels.get(node, f"node-{node}"), 0, False, "evaluate message could not be pushed")
-        for mid, node in zip(ids, nodes, strict=True)
-        if not mid
-    ]
-    end = time.monotonic() + deadline_s
-    while pending and time.monotonic() < end:
-        replies = list(grid.pull_messages(list(pending)))
-        for reply in replies:
-            node = pending.pop(reply.metadata.reply_to_message_id, None)
-            if node is not None:
-                outcomes.append(judge(node, reply))
-        if not replies:
-            time.sleep(POLL_S)
-    timeout = f"timeout: no evaluate reply within round-deadline-s={deadline_s:g}"
-    outcomes.extend(
-        NodeEvaluation(labels.get(node, f"node-{node}"), 0, False, timeout) for node in pending.values()
-    )
+    outcomes = exchange(
+        grid, messages, nodes, judge,
+        lambda node, reason: NodeEvaluation(labels.get(node, f"node-{node}"), 0, False, reason),
+        deadline_s, f"timeout: no evaluate reply within round-deadline-s={deadline_s:g}",
+    )  # fmt: skip
     return sorted(outcomes, key=lambda o: o.client_id)
 
 

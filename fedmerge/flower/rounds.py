@@ -53,6 +53,7 @@ from fedmerge.flower.bulk_endpoint import BulkEndpoint, bulk_endpoint_for
 from fedmerge.flower.config import RunConfig, needs_fisher
 from fedmerge.flower.downlink import apply_weights, compress_update, weights_digest
 from fedmerge.flower.evaluation import EvaluationReport, evaluation_due, run_evaluation
+from fedmerge.flower.exchange import POLL_S, exchange
 from fedmerge.flower.faults import FaultPlan
 from fedmerge.flower.records import (
     ARRAYS_RECORD,
@@ -100,7 +101,6 @@ log = logging.getLogger("fedmerge.rounds")
 
 # Flower's error replies for a message whose TTL (= round-deadline-s) expired before its reply came
 EXPIRED_CODES = frozenset({ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE})
-POLL_S = 0.02  # pulling is cheap (in-memory or one RPC); a reply is judged ≤ 20 ms after it lands
 MAX_REASON = 400  # characters of a client's error kept in the manifest (its head and its end)
 CLIENT_ID_KEY = "client-id"  # a reply's ConfigRecord "config" may name the node's client id with it
 MAX_CLIENT_ID = 128
@@ -733,27 +733,11 @@ def collect(
     grid: Grid, messages: list[Message], nodes: list[int], state: RoundState, deadline_s: float
 ) -> list[ReplyOutcome]:
     """Push, then pull replies as they arrive and judge each at once, until all came or the deadline."""
-    ids = list(grid.push_messages(messages))
-    pending = {mid: node for mid, node in zip(ids, nodes, strict=True) if mid}
-    outcomes = [
-        ReplyOutcome(node, state.labels.get(node, f"node-{node}"), False, "message could not be pushed")
-        for mid, node in zip(ids, nodes, strict=True)
-        if not mid
-    ]
-    end = time.monotonic() + deadline_s
-    while pending and time.monotonic() < end:
-        replies = list(grid.pull_messages(list(pending)))
-        for reply in replies:
-            node = pending.pop(reply.metadata.reply_to_message_id, None)
-            if node is not None:
-                outcomes.append(state.judge(node, reply))
-        if not replies:
-            time.sleep(POLL_S)
-    outcomes.extend(
-        ReplyOutcome(node, state.labels.get(node, f"node-{node}"), False, deadline_reason(deadline_s))
-        for node in pending.values()
-    )
-    return outcomes
+    return exchange(
+        grid, messages, nodes, state.judge,
+        lambda node, reason: ReplyOutcome(node, state.labels.get(node, f"node-{node}"), False, reason),
+        deadline_s, deadline_reason(deadline_s),
+    )  # fmt: skip
 
 
 @dataclass
