@@ -78,19 +78,20 @@ def test_fedmerge_client_app_federates_under_flowers_fedavg_in_process(
 
 @pytest.mark.slow
 def test_fedmerge_client_app_federates_under_flowers_fedavg_server_app() -> None:
-    """The same with a FedAvg ServerApp on Flower's simulation runtime (Ray, one process per node)."""
-    from flwr.simulation import run_simulation
+    """The same with a FedAvg ServerApp on Flower's supported simulation runtime (``flwr run`` on a
+    SuperLink in simulation mode, Ray, one process per node); the strategy's Result comes back through
+    :func:`emit_report`."""
+    from fedmerge.flower.simulation import emit_report, run_simulation_app
 
     results: list[Result] = []
     server = ServerApp()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        results.append(_run_fedavg(grid, num_rounds=2))
+        emit_report(_run_fedavg(grid, num_rounds=2))
 
-    config: dict[str, Any] = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        run_simulation(server, fedmerge_client_app, num_supernodes=3, backend_config=config)
+    run_simulation_app(
+        server, "fedmerge_clients.app:app", num_supernodes=3, num_cpus=1, on_report=results.append
+    )
     assert len(results) == 1
     _check(results[0], 2)
