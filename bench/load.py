@@ -549,20 +549,12 @@ def run_intake_load(cfg: LoadConfig, work: Path, console: Console | None = None)
 
 def fedmerge_round(clients: int, store: Path) -> dict[str, Any]:
     """One fedmerge round over ``clients`` simulated SuperNodes (same task/training as bench/rounds.py)."""
-    import warnings
-
-    from flwr.simulation import run_simulation
-
-    from fedmerge.flower.simulation import backend_config
+    from fedmerge.flower.simulation import ServerAppFactory, run_simulation_app
     from fedmerge_bench.rounds import ALPHA, SEED, WORKLOADS, peak_rss_bytes
 
     LR, EPOCHS = WORKLOADS["digits"]
     from fedmerge.flower.rounds import RoundReport
-    from fedmerge.plugins import load_object
     from fedmerge.store import ModelStore
-
-    client_app = load_object("fedmerge_clients.app:app", "ClientApp")
-    make_server_app = load_object("fedmerge_server.app:make_server_app", "ServerApp factory")
 
     reports: list[RoundReport] = []
     config = {
@@ -572,14 +564,13 @@ def fedmerge_round(clients: int, store: Path) -> dict[str, Any]:
         "round-deadline-s": 900.0, "wait-for-nodes-s": 300.0,
     }  # fmt: skip
     t0 = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        run_simulation(
-            make_server_app(config, on_round=reports.append),
-            client_app,
-            num_supernodes=clients,
-            backend_config=backend_config(),
-        )
+    run_simulation_app(
+        ServerAppFactory("fedmerge_server.app:make_server_app"),
+        "fedmerge_clients.app:app",
+        num_supernodes=clients,
+        run_config=config,
+        on_report=reports.append,
+    )
     simulation_s = time.perf_counter() - t0
     if not reports:
         raise RuntimeError("the fedmerge ServerApp ran no round (see the Flower log above)")

@@ -27,6 +27,8 @@ from fedmerge_testing.hostile.outcomes import Outcome, store_snapshot, unchanged
 # ------------------------------------------------------------------------------------------ Flower
 
 
+REPOSITORY = str(Path(__file__).resolve().parents[2])  # the folder that holds fedmerge_testing/
+
 STYPE_WRONG = "fedmerge-delta-v0"
 
 
@@ -326,13 +328,9 @@ def run_flower_simulation(
     """One Flower simulation round: ``honest`` synthetic honest clients (plus one real training client
     when ``train``) and one hostile ClientApp per case. Returns the outcomes and a summary (report,
     accepted client ids, the snapshot check, wall time)."""
-    import warnings
-
-    from flwr.simulation import run_simulation
-
     from fedmerge.flower.rounds import RoundAborted, RoundReport
+    from fedmerge.flower.simulation import ServerAppFactory, run_simulation_app
     from fedmerge.store import ModelStore
-    from fedmerge_server.app import make_server_app
 
     cases = [c for c in (cases or cases_for("flower")) if "flower" in c.expect]
     work = Path(workdir)
@@ -366,17 +364,17 @@ def run_flower_simulation(
     }
     t0 = time.perf_counter()
     aborted = ""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            run_simulation(
-                make_server_app(config, on_round=on_round),
-                hostile_client_app(plan, str(work), MIB),
-                num_supernodes=len(plan),
-                backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
-            )
-        except RoundAborted as exc:  # pragma: no cover - observed and reported
-            aborted = str(exc)
+    try:  # Flower's supported simulation runtime; round reports reach on_round as the run goes on
+        run_simulation_app(
+            ServerAppFactory("fedmerge_server.app:make_server_app"),
+            hostile_client_app(plan, str(work), MIB),
+            num_supernodes=len(plan),
+            run_config=config,
+            on_report=on_round,
+            env={"PYTHONPATH": os.pathsep.join(filter(None, (REPOSITORY, os.environ.get("PYTHONPATH"))))},
+        )  # the hostile ClientApp's modules are test support, not installed: the nodes import them from here
+    except RoundAborted as exc:  # pragma: no cover - observed and reported
+        aborted = str(exc)
     wall = time.perf_counter() - t0
     nodes = (
         {int(p.name): int(p.read_text().split()[0]) for p in (work / "nodes").glob("*")}
