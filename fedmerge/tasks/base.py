@@ -13,14 +13,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
-from peft import PeftModel
 from torch import Tensor, nn
 
 from fedmerge.errors import ConfigError
+
+if TYPE_CHECKING:  # peft is the [lora] extra: a server that runs rounds does not need it
+    from peft import PeftModel
 
 
 @dataclass(frozen=True)
