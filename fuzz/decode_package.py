@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from pathlib import Path
 
 import atheris
 import torch
@@ -20,6 +21,8 @@ import torch
 from fedmerge.codec import CodecConfig, PackageMeta, decode_package, encode_package
 from fedmerge.errors import InvalidSubmission
 from fedmerge.v1 import delta_pb2
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # test support lives in the repository
 from fedmerge_testing.hostile import resign
 
 SHAPES = {"a.weight": (24, 8), "a.bias": (24,), "b.weight": (4, 24)}
