@@ -41,7 +41,8 @@ from fedmerge.codec import PackageMeta
 from fedmerge.delta.lowrank import tsv_compress
 from fedmerge.delta.state_dict import StateDict
 from fedmerge.errors import ConfigError, FedMergeError
-from fedmerge.flower.client import (
+from fedmerge.flower.client.faults import FaultPlan, inject_faults
+from fedmerge.flower.client.reply import (
     TrainInstructions,
     encode_reply,
     message_settings,
@@ -49,7 +50,6 @@ from fedmerge.flower.client import (
     training_device,
 )
 from fedmerge.flower.config import RunConfig
-from fedmerge.flower.faults import FaultPlan, inject_faults
 from fedmerge.flower.records import (
     ARRAYS_RECORD,
     CONFIG_RECORD,

@@ -103,7 +103,7 @@ class RoundEvent:
     downlink_bytes: int = 0
     wall_s: float = 0.0
     time: float = 0.0  # wall-clock time of the event (seconds since the epoch)
-    # the federated evaluation after the round (fedmerge.flower.evaluation), when there was one
+    # the federated evaluation after the round (fedmerge.flower.server.evaluation), when there was one
     evaluate_accepted: int = 0
     evaluate_dropped: int = 0
     evaluate_metrics: dict[str, float] = field(default_factory=dict)  # aggregated, by metric name
@@ -111,7 +111,7 @@ class RoundEvent:
 
     @classmethod
     def from_report(cls, report: Any) -> RoundEvent:
-        """From a :class:`fedmerge.flower.rounds.RoundReport` (read by attribute only)."""
+        """From a :class:`fedmerge.flower.server.rounds.RoundReport` (read by attribute only)."""
         rejected: dict[str, int] = {}
         for outcome in report.rejected:
             key = reply_reason(outcome.reason)

@@ -91,7 +91,7 @@ class Aggregator(ABC):
     side_inputs: ClassVar[tuple[str, ...]] = ()
     # The merge of each tensor depends only on the clients' values of that tensor (and their weights):
     # merging tensor by tensor, each with a fresh instance, gives the whole merge exactly. Federated
-    # rounds then fold spooled deltas tensor-major (fedmerge.flower.spool_merge). False for methods
+    # rounds then fold spooled deltas tensor-major (fedmerge.flower.server.spool_merge). False for methods
     # that look at whole deltas at once (distances or norms over every tensor: Krum, norm bounding).
     tensorwise: ClassVar[bool] = True
     # Sparse client tensors are held in groups of ``group_size`` clients and folded by

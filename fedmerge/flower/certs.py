@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedmerge.errors import ConfigError
+from fedmerge.flower.tls import certificate_names, names_host
 
 CA_CERT, CA_KEY = "ca.crt", "ca.key"
 SERVER_CERT, SERVER_KEY = "server.pem", "server.key"
@@ -356,34 +357,6 @@ def _load_key(path: Path) -> ec.EllipticCurvePrivateKey | object:
         raise CertificateError(f"{path} is not a PEM private key ({exc})") from None
 
 
-def certificate_hosts(cert: x509.Certificate) -> list[str]:
-    """The DNS names and IP addresses a certificate's subjectAltName names (common name if it has none)."""
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
-    return [
-        *san.get_values_for_type(x509.DNSName),
-        *(str(ip) for ip in san.get_values_for_type(x509.IPAddress)),
-    ]
-
-
-def names_host(cert: x509.Certificate, host: str) -> bool:
-    """Whether TLS hostname verification of ``host`` accepts ``cert`` (IP exact; DNS case-insensitive,
-    a ``*.`` wildcard covering exactly one label)."""
-    names = certificate_hosts(cert)
-    if _is_ip(host):
-        wanted = ipaddress.ip_address(host)
-        return any(_is_ip(n) and ipaddress.ip_address(n) == wanted for n in names)
-    host = host.lower().rstrip(".")
-    for name in (n.lower().rstrip(".") for n in names if not _is_ip(n)):
-        if name == host:
-            return True
-        if name.startswith("*.") and "." in host and host.split(".", 1)[1] == name[2:]:
-            return True
-    return False
-
-
 def check_certificates(
     folder: Path, hosts: Sequence[str] = (), *, now: dt.datetime | None = None
 ) -> list[str]:
@@ -422,7 +395,7 @@ def check_certificates(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     ):
         raise CertificateError(f"{folder / SERVER_KEY} is not the private key of {folder / SERVER_CERT}")
-    names = certificate_hosts(cert)
+    names = certificate_names(cert)
     for host in [*hosts, "127.0.0.1"]:
         host = validate_host(host)
         if not names_host(cert, host):

@@ -112,7 +112,7 @@ def serve(
     SIGINT/SIGTERM are forwarded to the SuperLink; the exit code is the SuperLink's.
     """
     from fedmerge.errors import FedMergeError
-    from fedmerge.flower.serve import serve_forever
+    from fedmerge.flower.server.serve import serve_forever
 
     try:
         code = serve_forever(

@@ -122,7 +122,7 @@ class RunConfig:
     codec_density: float = 0.1
     codec_values: str = "int8"
     codec_error_feedback: bool = True
-    # simulated faults (fedmerge/flower/faults.py): probabilities per (seed, round, partition); 0 = off
+    # simulated faults (fedmerge/flower/client/faults.py): probabilities per (seed, round, partition); 0 = off
     fault_dropout: float = 0.0
     fault_straggler: float = 0.0
     fault_straggler_delay_s: float = 0.0
@@ -132,7 +132,7 @@ class RunConfig:
     # of local training examples a client's Fisher is estimated on (fedmerge/delta/fisher.py)
     fisher_examples: int = 256
     server_eval: bool = True
-    # federated evaluation (fedmerge/flower/evaluation.py): after every evaluate-every-th committed round,
+    # federated evaluation (flower/server/evaluation.py): after every evaluate-every-th committed round,
     # "evaluate" messages with the new weights go to max(⌊fraction-evaluate·N⌋, min-evaluate-nodes)
     # nodes (at most N); 0 = off (Flower's strategies default to 1.0)
     fraction_evaluate: float = 0.0
@@ -519,7 +519,7 @@ def bulk_tls_problems(cfg: RunConfig) -> list[str]:
     host clients dial (``bulk-public-address``, else ``bulk-address``'s host); ``bulk-tls-client-ca``
     (mutual TLS) is a PEM bundle of at least one certificate and needs the other two; a plaintext
     endpoint off loopback needs ``bulk-allow-insecure`` (:func:`bulk_insecure_bind_problem`)."""
-    from fedmerge.flower.bulk_client import (
+    from fedmerge.flower.tls import (
         TlsMaterialError,
         certificate_names,
         check_key_pair,

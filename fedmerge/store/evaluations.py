@@ -2,7 +2,7 @@
 
 A version's manifest (weights, contributors, metrics) is content-addressed and never changes, but a
 federated evaluation of that version happens *after* its commit: the server sends the committed
-weights to a sample of nodes and aggregates their metrics (:mod:`fedmerge.flower.evaluation`). Its
+weights to a sample of nodes and aggregates their metrics (:mod:`fedmerge.flower.server.evaluation`). Its
 result is an observation about the version, not part of it, so it is recorded here:
 ``<store>/evaluations/<version id>.json`` holds a JSON list of the evaluations of that version (a
 resumed run that evaluates the same version again appends one), each written atomically (temporary

@@ -104,7 +104,7 @@ def demo_store(tmp_path_factory: pytest.TempPathFactory) -> StoreFacts:
     printed = io.StringIO()
     try:
         # seed 3: the injected dropout (p = 0.4) loses one of the three replies in each round
-        # (fedmerge.flower.faults.draw_faults is a pure function of seed, round and partition)
+        # (fedmerge.flower.client.faults.draw_faults is a pure function of seed, round and partition)
         reports = run_demo(
             root,
             num_clients=3,

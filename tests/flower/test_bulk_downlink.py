@@ -26,7 +26,7 @@ from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedmerge.errors import ConfigError
-from fedmerge.flower.bulk_client import (
+from fedmerge.flower.client.bulk import (
     BASE_DIGEST_KEY,
     BASE_ID_KEY,
     BASE_SIZE_KEY,
@@ -37,11 +37,11 @@ from fedmerge.flower.bulk_client import (
     BulkTarget,
     download_base,
 )
-from fedmerge.flower.bulk_endpoint import BulkEndpoint, make_token
-from fedmerge.flower.client import BASE_META, base_weights
+from fedmerge.flower.client.reply import BASE_META, base_weights
 from fedmerge.flower.config import parse_run_config
 from fedmerge.flower.records import ARRAYS_RECORD, FEDMERGE_RECORD
-from fedmerge.flower.rounds import build_messages
+from fedmerge.flower.server.bulk_endpoint import BulkEndpoint, make_token
+from fedmerge.flower.server.rounds import build_messages
 from fedmerge.store import ModelStore, Version
 from fedmerge.store.safetensors_format import encode_header
 from fedmerge.v1 import intake_pb2, intake_pb2_grpc

@@ -25,19 +25,18 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedmerge.errors import ConfigError
-from fedmerge.flower.bulk_client import (
+from fedmerge.flower.client.bulk import (
     CLIENT_AUTH_KEY,
     GRPC_ROOTS_ENV,
     TLS_KEY,
     BulkTarget,
     BulkUploadFailed,
     NodeTls,
-    TlsMaterialError,
-    names_host,
     upload_package,
 )
-from fedmerge.flower.bulk_endpoint import BulkEndpoint, bulk_endpoint_for, make_token
 from fedmerge.flower.config import parse_run_config
+from fedmerge.flower.server.bulk_endpoint import BulkEndpoint, bulk_endpoint_for, make_token
+from fedmerge.flower.tls import TlsMaterialError, names_host
 from fedmerge.service.config import TlsConfig
 from fedmerge.store import ModelStore
 

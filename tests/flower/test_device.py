@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fedmerge.errors import ConfigError, FedMergeError
-from fedmerge.flower.client import training_device
+from fedmerge.flower.client.reply import training_device
 from fedmerge.flower.config import parse_run_config
 
 

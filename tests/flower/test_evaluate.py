@@ -15,7 +15,8 @@ from flwr.clientapp import ClientApp
 
 from fedmerge.errors import ConfigError
 from fedmerge.flower.config import RunConfig, parse_run_config
-from fedmerge.flower.evaluation import (
+from fedmerge.flower.records import DTYPES_RECORD
+from fedmerge.flower.server.evaluation import (
     EVALUATE,
     aggregate_evaluate,
     build_evaluate_messages,
@@ -23,8 +24,7 @@ from fedmerge.flower.evaluation import (
     judge_evaluate_reply,
     sample_evaluate_nodes,
 )
-from fedmerge.flower.records import DTYPES_RECORD
-from fedmerge.flower.rounds import Federation, ensure_base
+from fedmerge.flower.server.rounds import Federation, ensure_base
 from fedmerge.store import ModelStore, UnknownVersionError
 from fedmerge.store.evaluations import Evaluation, NodeEvaluation, evaluations_of, record_evaluation
 from fedmerge_clients.app import evaluate_reply, local_settings, train_reply

@@ -21,17 +21,17 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedmerge.flower.bulk_client import (
+from fedmerge.flower.client.bulk import (
     REF_SHA_KEY,
     REF_SIZE_KEY,
     BulkTarget,
     BulkUploadFailed,
     upload_package,
 )
-from fedmerge.flower.bulk_endpoint import BulkEndpoint, make_token
 from fedmerge.flower.records import CONFIG_RECORD, METRICS_RECORD
-from fedmerge.flower.rounds import RoundState
-from fedmerge.flower.spool_merge import merge_tensor_major
+from fedmerge.flower.server.bulk_endpoint import BulkEndpoint, make_token
+from fedmerge.flower.server.rounds import RoundState
+from fedmerge.flower.server.spool_merge import merge_tensor_major
 from fedmerge.store import ModelStore
 from fedmerge.v1 import intake_pb2, intake_pb2_grpc
 from fedmerge_testing.hostile import Attack, FlowerRound, train_message

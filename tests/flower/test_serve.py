@@ -40,7 +40,7 @@ from typer.testing import CliRunner
 
 from fedmerge.errors import ConfigError
 from fedmerge.flower.cli import app as flower_cli
-from fedmerge.flower.serve import (
+from fedmerge.flower.server.serve import (
     DEFAULT_HOST,
     DEFAULT_PORT,
     default_state_dir,

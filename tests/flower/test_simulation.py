@@ -19,7 +19,7 @@ import pytest
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedmerge.flower.rounds import RoundAborted, RoundReport
+from fedmerge.flower.server.rounds import RoundAborted, RoundReport
 from fedmerge.store import ModelStore
 
 Simulate = Callable[..., list[RoundReport]]

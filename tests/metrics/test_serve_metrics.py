@@ -93,7 +93,7 @@ def test_serve_refuses_a_remote_metrics_host_before_starting_anything(tmp_path: 
     from typer.testing import CliRunner
 
     from fedmerge.flower.cli import app as flower_cli
-    from fedmerge.flower.serve import default_state_dir
+    from fedmerge.flower.server.serve import default_state_dir
 
     store = tmp_path / "store"
     args = ["serve", "--store", str(store), "--insecure", "--no-supernode-auth", "--port", str(free_port()),

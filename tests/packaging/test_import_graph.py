@@ -10,6 +10,8 @@
   statement counts — inside functions and under ``TYPE_CHECKING`` too — and importing ``a.b.c`` runs
   the ``__init__`` of ``a`` and ``a.b``), and between its packages (``fedmerge.delta``,
   ``fedmerge.codec`` …), where each ``cli`` module belongs to the command layer above them all;
+* nothing under ``fedmerge/flower/client/`` imports from ``fedmerge/flower/server/`` or any other
+  server-side package (a folder rule on the source);
 * a ClientApp process loads no server-side module (round engine, aggregators, store, intake service);
 * every package folder is listed in ``[tool.setuptools] packages``, and nothing is installed under a
   generic top-level name.
@@ -28,7 +30,7 @@ APP_FOLDERS = {"server": "fedmerge_server", "clients": "fedmerge_clients",
                "simulations": "fedmerge_simulations", "bench": "fedmerge_bench"}  # fmt: skip
 APP_NAMES = set(APP_FOLDERS) | set(APP_FOLDERS.values())
 TEST_SUPPORT = "fedmerge_testing"  # in the repository, not in the wheel: tests, fuzzers, benchmarks
-SERVER_SIDE = ("fedmerge.flower.rounds", "fedmerge.aggregators", "fedmerge.store", "fedmerge.service")
+SERVER_SIDE = ("fedmerge.flower.server", "fedmerge.aggregators", "fedmerge.store", "fedmerge.service")
 # the service's own client side (the light gRPC client the bulk channel's uploads and downloads use)
 CLIENT_SIDE_OF_SERVICE = ("fedmerge.service", "fedmerge.service.client")
 
@@ -211,6 +213,16 @@ def test_the_checker_sees_an_application_import(tmp_path: Path) -> None:
     bad = tmp_path / "bad.py"
     bad.write_text("def f():\n    from fedmerge_simulations.tasks import get_task\n    import bench.codec\n")
     assert {"fedmerge_simulations.tasks", "bench.codec"} <= imported_modules(bad)
+
+
+def test_the_client_side_imports_nothing_of_the_server_side() -> None:
+    offenders = {
+        f"{path.relative_to(ROOT)}: {name}"
+        for path in (ROOT / "fedmerge" / "flower" / "client").rglob("*.py")
+        for name in imported_modules(path)
+        if name.startswith(SERVER_SIDE) and name not in CLIENT_SIDE_OF_SERVICE
+    }
+    assert not offenders, f"the client side imports the server side: {sorted(offenders)}"
 
 
 def test_client_app_loads_no_server_side_module() -> None:

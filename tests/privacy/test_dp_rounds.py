@@ -14,10 +14,10 @@ from flwr.app import ConfigRecord, Context, RecordDict
 
 from fedmerge.codec import CodecConfig, PackageMeta, decode_package
 from fedmerge.errors import ConfigError
-from fedmerge.flower.client import encode_reply, keep_dp_settings
+from fedmerge.flower.client.reply import encode_reply, keep_dp_settings
 from fedmerge.flower.config import parse_run_config
-from fedmerge.flower.rounds import CONFIG_RECORD, RoundReport
-from fedmerge.flower.safeguards import (
+from fedmerge.flower.server.rounds import CONFIG_RECORD, RoundReport
+from fedmerge.flower.server.safeguards import (
     AnomalousSubmission,
     Reference,
     anomaly_metadata,

@@ -24,14 +24,14 @@ gRPC over TLS with that certificate chain (the service's
 :class:`~fedmerge.service.config.TlsConfig`); with a client CA the handshake itself refuses nodes
 without a certificate it issued (mutual TLS; the round token still names the node). Each ``train``
 message then says ``bulk-tls`` (and ``bulk-tls-client-auth``) so that nodes dial with TLS
-(:mod:`fedmerge.flower.bulk_client`). A plaintext endpoint binds only a loopback address unless
+(:mod:`fedmerge.flower.client.bulk`). A plaintext endpoint binds only a loopback address unless
 ``bulk-allow-insecure`` (:func:`~fedmerge.flower.config.bulk_insecure_bind_problem`).
 
 Downlink (``bulk-downlink = true``): the endpoint also serves ``fedmerge.v1.ExpertIntake.GetVersion``
 (that method only; the others answer UNIMPLEMENTED) so that a node that needs the round's base
 downloads its full weights here instead of receiving them in Flower's ``"arrays"``.
 :meth:`BulkEndpoint.offer_base` pins the round attempt's base version and returns the reference the
-``train`` message carries (:data:`~fedmerge.flower.bulk_client.BASE_ID_KEY` and its siblings: version
+``train`` message carries (:data:`~fedmerge.flower.client.bulk.BASE_ID_KEY` and its siblings: version
 id, content hash, :func:`~fedmerge.flower.downlink.weights_digest` of the weights, file size). A
 download is authenticated by the node's round token (the upload token), is served only while that
 round attempt is open, only to a node the base was offered to, and only for that base version
@@ -59,7 +59,7 @@ import grpc
 
 from fedmerge.delta.rules import StaleOrInvalid
 from fedmerge.errors import ConfigError
-from fedmerge.flower.bulk_client import (
+from fedmerge.flower.client.bulk import (
     BASE_DIGEST_KEY,
     BASE_HASH_KEY,
     BASE_ID_KEY,

@@ -42,7 +42,6 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from fedmerge.flower.config import RunConfig
-from fedmerge.flower.exchange import exchange
 from fedmerge.flower.records import (
     ARRAYS_RECORD,
     CONFIG_RECORD,
@@ -50,6 +49,7 @@ from fedmerge.flower.records import (
     METRICS_RECORD,
     widen_for_numpy,
 )
+from fedmerge.flower.server.exchange import exchange
 from fedmerge.store import ModelStore, Version
 from fedmerge.store.evaluations import Evaluation, NodeEvaluation, record_evaluation
 

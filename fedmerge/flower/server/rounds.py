@@ -48,13 +48,10 @@ from fedmerge.delta.rules import NonFiniteMerge, StaleOrInvalid, check_values, v
 from fedmerge.delta.sparse import SparseTensor
 from fedmerge.delta.state_dict import StateDict, floating_names, shapes_of
 from fedmerge.errors import FedMergeError, InvalidSubmission
-from fedmerge.flower.bulk_client import REF_SHA_KEY, REF_SIZE_KEY
-from fedmerge.flower.bulk_endpoint import BulkEndpoint, bulk_endpoint_for
+from fedmerge.flower.client.bulk import REF_SHA_KEY, REF_SIZE_KEY
+from fedmerge.flower.client.faults import FaultPlan
 from fedmerge.flower.config import RunConfig, needs_fisher
 from fedmerge.flower.downlink import apply_weights, compress_update, weights_digest
-from fedmerge.flower.evaluation import EvaluationReport, evaluation_due, run_evaluation
-from fedmerge.flower.exchange import POLL_S, exchange
-from fedmerge.flower.faults import FaultPlan
 from fedmerge.flower.records import (
     ARRAYS_RECORD,
     BASE_RECORD,  # noqa: F401  (re-exported for older imports)
@@ -68,7 +65,10 @@ from fedmerge.flower.records import (
     dtypes_of,
     widen_for_numpy,
 )
-from fedmerge.flower.safeguards import (
+from fedmerge.flower.server.bulk_endpoint import BulkEndpoint, bulk_endpoint_for
+from fedmerge.flower.server.evaluation import EvaluationReport, evaluation_due, run_evaluation
+from fedmerge.flower.server.exchange import POLL_S, exchange
+from fedmerge.flower.server.safeguards import (
     Reference,
     anomaly_metadata,
     prior_accountant,
@@ -76,7 +76,7 @@ from fedmerge.flower.safeguards import (
     reference_for,
     screen_delta,
 )
-from fedmerge.flower.spool_merge import (
+from fedmerge.flower.server.spool_merge import (
     HeldReply,
     SpooledDelta,
     aggregator_args,
@@ -394,7 +394,7 @@ class RoundState:
         with total weight ``max-num-examples × MAX_ROUND_REPLIES``). ``shapes``: the base's floating
         tensors (default: read from ``base_weights``, which may then be a store view). ``fold=False``:
         accepted replies are kept in :attr:`held` for the tensor-major merge
-        (:mod:`fedmerge.flower.spool_merge`) instead of being folded as they are judged."""
+        (:mod:`fedmerge.flower.server.spool_merge`) instead of being folded as they are judged."""
         self.cfg, self.round, self.base = cfg, round_, base
         self.base_weights = base_weights
         if shapes is None:
@@ -671,10 +671,10 @@ def build_messages(
     ``"fedmerge.config"`` (the bulk endpoint and the node's upload token). With ``bulk-downlink = true``
     and a base larger than ``bulk-threshold-bytes``, a node that needs full weights gets instead the
     base's download reference from the bulk endpoint
-    (:meth:`~fedmerge.flower.bulk_endpoint.NodeBulkSettings.base_reference`) and fetches them there.
+    (:meth:`~fedmerge.flower.server.bulk_endpoint.NodeBulkSettings.base_reference`) and fetches them there.
     Returns (messages, downlink bytes)."""
-    from fedmerge.flower.bulk_client import BASE_SIZE_KEY
-    from fedmerge.flower.bulk_endpoint import NodeBulkSettings
+    from fedmerge.flower.client.bulk import BASE_SIZE_KEY
+    from fedmerge.flower.server.bulk_endpoint import NodeBulkSettings
 
     config = train_config(cfg, round_, base)
     extras = fedmerge_config(cfg, round_, base)
@@ -803,7 +803,7 @@ class Federation:
 
     def evaluate_federated(self, report: RoundReport) -> EvaluationReport:
         """Send the version ``report`` committed to a sample of nodes as ``evaluate`` messages and record
-        their aggregated metrics with it (:mod:`fedmerge.flower.evaluation`); bad replies are dropped."""
+        their aggregated metrics with it (:mod:`.evaluation`); bad replies are dropped."""
         version = self.store.get(str(report.version_id))
         labels = {o.node_id: o.client_id for o in report.outcomes if o.accepted}
         weights = self.weights_of(version)
@@ -833,8 +833,8 @@ class Federation:
         """One round attempt: sample, push, judge replies as they arrive, merge, commit a version.
 
         With a bulk endpoint and nothing that needs the whole merged delta in memory
-        (:func:`~fedmerge.flower.spool_merge.spool_fold_blocker`), the base weights are a store view and
-        the merge runs tensor-major from the spool (:mod:`fedmerge.flower.spool_merge`); otherwise each
+        (:func:`~.spool_merge.spool_fold_blocker`), the base weights are a store view and
+        the merge runs tensor-major from the spool (:mod:`.spool_merge`); otherwise each
         accepted reply is folded as it is judged."""
         t0 = time.perf_counter()
         base = self.store.get("latest")

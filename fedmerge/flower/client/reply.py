@@ -45,7 +45,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from fedmerge.codec import CodecConfig, EncodeResult, PackageMeta, encode_package
 from fedmerge.delta.state_dict import StateDict
 from fedmerge.errors import FedMergeError
-from fedmerge.flower.bulk_client import (
+from fedmerge.flower.client.bulk import (
     REF_SHA_KEY,
     REF_SIZE_KEY,
     BaseReference,
@@ -53,7 +53,6 @@ from fedmerge.flower.bulk_client import (
     BulkTarget,
     BulkUploadFailed,
     NodeTls,
-    TlsMaterialError,
     download_base,
     upload_package,
 )
@@ -67,6 +66,7 @@ from fedmerge.flower.records import (
     UPDATE_META_RECORD,
     UPDATE_RECORD,
 )
+from fedmerge.flower.tls import TlsMaterialError
 from fedmerge.flower.transport import FISHER_RECORD_KEY, RECORD_KEY, package_to_record, record_to_package
 from fedmerge.privacy.config import DPConfig
 from fedmerge.privacy.mechanism import privatize_client_delta
@@ -217,7 +217,7 @@ def resolve_base(content: RecordDict, context: Context, version_id: str, version
 def fetch_base(ref: BaseReference, context: Context, version_id: str, version_hash: str) -> None:
     """Download the base the train message names from the bulk endpoint (streamed into a temporary
     safetensors file: memory one chunk while it arrives), check it and keep it in ``context.state``
-    as if it had come in ``"arrays"``. Raises :class:`~fedmerge.flower.bulk_client.BulkDownloadFailed`
+    as if it had come in ``"arrays"``. Raises :class:`~fedmerge.flower.client.bulk.BulkDownloadFailed`
     when the reference is not this round's base, the endpoint refuses or cuts the stream, or the
     weights' :func:`~fedmerge.flower.downlink.weights_digest` is not the one announced."""
     if ref.version_id != version_id or ref.version_hash != version_hash:
@@ -294,7 +294,7 @@ def keep_bulk_settings(content: RecordDict, context: Context) -> None:
 
 def bulk_node_tls(context: Context) -> NodeTls:
     """This node's TLS settings for the bulk endpoint, from its node config (a
-    :class:`~fedmerge.flower.bulk_client.BulkUploadFailed` naming the key when one is malformed)."""
+    :class:`~fedmerge.flower.client.bulk.BulkUploadFailed` naming the key when one is malformed)."""
     try:
         return NodeTls.from_node_config(context.node_config)
     except TlsMaterialError as exc:
@@ -348,12 +348,12 @@ def encode_reply(
     even when the delta goes through the bulk endpoint.
 
     A package larger than the server's ``bulk-threshold-bytes`` (when the train message offered a
-    bulk endpoint) is uploaded there (:func:`fedmerge.flower.bulk_client.upload_package`) and the
+    bulk endpoint) is uploaded there (:func:`fedmerge.flower.client.bulk.upload_package`) and the
     reply's ``"config"`` carries its sha256 and size instead of the package. When the endpoint speaks
     TLS, the node's CA bundle and client certificate come from its node config
     (``bulk-root-certificates``, ``bulk-client-cert``, ``bulk-client-key``:
-    :class:`~fedmerge.flower.bulk_client.NodeTls`); a failed upload raises
-    :class:`~fedmerge.flower.bulk_client.BulkUploadFailed`, whose reason the server records.
+    :class:`~fedmerge.flower.client.bulk.NodeTls`); a failed upload raises
+    :class:`~fedmerge.flower.client.bulk.BulkUploadFailed`, whose reason the server records.
 
     Under DP (:func:`client_dp`) the delta is clipped (and in local mode noised) first, and the
     metrics report ``dp-norm`` (‖τ‖ before clipping) and ``dp-clip-factor`` (min(1, C/‖τ‖)).
@@ -412,7 +412,7 @@ def base_weights(message: Message, context: Context) -> StateDict:
     Taken from the message's ``"arrays"`` (and cached in ``context.state``), rebuilt from the held
     parent and a compressed update, downloaded from the bulk endpoint when the message names the base
     for download (``bulk-downlink``: :func:`fetch_base`, which raises
-    :class:`~fedmerge.flower.bulk_client.BulkDownloadFailed` when that fails), or read from the cache
+    :class:`~fedmerge.flower.client.bulk.BulkDownloadFailed` when that fails), or read from the cache
     when the server knows this node holds them.
     Raises :class:`MissingBase` when the node holds another version (the server then sends the weights
     in the next round) and FedMergeError when the message was not sent by a fedmerge ServerApp.
