@@ -213,6 +213,42 @@ METHOD_RECIPES: dict[str, dict[str, Any]] = {
         "tokenizer_source": "m2",
         "dtype": "float32",
     },
+    # README's tokenizer: block (its token rules: a model's row, zero, another token's row; padding)
+    "linear-tokenizer-block": {
+        "models": [
+            {"model": "m1", "parameters": {"weight": 1.0}},
+            {"model": "m2", "parameters": {"weight": 0.5}},
+        ],
+        "merge_method": "linear",
+        "tokenizer": {
+            "source": "union",
+            "tokens": {
+                "fox": {"source": "m2", "force": True},
+                "dog": {"source": {"kind": "zero"}, "force": True},
+                "</s>": {"source": {"kind": "model_token", "model": "m1", "token": "<s>"}, "force": True},
+                "the": {"source": "m1"},
+            },
+            "pad_to_multiple_of": 32,
+        },
+        "dtype": "bfloat16",
+    },
+    "task_arithmetic-tokenizer-block": {
+        "models": [
+            {"model": "m1", "parameters": {"weight": 0.7}},
+            {"model": "m2", "parameters": {"weight": 0.4}},
+        ],
+        "merge_method": "task_arithmetic",
+        "base_model": "base",
+        "tokenizer": {
+            "source": "base",
+            "tokens": {
+                "quick": {"source": "base", "force": True},
+                "lazy": {"source": {"kind": "model_token", "model": "m2", "token_id": 5}, "force": True},
+            },
+            "pad_to_multiple_of": 20,
+        },
+        "dtype": "float32",
+    },
     "slerp-slices": {
         "slices": [
             {"sources": [{"model": "base", "layer_range": [0, 2]}, {"model": "m1", "layer_range": [2, 4]}]},
@@ -322,6 +358,14 @@ def rewrite(
             src["model"] = ref(src["model"])
             if any(x in SCALED_RANGES and x > LAYERS for x in src["layer_range"]):
                 src["layer_range"] = [SCALED_RANGES[x] for x in src["layer_range"]]
+    block = out.get("tokenizer") or {}
+    if block.get("source") not in (None, "base", "union"):
+        block["source"] = ref(block["source"])
+    for rule in (block.get("tokens") or {}).values():
+        if isinstance(rule.get("source"), str):
+            rule["source"] = ref(rule["source"])
+        elif isinstance(rule.get("source"), dict) and "model" in rule["source"]:
+            rule["source"]["model"] = ref(rule["source"]["model"])
     return out
 
 

@@ -3,6 +3,7 @@ commit into the store (a delta of the anchor, or a new root for another layout) 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -18,9 +19,10 @@ from fedmerge.aggregators.base import dense_of
 from fedmerge.aggregators.gta import breadcrumbs_mask
 from fedmerge.aggregators.sparsify import dare_drop, della_drop, trim
 from fedmerge.recipes.multi import load_documents, run_documents
-from fedmerge.recipes.plan import Plan, plan_merge
+from fedmerge.recipes.plan import Plan, TensorJob, plan_merge
 from fedmerge.recipes.schema import HF_CONFIG, Recipe, RecipeError, RecipeModelError, parse_recipe
 from fedmerge.recipes.sources import LAYER_COUNT_KEYS, Source, Spec, StoreSource
+from fedmerge.recipes.vocabulary import VocabularyRule, donor_rows, rebuild
 from fedmerge.seeds import derive_generator
 from fedmerge.store import ModelStore, Version
 from fedmerge.store.blobs import encode_blob
@@ -46,15 +48,35 @@ def _presparsify(
     raise AssertionError(f"no per-model sparsification for {aggregator}")  # per_model_global methods only
 
 
-def _read(plan: Plan, src: Source, name: str, rows: int | None = None) -> torch.Tensor:
-    """A tensor as mergekit reads it: cast to the recipe's ``dtype`` (if any), then fp32 for the maths;
-    a vocabulary tensor cut to the tokenizer's ``rows``."""
-    x = src.get(name)
-    if rows is not None:
-        x = x[:rows]
-    if plan.compute_dtype is not None and x.is_floating_point():
-        x = x.to(plan.compute_dtype)
+def _cast(plan: Plan, x: torch.Tensor) -> torch.Tensor:
+    """A tensor as mergekit loads it: cast to the recipe's ``dtype`` (if any)."""
+    return x.to(plan.compute_dtype) if plan.compute_dtype is not None and x.is_floating_point() else x
+
+
+def _read(plan: Plan, src: Source, name: str, vocab: _Vocabulary | None = None) -> torch.Tensor:
+    """A tensor as mergekit reads it: cast to the recipe's ``dtype`` (if any), a vocabulary tensor
+    rebuilt for the tokenizer (:func:`~fedmerge.recipes.vocabulary.rebuild`), then fp32 for the maths."""
+    x = _cast(plan, src.get(name))
+    if vocab is not None:
+        x = rebuild(x, *vocab)
     return x.float() if x.is_floating_point() else x
+
+
+_Vocabulary = tuple[VocabularyRule, Mapping[int, "torch.Tensor | None"]]
+
+
+def _vocabulary(plan: Plan, job: TensorJob) -> _Vocabulary | None:
+    """The job's vocabulary rule with its forced rows read from their donors (None: not a vocabulary
+    tensor, or nothing to rebuild)."""
+    if job.vocab is None:
+        return None
+    entries = {src.ref.raw: (src, n) for src, n in [*job.inputs, *([job.base] if job.base else [])]}
+    read: dict[str, torch.Tensor] = {}
+    for forced in job.vocab.forced:
+        if forced.donor is not None and forced.donor not in read:
+            src, n = entries.get(forced.donor) or (plan.sources[forced.donor], job.name)
+            read[forced.donor] = _cast(plan, src.get(n))
+    return job.vocab, donor_rows(job.vocab, read)
 
 
 def iter_merged(plan: Plan) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
@@ -70,21 +92,22 @@ def iter_merged(plan: Plan) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | 
         if not first.specs[first_name].dtype.is_floating_point:
             yield job.name, first.get(first_name), None
             continue
+        vocab = _vocabulary(plan, job)
         if spec.space == "passthrough":
-            x = _read(plan, first, first_name, job.rows)
+            x = _read(plan, first, first_name, vocab)
             yield job.name, x * job.scale if job.scale is not None else x, None
             continue
         assert spec.aggregator is not None
-        base = _read(plan, *job.base, job.rows) if job.base is not None else None
+        base = _read(plan, *job.base, vocab) if job.base is not None else None
         lowp = plan.compute_dtype if plan.compute_dtype not in (None, torch.float32) else None
         agg = create(spec.aggregator, **job.agg_params)
         shape = first.specs[first_name].shape
-        agg.begin({job.name: (job.rows, *shape[1:]) if job.rows is not None else shape})
+        agg.begin({job.name: (job.vocab.padded, *shape[1:]) if job.vocab is not None else shape})
         if spec.space == "weights" and spec.needs_base:  # slerp, nearswap, arcee_fusion: the base first
             assert base is not None
             agg.add({job.name: base}, 1.0, client_id=0)  # endpoints are ordered by client id: base first
         for i, ((src, n), w) in enumerate(zip(job.inputs, job.weights, strict=True), start=1):
-            x = _read(plan, src, n, job.rows)
+            x = _read(plan, src, n, vocab)
             if spec.space == "task_vector" and base is not None:
                 # mergekit subtracts in the recipe's dtype: the task vector is rounded to it
                 x = (x.to(lowp) - base.to(lowp)).float() if lowp is not None else x - base
@@ -180,6 +203,7 @@ def _recipe_record(plan: Plan) -> dict[str, Any]:
         "dtype": r.dtype,
         "out_dtype": r.out_dtype,
         "tokenizer_source": r.tokenizer_source,
+        "tokenizer": dataclasses.asdict(r.tokenizer) if r.tokenizer is not None else None,
         "chat_template": r.chat_template,
         "notes": plan.notes,
     }
@@ -338,7 +362,7 @@ def _output_specs(plan: Plan) -> dict[str, Spec]:
     for job in plan.jobs:
         src, n = job.inputs[0] if job.inputs else job.base  # type: ignore[misc]
         s = src.specs[n]
-        if job.rows is not None:
-            s = Spec(s.dtype, (job.rows, *s.shape[1:]))
+        if job.vocab is not None:
+            s = Spec(s.dtype, (job.vocab.padded, *s.shape[1:]))
         out[job.name] = Spec(plan.out_dtype, s.shape) if plan.out_dtype and s.dtype.is_floating_point else s
     return out

@@ -45,6 +45,12 @@ from fedmerge.recipes.sources import (
     StoreSource,
     layer_template,
 )
+from fedmerge.recipes.vocabulary import (
+    VocabularyRule,
+    shared_vocabulary,
+    tokenizer_source_of,
+    vocabulary_rule,
+)
 from fedmerge.registry import accepted_params
 from fedmerge.store import ModelStore
 
@@ -102,7 +108,7 @@ class TensorJob:
     # each input's own sparsification (translated parameters) when per-model densities … differ
     presparsify: tuple[dict[str, Any], ...] | None = None
     scale: float | None = None  # passthrough's per-model scale
-    rows: int | None = None  # a vocabulary tensor cut to the tokenizer's size (``tokenizer_source``)
+    vocab: VocabularyRule | None = None  # a vocabulary tensor rebuilt for the tokenizer (vocabulary.py)
 
 
 @dataclass
@@ -514,17 +520,18 @@ def plan_merge(recipe: Recipe, store: ModelStore, *, seed: int = 0) -> Plan:
         if recipe.merge_method == "arcee_fusion" and not recipe.out_dtype and plan.compute_dtype is not None:
             plan.out_dtype = torch.float32  # mergekit's fp32 mask promotes the result; it writes fp32
             plan.notes.append("arcee_fusion writes float32 without out_dtype (as mergekit)")
-        if recipe.tokenizer_source is not None:
-            n_vocab = _check_tokenizer_source(recipe, [e.source for entries, _ in slices for e in entries])
-            if n_vocab is not None:
-                _cut_vocabulary(plan, n_vocab)
+        tok = tokenizer_source_of(recipe)
+        if tok is not None:
+            vocab = shared_vocabulary(recipe, [e.source for entries, _ in slices for e in entries])
+            if vocab is not None:
+                _rebuild_vocabulary(plan, vocab)
             plan.notes.append(
-                f"tokenizer_source {recipe.tokenizer_source!r}: every model has the same tokenizer, so the "
-                f"vocabulary is that tokenizer's ({n_vocab} tokens: the embedding rows, as mergekit's); the "
-                "tokenizer files are the base's"
-                if n_vocab is not None
-                else f"tokenizer_source {recipe.tokenizer_source!r}: the models have no tokenizer.json; "
-                "tensors unchanged (mergekit would need a tokenizer)"
+                f"tokenizer source {tok!r}: every model has the same tokenizer, so the vocabulary is that "
+                f"tokenizer's ({len(vocab)} tokens: the embedding rows, as mergekit's); the tokenizer files "
+                "are the base's"
+                if vocab is not None
+                else f"tokenizer source {tok!r}: the models have no tokenizer.json; tensors unchanged "
+                "(mergekit would need a tokenizer)"
             )
         return plan
     except BaseException:
@@ -548,72 +555,21 @@ def _check_passthrough(recipe: Recipe, slices: list[tuple[list[_Entry], Slice | 
             )
 
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer.model",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "added_tokens.json",
-    "special_tokens_map.json",
-)
-
-
-def _cut_vocabulary(plan: Plan, n_vocab: int) -> None:
-    """mergekit rebuilds the vocabulary tensors (non-layer tensors with ``vocab_size`` rows) for the
-    tokenizer: with one shared tokenizer, token i keeps row i and rows beyond the tokenizer are dropped."""
+def _rebuild_vocabulary(plan: Plan, vocab: Mapping[str, int]) -> None:
+    """Attach the vocabulary rule (:mod:`fedmerge.recipes.vocabulary`) to the vocabulary tensors: the
+    non-layer tensors with config.json's ``vocab_size`` rows."""
     assert plan.anchor is not None
     config = plan.anchor.files().get(HF_CONFIG)
     rows = json.loads(config).get("vocab_size") if config else None
     if not isinstance(rows, int):
-        raise RecipeModelError("tokenizer_source needs config.json's vocab_size to find the embeddings")
-    if n_vocab > rows:
-        raise RecipeModelError(
-            f"tokenizer_source: the tokenizer has {n_vocab} tokens but the model {rows} embedding rows; new "
-            "rows need mergekit's embedding defaults, which fedmerge does not implement"
-        )
-    if n_vocab == rows:
+        raise RecipeModelError("a tokenizer source needs config.json's vocab_size to find the embeddings")
+    rule, notes = vocabulary_rule(plan.recipe.tokenizer, vocab, rows, plan.sources)
+    plan.notes.extend(notes)
+    if rule.rows == rows == rule.padded and not rule.forced:
         return
     for k, job in enumerate(plan.jobs):
         src, n = job.inputs[0] if job.inputs else job.base  # type: ignore[misc]
         shape = src.specs[n].shape
         if LAYER_RE.match(job.name) is None and shape and shape[0] == rows:
-            plan.jobs[k] = dataclasses.replace(job, rows=n_vocab)
-    plan.out_config = {**(plan.out_config or {}), "vocab_size": n_vocab}
-
-
-def _vocab_size(files: Mapping[str, bytes]) -> int | None:
-    """Tokens of a ``tokenizer.json`` (its model's vocabulary and added tokens: max id + 1)."""
-    raw = files.get("tokenizer.json")
-    if raw is None:
-        return None
-    tok = json.loads(raw)
-    vocab = tok.get("model", {}).get("vocab", {})
-    ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))
-    ids += [a["id"] for a in tok.get("added_tokens", [])]
-    return max(ids) + 1 if ids else 0
-
-
-def _check_tokenizer_source(recipe: Recipe, models: Sequence[Source]) -> int | None:
-    """``tokenizer_source`` (``base``, ``union`` or one of the models) is honoured when every model has
-    the same tokenizer: mergekit's vocabulary is then that tokenizer and its embedding permutation is the
-    identity. Different tokenizers need mergekit's vocabulary surgery, which fedmerge does not do."""
-    tok = recipe.tokenizer_source
-    raws = {s.ref.raw for s in models}
-    if tok not in ("base", "union") and tok not in raws:
-        raise RecipeSchemaError(
-            f"tokenizer_source {tok!r} is not 'base', 'union' or one of the recipe's models ({sorted(raws)})"
-        )
-    signatures: dict[str, tuple[tuple[str, bytes], ...]] = {}
-    for src in models:
-        files = src.files()
-        signatures[src.ref.raw] = tuple((n, files[n]) for n in TOKENIZER_FILES if n in files)
-    first_raw, first = next(iter(signatures.items()))
-    for raw, sig in signatures.items():
-        if sig != first:
-            raise RecipeModelError(
-                f"tokenizer_source {tok!r}: models {first_raw!r} and {raw!r} have different tokenizers; "
-                "fedmerge does not rebuild the vocabulary and permute token embeddings (mergekit's tokenizer "
-                "surgery) — merge models that share a tokenizer, or omit tokenizer_source"
-            )
-    return _vocab_size(models[0].files())  # None: no tokenizer.json (mergekit would fail to load one)
+            plan.jobs[k] = dataclasses.replace(job, vocab=rule)
+    plan.out_config = {**(plan.out_config or {}), "vocab_size": rule.padded}

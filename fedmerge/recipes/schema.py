@@ -59,12 +59,12 @@ TOP_KEYS = {
     "dtype",
     "out_dtype",
     "tokenizer_source",
+    "tokenizer",
     "chat_template",
     "name",
 }
 UNSUPPORTED_KEYS = {
     "modules": "per-module recipes (multimodal models) are not supported; merge each module separately",
-    "tokenizer": "tokenizer surgery is not supported; use tokenizer_source (recorded) or omit it",
 }
 MODEL_KEYS = {"model", "parameters"}
 SLICE_KEYS = {"sources", "parameters", "base_model", "residual_weight"}
@@ -114,6 +114,30 @@ class Slice:
 
 
 @dataclass(frozen=True)
+class TokenRule:
+    """One entry of the ``tokenizer:`` block's ``tokens`` (mergekit's ``TokenEmbeddingConfig``): where
+    the token's embedding row comes from — ``kind`` ``model`` (that model's row of the same token),
+    ``model_token`` (that model's row of another token, by ``token`` or ``token_id``) or ``zero`` — and
+    whether it replaces the row every model already has (``force``)."""
+
+    kind: Literal["model", "model_token", "zero", "none"]
+    model: str | None = None
+    token: str | None = None
+    token_id: int | None = None
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class TokenizerBlock:
+    """mergekit's ``tokenizer:`` block: ``source`` (``union``, ``base`` or a model), per-token rules,
+    and ``pad_to_multiple_of`` (the vocabulary tensors' rows rounded up; new rows are the mean row)."""
+
+    source: str = "union"
+    tokens: dict[str, TokenRule] = field(default_factory=dict)
+    pad_to_multiple_of: int | None = None
+
+
+@dataclass(frozen=True)
 class Recipe:
     """A validated recipe (schema level: keys, types, references parsed; nothing opened yet)."""
 
@@ -128,6 +152,7 @@ class Recipe:
     chat_template: str | None
     raw: dict[str, Any]
     source: str = "<recipe>"
+    tokenizer: TokenizerBlock | None = None
 
 
 def _where(path: str, key: str | int) -> str:
@@ -313,6 +338,9 @@ def parse_recipe(data: str | os.PathLike[str] | Mapping[str, Any], *, root: Path
     tok = doc.get("tokenizer_source")
     if tok is not None and not isinstance(tok, str):
         raise RecipeSchemaError(f"tokenizer_source must be 'base', 'union' or a model reference, got {tok!r}")
+    block = _tokenizer_block(doc["tokenizer"]) if doc.get("tokenizer") is not None else None
+    if block is not None and tok is not None:
+        raise RecipeSchemaError("give tokenizer_source or a tokenizer: block, not both (as mergekit)")
     chat = doc.get("chat_template")
     if chat is not None and not isinstance(chat, str):
         raise RecipeSchemaError("chat_template must be a string")
@@ -336,9 +364,64 @@ def parse_recipe(data: str | os.PathLike[str] | Mapping[str, Any], *, root: Path
         out_dtype=doc.get("out_dtype"),
         tokenizer_source=tok,
         chat_template=chat,
+        tokenizer=block,
         raw=json.loads(json.dumps(doc, default=str)),
         source=source,
     )
+
+
+def _token_rule(obj: Any, where: str) -> TokenRule:
+    """``{source: MODEL | {kind: zero} | {kind: model_token, model, token | token_id}, force: bool}``."""
+    obj = _check_keys(obj, {"source", "force"}, where)
+    force = obj.get("force", False)
+    if not isinstance(force, bool):
+        raise RecipeSchemaError(f"{where}.force must be true or false, got {force!r}")
+    src = obj.get("source")
+    if src is None:
+        return TokenRule("none", force=force)
+    if isinstance(src, str):
+        return TokenRule("model", model=src, force=force)
+    w = f"{where}.source"
+    kind = src.get("kind") if isinstance(src, dict) else None
+    if kind == "zero":
+        _check_keys(src, {"kind"}, w)
+        return TokenRule("zero", force=force)
+    if kind != "model_token":
+        raise RecipeSchemaError(
+            f"{w} must be a model, {{kind: zero}} or {{kind: model_token, model: M, token: T}}, got {src!r}"
+        )
+    src = _check_keys(src, {"kind", "model", "token", "token_id"}, w)
+    model, token, token_id = src.get("model"), src.get("token"), src.get("token_id")
+    if not isinstance(model, str):
+        raise RecipeSchemaError(f"{w}.model must be a model reference, got {model!r}")
+    if (token is None) == (token_id is None):
+        raise RecipeSchemaError(f"{w} needs exactly one of token and token_id")
+    if token is not None and not isinstance(token, str):
+        raise RecipeSchemaError(f"{w}.token must be a string, got {token!r}")
+    if token_id is not None and (not isinstance(token_id, int) or isinstance(token_id, bool) or token_id < 0):
+        raise RecipeSchemaError(f"{w}.token_id must be a non-negative integer, got {token_id!r}")
+    return TokenRule("model_token", model=model, token=token, token_id=token_id, force=force)
+
+
+def _tokenizer_block(obj: Any) -> TokenizerBlock:
+    obj = _check_keys(obj, {"source", "tokens", "pad_to_multiple_of"}, "tokenizer")
+    source = obj.get("source", "union")
+    if not isinstance(source, str) or not source:
+        raise RecipeSchemaError(
+            f"tokenizer.source must be 'union', 'base' or a model reference, got {source!r}"
+        )
+    pad = obj.get("pad_to_multiple_of")
+    if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 1):
+        raise RecipeSchemaError(f"tokenizer.pad_to_multiple_of must be a positive integer, got {pad!r}")
+    tokens = obj.get("tokens") or {}
+    if not isinstance(tokens, dict):
+        raise RecipeSchemaError("tokenizer.tokens must be a mapping of token → {source, force}")
+    rules = {}
+    for token, rule in tokens.items():
+        if not isinstance(token, str):
+            raise RecipeSchemaError(f"tokenizer.tokens has a non-string token {token!r}")
+        rules[token] = _token_rule(rule, f"tokenizer.tokens[{token!r}]")
+    return TokenizerBlock(source, rules, pad)
 
 
 def _with_base(ref: ModelRef, base: ModelRef) -> ModelRef:

@@ -15,7 +15,9 @@ counted, and must be a tiny fraction.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -126,3 +128,31 @@ def test_tokenizer_source_with_different_tokenizers_is_refused(tmp_path: Path) -
     }
     with pytest.raises(RecipeModelError, match="different tokenizers"):
         run_recipe(recipe, tmp_path / "store")
+
+
+@pytest.mark.parametrize(
+    ("tokenizer", "extra", "message"),
+    [
+        ({"source": "union"}, {"tokenizer_source": "union"}, "not both"),
+        ({"tokens": {"fox": {"force": True}}}, {}, "force needs a source"),
+        ({"tokens": {"fox": {"source": "nowhere", "force": True}}}, {}, "not one of the recipe's models"),
+        ({"tokens": {"fox": {"source": {"kind": "model_token", "model": "A"}}}}, {}, "exactly one of token"),
+        ({"tokens": {"fox": {"source": {"kind": "sum"}}}}, {}, "kind: zero"),
+        ({"pad_to_multiple_of": 0}, {}, "positive integer"),
+        ({"tokens": {"fox": {"source": {"kind": "model_token", "model": "A", "token_id": 999},
+                             "force": True}}}, {}, "out of range"),
+    ],
+)  # fmt: skip
+def test_a_bad_tokenizer_block_is_one_clear_error(
+    tokenizer: dict[str, Any], extra: dict[str, Any], message: str, tmp_path: Path
+) -> None:
+    from fedmerge.recipes import RecipeError, run_recipe
+    from fedmerge.store import ModelStore
+
+    a = str(FIXTURES / "models" / "a")
+    rules = json.loads(json.dumps(tokenizer).replace('"A"', json.dumps(a)))
+    recipe = {"merge_method": "linear", "models": [a, str(FIXTURES / "models" / "b")], "tokenizer": rules}
+    with pytest.raises(RecipeError, match=message):
+        run_recipe({**recipe, **extra}, tmp_path / "store")
+    with ModelStore.open(tmp_path / "store") as s:
+        assert s.list() == []
