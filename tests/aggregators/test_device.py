@@ -42,10 +42,10 @@ WS = [1.0, 2.0, 0.5, 3.0, 1.5]
 
 def test_torch_path_is_really_taken() -> None:
     x = torch.ones(8)
-    assert K._use_numba(x) == K.HAVE_NUMBA
+    assert K.use_numba(x) == K.HAVE_NUMBA
     with K.torch_path():
-        assert not K._use_numba(x)
-    assert K._use_numba(x) == K.HAVE_NUMBA
+        assert not K.use_numba(x)
+    assert K.use_numba(x) == K.HAVE_NUMBA
 
 
 @pytest.mark.parametrize("density", [0.2, 0.7])
