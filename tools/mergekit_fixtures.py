@@ -249,6 +249,17 @@ METHOD_RECIPES: dict[str, dict[str, Any]] = {
         },
         "dtype": "float32",
     },
+    # chat_template by name (written as chat_template.jinja, kept as expected/NAME.chat_template.jinja)
+    "ties-chat-template": {
+        "models": [
+            {"model": "m1", "parameters": {"density": 0.5, "weight": 0.5}},
+            {"model": "m2", "parameters": {"density": 0.5, "weight": 0.5}},
+        ],
+        "merge_method": "ties",
+        "base_model": "base",
+        "chat_template": "llama3",
+        "dtype": "float32",
+    },
     "slerp-slices": {
         "slices": [
             {"sources": [{"model": "base", "layer_range": [0, 2]}, {"model": "m1", "layer_range": [2, 4]}]},
@@ -414,6 +425,11 @@ def main() -> None:
             if len(files) != 1:
                 raise SystemExit(f"{name}: expected one safetensors file, got {files}")
             shutil.copy(files[0], root / "expected" / f"{name}.safetensors")
+            if (Path(tmp) / "out" / "chat_template.jinja").is_file():
+                shutil.copy(
+                    Path(tmp) / "out" / "chat_template.jinja",
+                    root / "expected" / f"{name}.chat_template.jinja",
+                )
         print(f"{name}: ok", flush=True)
 
 

@@ -18,6 +18,7 @@ from fedmerge.aggregators import create
 from fedmerge.aggregators.base import dense_of
 from fedmerge.aggregators.gta import breadcrumbs_mask
 from fedmerge.aggregators.sparsify import dare_drop, della_drop, trim
+from fedmerge.recipes.chat_templates import with_chat_template
 from fedmerge.recipes.multi import load_documents, run_documents
 from fedmerge.recipes.plan import Plan, TensorJob, plan_merge
 from fedmerge.recipes.schema import HF_CONFIG, Recipe, RecipeError, RecipeModelError, parse_recipe
@@ -263,7 +264,7 @@ def _execute(
     store_inputs = [src.version.id for src in plan.every if isinstance(src, StoreSource)]
     # the output's layout: a delta when it matches the anchor's tensors, else a new root (passthrough)
     out_specs = _output_specs(plan)
-    as_delta = out_specs == anchor.specs
+    as_delta = out_specs == anchor.specs and plan.chat_template is None  # new files: a new root
     roots = {s.root_of(s.get(v)).id for v in store_inputs}
     if as_delta and anchor_version is not None:
         roots.add(s.root_of(anchor_version).id)
@@ -297,6 +298,8 @@ def _execute(
                 if k in cfg:
                     cfg[k] = str(plan.out_dtype).removeprefix("torch.")
             files[HF_CONFIG] = json.dumps(cfg, indent=2, sort_keys=True).encode()
+        if plan.chat_template is not None:
+            files = with_chat_template(files, plan.chat_template)
         merged = {n: t.to(out_specs[n].dtype) for n, t, _ in iter_merged(plan)}
         version = s.commit_base(
             merged,

@@ -23,6 +23,7 @@ from fedmerge.aggregators.mergekit import (
 )
 from fedmerge.aggregators.sparsify import keep_count
 from fedmerge.errors import ConfigError
+from fedmerge.recipes.chat_templates import resolve_chat_template
 from fedmerge.recipes.parameters import Setting, layer_position, leaves, resolve
 from fedmerge.recipes.schema import (
     DTYPES,
@@ -127,6 +128,7 @@ class Plan:
     anchor: Source | None = None  # the source parents[0] materialises to
     notes: list[str] = field(default_factory=list)
     every: list[Source] = field(default_factory=list)  # every opened source (adapters' bases too)
+    chat_template: str | None = None  # the output's chat_template.jinja (chat_templates.py)
 
     @property
     def inputs(self) -> list[Source]:
@@ -520,6 +522,10 @@ def plan_merge(recipe: Recipe, store: ModelStore, *, seed: int = 0) -> Plan:
         if recipe.merge_method == "arcee_fusion" and not recipe.out_dtype and plan.compute_dtype is not None:
             plan.out_dtype = torch.float32  # mergekit's fp32 mask promotes the result; it writes fp32
             plan.notes.append("arcee_fusion writes float32 without out_dtype (as mergekit)")
+        ordered = {id(src): src for src in [*([plan.base] if plan.base else []), *plan.inputs]}
+        plan.chat_template = resolve_chat_template(
+            recipe.chat_template, [s.files() for s in ordered.values()]
+        )
         tok = tokenizer_source_of(recipe)
         if tok is not None:
             vocab = shared_vocabulary(recipe, [e.source for entries, _ in slices for e in entries])

@@ -82,6 +82,13 @@ def test_recipe_matches_mergekit(name: str, tmp_path: Path) -> None:
     assert swapped <= max(8, total // 2000), (
         f"{swapped} of {total} entries differ beyond fp16 ties at the trim"
     )
+    template = FIXTURES / "expected" / f"{name}.chat_template.jinja"
+    if template.is_file():  # mergekit wrote a chat template: the same text, and the tokenizer reads it
+        assert (tmp_path / "out" / "chat_template.jinja").read_text() == template.read_text()
+        tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+        assert tok.chat_template == template.read_text()
+    else:
+        assert not (tmp_path / "out" / "chat_template.jinja").exists()
     model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
     logits = model(torch.tensor([[1, 2, 3]])).logits
     assert logits.shape == (1, 3, want["lm_head.weight"].shape[0]) and torch.isfinite(logits.float()).all()
@@ -156,3 +163,48 @@ def test_a_bad_tokenizer_block_is_one_clear_error(
         run_recipe({**recipe, **extra}, tmp_path / "store")
     with ModelStore.open(tmp_path / "store") as s:
         assert s.list() == []
+
+
+def _model_with_template(src: Path, dst: Path, template: str | None, in_config: bool = False) -> str:
+    import shutil
+
+    shutil.copytree(src, dst)
+    if template is not None and in_config:
+        config = json.loads((dst / "tokenizer_config.json").read_text())
+        config["chat_template"] = [{"name": "default", "template": template + "\n"}]
+        (dst / "tokenizer_config.json").write_text(json.dumps(config))
+    elif template is not None:
+        (dst / "chat_template.jinja").write_text(template)
+    return str(dst)
+
+
+def test_chat_template_auto_takes_the_models_most_common_template(tmp_path: Path) -> None:
+    """``auto``: the plurality of the models' templates (a chat_template.jinja file or the ``default``
+    of tokenizer_config.json's list), stripped; a merge with none writes none."""
+    from fedmerge.recipes import run_recipe
+
+    one, other = "{{ messages[0]['content'] }} one-template", "{{ messages[0]['content'] }} other"
+    models = [
+        _model_with_template(FIXTURES / "models" / "a", tmp_path / "a", one),
+        _model_with_template(FIXTURES / "models" / "b", tmp_path / "b", other),
+        _model_with_template(FIXTURES / "models" / "c", tmp_path / "c", other, in_config=True),
+    ]
+    recipe = {"merge_method": "linear", "models": models, "chat_template": "auto"}
+    run_recipe(recipe, tmp_path / "store", export=tmp_path / "out")
+    assert (tmp_path / "out" / "chat_template.jinja").read_text() == other
+    assert transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out")).chat_template == other
+    plain = {"merge_method": "linear", "models": [str(FIXTURES / "models" / m) for m in "ab"]}
+    run_recipe({**plain, "chat_template": "auto"}, tmp_path / "store2", export=tmp_path / "out2")
+    assert not (tmp_path / "out2" / "chat_template.jinja").exists()
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [("vicuna", "not a known name"), ("{{ short }}", "neither a known name nor a Jinja template")],
+)
+def test_an_unknown_chat_template_is_one_clear_error(template: str, message: str, tmp_path: Path) -> None:
+    from fedmerge.recipes import RecipeError, run_recipe
+
+    recipe = {"merge_method": "linear", "models": [str(FIXTURES / "models" / m) for m in "ab"]}
+    with pytest.raises(RecipeError, match=message):
+        run_recipe({**recipe, "chat_template": template}, tmp_path / "store")

@@ -1,0 +1,98 @@
+"""A recipe's ``chat_template``, resolved as mergekit 0.1.5 does (``mergekit/merge.py``,
+``_set_chat_template``) and written as the output's ``chat_template.jinja`` (the file
+``transformers``' ``save_pretrained`` writes and ``AutoTokenizer.from_pretrained`` reads).
+
+* ``auto``: the template most of the recipe's models carry (``chat_template.jinja``, else
+  ``tokenizer_config.json``'s ``chat_template``: a string, or the ``default`` of a list of named ones),
+  stripped; ties go to the model listed first. None of them has one: nothing is written.
+* a name (shorter than 256 characters, no newline, no ``{``): a known prompt format —
+  ``chatml`` or ``llama3``, each the format's published template;
+* otherwise the text itself, which must be a Jinja template (at least 20 characters, with a ``{``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Mapping, Sequence
+
+from fedmerge.recipes.schema import RecipeSchemaError
+
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+
+NAMED: dict[str, str] = {
+    "chatml": (
+        "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+        "'<|im_end|>' + '\\n'}}{% endfor %}\n"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}\n"
+    ),
+    "llama3": (
+        "{% set loop_messages = messages %}\n"
+        "{% for message in loop_messages %}\n"
+        "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ "
+        "message['content'] | trim + '<|eot_id|>' %}\n"
+        "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}\n"
+        "{{ content }}\n"
+        "{% endfor %}\n"
+        "{% if add_generation_prompt %}"
+        "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}\n"
+    ),
+}
+
+
+def template_of(files: Mapping[str, bytes]) -> str | None:
+    """The chat template a model directory's files carry (stripped), or None."""
+    if CHAT_TEMPLATE_FILE in files:
+        text = files[CHAT_TEMPLATE_FILE].decode("utf-8", errors="replace").strip()
+        return text or None
+    raw = files.get(TOKENIZER_CONFIG)
+    if raw is None:
+        return None
+    try:
+        template = json.loads(raw).get("chat_template")
+    except (ValueError, AttributeError):
+        return None
+    if isinstance(template, list):
+        template = next(
+            (t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None
+        )
+    return (template.strip() or None) if isinstance(template, str) else None
+
+
+def resolve_chat_template(spec: str | None, models: Sequence[Mapping[str, bytes]]) -> str | None:
+    """The template text to write for ``spec`` (module docstring), given the models' files in recipe
+    order; None when nothing is to be written."""
+    if not spec:
+        return None
+    if spec == "auto":
+        found = [t for t in (template_of(files) for files in models) if t is not None]
+        return Counter(found).most_common(1)[0][0] if found else None
+    if len(spec) < 256 and "\n" not in spec and "{" not in spec:
+        if spec in NAMED:
+            return NAMED[spec]
+        if len(spec) < 20:
+            raise RecipeSchemaError(
+                f"chat_template {spec!r} is not a known name ({', '.join(sorted(NAMED))}, or 'auto'); "
+                "give the template's Jinja text instead"
+            )
+    if len(spec) < 20 or "{" not in spec:
+        raise RecipeSchemaError(f"chat_template {spec[:40]!r} is neither a known name nor a Jinja template")
+    return spec
+
+
+def with_chat_template(files: Mapping[str, bytes], template: str) -> dict[str, bytes]:
+    """``files`` with ``chat_template.jinja`` set to ``template`` (and no competing ``chat_template``
+    key left in ``tokenizer_config.json``)."""
+    out = dict(files)
+    out[CHAT_TEMPLATE_FILE] = template.encode()
+    raw = out.get(TOKENIZER_CONFIG)
+    if raw is not None:
+        try:
+            config = json.loads(raw)
+        except ValueError:
+            config = None
+        if isinstance(config, dict) and "chat_template" in config:
+            del config["chat_template"]
+            out[TOKENIZER_CONFIG] = json.dumps(config, indent=2).encode()
+    return out
