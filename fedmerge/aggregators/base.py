@@ -30,7 +30,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeAlias
+from typing import Any, ClassVar, TypeAlias, TypedDict
 
 import torch
 
@@ -40,6 +40,14 @@ from fedmerge.delta.state_dict import check_shapes
 from fedmerge.errors import AggregatorStateError, ConfigError, InvalidSubmission
 from fedmerge.registry import Registry
 from fedmerge.seeds import derive_generator
+
+
+class AddOptions(TypedDict, total=False):
+    """The keyword options of :meth:`Aggregator.add`, for a method whose ``add`` takes more."""
+
+    client_id: str | int | None
+    generator: torch.Generator | None
+
 
 DeltaTensor: TypeAlias = torch.Tensor | SparseTensor
 ClientDelta: TypeAlias = Mapping[str, DeltaTensor]
@@ -157,9 +165,13 @@ class Aggregator(ABC):
         client_id: str | int | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
-        """Fold one client's delta in. ``weight`` is e.g. its number of examples (≥ 0, finite)."""
+        """Fold one client's delta in. ``weight`` is e.g. its number of examples (≥ 0, finite).
+
+        Methods refine this through two hooks rather than overriding it: :meth:`_admit` (before any
+        check: refuse the client, or transform its delta) and :meth:`_accepted` (after it was folded)."""
         shapes = self._require_begun()
         cid = self._num_clients if client_id is None else client_id
+        client_delta = self._admit(cid, client_delta)
         w = float(weight)
         if not math.isfinite(w) or w < 0:
             raise InvalidSubmission(f"client {cid}: weight must be finite and ≥ 0, got {weight!r}")
@@ -189,6 +201,16 @@ class Aggregator(ABC):
             self._flush_sparse()
         if len(self._pending) >= self.group_size:
             self._flush()
+        self._accepted(cid, w)
+
+    def _admit(self, client_id: str | int, client_delta: ClientDelta) -> ClientDelta:
+        """The delta :meth:`add` folds for this client, before its weight, shapes and dtypes are checked;
+        raise :class:`AggregatorStateError` to refuse the client. The default: the delta as given."""
+        return client_delta
+
+    def _accepted(self, client_id: str | int, weight: float) -> None:
+        """Called once :meth:`add` has accepted and folded the client's delta (default: nothing)."""
+        return None
 
     def finalize(self) -> dict[str, torch.Tensor]:
         """The merged delta: name → fp32 tensor with the reference shape."""

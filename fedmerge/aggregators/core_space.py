@@ -34,7 +34,7 @@ adapter-level merge like :func:`fedmerge.delta.lora.merge_lora`: it holds all T 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -88,14 +88,35 @@ def core_space_merge(
     Weights default to 1 each and are passed to ``method`` as they are (task arithmetic sums them:
     use ``normalize=True`` for a weighted mean). Ranks may differ between adapters and modules.
     The result has scaling 1 per module and each module's own rank (``rank_pattern`` on save)."""
+    return merge_by_module(
+        adapters,
+        weights,
+        "core_space_merge",
+        lambda pairs, shape, ws: core_space_matrix(pairs, ws, method, **params),
+    )
+
+
+ModuleMerge = Callable[
+    [list[tuple[torch.Tensor, torch.Tensor]], tuple[int, int], list[float]], tuple[torch.Tensor, torch.Tensor]
+]
+"""(factor pairs (A_i, s_i·B_i), the module's (out, in) shape, weights) → the merged module's (B, A)."""
+
+
+def merge_by_module(
+    adapters: Sequence[LoraAdapter], weights: Sequence[float] | None, what: str, merge_module: ModuleMerge
+) -> LoraAdapter:
+    """The frame of the adapter-level merges (core space, KnOTS): weights default to 1 each, every
+    adapter has the same modules, stored out × in; each module's factor pairs (A_i, s_i·B_i) are merged
+    by ``merge_module`` into a scaling-1 module, and the result is :func:`lora_result`."""
     ws = _weights(adapters, weights)
     _check_same_modules(adapters)
     if adapters[0].fan_in_fan_out:
-        raise LoraError("core_space_merge needs adapters stored as out × in (fan_in_fan_out is False)")
+        raise LoraError(f"{what} needs adapters stored as out × in (fan_in_fan_out is False)")
     modules: dict[str, LoraModule] = {}
     for name in adapters[0].modules:
         parts = [ad.modules[name] for ad in adapters]
-        b, a = core_space_matrix([(p.A, p.scaling * p.B.float()) for p in parts], ws, method, **params)
+        pairs = [(p.A, p.scaling * p.B.float()) for p in parts]
+        b, a = merge_module(pairs, (parts[0].B.shape[0], parts[0].A.shape[1]), ws)
         modules[name] = LoraModule(a, b, 1.0)
     return lora_result(adapters[0], modules)
 

@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import ClassVar
+from typing import ClassVar, Unpack
 
 import torch
 
-from fedmerge.aggregators.base import Aggregator, ClientDelta, Prepared, dense_of, register
+from fedmerge.aggregators.base import AddOptions, Aggregator, ClientDelta, Prepared, dense_of, register
 from fedmerge.delta.sparse import SparseTensor
 from fedmerge.delta.state_dict import check_shapes
 from fedmerge.errors import AggregatorStateError, ConfigError, InvalidSubmission
@@ -63,12 +63,13 @@ class Fisher(Aggregator):
         client_delta: ClientDelta,
         weight: float = 1.0,
         *,
-        client_id: str | int | None = None,
-        generator: torch.Generator | None = None,
         fisher: Mapping[str, torch.Tensor] | None = None,
+        **options: Unpack[AddOptions],
     ) -> None:
-        """Fold one client's delta with its diagonal Fisher ``fisher`` (None: F = 1)."""
+        """Fold one client's delta with its diagonal Fisher ``fisher`` (None: F = 1); ``options``:
+        ``client_id`` and ``generator`` as :meth:`Aggregator.add` takes them."""
         shapes = self._require_begun()
+        client_id = options.get("client_id")
         cid = self._num_clients if client_id is None else client_id
         prepared: dict[str, torch.Tensor] | None = None
         if fisher is not None:
@@ -97,7 +98,7 @@ class Fisher(Aggregator):
         self._flush()
         self._fisher = prepared
         try:
-            super().add(client_delta, weight, client_id=client_id, generator=generator)
+            super().add(client_delta, weight, **options)
             self._flush()  # fold now, with this client's Fisher
         finally:
             self._fisher = None

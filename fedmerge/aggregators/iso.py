@@ -39,8 +39,7 @@ from typing import ClassVar
 import torch
 
 from fedmerge.aggregators.base import Aggregator, Prepared, check_fraction, dense_of, register
-from fedmerge.aggregators.kernels import weighted_sum_dense, weighted_sum_sparse
-from fedmerge.delta.sparse import SparseTensor
+from fedmerge.aggregators.linear import WeightedSumAggregator
 from fedmerge.errors import AggregatorStateError
 
 
@@ -84,24 +83,9 @@ class _WeightCheck:
 
 
 @register
-class IsoC(_WeightCheck, Aggregator):
+class IsoC(_WeightCheck, WeightedSumAggregator):
     name: ClassVar[str] = "iso_c"
     spectral: ClassVar[bool] = True  # SVD-based: exact zeros hold only to rounding (~1e-6 relative)
-
-    def __init__(self, *, scaling: float = 1.0, **common: object) -> None:
-        super().__init__(**common)  # type: ignore[arg-type]
-        self.scaling = float(scaling)
-
-    @property
-    def params(self) -> dict[str, object]:
-        return {**super().params, "scaling": self.scaling}
-
-    def _fold_dense(self, key: str, items: list[Prepared], weights: list[float]) -> None:
-        weighted_sum_dense([it.data for it in items], weights, self._accumulators(key, 1)[0])  # type: ignore[misc]
-
-    def _fold_sparse(self, key: str, item: Prepared, weight: float) -> None:
-        assert isinstance(item.data, SparseTensor)
-        weighted_sum_sparse(item.data.indices, item.data.values, weight, self._accumulators(key, 1)[0])
 
     def _finalize_tensor(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
         (acc,) = self._accumulators(key, 1)

@@ -38,8 +38,8 @@ from typing import Any
 import torch
 
 from fedmerge.aggregators.base import merge
-from fedmerge.aggregators.core_space import lora_result
-from fedmerge.delta.lora import LoraAdapter, LoraError, LoraModule, _check_same_modules, _weights
+from fedmerge.aggregators.core_space import merge_by_module
+from fedmerge.delta.lora import LoraAdapter
 
 KNOTS_KEY = "v"
 
@@ -115,15 +115,11 @@ def knots_merge(
     Weights default to 1 each and are passed to ``method`` as they are (task arithmetic sums them:
     use ``normalize=True`` for a weighted mean). Ranks may differ between adapters and modules.
     The result has scaling 1 per module and each module's own rank (``rank_pattern`` on save)."""
-    ws = _weights(adapters, weights)
-    _check_same_modules(adapters)
-    if adapters[0].fan_in_fan_out:
-        raise LoraError("knots_merge needs adapters stored as out × in (fan_in_fan_out is False)")
-    modules: dict[str, LoraModule] = {}
-    for name in adapters[0].modules:
-        parts = [ad.modules[name] for ad in adapters]
-        pairs = [(p.A, p.scaling * p.B.float()) for p in parts]
+
+    def merge_module(
+        pairs: list[tuple[torch.Tensor, torch.Tensor]], shape: tuple[int, int], ws: list[float]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         u, xs = knots_components_factored(pairs)
-        b, a = _merged(u, xs, (parts[0].B.shape[0], parts[0].A.shape[1]), ws, method, params)
-        modules[name] = LoraModule(a, b, 1.0)
-    return lora_result(adapters[0], modules)
+        return _merged(u, xs, shape, ws, method, params)
+
+    return merge_by_module(adapters, weights, "knots_merge", merge_module)

@@ -10,17 +10,20 @@ from fedmerge.delta.sparse import SparseTensor
 from fedmerge.errors import AggregatorStateError
 
 
-class LinearAggregator(Aggregator):
-    """Weighted sum of (prepared) client deltas, scaled by λ; ``normalize`` divides by Σ w."""
+class ScaledAggregator(Aggregator):
+    """A method whose merge is multiplied by λ (``scaling``, default 1) when it is finalised."""
 
-    def __init__(self, *, scaling: float = 1.0, normalize: bool = False, **common: object) -> None:
+    def __init__(self, *, scaling: float = 1.0, **common: object) -> None:
         super().__init__(**common)  # type: ignore[arg-type]
         self.scaling = float(scaling)
-        self.normalize = bool(normalize)
 
     @property
     def params(self) -> dict[str, object]:
-        return {**super().params, "scaling": self.scaling, "normalize": self.normalize}
+        return {**super().params, "scaling": self.scaling}
+
+
+class WeightedSumAggregator(ScaledAggregator):
+    """Folds Σ_i w_i τ̃_i into one fp32 accumulator per tensor (the fused ``weighted_sum`` kernels)."""
 
     def _fold_dense(self, key: str, items: list[Prepared], weights: list[float]) -> None:
         weighted_sum_dense([it.data for it in items], weights, self._accumulators(key, 1)[0])  # type: ignore[misc]
@@ -28,6 +31,18 @@ class LinearAggregator(Aggregator):
     def _fold_sparse(self, key: str, item: Prepared, weight: float) -> None:
         assert isinstance(item.data, SparseTensor)
         weighted_sum_sparse(item.data.indices, item.data.values, weight, self._accumulators(key, 1)[0])
+
+
+class LinearAggregator(WeightedSumAggregator):
+    """Weighted sum of (prepared) client deltas, scaled by λ; ``normalize`` divides by Σ w."""
+
+    def __init__(self, *, scaling: float = 1.0, normalize: bool = False, **common: object) -> None:
+        super().__init__(scaling=scaling, **common)
+        self.normalize = bool(normalize)
+
+    @property
+    def params(self) -> dict[str, object]:
+        return {**super().params, "normalize": self.normalize}
 
     def _finalize_tensor(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
         (acc,) = self._accumulators(key, 1)

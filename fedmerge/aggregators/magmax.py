@@ -24,24 +24,17 @@ from typing import Any, ClassVar
 
 import torch
 
-from fedmerge.aggregators.base import Aggregator, Prepared, register
+from fedmerge.aggregators.base import Prepared, register
 from fedmerge.aggregators.kernels import max_abs_dense, max_abs_sparse
+from fedmerge.aggregators.linear import ScaledAggregator
 from fedmerge.delta.sparse import SparseTensor
 
 
 @register
-class MagMax(Aggregator):
+class MagMax(ScaledAggregator):
     name: ClassVar[str] = "magmax"
     averaging: ClassVar[bool] = True
     continual_defaults: ClassVar[dict[str, Any]] = {"scaling": 0.5}  # the paper's λ (module docstring)
-
-    def __init__(self, *, scaling: float = 1.0, **common: object) -> None:
-        super().__init__(**common)  # type: ignore[arg-type]
-        self.scaling = float(scaling)
-
-    @property
-    def params(self) -> dict[str, object]:
-        return {**super().params, "scaling": self.scaling}
 
     def _fold_dense(self, key: str, items: list[Prepared], weights: list[float]) -> None:
         max_abs_dense([it.data for it in items], self._accumulators(key, 1)[0])  # type: ignore[misc]

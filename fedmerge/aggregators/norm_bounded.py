@@ -48,7 +48,10 @@ class NormBounded(Aggregator):
     ) -> None:
         super().__init__(**common)
         cls = get(inner)
-        if not cls.streaming or cls.add is not Aggregator.add or cls.finalize is not Aggregator.finalize:
+        standard = all(
+            getattr(cls, m) is getattr(Aggregator, m) for m in ("add", "_admit", "_accepted", "finalize")
+        )
+        if not cls.streaming or not standard:
             raise ConfigError(
                 f"norm_bounded needs a streaming inner method with the standard add/finalize; {inner!r} is "
                 "not one (for buffering methods clip with fedmerge.privacy.clip_delta before add)"
@@ -59,6 +62,7 @@ class NormBounded(Aggregator):
         self.inner: Aggregator = create(inner, **{**common, **dict(inner_params or {})})
         self.stochastic = self.inner.stochastic  # type: ignore[misc]
         self.client_norms: dict[Any, float] = {}
+        self._norm = 0.0  # ‖Δ‖₂ of the client being added, recorded once it is accepted
 
     @property
     def params(self) -> dict[str, Any]:
@@ -79,27 +83,17 @@ class NormBounded(Aggregator):
         self.inner._acc = self._acc  # one set of accumulators, owned here, folded by the inner's kernels
         self.client_norms = {}
 
-    def add(
-        self,
-        client_delta: ClientDelta,
-        weight: float = 1.0,
-        *,
-        client_id: str | int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        cid = self._num_clients if client_id is None else client_id
-        self._require_begun()
+    def _admit(self, client_id: str | int, client_delta: ClientDelta) -> ClientDelta:
+        """The delta clipped to ‖Δ‖₂ ≤ max_norm (a non-floating one is passed on: :meth:`add` rejects
+        it, naming the tensor)."""
         if not all(v.dtype.is_floating_point for v in client_delta.values()):
-            super().add(
-                client_delta, weight, client_id=cid, generator=generator
-            )  # rejects, naming the tensor
-        norm = delta_norm(client_delta)
-        factor = clip_factor(norm, self.max_norm)
-        clipped: Mapping[str, DeltaTensor] = (
-            client_delta if factor == 1.0 else scale_delta(client_delta, factor)
-        )
-        super().add(clipped, weight, client_id=cid, generator=generator)
-        self.client_norms[cid] = norm
+            return client_delta
+        self._norm = delta_norm(client_delta)
+        factor = clip_factor(self._norm, self.max_norm)
+        return client_delta if factor == 1.0 else scale_delta(client_delta, factor)
+
+    def _accepted(self, client_id: str | int, weight: float) -> None:
+        self.client_norms[client_id] = self._norm
 
     def _generator(self, client: str | int, key: str) -> torch.Generator:
         return self.inner._generator(client, key)

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from fedmerge.aggregators.base import ClientDelta, register
+from fedmerge.aggregators.base import register
 from fedmerge.aggregators.robust import PairAggregator
 
 
@@ -66,16 +66,9 @@ class NuSlerp(PairAggregator):
         super().begin(reference_shapes)
         self._weights = []
 
-    def add(
-        self,
-        client_delta: ClientDelta,
-        weight: float = 1.0,
-        *,
-        client_id: str | int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        super().add(client_delta, weight, client_id=client_id, generator=generator)
-        self._weights.append(float(weight))
+    def _accepted(self, client_id: str | int, weight: float) -> None:
+        super()._accepted(client_id, weight)
+        self._weights.append(weight)
 
     def _merge_pair(
         self, key: str, shape: tuple[int, ...], i0: int, i1: int, first: torch.Tensor, second: torch.Tensor

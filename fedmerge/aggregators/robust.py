@@ -19,17 +19,9 @@ class BufferingAggregator(Aggregator):
     streaming: ClassVar[bool] = False
     averaging: ClassVar[bool] = True
 
-    def add(
-        self,
-        client_delta: ClientDelta,
-        weight: float = 1.0,
-        *,
-        client_id: str | int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        cid = self._num_clients if client_id is None else client_id
-        super().add(client_delta, weight, client_id=cid, generator=generator)
-        self._ids.append(cid)  # only once the delta was accepted
+    def _accepted(self, client_id: str | int, weight: float) -> None:
+        super()._accepted(client_id, weight)
+        self._ids.append(client_id)  # only once the delta was accepted
 
     def _prepare(self, key: str, x: DeltaTensor, generator: torch.Generator) -> Prepared:
         return Prepared(dense_of(x))  # one path for every client: buffers stay in arrival order
@@ -68,19 +60,12 @@ class PairAggregator(BufferingAggregator):
     exact_models: ClassVar[int] = 2
     pair_note: ClassVar[str] = ""  # said after "merges exactly two models" when a third arrives
 
-    def add(
-        self,
-        client_delta: ClientDelta,
-        weight: float = 1.0,
-        *,
-        client_id: str | int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        if self._shapes is not None and not self._finalized and self._num_clients >= 2:
+    def _admit(self, client_id: str | int, client_delta: ClientDelta) -> ClientDelta:
+        if self._num_clients >= 2:
             raise AggregatorStateError(
                 f"{self.name} merges exactly two models{self.pair_note}; a third was added"
             )
-        super().add(client_delta, weight, client_id=client_id, generator=generator)
+        return super()._admit(client_id, client_delta)
 
     def _finalize_tensor(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
         buf = self._buffers.pop(key)

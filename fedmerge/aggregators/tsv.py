@@ -73,17 +73,10 @@ class TsvM(_TaskBuffer):
         super().begin(reference_shapes)
         self._factors: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]]] = {}
 
-    def add(
-        self,
-        client_delta: ClientDelta,
-        weight: float = 1.0,
-        *,
-        client_id: str | int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        if self.num_tasks is not None and self._shapes is not None and self._num_clients >= self.num_tasks:
+    def _admit(self, client_id: str | int, client_delta: ClientDelta) -> ClientDelta:
+        if self.num_tasks is not None and self._num_clients >= self.num_tasks:
             raise AggregatorStateError(f"tsv_m was told num_tasks={self.num_tasks}; one more model was added")
-        super().add(client_delta, weight, client_id=client_id, generator=generator)
+        return super()._admit(client_id, client_delta)
 
     def _keep(self, key: str, x: torch.Tensor, weight: float) -> None:
         assert self._shapes is not None
