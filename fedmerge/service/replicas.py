@@ -36,32 +36,14 @@ from pathlib import Path
 
 from fedmerge.aggregators.continual import create_continual
 from fedmerge.service.config import Limits
-from fedmerge.service.intake import IntakeQueue
+from fedmerge.service.intake import SCHEMA, IntakeQueue
 from fedmerge.store.pg_catalog import SCHEMA_LOCK as _SCHEMA_LOCK
-from fedmerge.store.pg_catalog import LeaseLostError, PgCatalog, PgConnection
+from fedmerge.store.pg_catalog import LeaseLostError, PgCatalog, PgConnection, pg_schema
 
 log = logging.getLogger(__name__)
 
-QUEUE_SCHEMA = """
-CREATE TABLE IF NOT EXISTS submissions (
-    seq BIGSERIAL PRIMARY KEY,
-    id TEXT NOT NULL UNIQUE,
-    sha256 TEXT NOT NULL UNIQUE,
-    client_id TEXT NOT NULL,
-    format TEXT NOT NULL,
-    base_version TEXT NOT NULL,
-    label TEXT NOT NULL,
-    size BIGINT NOT NULL,
-    state TEXT NOT NULL,
-    version TEXT,
-    reason TEXT,
-    created_at TEXT NOT NULL,
-    updated_at TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS submissions_by_state ON submissions(state, seq);
-CREATE INDEX IF NOT EXISTS submissions_by_client ON submissions(client_id, state);
-"""
+QUEUE_SCHEMA = pg_schema(SCHEMA)
+"""The intake queue's table in PostgreSQL: :data:`fedmerge.service.intake.SCHEMA` in its dialect."""
 
 STALE_PARTIAL_S = 3600.0
 """A replica's unfinished upload untouched this long (its replica died) is removed at start-up."""

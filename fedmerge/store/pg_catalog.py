@@ -43,7 +43,15 @@ WRITE_LOCK = 0x66656D6572676501
 SCHEMA_LOCK = 0x66656D6572676500
 """Advisory lock key held while creating tables (servers starting together would race)."""
 
-PG_SCHEMA = SCHEMA.replace("seq INTEGER PRIMARY KEY AUTOINCREMENT", "seq BIGSERIAL PRIMARY KEY")
+
+def pg_schema(sqlite_schema: str) -> str:
+    """A SQLite schema of this project in PostgreSQL's dialect: the one place the two differ (the
+    autoincrementing ``seq`` key and 64-bit sizes), so each table is declared once, for SQLite."""
+    serial = sqlite_schema.replace("seq INTEGER PRIMARY KEY AUTOINCREMENT", "seq BIGSERIAL PRIMARY KEY")
+    return serial.replace("size INTEGER", "size BIGINT")
+
+
+PG_SCHEMA = pg_schema(SCHEMA)
 
 LEASE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS leases (
