@@ -111,7 +111,7 @@ class RoundEvent:
 
     @classmethod
     def from_report(cls, report: Any) -> RoundEvent:
-        """From a :class:`fedmerge.flower.server.rounds.RoundReport` (read by attribute only)."""
+        """From a :class:`fedmerge.flower.server.commit.RoundReport` (read by attribute only)."""
         rejected: dict[str, int] = {}
         for outcome in report.rejected:
             key = reply_reason(outcome.reason)
@@ -199,26 +199,21 @@ class FedmergeMetrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self._evaluate_names: set[str] = set()  # metric names exported so far (bounded label set)
+        counter, gauge = self._counter, self._gauge
         # rounds
-        self.rounds_completed = Counter(
-            "fedmerge_rounds_completed", "Rounds that committed a version.", registry=r
-        )
-        self.rounds_uncommitted = Counter(
+        self.rounds_completed = counter("fedmerge_rounds_completed", "Rounds that committed a version.")
+        self.rounds_uncommitted = counter(
             "fedmerge_rounds_uncommitted",
             "Round attempts that ended with fewer than min-valid accepted replies (nothing committed).",
-            registry=r,
         )
-        self.replies_accepted = Counter(
-            "fedmerge_round_replies_accepted", "Round replies accepted and folded into the merge.", registry=r
+        self.replies_accepted = counter(
+            "fedmerge_round_replies_accepted", "Round replies accepted and folded into the merge."
         )
-        self.replies_rejected = Counter(
+        self.replies_rejected = counter(
             "fedmerge_round_replies_rejected",
             "Round replies rejected, by reason class.",
-            ["reason"],
-            registry=r,
+            ("reason", REPLY_REASONS),
         )
-        for reason in REPLY_REASONS:
-            self.replies_rejected.labels(reason)
         self.round_duration = Histogram(
             "fedmerge_round_duration_seconds",
             "Wall time of a round attempt: sampling, messages, replies, merge, evaluation, commit.",
@@ -226,94 +221,88 @@ class FedmergeMetrics:
             registry=r,
         )
         # bytes
-        self.uplink = Counter(
+        self.uplink = counter(
             "fedmerge_uplink_bytes",
             "Model payload bytes received from clients (round replies; intake and bulk uploads).",
-            registry=r,
         )
-        self.downlink = Counter(
+        self.downlink = counter(
             "fedmerge_downlink_bytes",
             "Model payload bytes sent to clients (round weights or updates; GetVersion streams).",
-            registry=r,
         )
         # intake
-        self.intake_acknowledged_total = Counter(
+        self.intake_acknowledged_total = counter(
             "fedmerge_intake_acknowledged",
             "Experts durably received and acknowledged (new submissions, not duplicates).",
-            registry=r,
         )
-        self.intake_duplicates = Counter(
-            "fedmerge_intake_duplicates", "Experts received again (same bytes as an earlier one).", registry=r
+        self.intake_duplicates = counter(
+            "fedmerge_intake_duplicates", "Experts received again (same bytes as an earlier one)."
         )
-        self.intake_refused_total = Counter(
+        self.intake_refused_total = counter(
             "fedmerge_intake_refused",
             "SubmitExpert calls refused before acknowledgement, by reason class.",
-            ["reason"],
-            registry=r,
+            ("reason", INTAKE_REFUSALS),
         )
-        for reason in INTAKE_REFUSALS:
-            self.intake_refused_total.labels(reason)
-        self.unauthenticated = Counter(
-            "fedmerge_rpc_unauthenticated",
-            "gRPC calls refused for a missing or unknown bearer token.",
-            registry=r,
+        self.unauthenticated = counter(
+            "fedmerge_rpc_unauthenticated", "gRPC calls refused for a missing or unknown bearer token."
         )
-        self.submissions = Counter(
+        self.submissions = counter(
             "fedmerge_submissions",
             "Acknowledged experts that reached a final state, by outcome.",
-            ["outcome"],
-            registry=r,
+            ("outcome", SUBMISSION_OUTCOMES),
         )
-        for outcome in SUBMISSION_OUTCOMES:
-            self.submissions.labels(outcome)
         self.merge_latency = Histogram(
             "fedmerge_merge_latency_seconds",
             "Time from an expert's acknowledgement to the commit of the version that merges it.",
             buckets=MERGE_LATENCY_BUCKETS,
             registry=r,
         )
-        self.queue_depth = Gauge(
-            "fedmerge_intake_queue_depth", "Acknowledged experts waiting to be merged.", registry=r
-        )
+        self.queue_depth = gauge("fedmerge_intake_queue_depth", "Acknowledged experts waiting to be merged.")
         # store and versions
         # federated evaluation (evaluate messages after a round)
-        self.evaluate_replies = Counter(
+        self.evaluate_replies = counter(
             "fedmerge_evaluate_replies",
             "Evaluate replies, accepted into the aggregate or dropped.",
-            ["outcome"],
-            registry=r,
+            ("outcome", ("accepted", "dropped")),
         )
-        for outcome in ("accepted", "dropped"):
-            self.evaluate_replies.labels(outcome)
-        self.evaluate_metric = Gauge(
+        self.evaluate_metric = gauge(
             "fedmerge_evaluate_metric",
             "The last federated evaluation's metrics, weighted by num-examples (at most "
             f"{MAX_EVALUATE_METRICS} metric names per server; later names are not exported).",
-            ["metric"],
-            registry=r,
+            "metric",
         )
-        self.last_evaluated_round = Gauge(
-            "fedmerge_last_evaluated_round", "Round of the last federated evaluation.", registry=r
+        self.last_evaluated_round = gauge(
+            "fedmerge_last_evaluated_round", "Round of the last federated evaluation."
         )
-        self.versions_committed = Counter(
-            "fedmerge_versions_committed", "Versions this server committed.", registry=r
-        )
-        self.last_round = Gauge(
+        self.versions_committed = counter("fedmerge_versions_committed", "Versions this server committed.")
+        self.last_round = gauge(
             "fedmerge_last_committed_round",
             "Round of the last committed version (continual: experts merged into the track).",
-            registry=r,
         )
-        self.last_commit_time = Gauge(
+        self.last_commit_time = gauge(
             "fedmerge_last_commit_timestamp_seconds",
             "When the last version was committed (seconds since the epoch).",
-            registry=r,
         )
         self.last_version = Info(
             "fedmerge_last_committed_version", "Id of the last committed version.", registry=r
         )
-        self.store_size = Gauge(
-            "fedmerge_store_size_bytes", "Bytes of the files under the model store directory.", registry=r
+        self.store_size = gauge(
+            "fedmerge_store_size_bytes", "Bytes of the files under the model store directory."
         )
+
+    def _counter(self, name: str, doc: str, labelled: tuple[str, Iterable[str]] | None = None) -> Counter:
+        """A counter on this registry; ``labelled`` = (label, values): one child per value from the start,
+        so every series of the bounded label set is exported at 0 before its first event."""
+        if labelled is None:
+            return Counter(name, doc, registry=self.registry)
+        label, values = labelled
+        metric = Counter(name, doc, [label], registry=self.registry)
+        for value in values:
+            metric.labels(value)
+        return metric
+
+    def _gauge(self, name: str, doc: str, label: str | None = None) -> Gauge:
+        """A gauge on this registry (with one label, its children made as values arrive)."""
+        return Gauge(name, doc, [label] if label else (), registry=self.registry)
 
     # ------------------------------------------------------------------------------ rounds
     def observe_round(self, event: RoundEvent) -> None:

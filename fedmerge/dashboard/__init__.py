@@ -1,19 +1,10 @@
 """The read-only web dashboard over a model store (``fedmerge dashboard``; ``serve --dashboard-port``).
 
-Entry point for the servers (``fedmerge serve`` / ``fedmerge serve-continual``)::
-
-    start_in_background(
-        store_root: Path,
-        host: str,
-        port: int,
-        token: str | None,
-        intake_status: Callable[[], IntakeStatus] | None = None,
-        *,
-        intake_dir: Path | None = None,
-        tokens: Iterable[str] = (),
-        refresh_ms: int = 2000,
-        tls: TlsConfig | None = None,      # fedmerge.service.config.TlsConfig; client_ca = mutual TLS
-    ) -> RunningDashboard        # .url (str), .port (int), .stop()
+Entry point for the servers (``fedmerge serve`` / ``fedmerge serve-continual``):
+:func:`start_in_background` (store root, host, port, token; optionally the intake's status or data
+directory, more tokens, the page refresh interval and a :class:`~fedmerge.service.config.TlsConfig`,
+whose ``client_ca`` means mutual TLS) returns a :class:`RunningDashboard` (``.url``, ``.port``,
+``.stop()``).
 
 It serves the pages from a uvicorn server in a daemon thread and returns once the socket is bound
 (``port=0`` picks a free port; ``RunningDashboard.port`` says which). ``token`` (and any of

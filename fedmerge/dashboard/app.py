@@ -237,57 +237,54 @@ class Dashboard:
         run = run_view(st, head)
         xs = [p.x for p in run.points]
         label = "round" if all(p.round is not None for p in run.points) else "round / sequence"
+
+        def line(
+            key: str, title: str, series: list[tuple[str, list[tuple[float, float]]]], **opts: Any
+        ) -> str:
+            return svg.line_chart(title, series, chart_id=f"chart-{key}", x_label=label, **opts)
+
+        def named(*pairs: tuple[str, str]) -> list[tuple[str, list[tuple[float, float]]]]:
+            return [(legend, run.series(name)) for legend, name in pairs]
+
         charts = {
-            "accuracy": svg.line_chart(
+            "accuracy": line(
+                "accuracy",
                 "accuracy per round",
-                [
-                    ("server", run.series("server-accuracy")),
-                    ("clients (test, weighted)", run.series("clients-test-accuracy")),
-                ],
-                chart_id="chart-accuracy",
-                x_label=label,
+                named(("server", "server-accuracy"), ("clients (test, weighted)", "clients-test-accuracy")),
             ),
-            "loss": svg.line_chart(
+            "loss": line(
+                "loss",
                 "loss per round",
-                [
-                    ("server", run.series("server-loss")),
-                    ("clients (train, weighted)", run.series("clients-train-loss")),
-                ],
-                chart_id="chart-loss",
-                x_label=label,
+                named(("server", "server-loss"), ("clients (train, weighted)", "clients-train-loss")),
             ),
-            "bytes": svg.line_chart(
+            "bytes": line(
+                "bytes",
                 "bytes per round",
-                [
-                    ("uplink", run.series("uplink-bytes")),
-                    ("downlink", run.series("downlink-bytes")),
-                    ("uplink if dense fp32", run.series("uplink-dense-bytes")),
-                ],
-                chart_id="chart-bytes",
-                x_label=label,
+                named(
+                    ("uplink", "uplink-bytes"),
+                    ("downlink", "downlink-bytes"),
+                    ("uplink if dense fp32", "uplink-dense-bytes"),
+                ),
                 y_min=0.0,
             ),
-            "time": svg.line_chart(
+            "time": line(
+                "time",
                 "round time (s)",
                 [("seconds", [(p.x, p.seconds) for p in run.points if p.seconds is not None])],
-                chart_id="chart-time",
-                x_label=label,
                 y_min=0.0,
             ),
-            "epsilon": svg.line_chart(
+            "epsilon": line(
+                "epsilon",
                 "privacy budget ε spent",
                 [("ε", [(p.x, p.epsilon) for p in run.points if p.epsilon is not None])],
-                chart_id="chart-epsilon",
                 empty="no differential-privacy release in this run",
-                x_label=label,
                 y_min=0.0,
             ),
-            "evaluation": svg.line_chart(
+            "evaluation": line(
+                "evaluation",
                 "federated evaluation (weighted by num-examples)",
                 run.evaluation_series(),
-                chart_id="chart-evaluation",
                 empty="no federated evaluation in this run (fraction-evaluate = 0)",
-                x_label=label,
             ),
             "clients": svg.stacked_bars(
                 "contributors per round",
