@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import grpc
 
@@ -116,17 +116,28 @@ def _error(exc: grpc.RpcError) -> ServiceCallError:
     return ServiceCallError(f"{name}: {detail}", code)
 
 
-def _retrying(call: Callable[[], object], retries: int, backoff: float) -> object:
+Metadata = tuple[tuple[str, str], ...]
+R = TypeVar("R")
+
+
+def _retrying(call: Callable[[], R], retries: int, backoff: float, *, retry_own: bool = False) -> R:
+    """``call()`` up to ``retries`` + 1 times, sleeping ``backoff``, 2·``backoff``, … (at most 5 s)
+    between tries while the error is retryable; a gRPC error becomes a :class:`ServiceCallError`. With
+    ``retry_own`` a retryable :class:`ServiceCallError` that ``call`` raises itself is retried too."""
     delay = backoff
     for attempt in range(retries + 1):
         try:
             return call()
         except grpc.RpcError as exc:
             err = _error(exc)
-            if not err.retryable or attempt == retries:
-                raise err from None
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
+        except ServiceCallError as exc:
+            if not retry_own:
+                raise
+            err = exc
+        if not err.retryable or attempt == retries:
+            raise err from None
+        time.sleep(delay)
+        delay = min(delay * 2, 5.0)
     raise AssertionError("unreachable")
 
 
@@ -263,7 +274,7 @@ def submit_expert(
             )
             return reply
 
-    return _retrying(call, retries, backoff)  # type: ignore[return-value]
+    return _retrying(call, retries, backoff)
 
 
 def submit_bulk_expert(
@@ -286,19 +297,26 @@ def submit_bulk_expert(
             )
             return reply
 
-    return _retrying(call, 5, 0.2)  # type: ignore[return-value]
+    return _retrying(call, 5, 0.2)
 
 
-def get_submission(server: str | ClientOptions, submission_id: str) -> intake_pb2.Submission:
+def _unary(server: str | ClientOptions, call: Callable[[grpc.Channel, Metadata], R]) -> R:
+    """``call(channel, metadata)`` (one unary RPC) on a fresh channel to ``server``; a gRPC error
+    becomes a :class:`ServiceCallError`."""
     opts = ClientOptions.parse(server)
     with connect(opts) as channel:
         try:
-            sub: intake_pb2.Submission = intake_pb2_grpc.ExpertIntakeStub(channel).GetSubmission(
-                intake_pb2.GetSubmissionRequest(submission_id=submission_id), metadata=opts.metadata()
-            )
+            return call(channel, opts.metadata())
         except grpc.RpcError as exc:
             raise _error(exc) from None
-        return sub
+
+
+def get_submission(server: str | ClientOptions, submission_id: str) -> intake_pb2.Submission:
+    request = intake_pb2.GetSubmissionRequest(submission_id=submission_id)
+    sub: intake_pb2.Submission = _unary(
+        server, lambda ch, md: intake_pb2_grpc.ExpertIntakeStub(ch).GetSubmission(request, metadata=md)
+    )
+    return sub
 
 
 def wait_merged(
@@ -322,15 +340,11 @@ def wait_merged(
 
 
 def list_versions(server: str | ClientOptions, limit: int = 0) -> list[intake_pb2.VersionInfo]:
-    opts = ClientOptions.parse(server)
-    with connect(opts) as channel:
-        try:
-            reply = intake_pb2_grpc.ExpertIntakeStub(channel).ListVersions(
-                intake_pb2.ListVersionsRequest(limit=limit), metadata=opts.metadata()
-            )
-        except grpc.RpcError as exc:
-            raise _error(exc) from None
-        return list(reply.versions)
+    request = intake_pb2.ListVersionsRequest(limit=limit)
+    reply = _unary(
+        server, lambda ch, md: intake_pb2_grpc.ExpertIntakeStub(ch).ListVersions(request, metadata=md)
+    )
+    return list(reply.versions)
 
 
 def download_version(
@@ -419,29 +433,13 @@ def upload_bulk(
                 )
             return payload.sha256
 
-    delay = backoff
-    for n in range(retries + 1):
-        try:
-            return attempt()
-        except grpc.RpcError as exc:
-            err = _error(exc)
-        except ServiceCallError as exc:
-            err = exc
-        if not err.retryable or n == retries:
-            raise err
-        time.sleep(delay)
-        delay = min(delay * 2, 5.0)
-    raise AssertionError("unreachable")
+    return _retrying(attempt, retries, backoff, retry_own=True)
 
 
 def upload_unary(data: bytes, server: str | ClientOptions) -> str:
     """The whole payload in one gRPC message (the benchmark's reference path; no resume, no bound)."""
-    opts = ClientOptions.parse(server)
-    with connect(opts) as channel:
-        try:
-            status = intake_pb2_grpc.BulkUploadStub(channel).UploadUnary(
-                intake_pb2.UnaryUploadRequest(data=data), metadata=opts.metadata()
-            )
-        except grpc.RpcError as exc:
-            raise _error(exc) from None
+    request = intake_pb2.UnaryUploadRequest(data=data)
+    status = _unary(
+        server, lambda ch, md: intake_pb2_grpc.BulkUploadStub(ch).UploadUnary(request, metadata=md)
+    )
     return str(status.sha256)
