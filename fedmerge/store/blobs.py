@@ -152,12 +152,8 @@ class StagedBlob:
 
 
 def fsync_path(path: Path) -> None:
-    """fsync a file's data and metadata by path."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """fsync a file's data and metadata by path (the same open-read-only-and-fsync as a directory's)."""
+    fsync_dir(path)
 
 
 _SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of the range's dirty pages, do not wait
@@ -427,15 +423,10 @@ def read_blob(backend: BlobBackend, digest: str, *, what: str, check_hash: bool 
     with fh:
         if size == 0:
             raise CorruptBlobError(f"{what}: blob {digest} is empty; restore it from a backup")
-        head = _read_header_bytes(fh, size)
-        header = None
-        if head is not None:
-            try:
-                header = parse_header(head, size)
-            except SafetensorsFormatError:
-                header = None
-        if head is None or header is None or set(header.entries) != {BLOB_KEY}:
+        found = _blob_header(fh, size)
+        if found is None:
             return _read_blob_whole(fh, size, digest, what, check_hash)
+        head, header = found
         spec, begin, end = header.entries[BLOB_KEY]
         out = torch.empty(spec.shape, dtype=spec.dtype)
         hasher = hashlib.sha256(head) if check_hash else None
@@ -536,16 +527,11 @@ def open_blob_stream(
     the whole blob first and so reports a corrupted blob as such). Raises :class:`MissingBlobError`."""
     fh, size = backend.open_read(digest, what)
     try:
-        head = _read_header_bytes(fh, size) if size else None
-        header = None
-        if head is not None:
-            try:
-                header = parse_header(head, size)
-            except SafetensorsFormatError:
-                header = None
-        if head is None or header is None or set(header.entries) != {BLOB_KEY}:
+        found = _blob_header(fh, size)
+        if found is None:
             fh.close()
             return None
+        head, header = found
         spec, begin, _ = header.entries[BLOB_KEY]
         if (spec.dtype, spec.shape) != (expect.dtype, tuple(expect.shape)):
             fh.close()
@@ -577,6 +563,19 @@ def _read_header_bytes(fh: BlobReader, size: int) -> bytes | None:
         return None
     rest = fh.read(n)
     return head + rest if len(rest) == n else None
+
+
+def _blob_header(fh: BlobReader, size: int) -> tuple[bytes, Header] | None:
+    """(header bytes, parsed header) of a one-tensor blob (its only key :data:`BLOB_KEY`), or None when
+    the blob is empty or its header is cut short, unparsable or not a blob's."""
+    head = _read_header_bytes(fh, size) if size else None
+    if head is None:
+        return None
+    try:
+        header = parse_header(head, size)
+    except SafetensorsFormatError:
+        return None
+    return (head, header) if set(header.entries) == {BLOB_KEY} else None
 
 
 def _read_blob_whole(fh: BlobReader, size: int, digest: str, what: str, check_hash: bool) -> torch.Tensor:
