@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedmerge.codec import PackageMeta
@@ -182,7 +182,7 @@ def low_rank_delta(delta: Mapping[str, torch.Tensor], context: Context) -> Mappi
 
 def is_fedmerge_message(message: Message) -> bool:
     """True when the message was sent by fedmerge's ServerApp (it carries ``"fedmerge.config"``)."""
-    return FEDMERGE_RECORD in message.content.config_records
+    return isinstance(message.content.get(FEDMERGE_RECORD), ConfigRecord)
 
 
 def plain_train_reply(message: Message, context: Context, task_factory: TaskFactory = get_task) -> Message:
@@ -237,7 +237,7 @@ def train_reply(message: Message, context: Context, task_factory: TaskFactory = 
         return plain_train_reply(message, context, task_factory)
     settings = message_settings(message.content)
     conf = TrainInstructions.from_record(settings)
-    base = resolve_base(message.content, context, conf.base_version_id, conf.base_version_hash)
+    base = resolve_base(message.content, context, conf.base_version_id, conf.base_version_hash, settings)
     task = task_factory(conf.task)
     data, pid = node_data(context, task, conf)
     faults = FaultPlan.from_record(settings)

@@ -81,16 +81,25 @@ def apply_weights(base: Mapping[str, torch.Tensor], applied: Mapping[str, torch.
     }
 
 
-def apply_update(base: Mapping[str, torch.Tensor], package: bytes, expected_digest: str) -> StateDict:
-    """The client side: decode the package, add it to the held weights, verify the digest."""
+def applied_update(base: Mapping[str, torch.Tensor], package: bytes) -> StateDict:
+    """θ + Δ̂: decode the package against the held weights' shapes and add it (not yet verified)."""
     shapes = {k: tuple(t.shape) for k, t in base.items() if t.is_floating_point()}
     decoded = decode_package(package, expected_shapes=shapes)
-    weights = apply_weights(base, _dense(decoded.tensors, shapes))
-    digest = weights_digest(weights)
+    return apply_weights(base, _dense(decoded.tensors, shapes))
+
+
+def check_update_digest(digest: str, expected_digest: str) -> None:
+    """:class:`UpdateMismatch` when the rebuilt weights' digest is not the one the server announced."""
     if digest != expected_digest:
         raise UpdateMismatch(
             f"applying the downlink update gave weights {digest[:12]}…, the server has "
             f"{expected_digest[:12]}…: this node holds a different parent version; "
             "the server will send full weights"
         )
+
+
+def apply_update(base: Mapping[str, torch.Tensor], package: bytes, expected_digest: str) -> StateDict:
+    """The client side: decode the package, add it to the held weights, verify the digest."""
+    weights = applied_update(base, package)
+    check_update_digest(weights_digest(weights), expected_digest)
     return weights

@@ -16,12 +16,15 @@ encodes it with the codec the server asked for (``fedmerge.config``), keeps the 
 residual in ``context.state`` and returns the reply. This module imports no server-side code.
 
 ``context.state`` (a RecordDict) persists per node across the rounds of a run. The base weights live
-in the ArrayRecord ``fedmerge.base`` with the version id and content hash beside them in the
-ConfigRecord ``fedmerge.base-meta``; the server leaves the weights out of ``"arrays"`` only for nodes
-whose previous reply was a fedmerge package and that hold this version, so a node that lost them fails
-with :class:`MissingBase` (recorded by the server as a failed reply; it is sent the weights next time).
-The residual e_t of error feedback (c = δ + e_t is encoded, e_{t+1} = c − ĉ) lives in
-the ArrayRecord ``fedmerge.residual``.
+in the ArrayRecord ``fedmerge.base``, packed as one Array (:mod:`fedmerge.flower.client.node_state`:
+no per-tensor ``.npy`` headers), with the version id, content hash and weights digest beside them in
+the ConfigRecord ``fedmerge.base-meta``; the process keeps the versions it rebuilt in a small cache
+keyed by digest, so the nodes it runs decode and verify each downlink update once. The server leaves
+the weights out of ``"arrays"`` only for nodes whose previous reply was a fedmerge package and that
+hold this version, so a node that lost them fails with :class:`MissingBase` (recorded by the server as
+a failed reply; it is sent the weights next time).
+The residual e_t of error feedback (c = δ + e_t is encoded, e_{t+1} = c − ĉ) lives, packed the same
+way, in the ArrayRecord ``fedmerge.residual``.
 
 DP (user-level DP-FedAvg, docs/privacy.md): the server puts ``dp-*`` keys in the train message's
 config; :func:`resolve_base` keeps them in the ConfigRecord ``fedmerge.dp`` of ``context.state`` and
@@ -32,6 +35,7 @@ N(0, (z·C)²) from a generator that is secret (``dp-noise-seed = -1``) or seede
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import tempfile
 from collections.abc import Mapping
@@ -56,8 +60,15 @@ from fedmerge.flower.client.bulk import (
     download_base,
     upload_package,
 )
+from fedmerge.flower.client.node_state import (
+    BASES,
+    pack_tensors,
+    packed_record,
+    record_bytes,
+    unpack_tensors,
+)
 from fedmerge.flower.config import Mode
-from fedmerge.flower.downlink import apply_update, weights_digest
+from fedmerge.flower.downlink import applied_update, check_update_digest, weights_digest
 from fedmerge.flower.records import (
     ARRAYS_RECORD,
     CONFIG_RECORD,
@@ -80,6 +91,19 @@ RESIDUAL_RECORD = "fedmerge.residual"
 DP_RECORD = "fedmerge.dp"
 BULK_RECORD = "fedmerge.bulk"  # context.state: this round's bulk endpoint and upload token
 DP_KEYS = ("dp-clip-norm", "dp-noise-multiplier", "dp-delta", "dp-mode", "dp-noise-seed")
+
+
+def config_record(records: RecordDict, key: str) -> ConfigRecord | None:
+    """``records[key]`` when it is a ConfigRecord, else None (``RecordDict.config_records`` without
+    building the filtered view of every record)."""
+    value = records.get(key)
+    return value if isinstance(value, ConfigRecord) else None
+
+
+def array_record(records: RecordDict, key: str) -> ArrayRecord | None:
+    """``records[key]`` when it is an ArrayRecord, else None."""
+    value = records.get(key)
+    return value if isinstance(value, ArrayRecord) else None
 
 
 @dataclass(frozen=True)
@@ -143,20 +167,18 @@ class TrainInstructions:
         )
 
 
-def message_settings(content: RecordDict) -> ConfigRecord:
+def message_settings(content: RecordDict) -> dict[str, Any]:
     """Flower's ``"config"`` record of a train message updated with fedmerge's ``"fedmerge.config"``
     extras; a FedMergeError when the message has neither (not sent by a fedmerge ServerApp)."""
-    records = content.config_records
-    if CONFIG_RECORD not in records and FEDMERGE_RECORD not in records:
+    records = {k: r for k in (CONFIG_RECORD, FEDMERGE_RECORD) if (r := config_record(content, k)) is not None}
+    if not records:
         raise FedMergeError(
             f"train message has no {CONFIG_RECORD!r} or {FEDMERGE_RECORD!r} ConfigRecord "
-            f"(has {sorted(records)}); was it sent by a fedmerge ServerApp?"
+            f"(has {sorted(content.config_records)}); was it sent by a fedmerge ServerApp?"
         )
-    merged = ConfigRecord()
-    for key in (CONFIG_RECORD, FEDMERGE_RECORD):
-        if key in records:
-            for k, v in records[key].items():
-                merged[k] = v
+    merged: dict[str, Any] = {}
+    for record in records.values():
+        merged.update(record)
     return merged
 
 
@@ -187,31 +209,82 @@ class MissingBase(FedMergeError, RuntimeError):
     """The node was asked to train on a base version whose weights it does not hold."""
 
 
-def resolve_base(content: RecordDict, context: Context, version_id: str, version_hash: str) -> StateDict:
+def resolve_base(
+    content: RecordDict,
+    context: Context,
+    version_id: str,
+    version_hash: str,
+    settings: Mapping[str, Any] | None = None,
+) -> StateDict:
     """The base weights for ``version_id``: from the message's ``"arrays"`` or compressed update, or
     downloaded from the bulk endpoint the message names (:func:`fetch_base`), and then cached; or from
-    the cache."""
+    the cache. ``settings``: the message's :func:`message_settings` when the caller has them already.
+
+    The node keeps the base packed in ``context.state`` (:mod:`fedmerge.flower.client.node_state`) with
+    its version id, version hash and weights digest in ``fedmerge.base-meta``; the process's
+    :data:`~fedmerge.flower.client.node_state.BASES` spares decoding it again (the caller gets its own
+    copy of the tensors)."""
     state = context.state
+    settings = message_settings(content) if settings is None else settings
     keep_dp_settings(content, context)
-    keep_bulk_settings(content, context)
-    if ARRAYS_RECORD in content.array_records:
-        state[BASE_STATE] = content.array_records[ARRAYS_RECORD]
-        state[BASE_META] = ConfigRecord({"version-id": version_id, "version-hash": version_hash})
-    elif UPDATE_RECORD in content.array_records:
+    keep_bulk_settings(content, context, settings)
+    full = array_record(content, ARRAYS_RECORD)
+    if full is not None:
+        weights = dict(full.to_torch_state_dict())
+        keep_base(context, weights, version_id, version_hash)
+    elif array_record(content, UPDATE_RECORD) is not None:
         apply_downlink_update(content, context, version_id, version_hash)
     else:
-        held_meta = state.config_records.get(BASE_META)
-        ref = BaseReference.from_settings(message_settings(content))
+        held_meta = config_record(state, BASE_META)
+        ref = BaseReference.from_settings(settings)
         if ref is not None and (held_meta is None or held_meta.get("version-hash") != version_hash):
             fetch_base(ref, context, version_id, version_hash)
-    meta = state.config_records.get(BASE_META)
+    meta = config_record(state, BASE_META)
     if meta is None or meta.get("version-hash") != version_hash:
         held = None if meta is None else meta.get("version-id")
         raise MissingBase(
             f"this node holds base {held!r}, not {version_id!r}; the server must send its weights "
             "(it does on the next round)"
         )
-    return dict(state.array_records[BASE_STATE].to_torch_state_dict())
+    return {k: v.clone() for k, v in held_base(context).items()}
+
+
+def keep_base(
+    context: Context,
+    weights: Mapping[str, torch.Tensor],
+    version_id: str,
+    version_hash: str,
+    digest: str | None = None,
+    packed: bytes | None = None,
+) -> None:
+    """Hold ``weights`` as this node's base ``version_id`` (packed in ``context.state``, its digest
+    beside it, and in the process's base cache). ``digest``/``packed``: already computed."""
+    tensors = {k: v.contiguous() for k, v in weights.items()}
+    digest = weights_digest(tensors) if digest is None else digest
+    packed = pack_tensors(tensors) if packed is None else packed
+    BASES.put(digest, tensors, packed)
+    context.state[BASE_STATE] = packed_record(packed)
+    context.state[BASE_META] = ConfigRecord(
+        {"version-id": version_id, "version-hash": version_hash, "digest": digest}
+    )
+
+
+def held_base(context: Context) -> StateDict:
+    """The base tensors this node holds (shared with the process's cache: not to be modified), from
+    the cache when it has the digest in ``fedmerge.base-meta``, else unpacked from ``context.state``."""
+    meta = config_record(context.state, BASE_META)
+    record = array_record(context.state, BASE_STATE)
+    if meta is None or record is None:
+        raise MissingBase("this node holds no base weights; the server must send them")
+    digest = str(meta.get("digest", ""))
+    cached = BASES.get(digest) if digest else None
+    if cached is not None:
+        return cached[0]
+    packed = record_bytes(record)
+    tensors = unpack_tensors(packed)
+    if digest:
+        BASES.put(digest, tensors, packed)
+    return tensors
 
 
 def fetch_base(ref: BaseReference, context: Context, version_id: str, version_hash: str) -> None:
@@ -225,7 +298,7 @@ def fetch_base(ref: BaseReference, context: Context, version_id: str, version_ha
             f"train message asks to train on {version_id!r} but names {ref.version_id!r} for download; "
             "it was not built by a matching fedmerge ServerApp"
         )
-    record = context.state.config_records.get(BULK_RECORD)
+    record = config_record(context.state, BULK_RECORD)
     target = None if record is None else BulkTarget.from_settings(record)
     if target is None:
         raise BulkDownloadFailed(
@@ -248,47 +321,70 @@ def fetch_base(ref: BaseReference, context: Context, version_id: str, version_ha
             f"downloaded base {version_id!r} has weights digest {digest[:12]}…, the server announced "
             f"{ref.digest[:12]}…: corrupted in transit or a wrong server; it is not used"
         )
-    context.state[BASE_STATE] = ArrayRecord({k: v.contiguous() for k, v in weights.items()})
-    context.state[BASE_META] = ConfigRecord({"version-id": version_id, "version-hash": version_hash})
+    keep_base(context, weights, version_id, version_hash, digest=digest)
 
 
 def apply_downlink_update(content: RecordDict, context: Context, version_id: str, version_hash: str) -> None:
-    """Rebuild ``version_id`` from the held parent and the compressed update (bit for bit, verified)."""
+    """Rebuild ``version_id`` from the held parent and the compressed update (bit for bit, verified).
+
+    When this process already applied the same package (by sha256) to a parent of the same digest,
+    the verified result is taken from :data:`~fedmerge.flower.client.node_state.BASES`; a result whose
+    digest is not the server's raises :class:`~fedmerge.flower.downlink.UpdateMismatch` either way."""
     state = context.state
     info = content.config_records[UPDATE_META_RECORD]
-    meta = state.config_records.get(BASE_META)
+    meta = config_record(state, BASE_META)
     parent = str(info["parent-version-id"])
     if meta is None or meta.get("version-id") != parent:
         held = None if meta is None else meta.get("version-id")
         raise MissingBase(f"got an update from {parent!r} but this node holds {held!r}; send full weights")
     package = record_to_package(RecordDict({RECORD_KEY: content.array_records[UPDATE_RECORD]}))
-    held_weights = dict(state.array_records[BASE_STATE].to_torch_state_dict())
-    weights = apply_update(held_weights, package, str(info["digest"]))
-    state[BASE_STATE] = ArrayRecord({k: v.contiguous() for k, v in weights.items()})
-    state[BASE_META] = ConfigRecord({"version-id": version_id, "version-hash": version_hash})
+    expected = str(info["digest"])
+    parent_digest = str(meta.get("digest", ""))
+    package_sha = hashlib.sha256(package).hexdigest()
+    known = BASES.applied(parent_digest, package_sha) if parent_digest else None
+    if known is not None:
+        cached = BASES.get(known)
+        if cached is not None:
+            check_update_digest(known, expected)
+            keep_base(context, cached[0], version_id, version_hash, digest=known, packed=cached[1])
+            return
+    weights = applied_update(held_base(context), package)
+    digest = weights_digest(weights)
+    if parent_digest:
+        packed = pack_tensors(weights)
+        BASES.put(digest, weights, packed)
+        BASES.record_applied(parent_digest, package_sha, digest)
+    else:
+        packed = None
+    check_update_digest(digest, expected)
+    keep_base(context, weights, version_id, version_hash, digest=digest, packed=packed)
 
 
 def keep_dp_settings(content: RecordDict, context: Context) -> None:
     """Store this message's ``dp-*`` settings in ``context.state`` (removed when the message has none)."""
     values: dict[str, Any] = {}
     for key in (CONFIG_RECORD, FEDMERGE_RECORD):
-        conf = content.config_records.get(key)
+        conf = config_record(content, key)
         values.update({k: conf[k] for k in DP_KEYS if conf is not None and k in conf})
     if values.get("dp-clip-norm", 0.0):
         context.state[DP_RECORD] = ConfigRecord(values)
-    elif DP_RECORD in context.state.config_records:
+    elif config_record(context.state, DP_RECORD) is not None:
         del context.state[DP_RECORD]
 
 
-def keep_bulk_settings(content: RecordDict, context: Context) -> None:
+def keep_bulk_settings(
+    content: RecordDict, context: Context, settings: Mapping[str, Any] | None = None
+) -> None:
     """Keep this message's bulk endpoint and upload token in ``context.state`` (removed when the
-    message offers none, so a token is never used for another round)."""
-    records = content.config_records
-    has_settings = CONFIG_RECORD in records or FEDMERGE_RECORD in records
-    target = BulkTarget.from_settings(message_settings(content)) if has_settings else None
+    message offers none, so a token is never used for another round). ``settings``: the message's
+    :func:`message_settings` when the caller has them already."""
+    if settings is None:
+        has_settings = any(config_record(content, k) is not None for k in (CONFIG_RECORD, FEDMERGE_RECORD))
+        settings = message_settings(content) if has_settings else {}
+    target = BulkTarget.from_settings(settings)
     if target is not None:
         context.state[BULK_RECORD] = ConfigRecord(target.to_record())
-    elif BULK_RECORD in context.state.config_records:
+    elif config_record(context.state, BULK_RECORD) is not None:
         del context.state[BULK_RECORD]
 
 
@@ -303,7 +399,7 @@ def bulk_node_tls(context: Context) -> NodeTls:
 
 def client_dp(context: Context) -> tuple[DPConfig, int] | None:
     """(DPConfig, noise seed) of the round this node is training for, or None when DP is off."""
-    rec = context.state.config_records.get(DP_RECORD)
+    rec = config_record(context.state, DP_RECORD)
     if rec is None:
         return None
     dp = DPConfig(
@@ -323,13 +419,14 @@ def local_noise_generator(noise_seed: int, round_: int, client_id: str) -> torch
 
 
 def load_residual(context: Context) -> dict[str, torch.Tensor] | None:
-    record = context.state.array_records.get(RESIDUAL_RECORD)
-    return None if record is None else dict(record.to_torch_state_dict())
+    """This node's error-feedback residual (packed in ``context.state``), or None before its first reply."""
+    record = array_record(context.state, RESIDUAL_RECORD)
+    return None if record is None else unpack_tensors(record_bytes(record))
 
 
 def save_residual(context: Context, residual: Mapping[str, torch.Tensor]) -> None:
     if residual:
-        context.state[RESIDUAL_RECORD] = ArrayRecord({k: v.contiguous() for k, v in residual.items()})
+        context.state[RESIDUAL_RECORD] = packed_record(pack_tensors(residual))
 
 
 def encode_reply(
@@ -369,7 +466,7 @@ def encode_reply(
     result = encode_package(delta, codec, meta=meta, residual=residual)
     if codec.error_feedback:
         save_residual(context, result.residual)
-    record = context.state.config_records.get(BULK_RECORD)
+    record = config_record(context.state, BULK_RECORD)
     target = None if record is None else BulkTarget.from_settings(record)
     if target is not None and len(result.data) > target.threshold_bytes:
         # above the threshold the package goes through the bulk endpoint; the reply names it
@@ -403,7 +500,7 @@ def _base_ids(content: RecordDict) -> tuple[int, str, str]:
             f"train message lacks {missing} in {FEDMERGE_RECORD!r}; it was not sent by a fedmerge "
             "ServerApp, or server and client versions differ"
         )
-    return int(conf["round"]), str(conf["base-version-id"]), str(conf["base-version-hash"])  # type: ignore[arg-type]
+    return int(conf["round"]), str(conf["base-version-id"]), str(conf["base-version-hash"])
 
 
 def base_weights(message: Message, context: Context) -> StateDict:
@@ -486,9 +583,9 @@ def fedmerge_reply(
     }
     conf = message_settings(message.content)
     codec = CodecConfig(
-        sparsify=conf.get("codec-sparsify", "topk"),  # type: ignore[arg-type]
-        density=float(conf.get("codec-density", 0.1)),  # type: ignore[arg-type]
-        values=conf.get("codec-values", "int8"),  # type: ignore[arg-type]
+        sparsify=conf.get("codec-sparsify", "topk"),
+        density=float(conf.get("codec-density", 0.1)),
+        values=conf.get("codec-values", "int8"),
         error_feedback=bool(conf.get("codec-error-feedback", True)),
     )
     meta = PackageMeta(
