@@ -174,3 +174,24 @@ def test_the_base_record_is_one_packed_array_and_the_residual_round_trips() -> N
     save_residual(ctx, residual)
     back = load_residual(ctx)
     assert back is not None and all(torch.equal(back[k], residual[k]) for k in residual)
+
+
+def test_a_version_over_the_cache_budget_is_read_back_from_the_node_state(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from fedmerge.flower.client import node_state, reply
+
+    small = node_state.BaseCache(max_bytes=1024)
+    monkeypatch.setattr(reply, "BASES", small)
+    parent = {"w": torch.randn(64, 16), "b": torch.randn(16)}  # 4 KiB: over the budget
+    nodes = [_context(1), _context(2)]
+    for ctx in nodes:
+        resolve_base(_message("v1", "h1", **{ARRAYS_RECORD: ArrayRecord(parent)}), ctx, "v1", "h1")
+    content, child = _downlink(parent)
+    for ctx in nodes:
+        got = resolve_base(content, ctx, "v2", "h2")
+        assert all(torch.equal(got[k], child[k]) for k in child)
+        got["w"].zero_()  # the caller's own tensors
+    assert small.get(weights_digest(child)) is None
+    assert torch.equal(resolve_base(_message("v2", "h2"), nodes[0], "v2", "h2")["w"], child["w"])
+    assert small.put("x", {"w": torch.zeros(2)}, b"12") and small.get("x") is not None

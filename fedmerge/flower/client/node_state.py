@@ -119,10 +119,13 @@ def record_bytes(record: ArrayRecord) -> bytes:
 
 class BaseCache:
     """Per-process LRU of base versions (digest → tensors and packed bytes) and of verified downlink
-    applications ((parent digest, package sha256) → result digest). Thread-safe; ``capacity`` versions."""
+    applications ((parent digest, package sha256) → result digest). Thread-safe. At most ``capacity``
+    versions and ``max_bytes`` of packed weights: a version larger than that is not cached (its node
+    reads it back from ``context.state``), so a large model is never held twice per process."""
 
-    def __init__(self, capacity: int = 3) -> None:
+    def __init__(self, capacity: int = 3, max_bytes: int = 256 << 20) -> None:
         self.capacity = capacity
+        self.max_bytes = max_bytes
         self._bases: OrderedDict[str, tuple[StateDict, bytes]] = OrderedDict()
         self._applied: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._lock = threading.Lock()
@@ -134,12 +137,19 @@ class BaseCache:
                 self._bases.move_to_end(digest)
             return entry
 
-    def put(self, digest: str, tensors: StateDict, packed: bytes) -> None:
+    def put(self, digest: str, tensors: StateDict, packed: bytes) -> bool:
+        """Cache a version; False (nothing kept) when it alone exceeds ``max_bytes``."""
+        if len(packed) > self.max_bytes:
+            return False
         with self._lock:
             self._bases[digest] = (tensors, packed)
             self._bases.move_to_end(digest)
-            while len(self._bases) > self.capacity:
+            while len(self._bases) > self.capacity or self._cached_bytes() > self.max_bytes:
                 self._bases.popitem(last=False)
+            return digest in self._bases
+
+    def _cached_bytes(self) -> int:
+        return sum(len(packed) for _, packed in self._bases.values())
 
     def applied(self, parent_digest: str, package_sha: str) -> str | None:
         """The digest that ``package_sha`` applied to ``parent_digest`` gave, when it is still cached."""

@@ -246,7 +246,8 @@ def resolve_base(
             f"this node holds base {held!r}, not {version_id!r}; the server must send its weights "
             "(it does on the next round)"
         )
-    return {k: v.clone() for k, v in held_base(context).items()}
+    tensors, shared = held_base(context)
+    return {k: v.clone() for k, v in tensors.items()} if shared else tensors
 
 
 def keep_base(
@@ -269,9 +270,10 @@ def keep_base(
     )
 
 
-def held_base(context: Context) -> StateDict:
-    """The base tensors this node holds (shared with the process's cache: not to be modified), from
-    the cache when it has the digest in ``fedmerge.base-meta``, else unpacked from ``context.state``."""
+def held_base(context: Context) -> tuple[StateDict, bool]:
+    """(the base tensors this node holds, whether they are shared): the process's cache's (not to be
+    modified) when it has the digest in ``fedmerge.base-meta``, else unpacked from ``context.state``
+    (the caller's own)."""
     meta = config_record(context.state, BASE_META)
     record = array_record(context.state, BASE_STATE)
     if meta is None or record is None:
@@ -279,12 +281,10 @@ def held_base(context: Context) -> StateDict:
     digest = str(meta.get("digest", ""))
     cached = BASES.get(digest) if digest else None
     if cached is not None:
-        return cached[0]
+        return cached[0], True
     packed = record_bytes(record)
     tensors = unpack_tensors(packed)
-    if digest:
-        BASES.put(digest, tensors, packed)
-    return tensors
+    return tensors, bool(digest) and BASES.put(digest, tensors, packed)
 
 
 def fetch_base(ref: BaseReference, context: Context, version_id: str, version_hash: str) -> None:
@@ -348,14 +348,11 @@ def apply_downlink_update(content: RecordDict, context: Context, version_id: str
             check_update_digest(known, expected)
             keep_base(context, cached[0], version_id, version_hash, digest=known, packed=cached[1])
             return
-    weights = applied_update(held_base(context), package)
+    weights = applied_update(held_base(context)[0], package)
     digest = weights_digest(weights)
-    if parent_digest:
-        packed = pack_tensors(weights)
-        BASES.put(digest, weights, packed)
+    packed = pack_tensors(weights)
+    if parent_digest and BASES.put(digest, weights, packed):
         BASES.record_applied(parent_digest, package_sha, digest)
-    else:
-        packed = None
     check_update_digest(digest, expected)
     keep_base(context, weights, version_id, version_hash, digest=digest, packed=packed)
 
