@@ -43,16 +43,10 @@ class NodeEvaluation:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class Evaluation:
-    """A federated evaluation of ``version`` after ``round``: metrics aggregated over accepted nodes."""
+class NodeOutcomes:
+    """``accepted`` and ``dropped``: the split of an evaluation's ``nodes`` by outcome (a mixin)."""
 
-    version: str
-    round: int
-    metrics: dict[str, float]
-    num_examples: int
     nodes: list[NodeEvaluation]
-    recorded_at: str = ""
 
     @property
     def accepted(self) -> list[NodeEvaluation]:
@@ -61,6 +55,18 @@ class Evaluation:
     @property
     def dropped(self) -> list[NodeEvaluation]:
         return [n for n in self.nodes if not n.accepted]
+
+
+@dataclass(frozen=True)
+class Evaluation(NodeOutcomes):
+    """A federated evaluation of ``version`` after ``round``: metrics aggregated over accepted nodes."""
+
+    version: str
+    round: int
+    metrics: dict[str, float]
+    num_examples: int
+    nodes: list[NodeEvaluation]
+    recorded_at: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -51,7 +51,7 @@ from fedmerge.flower.records import (
 )
 from fedmerge.flower.server.exchange import exchange
 from fedmerge.store import ModelStore, Version
-from fedmerge.store.evaluations import Evaluation, NodeEvaluation, record_evaluation
+from fedmerge.store.evaluations import Evaluation, NodeEvaluation, NodeOutcomes, record_evaluation
 
 log = logging.getLogger("fedmerge.evaluation")
 
@@ -227,7 +227,7 @@ def aggregate_evaluate(nodes: Iterable[NodeEvaluation]) -> tuple[dict[str, float
 
 
 @dataclass
-class EvaluationReport:
+class EvaluationReport(NodeOutcomes):
     """One federated evaluation: the version evaluated, each sampled node's outcome, the aggregate."""
 
     round: int
@@ -238,14 +238,6 @@ class EvaluationReport:
     downlink_bytes: int = 0
     wall_s: float = 0.0
     recorded: bool = False
-
-    @property
-    def accepted(self) -> list[NodeEvaluation]:
-        return [n for n in self.nodes if n.accepted]
-
-    @property
-    def dropped(self) -> list[NodeEvaluation]:
-        return [n for n in self.nodes if not n.accepted]
 
     def as_evaluation(self) -> Evaluation:
         return Evaluation(
