@@ -3,8 +3,11 @@
 A miniature, offline version of the 8-task CLIP-ViT merging benchmark (Ilharco et al. 2023; Yadav et
 al. 2023; Marczak et al. 2025). Everything is built locally from scikit-learn's digits (no download).
 
-* **Base.** A shared MLP body 64 → h → h (ReLU; h = 128) pre-trained on upright digit classification
-  (a generic objective none of the tasks is; its pre-training head is discarded).
+* **Base.** A shared MLP body pre-trained for a generic objective none of the tasks is (its
+  pre-training head is discarded): by default (``--pretrain broad``) a 1024-wide body pre-trained on a
+  tenth of the images in every task's view, so that the experts share a representation and their
+  task vectors are small and redundant, as real fine-tunes are; ``--pretrain upright`` is the earlier
+  128-wide body pre-trained on upright digits only (``merging_suite.py`` documents both).
 * **Tasks** (``TASKS``; 8 by default, ≥ 6 in ``--quick``): each sees the 8×8 images through its own
   input transformation and some through a different label map, so the experts pull the shared body in
   conflicting directions: rotations by 90° and 180°, a left-right mirror, inverted intensities, half
@@ -37,31 +40,33 @@ reset just before it, large blocks mmapped so frees return to the OS).
 
 Writes ``merging.png`` and ``merging.json`` into ``--out`` (default ``docs/results/merging/``),
 prints tables and, last, one JSON line: each method's mean tuned normalised accuracy, ``best_method``,
+``published_order_reproduced`` (Iso-C and TSV-M > TIES > task arithmetic > average, each strictly),
 ``iso_c_minus_ties``, ``ties_minus_task_arithmetic`` and ``task_arithmetic_minus_average``
-(average = ``fedavg``; null where a method is missing).
+(average = ``fedavg``; null where a method is missing), and under ``lora`` the same accuracies for the
+LoRA experts with ``lora_best_method``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
+import itertools
 import json
 import math
 import re
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-from torch.func import functional_call
 
 from fedmerge.aggregators import available, create, get
 from fedmerge.memory import use_mmap_for_large_allocations
-from fedmerge_simulations.continual_digits import digits_split, generator, pixel_permutation, train
+from fedmerge_bench.merging_suite import TASKS, UPRIGHT, Config, Suite, build_suite
+from fedmerge_simulations.continual_digits import generator
 
 # Byzantine-robust aggregators: they select, clip or median-filter deltas against the majority, which
 # in multi-task merging removes exactly the task-specific updates the merge should keep.
@@ -88,249 +93,6 @@ GRID: dict[str, tuple[str, tuple[float, ...]]] = {
     "tsv_m": ("scaling", (0.25, 0.5, 1.0, 1.5)),
     "karcher": ("scaling", MEAN_GRID),
 }
-LORA_TARGETS = ("0.0", "0.2")  # the body's two Linear layers inside nn.Sequential(body, head)
-
-
-# ---------------------------------------------------------------------- tasks
-def _img(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(-1, 8, 8)
-
-
-def _flat(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(-1, 64)
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """One task: an input transformation and a label map of the digits."""
-
-    name: str
-    transform: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, permutation) → x'
-    classes: int = 10
-    permuted_fraction: float = 0.0
-
-    def labels(self, y: torch.Tensor) -> torch.Tensor:
-        return y % self.classes if self.classes < 10 else y
-
-
-TASKS: tuple[TaskSpec, ...] = (
-    TaskSpec("rot90", lambda x, p: _flat(torch.rot90(_img(x), 1, (1, 2)))),
-    TaskSpec("rot180", lambda x, p: _flat(torch.rot90(_img(x), 2, (1, 2)))),
-    TaskSpec("mirror", lambda x, p: _flat(torch.flip(_img(x), (2,)))),
-    TaskSpec("invert", lambda x, p: 1.0 - x),
-    TaskSpec("permute50", lambda x, p: x[:, p], permuted_fraction=0.5),
-    TaskSpec("permute100", lambda x, p: x[:, p], permuted_fraction=1.0),
-    TaskSpec("flipud_parity", lambda x, p: _flat(torch.flip(_img(x), (1,))), classes=2),
-    TaskSpec("rot270inv_mod3", lambda x, p: _flat(torch.rot90(_img(1.0 - x), 3, (1, 2))), classes=3),
-)
-
-
-@dataclass(frozen=True)
-class Config:
-    """Sizes and training settings (``--quick`` shortens epochs and seeds, not tasks)."""
-
-    tasks: int = 8
-    hidden: int = 128
-    pretrain_epochs: int = 20
-    finetune_epochs: int = 30
-    lr: float = 3e-3  # Adam, pre-training and fine-tuning
-    batch_size: int = 64
-    val_size: int = 200
-    lora_rank: int = 8
-    lora_alpha: int = 16
-    lora_lr: float = 1e-2  # LoRA factors train at a larger step than full weights (Hu et al. 2021)
-    lora: bool = True
-
-
-@dataclass
-class Split:
-    x: torch.Tensor
-    y: torch.Tensor
-
-
-@dataclass
-class Suite:
-    """One seed's base body, experts, heads and per-task data."""
-
-    body: nn.Module
-    base: dict[str, torch.Tensor]
-    experts: list[dict[str, torch.Tensor]]  # task vectors of the body
-    heads: list[nn.Linear]
-    val: list[Split]
-    test: list[Split]
-    names: list[str]
-    expert_val: list[float] = field(default_factory=list)
-    expert_test: list[float] = field(default_factory=list)
-    base_test: list[float] = field(default_factory=list)
-    lora_experts: list[dict[str, torch.Tensor]] = field(default_factory=list)  # product-space ΔW = s·B·A
-    fishers: list[dict[str, torch.Tensor]] = field(default_factory=list)  # diagonal Fisher of each expert
-    lora_fishers: list[dict[str, torch.Tensor]] = field(default_factory=list)
-    lora_val: list[float] = field(default_factory=list)
-    lora_test: list[float] = field(default_factory=list)
-
-    @torch.no_grad()
-    def accuracy(self, params: Mapping[str, torch.Tensor], task: int, split: str = "test") -> float:
-        data = (self.test if split == "test" else self.val)[task]
-        logits = self.heads[task](functional_call(self.body, dict(params), (data.x,)))
-        return float((logits.argmax(1) == data.y).float().mean())
-
-    def accuracies(self, delta: Mapping[str, torch.Tensor], split: str) -> list[float]:
-        params = {k: self.base[k] + delta[k] for k in self.base}
-        return [self.accuracy(params, t, split) for t in range(len(self.names))]
-
-
-def build_body(hidden: int, g: torch.Generator) -> nn.Sequential:
-    body = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
-    for m in body:
-        if isinstance(m, nn.Linear):
-            bound = 1.0 / m.in_features**0.5
-            with torch.no_grad():
-                m.weight.uniform_(-bound, bound, generator=g)
-                m.bias.uniform_(-bound, bound, generator=g)
-    return body
-
-
-def linear(fan_in: int, out: int, g: torch.Generator) -> nn.Linear:
-    lin = nn.Linear(fan_in, out)
-    bound = 1.0 / fan_in**0.5
-    with torch.no_grad():
-        lin.weight.uniform_(-bound, bound, generator=g)
-        lin.bias.uniform_(-bound, bound, generator=g)
-    return lin
-
-
-def zero_shot_head(pre_head: nn.Linear, classes: int) -> nn.Linear:
-    """The base's own digit classifier read through the task's label map: class c's weights and bias are
-    the mean of those of the digits d with d mod ``classes`` = c (the identity for 10 classes)."""
-    head = nn.Linear(pre_head.in_features, classes)
-    with torch.no_grad():
-        for c in range(classes):
-            digits = [d for d in range(10) if d % classes == c]
-            head.weight[c] = pre_head.weight[digits].mean(0)
-            head.bias[c] = pre_head.bias[digits].mean()
-    return head
-
-
-def train_lora_expert(
-    body: nn.Module,
-    head: nn.Linear,
-    base: Mapping[str, torch.Tensor],
-    x: torch.Tensor,
-    y: torch.Tensor,
-    cfg: Config,
-    seed: int,
-    task: int,
-) -> dict[str, torch.Tensor]:
-    """A peft LoRA expert (rank ``lora_rank``, α = ``lora_alpha``, on both body layers; biases frozen) of a
-    copy of the base body, trained with the task's frozen head; returned as the body's task vector in
-    product space: ΔW = (α/r)·B·A from peft's own ``get_delta_weight``, zero for the biases."""
-    import copy
-
-    from peft import LoraConfig, get_peft_model
-    from peft.tuners.lora import Linear as LoraLinear
-
-    body = copy.deepcopy(body)
-    body.load_state_dict(dict(base))
-    lora_cfg = LoraConfig(
-        r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=list(LORA_TARGETS), lora_dropout=0.0
-    )
-    with torch.random.fork_rng():  # peft draws A's initialisation from the global generator
-        torch.manual_seed(int(generator(seed, 108, task).initial_seed()))
-        model = get_peft_model(nn.Sequential(body, head), lora_cfg)
-    train(model, x, y, cfg.finetune_epochs, cfg.lora_lr, cfg.batch_size, generator(seed, 109, task))
-    delta = {k: torch.zeros_like(v) for k, v in base.items()}
-    with torch.no_grad():
-        for target in LORA_TARGETS:
-            layer = model.get_submodule(f"base_model.model.{target}")
-            assert isinstance(layer, LoraLinear), type(layer)
-            delta[f"{target[2:]}.weight"] = layer.get_delta_weight("default").detach().clone()
-    return delta
-
-
-FISHER_EXAMPLES = 512  # training examples per expert in its diagonal Fisher
-
-
-def diagonal_fisher(
-    body: nn.Module, head: nn.Linear, params: Mapping[str, torch.Tensor], x: torch.Tensor, g: torch.Generator
-) -> dict[str, torch.Tensor]:
-    """The diagonal Fisher of the body's parameters at ``params`` (Matena & Raffel 2022): the mean over the
-    examples of (∂ log p(ŷ | x) / ∂θ)², ŷ drawn once per example from the model's own p(· | x) (their
-    Monte-Carlo estimate of the expectation over labels), per-example gradients by ``torch.func``."""
-    from torch.func import grad, vmap
-
-    p = {k: v.detach() for k, v in params.items()}
-    with torch.no_grad():
-        probs = torch.softmax(head(functional_call(body, p, (x,))), 1)
-        y_hat = torch.multinomial(probs, 1, generator=g).squeeze(1)
-
-    def log_p(q: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-        logits = head(functional_call(body, q, (xi[None],)))[0]
-        return torch.log_softmax(logits, 0).gather(0, yi[None])[0]
-
-    total = {k: torch.zeros_like(v) for k, v in p.items()}
-    for i in range(0, len(x), 128):
-        grads = vmap(grad(log_p), in_dims=(None, 0, 0))(p, x[i : i + 128], y_hat[i : i + 128])
-        for k in total:
-            total[k] += grads[k].square().sum(0)
-    return {k: v / len(x) for k, v in total.items()}
-
-
-def build_suite(cfg: Config, seed: int) -> Suite:
-    """Pre-train the base body, derive each task's fixed head, fine-tune one expert body per task."""
-    x_tr, y_tr, x_te, y_te = digits_split(0.3, generator(seed, 100))
-    x_va, y_va = x_tr[: cfg.val_size], y_tr[: cfg.val_size]
-    x_tr, y_tr = x_tr[cfg.val_size :], y_tr[cfg.val_size :]
-    body = build_body(cfg.hidden, generator(seed, 101))
-    pre_head = linear(cfg.hidden, 10, generator(seed, 102))
-    train(
-        nn.Sequential(body, pre_head),
-        x_tr,
-        y_tr,
-        cfg.pretrain_epochs,
-        cfg.lr,
-        cfg.batch_size,
-        generator(seed, 103),
-    )
-    base = {k: v.detach().clone() for k, v in body.state_dict().items()}
-    specs = TASKS[: cfg.tasks]
-    suite = Suite(body, base, [], [], [], [], [s.name for s in specs])
-    for t, spec in enumerate(specs):
-        perm = pixel_permutation(spec.permuted_fraction, generator(seed, 104, t))
-        xt, yt = spec.transform(x_tr, perm), spec.labels(y_tr)
-        suite.val.append(Split(spec.transform(x_va, perm), spec.labels(y_va)))
-        suite.test.append(Split(spec.transform(x_te, perm), spec.labels(y_te)))
-        head = zero_shot_head(pre_head, spec.classes)
-        head.requires_grad_(False)
-        suite.heads.append(head)
-        body.load_state_dict(base)
-        train(
-            nn.Sequential(body, head),
-            xt,
-            yt,
-            cfg.finetune_epochs,
-            cfg.lr,
-            cfg.batch_size,
-            generator(seed, 107, t),
-        )
-        suite.experts.append({k: v.detach() - base[k] for k, v in body.state_dict().items()})
-        xf = xt[:FISHER_EXAMPLES]
-        full = {k: base[k] + suite.experts[t][k] for k in base}
-        suite.fishers.append(diagonal_fisher(body, head, full, xf, generator(seed, 110, t)))
-        if cfg.lora:
-            body.load_state_dict(base)
-            suite.lora_experts.append(train_lora_expert(body, head, base, xt, yt, cfg, seed, t))
-            low = {k: base[k] + suite.lora_experts[t][k] for k in base}
-            suite.lora_fishers.append(diagonal_fisher(body, head, low, xf, generator(seed, 111, t)))
-    body.load_state_dict(base)
-    body.eval()
-    for t in range(len(specs)):
-        suite.expert_val.append(suite.accuracies(suite.experts[t], "val")[t])
-        suite.expert_test.append(suite.accuracies(suite.experts[t], "test")[t])
-        if cfg.lora:
-            suite.lora_val.append(suite.accuracies(suite.lora_experts[t], "val")[t])
-            suite.lora_test.append(suite.accuracies(suite.lora_experts[t], "test")[t])
-    suite.base_test = suite.accuracies({k: torch.zeros_like(v) for k, v in base.items()}, "test")
-    return suite
 
 
 # ---------------------------------------------------------------------- methods
@@ -531,13 +293,34 @@ def plot(
     plt.close(fig)
 
 
+PUBLISHED_ORDER = (("iso_c", "tsv_m"), ("ties",), ("task_arithmetic",), ("fedavg",))
+
+
+def published_order(score: Mapping[str, float]) -> bool | None:
+    """Whether the mean tuned normalised accuracies follow the published ordering — Iso-C and TSV-M above
+    TIES above task arithmetic above the simple average (ViT-B/32, 8 tasks: 86.3 / 85.9 > 75.1 > 70.8 >
+    ≈ 66) — every member of a rank strictly above every member of the next; None if one is missing."""
+    if any(m not in score for rank in PUBLISHED_ORDER for m in rank):
+        return None
+    return all(
+        min(score[m] for m in upper) > max(score[m] for m in lower)
+        for upper, lower in itertools.pairwise(PUBLISHED_ORDER)
+    )
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench merging", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="3 seeds, shorter training (≈ 1–3 min on 2 cores)")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3 quick, 5 full)")
     p.add_argument("--seed", type=int, default=0, help="first seed")
     p.add_argument("--tasks", type=int, default=len(TASKS), help=f"number of tasks (2…{len(TASKS)})")
-    p.add_argument("--hidden", type=int, default=Config.hidden)
+    p.add_argument(
+        "--pretrain",
+        choices=("broad", "upright"),
+        default="broad",
+        help="the base's pre-training (merging_suite.py): broad (default) or the earlier upright miniature",
+    )
+    p.add_argument("--hidden", type=int, default=None, help="body width (broad 1024, upright 128)")
     p.add_argument("--epochs-scale", type=float, default=None, help="multiply training epochs (quick 0.5)")
     p.add_argument("--no-grid", action="store_true", help="defaults only")
     p.add_argument("--no-lora", action="store_true", help="full fine-tuned experts only (no LoRA experts)")
@@ -567,10 +350,11 @@ def run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     use_mmap_for_large_allocations(1 << 16)
     scale = args.epochs_scale if args.epochs_scale is not None else (0.5 if args.quick else 1.0)
-    base_cfg = Config()
-    cfg = Config(
+    base_cfg = Config() if args.pretrain == "broad" else UPRIGHT
+    cfg = dataclasses.replace(
+        base_cfg,
         tasks=args.tasks,
-        hidden=args.hidden,
+        hidden=args.hidden or base_cfg.hidden,
         pretrain_epochs=max(1, round(base_cfg.pretrain_epochs * scale)),
         finetune_epochs=max(1, round(base_cfg.finetune_epochs * scale)),
         lora=not args.no_lora,
@@ -765,9 +549,13 @@ def run(args: argparse.Namespace) -> int:
     (args.out / "merging.json").write_text(json.dumps(record, indent=1, default=str))
     summary: dict[str, Any] = {m: round(score[m], 4) for m in names if m in score}
     summary.update({m: None for m in errors})
+    lora_score = {m: statistics.fmean(lora_res[m]["tuned"]) for m in lora_ok}
     summary.update(
         {
             "best_method": max(score, key=lambda m: score[m]) if score else None,
+            "published_order_reproduced": published_order(score),
+            "lora_best_method": max(lora_score, key=lambda m: lora_score[m]) if lora_score else None,
+            "pretrain": cfg.pretrain,
             "iso_c_minus_ties": diff("iso_c", "ties"),
             "ties_minus_task_arithmetic": diff("ties", "task_arithmetic"),
             "task_arithmetic_minus_average": diff("task_arithmetic", "fedavg"),

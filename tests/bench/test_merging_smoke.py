@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedmerge_bench import merging
+from fedmerge_bench import merging, merging_suite
 
-TINY = ["--seeds", "1", "--tasks", "6", "--hidden", "32", "--epochs-scale", "0.2", "--no-grid",
+TINY = ["--seeds", "1", "--tasks", "6", "--hidden", "64", "--epochs-scale", "1", "--no-grid",
         "--cost-side", "0"]  # fmt: skip
 
 
@@ -64,12 +64,12 @@ def test_methods_skip_two_model_and_robust_aggregators() -> None:
 
 def test_diagonal_fisher_matches_a_per_example_loop() -> None:
     g = torch.Generator().manual_seed(0)
-    body = merging.build_body(8, g)
-    head = merging.linear(8, 3, g)
+    body = merging_suite.build_body(8, g)
+    head = merging_suite.linear(8, 3, g)
     head.requires_grad_(False)
     x = torch.rand(20, 64, generator=g)
     params = {k: v.detach().clone() for k, v in body.state_dict().items()}
-    got = merging.diagonal_fisher(body, head, params, x, torch.Generator().manual_seed(5))
+    got = merging_suite.diagonal_fisher(body, head, params, x, torch.Generator().manual_seed(5))
     with torch.no_grad():
         probs = torch.softmax(head(body(x)), 1)
     y_hat = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(5)).squeeze(1)
@@ -83,3 +83,25 @@ def test_diagonal_fisher_matches_a_per_example_loop() -> None:
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-8)
     assert "fisher" in merging.methods()[0]  # the benchmark merges with the experts' Fishers
+
+
+def test_published_order_needs_every_rank_strictly_above_the_next() -> None:
+    score = {"iso_c": 0.6, "tsv_m": 0.65, "ties": 0.52, "task_arithmetic": 0.5, "fedavg": 0.49}
+    assert merging.published_order(score) is True
+    assert merging.published_order({**score, "iso_c": 0.51}) is False  # Iso-C below TIES
+    assert merging.published_order({**score, "fedavg": 0.5}) is False  # a tie is not an order
+    assert merging.published_order({k: v for k, v in score.items() if k != "ties"}) is None
+
+
+def test_broad_pretraining_sees_every_view_of_a_fraction_of_the_images() -> None:
+    cfg = merging_suite.Config(tasks=3, pretrain_fraction=0.25)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(40, 64, generator=g), torch.randint(0, 10, (40,), generator=g)
+    perms = [torch.randperm(64, generator=g) for _ in range(3)]
+    xp, yp = merging_suite.pretraining_data(cfg, x, y, perms)
+    assert xp.shape == (4 * 10, 64) and torch.equal(yp, y[:10].repeat(4))  # as they are + 3 views
+    assert torch.equal(xp[:10], x[:10])
+    for t, spec in enumerate(merging_suite.TASKS[:3]):
+        assert torch.equal(xp[10 * (t + 1) : 10 * (t + 2)], spec.transform(x[:10], perms[t]))
+    upright = merging_suite.pretraining_data(merging_suite.UPRIGHT, x, y, perms)
+    assert upright[0] is x and upright[1] is y
