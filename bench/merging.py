@@ -64,6 +64,8 @@ from typing import Any
 import torch
 
 from fedmerge.aggregators import available, create, get
+from fedmerge.aggregators.core_space import core_space_matrix
+from fedmerge.aggregators.knots import knots_matrix
 from fedmerge.memory import use_mmap_for_large_allocations
 from fedmerge_bench.merging_suite import TASKS, UPRIGHT, Config, Suite, build_suite
 from fedmerge_simulations.continual_digits import generator
@@ -123,16 +125,48 @@ def configs(name: str, with_grid: bool) -> list[dict[str, Any]]:
     return out
 
 
+# merges of the LoRA experts in their own space (adapter-level, fedmerge.aggregators.knots/core_space):
+# "SPACE+METHOD" runs METHOD (a registered aggregator, with its grid) on the aligned components
+LORA_SPACE = ("knots+ties", "knots+dare_ties", "core+ties", "core+iso_c", "core+tsv_m")
+
+
+def merge_in_lora_space(
+    name: str,
+    deltas: Sequence[Mapping[str, torch.Tensor]],
+    factors: Sequence[Mapping[str, tuple[torch.Tensor, torch.Tensor]]],
+    params: Mapping[str, Any],
+) -> dict[str, torch.Tensor]:
+    """``SPACE+METHOD`` on the LoRA experts: per adapted weight, KnOTS (one SVD of the concatenated
+    ΔW_i, METHOD on the aligned Σ·V_i) or Core Space (METHOD on the cores U_Bᵀ ΔW_i V_Aᵀ), the merged
+    ΔW = B'·A'; the other tensors (biases, which LoRA does not train) are zero."""
+    space, method = name.split("+", 1)
+    out = {k: torch.zeros_like(v) for k, v in deltas[0].items()}
+    ones = [1.0] * len(deltas)
+    for key in factors[0]:
+        if space == "knots":
+            b, a = knots_matrix([d[key] for d in deltas], ones, method, **params)
+        else:
+            b, a = core_space_matrix([f[key] for f in factors], ones, method, **params)
+        out[key] = b @ a
+    return out
+
+
 def merge_once(
     name: str,
     deltas: Sequence[Mapping[str, torch.Tensor]],
     params: Mapping[str, Any],
     seed: int,
     fishers: Sequence[Mapping[str, torch.Tensor]] | None = None,
+    factors: Sequence[Mapping[str, tuple[torch.Tensor, torch.Tensor]]] | None = None,
 ) -> tuple[dict[str, torch.Tensor], float]:
     """The merged task vector and the CPU seconds the merge took (begin, adds, finalize). ``fishers``:
-    each expert's diagonal Fisher, passed to the ``fisher`` method (which without them is fedavg)."""
+    each expert's diagonal Fisher, passed to the ``fisher`` method (which without them is fedavg);
+    ``factors``: the LoRA experts' (A, s·B) per weight, for the ``SPACE+METHOD`` merges."""
     t0 = time.process_time()
+    if "+" in name:
+        assert factors is not None, f"{name} merges LoRA factors"
+        merged = merge_in_lora_space(name, deltas, factors, {"seed": seed, **params})
+        return merged, time.process_time() - t0
     agg = create(name, seed=seed, **params)
     agg.begin({k: tuple(v.shape) for k, v in deltas[0].items()})
     for i, d in enumerate(deltas):
@@ -154,6 +188,7 @@ def evaluate_methods(
     errors: dict[str, str],
     seed: int,
     fishers: Sequence[Mapping[str, torch.Tensor]] | None = None,
+    factors: Sequence[Mapping[str, tuple[torch.Tensor, torch.Tensor]]] | None = None,
 ) -> None:
     """Merge ``experts`` with every method of ``grids`` (default, then its grid); record in ``res`` the
     default's and the validation-chosen config's normalised test accuracy (÷ ``expert_test``), per-task
@@ -166,7 +201,7 @@ def evaluate_methods(
         best: tuple[float, dict[str, Any], list[float]] | None = None
         try:
             for i, params in enumerate(grids[m]):
-                delta, secs = merge_once(m, experts, params, seed, fishers)
+                delta, secs = merge_once(m, experts, params, seed, fishers, factors)
                 val = normalised(suite.accuracies(delta, "val"), expert_val)
                 test = suite.accuracies(delta, "test")
                 if i == 0:
@@ -371,7 +406,9 @@ def run(args: argparse.Namespace) -> int:
     }
     errors: dict[str, str] = {}
     ref: dict[str, list[list[float]]] = {"expert": [], "base": []}
-    lora_res: dict[str, dict[str, list[Any]]] = {m: {k: [] for k in res[m]} for m in names}
+    lora_names = [*names, *LORA_SPACE]
+    lora_grids = {**grids, **{m: configs(m.split("+", 1)[1], not args.no_grid) for m in LORA_SPACE}}
+    lora_res: dict[str, dict[str, list[Any]]] = {m: {k: [] for k in res["fedavg"]} for m in lora_names}
     lora_errors: dict[str, str] = {}
     lora_ref: dict[str, list[list[float]]] = {"expert": [], "base": []}
     build_s = 0.0
@@ -388,9 +425,11 @@ def run(args: argparse.Namespace) -> int:
             lora_ref["expert"].append(suite.lora_test)
             lora_ref["base"].append(suite.base_test)
             lora = (suite.lora_experts, suite.lora_val, suite.lora_test)
-            evaluate_methods(suite, *lora, grids, lora_res, lora_errors, seed, suite.lora_fishers)
+            evaluate_methods(
+                suite, *lora, lora_grids, lora_res, lora_errors, seed, suite.lora_fishers, suite.lora_factors
+            )
     ok = [m for m in names if m not in errors]
-    lora_ok = [m for m in names if m not in lora_errors] if cfg.lora else []
+    lora_ok = [m for m in lora_names if m not in lora_errors] if cfg.lora else []
     accuracy_s = time.perf_counter() - t_start
 
     cost_side = args.cost_side if args.cost_side is not None else (256 if args.quick else 512)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
@@ -104,6 +105,8 @@ class Suite:
     expert_test: list[float] = field(default_factory=list)
     base_test: list[float] = field(default_factory=list)
     lora_experts: list[dict[str, torch.Tensor]] = field(default_factory=list)  # product-space ΔW = s·B·A
+    # each LoRA expert's factors per body weight: (A, s·B), for the merges in the adapters' own space
+    lora_factors: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)
     fishers: list[dict[str, torch.Tensor]] = field(default_factory=list)  # diagonal Fisher of each expert
     lora_fishers: list[dict[str, torch.Tensor]] = field(default_factory=list)
     lora_val: list[float] = field(default_factory=list)
@@ -161,10 +164,11 @@ def train_lora_expert(
     cfg: Config,
     seed: int,
     task: int,
-) -> dict[str, torch.Tensor]:
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """A peft LoRA expert (rank ``lora_rank``, α = ``lora_alpha``, on both body layers; biases frozen) of a
     copy of the base body, trained with the task's frozen head; returned as the body's task vector in
-    product space: ΔW = (α/r)·B·A from peft's own ``get_delta_weight``, zero for the biases."""
+    product space: ΔW = (α/r)·B·A from peft's own ``get_delta_weight``, zero for the biases; and its
+    factors per weight, (A, (α/r)·B)."""
     import copy
 
     from peft import LoraConfig, get_peft_model
@@ -180,12 +184,16 @@ def train_lora_expert(
         model = get_peft_model(nn.Sequential(body, head), lora_cfg)
     train(model, x, y, cfg.finetune_epochs, cfg.lora_lr, cfg.batch_size, generator(seed, 109, task))
     delta = {k: torch.zeros_like(v) for k, v in base.items()}
+    factors = {}
     with torch.no_grad():
         for target in LORA_TARGETS:
             layer = model.get_submodule(f"base_model.model.{target}")
             assert isinstance(layer, LoraLinear), type(layer)
             delta[f"{target[2:]}.weight"] = layer.get_delta_weight("default").detach().clone()
-    return delta
+            a = cast(torch.Tensor, layer.lora_A["default"].weight).detach().clone()
+            b = cast(torch.Tensor, layer.lora_B["default"].weight).detach()
+            factors[f"{target[2:]}.weight"] = (a, layer.scaling["default"] * b)
+    return delta, factors
 
 
 FISHER_EXAMPLES = 512  # training examples per expert in its diagonal Fisher
@@ -278,7 +286,9 @@ def build_suite(cfg: Config, seed: int) -> Suite:
         suite.fishers.append(diagonal_fisher(body, head, full, xf, generator(seed, 110, t)))
         if cfg.lora:
             body.load_state_dict(base)
-            suite.lora_experts.append(train_lora_expert(body, head, base, xt, yt, cfg, seed, t))
+            lora_delta, lora_factors = train_lora_expert(body, head, base, xt, yt, cfg, seed, t)
+            suite.lora_experts.append(lora_delta)
+            suite.lora_factors.append(lora_factors)
             low = {k: base[k] + suite.lora_experts[t][k] for k in base}
             suite.lora_fishers.append(diagonal_fisher(body, head, low, xf, generator(seed, 111, t)))
     body.load_state_dict(base)

@@ -37,8 +37,8 @@ def test_merging_benchmark_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert len(record["tasks"]) == 6 and not record["errors"]
     # the LoRA experts (peft, product space) are merged by every method too
     assert 0.3 <= summary["lora_expert_accuracy"] <= 1.0
-    assert set(summary["lora"]) == set(chosen) and not record["lora"]["errors"]
-    for name in chosen:
+    assert set(summary["lora"]) == set(chosen) | set(merging.LORA_SPACE) and not record["lora"]["errors"]
+    for name in [*chosen, *merging.LORA_SPACE]:  # KnOTS and Core Space merge the adapters' factors
         assert 0.05 <= summary["lora"][name] <= 1.5, f"{name} on LoRA experts: {summary['lora'][name]}"
 
 
@@ -46,6 +46,9 @@ def test_lora_experts_are_low_rank_product_space_deltas() -> None:
     cfg = merging.Config(tasks=2, hidden=32, pretrain_epochs=1, finetune_epochs=1)
     suite = merging.build_suite(cfg, seed=0)
     assert len(suite.lora_experts) == 2
+    for lora, factors in zip(suite.lora_experts, suite.lora_factors, strict=True):
+        for name, (a, sb) in factors.items():  # the factors are the product's (A, (α/r)·B)
+            torch.testing.assert_close(sb @ a, lora[name])
     for lora, full in zip(suite.lora_experts, suite.experts, strict=True):
         assert lora.keys() == full.keys()
         for name, t in lora.items():
