@@ -74,7 +74,7 @@ def _client_app(model_dir: Path, corpora: list[Path]) -> Any:
 
 def _federation(work: Path, name: str, model_dir: Path, corpora: list[Path], extra: dict[str, Any]) -> Any:
     from fedmerge.flower.config import parse_run_config
-    from fedmerge.flower.server.rounds import Federation
+    from fedmerge.flower.server.federation import Federation
     from fedmerge.store import ModelStore
     from fedmerge.store.init import init_store
     from fedmerge_simulations.secagg import InProcessGrid

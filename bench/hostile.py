@@ -67,7 +67,7 @@ JUDGE_CHECKS = (
     "sqrt(FP32_MAX/(4·P)))` (`fedmerge.submission.value_bound`, W = max-num-examples × 2¹⁶ in "
     "rounds, 1 for continual mergers, P = base entries) — a package of 3e38 values is "
     "`ValueOutOfBounds`. Before commit the merged result is checked finite "
-    "(`fedmerge.flower.server.rounds.finite_merge`); if it is not, each accepted reply is merged alone, the "
+    "(`fedmerge.flower.server.commit.finite_merge`); if it is not, each accepted reply is merged alone, the "
     "offenders are recorded `NonFiniteMerge` and the rest are re-merged — the round is not lost. "
     "Continual mergers (OPCM …) apply the same bound and restore their state if an expert would make "
     "the merge non-finite. "
@@ -141,7 +141,7 @@ def render(rows: Sequence[Outcome], totals: dict[str, Any], command: str, notes:
         "",
         "## What is run",
         "",
-        "- **flower**: the ServerApp's reply validation (`flower/server/rounds.py`, `RoundState.judge`). "
+        "- **flower**: the ServerApp's reply validation (`flower/server/judge.py`, `RoundState.judge`). "
         + (
             "`simulation`: one Flower simulation round (Ray) in which each case is one hostile ClientApp "
             f"beside {notes.get('honest', 3)} honest ones (two synthetic, one really training on digits); "

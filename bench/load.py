@@ -553,7 +553,7 @@ def fedmerge_round(clients: int, store: Path) -> dict[str, Any]:
     from fedmerge_bench.rounds import ALPHA, SEED, WORKLOADS, peak_rss_bytes
 
     LR, EPOCHS = WORKLOADS["digits"]
-    from fedmerge.flower.server.rounds import RoundReport
+    from fedmerge.flower.server.commit import RoundReport
     from fedmerge.store import ModelStore
 
     reports: list[RoundReport] = []

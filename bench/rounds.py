@@ -67,7 +67,7 @@ def run_fedmerge(clients: int, rounds: int, task: str = "digits") -> dict[str, A
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
 
-    from fedmerge.flower.server.rounds import RoundReport
+    from fedmerge.flower.server.commit import RoundReport
 
     server = ServerApp()
 

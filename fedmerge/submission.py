@@ -1,7 +1,7 @@
 """One home for turning a submission into a task vector, and the rules every submission must meet.
 
 Used by both servers: the intake's merge worker (:mod:`fedmerge.service.worker`, any format) and the
-Flower round engine (:mod:`fedmerge.flower.server.rounds`, task-vector packages and dense replies). Every
+Flower round engine (:mod:`fedmerge.flower.server.judge`, task-vector packages and dense replies). Every
 function raises an :class:`~fedmerge.errors.InvalidSubmission` subclass naming the tensor, module,
 rank or hash at fault; none allocates in proportion to a size the submission declares before that
 size was compared with the base.

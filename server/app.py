@@ -4,8 +4,8 @@
 ``--run-config``) is parsed once into :class:`fedmerge.flower.config.RunConfig`; the store at
 ``store`` is opened (its ``latest`` version is the base; only a built-in task with a pre-trained
 base and ``init-base = true`` creates the store, any other missing store is a :class:`MissingStore`
-naming the path and ``fedmerge init``) and :class:`fedmerge.flower.server.rounds.Federation` runs the rounds,
-resuming at ``latest.round + 1``.
+naming the path and ``fedmerge init``) and :class:`fedmerge.flower.server.federation.Federation` runs
+the rounds, resuming at ``latest.round + 1``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from flwr.serverapp import Grid, ServerApp
 from fedmerge.delta.state_dict import StateDict
 from fedmerge.errors import ConfigError
 from fedmerge.flower.config import RunConfig, parse_run_config
-from fedmerge.flower.server.rounds import Federation, RoundReport, ensure_base
+from fedmerge.flower.server.commit import RoundReport
+from fedmerge.flower.server.federation import Federation, ensure_base
 from fedmerge.memory import use_mmap_for_large_allocations
 from fedmerge.metrics import RoundEventLog
 from fedmerge.store import ModelStore, UnknownVersionError

@@ -34,7 +34,8 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from fedmerge.aggregators import create
 from fedmerge.delta.state_dict import floating_names
 from fedmerge.errors import ConfigError
-from fedmerge.flower.server.rounds import RoundAborted, check_latest_unmoved, ensure_base, start_round
+from fedmerge.flower.server.commit import check_latest_unmoved
+from fedmerge.flower.server.federation import RoundAborted, ensure_base, start_round
 from fedmerge.privacy.secagg import (
     MAX_REASON,
     SUBMISSIONS,

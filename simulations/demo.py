@@ -16,7 +16,8 @@ from rich.console import Console
 from rich.table import Table
 
 from fedmerge.flower.config import parse_run_config
-from fedmerge.flower.server.rounds import RoundReport, ensure_base
+from fedmerge.flower.server.commit import RoundReport
+from fedmerge.flower.server.federation import ensure_base
 from fedmerge.flower.simulation import ServerAppFactory, run_simulation_app
 from fedmerge.store import ModelStore
 from fedmerge_simulations.tasks import get_task

@@ -82,7 +82,7 @@ def execute_trial(trial: Trial, store: Path, ray_address: str | None = None) -> 
     """Run one trial from this process and return its result (called in the child process).
 
     ``ray_address``: run the trial's ClientApps on that existing Ray cluster."""
-    from fedmerge.flower.server.rounds import RoundReport
+    from fedmerge.flower.server.commit import RoundReport
 
     reports: list[RoundReport] = []
     exp = trial.experiment

@@ -4,7 +4,8 @@ Run config (``pyproject.toml``): ``bench-mode`` is ``fedmerge`` or ``flower``; t
 tensors of ``tensor-numel`` entries (bf16 in the store; fp16 on Flower's side, which numpy lacks bf16
 for: the same two bytes per parameter).
 
-* ``fedmerge``: :class:`fedmerge.flower.server.rounds.Federation` runs one round with ``aggregator='fedavg'``,
+* ``fedmerge``: :class:`fedmerge.flower.server.federation.Federation` runs one round with
+  ``aggregator='fedavg'``,
   dense bf16 packages (codec density 1, no error feedback) and the bulk endpoint on 127.0.0.1 with
   threshold 0 (every package goes through it). The nodes are declared holders of the base (they are
   given it out of band, as for Flower below): only the uplink is measured.
@@ -52,7 +53,7 @@ def _reset_peak() -> bool:
 
 def _fedmerge_round(grid: Grid, c: dict[str, Any]) -> dict[str, Any]:
     from fedmerge.flower.config import parse_run_config
-    from fedmerge.flower.server.rounds import Federation, wait_for_nodes
+    from fedmerge.flower.server.federation import Federation, wait_for_nodes
     from fedmerge.store import ModelStore
 
     n = int(c["num-clients"])

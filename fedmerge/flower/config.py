@@ -151,7 +151,7 @@ class RunConfig:
     dp_mode: str = "central"
     dp_allow_any_aggregator: bool = False
     dp_noise_seed: int = -1
-    # anomaly rejection before folding (rounds.py): 0 / -1 = off
+    # anomaly rejection before folding (server/judge.py): 0 / -1 = off
     reject_anomalies: float = 0.0
     reject_min_cosine: float = -1.0
     downlink_density: float = 1.0  # < 1: send clients the compressed update instead of the weights

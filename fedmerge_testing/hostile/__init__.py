@@ -9,7 +9,7 @@ about checksums, so each reaches the check it targets instead of stopping at the
 
 The runners send every case and observe (they assert nothing):
 
-- :func:`run_flower_direct`: each reply through :meth:`fedmerge.flower.server.rounds.RoundState.judge`;
+- :func:`run_flower_direct`: each reply through :meth:`fedmerge.flower.server.judge.RoundState.judge`;
 - :func:`run_flower_simulation`: one Flower simulation round, one hostile ClientApp per case beside
   honest ones; the round must commit from the honest replies;
 - :func:`run_intake`: a real intake server process on localhost, one case after the other.

@@ -36,7 +36,7 @@ def flower_content(attack: Attack) -> RecordDict:
     """The reply content a hostile ClientApp sends for ``attack`` (not for ``reply="error"``)."""
     from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
-    from fedmerge.flower.server.rounds import METRICS_RECORD
+    from fedmerge.flower.records import METRICS_RECORD
     from fedmerge.flower.transport import ARRAY_KEY, RECORD_KEY, package_to_record
 
     metrics = MetricRecord(
@@ -210,7 +210,7 @@ def mlp_base(seed: int = 0) -> dict[str, torch.Tensor]:
 @dataclass
 class FlowerRound:
     """Round 1 of a Flower federation on a small MLP base in a real store, for direct judging:
-    :meth:`state` is a fresh :class:`~fedmerge.flower.server.rounds.RoundState`, :meth:`valid` partition
+    :meth:`state` is a fresh :class:`~fedmerge.flower.server.judge.RoundState`, :meth:`valid` partition
     ``p``'s valid submission and :meth:`reply` a reply to a ``train`` message."""
 
     root: Path
@@ -221,7 +221,7 @@ class FlowerRound:
     @staticmethod
     def open(root: str | os.PathLike[str], **overrides: Any) -> FlowerRound:
         from fedmerge.flower.config import parse_run_config
-        from fedmerge.flower.server.rounds import ensure_base
+        from fedmerge.flower.server.federation import ensure_base
         from fedmerge.store import ModelStore
 
         cfg = parse_run_config({**FLOWER_DIRECT_CONFIG, **overrides, "store": str(root)})
@@ -231,7 +231,7 @@ class FlowerRound:
         return FlowerRound(Path(root), cfg, base, weights)
 
     def state(self) -> Any:
-        from fedmerge.flower.server.rounds import RoundState
+        from fedmerge.flower.server.judge import RoundState
 
         return RoundState(self.cfg, 1, self.base, self.weights)
 
@@ -328,7 +328,8 @@ def run_flower_simulation(
     """One Flower simulation round: ``honest`` synthetic honest clients (plus one real training client
     when ``train``) and one hostile ClientApp per case. Returns the outcomes and a summary (report,
     accepted client ids, the snapshot check, wall time)."""
-    from fedmerge.flower.server.rounds import RoundAborted, RoundReport
+    from fedmerge.flower.server.commit import RoundReport
+    from fedmerge.flower.server.federation import RoundAborted
     from fedmerge.flower.simulation import ServerAppFactory, run_simulation_app
     from fedmerge.store import ModelStore
 

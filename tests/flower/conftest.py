@@ -12,7 +12,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedmerge.flower.records import FEDMERGE_RECORD
-from fedmerge.flower.server.rounds import RoundReport
+from fedmerge.flower.server.commit import RoundReport
 from fedmerge.flower.simulation import ServerAppFactory, run_simulation_app
 from fedmerge.flower.transport import package_to_record, record_to_package
 from fedmerge_clients.app import train_reply

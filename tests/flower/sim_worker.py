@@ -20,7 +20,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedmerge.flower.records import CONFIG_RECORD
-from fedmerge.flower.server.rounds import RoundReport
+from fedmerge.flower.server.commit import RoundReport
 from fedmerge_clients.app import train_reply
 
 MARKERS_ENV = "FEDMERGE_TEST_MARKERS"

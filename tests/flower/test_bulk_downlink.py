@@ -41,7 +41,7 @@ from fedmerge.flower.client.reply import BASE_META, base_weights
 from fedmerge.flower.config import parse_run_config
 from fedmerge.flower.records import ARRAYS_RECORD, FEDMERGE_RECORD
 from fedmerge.flower.server.bulk_endpoint import BulkEndpoint, make_token
-from fedmerge.flower.server.rounds import build_messages
+from fedmerge.flower.server.federation import build_messages
 from fedmerge.store import ModelStore, Version
 from fedmerge.store.safetensors_format import encode_header
 from fedmerge.v1 import intake_pb2, intake_pb2_grpc

@@ -59,7 +59,7 @@ def test_a_near_miss_of_a_known_key_is_one_error_naming_the_suggestion(key: str,
 def test_an_apps_own_keys_pass_through_to_the_clients_and_are_logged_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from fedmerge.flower.server.rounds import train_config
+    from fedmerge.flower.server.federation import train_config
     from fedmerge.store import Version
 
     own = {"learning-rate-decay": 0.5, "use-wandb": False, "model-name": "tiny", "min-available-nodes": 3}

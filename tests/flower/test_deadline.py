@@ -29,7 +29,8 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from fedmerge.flower.config import parse_run_config
-from fedmerge.flower.server.rounds import RoundAborted, RoundReport
+from fedmerge.flower.server.commit import RoundReport
+from fedmerge.flower.server.federation import RoundAborted
 from fedmerge.flower.simulation import emit_report, run_simulation_app
 from fedmerge.store import ModelStore
 from fedmerge_server.app import run_server

@@ -128,7 +128,7 @@ def _server_identity() -> Iterator[None]:
 
 def _federation(tmp_path: Path, base: dict[str, torch.Tensor], app: Any, nodes: int) -> Any:
     from fedmerge.flower.config import parse_run_config
-    from fedmerge.flower.server.rounds import Federation, ensure_base
+    from fedmerge.flower.server.federation import Federation, ensure_base
     from fedmerge.store import ModelStore
     from fedmerge_simulations.secagg import InProcessGrid
 
@@ -220,7 +220,7 @@ def _package_app(shapes: dict[str, tuple[int, ...]], values: str) -> Any:
 )
 def test_fedmerge_packages_on_a_bf16_base_over_rounds(tmp_path: Path, overrides: dict[str, Any]) -> None:
     from fedmerge.flower.config import parse_run_config
-    from fedmerge.flower.server.rounds import Federation, ensure_base
+    from fedmerge.flower.server.federation import Federation, ensure_base
     from fedmerge.store import ModelStore
     from fedmerge_simulations.secagg import InProcessGrid
 
@@ -250,7 +250,8 @@ def test_a_reply_with_a_bad_dtypes_record_is_rejected_with_its_reason(tmp_path: 
     from flwr.app import Message, MetricRecord, RecordDict
 
     from fedmerge.flower.config import parse_run_config
-    from fedmerge.flower.server.rounds import RoundState, ensure_base
+    from fedmerge.flower.server.federation import ensure_base
+    from fedmerge.flower.server.judge import RoundState
     from fedmerge.store import ModelStore
     from fedmerge_testing.hostile import train_message
 

@@ -21,7 +21,7 @@ from typer.testing import CliRunner  # noqa: E402
 
 from fedmerge.flower.config import parse_run_config  # noqa: E402
 from fedmerge.flower.records import DTYPES_RECORD, dtypes_of, narrow_from_numpy  # noqa: E402
-from fedmerge.flower.server.rounds import Federation  # noqa: E402
+from fedmerge.flower.server.federation import Federation  # noqa: E402
 from fedmerge.store import ModelStore  # noqa: E402
 from fedmerge.store.export import export_safetensors  # noqa: E402
 from fedmerge.store.init import DtypeMismatchError, init_store  # noqa: E402

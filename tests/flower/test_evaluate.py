@@ -24,7 +24,7 @@ from fedmerge.flower.server.evaluation import (
     judge_evaluate_reply,
     sample_evaluate_nodes,
 )
-from fedmerge.flower.server.rounds import Federation, ensure_base
+from fedmerge.flower.server.federation import Federation, ensure_base
 from fedmerge.store import ModelStore, UnknownVersionError
 from fedmerge.store.evaluations import Evaluation, NodeEvaluation, evaluations_of, record_evaluation
 from fedmerge_clients.app import evaluate_reply, local_settings, train_reply

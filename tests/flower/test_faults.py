@@ -12,7 +12,7 @@ from flwr.clientapp import ClientApp
 from fedmerge.errors import ConfigError
 from fedmerge.flower.client.faults import FaultPlan, InjectedDropout, draw_faults, inject_faults
 from fedmerge.flower.config import parse_run_config
-from fedmerge.flower.server.rounds import RoundReport
+from fedmerge.flower.server.commit import RoundReport
 from fedmerge.store import ModelStore
 
 Simulate = Callable[..., list[RoundReport]]

@@ -18,7 +18,7 @@ from fedmerge.delta.fisher import diagonal_fisher
 from fedmerge.errors import ConfigError
 from fedmerge.flower.client.reply import FISHER_CODEC, encode_reply
 from fedmerge.flower.config import parse_run_config
-from fedmerge.flower.server.rounds import fedmerge_config
+from fedmerge.flower.server.federation import fedmerge_config
 from fedmerge.flower.transport import FISHER_RECORD_KEY, record_to_package
 from fedmerge.store import ModelStore
 from fedmerge_testing.hostile import FlowerRound, train_message
@@ -142,7 +142,7 @@ def test_fisher_rounds_need_full_fine_tuning_without_dp_and_tell_clients_how_man
         parse_run_config({"aggregator": "fisher", "fisher-examples": 0})
     cfg = parse_run_config({"aggregator": "fisher", "fisher-examples": 64})
     with ModelStore.open(tmp_path / "s") as store:
-        from fedmerge.flower.server.rounds import ensure_base
+        from fedmerge.flower.server.federation import ensure_base
 
         base = ensure_base(store, lambda: {"w": torch.zeros(2)}, name="b")
     assert fedmerge_config(cfg, 1, base)["fisher-examples"] == 64

@@ -12,7 +12,8 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
-from fedmerge.flower.server.rounds import METRICS_RECORD, RoundReport, finite_merge
+from fedmerge.flower.records import METRICS_RECORD
+from fedmerge.flower.server.commit import RoundReport, finite_merge
 from fedmerge_testing.hostile import Attack, FlowerRound, case, train_message
 
 
@@ -133,7 +134,7 @@ def test_judge_never_raises_on_a_reply_whose_content_cannot_be_read(fr: FlowerRo
 def test_a_client_failure_keeps_its_first_line_and_its_end(fr: FlowerRound) -> None:
     from flwr.app import Error, Message
 
-    from fedmerge.flower.server.rounds import MAX_REASON
+    from fedmerge.flower.server.judge import MAX_REASON
 
     first = "RuntimeError: Error(s) in loading state_dict for Net: size mismatch for fc1.weight"
     middle = " ".join(f"frame {i} in module_{i}.py" for i in range(200))

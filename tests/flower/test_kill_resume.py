@@ -27,7 +27,7 @@ import psutil
 import pytest
 from flwr.clientapp import ClientApp
 
-from fedmerge.flower.server.rounds import RoundReport
+from fedmerge.flower.server.commit import RoundReport
 from fedmerge.store import ModelStore
 from fedmerge.store.faults import KILL_AT_ENV
 

@@ -30,7 +30,7 @@ from fedmerge.flower.client.bulk import (
 )
 from fedmerge.flower.records import CONFIG_RECORD, METRICS_RECORD
 from fedmerge.flower.server.bulk_endpoint import BulkEndpoint, make_token
-from fedmerge.flower.server.rounds import RoundState
+from fedmerge.flower.server.judge import RoundState
 from fedmerge.flower.server.spool_merge import merge_tensor_major
 from fedmerge.store import ModelStore
 from fedmerge.v1 import intake_pb2, intake_pb2_grpc

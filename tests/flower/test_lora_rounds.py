@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from flwr.clientapp import ClientApp
 
-from fedmerge.flower.server.rounds import RoundReport
+from fedmerge.flower.server.commit import RoundReport
 from fedmerge.store import ModelStore
 from fedmerge_simulations.tasks import get_task
 

@@ -17,7 +17,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 
 from fedmerge.flower.config import parse_run_config
 from fedmerge.flower.records import FEDMERGE_RECORD
-from fedmerge.flower.server.rounds import Federation, ensure_base
+from fedmerge.flower.server.federation import Federation, ensure_base
 from fedmerge.flower.transport import package_to_record
 from fedmerge.store import ModelStore
 from fedmerge_simulations.secagg import InProcessGrid

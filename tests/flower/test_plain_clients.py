@@ -17,7 +17,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedmerge.flower.server.rounds import RoundReport
+from fedmerge.flower.server.commit import RoundReport
 from fedmerge.store import ModelStore
 from fedmerge_clients.app import train_reply
 from fedmerge_clients.plain_app import train as plain_train

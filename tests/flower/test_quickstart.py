@@ -20,7 +20,7 @@ import torch
 
 from fedmerge.errors import ConfigError
 from fedmerge.flower.config import parse_run_config
-from fedmerge.flower.server.rounds import RoundReport
+from fedmerge.flower.server.commit import RoundReport
 from fedmerge.store import ModelStore
 from fedmerge.store.evaluations import evaluations_of
 from fedmerge_server.app import run_server

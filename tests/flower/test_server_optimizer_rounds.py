@@ -11,7 +11,7 @@ import torch
 from flwr.clientapp import ClientApp
 
 from fedmerge.aggregators.server_optimizer import STATE_PREFIX
-from fedmerge.flower.server.rounds import RoundReport
+from fedmerge.flower.server.commit import RoundReport
 from fedmerge.store import ModelStore
 
 Simulate = Callable[..., list[RoundReport]]

@@ -14,7 +14,7 @@ from flwr.clientapp import ClientApp
 
 from fedmerge.errors import ConfigError
 from fedmerge.flower.config import parse_run_config
-from fedmerge.flower.server.rounds import RoundReport
+from fedmerge.flower.server.commit import RoundReport
 from fedmerge.store import ModelStore
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "store"))

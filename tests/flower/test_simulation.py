@@ -19,7 +19,8 @@ import pytest
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedmerge.flower.server.rounds import RoundAborted, RoundReport
+from fedmerge.flower.server.commit import RoundReport
+from fedmerge.flower.server.federation import RoundAborted
 from fedmerge.store import ModelStore
 
 Simulate = Callable[..., list[RoundReport]]

@@ -34,7 +34,7 @@ def test_sequential_fp32_application_equals_materialize(tmp_path: Path) -> None:
 def test_a_commit_is_refused_when_latest_moved_under_the_round(tmp_path: Path) -> None:
     import pytest
 
-    from fedmerge.flower.server.rounds import ConcurrentCommit, check_latest_unmoved
+    from fedmerge.flower.server.commit import ConcurrentCommit, check_latest_unmoved
 
     with ModelStore.open(tmp_path / "s") as store:
         base = store.commit_base({"w": torch.zeros(3)}, name="base")

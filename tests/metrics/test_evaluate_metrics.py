@@ -5,8 +5,9 @@ bounded set of names)."""
 
 from __future__ import annotations
 
+from fedmerge.flower.server.commit import RoundReport
 from fedmerge.flower.server.evaluation import EvaluationReport
-from fedmerge.flower.server.rounds import ReplyOutcome, RoundReport
+from fedmerge.flower.server.judge import ReplyOutcome
 from fedmerge.metrics import MAX_EVALUATE_METRICS, FedmergeMetrics, RoundEvent
 from fedmerge.store.evaluations import NodeEvaluation
 

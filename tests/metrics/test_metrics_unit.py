@@ -12,7 +12,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from metrics_helpers import scrape, value
 
-from fedmerge.flower.server.rounds import ReplyOutcome, RoundReport
+from fedmerge.flower.server.commit import RoundReport
+from fedmerge.flower.server.judge import ReplyOutcome
 from fedmerge.metrics import (
     REPLY_REASONS,
     FedmergeMetrics,
@@ -25,7 +26,7 @@ from fedmerge.metrics import (
     start_metrics_server,
 )
 
-# reasons as the round engine records them (fedmerge/flower/server/rounds.py and safeguards.py)
+# reasons as the round engine records them (fedmerge/flower/server/judge.py, commit.py and safeguards.py)
 RECORDED = {
     "client failed (code 0): RuntimeError: simulated crash": "client_error",
     "timeout: no reply within round-deadline-s=5": "timeout",

@@ -16,7 +16,8 @@ from fedmerge.codec import CodecConfig, PackageMeta, decode_package
 from fedmerge.errors import ConfigError
 from fedmerge.flower.client.reply import encode_reply, keep_dp_settings
 from fedmerge.flower.config import parse_run_config
-from fedmerge.flower.server.rounds import CONFIG_RECORD, RoundReport
+from fedmerge.flower.records import CONFIG_RECORD
+from fedmerge.flower.server.commit import RoundReport
 from fedmerge.flower.server.safeguards import (
     AnomalousSubmission,
     Reference,

@@ -25,7 +25,7 @@ import torch
 from fedmerge.aggregators import merge
 from fedmerge.aggregators.sparsify import trim
 from fedmerge.errors import ConfigError
-from fedmerge.flower.server.rounds import RoundAborted
+from fedmerge.flower.server.federation import RoundAborted
 from fedmerge.privacy.secagg import SecAggConfig, SecAggRangeError, check_range, submission_terms
 from fedmerge.store import ModelStore
 from fedmerge.tasks.local_round import local_round

@@ -16,7 +16,7 @@ from flwr.clientapp import ClientApp
 from pg_server import PgServer
 
 from fedmerge.flower.config import parse_run_config
-from fedmerge.flower.server.rounds import ensure_base
+from fedmerge.flower.server.federation import ensure_base
 from fedmerge.store import ModelStore
 from fedmerge.store.s3_local import LocalSeaweed
 from fedmerge_server.app import MissingStore, run_server

@@ -1,6 +1,8 @@
 """The server side of the Flower adapters: the round engine a ServerApp runs and its neighbours.
 
-* :mod:`.rounds` — one federated round: messages, deadlines, judging replies, the commit;
+* :mod:`.federation` — running the federation: messages, sampling, deadlines, retries, the round loop;
+* :mod:`.judge` — judging replies: one decode path for every wire form, each check written once;
+* :mod:`.commit` — the merge checked finite, privatised and committed as a version;
 * :mod:`.safeguards` — robust-aggregation and DP settings the server enforces;
 * :mod:`.spool_merge` — the tensor-major merge of replies spooled to disk;
 * :mod:`.bulk_endpoint` — the bulk channel's server end (uploads in, bases out);

@@ -1,7 +1,8 @@
 """The one send-and-receive loop of the server side: push one message per node, then pull replies as
 they arrive and judge each at once (the server never waits for all of them before the first is
 judged), until every node answered or the deadline passed. Used by training rounds
-(:mod:`fedmerge.flower.server.rounds`) and federated evaluation (:mod:`fedmerge.flower.server.evaluation`)."""
+(:mod:`fedmerge.flower.server.federation`) and federated evaluation
+(:mod:`fedmerge.flower.server.evaluation`)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Server-side safeguards of a round: per-reply screening (DP clip, anomaly scores, rejection) and the
-DP release at commit. ``rounds.py`` calls these; see ``docs/flower.md`` (DP and anomaly keys).
+DP release at commit. The round engine (``judge.py``, ``commit.py``) calls these; see ``docs/flower.md``
+(DP and anomaly keys).
 
 Screening one accepted-so-far reply τ_i of client i, *before* it is folded (streaming, O(P)):
 
