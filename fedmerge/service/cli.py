@@ -41,7 +41,14 @@ def _parse_params(items: list[str]) -> dict[str, Any]:
 
 @app.command("serve-continual")
 def serve_continual(
-    store: Annotated[Path, typer.Option(help="model store directory (created if missing)")],
+    store: Annotated[
+        str,
+        typer.Option(
+            help="model store directory (created if missing), or s3://bucket/prefix (blobs and the "
+            "submitted experts in an S3-compatible object store; with --catalog, replicas share "
+            "nothing else)"
+        ),
+    ],
     listen: Annotated[
         str, typer.Option(help="HOST:PORT to listen on (port 0 = any free port)")
     ] = "127.0.0.1:50051",
@@ -102,6 +109,13 @@ def serve_continual(
     lease_ttl_s: Annotated[
         float, typer.Option(help="with --catalog: a dead replica's track is taken over after this long")
     ] = 15.0,
+    s3_endpoint: Annotated[
+        str | None,
+        typer.Option(
+            help="URL of the S3-compatible endpoint of an s3:// store (default AWS_ENDPOINT_URL, else "
+            "AWS); credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or a profile"
+        ),
+    ] = None,
     metrics_port: MetricsPort = None,
     metrics_host: MetricsHost = "127.0.0.1",
     metrics_allow_remote: MetricsAllowRemote = False,
@@ -114,9 +128,8 @@ def serve_continual(
     """Serve the ExpertIntake and BulkUpload gRPC services and merge experts as they arrive."""
     from fedmerge.memory import use_mmap_for_large_allocations
     from fedmerge.metrics import FedmergeMetrics, MetricsServer, check_metrics_bind, start_metrics_server
-    from fedmerge.service.config import Limits, ServiceConfig, TlsConfig, load_token_file
-    from fedmerge.service.server import IntakeServer
-    from fedmerge.store import ModelStore
+    from fedmerge.service.config import Limits, ServiceConfig, ServiceConfigError, TlsConfig, load_token_file
+    from fedmerge.service.server import IntakeServer, open_store
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     use_mmap_for_large_allocations()
@@ -155,11 +168,17 @@ def serve_continual(
             stream_idle_timeout_s=stream_idle_timeout_s,
             catalog=catalog,
             lease_ttl_s=lease_ttl_s,
+            s3_endpoint=s3_endpoint,
         )
+        if config.on_object_store and dashboard_port is not None:
+            raise ServiceConfigError(
+                "--dashboard-port needs a store directory: the dashboard does not read s3:// stores; "
+                "leave --dashboard-port out"
+            )
         if catalog is not None:  # the dashboard (--dashboard-port) opens the store on it too
             os.environ["FEDMERGE_CATALOG"] = catalog
         if base_weights is not None:
-            with ModelStore.open(store, catalog=catalog) as s:
+            with open_store(config) as s:
                 if not s.list(limit=1):  # the path of `fedmerge init`: a model directory keeps its files
                     from fedmerge.store.init import init_store
 
@@ -177,7 +196,7 @@ def serve_continual(
                 from fedmerge.dashboard import start_in_background
 
                 dashboard = start_in_background(
-                    store, dashboard_host, dashboard_port, None,
+                    Path(config.store), dashboard_host, dashboard_port, None,
                     intake_dir=config.intake_dir, tokens=dashboard_tokens,
                 )  # fmt: skip
         except FedMergeError:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,8 +72,11 @@ class TlsConfig:
 class ServiceConfig:
     """Everything ``serve-continual`` needs.
 
-    * ``store``: the model store directory (must already hold a base version, see ``base``);
-    * ``data_dir``: spool, queue database and bulk objects (default ``<store>/../intake``);
+    * ``store``: the model store directory, or ``s3://bucket/prefix`` (blobs in an S3-compatible
+      object store at ``s3_endpoint``, else ``AWS_ENDPOINT_URL``; credentials from boto3's chain:
+      ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``, a profile, …);
+    * ``data_dir``: spool, queue database and bulk objects (default ``<store>/../intake``; for an
+      ``s3://`` store a local folder beside its read-through cache, ``<cache>.intake``);
     * ``method`` / ``params``: the continual merger (:func:`fedmerge.aggregators.continual.create_continual`);
     * ``batch_size``: experts merged per committed version (1 = a version per expert);
     * ``base``: the base version (id or alias) every expert is relative to (default: the store's root);
@@ -93,7 +97,7 @@ class ServiceConfig:
       lasts unrenewed (a dead holder's track is taken over after at most this long).
     """
 
-    store: Path
+    store: Path | str
     data_dir: Path | None = None
     listen: str = "127.0.0.1:50051"
     method: str = "opcm"
@@ -112,8 +116,16 @@ class ServiceConfig:
     stream_idle_timeout_s: float = 30.0
     catalog: str | None = None
     lease_ttl_s: float = 15.0
+    s3_endpoint: str | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.store, str) and not self.store.startswith("s3://"):
+            object.__setattr__(self, "store", Path(self.store))
+        if self.s3_endpoint is not None and not self.on_object_store:
+            raise ServiceConfigError(
+                f"s3_endpoint {self.s3_endpoint!r} is given but store {self.store} is a directory; "
+                "pass an s3://bucket/prefix store or leave the endpoint out"
+            )
         if self.catalog is not None and not str(self.catalog).startswith(("postgresql://", "postgres://")):
             raise ServiceConfigError(
                 f"catalog must be a postgresql://user@host:port/database URL (or left out for SQLite), "
@@ -176,8 +188,21 @@ class ServiceConfig:
             raise ServiceConfigError(f"params must be JSON values: {exc}") from None
 
     @property
+    def on_object_store(self) -> bool:
+        """Whether ``store`` is an ``s3://bucket/prefix`` URL."""
+        return isinstance(self.store, str)
+
+    @property
     def intake_dir(self) -> Path:
-        return Path(self.data_dir) if self.data_dir is not None else Path(self.store).parent / "intake"
+        if self.data_dir is not None:
+            return Path(self.data_dir)
+        if isinstance(self.store, str):
+            from fedmerge.store.s3 import S3Location, default_cache_dir
+
+            endpoint = self.s3_endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
+            cache = default_cache_dir(S3Location.parse(self.store), endpoint)
+            return cache.with_name(cache.name + ".intake")
+        return Path(self.store).parent / "intake"
 
     @property
     def authenticated(self) -> bool:

@@ -185,8 +185,13 @@ class IntakeQueue:
         return [_row(r) for r in rows]
 
     def spool_path(self, sub: Submission | str) -> Path:
+        """Where this server spools the expert's bytes (the file may not be here: :meth:`spooled`)."""
         sha = sub.sha256 if isinstance(sub, Submission) else sub
         return self.spool / check_sha(sha)
+
+    def spooled(self, sub: Submission) -> Path:
+        """The local file holding ``sub``'s bytes, to read them (the shared queue may fetch it first)."""
+        return self.spool_path(sub)
 
     # ------------------------------------------------------------------------------ intake
     def check_quota(self, client_id: str, size: int) -> None:

@@ -1,12 +1,17 @@
 """Several ``serve-continual`` replicas on one store: a shared queue and a lease per track in PostgreSQL.
 
 With ``--catalog postgresql://…`` every replica keeps the store's catalog, the intake queue and the
-track leases in that one database, and the spool (the submitted bytes) in a directory all replicas
-share (``--data-dir`` on a shared filesystem):
+track leases in that one database. The submitted bytes (the spool) live where the blobs do: with an
+``s3://bucket/prefix`` store, in the bucket under ``<prefix>/intake/spool/<sha256>`` (each replica's
+``--data-dir`` is then its own local scratch: partial uploads, bulk objects, a cache of the spool),
+so the replicas share nothing but the object store and the database; with a directory store, in a
+``--data-dir`` all replicas share (a shared filesystem).
 
 * **Acknowledged = durable in the shared queue.** :class:`SharedIntakeQueue` is the
   :class:`~fedmerge.service.intake.IntakeQueue` with its table in PostgreSQL: the spool file is
-  fsynced and renamed, then the row is inserted (autocommit, so durable when the ``INSERT``
+  fsynced and renamed (and, on an object store, uploaded: durable there once the upload completes;
+  a replica merging an expert it did not receive downloads it and checks its sha256), then the row
+  is inserted (autocommit, so durable when the ``INSERT``
   returns), and only then is the submission id returned. A replica that dies before that never
   acknowledged; a client retries at another replica and the same bytes map to the same id.
 * **One merger per track at a time.** :class:`TrackLease` is a row ``leases(track, holder, token,
@@ -35,10 +40,14 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from fedmerge.aggregators.continual import create_continual
+from fedmerge.errors import InvalidSubmission
+from fedmerge.service.bulk import check_sha
 from fedmerge.service.config import Limits
-from fedmerge.service.intake import SCHEMA, IntakeQueue
+from fedmerge.service.intake import SCHEMA, IntakeQueue, Submission
+from fedmerge.store.errors import CorruptBlobError, MissingBlobError
 from fedmerge.store.pg_catalog import SCHEMA_LOCK as _SCHEMA_LOCK
 from fedmerge.store.pg_catalog import LeaseLostError, PgCatalog, PgConnection, pg_schema
+from fedmerge.store.s3 import S3BlobBackend
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +56,20 @@ QUEUE_SCHEMA = pg_schema(SCHEMA)
 
 STALE_PARTIAL_S = 3600.0
 """A replica's unfinished upload untouched this long (its replica died) is removed at start-up."""
+
+
+SPOOL_PREFIX = "intake/spool"
+"""Where, under an ``s3://bucket/prefix`` store, the replicas keep the acknowledged experts' bytes."""
+
+
+def spool_object(sha256: str) -> str:
+    """The object name (under the store's prefix) of the spooled expert whose bytes hash to ``sha256``."""
+    return f"{SPOOL_PREFIX}/{check_sha(sha256)}"
+
+
+class SpoolObjectLost(InvalidSubmission):
+    """An acknowledged expert's bytes are missing from the object store or no longer match their
+    sha256 (something outside fedmerge changed the bucket): the expert is rejected with this reason."""
 
 
 def replica_id() -> str:
@@ -61,8 +84,16 @@ class SharedIntakeQueue(IntakeQueue):
     partial uploads under ``spool/tmp/<replica>/`` so that one replica starting never removes
     another's upload in progress."""
 
-    def __init__(self, root: str | os.PathLike[str], url: str, limits: Limits = Limits()) -> None:  # noqa: B008
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        url: str,
+        limits: Limits = Limits(),  # noqa: B008
+        *,
+        objects: S3BlobBackend | None = None,
+    ) -> None:
         self.root = Path(root)
+        self.objects = objects
         self.spool = self.root / "spool"
         self.replica = replica_id()
         self.tmp = self.spool / "tmp" / self.replica
@@ -87,6 +118,31 @@ class SharedIntakeQueue(IntakeQueue):
                         stale.unlink()
                 except OSError:
                     continue
+
+    def _enqueue(
+        self, sha: str, client_id: str, fmt: str, base_version: str, label: str, size: int
+    ) -> tuple[Submission, bool]:
+        """With ``objects``: the spooled bytes go to the object store before the row is inserted, so
+        an acknowledged expert is durable where every replica can read it."""
+        if self.objects is not None:
+            self.objects.put_file(spool_object(sha), self.spool_path(sha))
+        return super()._enqueue(sha, client_id, fmt, base_version, label, size)
+
+    def spooled(self, sub: Submission) -> Path:
+        """The local spool file of ``sub``; with ``objects``, fetched from the object store (its
+        sha256 checked) when this replica has not seen the bytes yet."""
+        local = self.spool_path(sub)
+        if self.objects is None or local.is_file():
+            return local
+        sha = sub.sha256
+        try:
+            self.objects.fetch_file(spool_object(sha), local, sha)
+        except (CorruptBlobError, MissingBlobError) as exc:  # the expert's bytes are gone: its failure
+            raise SpoolObjectLost(
+                f"the spooled expert {sha[:12]}… cannot be read back from the object store: {exc}; "
+                "submit it again"
+            ) from None
+        return local
 
     def close(self) -> None:
         with self._lock:

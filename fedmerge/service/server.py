@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -169,7 +170,7 @@ class _Handlers:
     def store(self) -> ModelStore:
         s = getattr(self._local, "store", None)
         if s is None:
-            s = ModelStore.open(self.config.store, catalog=self.config.catalog)
+            s = open_store(self.config)
             self._local.store = s
             with self._lock:
                 self._stores.append(s)
@@ -504,6 +505,11 @@ def _timestamp(iso: str) -> float | None:
         return None
 
 
+def open_store(config: ServiceConfig) -> ModelStore:
+    """The service's model store: a directory, or ``s3://…`` at ``config.s3_endpoint``, on its catalog."""
+    return ModelStore.open(config.store, catalog=config.catalog, s3_endpoint=config.s3_endpoint)
+
+
 class IntakeServer:
     """Owns the queue, bulk store, merge worker thread and the gRPC server.
 
@@ -519,7 +525,12 @@ class IntakeServer:
         if config.catalog is not None:  # one of several replicas: queue and leases in PostgreSQL
             from fedmerge.service.replicas import SharedIntakeQueue
 
-            self.queue: IntakeQueue = SharedIntakeQueue(root, config.catalog, config.limits)
+            objects = None
+            if config.on_object_store:  # the spool in the bucket: replicas share no directory
+                from fedmerge.store.s3 import S3BlobBackend
+
+                objects = S3BlobBackend.connect(str(config.store), endpoint=config.s3_endpoint)
+            self.queue: IntakeQueue = SharedIntakeQueue(root, config.catalog, config.limits, objects=objects)
         else:
             self.queue = IntakeQueue(root, config.limits)
         self.bulk = BulkStore(root / "bulk", max_bytes=config.limits.max_bulk_bytes)
@@ -531,14 +542,15 @@ class IntakeServer:
         self.handlers = _Handlers(config, self.queue, self.bulk, self._stop, metrics)
         if metrics is not None:
             metrics.watch_queue(self.queue.depth)
-            metrics.watch_store(config.store)
+            if not config.on_object_store:  # a bucket's size is not a directory's to sum
+                metrics.watch_store(Path(config.store))
         self.grpc_server: grpc.Server | None = None
         self.port = 0
 
     def _worker_main(self) -> None:
         store: ModelStore | None = None
         try:
-            store = ModelStore.open(self.config.store, catalog=self.config.catalog)
+            store = open_store(self.config)
             worker = MergeWorker(
                 store,
                 self.queue,

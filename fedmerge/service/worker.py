@@ -30,6 +30,7 @@ from fedmerge.errors import ConfigError, FedMergeError, InvalidSubmission, Store
 from fedmerge.metrics import FedmergeMetrics
 from fedmerge.service.intake import IntakeQueue, Submission
 from fedmerge.store import Contributor, ModelStore, StoreBusyError, UnknownVersionError, Version
+from fedmerge.store.s3 import ObjectStoreError
 from fedmerge.submission import (  # noqa: F401 (re-exported: the worker's former home of these)
     _complete,
     check_package_base,
@@ -50,7 +51,12 @@ log = logging.getLogger(__name__)
 # acknowledged expert into a merge is that expert's: it is rejected or failed and the worker moves on.
 # (An OSError while converting an expert — reading its spool file, extracting its archive into a
 # temporary directory — is the expert's; an OSError from the store's commit is the store's.)
-STORE_FAILURES: tuple[type[BaseException], ...] = (StoreBusyError, StoreIntegrityError, sqlite3.Error)
+STORE_FAILURES: tuple[type[BaseException], ...] = (
+    StoreBusyError,
+    StoreIntegrityError,
+    sqlite3.Error,
+    ObjectStoreError,  # the object store unreachable (after botocore's retries) while reading the spool
+)
 COMMIT_FAILURES: tuple[type[BaseException], ...] = (*STORE_FAILURES, OSError)
 
 MAX_REASON_CHARS = 2000
@@ -198,9 +204,7 @@ class MergeWorker:
 
         Raises :class:`NonFiniteMerge` (state NOT yet restored; the caller restores it) when the
         merged result or the state would hold NaN/inf."""
-        tau = expert_task_vector(
-            sub, self.queue.spool_path(sub), self.base, self.base_weights, self.max_bytes
-        )
+        tau = expert_task_vector(sub, self.queue.spooled(sub), self.base, self.base_weights, self.max_bytes)
         merged = self.merger.add_expert(tau)
         state = self.merger.state_dict()
         bad = first_nonfinite(merged)

@@ -46,7 +46,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -254,7 +254,7 @@ class S3BlobBackend:
                 body = b"".join(views) if len(views) != 1 else views[0].tobytes()
                 self.client.put_object(Bucket=self.loc.bucket, Key=key, Body=body, IfNoneMatch="*")
             else:
-                self._multipart(key, views)
+                self._multipart(key, _chunks(views, PART_BYTES))
         except Exception as exc:
             if _error_code(exc) == "PreconditionFailed":
                 return False
@@ -263,12 +263,13 @@ class S3BlobBackend:
             raise self._fail(exc, f"uploading blob {digest}") from None
         return True
 
-    def _multipart(self, key: str, views: list[memoryview]) -> None:
+    def _multipart(self, key: str, parts: Iterable[bytes | memoryview]) -> None:
+        """Upload ``parts`` (each but the last at least 5 MiB) as one object, conditionally."""
         upload = self.client.create_multipart_upload(Bucket=self.loc.bucket, Key=key)
         upload_id = upload["UploadId"]
         done: list[dict[str, Any]] = []
         try:
-            for number, chunk in enumerate(_chunks(views, PART_BYTES), start=1):
+            for number, chunk in enumerate(parts, start=1):
                 answer = self.client.upload_part(
                     Bucket=self.loc.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=chunk
                 )
@@ -503,6 +504,55 @@ class S3BlobBackend:
             return bytes(body.read())
         except Exception as exc:
             raise self._fail(exc, f"reading blob {digest}") from None
+
+    # -- other named objects (the intake's spool) ----------------------------------------------------
+
+    def put_file(self, name: str, path: Path) -> bool:
+        """Upload the file at ``path`` as ``<prefix>/<name>`` unless the bucket holds it (then False).
+
+        Conditional like :meth:`put` (``If-None-Match: *``); a large file goes up in parts read one at
+        a time (never the whole file in memory); durable in the bucket once this returns."""
+        key = self.loc.key(name)
+        with path.open("rb") as fh:  # an OSError here is the local file's, not the object store's
+            size = os.fstat(fh.fileno()).st_size
+            try:
+                if size <= MULTIPART_THRESHOLD:
+                    self.client.put_object(Bucket=self.loc.bucket, Key=key, Body=fh.read(), IfNoneMatch="*")
+                else:  # one part in memory at a time
+                    self._multipart(key, iter(lambda: fh.read(PART_BYTES), b""))
+            except Exception as exc:
+                if _error_code(exc) == "PreconditionFailed":
+                    return False
+                raise self._fail(exc, f"uploading {name}") from None
+        return True
+
+    def fetch_file(self, name: str, dest: Path, sha256: str) -> None:
+        """Download ``<prefix>/<name>`` to ``dest`` (atomically), checking that its bytes hash to
+        ``sha256``: :class:`CorruptBlobError` (nothing written) if they do not, :class:`MissingBlobError`
+        if the object is absent."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.parent / f".{dest.name}.{secrets.token_hex(6)}.download"
+        hasher = hashlib.sha256()
+        try:
+            body = self.client.get_object(Bucket=self.loc.bucket, Key=self.loc.key(name))["Body"]
+            with tmp.open("wb") as out:
+                for chunk in body.iter_chunks(1 << 20):
+                    hasher.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+        except Exception as exc:
+            tmp.unlink(missing_ok=True)
+            if _error_code(exc) in {"404", "NoSuchKey", "NotFound"}:
+                raise MissingBlobError(f"s3://{self.loc.bucket}/{self.loc.key(name)} is missing") from None
+            raise self._fail(exc, f"downloading {name}") from None
+        if hasher.hexdigest() != sha256:
+            tmp.unlink(missing_ok=True)
+            raise CorruptBlobError(
+                f"s3://{self.loc.bucket}/{self.loc.key(name)} hashes to {hasher.hexdigest()}, not "
+                f"{sha256}: its bytes were changed in the bucket"
+            )
+        os.replace(tmp, dest)
 
     # -- manifests -------------------------------------------------------------------------------
 

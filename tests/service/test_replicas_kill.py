@@ -14,10 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from replica_helpers import PgServer, ReplicaProcess, audit_track
+from replica_helpers import PgServer, ReplicaProcess, audit_track, lease_holder_pid, push_anywhere
 from service_helpers import TOKEN, base_weights, write_expert, write_tokens
 
-from fedmerge.service.client import ClientOptions, ServiceCallError, submit_expert, wait_merged
+from fedmerge.service.client import ClientOptions, wait_merged
 from fedmerge.store import ModelStore
 from fedmerge.v1 import intake_pb2
 
@@ -29,34 +29,6 @@ def pg() -> Iterator[PgServer]:
     server = PgServer().start()
     yield server
     server.stop()
-
-
-def _lease_holder_pid(url: str) -> int | None:
-    """The pid of the replica holding the track's lease (holder ids are ``host-pid-random``)."""
-    import psycopg
-
-    with psycopg.connect(url) as conn:
-        row = conn.execute("SELECT holder FROM leases WHERE track = 'continual'").fetchone()
-    return None if row is None else int(str(row[0]).rsplit("-", 2)[1])
-
-
-def _push(replicas: list[ReplicaProcess], path: Path, rng: random.Random, deadline_s: float) -> str:
-    """Submit ``path`` at a random replica; on any failure try the next one (a client behind a load
-    balancer). Gives up only after ``deadline_s`` seconds without success."""
-    start = time.monotonic()
-    i = rng.randrange(len(replicas))
-    while True:
-        replica = replicas[i % len(replicas)]
-        i += 1
-        if replica.alive and replica.port:
-            try:
-                opts = ClientOptions(f"127.0.0.1:{replica.port}", token=TOKEN)
-                return submit_expert(opts, path, retries=1, backoff=0.05, timeout=60).submission_id
-            except ServiceCallError:
-                pass
-        if time.monotonic() - start > deadline_s:
-            raise AssertionError(f"{path.name} was not acknowledged by any replica in {deadline_s} s")
-        time.sleep(0.05)
 
 
 def test_sigkill_of_any_replica_loses_nothing_and_merges_each_expert_once(
@@ -84,7 +56,7 @@ def test_sigkill_of_any_replica_loses_nothing_and_merges_each_expert_once(
             local = random.Random(100 + k)
             try:
                 for p in paths[k::3]:
-                    acked.append(_push(replicas, p, local, deadline_s=300))
+                    acked.append(push_anywhere(replicas, p, local, deadline_s=300))
             except BaseException as exc:  # reported by the test
                 errors.append(exc)
 
@@ -98,7 +70,7 @@ def test_sigkill_of_any_replica_loses_nothing_and_merges_each_expert_once(
             time.sleep(rng.uniform(0.0, 0.3))
             victim = replicas[rng.randrange(3)]
             if holder:
-                pid = _lease_holder_pid(url)
+                pid = lease_holder_pid(url)
                 victim = next((r for r in replicas if r.proc is not None and r.proc.pid == pid), victim)
             if victim.alive:
                 victim.kill()
