@@ -1,17 +1,24 @@
 """The intake page's numbers, from the intake's own read API (:mod:`fedmerge.service.intake_stats`:
 a read-only snapshot of the durable queue), so ``fedmerge dashboard --store DIR`` shows the queue of
-a running or stopped ``serve-continual`` without knowing the queue's table.
+a running or stopped ``serve-continual`` without knowing the queue's table or where it is kept: the
+SQLite file of one server's data directory, or the PostgreSQL database of replicas sharing the
+catalog (the dashboard's ``--catalog``, :data:`~fedmerge.dashboard.views.CATALOG_ENV`).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from fedmerge.dashboard.views import parse_time
-from fedmerge.service.intake_stats import QueuedSubmission, QueueUnreadable, find_queue, read_queue
+from fedmerge.dashboard.views import CATALOG_ENV, parse_time
+from fedmerge.service import intake_stats
+from fedmerge.service.intake_stats import QueuedSubmission, QueueSource, QueueUnreadable, read_queue
+
+log = logging.getLogger(__name__)
 
 RECENT = 50
 """How many recent rejections and merges the page lists."""
@@ -53,10 +60,24 @@ IntakeUnreadable = QueueUnreadable
 __all__ = ["IntakeEvent", "IntakeStatus", "IntakeUnreadable", "find_queue", "read_intake"]
 
 
-def read_intake(data_dir: Path, *, now: datetime | None = None) -> IntakeStatus:
-    """Summarise the queue under ``data_dir`` (see :class:`IntakeStatus`); read-only."""
+def find_queue(data_dir: Path | None) -> QueueSource | None:
+    """Where the intake's queue is: the shared catalog's database when it holds the queue, else
+    ``data_dir/queue.sqlite`` if it exists, else None (an unreachable database counts as none)."""
+    try:
+        return intake_stats.find_queue(data_dir, catalog=os.environ.get(CATALOG_ENV) or None)
+    except QueueUnreadable as exc:
+        log.warning("intake page: %s", exc)
+        return None
+
+
+def read_intake(data_dir: Path | None, *, now: datetime | None = None) -> IntakeStatus:
+    """Summarise the queue of ``data_dir`` or of the shared catalog (:func:`find_queue`; see
+    :class:`IntakeStatus`); read-only. :class:`IntakeUnreadable` when there is none to read."""
+    source = find_queue(data_dir)
+    if source is None:
+        raise IntakeUnreadable(f"no intake queue in {data_dir} or in the shared catalog")
     start = (now or datetime.now(UTC)) - timedelta(minutes=WINDOW_MINUTES)
-    snap = read_queue(Path(data_dir), recent=RECENT, since=start.isoformat())
+    snap = read_queue(source, recent=RECENT, since=start.isoformat())
     states, created = snap.states, snap.created_since
     current = now or datetime.now(UTC)
     buckets: Counter[int] = Counter()
