@@ -49,7 +49,7 @@ import logging
 import secrets
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +75,7 @@ from fedmerge.service.config import TlsConfig
 from fedmerge.service.server import BulkServicer, _chunks, _Handlers, version_info
 from fedmerge.service.streams import IdleGuard, StreamSlots
 from fedmerge.store import ModelStore, Version
+from fedmerge.store.handles import reopener
 from fedmerge.store.safetensors_format import encode_header, tensor_bytes
 from fedmerge.v1 import intake_pb2, intake_pb2_grpc
 
@@ -327,6 +328,7 @@ class BulkEndpoint:
         tls: TlsConfig | None = None,
         allow_insecure: bool = False,
         store_root: Path | None = None,
+        open_store: Callable[[], ModelStore] | None = None,
     ) -> None:
         problem = bulk_insecure_bind_problem(bind, tls is not None, allow_insecure)
         if problem is not None:
@@ -342,9 +344,15 @@ class BulkEndpoint:
         self.server: grpc.Server | None = None
         self.address = ""
         self.store_root = store_root  # the model store bases are downloaded from (None: no downlink)
+        # opens a handle on that store: its catalog and, for s3://, its bucket (store.handles.reopener)
+        self.open_store = open_store or (lambda: ModelStore.open(self._root()))
         self._offers: dict[tuple[int, int], BaseOffer] = {}
         self._digests: dict[str, tuple[str, int]] = {}  # version id -> (weights digest, file size)
         self._offer_lock = threading.Lock()
+
+    def _root(self) -> Path:
+        assert self.store_root is not None
+        return self.store_root
 
     def start(self) -> str:
         """Bind and serve; returns the address clients dial."""
@@ -445,7 +453,7 @@ class BulkEndpoint:
         with self._offer_lock:
             known = self._digests.get(base.id)
         if known is None:
-            with ModelStore.open(self.store_root) as store:
+            with self.open_store() as store:
                 specs = store.materialized_specs(base)
                 header = encode_header(specs, {"fedmerge_version": base.id})
                 size = len(header) + sum(s.nbytes for s in specs)
@@ -476,7 +484,7 @@ class BulkEndpoint:
         :data:`CHUNK_BYTES`, read from the store one tensor at a time; the first chunk carries the
         version's info and the file's size."""
         assert self.store_root is not None
-        with ModelStore.open(self.store_root) as store:
+        with self.open_store() as store:
             specs = store.materialized_specs(offer.version)
             header = encode_header(specs, {"fedmerge_version": offer.version.id})
 
@@ -556,5 +564,5 @@ def bulk_endpoint_for(cfg: RunConfig, store: ModelStore) -> BulkEndpoint:
     return BulkEndpoint(
         spool, cfg.bulk_address, cfg.bulk_public_address, max_bytes=cfg.max_package_bytes,
         reserve_bytes=cfg.bulk_spool_reserve_bytes, threshold=cfg.bulk_threshold_bytes,
-        tls=tls, allow_insecure=cfg.bulk_allow_insecure, store_root=root,
+        tls=tls, allow_insecure=cfg.bulk_allow_insecure, store_root=root, open_store=reopener(store),
     )  # fmt: skip
