@@ -38,7 +38,6 @@ from fedmerge.aggregators.kernel_runtime import (
     as_f32,
     empty,
     flat32,
-    njit,
     np_view,
     numba_enabled,
     prange,
@@ -53,21 +52,6 @@ from fedmerge.seeds import SPLITMIX_GAMMA, SPLITMIX_MIX1, SPLITMIX_MIX2
 
 if HAVE_NUMBA:
     from fedmerge.seeds import splitmix_uniform
-
-    @njit(inline="always")
-    def _sign_fold_entry(v, t, j, vg, wg, cg, mode, S, P, N, Pc, Nc):  # pragma: no cover - inlined
-        """Fold one sparse entry x̂ = v · [|v| ≥ t] at coordinate j into (S, P, N, Pc, Nc), branch-free
-        (the sign of a delta is unpredictable); inlined into the sparse sign-split kernels."""
-        zero = np.float32(0.0)
-        one = np.float32(1.0)
-        v = v if abs(v) >= t else zero
-        pos = one if v > zero else zero
-        neg = one if v < zero else zero
-        S[j] += vg * (v if mode == VOTE_TOTAL else pos - neg)
-        P[j] += wg * v * pos
-        N[j] += wg * v * neg
-        Pc[j] += cg * pos
-        Nc[j] += cg * neg
 
     @sized_kernel(fastmath=True)
     def _weighted_sum_dense(xs, w, acc):
@@ -131,14 +115,27 @@ if HAVE_NUMBA:
     def _sign_split_sparse(idx, val, t, vg, wg, cg, mode, S, P, N, Pc, Nc):
         n = idx.shape[0]
         nblocks = (n + BLOCK - 1) // BLOCK
-        for b in prange(nblocks):  # indices are unique: blocks never write the same coordinate
+        zero = np.float32(0.0)
+        one = np.float32(1.0)
+        for b in prange(nblocks):  # branch-free: the sign of a delta is unpredictable
             for k in range(b * BLOCK, min(b * BLOCK + BLOCK, n)):
-                _sign_fold_entry(val[k], t, idx[k], vg, wg, cg, mode, S, P, N, Pc, Nc)
+                v = val[k]
+                v = v if abs(v) >= t else zero
+                j = idx[k]
+                pos = one if v > zero else zero
+                neg = one if v < zero else zero
+                S[j] += vg * (v if mode == VOTE_TOTAL else pos - neg)
+                P[j] += wg * v * pos
+                N[j] += wg * v * neg
+                Pc[j] += cg * pos
+                Nc[j] += cg * neg
 
     @sized_kernel(fastmath=True)
     def _sign_split_sparse_group(idxs, vals, starts, thr, vote_w, w, count_w, mode, S, P, N, Pc, Nc):
         # starts[g, b] .. starts[g, b + 1]: client g's entries inside coordinate block b (sorted indices)
         nblocks = starts.shape[1] - 1
+        zero = np.float32(0.0)
+        one = np.float32(1.0)
         for b in prange(nblocks):  # blocks are disjoint coordinate ranges: no two threads share one
             for g in range(len(idxs)):  # per coordinate the clients fold in group order, as one by one
                 idx = idxs[g]
@@ -148,7 +145,16 @@ if HAVE_NUMBA:
                 wg = w[g]
                 cg = count_w[g]
                 for k in range(starts[g, b], starts[g, b + 1]):
-                    _sign_fold_entry(val[k], t, idx[k], vg, wg, cg, mode, S, P, N, Pc, Nc)
+                    v = val[k]
+                    v = v if abs(v) >= t else zero
+                    j = idx[k]
+                    pos = one if v > zero else zero
+                    neg = one if v < zero else zero
+                    S[j] += vg * (v if mode == VOTE_TOTAL else pos - neg)
+                    P[j] += wg * v * pos
+                    N[j] += wg * v * neg
+                    Pc[j] += cg * pos
+                    Nc[j] += cg * neg
 
     @sized_kernel(fastmath=True)
     def _max_abs_dense(xs, acc):
