@@ -126,6 +126,11 @@ def make_client(endpoint: str | None, max_attempts: int = 8, connect_timeout: fl
     return session.client("s3", endpoint_url=endpoint, config=config)
 
 
+def _missing(exc: BaseException) -> bool:
+    """Whether the object store answered that the object does not exist."""
+    return _error_code(exc) in {"404", "NoSuchKey", "NotFound"}
+
+
 def _error_code(exc: BaseException) -> str:
     response = getattr(exc, "response", None)
     if isinstance(response, dict):
@@ -239,7 +244,7 @@ class S3BlobBackend:
         try:
             self.client.head_object(Bucket=self.loc.bucket, Key=self.key(digest))
         except Exception as exc:
-            if _error_code(exc) in {"404", "NoSuchKey", "NotFound"}:
+            if _missing(exc):
                 return False
             raise self._fail(exc, f"looking up blob {digest}") from None
         return True
@@ -315,7 +320,7 @@ class S3BlobBackend:
         try:
             head = self.client.head_object(Bucket=self.loc.bucket, Key=self.key(digest))
         except Exception as exc:
-            if _error_code(exc) in {"404", "NoSuchKey", "NotFound"}:
+            if _missing(exc):
                 raise MissingBlobError(f"blob {digest} is missing from {self.loc}") from None
             raise self._fail(exc, f"looking up blob {digest}") from None
         return int(head["ContentLength"]), head["LastModified"].timestamp()
@@ -406,7 +411,7 @@ class S3BlobBackend:
             )
             head = bytes(first["Body"].read())
         except Exception as exc:
-            if _error_code(exc) in {"404", "NoSuchKey", "NotFound"}:
+            if _missing(exc):
                 raise MissingBlobError(
                     f"{what}: blob {digest} is missing from {self.loc}; restore it from a backup or an "
                     "export — the store never deletes referenced blobs, so something outside it did"
@@ -543,7 +548,7 @@ class S3BlobBackend:
                 os.fsync(out.fileno())
         except Exception as exc:
             tmp.unlink(missing_ok=True)
-            if _error_code(exc) in {"404", "NoSuchKey", "NotFound"}:
+            if _missing(exc):
                 raise MissingBlobError(f"s3://{self.loc.bucket}/{self.loc.key(name)} is missing") from None
             raise self._fail(exc, f"downloading {name}") from None
         if hasher.hexdigest() != sha256:
@@ -568,7 +573,7 @@ class S3BlobBackend:
             body = self.client.get_object(Bucket=self.loc.bucket, Key=self.loc.key("manifests", name))["Body"]
             return bytes(body.read())
         except Exception as exc:
-            if _error_code(exc) in {"404", "NoSuchKey", "NotFound"}:
+            if _missing(exc):
                 return None
             raise self._fail(exc, f"downloading manifest {name}") from None
 

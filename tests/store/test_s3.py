@@ -115,6 +115,32 @@ def test_multipart_blob_streamed_export_and_ranged_reads(s3store: ModelStore, tm
     assert not list(backend.blob_dir.glob("*/*.safetensors"))
 
 
+def test_a_file_object_goes_up_in_parts_once_and_comes_back_checked(
+    s3store: ModelStore, bucket: str, s3env: LocalSeaweed, tmp_path: Path
+) -> None:
+    """``put_file`` / ``fetch_file`` (the intake's spool in the bucket): a file over the multipart
+    threshold uploaded in parts, a second upload a no-op, the download checked against its sha256."""
+    import hashlib
+    import os
+
+    backend = _backend(s3store)
+    data = os.urandom(MULTIPART_THRESHOLD + 12345)
+    sha = hashlib.sha256(data).hexdigest()
+    src = tmp_path / "expert.bin"
+    src.write_bytes(data)
+    assert backend.put_file(f"intake/spool/{sha}", src) is True
+    assert backend.put_file(f"intake/spool/{sha}", src) is False
+    dest = tmp_path / "back" / sha
+    backend.fetch_file(f"intake/spool/{sha}", dest, sha)
+    assert dest.read_bytes() == data
+    with pytest.raises(CorruptBlobError, match="changed in the bucket"):
+        backend.fetch_file(f"intake/spool/{sha}", tmp_path / "wrong", "0" * 64)
+    assert not (tmp_path / "wrong").exists() and not list(tmp_path.glob(".wrong*"))
+    with pytest.raises(MissingBlobError, match="missing"):
+        backend.fetch_file("intake/spool/" + "1" * 64, tmp_path / "none", "1" * 64)
+    assert not s3env.client().list_multipart_uploads(Bucket=bucket).get("Uploads")
+
+
 def test_a_second_writer_of_a_blob_is_a_no_op(s3store: ModelStore, bucket: str, s3env: LocalSeaweed) -> None:
     v = s3store.commit_base(tiny_model(), name="base")
     backend = _backend(s3store)
