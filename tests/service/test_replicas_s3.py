@@ -5,7 +5,8 @@ with its own data directory and its own read-through cache.
 An expert acknowledged by the replica that does not hold the lease is merged by the one that does,
 from the bucket alone; the lease holder SIGKILLed mid-stream (and its disk thrown away) loses
 nothing: every acknowledged expert is merged exactly once, the head equals OPCM run directly on the
-same experts, and ``store verify`` is clean."""
+same experts, and ``store verify`` is clean. The object store killed under a replica acknowledges
+nothing (a retryable refusal) and the same expert goes through once it is back."""
 
 from __future__ import annotations
 
@@ -140,3 +141,46 @@ def test_an_s3_store_keeps_the_intake_data_outside_the_stores_cache(tmp_path: Pa
     assert config.on_object_store
     assert config.intake_dir.name == "prefix.intake"
     assert ServiceConfig(store=str(tmp_path / "s"), allow_insecure=True).intake_dir == tmp_path / "intake"
+
+
+@pytest.mark.slow
+def test_the_object_store_down_at_submission_acknowledges_nothing_and_the_client_retries(
+    tmp_path: Path, pg: PgServer, seaweed: LocalSeaweed, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SeaweedFS SIGKILLed under a running replica: a submission is refused as retryable
+    (``UNAVAILABLE``) with no queue row; once it is back, the same expert is acknowledged and merged."""
+    from fedmerge.service.client import ServiceCallError
+    from fedmerge.service.server import IntakeServer
+
+    for key, value in seaweed.env().items():
+        monkeypatch.setenv(key, value)
+    store_url = f"s3://{seaweed.create_bucket(f'd-{uuid.uuid4().hex[:16]}')}/store"
+    url = pg.create_database(f"s3d_{uuid.uuid4().hex[:12]}")
+    monkeypatch.setenv("FEDMERGE_S3_CACHE", str(tmp_path / "cache"))
+    with ModelStore.open(store_url, catalog=url) as s:
+        s.commit_base(base_weights(), name="tiny")
+    config = ServiceConfig(
+        store=store_url, data_dir=tmp_path / "data", listen="127.0.0.1:0", allow_insecure=True,
+        catalog=url, lease_ttl_s=2.0,
+    )  # fmt: skip
+    server = IntakeServer(config)
+    port = server.start()
+    try:
+        opts = ClientOptions(f"127.0.0.1:{port}")
+        first = submit_expert(opts, write_expert(tmp_path, base_weights(), 1), timeout=60)
+        assert wait_merged(opts, first.submission_id, timeout=120).state == intake_pb2.SUBMISSION_STATE_MERGED
+        seaweed.kill()
+        second = write_expert(tmp_path, base_weights(), 2)
+        with pytest.raises(ServiceCallError) as refused:
+            submit_expert(opts, second, retries=0, timeout=120)
+        assert refused.value.retryable and "UNAVAILABLE" in str(refused.value), refused.value
+        assert [s.id for s in server.queue.all()] == [first.submission_id], "nothing acknowledged"
+        seaweed.start()
+        again = submit_expert(opts, second, timeout=120)
+        merged = wait_merged(opts, again.submission_id, timeout=300)
+        assert merged.state == intake_pb2.SUBMISSION_STATE_MERGED, merged.reason
+    finally:
+        server.stop()
+    with ModelStore.open(store_url, catalog=url) as s:
+        assert s.get("continual").metadata["num_merged"] == 2
+        assert s.verify().ok
