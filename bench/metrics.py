@@ -100,7 +100,7 @@ def main(argv: list[str]) -> int:
                             scrape_best = min(scrape_best, time.perf_counter() - t0)
                         finally:
                             endpoint.stop()
-                        files = sum(1 for p in server.config.store.rglob("*") if p.is_file())
+                        files = sum(1 for p in Path(server.config.store).rglob("*") if p.is_file())
                 finally:
                     server.stop(grace=0.5)
     print(f"experts: {n} per measurement, best of {k} interleaved repeats, base width {args.width}")
