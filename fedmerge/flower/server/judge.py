@@ -119,10 +119,6 @@ def deadline_reason(deadline_s: float) -> str:
     return f"timeout: no reply within round-deadline-s={deadline_s:g}"
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
     """SHA-256 over (name, bytes) of dense tensors in name order: the identity of a reply that has no
     package bytes (a plain Flower reply)."""
@@ -213,8 +209,7 @@ def codec_of_headers(
 
 @dataclass
 class Submission:
-    """What one reply submits, as its wire form was read, before the checks every form shares
-    (:meth:`RoundState._admit`)."""
+    """What one reply submits, as read from its wire form, before the shared checks (``_admit``)."""
 
     client_id: str  # as the package declares it (a dense reply: the node's label)
     num_examples: int
@@ -363,10 +358,10 @@ class RoundState:
         if RECORD_KEY in content.array_records:
             data = record_to_package(content)
             self._check_size(len(data))
-            return self._package(data, _sha256(data), len(data))
+            return self._package(data, hashlib.sha256(data).hexdigest(), len(data))
         return self._dense(content, client_id)
 
-    def _check_size(self, size: int, what: str = "package") -> None:
+    def _check_size(self, size: int, what: str = "package") -> None:  # before anything is read
         if size > self.cfg.max_package_bytes:
             raise StaleOrInvalid(
                 f"{what} of {size} bytes exceeds max-package-bytes={self.cfg.max_package_bytes}; "
