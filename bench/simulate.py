@@ -12,7 +12,9 @@ clients per round × 60 / steady-state round time (rounds 2…R). Two federation
 (``updates_per_min_vs_flower``) and 100 clients (``updates_per_min_vs_flower_100``); quick: 5 and 3
 rounds, one run per side; full: 5 rounds each, two interleaved runs per side, best of 2.
 Final accuracies of both sides are printed (fedmerge's codec is lossy: its accuracy differs from
-Flower's dense exchange). Last line: one JSON object (compare two with ``python -m bench compare``).
+Flower's dense exchange; ``python -m bench simulate_profile --accuracy`` measures fedmerge at the codec
+that sends Flower's bytes, and ``python -m bench simulate_profile`` where a round's time goes, by
+phase). Last line: one JSON object (compare two with ``python -m bench compare``).
 """
 
 from __future__ import annotations
