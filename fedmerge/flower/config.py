@@ -93,27 +93,42 @@ def near_miss(key: str, known: list[str]) -> str | None:
 
 
 @dataclass(frozen=True)
-class RunConfig:
-    """Everything a round needs; attribute ``foo_bar`` is run-config key ``foo-bar``."""
+class FederationSettings:
+    """What every federation of fedmerge sets (:class:`RunConfig`,
+    :class:`~fedmerge.privacy.secagg.SecAggConfig`): where rounds commit, the task, how many rounds,
+    how each client partitions its data and trains locally, whether the server evaluates each commit.
+    Attribute ``foo_bar`` is run-config key ``foo-bar``."""
 
     store: str = "fedmerge-store"
     # "" keeps the catalog in the store (SQLite); postgresql://… shares it with other servers
     catalog: str = ""
     task: str = "digits"
-    mode: Mode = "full"
     num_rounds: int = 2
-    fraction: float = 1.0
-    min_clients: int = 2
-    min_valid: int = 2
-    round_deadline_s: float = 120.0
-    wait_for_nodes_s: float = 60.0
-    max_retries: int = 1
+    server_eval: bool = True
     seed: int = 0
     partitioner: str = "dirichlet"
     dirichlet_alpha: float = 0.5
     local_epochs: int = 2
     lr: float = 0.1
     batch_size: int = 32
+
+
+def field_type(f: dataclasses.Field[Any]) -> type | None:
+    """The Python type of a scalar config field (``int``, ``float``, ``bool``, ``str``), else None."""
+    return {"int": int, "float": float, "bool": bool, "str": str}.get(str(f.type))
+
+
+@dataclass(frozen=True)
+class RunConfig(FederationSettings):
+    """Everything a round needs; attribute ``foo_bar`` is run-config key ``foo-bar``."""
+
+    mode: Mode = "full"
+    fraction: float = 1.0
+    min_clients: int = 2
+    min_valid: int = 2
+    round_deadline_s: float = 120.0
+    wait_for_nodes_s: float = 60.0
+    max_retries: int = 1
     lora_rank: int = 4
     lora_alpha: float = 8.0
     lora_space: LoraSpace = "product"
@@ -131,7 +146,6 @@ class RunConfig:
     # aggregators that merge with each client's diagonal Fisher (side_inputs = ("fisher",)): the number
     # of local training examples a client's Fisher is estimated on (fedmerge/delta/fisher.py)
     fisher_examples: int = 256
-    server_eval: bool = True
     # federated evaluation (flower/server/evaluation.py): after every evaluate-every-th committed round,
     # "evaluate" messages with the new weights go to max(⌊fraction-evaluate·N⌋, min-evaluate-nodes)
     # nodes (at most N); 0 = off (Flower's strategies default to 1.0)
@@ -229,10 +243,6 @@ class RunConfig:
 NOT_KEYS = ("aggregator_params", "extra")  # RunConfig fields that are not run-config keys themselves
 
 
-def _expected(f: dataclasses.Field[Any]) -> Any:
-    return {"int": int, "float": float, "bool": bool, "str": str}.get(str(f.type))
-
-
 def parse_run_config(raw: Mapping[str, Any]) -> RunConfig:
     """Parse Flower's run config into a :class:`RunConfig`; every problem reported in one ConfigError."""
     errors: list[str] = []
@@ -303,7 +313,7 @@ def _convert(key: str, value: Any, f: dataclasses.Field[Any], errors: list[str])
             errors.append(f"{key}={value!r} must be one of {list(choices)}")
             return None
         return value
-    expected = _expected(f)
+    expected = field_type(f)
     if expected is bool:
         if isinstance(value, bool):
             return value

@@ -77,6 +77,7 @@ from fedmerge.aggregators.kernels import disjoint_mean
 from fedmerge.aggregators.sparsify import dare_drop, trim
 from fedmerge.delta.state_dict import StateDict
 from fedmerge.errors import ConfigError, InvalidSubmission
+from fedmerge.flower.config import FederationSettings, field_type
 from fedmerge.seeds import derive_generator
 
 log = logging.getLogger("fedmerge.secagg")
@@ -99,7 +100,7 @@ def _is_pow2(x: float) -> bool:
 
 
 @dataclass(frozen=True)
-class SecAggConfig:
+class SecAggConfig(FederationSettings):
     """Settings of a secure-aggregation run; ``from_mapping`` takes the kebab-case run-config keys.
 
     ``secure=False`` runs the same rounds on the plain legacy path (dense fp32 task vectors, the
@@ -107,18 +108,11 @@ class SecAggConfig:
     """
 
     store: str = ""
-    catalog: str = ""  # "" = the store's own SQLite catalog; "postgresql://…" = a shared one
-    task: str = "digits"
+    num_rounds: int = 1
+    local_epochs: int = 1
     mode: str = "fedavg"
     secure: bool = True
-    num_rounds: int = 1
     num_clients: int = 4
-    seed: int = 0
-    partitioner: str = "dirichlet"
-    dirichlet_alpha: float = 0.5
-    local_epochs: int = 1
-    lr: float = 0.1
-    batch_size: int = 32
     weight_scale: int = 1024
     num_shares: float = 1.0
     reconstruction_threshold: float = 0.5
@@ -127,7 +121,6 @@ class SecAggConfig:
     modulus_range: int = 2**32
     min_summed: int = 3
     timeout_s: float = 300.0
-    server_eval: bool = True
     ties_density: float = 0.2
     ties_sign_election: str = "frequency"
     ties_vote_weighting: str = "unweighted"
@@ -185,7 +178,8 @@ class SecAggConfig:
         kwargs: dict[str, Any] = {}
         for key, value in values.items():
             f = known[key]
-            kind = {"int": int, "float": float, "bool": bool, "str": str}[str(f.type)]
+            kind = field_type(f)
+            assert kind is not None  # every SecAggConfig field is a scalar
             if kind is bool and isinstance(value, str):
                 value = value.lower() in ("1", "true", "yes")
             if kind is int and isinstance(value, float) and not value.is_integer():
