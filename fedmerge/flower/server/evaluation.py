@@ -50,6 +50,7 @@ from fedmerge.flower.records import (
     widen_for_numpy,
 )
 from fedmerge.flower.server.exchange import exchange
+from fedmerge.flower.server.judge import whole_num_examples
 from fedmerge.store import ModelStore, Version
 from fedmerge.store.evaluations import Evaluation, NodeEvaluation, NodeOutcomes, record_evaluation
 
@@ -136,22 +137,15 @@ def _reason_of_error(reply: Message, deadline_s: float) -> str:
 
 
 def _num_examples(value: Any, max_examples: int) -> int:
-    if value is None:
-        raise InvalidEvaluateReply(
-            f"'num-examples' is missing from MetricRecord {METRICS_RECORD!r}; report how many examples "
-            "were evaluated"
-        )
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidEvaluateReply(
-            f"num-examples is {type(value).__name__} {str(value)[:40]!r}, not a number"
-        )
-    if isinstance(value, float) and (not math.isfinite(value) or not value.is_integer()):
-        raise InvalidEvaluateReply(f"num-examples={value!r} is not a whole finite number of examples")
-    if not 1 <= int(value) <= max_examples:
-        raise InvalidEvaluateReply(
-            f"num-examples={int(value)} is outside [1, max-num-examples={max_examples}]"
-        )
-    return int(value)
+    n = whole_num_examples(
+        value,
+        InvalidEvaluateReply,
+        missing=f"'num-examples' is missing from MetricRecord {METRICS_RECORD!r}; report how many examples "
+        "were evaluated",
+    )
+    if not 1 <= n <= max_examples:
+        raise InvalidEvaluateReply(f"num-examples={n} is outside [1, max-num-examples={max_examples}]")
+    return n
 
 
 def reply_metrics(

@@ -147,19 +147,25 @@ def reply_num_examples(content: RecordDict) -> int:
     """``num-examples`` of a dense reply's ``metrics`` record: an integer (an integral float is taken),
     not a bool, string, list, NaN or infinity; else :class:`StaleOrInvalid` saying what was sent."""
     record = content.metric_records.get(METRICS_RECORD)
-    value: Any = None if record is None else record.get("num-examples")
+    return whole_num_examples(
+        None if record is None else record.get("num-examples"),
+        StaleOrInvalid,
+        missing=f"dense reply has no 'num-examples' in MetricRecord {METRICS_RECORD!r}; report the number "
+        "of local training examples",
+        hint="; report the number of local training examples as an int",
+    )
+
+
+def whole_num_examples(value: Any, error: type[Exception], *, missing: str, hint: str = "") -> int:
+    """``value`` read as a reply's ``num-examples``: an int, or a float that is a whole finite number;
+    None raises ``error(missing)``, a bool, string, list, NaN or infinity ``error`` naming what was
+    sent (``hint`` appended to the wrong-type message). The range is the caller's to check."""
     if value is None:
-        raise StaleOrInvalid(
-            f"dense reply has no 'num-examples' in MetricRecord {METRICS_RECORD!r}; report the number "
-            "of local training examples"
-        )
+        raise error(missing)
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise StaleOrInvalid(
-            f"num-examples is {type(value).__name__} {str(value)[:40]!r}, not a number; report the number "
-            "of local training examples as an int"
-        )
+        raise error(f"num-examples is {type(value).__name__} {str(value)[:40]!r}, not a number{hint}")
     if isinstance(value, float) and (not math.isfinite(value) or not value.is_integer()):
-        raise StaleOrInvalid(f"num-examples={value!r} is not a whole finite number of examples")
+        raise error(f"num-examples={value!r} is not a whole finite number of examples")
     return int(value)
 
 
