@@ -16,16 +16,13 @@ from typing import Any
 
 import yaml
 
-from fedmerge.recipes.schema import Recipe, RecipeError, RecipeSchemaError, parse_recipe
+from fedmerge.recipes.schema import Recipe, RecipeSchemaError, parse_recipe, read_recipe_text
 
 
 def load_documents(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The YAML documents of a recipe file (empty documents skipped)."""
     p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as exc:
-        raise RecipeError(f"cannot read recipe {p}: {exc.strerror or exc}") from None
+    text = read_recipe_text(p)
     try:
         docs = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as exc:

@@ -246,6 +246,14 @@ def parse_model_ref(raw: Any, where: str, root: Path) -> ModelRef:
     return ModelRef(text, "hf", path=path)
 
 
+def read_recipe_text(path: Path) -> str:
+    """The text of the recipe file ``path``; a file that cannot be read is a :class:`RecipeError`."""
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise RecipeError(f"cannot read recipe {path}: {exc.strerror or exc}") from None
+
+
 def parse_recipe(data: str | os.PathLike[str] | Mapping[str, Any], *, root: Path | None = None) -> Recipe:
     """Validate a recipe's schema. ``data`` is a YAML file path or an already-loaded mapping.
 
@@ -255,10 +263,7 @@ def parse_recipe(data: str | os.PathLike[str] | Mapping[str, Any], *, root: Path
     if isinstance(data, str | os.PathLike):
         p = Path(data)
         source = str(p)
-        try:
-            text = p.read_text()
-        except OSError as exc:
-            raise RecipeError(f"cannot read recipe {p}: {exc.strerror or exc}") from None
+        text = read_recipe_text(p)
         try:
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as exc:
