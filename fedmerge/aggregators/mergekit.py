@@ -147,6 +147,57 @@ _CONSENSUS = {"sign_election": "total", "vote_weighting": "weighted", "divisor":
 _LINEAR_ONLY = ("int8_mask",)  # int8_mask is the dtype of the consensus mask: none without consensus
 _TORCH_MASKS = {"mask_rng": "torch"}  # mergekit draws its masks with torch.bernoulli
 
+
+def _gta(
+    aggregator: str,
+    *,
+    normalize: bool,
+    rescale: bool,
+    consensus: bool,
+    model: Mapping[str, Any] | None = None,
+    fixed: Mapping[str, Any] | None = None,
+    **rest: Any,
+) -> MergekitMethod:
+    """A method of mergekit's generalized task arithmetic: task vectors against a required base, the
+    shared parameters (:data:`_GTA`, :data:`_GTA_MODEL` and this method's per-model ``model``) with
+    this method's ``normalize`` and ``rescale`` defaults. With ``consensus`` (the ``*_ties`` methods,
+    della) the sign consensus :data:`_CONSENSUS` is fixed; without it ``int8_mask`` (the consensus
+    mask's dtype) is ignored (an ``ignored`` in ``rest`` replaces that)."""
+    parameters = {**_GTA, "normalize": normalize, "rescale": rescale}
+    rest.setdefault("ignored", () if consensus else _LINEAR_ONLY)
+    return MergekitMethod(
+        aggregator,
+        "task_vector",
+        parameters,
+        {**_GTA_MODEL, **(model or {})},
+        fixed={**(_CONSENSUS if consensus else {}), **(fixed or {})},
+        needs_base=True,
+        **rest,
+    )
+
+
+# the settings a method with consensus and its linear twin share
+_DARE: dict[str, Any] = {"fixed": _TORCH_MASKS, "per_model_global": ("density",)}
+_BREADCRUMBS: dict[str, Any] = {
+    "model": {"gamma": 0.01},
+    "fixed": {"keep_rounding": "floor"},  # magnitude_outliers has no assert: ⌊density·n⌋ = 0 keeps nothing
+    "per_model_global": ("density", "gamma"),
+}
+_DELLA: dict[str, Any] = {
+    "model": {"epsilon": 0.15},
+    "fixed": _TORCH_MASKS,
+    "per_model_global": ("density", "epsilon"),
+}
+_BASE_FIRST = "the base is added first, the other model second"
+
+
+def _pair(aggregator: str, parameters: dict[str, Any], note: str = "") -> MergekitMethod:
+    """A method of a base and one other model, merged in that order (weights, not task vectors)."""
+    return MergekitMethod(
+        aggregator, "weights", parameters, {}, needs_base=True, models=(1, 1), notes=(_BASE_FIRST + note,)
+    )
+
+
 METHODS: dict[str, MergekitMethod] = {
     "linear": MergekitMethod(
         "task_arithmetic",
@@ -155,91 +206,32 @@ METHODS: dict[str, MergekitMethod] = {
         {"weight": 1.0},
         fixed={"scaling": 1.0},  # Σ w θ (÷ Σ w with normalize) of the weights themselves
     ),
-    "task_arithmetic": MergekitMethod(
+    "task_arithmetic": _gta(
         "task_arithmetic",
-        "task_vector",
-        {**_GTA, "normalize": False, "rescale": False},
-        dict(_GTA_MODEL),
+        normalize=False,
+        rescale=False,
+        consensus=False,
         ignored=("int8_mask", "rescale", "density"),
-        needs_base=True,
         notes=("mergekit's task_arithmetic does not sparsify: density and rescale have no effect",),
     ),
-    "ties": MergekitMethod(
+    "ties": _gta(
         "ties",
-        "task_vector",
-        {**_GTA, "normalize": True, "rescale": False},
-        dict(_GTA_MODEL),
-        fixed={**_CONSENSUS, "keep_rounding": "mergekit"},  # sparsify.magnitude asserts k > 0
+        normalize=True,
+        rescale=False,
+        consensus=True,
+        fixed={"keep_rounding": "mergekit"},  # sparsify.magnitude asserts k > 0
         per_model_global=("density",),
         only={"rescale": False},  # fedmerge's ties has no L1 rescale after the trim
-        needs_base=True,
     ),
-    "dare_ties": MergekitMethod(
-        "dare_ties",
-        "task_vector",
-        {**_GTA, "normalize": False, "rescale": True},
-        dict(_GTA_MODEL),
-        fixed={**_CONSENSUS, **_TORCH_MASKS},
-        per_model_global=("density",),
-        needs_base=True,
+    "dare_ties": _gta("dare_ties", normalize=False, rescale=True, consensus=True, **_DARE),
+    "dare_linear": _gta("dare_linear", normalize=False, rescale=True, consensus=False, **_DARE),
+    "breadcrumbs": _gta("breadcrumbs", normalize=False, rescale=False, consensus=False, **_BREADCRUMBS),
+    "breadcrumbs_ties": _gta(
+        "breadcrumbs_ties", normalize=False, rescale=False, consensus=True, **_BREADCRUMBS
     ),
-    "dare_linear": MergekitMethod(
-        "dare_linear",
-        "task_vector",
-        {**_GTA, "normalize": False, "rescale": True},
-        dict(_GTA_MODEL),
-        fixed=dict(_TORCH_MASKS),
-        per_model_global=("density",),
-        ignored=_LINEAR_ONLY,
-        needs_base=True,
-    ),
-    "breadcrumbs": MergekitMethod(
-        "breadcrumbs",
-        "task_vector",
-        {**_GTA, "normalize": False, "rescale": False},
-        {**_GTA_MODEL, "gamma": 0.01},
-        fixed={"keep_rounding": "floor"},  # magnitude_outliers has no assert: ⌊density·n⌋ = 0 keeps nothing
-        per_model_global=("density", "gamma"),
-        ignored=_LINEAR_ONLY,
-        needs_base=True,
-    ),
-    "breadcrumbs_ties": MergekitMethod(
-        "breadcrumbs_ties",
-        "task_vector",
-        {**_GTA, "normalize": False, "rescale": False},
-        {**_GTA_MODEL, "gamma": 0.01},
-        fixed={**_CONSENSUS, "keep_rounding": "floor"},
-        per_model_global=("density", "gamma"),
-        needs_base=True,
-    ),
-    "della": MergekitMethod(
-        "della",
-        "task_vector",
-        {**_GTA, "normalize": True, "rescale": True},
-        {**_GTA_MODEL, "epsilon": 0.15},
-        fixed={**_CONSENSUS, **_TORCH_MASKS},
-        per_model_global=("density", "epsilon"),
-        needs_base=True,
-    ),
-    "della_linear": MergekitMethod(
-        "della_linear",
-        "task_vector",
-        {**_GTA, "normalize": False, "rescale": True},
-        {**_GTA_MODEL, "epsilon": 0.15},
-        fixed=dict(_TORCH_MASKS),
-        per_model_global=("density", "epsilon"),
-        ignored=_LINEAR_ONLY,
-        needs_base=True,
-    ),
-    "slerp": MergekitMethod(
-        "slerp",
-        "weights",
-        {"t": None},
-        {},
-        needs_base=True,
-        models=(1, 1),
-        notes=("the base is added first, the other model second: t = 0 is the base, t = 1 the other",),
-    ),
+    "della": _gta("della", normalize=True, rescale=True, consensus=True, **_DELLA),
+    "della_linear": _gta("della_linear", normalize=False, rescale=True, consensus=False, **_DELLA),
+    "slerp": _pair("slerp", {"t": None}, ": t = 0 is the base, t = 1 the other"),
     "model_stock": MergekitMethod(
         "model_stock",
         "task_vector",
@@ -272,24 +264,8 @@ METHODS: dict[str, MergekitMethod] = {
         models=(2, 2),
         notes=("with base_model, nuslerp interpolates task vectors and adds the base back (as mergekit)",),
     ),
-    "nearswap": MergekitMethod(
-        "nearswap",
-        "weights",
-        {"t": None},
-        {},
-        needs_base=True,
-        models=(1, 1),
-        notes=("the base is added first, the other model second",),
-    ),
-    "arcee_fusion": MergekitMethod(
-        "arcee_fusion",
-        "weights",
-        {},
-        {},
-        needs_base=True,
-        models=(1, 1),
-        notes=("the base is added first, the other model second",),
-    ),
+    "nearswap": _pair("nearswap", {"t": None}),
+    "arcee_fusion": _pair("arcee_fusion", {}),
     "sce": MergekitMethod(
         "sce", "task_vector", {"int8_mask": False, "select_topk": 1.0}, {}, needs_base=True
     ),
