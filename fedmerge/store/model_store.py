@@ -10,7 +10,8 @@ Layout of a store directory::
 
 Commit protocol (each step durable before the next):
 
-1. every tensor is written as a blob: temporary files (hashed while written) → one batch of
+1. every tensor is written as a blob (:func:`~fedmerge.store.staging.stage_tensors`, one path for
+   a stream of tensors and for a mapping's): temporary files (hashed while written) → one batch of
    concurrent fsyncs → renames; then the blob directories are fsynced. Blobs are content-addressed,
    so a crash here leaves only temporary files and unreferenced blobs.
 2. ``BEGIN IMMEDIATE`` on the catalog (the writer lock); the next sequence number becomes the id
@@ -39,7 +40,7 @@ import torch
 from fedmerge import FORMAT_VERSION
 from fedmerge.delta.state_dict import StateDict, check_shapes, shapes_of
 from fedmerge.errors import ConfigError, IncompatibleDeltasError, StoreIntegrityError
-from fedmerge.store.blobs import BlobBackend, Buffer, LocalBlobBackend, fsync_dir, write_atomic
+from fedmerge.store.blobs import BlobBackend, LocalBlobBackend, fsync_dir, write_atomic
 from fedmerge.store.catalog import Catalog, VersionRow
 from fedmerge.store.catalogs import open_catalog
 from fedmerge.store.errors import MissingBlobError, UnknownVersionError
@@ -60,16 +61,14 @@ from fedmerge.store.reading import Diff, Lineage, StoreReading, TensorDiff, Tens
 from fedmerge.store.s3 import S3BlobBackend, is_s3_url
 from fedmerge.store.staging import (
     RESERVED_FILE_NAMES,
-    StagedTensors,
+    Staged,
     check_alias_name,
     check_file_name,
     check_floating,
     check_tensors,
     file_tensor,
     floating_shapes,
-    stage_stream,
-    tensor_entry,
-    write_blobs,
+    stage_tensors,
 )
 from fedmerge.store.verify import VerifyReport
 from fedmerge.store.verify import verify as verify_store
@@ -80,7 +79,9 @@ CATALOG_FILE = "catalog.sqlite"
 
 
 class DeltaRecord(TypedDict):
-    """What a delta version records besides its tensors, as :meth:`ModelStore.commit` takes it."""
+    """What a delta version records besides its tensors, as :meth:`ModelStore.commit` takes it
+    (``state``: opaque aggregator tensors persisted with the version, e.g. a server optimiser's
+    moments or the downlink's residual)."""
 
     method: str
     params: dict[str, Any]
@@ -90,6 +91,7 @@ class DeltaRecord(TypedDict):
     privacy: dict[str, Any] | None
     aliases: NotRequired[Sequence[str]]
     metadata: NotRequired[dict[str, Any] | None]
+    state: NotRequired[Mapping[str, torch.Tensor] | None]
 
 
 class ModelStore(StoreReading):
@@ -214,7 +216,7 @@ class ModelStore(StoreReading):
 
     def commit(
         self,
-        delta: StateDict | StagedTensors,
+        delta: StateDict,
         *,
         parents: list[str],
         kind: str = "task_vector",
@@ -232,8 +234,8 @@ class ModelStore(StoreReading):
 
         ``kind="task_vector"`` deltas must have exactly the names and shapes of the base's floating
         tensors; ``kind="lora"`` stores LoRA factors as given. ``state`` holds opaque aggregator
-        tensors persisted with the version. Returns the committed :class:`Version`. (``delta`` may
-        also be :class:`~fedmerge.store.staging.StagedTensors`, blobs :meth:`commit_stream` published.)
+        tensors persisted with the version. Returns the committed :class:`Version`. The same path as
+        :meth:`commit_stream` (the mapping's tensors streamed into it, checked whole first).
         """
         if kind not in KINDS or kind == "full":
             raise ConfigError(
@@ -261,7 +263,7 @@ class ModelStore(StoreReading):
 
     def commit_stream(
         self,
-        delta: Iterable[tuple[str, torch.Tensor]],
+        delta: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor],
         *,
         parents: list[str],
         **record: Unpack[DeltaRecord],
@@ -273,17 +275,14 @@ class ModelStore(StoreReading):
         promise as :meth:`commit`: nothing is visible until every blob is durable and the catalog row
         is written; an exception raised by ``delta`` (or by a check) aborts the commit and removes the
         staged blobs, leaving the store as it was. ``record``: the keyword arguments of :meth:`commit`
-        but ``kind`` (always ``task_vector``) and ``state`` (:class:`DeltaRecord`).
+        but ``kind`` (always ``task_vector``), ``state`` included (:class:`DeltaRecord`). A mapping
+        (a merge held in memory) is the small case: checked whole, then its items streamed in.
         """
         if not parents:
             raise ConfigError(
                 "a delta needs at least one parent version; commit full weights with commit_base"
             )
-        parent = self._validate_parents(list(parents), "task_vector", None)[0]
-        entries = stage_stream(
-            self.blobs, self._faults, delta, floating_shapes(self.root_of(parent)), parent.id
-        )
-        return self.commit(StagedTensors(entries), parents=parents, **record)
+        return self._commit(delta, kind="task_vector", parents=list(parents), name=None, **record)
 
     def _validate_parents(
         self, parents: list[str], kind: str, tensors: Mapping[str, torch.Tensor] | None
@@ -306,29 +305,36 @@ class ModelStore(StoreReading):
 
     def _commit(
         self,
-        tensors: Mapping[str, torch.Tensor] | StagedTensors,
+        tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
         *,
         kind: str,
         parents: list[str],
         name: str | None,
-        state: Mapping[str, torch.Tensor] | None,
         files: Mapping[str, bytes] | None = None,
         **record: Unpack[DeltaRecord],
     ) -> Version:
+        """The one way a version is written (module docstring): ``tensors`` streamed into blobs
+        (:func:`~fedmerge.store.staging.stage_tensors`), then ``state`` and ``files``, then the
+        manifest and the catalog row. A mapping is checked whole before anything is written and its
+        blobs' bytes are kept (a blob a concurrent gc removed is rewritten); a stream is checked
+        tensor by tensor and holds one tensor at a time."""
         method, params, round = record["method"], record["params"], record["round"]
         metrics, privacy, contributors = record["metrics"], record["privacy"], list(record["contributors"])
         metadata, aliases = record.get("metadata") or {}, record.get("aliases", ("latest",))
-        if not isinstance(tensors, StagedTensors):
-            check_tensors(tensors, "delta" if kind != "full" else "weights")
+        state = record.get("state") or None
+        what = "delta" if kind != "full" else "weights"
+        whole = tensors if isinstance(tensors, Mapping) else None
+        if whole is not None:
+            check_tensors(whole, what)
         if state is not None:
             check_tensors(state, "state")
-        for what, value in (
+        for what_, value in (
             ("params", params),
             ("metrics", metrics),
             ("privacy", privacy),
             ("metadata", metadata),
         ):
-            check_json_value(value, what)
+            check_json_value(value, what_)
         if round is not None and (not isinstance(round, int) or isinstance(round, bool) or round < 0):
             raise ConfigError(f"round is {round!r}; pass a non-negative int or None")
         for c in contributors:
@@ -336,24 +342,26 @@ class ModelStore(StoreReading):
                 raise ConfigError(f"contributors must be Contributor instances, got {type(c).__name__}")
         for alias in aliases:
             check_alias_name(alias)
-        staged = tensors if isinstance(tensors, StagedTensors) else None
-        parent_versions = (
-            self._validate_parents(parents, kind, None if staged else tensors)  # type: ignore[arg-type]
-            if parents
-            else []
+        parent_versions = self._validate_parents(parents, kind, whole) if parents else []
+        root = self.root_of(parent_versions[0]) if parent_versions else None
+
+        def stage(items: Iterable[tuple[str, torch.Tensor]], what: str, memory: bool, **kw: Any) -> Staged:
+            # in memory: a thread pool, bytes kept; a stream: one tensor at a time, bytes not kept
+            return stage_tensors(
+                self.blobs, self._faults, items, what=what,
+                workers=self.workers if memory else 1, keep=memory, **kw,
+            )  # fmt: skip
+
+        delta = stage(
+            sorted(whole.items()) if whole is not None else tensors,  # type: ignore[arg-type]
+            what,
+            whole is not None,
+            expected=floating_shapes(root) if root is not None and kind == "task_vector" else None,
+            parent=parent_versions[0].id if parent_versions else None,
         )
-        if staged is not None:  # streamed: blobs staged and published by commit_stream, bytes not kept
-            written: dict[str, tuple[str, list[Buffer]]] = {}
-            entries = dict(staged.entries)
-        else:
-            assert not isinstance(tensors, StagedTensors)
-            written = write_blobs(self.blobs, self._faults, self.workers, tensors)
-            entries = {n: tensor_entry(d, tensors[n]) for n, (d, _) in written.items()}
-        state_written = write_blobs(self.blobs, self._faults, self.workers, state) if state else {}
+        staged_state = stage(sorted(state.items()), "state", True) if state else None
         file_tensors = {n: file_tensor(bytes(b)) for n, b in (files or {}).items()}
-        files_written = (
-            write_blobs(self.blobs, self._faults, self.workers, file_tensors) if file_tensors else {}
-        )
+        staged_files = stage(sorted(file_tensors.items()), "files", True) if file_tensors else None
         self.blobs.sync()
         self._faults.reached("blobs-synced")
 
@@ -365,8 +373,8 @@ class ModelStore(StoreReading):
             "base_version": root.id if root else None,
             "base_hash": root.content_hash if root else None,
             "name": name,
-            "tensors": entries,
-            "state": {n: tensor_entry(d, state[n]) for n, (d, _) in state_written.items()} if state else {},
+            "tensors": delta.entries,
+            "state": staged_state.entries if staged_state else {},
             "method": method,
             "params": params,
             "contributors": tuple(contributors),
@@ -374,22 +382,24 @@ class ModelStore(StoreReading):
             "metrics": metrics,
             "privacy": privacy,
             "metadata": metadata,
-            "files": {n: tensor_entry(d, file_tensors[n]) for n, (d, _) in files_written.items()},
+            "files": staged_files.entries if staged_files else {},
         }
         with self.catalog.write() as conn:
             seq = self.catalog.next_sequence(conn)
             vid = version_id(seq)
             version = build_version(vid, utc_now(), **fields)
             rewritten = False
-            for name, entry in staged.entries.items() if staged else ():
-                if not self.blobs.has(entry.blob):  # its bytes were not kept: the commit cannot redo it
-                    raise MissingBlobError(
-                        f"blob of {name!r} was removed by a concurrent gc before the commit; commit again"
-                    )
-            every = {**dict(written.values()), **dict(state_written.values()), **dict(files_written.values())}
-            for digest, parts in every.items():
-                if not self.blobs.has(digest):  # removed by a concurrent gc since step 1
-                    self.blobs.put(digest, parts)
+            for staged in (delta, staged_state, staged_files):
+                for tname, entry in staged.entries.items() if staged else ():
+                    if self.blobs.has(entry.blob):
+                        continue
+                    parts = staged.kept.get(entry.blob)  # type: ignore[union-attr]
+                    if parts is None:  # a stream's bytes were not kept: the commit cannot redo it
+                        raise MissingBlobError(
+                            f"blob of {tname!r} was removed by a concurrent gc before the commit; "
+                            "commit again"
+                        )
+                    self.blobs.put(entry.blob, parts)  # removed by a concurrent gc since step 1
                     rewritten = True
             if rewritten:
                 self.blobs.sync()

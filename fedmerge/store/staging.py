@@ -1,16 +1,19 @@
 """Step 1 of a commit: what may be committed, and its tensors staged and published as blobs.
 
-The checks every committed tensor, kept file and alias meets, and the two ways tensors become
-durable blobs before the catalog sees them: :func:`write_blobs` (a whole mapping, hashed and written
-by a thread pool) and :func:`stage_stream` (a stream of task-vector tensors, one at a time, each
-checked against the base). Either way nothing is visible until :meth:`BlobBackend.publish`; an
-exception removes the temporary files staged so far.
+The checks every committed tensor, kept file and alias meets, and the one way tensors become
+durable blobs before the catalog sees them: :func:`stage_tensors`, fed a stream of (name, tensor)
+pairs (a streamed merge, one tensor at a time) or a whole mapping's items (in memory: hashed and
+written by a thread pool), each tensor checked as it arrives (against the base for a task vector).
+Nothing is visible until :meth:`BlobBackend.publish`; an exception removes the temporary files
+staged so far. A commit reaches one fault point (:mod:`.faults`) per blob staged here.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections import deque
 from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -27,13 +30,6 @@ _ALIAS_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01234567
 
 RESERVED_FILE_NAMES = frozenset({"README.md", "fedmerge-version.json", "model.safetensors.index.json"})
 """Names an export writes itself; a root's files cannot take them."""
-
-
-@dataclass(frozen=True)
-class StagedTensors:
-    """A delta whose blobs are already published (:meth:`ModelStore.commit_stream`): name → entry."""
-
-    entries: Mapping[str, TensorEntry]
 
 
 def check_alias_name(name: str) -> None:
@@ -100,103 +96,120 @@ def tensor_entry(digest: str, tensor: torch.Tensor) -> TensorEntry:
     return TensorEntry(blob=digest, dtype=dtype_name(tensor.dtype), shape=tuple(tensor.shape))
 
 
-def _publish(blobs: BlobBackend, staged: list[StagedBlob], fill: Iterable[StagedBlob]) -> None:
-    """Collect the blobs ``fill`` stages into ``staged``, then publish them all (one batch of
-    fsyncs before the renames); on any exception remove the temporary files staged so far."""
-    try:
-        for blob in fill:
-            staged.append(blob)
-    except BaseException:
-        for blob in staged:
-            if blob.tmp is not None:
-                blob.tmp.unlink(missing_ok=True)
-        raise
-    blobs.publish(staged)
+@dataclass
+class Staged:
+    """Tensors staged and published as blobs: name → manifest entry, and the blobs' bytes by digest
+    when they were kept (an in-memory source: a blob a concurrent gc removes is written again)."""
+
+    entries: dict[str, TensorEntry]
+    kept: dict[str, list[Buffer]]
 
 
-def write_blobs(
-    blobs: BlobBackend, faults: FaultPoints, workers: int, tensors: Mapping[str, torch.Tensor]
-) -> dict[str, tuple[str, list[Buffer]]]:
-    """Stage every tensor as a blob (hashed while written, ``workers`` threads), then publish them
-    with one batch of concurrent fsyncs before the renames; return name → (digest, bytes parts).
-    The caller's :meth:`BlobBackend.sync` then makes the renames durable."""
-
-    def one(item: tuple[str, torch.Tensor]) -> tuple[str, list[Buffer], StagedBlob]:
-        header, data = encode_single(item[1], BLOB_KEY)
-        parts: list[Buffer] = [header, data]
-        return item[0], parts, blobs.stage(parts)
-
-    items = sorted(tensors.items())
-    out: dict[str, tuple[str, list[Buffer]]] = {}
-
-    def fill() -> Iterable[StagedBlob]:
-        if workers > 1 and len(items) > 1:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                for name, parts, blob in pool.map(one, items):
-                    out[name] = (blob.digest, parts)
-                    faults.reached("blob")
-                    yield blob
-        else:
-            for item in items:
-                name, parts, blob = one(item)
-                out[name] = (blob.digest, parts)
-                faults.reached("blob")
-                yield blob
-
-    _publish(blobs, [], fill())
-    return out
+def _encode_and_stage(blobs: BlobBackend, tensor: torch.Tensor) -> tuple[list[Buffer], StagedBlob]:
+    header, data = encode_single(tensor, BLOB_KEY)
+    parts: list[Buffer] = [header, data]
+    return parts, blobs.stage(parts)
 
 
-def stage_stream(
+def _drop(staged: Iterable[StagedBlob]) -> None:
+    for blob in staged:
+        if blob.tmp is not None:
+            blob.tmp.unlink(missing_ok=True)
+
+
+def stage_tensors(
     blobs: BlobBackend,
     faults: FaultPoints,
     items: Iterable[tuple[str, torch.Tensor]],
-    expected: Mapping[str, tuple[int, ...]],
-    parent: str,
-) -> dict[str, TensorEntry]:
-    """Stage each (name, tensor) of a task vector on ``parent`` as a blob as it arrives, checked
-    against ``expected`` (the base's floating shapes), then publish them all (one batch of fsyncs)."""
-    entries: dict[str, TensorEntry] = {}
+    *,
+    what: str,
+    expected: Mapping[str, tuple[int, ...]] | None = None,
+    parent: str | None = None,
+    workers: int = 1,
+    keep: bool = False,
+) -> Staged:
+    """Stage each (name, tensor) of ``items`` as a blob as it arrives, then publish them all (one
+    batch of concurrent fsyncs before the renames); the caller's :meth:`BlobBackend.sync` then makes
+    the renames durable. The one way tensors become blobs before a commit's catalog row.
 
-    def fill() -> Iterable[StagedBlob]:
-        for name, tensor in items:
-            check_tensors({name: tensor}, "delta")
-            if name in entries:
-                raise ConfigError(f"delta tensor {name!r} is given twice")
-            if name not in expected:
-                raise IncompatibleDeltasError(
-                    f"delta tensor {name!r} is not a floating tensor of the base of {parent}", key=name
-                )
-            check_shapes(
-                {name: tuple(tensor.shape)}, {name: expected[name]}, what=f"delta for parent {parent}"
+    Each tensor is checked as it arrives (:func:`check_tensors`, names unique) and, with ``expected``
+    (a task vector on ``parent``: the base's floating shapes), against the base: a known name, its
+    shape, a floating dtype, and at the end no tensor of the base missing. ``workers`` > 1 encodes,
+    hashes and writes up to ``workers`` tensors at once (so holds as many); 1 holds one tensor whatever
+    the source's length. ``keep``: keep the blobs' bytes (:attr:`Staged.kept`). On any exception
+    (from ``items``, a check or a write) the temporary files staged so far are removed.
+    """
+    entries: dict[str, TensorEntry] = {}
+    kept: dict[str, list[Buffer]] = {}
+    staged: list[StagedBlob] = []
+
+    def check(name: str, tensor: torch.Tensor) -> None:
+        check_tensors({name: tensor}, what)
+        if name in entries or name in pending:
+            raise ConfigError(f"{what} tensor {name!r} is given twice")
+        if expected is None:
+            return
+        if name not in expected:
+            raise IncompatibleDeltasError(
+                f"{what} tensor {name!r} is not a floating tensor of the base of {parent}", key=name
             )
-            check_floating(name, tensor)
-            header, data = encode_single(tensor, BLOB_KEY)
-            blob = blobs.stage([header, data])
-            entries[name] = tensor_entry(blob.digest, tensor)
-            faults.reached("blob")
-            yield blob
-        missing = sorted(set(expected) - set(entries))
+        check_shapes({name: tuple(tensor.shape)}, {name: expected[name]}, what=f"{what} for parent {parent}")
+        check_floating(name, tensor)
+
+    def done(name: str, tensor: torch.Tensor, parts: list[Buffer], blob: StagedBlob) -> None:
+        staged.append(blob)
+        entries[name] = tensor_entry(blob.digest, tensor)
+        if keep:
+            kept[blob.digest] = parts
+        faults.reached("blob")
+
+    pending: dict[str, None] = {}  # names handed to the pool, not yet done
+    window: deque[tuple[str, torch.Tensor, Future[tuple[list[Buffer], StagedBlob]]]] = deque()
+    pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
+    try:
+        for name, tensor in items:
+            check(name, tensor)
+            if pool is None:
+                done(name, tensor, *_encode_and_stage(blobs, tensor))
+                continue
+            pending[name] = None
+            window.append((name, tensor, pool.submit(_encode_and_stage, blobs, tensor)))
+            while len(window) >= workers:
+                n, t, future = window.popleft()
+                del pending[n]
+                done(n, t, *future.result())
+        while window:
+            n, t, future = window.popleft()
+            del pending[n]
+            done(n, t, *future.result())
+        missing = sorted(set(expected or ()) - set(entries))
         if missing:
             raise IncompatibleDeltasError(
-                f"delta for parent {parent} lacks {len(missing)} tensor(s) of the base, e.g. {missing[0]!r}",
+                f"{what} for parent {parent} lacks {len(missing)} tensor(s) of the base, e.g. {missing[0]!r}",
                 key=missing[0],
             )
-
-    _publish(blobs, [], fill())
-    return entries
+    except BaseException:
+        for _, _, future in window:  # in flight: wait for each, then remove what it staged
+            with contextlib.suppress(BaseException):  # a failed write removed its own file
+                _drop([future.result()[1]])
+        _drop(staged)
+        raise
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
+    blobs.publish(staged)
+    return Staged(entries, kept)
 
 
 __all__ = [
     "RESERVED_FILE_NAMES",
-    "StagedTensors",
+    "Staged",
     "check_alias_name",
     "check_file_name",
     "check_floating",
     "check_tensors",
     "file_tensor",
     "floating_shapes",
-    "stage_stream",
+    "stage_tensors",
     "tensor_entry",
-    "write_blobs",
 ]

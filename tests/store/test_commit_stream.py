@@ -37,6 +37,39 @@ def test_a_streamed_commit_stores_what_commit_stores(store: ModelStore) -> None:
         assert torch.equal(store.materialized_tensor(streamed.id, name), got[name]), name
 
 
+def test_a_streamed_commit_keeps_state_as_commit_does(store: ModelStore) -> None:
+    base = tiny_model()
+    root = store.commit_base(base, name="tiny")
+    delta = tiny_delta(base, 3)
+    state = {
+        "opt.m": torch.arange(6.0).reshape(2, 3),
+        "residual.w": torch.full((4,), -0.5, dtype=torch.bfloat16),
+    }
+    whole = commit_delta(store, delta, root.id, 1, aliases=(), state=state)
+    streamed = store.commit_stream(
+        iter(sorted(delta.items())), parents=[root.id], method="fedavg", params={"server_lr": 1.0},
+        contributors=[contributor(0), contributor(1)], round=1, metrics={"loss": 0.25}, privacy=None,
+        state=state,
+    )  # fmt: skip
+    assert streamed.state == whole.state and streamed.tensors == whole.tensors
+    got = store.load_state(streamed.id)
+    assert got is not None and sorted(got) == sorted(state)
+    assert all(torch.equal(got[n], state[n]) and got[n].dtype == state[n].dtype for n in state)
+    assert store.verify().ok
+
+
+def test_a_mapping_given_to_commit_stream_is_committed_as_commit_commits_it(store: ModelStore) -> None:
+    base = tiny_model()
+    root = store.commit_base(base, name="tiny")
+    delta = tiny_delta(base, 4)
+    whole = commit_delta(store, delta, root.id, 1, aliases=())
+    mapped = store.commit_stream(
+        delta, parents=[root.id], method="fedavg", params={"server_lr": 1.0},
+        contributors=[contributor(0), contributor(1)], round=1, metrics={"loss": 0.25}, privacy=None,
+    )  # fmt: skip
+    assert mapped.tensors == whole.tensors and mapped.content_hash == whole.content_hash
+
+
 def test_a_failing_stream_leaves_the_store_as_it_was(store: ModelStore) -> None:
     if isinstance(store.blobs, S3BlobBackend):
         pytest.skip("on object storage a failed commit's completed uploads stay, unreferenced, until gc")
