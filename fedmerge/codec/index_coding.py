@@ -265,6 +265,19 @@ def _varint_decode(data: np.ndarray, nnz: int, numel: int, out: np.ndarray) -> i
     return 0
 
 
+@numba.njit(inline="always", cache=True, nogil=True)
+def _store_pending(
+    out: np.ndarray, pos: np.int64, limit: int, acc: np.uint64, pending: np.uint64
+) -> tuple[np.int64, np.uint64, np.uint64]:
+    """One step of :func:`_rice_encode`'s output: the accumulator stored whole at ``pos`` (8 bytes,
+    little-endian), then (pos, acc, pending) advanced past the whole bytes it held; pos −1 when
+    ``pos`` is beyond ``limit`` (``out`` too short)."""
+    if pos > limit:
+        return np.int64(-1), acc, pending
+    store_u64_le(out, pos, acc)
+    return pos + np.int64(pending >> np.uint64(3)), acc >> (pending & np.uint64(0x38)), pending & np.uint64(7)
+
+
 @numba.njit(cache=True, nogil=True)
 def _rice_encode(indices: np.ndarray, r: int, out: np.ndarray) -> int:
     """Write the Rice code of the gaps of sorted ``indices`` into ``out``, LSB-first; return the bytes
@@ -292,12 +305,9 @@ def _rice_encode(indices: np.ndarray, r: int, out: np.ndarray) -> int:
         if q + ur <= np.uint64(55):
             acc |= (((np.uint64(1) << q) - np.uint64(1)) | ((g & low_mask) << (q + np.uint64(1)))) << pending
             pending += q + np.uint64(1) + ur
-            if pos > limit:
+            pos, acc, pending = _store_pending(out, pos, limit, acc, pending)
+            if pos < 0:
                 return -1
-            store_u64_le(out, pos, acc)
-            pos += np.int64(pending >> np.uint64(3))
-            acc >>= pending & np.uint64(0x38)
-            pending &= np.uint64(7)
             continue
         # a long code: q ones, the zero, then the r low bits, in pieces of at most 32 bits
         rem = g & low_mask
@@ -318,12 +328,9 @@ def _rice_encode(indices: np.ndarray, r: int, out: np.ndarray) -> int:
                 rem >>= take
                 left_low -= take
             pending += take
-            if pos > limit:
+            pos, acc, pending = _store_pending(out, pos, limit, acc, pending)
+            if pos < 0:
                 return -1
-            store_u64_le(out, pos, acc)
-            pos += np.int64(pending >> np.uint64(3))
-            acc >>= pending & np.uint64(0x38)
-            pending &= np.uint64(7)
     if pending > np.uint64(0):
         if pos >= out.size:
             return -1
