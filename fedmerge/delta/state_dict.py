@@ -11,7 +11,7 @@ parameters: task vectors leave them out and :func:`apply` copies them from the b
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TypeAlias
 
 import torch
@@ -44,26 +44,38 @@ def check_shapes(
     what: str = "delta",
 ) -> None:
     """Raise :class:`IncompatibleDeltasError` naming the first key that is missing, extra or misshapen."""
+    for name, problem in _shape_problems(shapes, reference, what):
+        raise IncompatibleDeltasError(problem, key=name)
+
+
+def _shape_problems(shapes: Shapes, reference: Shapes, what: str) -> Iterator[tuple[str, str]]:
+    """(key, what is wrong) for each key of ``reference`` that ``shapes`` lacks or shapes differently,
+    in sorted order, then for each key of ``shapes`` that ``reference`` lacks."""
     for name in sorted(reference):
         if name not in shapes:
-            raise IncompatibleDeltasError(
-                f"{what} is missing tensor {name!r} (expected shape {tuple(reference[name])}); "
-                "send every parameter of the base model, zeros included",
-                key=name,
+            yield (
+                name,
+                (
+                    f"{what} is missing tensor {name!r} (expected shape {tuple(reference[name])}); "
+                    "send every parameter of the base model, zeros included"
+                ),
             )
-        if tuple(shapes[name]) != tuple(reference[name]):
-            raise IncompatibleDeltasError(
-                f"{what} tensor {name!r} has shape {tuple(shapes[name])}, expected "
-                f"{tuple(reference[name])}: was it computed against a different base model?",
-                key=name,
+        elif tuple(shapes[name]) != tuple(reference[name]):
+            yield (
+                name,
+                (
+                    f"{what} tensor {name!r} has shape {tuple(shapes[name])}, expected "
+                    f"{tuple(reference[name])}: was it computed against a different base model?"
+                ),
             )
-    for name in sorted(shapes):
-        if name not in reference:
-            raise IncompatibleDeltasError(
+    for name in sorted(set(shapes) - set(reference)):
+        yield (
+            name,
+            (
                 f"{what} has tensor {name!r} that the reference does not have; "
-                "remove it or use the matching base model",
-                key=name,
-            )
+                "remove it or use the matching base model"
+            ),
+        )
 
 
 def check_compatible(
