@@ -389,9 +389,11 @@ class ModelStore(StoreReading):
             vid = version_id(seq)
             version = build_version(vid, utc_now(), **fields)
             rewritten = False
+            checked: set[str] = set()
             for staged in (delta, staged_state, staged_files):
                 for tname, entry in staged.entries.items() if staged else ():
-                    if self.blobs.has(entry.blob):
+                    if entry.blob in checked or self.blobs.has(entry.blob):
+                        checked.add(entry.blob)
                         continue
                     parts = staged.kept.get(entry.blob)  # type: ignore[union-attr]
                     if parts is None:  # a stream's bytes were not kept: the commit cannot redo it
@@ -400,6 +402,7 @@ class ModelStore(StoreReading):
                             "commit again"
                         )
                     self.blobs.put(entry.blob, parts)  # removed by a concurrent gc since step 1
+                    checked.add(entry.blob)
                     rewritten = True
             if rewritten:
                 self.blobs.sync()

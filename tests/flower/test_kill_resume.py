@@ -5,8 +5,9 @@ passes, no round is committed twice, and the new run continues at ``latest.round
 The server side runs under ``sim_worker.py`` (its own process; its descendants are the SuperLink, the
 ``flwr-simulation`` process that runs the ServerApp, and Ray's workers). Mid-commit kills use the
 store's ``FEDMERGE_STORE_KILL_AT`` hook (the ServerApp's process SIGKILLs itself after the N-th write
-step of the round's commit); mid-round kills come from this process while every client is held in
-training by an injected straggler delay.
+step of the round's commit: a blob staged, in ``fedmerge/store/staging.py``, or a later step of the
+commit, in ``fedmerge/store/model_store.py``); mid-round kills come from this process while every
+client is held in training by an injected straggler delay.
 """
 
 from __future__ import annotations
@@ -173,8 +174,9 @@ def resume(store: Path, simulate: Simulate, scripted: Scripted, expected_round: 
 
 
 def kill_step(store: Path, step: str) -> int:
-    """The write-step index of ``step`` in the next round's commit: one blob per delta tensor, then
-    blobs-synced, manifest, catalog-insert, committed (fedmerge/store/model_store.py)."""
+    """The write-step index of ``step`` in the next round's commit: one blob per delta tensor (staged
+    in fedmerge/store/staging.py), then blobs-synced, manifest, catalog-insert, committed (the commit's
+    steps in fedmerge/store/model_store.py)."""
     with ModelStore.open(store) as st:
         blobs = len(st.load_delta(st.get("latest")))
     return {"blob": 0, "manifest": blobs + 1, "catalog-insert": blobs + 2, "committed": blobs + 3}[step]

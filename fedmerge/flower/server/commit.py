@@ -11,7 +11,8 @@ With at least ``min-valid`` accepted replies (:func:`commit_round`):
 - **in memory** (the replies were folded as they were judged): the fold is finalized and checked
   finite (:func:`finite_merge`: the offending contributions, not the round, are rejected), privatised
   (central DP), stepped by the server optimiser, optionally compressed for the downlink and scored by
-  the server's evaluator, then committed.
+  the server's evaluator, then handed to the same streamed commit (its merged tensors the stream,
+  the downlink's residual and the server optimiser's state saved with the version).
 
 Either way the version's parents are [v], its method and exact params, one Contributor per sampled
 node (accepted or rejected with its reason), round r and the round's metrics; ``latest`` is re-read
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -173,23 +174,14 @@ def _commit_in_memory(
             t = weights[k]
             new[k] = (t.to(torch.promote_types(t.dtype, torch.float32)) + merged[k]).to(t.dtype)
         report.metrics.update({f"server-{k}": float(v) for k, v in run.evaluate(new).items()})
-    check_latest_unmoved(store, base, report.round)
-    version = store.commit(
-        merged,
-        parents=[base.id],
-        method=cfg.aggregator,
+    version = _commit(
+        run, base, state, report, merged,
         params=version_params(cfg, state, opt_state or {}),
-        contributors=contributors_of(report),
-        round=report.round,
-        metrics=report.metrics,
-        privacy=state.privacy,
-        state={
+        kept={
             **(run.server_residual if package is not None and run.server_residual else {}),
             **(opt_state or {}),
-        }
-        or None,
-        metadata=version_metadata(cfg, state, report),
-    )
+        },
+    )  # fmt: skip
     new_weights = apply_weights(weights, merged)
     if package is not None:
         run.updates[version.id] = DownlinkUpdate(base.id, package, weights_digest(new_weights))
@@ -201,21 +193,40 @@ def _commit_in_memory(
 
 
 def _commit_streamed(run: CommitContext, base: Version, state: RoundState, report: RoundReport) -> str:
-    """Merge the held replies tensor by tensor straight into a streamed commit (spool_merge)."""
+    """Merge the held replies tensor by tensor straight into the streamed commit (spool_merge)."""
+    merged = merge_tensor_major(run.cfg, report.round, state.shapes, state.held)
+    version = _commit(run, base, state, report, merged, params=version_params(run.cfg, state, {}), kept={})
+    run.latest_weights = None  # θ was never in memory: the next round reads it from the store
+    return version.id
+
+
+def _commit(
+    run: CommitContext,
+    base: Version,
+    state: RoundState,
+    report: RoundReport,
+    merged: Iterable[tuple[str, torch.Tensor]] | StateDict,
+    *,
+    params: dict[str, Any],
+    kept: StateDict,
+) -> Version:
+    """The round's one commit: ``merged`` (a tensor-major stream, or the in-memory fold's merged
+    tensors) streamed into :meth:`~fedmerge.store.ModelStore.commit_stream` on ``base`` once
+    ``latest`` is checked unmoved, with ``kept`` (the downlink's residual and the server optimiser's
+    state, if any) saved with the version."""
     check_latest_unmoved(run.store, base, report.round)
-    version = run.store.commit_stream(
-        merge_tensor_major(run.cfg, report.round, state.shapes, state.held),
+    return run.store.commit_stream(
+        merged,
         parents=[base.id],
         method=run.cfg.aggregator,
-        params=version_params(run.cfg, state, {}),
+        params=params,
         contributors=contributors_of(report),
         round=report.round,
         metrics=report.metrics,
         privacy=state.privacy,
+        state=kept or None,
         metadata=version_metadata(run.cfg, state, report),
     )
-    run.latest_weights = None  # θ was never in memory: the next round reads it from the store
-    return version.id
 
 
 def version_params(
