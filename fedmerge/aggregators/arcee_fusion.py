@@ -18,7 +18,7 @@ are buffered (2 × P).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -56,14 +56,11 @@ def arcee_fusion(x0: torch.Tensor, x1: torch.Tensor, dtype: torch.dtype = torch.
 class ArceeFusion(PairAggregator):
     name: ClassVar[str] = "arcee_fusion"
     pair_note: ClassVar[str] = " (a base and one other)"
+    param_attrs: ClassVar[tuple[str, ...]] = ("precision",)
 
     def __init__(self, *, precision: str = "float32", **common: object) -> None:
         super().__init__(**common)  # type: ignore[arg-type]
         self.precision = check_precision(precision)
-
-    @property
-    def params(self) -> dict[str, Any]:
-        return {**super().params, "precision": self.precision}
 
     def _merge_pair(
         self, key: str, shape: tuple[int, ...], i0: int, i1: int, first: torch.Tensor, second: torch.Tensor

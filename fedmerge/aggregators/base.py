@@ -102,6 +102,8 @@ class Aggregator(ABC):
     # rounds then fold spooled deltas tensor-major (fedmerge.flower.server.spool_merge). False for methods
     # that look at whole deltas at once (distances or norms over every tensor: Krum, norm bounding).
     tensorwise: ClassVar[bool] = True
+    # The attributes this class adds to ``params``, each recorded under its own name.
+    param_attrs: ClassVar[tuple[str, ...]] = ()
     # Sparse client tensors are held in groups of ``group_size`` clients and folded by
     # ``_fold_sparse_group`` (like dense ones) instead of one by one at ``add``. Pending sparse groups
     # are always folded before pending dense groups, so every accumulator receives the clients'
@@ -133,8 +135,13 @@ class Aggregator(ABC):
     # ------------------------------------------------------------------ public interface
     @property
     def params(self) -> dict[str, Any]:
-        """The method's hyper-parameters, exactly as used (recorded in version manifests)."""
-        return {"seed": self.seed, "round": self.round}
+        """The method's hyper-parameters, exactly as used (recorded in version manifests): the seed and
+        the round, then the attributes each class names in its ``param_attrs`` (base classes first);
+        a class whose parameters are not plain attributes extends this property."""
+        out: dict[str, Any] = {"seed": self.seed, "round": self.round}
+        for cls in reversed(type(self).__mro__):
+            out.update((name, getattr(self, name)) for name in vars(cls).get("param_attrs", ()))
+        return out
 
     @property
     def dp_calibrated(self) -> bool:

@@ -36,15 +36,12 @@ def _rows(x: torch.Tensor, filter_wise: bool) -> torch.Tensor:
 class ModelStock(Aggregator):
     name: ClassVar[str] = "model_stock"
     averaging: ClassVar[bool] = True
+    param_attrs: ClassVar[tuple[str, ...]] = ("filter_wise", "scaling")
 
     def __init__(self, *, filter_wise: bool = False, scaling: float = 1.0, **common: object) -> None:
         super().__init__(**common)  # type: ignore[arg-type]
         self.filter_wise = bool(filter_wise)
         self.scaling = float(scaling)
-
-    @property
-    def params(self) -> dict[str, object]:
-        return {**super().params, "filter_wise": self.filter_wise, "scaling": self.scaling}
 
     def _fold_one(self, key: str, x: torch.Tensor) -> None:
         assert self._shapes is not None

@@ -32,15 +32,12 @@ from fedmerge.errors import AggregatorStateError
 class MultiSlerp(Aggregator):
     name: ClassVar[str] = "multislerp"
     averaging: ClassVar[bool] = True
+    param_attrs: ClassVar[tuple[str, ...]] = ("eps", "scaling")
 
     def __init__(self, *, eps: float = 1e-8, scaling: float = 1.0, **common: object) -> None:
         super().__init__(**common)  # type: ignore[arg-type]
         self.eps = float(eps)
         self.scaling = float(scaling)
-
-    @property
-    def params(self) -> dict[str, object]:
-        return {**super().params, "eps": self.eps, "scaling": self.scaling}
 
     def _fold_one(self, key: str, x: torch.Tensor, weight: float) -> None:
         su, sx, sn = self._accumulators(key, 3)

@@ -13,7 +13,7 @@ models; weights are not used. Not streaming: both inputs are buffered (2 × P).
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
@@ -33,16 +33,13 @@ def nearswap(t: float, x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
 class NearSwap(PairAggregator):
     name: ClassVar[str] = "nearswap"
     pair_note: ClassVar[str] = " (a base and one other)"
+    param_attrs: ClassVar[tuple[str, ...]] = ("t",)
 
     def __init__(self, *, t: float = 1e-4, **common: object) -> None:
         super().__init__(**common)  # type: ignore[arg-type]
         if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t < 0:
             raise ConfigError(f"nearswap: t must be a finite number ≥ 0, got {t!r}")
         self.t = float(t)
-
-    @property
-    def params(self) -> dict[str, Any]:
-        return {**super().params, "t": self.t}
 
     def _merge_pair(
         self, key: str, shape: tuple[int, ...], i0: int, i1: int, first: torch.Tensor, second: torch.Tensor

@@ -55,6 +55,7 @@ class RobustTies(BufferingAggregator):
     tensorwise: ClassVar[bool] = False  # scores whole deltas (over every tensor at once)
     name: ClassVar[str] = "robust_ties"
     identity_params: ClassVar[dict[str, Any]] = {"density": 1.0}
+    param_attrs: ClassVar[tuple[str, ...]] = ("density", "scaling", "equalize_norms")
 
     def __init__(
         self, *, density: float = 0.2, scaling: float = 1.0, equalize_norms: bool = True, **common: Any
@@ -64,15 +65,6 @@ class RobustTies(BufferingAggregator):
         self.scaling = float(scaling)
         self.equalize_norms = bool(equalize_norms)
         self.client_norms: dict[Any, float] = {}
-
-    @property
-    def params(self) -> dict[str, Any]:
-        return {
-            **super().params,
-            "density": self.density,
-            "scaling": self.scaling,
-            "equalize_norms": self.equalize_norms,
-        }
 
     def begin(self, reference_shapes):
         super().begin(reference_shapes)

@@ -19,7 +19,7 @@ the tensor (N × P).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
@@ -63,6 +63,7 @@ def sce(tvs: torch.Tensor, select_topk: float = 1.0, dtype: torch.dtype = torch.
 class SCE(BufferingAggregator):
     name: ClassVar[str] = "sce"
     averaging: ClassVar[bool] = True  # identical τ: η = 1/N, every sign agrees → τ
+    param_attrs: ClassVar[tuple[str, ...]] = ("select_topk", "int8_mask", "precision")
 
     def __init__(
         self,
@@ -76,15 +77,6 @@ class SCE(BufferingAggregator):
         self.select_topk = check_fraction("select_topk", select_topk)
         self.int8_mask = bool(int8_mask)
         self.precision = check_precision(precision)
-
-    @property
-    def params(self) -> dict[str, Any]:
-        return {
-            **super().params,
-            "select_topk": self.select_topk,
-            "int8_mask": self.int8_mask,
-            "precision": self.precision,
-        }
 
     def _finalize_tensor(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
         # sorted by client id: the result does not depend on the arrival order (up to fp32 sums)

@@ -54,6 +54,14 @@ class SignConsensusAggregator(Aggregator):
     block of coordinates, with results identical to folding them one by one."""
 
     groups_sparse: ClassVar[bool] = True
+    param_attrs: ClassVar[tuple[str, ...]] = (
+        "scaling",
+        "sign_election",
+        "vote_weighting",
+        "divisor",
+        "normalize",
+        "int8_mask",
+    )
 
     def __init__(
         self,
@@ -79,18 +87,6 @@ class SignConsensusAggregator(Aggregator):
         self.divisor = divisor
         self.normalize = bool(normalize)
         self.int8_mask = bool(int8_mask)  # mergekit's mask dtype: no effect on the values
-
-    @property
-    def params(self) -> dict[str, object]:
-        return {
-            **super().params,
-            "scaling": self.scaling,
-            "sign_election": self.sign_election,
-            "vote_weighting": self.vote_weighting,
-            "divisor": self.divisor,
-            "normalize": self.normalize,
-            "int8_mask": self.int8_mask,
-        }
 
     def _per_client(self, weight: float) -> tuple[float, float]:
         vote = weight if self.vote_weighting == "weighted" else 1.0
