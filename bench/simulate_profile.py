@@ -52,9 +52,11 @@ def run(clients: int, rounds: int, codec: dict[str, Any], profile: cProfile.Prof
     from flwr.supercore.task_identity import TaskIdentity
 
     from fedmerge.flower.config import parse_run_config
-    from fedmerge_clients.app import app
-    from fedmerge_server.app import run_server
+    from fedmerge.plugins import load_object
     from fedmerge_simulations.secagg import InProcessGrid
+
+    app = load_object("fedmerge_clients.app:app", "ClientApp")  # by import string, as Flower loads apps
+    run_server = load_object("fedmerge_server.app:run_server", "server runner")
 
     torch.set_num_threads(1)
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = 1, SUPERLINK_NODE_ID, 1
