@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from fedmerge.codec import CodecConfig
 from fedmerge.errors import ConfigError
+from fedmerge.federation import FederationSettings, field_type
 from fedmerge.privacy.config import DPConfig
 
 if TYPE_CHECKING:  # the ClientApp reads this module and must not load aggregators
@@ -90,32 +91,6 @@ def near_miss(key: str, known: list[str]) -> str | None:
         return exact[0]
     close = difflib.get_close_matches(norm, known, n=1, cutoff=NEAR_MISS_CUTOFF)
     return close[0] if close else None
-
-
-@dataclass(frozen=True)
-class FederationSettings:
-    """What every federation of fedmerge sets (:class:`RunConfig`,
-    :class:`~fedmerge.privacy.secagg.SecAggConfig`): where rounds commit, the task, how many rounds,
-    how each client partitions its data and trains locally, whether the server evaluates each commit.
-    Attribute ``foo_bar`` is run-config key ``foo-bar``."""
-
-    store: str = "fedmerge-store"
-    # "" keeps the catalog in the store (SQLite); postgresql://… shares it with other servers
-    catalog: str = ""
-    task: str = "digits"
-    num_rounds: int = 2
-    server_eval: bool = True
-    seed: int = 0
-    partitioner: str = "dirichlet"
-    dirichlet_alpha: float = 0.5
-    local_epochs: int = 2
-    lr: float = 0.1
-    batch_size: int = 32
-
-
-def field_type(f: dataclasses.Field[Any]) -> type | None:
-    """The Python type of a scalar config field (``int``, ``float``, ``bool``, ``str``), else None."""
-    return {"int": int, "float": float, "bool": bool, "str": str}.get(str(f.type))
 
 
 @dataclass(frozen=True)
