@@ -2,9 +2,9 @@
 sparsification): entry j is kept iff |x_j| > t, or |x_j| == t and j < c.
 
 On the CPU (fp32, numba) the threshold is found without a full sort: the quantile is estimated from a
-strided sample (:func:`_sample`, :func:`_band_limits`), then only the values in a band around the estimate are counted,
-gathered and partitioned; a group of tensors is selected one tensor per thread. If the band misses,
-``torch.kthvalue`` decides.
+strided sample (:func:`_sample`, :func:`_band_limits`), then only the values in a band around the
+estimate are counted, gathered and partitioned; a group of tensors is selected one tensor per
+thread. If the band misses, ``torch.kthvalue`` decides.
 """
 
 from __future__ import annotations
