@@ -109,7 +109,7 @@ def array_record(records: RecordDict, key: str) -> ArrayRecord | None:
 @dataclass(frozen=True)
 class TrainInstructions:
     """The settings of a ``train`` message (``"config"`` and ``"fedmerge.config"`` together), typed
-    (see ``rounds.train_config``)."""
+    (see ``fedmerge.flower.server.federation.train_config``)."""
 
     round: int
     base_version_id: str
