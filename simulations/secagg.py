@@ -1,5 +1,6 @@
 """Drivers of SecAgg+ runs: Flower's simulation engine or a synchronous in-process grid, with the server
-(:mod:`fedmerge_server.secagg`) and clients (:mod:`fedmerge_clients.secagg`) of a run."""
+(:mod:`fedmerge.flower.server.secagg`) and the ClientApps of ``fedmerge_clients.secagg`` (loaded by
+import string, as Flower loads apps) of a run."""
 
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from fedmerge.errors import ConfigError
+from fedmerge.flower.server.secagg import SecAggRound, Traffic, serve
 from fedmerge.flower.simulation import emit_report, run_simulation_app
+from fedmerge.plugins import load_object
 from fedmerge.privacy.secagg import SecAggConfig
-from fedmerge_clients.secagg import client_app, plain_client_app, secure_client_app
-from fedmerge_server.secagg import SecAggRound, Traffic, serve
 
 log = logging.getLogger("fedmerge.secagg")
 
@@ -122,12 +123,14 @@ def run_legs(
     traffic_out: list[Traffic] | None = None,
 ) -> list[list[SecAggRound]]:
     """Run several configs one after the other on the *same* nodes (one simulation, one Ray start);
-    they must agree on ``num-clients``. Mixed secure and plain legs use :data:`client_app`."""
+    they must agree on ``num-clients``. Mixed secure and plain legs use
+    ``fedmerge_clients.secagg:client_app``."""
     cfgs = [SecAggConfig.from_mapping(c) for c in configs]
     if not cfgs or len({c.num_clients for c in cfgs}) != 1:
         raise ConfigError("run_legs needs at least one config, all with the same num-clients")
     kinds = {c.secure for c in cfgs}
-    app = client_app if len(kinds) == 2 else secure_client_app if cfgs[0].secure else plain_client_app
+    name = "client_app" if len(kinds) == 2 else "secure_client_app" if cfgs[0].secure else "plain_client_app"
+    app = load_object(f"fedmerge_clients.secagg:{name}", "ClientApp")
     results: list[list[SecAggRound]] = []
 
     def serve_all(grid: Grid, context: Context) -> None:

@@ -1,13 +1,14 @@
 """Secure aggregation (SecAgg+) sums: what a client submits and how the server recovers FedAvg, DARE and
 TIES from the secure sum. This module is the mathematics only; the apps that use it are
-``server/secagg.py`` (strategy, workflow, ServerApp), ``clients/secagg.py`` (the NumPyClient and its
+``fedmerge/flower/server/secagg.py`` (strategy, workflow, the ServerApp's factory; the app is
+``server/secagg.py``), ``clients/secagg.py`` (the NumPyClient and its
 ClientApps) and ``simulations/secagg.py`` (``run_secagg``: simulation and in-process drivers).
 
 **The Flower path that works (1.41).** SecAgg+ exists only on Flower's legacy path: the server runs
 ``DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(...))`` on a ``LegacyContext`` that holds a legacy
 ``flwr.server.strategy`` Strategy, and the client is ``ClientApp(client_fn=..., mods=[secaggplus_mod])``
 around a ``NumPyClient``. The Message-API strategies (``flwr.serverapp.strategy``) have no SecAgg+ hook.
-Here the strategy is ``SecAggStrategy`` (``server/secagg.py``, a legacy FedAvg subclass that commits
+Here the strategy is ``SecAggStrategy`` (``flower/server/secagg.py``, a legacy FedAvg subclass that commits
 each round's aggregate to the :class:`~fedmerge.store.ModelStore`); the plain reference path is the same
 workflow and strategy without the workflow and the mod, the clients sending dense fp32 task vectors.
 

@@ -160,8 +160,6 @@ def test_library_imports_no_application() -> None:
 APP_IMPORTS_ALLOWED = {
     # the benchmarks measure the simulations' experiments (attacks, continual digits, SecAgg+ driver)
     "bench/": {"fedmerge_simulations"},
-    # the in-process SecAgg+ driver runs the SecAgg+ ServerApp and ClientApps in one process
-    "simulations/secagg.py": {"fedmerge_server", "fedmerge_clients"},
 }
 
 

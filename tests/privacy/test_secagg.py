@@ -26,12 +26,12 @@ from fedmerge.aggregators import merge
 from fedmerge.aggregators.sparsify import trim
 from fedmerge.errors import ConfigError
 from fedmerge.flower.server.federation import RoundAborted
+from fedmerge.flower.server.secagg import SecAggRound
 from fedmerge.privacy.secagg import SecAggConfig, SecAggRangeError, check_range, submission_terms
 from fedmerge.store import ModelStore
 from fedmerge.tasks.local_round import local_round
 from fedmerge.tasks.partitions import partition_for
 from fedmerge.tasks.training import torch_threads
-from fedmerge_server.secagg import SecAggRound
 from fedmerge_simulations.secagg import run_secagg
 from fedmerge_simulations.tasks import get_task
 
