@@ -149,6 +149,12 @@ METHOD_RECIPES: dict[str, dict[str, Any]] = {
         "parameters": {"select_topk": 0.5},
         "dtype": "bfloat16",
     },
+    "model_stock": {
+        "models": [{"model": "m1"}, {"model": "m2"}, {"model": "m3"}],
+        "merge_method": "model_stock",
+        "base_model": "base",
+        "dtype": "float32",
+    },
     "ram": {
         "models": [{"model": "m1"}, {"model": "m2"}, {"model": "m3"}],
         "merge_method": "ram",
