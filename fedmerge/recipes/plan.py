@@ -522,10 +522,11 @@ def plan_merge(recipe: Recipe, store: ModelStore, *, seed: int = 0) -> Plan:
         if recipe.merge_method == "arcee_fusion" and not recipe.out_dtype and plan.compute_dtype is not None:
             plan.out_dtype = torch.float32  # mergekit's fp32 mask promotes the result; it writes fp32
             plan.notes.append("arcee_fusion writes float32 without out_dtype (as mergekit)")
-        ordered = {id(src): src for src in [*([plan.base] if plan.base else []), *plan.inputs]}
-        plan.chat_template = resolve_chat_template(
-            recipe.chat_template, [s.files() for s in ordered.values()]
-        )
+        if recipe.chat_template:  # the models' files are read only when a template is asked for
+            ordered = {id(src): src for src in [*([plan.base] if plan.base else []), *plan.inputs]}
+            plan.chat_template = resolve_chat_template(
+                recipe.chat_template, [src.files() for src in ordered.values()]
+            )
         tok = tokenizer_source_of(recipe)
         if tok is not None:
             vocab = shared_vocabulary(recipe, [e.source for entries, _ in slices for e in entries])
