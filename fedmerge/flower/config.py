@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from fedmerge.codec import CodecConfig
 from fedmerge.errors import ConfigError
-from fedmerge.federation import FederationSettings, field_type
+from fedmerge.federation_settings import FederationSettings, field_type
 from fedmerge.privacy.config import DPConfig
 
 if TYPE_CHECKING:  # the ClientApp reads this module and must not load aggregators

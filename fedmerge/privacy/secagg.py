@@ -78,7 +78,7 @@ from fedmerge.aggregators.kernels import disjoint_mean
 from fedmerge.aggregators.sparsify import dare_drop, trim
 from fedmerge.delta.state_dict import StateDict
 from fedmerge.errors import ConfigError, InvalidSubmission
-from fedmerge.federation import FederationSettings, field_type
+from fedmerge.federation_settings import FederationSettings, field_type
 from fedmerge.seeds import derive_generator
 
 log = logging.getLogger("fedmerge.secagg")
