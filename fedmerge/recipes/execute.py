@@ -23,7 +23,7 @@ from fedmerge.recipes.multi import load_documents, run_documents
 from fedmerge.recipes.plan import Plan, TensorJob, plan_merge
 from fedmerge.recipes.schema import HF_CONFIG, Recipe, RecipeError, RecipeModelError, parse_recipe
 from fedmerge.recipes.sources import LAYER_COUNT_KEYS, Source, Spec, StoreSource
-from fedmerge.recipes.vocabulary import VocabularyRule, donor_rows, rebuild
+from fedmerge.recipes.vocabulary import VocabularyRule, rebuild
 from fedmerge.seeds import derive_generator
 from fedmerge.store import ModelStore, Version
 from fedmerge.store.blobs import encode_blob
@@ -68,16 +68,17 @@ _Vocabulary = tuple[VocabularyRule, Mapping[int, "torch.Tensor | None"]]
 
 def _vocabulary(plan: Plan, job: TensorJob) -> _Vocabulary | None:
     """The job's vocabulary rule with its forced rows read from their donors (None: not a vocabulary
-    tensor, or nothing to rebuild)."""
+    tensor). Each donor's tensor is read once and only its forced rows are kept."""
     if job.vocab is None:
         return None
     entries = {src.ref.raw: (src, n) for src, n in [*job.inputs, *([job.base] if job.base else [])]}
-    read: dict[str, torch.Tensor] = {}
-    for forced in job.vocab.forced:
-        if forced.donor is not None and forced.donor not in read:
-            src, n = entries.get(forced.donor) or (plan.sources[forced.donor], job.name)
-            read[forced.donor] = _cast(plan, src.get(n))
-    return job.vocab, donor_rows(job.vocab, read)
+    defaults: dict[int, torch.Tensor | None] = {f.token_id: None for f in job.vocab.forced if f.donor is None}
+    for donor in dict.fromkeys(f.donor for f in job.vocab.forced if f.donor is not None):
+        src, n = entries.get(donor) or (plan.sources[donor], job.name)
+        x = _cast(plan, src.get(n))
+        defaults.update({f.token_id: x[f.row].clone() for f in job.vocab.forced if f.donor == donor})
+        del x
+    return job.vocab, defaults
 
 
 def iter_merged(plan: Plan) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:

@@ -75,8 +75,9 @@ def shared_vocabulary(recipe: Recipe, models: Sequence[Source]) -> dict[str, int
         )
     signatures: dict[str, tuple[tuple[str, bytes], ...]] = {}
     for src in models:
-        files = src.files()
-        signatures[src.ref.raw] = tuple((n, files[n]) for n in TOKENIZER_FILES if n in files)
+        if src.ref.raw not in signatures:  # a model in several slices is read once
+            files = src.files()
+            signatures[src.ref.raw] = tuple((n, files[n]) for n in TOKENIZER_FILES if n in files)
     first_raw, first = next(iter(signatures.items()))
     for raw, sig in signatures.items():
         if sig != first:
@@ -85,7 +86,7 @@ def shared_vocabulary(recipe: Recipe, models: Sequence[Source]) -> dict[str, int
                 "fedmerge does not rebuild the vocabulary and permute token embeddings (mergekit's tokenizer "
                 "surgery) — merge models that share a tokenizer, or omit the tokenizer source"
             )
-    raw_tok = models[0].files().get("tokenizer.json")
+    raw_tok = dict(first).get("tokenizer.json")  # every model's, as the signatures are equal
     if raw_tok is None:
         return None
     data = json.loads(raw_tok)
@@ -144,16 +145,13 @@ def vocabulary_rule(
     return VocabularyRule(n_vocab, padded, tuple(forced)), notes
 
 
-def donor_rows(rule: VocabularyRule, read: Mapping[str, torch.Tensor]) -> dict[int, torch.Tensor | None]:
-    """Each forced token's default row, from the donors' tensors ``read`` (donor → its whole tensor, as
-    read: the models' or the recipe's dtype); ``None`` for a zero row."""
-    return {f.token_id: (read[f.donor][f.row] if f.donor is not None else None) for f in rule.forced}
-
-
 def rebuild(
     x: torch.Tensor, rule: VocabularyRule, defaults: Mapping[int, torch.Tensor | None]
 ) -> torch.Tensor:
-    """Steps 1–3 of the module docstring on one model's vocabulary tensor ``x`` (rows first)."""
+    """Steps 1–3 of the module docstring on one model's vocabulary tensor ``x`` (rows first);
+    ``defaults`` maps each forced token to its row (None: zeros)."""
+    if rule.padded == rule.rows and not defaults:
+        return x[: rule.rows]  # only cut: a view, no copy
     out = torch.zeros((rule.padded, *x.shape[1:]), dtype=x.dtype)
     out[: rule.rows] = x[: rule.rows]
     for token_id, row in defaults.items():
