@@ -84,7 +84,7 @@ def unpack_tensors(data: bytes) -> StateDict:
         (size,) = struct.unpack_from("<Q", data, 0)
         layout = json.loads(bytes(data[8 : 8 + size]))
         start = 8 + size
-        payload = bytearray(data[start:])
+        payload = bytearray(memoryview(data)[start:])  # the one copy (slicing bytes would add one)
         buffer = (
             torch.frombuffer(payload, dtype=torch.uint8) if payload else torch.empty(0, dtype=torch.uint8)
         )
