@@ -1,5 +1,6 @@
-"""Command-line options shared by ``fedmerge serve`` and ``fedmerge serve-continual``: the operators'
-metrics endpoint (``docs/metrics.md``) and the web dashboard (``docs/dashboard.md``)."""
+"""Command-line options shared by ``fedmerge serve``, ``fedmerge serve-continual`` and ``fedmerge
+dashboard``: the operators' metrics endpoint (``docs/metrics.md``), the web dashboard
+(``docs/dashboard.md``) and the object store of an ``s3://`` store (``docs/store.md``)."""
 
 from __future__ import annotations
 
@@ -20,3 +21,12 @@ DashboardPort = Annotated[
     int | None,
     typer.Option(help="serve the read-only web dashboard on this port (0 = any free port)"),
 ]
+S3Endpoint = Annotated[
+    str | None,
+    typer.Option(
+        help="URL of the S3-compatible endpoint of an s3:// store (default AWS_ENDPOINT_URL, else "
+        "AWS); credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or a profile"
+    ),
+]
+"""``--s3-endpoint``: the object store of an ``s3://bucket/prefix`` store (``serve-continual``,
+``dashboard``)."""

@@ -1,7 +1,8 @@
 """The read-only web dashboard over a model store (``fedmerge dashboard``; ``serve --dashboard-port``).
 
 Entry point for the servers (``fedmerge serve`` / ``fedmerge serve-continual``):
-:func:`start_in_background` (store root, host, port, token; optionally the intake's status or data
+:func:`start_in_background` (store — a directory, or ``s3://bucket/prefix`` with ``s3_endpoint`` —,
+host, port, token; optionally the intake's status or data
 directory, more tokens, the page refresh interval and a :class:`~fedmerge.service.config.TlsConfig`,
 whose ``client_ca`` means mutual TLS) returns a :class:`RunningDashboard` (``.url``, ``.port``,
 ``.stop()``).
@@ -125,22 +126,25 @@ def url_of(host: str, port: int, scheme: str = "http") -> str:
 
 
 def build_app(
-    store_root: Path,
+    store_root: str | Path,
     host: str,
     *,
+    s3_endpoint: str | None = None,
     tokens: frozenset[str] = frozenset(),
     intake_dir: Path | None = None,
     intake_status: Callable[[], IntakeStatus] | None = None,
     refresh_ms: int = 2000,
     tls: TlsConfig | None = None,
 ) -> Any:
-    """The Starlette application for ``store_root`` (checks: extra installed, a store, tokens)."""
+    """The Starlette application for ``store_root`` — a directory or ``s3://bucket/prefix`` at
+    ``s3_endpoint`` (checks: extra installed, a store, tokens)."""
     require_extra()
     check_tokens(host, tokens, tls)
     from fedmerge.dashboard.app import Dashboard, create_app
 
     dashboard = Dashboard(
-        Path(store_root),
+        store_root,
+        s3_endpoint=s3_endpoint,
         tokens=tokens,
         intake_dir=intake_dir,
         intake_status=intake_status,
@@ -201,7 +205,7 @@ def make_server(app: Any, tls: TlsConfig | None = None) -> Any:
 
 
 def start_in_background(
-    store_root: Path,
+    store_root: str | Path,
     host: str,
     port: int,
     token: str | None,
@@ -211,6 +215,7 @@ def start_in_background(
     tokens: Iterable[str] = (),
     refresh_ms: int = 2000,
     tls: TlsConfig | None = None,
+    s3_endpoint: str | None = None,
 ) -> RunningDashboard:
     """Serve the dashboard of ``store_root`` on ``host:port`` from a daemon thread (see the module doc).
 
@@ -219,8 +224,9 @@ def start_in_background(
     """
     accepted = frozenset(tokens) | (frozenset({token}) if token else frozenset())
     app = build_app(
-        Path(store_root),
+        store_root,
         host,
+        s3_endpoint=s3_endpoint,
         tokens=accepted,
         intake_dir=intake_dir,
         intake_status=intake_status,

@@ -67,6 +67,7 @@ from fedmerge.dashboard.views import (
 from fedmerge.errors import ConfigError, FedMergeError
 from fedmerge.store import ModelStore, UnknownVersionError
 from fedmerge.store.manifest import is_version_id
+from fedmerge.store.s3 import is_s3_url
 
 log = logging.getLogger(__name__)
 
@@ -115,16 +116,18 @@ class Dashboard:
 
     def __init__(
         self,
-        store_root: Path,
+        store_root: str | Path,
         *,
+        s3_endpoint: str | None = None,
         tokens: frozenset[str] = frozenset(),
         intake_dir: Path | None = None,
         intake_status: Callable[[], IntakeStatus] | None = None,
         loopback_only: bool = True,
         refresh_ms: int = 2000,
     ) -> None:
-        self.store_root = Path(store_root)
-        open_store(self.store_root).close()  # NotAStoreError now, not at the first request
+        self.store_root: str | Path = store_root if is_s3_url(store_root) else Path(store_root)
+        self.s3_endpoint = s3_endpoint
+        open_store(self.store_root, s3_endpoint=s3_endpoint).close()  # NotAStoreError now, not later
         self.tokens = tokens
         self.intake_dir = intake_dir
         self.intake_status = intake_status
@@ -149,14 +152,14 @@ class Dashboard:
     def store(self) -> ModelStore:
         st: ModelStore | None = getattr(self._local, "store", None)
         if st is None:
-            st = open_store(self.store_root)
+            st = open_store(self.store_root, s3_endpoint=self.s3_endpoint)
             self._local.store = st
         return st
 
     def intake(self) -> IntakeStatus | None:
         if self.intake_status is not None:
             return self.intake_status()
-        if self.intake_dir is None or find_queue(self.intake_dir) is None:
+        if find_queue(self.intake_dir) is None:  # a local queue, or the shared catalog's
             return None
         try:
             return read_intake(self.intake_dir)
@@ -165,9 +168,7 @@ class Dashboard:
             return None
 
     def has_intake(self) -> bool:
-        return self.intake_status is not None or (
-            self.intake_dir is not None and find_queue(self.intake_dir) is not None
-        )
+        return self.intake_status is not None or find_queue(self.intake_dir) is not None
 
     # -- rendering --------------------------------------------------------------------------------
 

@@ -14,6 +14,9 @@ from typing import Annotated
 
 import typer
 
+from fedmerge.endpoint_options import S3Endpoint
+from fedmerge.store.s3 import is_s3_url
+
 app = typer.Typer(add_completion=False)
 
 DEFAULT_HOST = "127.0.0.1"
@@ -22,9 +25,15 @@ DEFAULT_PORT = 8050
 
 @app.command()
 def dashboard(
-    store: Annotated[Path, typer.Option("--store", help="store directory", envvar="FEDMERGE_STORE")] = Path(
-        "fedmerge-store"
-    ),
+    store: Annotated[
+        str,
+        typer.Option(
+            "--store",
+            help="store directory, or s3://bucket/prefix (with --s3-endpoint, and --catalog when its "
+            "catalog is shared)",
+            envvar="FEDMERGE_STORE",
+        ),
+    ] = "fedmerge-store",
     host: Annotated[
         str, typer.Option(help="address to bind; anything but loopback needs --token or --tokens")
     ] = DEFAULT_HOST,
@@ -39,7 +48,10 @@ def dashboard(
     ] = None,
     intake: Annotated[
         Path | None,
-        typer.Option(help="the intake's data directory (queue.sqlite); default <store>/../intake if there"),
+        typer.Option(
+            help="the intake's data directory (queue.sqlite); default <store>/../intake if there (the "
+            "replicas' queue in the --catalog database is found there without it)"
+        ),
     ] = None,
     refresh_ms: Annotated[int, typer.Option(help="how often pages poll for changes (0: never)")] = 2000,
     tls_cert: Annotated[Path | None, typer.Option(help="serve HTTPS with this certificate (PEM)")] = None,
@@ -51,6 +63,7 @@ def dashboard(
         str | None,
         typer.Option(help="postgresql://… when the store's catalog is shared", envvar="FEDMERGE_CATALOG"),
     ] = None,
+    s3_endpoint: S3Endpoint = None,
 ) -> None:
     """Serve the read-only web dashboard of a store: versions and lineage, runs, the intake."""
     if catalog:
@@ -67,9 +80,18 @@ def dashboard(
         from fedmerge.service.config import load_token_file
 
         accepted |= set(load_token_file(tokens)[0])
+    if is_s3_url(store):
+        shown = store
+    elif s3_endpoint is not None:
+        raise DashboardConfigError(
+            f"--s3-endpoint {s3_endpoint} is given but --store {store} is a directory; pass "
+            "s3://bucket/prefix or leave --s3-endpoint out"
+        )
+    else:
+        shown = str(Path(store))
     if intake is None:
-        default = store.resolve().parent / "intake"
-        intake = default if find_queue(default) is not None else None
+        default = None if is_s3_url(store) else Path(store).resolve().parent / "intake"
+        intake = default if default is not None and find_queue(default) is not None else None
     elif find_queue(intake) is None:
         raise FileNotFoundError(f"--intake {intake} has no queue.sqlite (serve-continual's --data-dir)")
     tls = None
@@ -80,12 +102,18 @@ def dashboard(
             )
         tls = TlsConfig(tls_cert, tls_key, tls_client_ca)
     app_ = build_app(
-        store, host, tokens=frozenset(accepted), intake_dir=intake, refresh_ms=refresh_ms, tls=tls
+        store,
+        host,
+        s3_endpoint=s3_endpoint,
+        tokens=frozenset(accepted),
+        intake_dir=intake,
+        refresh_ms=refresh_ms,
+        tls=tls,
     )
     sock = bind_socket(host, port)
     url = url_of(host, int(sock.getsockname()[1]), "https" if tls is not None else "http")
     hint = "  (open it once with ?token=…)" if accepted else ""
-    typer.echo(f"fedmerge dashboard of {store} on {url}{hint}")
+    typer.echo(f"fedmerge dashboard of {shown} on {url}{hint}")
     typer.echo("press Ctrl-C to stop")
     sys.stdout.flush()
     # uvicorn re-raises the SIGINT it handled, after a clean shutdown

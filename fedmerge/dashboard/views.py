@@ -19,6 +19,7 @@ from fedmerge.errors import ConfigError, IncompatibleDeltasError
 from fedmerge.store import ModelStore, Version
 from fedmerge.store.evaluations import latest_evaluations
 from fedmerge.store.model_store import STORE_MARKER
+from fedmerge.store.s3 import S3BlobBackend, is_s3_url
 from fedmerge.store.safetensors_format import dtype_from_name
 
 MAX_PAGE_SIZE = 500
@@ -35,15 +36,46 @@ class NotAStoreError(ConfigError):
     """The dashboard was pointed at a directory that is not a model store."""
 
 
-def open_store(root: Path) -> ModelStore:
-    """Open the store at ``root`` for reading; :class:`NotAStoreError` unless ``root/store.json`` exists
-    (so a wrong path is never turned into a new, empty store)."""
+def open_store(root: str | Path, *, s3_endpoint: str | None = None) -> ModelStore:
+    """Open the store at ``root`` for reading, on the catalog named by :data:`CATALOG_ENV` if set.
+
+    ``root`` is a directory (:class:`NotAStoreError` unless ``root/store.json`` exists, so a wrong path
+    is never turned into a new, empty store) or ``s3://bucket/prefix`` at ``s3_endpoint`` (default
+    ``AWS_ENDPOINT_URL``): :class:`NotAStoreError` unless the catalog lists a version, and one that
+    names where the catalog is when the bucket holds manifests but the catalog given is empty."""
+    catalog = os.environ.get(CATALOG_ENV) or None
+    if is_s3_url(root):
+        store = ModelStore.open(str(root), catalog=catalog, s3_endpoint=s3_endpoint)
+        try:
+            _check_s3_store(store, str(root))
+        except BaseException:
+            store.close()
+            raise
+        return store
     if not (Path(root) / STORE_MARKER).is_file():
         raise NotAStoreError(
             f"{root} is not a model store (no {STORE_MARKER}); pass --store with the directory that "
             "`fedmerge demo`, `fedmerge init` or a server wrote"
         )
-    return ModelStore.open(root, catalog=os.environ.get(CATALOG_ENV) or None)
+    return ModelStore.open(root, catalog=catalog)
+
+
+def _check_s3_store(store: ModelStore, url: str) -> None:
+    """An ``s3://`` store has no ``store.json`` to look for: it is a store when its catalog lists a
+    version. A bucket with manifests and an empty catalog means the catalog is elsewhere."""
+    if store.catalog.query_ids(limit=1):
+        return
+    blobs = store.blobs
+    if isinstance(blobs, S3BlobBackend) and blobs.holds_manifests():
+        raise NotAStoreError(
+            f"{url} holds versions but this catalog lists none: pass the store's catalog with --catalog "
+            "postgresql://… (FEDMERGE_CATALOG), or read it where its SQLite catalog is (the s3 cache of "
+            "the server that wrote it)"
+        )
+    raise NotAStoreError(
+        f"{url} holds no fedmerge store (no version in its catalog, no manifests in the bucket); check "
+        f"the s3:// URL and --s3-endpoint, or create it with `fedmerge init --store {url} --base …`"
+    )
 
 
 CATALOG_ENV = "FEDMERGE_CATALOG"

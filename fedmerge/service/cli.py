@@ -18,7 +18,13 @@ from typing import Annotated, Any
 
 import typer
 
-from fedmerge.endpoint_options import DashboardPort, MetricsAllowRemote, MetricsHost, MetricsPort
+from fedmerge.endpoint_options import (
+    DashboardPort,
+    MetricsAllowRemote,
+    MetricsHost,
+    MetricsPort,
+    S3Endpoint,
+)
 from fedmerge.errors import FedMergeError
 
 app = typer.Typer(help="Continual-merging intake service.", no_args_is_help=True, add_completion=False)
@@ -109,13 +115,7 @@ def serve_continual(
     lease_ttl_s: Annotated[
         float, typer.Option(help="with --catalog: a dead replica's track is taken over after this long")
     ] = 15.0,
-    s3_endpoint: Annotated[
-        str | None,
-        typer.Option(
-            help="URL of the S3-compatible endpoint of an s3:// store (default AWS_ENDPOINT_URL, else "
-            "AWS); credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or a profile"
-        ),
-    ] = None,
+    s3_endpoint: S3Endpoint = None,
     metrics_port: MetricsPort = None,
     metrics_host: MetricsHost = "127.0.0.1",
     metrics_allow_remote: MetricsAllowRemote = False,

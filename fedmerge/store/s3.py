@@ -568,6 +568,16 @@ class S3BlobBackend:
         except Exception as exc:
             raise self._fail(exc, f"uploading manifest {name}") from None
 
+    def holds_manifests(self) -> bool:
+        """Whether any manifest is under ``<prefix>/manifests/`` (a store was committed to here)."""
+        try:
+            answer = self.client.list_objects_v2(
+                Bucket=self.loc.bucket, Prefix=self.loc.key("manifests") + "/", MaxKeys=1
+            )
+        except Exception as exc:
+            raise self._fail(exc, "listing manifests") from None
+        return bool(answer.get("Contents"))
+
     def get_manifest(self, name: str) -> bytes | None:
         try:
             body = self.client.get_object(Bucket=self.loc.bucket, Key=self.loc.key("manifests", name))["Body"]
