@@ -9,6 +9,10 @@ Run with a Python that has mergekit 0.1.5 (never a fedmerge dependency)::
    N(0, 0.02) weights (norms 1), and ``a``, ``b``, ``c`` = base + seeded noise of different scales
    and sparsity (so that trims, sign votes and quantiles have something to decide). Each gets a
    WordLevel tokenizer built offline from a few sentences (``save_pretrained``).
+   Three more (``models/vocab/``: ``base``, ``chatml``, ``llama3``; 2 layers) each have their own
+   tokenizer — other words at other ids, a chat format's added special tokens, ``chatml`` three embedding
+   rows past its tokenizer — for the vocabulary surgery (``tokenizer_source``, the ``tokenizer:`` block);
+   mergekit's output tokenizer is kept as ``expected/NAME.tokenizer.json``.
 2. Every recipe of mergekit's ``examples/`` (arcee-ai/mergekit a6e4028) and recipes of the other methods, with
    the model names replaced by those models (base model → ``base``, the others in order → ``a``, ``b``,
    ``c``) and the 40-layer ranges scaled to 4 layers; nothing else changed.
@@ -306,6 +310,122 @@ MULTI: dict[str, list[dict[str, Any]]] = {
     ]
 }
 
+# recipes over models with different tokenizers (``vocab/``: ``base`` and two fine-tunes whose tokenizers
+# hold other words and a chat format's added tokens); model names are the directories' own
+VOCAB_RECIPES: dict[str, dict[str, Any]] = {
+    # README: tokenizer_source union over models with different vocabularies (base's rows, a donor's
+    # rows, the average of the models that have a token)
+    "task_arithmetic-union-vocab": {
+        "models": [
+            {"model": "chatml", "parameters": {"weight": 0.7}},
+            {"model": "llama3", "parameters": {"weight": 0.4}},
+        ],
+        "merge_method": "task_arithmetic",
+        "base_model": "base",
+        "tokenizer_source": "union",
+        "dtype": "float32",
+    },
+    "linear-union-vocab": {
+        "models": [
+            {"model": "base", "parameters": {"weight": 0.5}},
+            {"model": "chatml", "parameters": {"weight": 1.0}},
+            {"model": "llama3", "parameters": {"weight": 0.5}},
+        ],
+        "merge_method": "linear",
+        "tokenizer_source": "union",
+        "dtype": "bfloat16",
+    },
+    # a model's tokenizer (not the base's): rows permuted to llama3's ids, tokens it lacks dropped
+    "task_arithmetic-tokenizer-model-vocab": {
+        "models": [
+            {"model": "chatml", "parameters": {"weight": 0.7}},
+            {"model": "llama3", "parameters": {"weight": 0.4}},
+        ],
+        "merge_method": "task_arithmetic",
+        "base_model": "base",
+        "tokenizer_source": "llama3",
+        "dtype": "float32",
+    },
+    # the base's tokenizer (tokens the base lacks are dropped; a block token the base lacks would be
+    # added, but mergekit 0.1.5 then fails: add_tokens changes the base's own tokenizer object), padding
+    "ties-tokenizer-base-vocab": {
+        "models": [
+            {"model": "chatml", "parameters": {"density": 0.5, "weight": 0.7}},
+            {"model": "llama3", "parameters": {"density": 0.5, "weight": 0.4}},
+        ],
+        "merge_method": "ties",
+        "base_model": "base",
+        "tokenizer": {
+            "source": "base",
+            "tokens": {
+                "fox": {"source": "chatml", "force": True},
+                "models": {"source": "llama3"},
+            },
+            "pad_to_multiple_of": 8,
+        },
+        "dtype": "float32",
+    },
+    # slices over models with different tokenizers (the embeddings from the first slice's sources)
+    "slerp-slices-union-vocab": {
+        "slices": [
+            {
+                "sources": [
+                    {"model": "base", "layer_range": [0, 1]},
+                    {"model": "chatml", "layer_range": [1, 2]},
+                ]
+            },
+            {
+                "sources": [
+                    {"model": "base", "layer_range": [1, 2]},
+                    {"model": "llama3", "layer_range": [0, 1]},
+                ]
+            },
+        ],
+        "merge_method": "slerp",
+        "base_model": "base",
+        "parameters": {"t": [0.2, 0.7]},
+        "tokenizer_source": "union",
+        "dtype": "float32",
+    },
+    # README's tokenizer: block (chatml_model, llama3_model), plus a token no model has and padding
+    "linear-tokenizer-block-vocab": {
+        "models": [
+            {"model": "base", "parameters": {"weight": 0.5}},
+            {"model": "chatml", "parameters": {"weight": 1.0}},
+            {"model": "llama3", "parameters": {"weight": 0.5}},
+        ],
+        "merge_method": "linear",
+        "tokenizer": {
+            "source": "union",
+            "tokens": {
+                "<|im_start|>": {"source": "chatml"},
+                "<|im_end|>": {"source": "chatml"},
+                "<|start_header_id|>": {"source": "llama3", "force": True},
+                "<|end_header_id|>": {"source": "llama3", "force": True},
+                "<|eot_id|>": {"source": "llama3", "force": True},
+                "<|tool|>": {"source": {"kind": "model_token", "model": "chatml", "token": "<|im_end|>"}},
+                "fox": {"source": {"kind": "zero"}, "force": True},
+            },
+            "pad_to_multiple_of": 16,
+        },
+        "dtype": "bfloat16",
+    },
+}
+VOCAB_MODELS: dict[str, tuple[list[str], list[str], int]] = {
+    # name: (sentences, added special tokens, extra embedding rows past the tokenizer)
+    "base": (SENTENCES[:2], [], 0),
+    "chatml": (
+        [SENTENCES[0], "chat models answer in turns"],
+        ["<|im_start|>", "<|im_end|>"],
+        3,
+    ),
+    "llama3": (
+        [SENTENCES[1], SENTENCES[2], "chat headers end each turn"],
+        ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        0,
+    ),
+}
+
 SCALED_RANGES = {0: 0, 20: 2, 24: 2, 40: 4}
 
 
@@ -339,6 +459,60 @@ def build_models(root: Path) -> None:
         }
         model.load_state_dict(state)
         out = root / "models" / name
+        model.save_pretrained(str(out))
+        fast.save_pretrained(str(out))
+
+
+def build_vocab_models(root: Path) -> None:
+    """``vocab/base``, ``vocab/chatml``, ``vocab/llama3``: the same Llama shape but each its own WordLevel
+    tokenizer (other words, other ids, added special tokens) and ``vocab_size`` (``chatml`` has three
+    embedding rows past its tokenizer); ``chatml`` and ``llama3`` are base + noise on the shared words'
+    rows, their own words' rows drawn fresh."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    toks = {}
+    for name, (sentences, added, _) in VOCAB_MODELS.items():
+        tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        tok.train_from_iterator(sentences, trainers.WordLevelTrainer(special_tokens=["<unk>", "<s>", "</s>"]))
+        fast = transformers.PreTrainedTokenizerFast(
+            tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+        )
+        if added:
+            fast.add_tokens(added, special_tokens=True)
+        toks[name] = fast
+    g = torch.Generator().manual_seed(10)
+    shared = {}  # the base's non-vocabulary tensors and a row per word of every vocabulary
+    words = sorted({w for t in toks.values() for w in t.get_vocab()})
+    rows = {w: 0.02 * torch.randn(2, 32, generator=g) for w in words}  # (embedding, head) rows
+    for name, (_, _, extra) in VOCAB_MODELS.items():
+        fast = toks[name]
+        vocab = fast.get_vocab()
+        cfg = transformers.LlamaConfig(
+            vocab_size=len(vocab) + extra, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+            tie_word_embeddings=False, torch_dtype="float32",
+        )  # fmt: skip
+        model = transformers.LlamaForCausalLM(cfg)
+        if not shared:
+            shared = {
+                k: (torch.ones_like(v) if v.dim() == 1 else 0.02 * torch.randn(v.shape, generator=g))
+                for k, v in sorted(model.state_dict().items())
+            }
+        gm = torch.Generator().manual_seed(20 + list(VOCAB_MODELS).index(name))
+        scale = 0.0 if name == "base" else 0.01
+        state = {}
+        for k, v in shared.items():
+            if k in ("model.embed_tokens.weight", "lm_head.weight"):
+                which = 0 if k.startswith("model.") else 1
+                t = 0.02 * torch.randn(cfg.vocab_size, 32, generator=gm)  # rows past the tokenizer
+                for w, i in vocab.items():
+                    t[i] = rows[w][which]
+                v = t
+            state[k] = v + scale * torch.randn(v.shape, generator=gm)
+        model.load_state_dict(state)
+        out = root / "models" / "vocab" / name
         model.save_pretrained(str(out))
         fast.save_pretrained(str(out))
 
@@ -398,6 +572,7 @@ def main() -> None:
             shutil.rmtree(root / sub, ignore_errors=True)
             (root / sub).mkdir(parents=True)
         build_models(root)
+        build_vocab_models(root)
     for name, docs in MULTI.items():
         if args.only and name not in args.only:
             continue
@@ -417,13 +592,17 @@ def main() -> None:
                 raise SystemExit(f"{name}: expected one safetensors file, got {files}")
             shutil.copy(files[0], root / "expected" / f"{name}.safetensors")
         print(f"{name}: ok", flush=True)
-    for name, recipe in {**EXAMPLES, **METHOD_RECIPES}.items():
+    if args.only and not (root / "models" / "vocab").is_dir():
+        build_vocab_models(root)
+    vocab_names = {n: f"vocab/{n}" for n in VOCAB_MODELS}
+    for name, recipe in {**EXAMPLES, **METHOD_RECIPES, **VOCAB_RECIPES}.items():
         if args.only and name not in args.only:
             continue
-        relative = rewrite(recipe, "../models")
+        names = dict(vocab_names) if name in VOCAB_RECIPES else None
+        relative = rewrite(recipe, "../models", None if names is None else dict(names))
         (root / "recipes" / f"{name}.yml").write_text(yaml.safe_dump(relative, sort_keys=False))
         with tempfile.TemporaryDirectory() as tmp:
-            absolute = rewrite(recipe, str((root / "models").resolve()))
+            absolute = rewrite(recipe, str((root / "models").resolve()), names)
             path = Path(tmp) / "recipe.yml"
             path.write_text(yaml.safe_dump(absolute, sort_keys=False))
             subprocess.run([args.mergekit_yaml, str(path), f"{tmp}/out", "--no-lazy-unpickle"], check=True)
@@ -431,6 +610,10 @@ def main() -> None:
             if len(files) != 1:
                 raise SystemExit(f"{name}: expected one safetensors file, got {files}")
             shutil.copy(files[0], root / "expected" / f"{name}.safetensors")
+            if name in VOCAB_RECIPES:  # the output tokenizer: its vocabulary is part of the result
+                shutil.copy(
+                    Path(tmp) / "out" / "tokenizer.json", root / "expected" / f"{name}.tokenizer.json"
+                )
             if (Path(tmp) / "out" / "chat_template.jinja").is_file():
                 shutil.copy(
                     Path(tmp) / "out" / "chat_template.jinja",

@@ -23,7 +23,7 @@ from fedmerge.recipes.multi import load_documents, run_documents
 from fedmerge.recipes.plan import Plan, TensorJob, plan_merge
 from fedmerge.recipes.schema import HF_CONFIG, Recipe, RecipeError, RecipeModelError, parse_recipe
 from fedmerge.recipes.sources import LAYER_COUNT_KEYS, Source, Spec, StoreSource
-from fedmerge.recipes.vocabulary import VocabularyRule, rebuild
+from fedmerge.recipes.vocabulary import TOKENIZER_FILES, VocabularyRule, default_rows, rebuild
 from fedmerge.seeds import derive_generator
 from fedmerge.store import ModelStore, Version
 from fedmerge.store.blobs import encode_blob
@@ -56,10 +56,11 @@ def _cast(plan: Plan, x: torch.Tensor) -> torch.Tensor:
 
 def _read(plan: Plan, src: Source, name: str, vocab: _Vocabulary | None = None) -> torch.Tensor:
     """A tensor as mergekit reads it: cast to the recipe's ``dtype`` (if any), a vocabulary tensor
-    rebuilt for the tokenizer (:func:`~fedmerge.recipes.vocabulary.rebuild`), then fp32 for the maths."""
+    rebuilt for the output vocabulary (:func:`~fedmerge.recipes.vocabulary.rebuild`), then fp32 for the
+    maths."""
     x = _cast(plan, src.get(name))
     if vocab is not None:
-        x = rebuild(x, *vocab)
+        x = rebuild(x, vocab[0], src.ref.raw, vocab[1])
     return x.float() if x.is_floating_point() else x
 
 
@@ -67,17 +68,18 @@ _Vocabulary = tuple[VocabularyRule, Mapping[int, "torch.Tensor | None"]]
 
 
 def _vocabulary(plan: Plan, job: TensorJob) -> _Vocabulary | None:
-    """The job's vocabulary rule with its forced rows read from their donors (None: not a vocabulary
-    tensor). Each donor's tensor is read once and only its forced rows are kept."""
+    """The job's vocabulary rule with its default rows (None: not a vocabulary tensor). Only the models a
+    default row needs are read, each once, before the merge reads them again one at a time."""
     if job.vocab is None:
         return None
     entries = {src.ref.raw: (src, n) for src, n in [*job.inputs, *([job.base] if job.base else [])]}
-    defaults: dict[int, torch.Tensor | None] = {f.token_id: None for f in job.vocab.forced if f.donor is None}
-    for donor in dict.fromkeys(f.donor for f in job.vocab.forced if f.donor is not None):
-        src, n = entries.get(donor) or (plan.sources[donor], job.name)
-        x = _cast(plan, src.get(n))
-        defaults.update({f.token_id: x[f.row].clone() for f in job.vocab.forced if f.donor == donor})
-        del x
+    needed = dict.fromkeys(m for d in job.vocab.defaults for m, _ in d.rows)
+    tensors = {}
+    for m in needed:
+        src, n = entries.get(m) or (plan.sources[m], job.name)
+        tensors[m] = _cast(plan, src.get(n))
+    defaults = default_rows(job.vocab, tensors)
+    del tensors
     return job.vocab, defaults
 
 
@@ -265,7 +267,8 @@ def _execute(
     store_inputs = [src.version.id for src in plan.every if isinstance(src, StoreSource)]
     # the output's layout: a delta when it matches the anchor's tensors, else a new root (passthrough)
     out_specs = _output_specs(plan)
-    as_delta = out_specs == anchor.specs and plan.chat_template is None  # new files: a new root
+    # new files (a chat template, a tokenizer with new tokens): a new root
+    as_delta = out_specs == anchor.specs and plan.chat_template is None and plan.tokenizer_files is None
     roots = {s.root_of(s.get(v)).id for v in store_inputs}
     if as_delta and anchor_version is not None:
         roots.add(s.root_of(anchor_version).id)
@@ -299,6 +302,8 @@ def _execute(
                 if k in cfg:
                     cfg[k] = str(plan.out_dtype).removeprefix("torch.")
             files[HF_CONFIG] = json.dumps(cfg, indent=2, sort_keys=True).encode()
+        if plan.tokenizer_files is not None:  # the output vocabulary's tokenizer replaces the anchor's
+            files = {n: b for n, b in files.items() if n not in TOKENIZER_FILES} | plan.tokenizer_files
         if plan.chat_template is not None:
             files = with_chat_template(files, plan.chat_template)
         merged = {n: t.to(out_specs[n].dtype) for n, t, _ in iter_merged(plan)}

@@ -4,7 +4,6 @@ where (slices) — everything checked before the first tensor is read."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +26,6 @@ from fedmerge.recipes.chat_templates import resolve_chat_template
 from fedmerge.recipes.parameters import Setting, layer_position, leaves, resolve
 from fedmerge.recipes.schema import (
     DTYPES,
-    HF_CONFIG,
     ModelRef,
     Recipe,
     RecipeModelError,
@@ -43,12 +41,15 @@ from fedmerge.recipes.sources import (
     AdapterSource,
     HFSource,
     Source,
+    Spec,
     StoreSource,
     layer_template,
 )
 from fedmerge.recipes.vocabulary import (
+    Vocabulary,
     VocabularyRule,
-    shared_vocabulary,
+    build_vocabulary,
+    config_rows,
     tokenizer_source_of,
     vocabulary_rule,
 )
@@ -129,6 +130,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     every: list[Source] = field(default_factory=list)  # every opened source (adapters' bases too)
     chat_template: str | None = None  # the output's chat_template.jinja (chat_templates.py)
+    tokenizer_files: dict[str, bytes] | None = None  # the output's tokenizer files when they change
 
     @property
     def inputs(self) -> list[Source]:
@@ -178,8 +180,11 @@ def _open_sources(recipe: Recipe, store: ModelStore) -> tuple[dict[str, Source],
     return public, list(opened.values())
 
 
-def _check_same(sources: Sequence[Source], what: str) -> None:
+def _check_same(sources: Sequence[Source], what: str, vocab_rows: bool = False) -> None:
+    """Same tensors, shapes and dtypes; with ``vocab_rows`` (a tokenizer source) the non-layer tensors
+    with config.json's ``vocab_size`` rows may differ in their row count (the vocabulary is rebuilt)."""
     first = sources[0]
+    rows = {id(s): config_rows(s.files()) for s in sources} if vocab_rows else {}
     for other in sources[1:]:
         a, b = first.specs, other.specs
         if a.keys() != b.keys():
@@ -190,6 +195,16 @@ def _check_same(sources: Sequence[Source], what: str) -> None:
                 f"({name!r} is only in {owner.ref.raw!r}); they are not the same architecture"
             )
         for n in sorted(a):
+            if (
+                rows
+                and a[n].dtype == b[n].dtype
+                and a[n].shape[1:] == b[n].shape[1:]
+                and len(a[n].shape) >= 2
+                and a[n].shape[:1] == (rows[id(first)],)
+                and b[n].shape[:1] == (rows[id(other)],)
+                and LAYER_RE.match(n) is None
+            ):
+                continue
             if a[n] != b[n]:
                 raise RecipeModelError(
                     f"{what}: tensor {n!r} is {a[n].dtype} {a[n].shape} in {first.ref.raw!r} but "
@@ -300,6 +315,14 @@ def _slice_slots(recipe: Recipe, slices: list[tuple[list[_Entry], Slice | None]]
                     f"slices[{k}]: layer_range [{a}, {b}) goes beyond model {e.raw!r}, "
                     f"which has {count} layers (0–{count - 1})"
                 )
+            if tokenizer_source_of(recipe) is not None:  # vocabulary rows may differ: rebuilt later
+                rows = config_rows(e.source.files())
+                other = {
+                    n: Spec(sp.dtype, (-1, *sp.shape[1:]))
+                    if len(sp.shape) >= 2 and sp.shape[0] == rows
+                    else sp
+                    for n, sp in other.items()
+                }
             layouts[e.raw] = (prefix, tmpl, other)
             lengths.add(b - a)
         if len(lengths) != 1:
@@ -475,7 +498,7 @@ def plan_merge(recipe: Recipe, store: ModelStore, *, seed: int = 0) -> Plan:
             everyone = [e.source for e in slices[0][0]]
             if plan.base is not None and plan.base not in everyone:
                 everyone.insert(0, plan.base)
-            _check_same(everyone, recipe.merge_method)
+            _check_same(everyone, recipe.merge_method, vocab_rows=tokenizer_source_of(recipe) is not None)
             slots = _model_slots(recipe, slices[0][0])
             layers: int | None = None
         else:
@@ -527,18 +550,19 @@ def plan_merge(recipe: Recipe, store: ModelStore, *, seed: int = 0) -> Plan:
             plan.chat_template = resolve_chat_template(
                 recipe.chat_template, [src.files() for src in ordered.values()]
             )
-        tok = tokenizer_source_of(recipe)
-        if tok is not None:
-            vocab = shared_vocabulary(recipe, [e.source for entries, _ in slices for e in entries])
+        if tokenizer_source_of(recipe) is not None:
+            merged = [e.source for entries, _ in slices for e in entries]
+            vocab = build_vocabulary(recipe, merged, plan.base)
             if vocab is not None:
-                _rebuild_vocabulary(plan, vocab)
+                order = list(dict.fromkeys(e.raw for entries, _ in slices for e in entries))
+                _rebuild_vocabulary(plan, vocab, order)
             plan.notes.append(
-                f"tokenizer source {tok!r}: every model has the same tokenizer, so the vocabulary is that "
-                f"tokenizer's ({len(vocab)} tokens: the embedding rows, as mergekit's); the tokenizer files "
-                "are the base's"
+                f"tokenizer source {tokenizer_source_of(recipe)!r}: a vocabulary of {len(vocab.ids)} tokens "
+                f"(the embedding rows, as mergekit's); the tokenizer files {vocab.source!r}'s"
+                + (" with the new tokens added" if vocab.files is not None else "")
                 if vocab is not None
-                else f"tokenizer source {tok!r}: the models have no tokenizer.json; tensors unchanged "
-                "(mergekit would need a tokenizer)"
+                else f"tokenizer source {tokenizer_source_of(recipe)!r}: the models have no tokenizer.json; "
+                "tensors unchanged (mergekit would need a tokenizer)"
             )
         return plan
     except BaseException:
@@ -562,21 +586,26 @@ def _check_passthrough(recipe: Recipe, slices: list[tuple[list[_Entry], Slice | 
             )
 
 
-def _rebuild_vocabulary(plan: Plan, vocab: Mapping[str, int]) -> None:
+def _rebuild_vocabulary(plan: Plan, vocab: Vocabulary, order: Sequence[str]) -> None:
     """Attach the vocabulary rule (:mod:`fedmerge.recipes.vocabulary`) to the vocabulary tensors: the
-    non-layer tensors with config.json's ``vocab_size`` rows."""
-    assert plan.anchor is not None
-    config = plan.anchor.files().get(HF_CONFIG)
-    rows = json.loads(config).get("vocab_size") if config else None
-    if not isinstance(rows, int):
-        raise RecipeModelError("a tokenizer source needs config.json's vocab_size to find the embeddings")
-    rule, notes = vocabulary_rule(plan.recipe.tokenizer, vocab, rows, plan.sources)
+    non-layer tensors with each model's config.json ``vocab_size`` rows."""
+    plan.notes.extend(vocab.notes)
+    base_raw = plan.base.ref.raw if plan.base is not None else None
+    rule, notes = vocabulary_rule(plan.recipe, vocab, order, base_raw)
     plan.notes.extend(notes)
-    if rule.rows == rows == rule.padded and not rule.forced:
+    plan.tokenizer_files = vocab.files
+    if rule.identity and all(vocab.model_rows[m] == rule.rows for m in order):
         return
+    rules = {tuple(order): rule}
     for k, job in enumerate(plan.jobs):
         src, n = job.inputs[0] if job.inputs else job.base  # type: ignore[misc]
         shape = src.specs[n].shape
-        if LAYER_RE.match(job.name) is None and shape and shape[0] == rows:
-            plan.jobs[k] = dataclasses.replace(job, vocab=rule)
+        if LAYER_RE.match(job.name) is None and len(shape) >= 2 and shape[0] == vocab.model_rows[src.ref.raw]:
+            # M: the models this tensor is merged from (a slice's sources), in the recipe's order
+            here = {s.ref.raw for s, _ in [*job.inputs, *([job.base] if job.base else [])]}
+            ms = tuple(m for m in order if m in here)
+            if ms not in rules:
+                rules[ms], more = vocabulary_rule(plan.recipe, vocab, ms, base_raw)
+                plan.notes.extend(x for x in more if x not in plan.notes)
+            plan.jobs[k] = dataclasses.replace(job, vocab=rules[ms])
     plan.out_config = {**(plan.out_config or {}), "vocab_size": rule.padded}

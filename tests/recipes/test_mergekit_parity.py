@@ -67,6 +67,8 @@ def test_recipe_matches_mergekit(name: str, tmp_path: Path) -> None:
     assert done.value.code in (0, None)
     got, want = load_dir(tmp_path / "out"), load_file(str(FIXTURES / "expected" / f"{name}.safetensors"))
     assert sorted(got) == sorted(want)
+    if (FIXTURES / "expected" / f"{name}.tokenizer.json").is_file():
+        want = _rows_by_token(name, tmp_path / "out", want)
     swapped = total = 0
     for key in sorted(want):
         a, b = got[key], want[key]
@@ -94,6 +96,40 @@ def test_recipe_matches_mergekit(name: str, tmp_path: Path) -> None:
     assert logits.shape == (1, 3, want["lm_head.weight"].shape[0]) and torch.isfinite(logits.float()).all()
 
 
+def _vocabulary(path: Path) -> tuple[dict[str, int], dict[str, dict[str, Any]]]:
+    data = json.loads(path.read_text())
+    ids = dict(data["model"]["vocab"])
+    ids |= {a["content"]: a["id"] for a in data["added_tokens"]}
+    return ids, {a["content"]: {k: v for k, v in a.items() if k != "id"} for a in data["added_tokens"]}
+
+
+def _rows_by_token(name: str, out: Path, want: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """mergekit's union numbers the tokens its base lacks in hash order (and, without base_model, takes
+    a set's first model as its base), so its ids change from run to run: the output tokenizer must hold
+    the same tokens with the same settings, and mergekit's vocabulary rows are compared by token."""
+    ours, our_added = _vocabulary(out / "tokenizer.json")
+    theirs, their_added = _vocabulary(FIXTURES / "expected" / f"{name}.tokenizer.json")
+    assert sorted(ours) == sorted(theirs)
+    assert sorted(ours.values()) == list(range(len(ours)))
+    both = our_added.keys() & their_added.keys()  # which words are added depends on the tokenizer base
+    assert {t: our_added[t] for t in both} == {t: their_added[t] for t in both}
+    assert {t for t, a in our_added.items() if a["special"]} == {
+        t for t, a in their_added.items() if a["special"]
+    }
+    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert tok.get_vocab() == ours
+    words = [t for t in ("<|im_start|>", "<|eot_id|>", "chat", "models", "answer", "fox", "dog") if t in ours]
+    assert len(words) >= 3
+    assert tok(" ".join(words)).input_ids == [ours[t] for t in words]
+    remapped = dict(want)
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        rows = want[key].clone()
+        for token, i in theirs.items():
+            rows[ours[token]] = want[key][i]
+        remapped[key] = rows
+    return remapped
+
+
 def test_multi_document_recipe_refuses_cycles_and_commits_nothing(tmp_path: Path) -> None:
     from fedmerge.recipes import RecipeSchemaError, run_recipe
     from fedmerge.store import ModelStore
@@ -116,32 +152,41 @@ def test_multi_document_recipe_refuses_cycles_and_commits_nothing(tmp_path: Path
         assert s.list() == []
 
 
-def test_tokenizer_source_with_different_tokenizers_is_refused(tmp_path: Path) -> None:
-    """Different tokenizers need mergekit's vocabulary surgery: refused, naming both models."""
-    import json
-    import shutil
+@pytest.mark.parametrize(
+    ("tokens", "message"),
+    [
+        ({"<|eot_id|>": {"source": "CHATML", "force": True}}, "does not have the token"),
+        ({"<|eot_id|>": {"force": True}}, "needs a source"),
+        ({"<|im_end|>": {"source": {"kind": "model_token", "model": "CHATML", "token": "headers"}}},
+         "not in .*vocabulary"),
+    ],
+)  # fmt: skip
+def test_a_token_rule_that_cannot_give_a_row_is_one_clear_error(
+    tokens: dict[str, Any], message: str, tmp_path: Path
+) -> None:
+    """Different tokenizers: a rule whose model lacks the token (or no source where one is needed) is
+    refused before any tensor is read (mergekit fails on an assertion in the middle of the merge)."""
+    from fedmerge.recipes import RecipeError, run_recipe
+    from fedmerge.store import ModelStore
 
-    from fedmerge.recipes import RecipeModelError, run_recipe
-
-    other = tmp_path / "other"
-    shutil.copytree(FIXTURES / "models" / "b", other)
-    tok = json.loads((other / "tokenizer.json").read_text())
-    tok["model"]["vocab"]["merged"] = len(tok["model"]["vocab"])
-    (other / "tokenizer.json").write_text(json.dumps(tok))
+    vocab = FIXTURES / "models" / "vocab"
+    rules = json.loads(json.dumps(tokens).replace('"CHATML"', json.dumps(str(vocab / "chatml"))))
     recipe = {
         "merge_method": "linear",
-        "models": [str(FIXTURES / "models" / "a"), str(other)],
-        "tokenizer_source": "union",
+        "models": [str(vocab / "base"), str(vocab / "chatml"), str(vocab / "llama3")],
+        "tokenizer": {"source": "union", "tokens": rules},
     }
-    with pytest.raises(RecipeModelError, match="different tokenizers"):
+    with pytest.raises(RecipeError, match=message):
         run_recipe(recipe, tmp_path / "store")
+    with ModelStore.open(tmp_path / "store") as s:
+        assert s.list() == []
 
 
 @pytest.mark.parametrize(
     ("tokenizer", "extra", "message"),
     [
         ({"source": "union"}, {"tokenizer_source": "union"}, "not both"),
-        ({"tokens": {"fox": {"force": True}}}, {}, "force needs a source"),
+        ({"tokens": {"fox": {"force": True}}}, {}, "needs a source"),
         ({"tokens": {"fox": {"source": "nowhere", "force": True}}}, {}, "not one of the recipe's models"),
         ({"tokens": {"fox": {"source": {"kind": "model_token", "model": "A"}}}}, {}, "exactly one of token"),
         ({"tokens": {"fox": {"source": {"kind": "sum"}}}}, {}, "kind: zero"),
