@@ -47,7 +47,7 @@ from fedmerge.service.intake import SCHEMA, IntakeQueue, Submission
 from fedmerge.store.errors import CorruptBlobError, MissingBlobError
 from fedmerge.store.pg_catalog import SCHEMA_LOCK as _SCHEMA_LOCK
 from fedmerge.store.pg_catalog import LeaseLostError, PgCatalog, PgConnection, pg_schema
-from fedmerge.store.s3 import S3BlobBackend
+from fedmerge.store.s3 import INTAKE_SPOOL, S3BlobBackend
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,9 @@ STALE_PARTIAL_S = 3600.0
 """A replica's unfinished upload untouched this long (its replica died) is removed at start-up."""
 
 
-SPOOL_PREFIX = "intake/spool"
-"""Where, under an ``s3://bucket/prefix`` store, the replicas keep the acknowledged experts' bytes."""
+SPOOL_PREFIX = INTAKE_SPOOL
+"""Where, under an ``s3://bucket/prefix`` store, the replicas keep the acknowledged experts' bytes
+(``gc`` sweeps it: :mod:`fedmerge.store.gc`)."""
 
 
 def spool_object(sha256: str) -> str:
@@ -123,10 +124,18 @@ class SharedIntakeQueue(IntakeQueue):
         self, sha: str, client_id: str, fmt: str, base_version: str, label: str, size: int
     ) -> tuple[Submission, bool]:
         """With ``objects``: the spooled bytes go to the object store before the row is inserted, so
-        an acknowledged expert is durable where every replica can read it."""
-        if self.objects is not None:
-            self.objects.put_file(spool_object(sha), self.spool_path(sha))
-        return super()._enqueue(sha, client_id, fmt, base_version, label, size)
+        an acknowledged expert is durable where every replica can read it. ``gc`` may delete the
+        object before the row is in (an old copy the conditional upload found, or any with a zero
+        grace period); gc holds the queue table until its sweep ends, so once the row is in the
+        object is checked and uploaded again if it is gone (:mod:`fedmerge.store.gc`)."""
+        if self.objects is None:
+            return super()._enqueue(sha, client_id, fmt, base_version, label, size)
+        name = spool_object(sha)
+        self.objects.put_file(name, self.spool_path(sha))
+        sub, duplicate = super()._enqueue(sha, client_id, fmt, base_version, label, size)
+        if not duplicate and not self.objects.has_object(name):
+            self.objects.put_file(name, self.spool_path(sha))
+        return sub, duplicate
 
     def spooled(self, sub: Submission) -> Path:
         """The local spool file of ``sub``; with ``objects``, fetched from the object store (its

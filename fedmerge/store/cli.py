@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any, cast
 
@@ -11,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.tree import Tree
 
+from fedmerge.endpoint_options import S3Endpoint
 from fedmerge.errors import FedMergeError
 from fedmerge.store.evaluations import evaluations_of
 from fedmerge.store.manifest import Version
@@ -46,8 +48,11 @@ def _options(
             envvar="FEDMERGE_CATALOG",
         ),
     ] = None,
+    s3_endpoint: S3Endpoint = None,
 ) -> None:
     _CATALOG["url"] = catalog
+    if s3_endpoint:  # every command below opens an s3:// store through boto3, which reads it there
+        os.environ["AWS_ENDPOINT_URL"] = s3_endpoint
 
 
 def _open(path: str) -> ModelStore:
@@ -398,6 +403,10 @@ def gc(
     else:
         verb = "would remove" if dry_run else "removed"
         console.print(
-            f"{verb} {len(report.removed_blobs)} blobs and {len(report.removed_files)} leftover files "
-            f"({report.freed_bytes} bytes); {report.kept_young} kept inside the grace period"
+            f"{verb} {len(report.removed_blobs)} blobs, {len(report.removed_files)} leftover files and "
+            f"uploads, {len(report.removed_spool)} intake spool objects ({report.freed_bytes} bytes); "
+            f"{report.kept_young} kept inside the grace period"
         )
+        if dry_run:  # name each one, so an operator can check before running it for real
+            for item in [*report.removed_blobs, *report.removed_files, *report.removed_spool]:
+                typer.echo(f"  {item}")

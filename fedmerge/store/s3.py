@@ -39,6 +39,7 @@ With a PostgreSQL catalog the writer lock is shared by every server, so the rule
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import hashlib
 import io
 import os
@@ -63,6 +64,9 @@ PART_BYTES = 16 << 20
 READ_AHEAD = 8 << 20
 """Bytes one ranged GET fetches at least (a tensor's bytes are read sequentially)."""
 DEFAULT_CACHE_BYTES = 2 << 30
+INTAKE_SPOOL = "intake/spool"
+"""Where, under the store's prefix, ``serve-continual`` replicas keep acknowledged experts' bytes
+(``<prefix>/intake/spool/<sha256>``, :mod:`fedmerge.service.replicas`); ``gc`` sweeps it."""
 
 
 class ObjectStoreError(FedMergeError, RuntimeError):
@@ -126,6 +130,17 @@ def make_client(endpoint: str | None, max_attempts: int = 8, connect_timeout: fl
     return session.client("s3", endpoint_url=endpoint, config=config)
 
 
+def server_time(answer: dict[str, Any], *seen: float) -> float:
+    """The object store's clock at ``answer``: its HTTP ``Date`` header (whole seconds, rounded down,
+    so an age measured against it is never overstated). Without one, the newest of ``seen`` (the
+    timestamps just listed), or 0 — so nothing looks old by this machine's clock."""
+    date = str(answer.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date", ""))
+    if date:
+        with contextlib.suppress(TypeError, ValueError):
+            return email.utils.parsedate_to_datetime(date).timestamp()
+    return max(seen, default=0.0)
+
+
 def _missing(exc: BaseException) -> bool:
     """Whether the object store answered that the object does not exist."""
     return _error_code(exc) in {"404", "NoSuchKey", "NotFound"}
@@ -169,6 +184,8 @@ class S3BlobBackend:
         self.cache_bytes = cache_bytes
         self.cache_blob_max = max(0, cache_bytes // 8)
         self._listing: dict[str, tuple[int, float]] = {}
+        self.listed_at = 0.0
+        """The object store's clock (:func:`server_time`) when :meth:`digests` last listed the blobs."""
         self._cache_lock = threading.Lock()
 
     @classmethod
@@ -328,22 +345,24 @@ class S3BlobBackend:
     def digests(self) -> Iterator[str]:
         """Every blob in the bucket (its size and age remembered for :meth:`size` and :meth:`mtime`)."""
         listing: dict[str, tuple[int, float]] = {}
-        try:
-            for obj in self._list(self.loc.key("blobs") + "/"):
-                name = obj["Key"].rsplit("/", 1)[-1].removesuffix(".safetensors")
-                if _DIGEST.match(name) and obj["Key"] == self.key(name):
-                    listing[name] = (int(obj["Size"]), obj["LastModified"].timestamp())
-        except ObjectStoreError:
-            raise
+        for obj in self._list(self.loc.key("blobs") + "/"):
+            name = obj["Key"].rsplit("/", 1)[-1].removesuffix(".safetensors")
+            if _DIGEST.match(name) and obj["Key"] == self.key(name):
+                listing[name] = (int(obj["Size"]), obj["LastModified"].timestamp())
         self._listing = listing
         yield from sorted(listing)
 
     def _list(self, prefix: str) -> Iterator[dict[str, Any]]:
+        """Every object under ``prefix``; :attr:`listed_at` is set to the server's clock at the end."""
+        newest = 0.0
         try:
             for page in self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.loc.bucket, Prefix=prefix
             ):
-                yield from page.get("Contents", [])
+                for obj in page.get("Contents", []):
+                    newest = max(newest, obj["LastModified"].timestamp())
+                    yield obj
+                self.listed_at = server_time(page, newest)
         except Exception as exc:
             raise self._fail(exc, "listing blobs") from None
 
@@ -366,20 +385,62 @@ class S3BlobBackend:
             if older_than is None or now - p.stat().st_mtime >= older_than
         ]
 
-    def incomplete_uploads(self, older_than: float) -> list[tuple[str, str]]:
-        """(key, upload id) of multipart uploads under ``blobs/`` started at least ``older_than`` s ago."""
+    def incomplete_uploads(self, older_than: float) -> tuple[list[tuple[str, str]], int]:
+        """Multipart uploads under ``blobs/`` and the intake's spool: ((key, upload id) of those
+        initiated at least ``older_than`` s ago, how many younger ones were kept). Ages are the
+        object store's own: its clock (the listing's ``Date``) minus each upload's ``Initiated``."""
+        old: list[tuple[str, str]] = []
+        young = 0
+        for prefix in (self.loc.key("blobs") + "/", self.loc.key(INTAKE_SPOOL) + "/"):
+            marker: dict[str, str] = {}
+            while True:
+                try:
+                    answer = self.client.list_multipart_uploads(
+                        Bucket=self.loc.bucket, Prefix=prefix, **marker
+                    )
+                except Exception as exc:
+                    raise self._fail(exc, "listing multipart uploads") from None
+                uploads = answer.get("Uploads", [])
+                now = server_time(answer, *(u["Initiated"].timestamp() for u in uploads))
+                for u in uploads:
+                    if now - u["Initiated"].timestamp() >= older_than:
+                        old.append((u["Key"], u["UploadId"]))
+                    else:
+                        young += 1
+                if not answer.get("IsTruncated"):
+                    break
+                marker = {
+                    "KeyMarker": answer.get("NextKeyMarker", ""),
+                    "UploadIdMarker": answer.get("NextUploadIdMarker", ""),
+                }
+        return old, young
+
+    def spool_objects(self) -> tuple[list[tuple[str, int, float]], float]:
+        """((sha256, size, LastModified) of every object in the intake's spool, the server's clock at
+        the end of the listing)."""
+        found = []
+        for obj in self._list(self.loc.key(INTAKE_SPOOL) + "/"):
+            name = obj["Key"].rsplit("/", 1)[-1]
+            if _DIGEST.match(name) and obj["Key"] == self.loc.key(INTAKE_SPOOL, name):
+                found.append((name, int(obj["Size"]), obj["LastModified"].timestamp()))
+        return found, self.listed_at
+
+    def has_object(self, name: str) -> bool:
+        """Whether ``<prefix>/<name>`` exists."""
         try:
-            answer = self.client.list_multipart_uploads(
-                Bucket=self.loc.bucket, Prefix=self.loc.key("blobs") + "/"
-            )
+            self.client.head_object(Bucket=self.loc.bucket, Key=self.loc.key(name))
         except Exception as exc:
-            raise self._fail(exc, "listing multipart uploads") from None
-        now = time.time()
-        return [
-            (u["Key"], u["UploadId"])
-            for u in answer.get("Uploads", [])
-            if now - u["Initiated"].timestamp() >= older_than
-        ]
+            if _missing(exc):
+                return False
+            raise self._fail(exc, f"looking up {name}") from None
+        return True
+
+    def delete_object(self, name: str) -> None:
+        """Delete ``<prefix>/<name>`` (absent already: nothing to do)."""
+        try:
+            self.client.delete_object(Bucket=self.loc.bucket, Key=self.loc.key(name))
+        except Exception as exc:
+            raise self._fail(exc, f"deleting {name}") from None
 
     def abort_upload(self, key: str, upload_id: str) -> None:
         try:
