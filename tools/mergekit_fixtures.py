@@ -517,6 +517,54 @@ def build_vocab_models(root: Path) -> None:
         fast.save_pretrained(str(out))
 
 
+# conversations every named chat template of mergekit 0.1.5 is rendered with (transformers'
+# apply_chat_template: its Jinja settings, bos/eos tokens); a format that refuses one records the refusal
+CONVERSATIONS: list[list[dict[str, str]]] = [
+    [{"role": "user", "content": "Name a small model."}],
+    [
+        {"role": "system", "content": "You answer briefly. "},
+        {"role": "user", "content": " What is a merge?"},
+        {"role": "assistant", "content": "Weights combined into one model."},
+        {"role": "user", "content": "And a task vector?\n"},
+    ],
+    [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi there"}],
+    [
+        {"role": "system", "content": "Be exact."},
+        {"role": "user_context", "content": "Two models, one tokenizer."},
+        {"role": "user", "content": "Can they merge?"},
+    ],
+    [{"role": "assistant", "content": "I speak first."}, {"role": "user", "content": "Why?"}],
+]
+CHAT_TEMPLATE_NAMES = ("alpaca", "chatml", "exaone", "llama3", "mistral")
+
+
+def render_chat_templates(root: Path) -> None:
+    """``expected/chat_templates.json``: name → [(conversation, add_generation_prompt) → the rendered
+    text, or ``"error: …"``] with mergekit's own template files (their text is not copied)."""
+    import importlib.resources
+
+    import transformers
+    from mergekit._data import chat_templates
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(root / "models" / "a"))
+    out: dict[str, list[str]] = {}
+    for name in CHAT_TEMPLATE_NAMES:
+        template = importlib.resources.files(chat_templates).joinpath(f"{name}.jinja").read_text()
+        rendered = []
+        for conv in CONVERSATIONS:
+            for gen in (False, True):
+                try:
+                    text = tok.apply_chat_template(
+                        conv, chat_template=template, tokenize=False, add_generation_prompt=gen
+                    )
+                    rendered.append(str(text))
+                except Exception as exc:  # the format's own refusal (raise_exception)
+                    rendered.append(f"error: {type(exc).__name__}")
+        out[name] = rendered
+    path = root / "expected" / "chat_templates.json"
+    path.write_text(json.dumps({"conversations": CONVERSATIONS, "rendered": out}, indent=1) + "\n")
+
+
 def rewrite(
     recipe: dict[str, Any],
     where: str,
@@ -592,6 +640,9 @@ def main() -> None:
                 raise SystemExit(f"{name}: expected one safetensors file, got {files}")
             shutil.copy(files[0], root / "expected" / f"{name}.safetensors")
         print(f"{name}: ok", flush=True)
+    if not args.only or "chat_templates" in args.only:
+        render_chat_templates(root)
+        print("chat_templates: ok", flush=True)
     if args.only and not (root / "models" / "vocab").is_dir():
         build_vocab_models(root)
     vocab_names = {n: f"vocab/{n}" for n in VOCAB_MODELS}

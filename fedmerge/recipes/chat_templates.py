@@ -6,7 +6,10 @@
   ``tokenizer_config.json``'s ``chat_template``: a string, or the ``default`` of a list of named ones),
   stripped; ties go to the model listed first. None of them has one: nothing is written.
 * a name (shorter than 256 characters, no newline, no ``{``): a known prompt format —
-  ``chatml`` or ``llama3``, each the format's published template;
+  ``alpaca``, ``chatml``, ``exaone``, ``llama3`` or ``mistral`` (mergekit 0.1.5's names), each written
+  here from the format's published description; they render every conversation as mergekit's
+  templates do (tested against mergekit's renderings), except ``exaone``, whose mergekit template
+  renders its Jinja lines' indentation into the prompt (fedmerge's does not);
 * otherwise the text itself, which must be a Jinja template (at least 20 characters, with a ``{``).
 """
 
@@ -22,6 +25,59 @@ CHAT_TEMPLATE_FILE = "chat_template.jinja"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 
 NAMED: dict[str, str] = {
+    # Alpaca: the last system message, a blank line, then "### Instruction:" / "### Input:" (a
+    # ``user_context`` message) / "### Response:" sections with trimmed contents, a blank line between
+    # them; the generation prompt follows the last section directly (as mergekit's template renders it)
+    "alpaca": (
+        "{%- set system = messages | selectattr('role', 'equalto', 'system') | list -%}\n"
+        "{{- (system | last).content | trim if system else '' -}}\n"
+        "{{- '\\n\\n' -}}\n"
+        "{%- set headers = {'user': '### Instruction:\\n', 'assistant': '### Response:\\n', "
+        "'user_context': '### Input:\\n'} -%}\n"
+        "{%- for message in messages -%}\n"
+        "{%- if message['role'] in headers -%}\n"
+        "{{- headers[message['role']] + message['content'] | trim -}}\n"
+        "{%- if not loop.last -%}{{- '\\n\\n' -}}{%- endif -%}\n"
+        "{%- endif -%}\n"
+        "{%- endfor -%}\n"
+        "{%- if add_generation_prompt and messages[-1]['role'] != 'assistant' -%}"
+        "{{- '### Response:\\n' -}}{%- endif -%}\n"
+    ),
+    # Mistral instruct: bos, then " [INST] user [/INST]" and " assistant</s>" alternating, an optional
+    # first system message prepended to the first user turn; other orders or roles are refused
+    "mistral": (
+        "{%- if messages[0]['role'] == 'system' -%}\n"
+        "{%- set system_message = messages[0]['content'] -%}\n"
+        "{%- set loop_messages = messages[1:] -%}\n"
+        "{%- else -%}\n"
+        "{%- set loop_messages = messages -%}\n"
+        "{%- endif -%}\n"
+        "{{- bos_token -}}\n"
+        "{%- for message in loop_messages -%}\n"
+        "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+        "{{- raise_exception('after an optional system message the roles must alternate user, assistant, "
+        "user, assistant, ...') -}}\n"
+        "{%- endif -%}\n"
+        "{%- if message['role'] == 'user' -%}\n"
+        "{%- set prefix = system_message + '\\n\\n' if loop.first and system_message is defined else '' -%}\n"
+        "{{- ' [INST] ' + prefix + message['content'] + ' [/INST]' -}}\n"
+        "{%- elif message['role'] == 'assistant' -%}\n"
+        "{{- ' ' + message['content'] + eos_token -}}\n"
+        "{%- else -%}\n"
+        "{{- raise_exception('only user and assistant roles, after an optional system message') -}}\n"
+        "{%- endif -%}\n"
+        "{%- endfor -%}\n"
+    ),
+    # EXAONE: "[|role|]content", a user turn ending in a newline, the others in "[|endofturn|]" and a
+    # newline; an empty system turn first when the conversation has none
+    "exaone": (
+        "{% for message in messages %}"
+        "{% if loop.first and message['role'] != 'system' %}{{ '[|system|][|endofturn|]\\n' }}{% endif %}"
+        "{{ '[|' + message['role'] + '|]' + message['content'] }}"
+        "{% if message['role'] == 'user' %}{{ '\\n' }}{% else %}{{ '[|endofturn|]\\n' }}{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '[|assistant|]' }}{% endif %}"
+    ),
     "chatml": (
         "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
         "'<|im_end|>' + '\\n'}}{% endfor %}\n"
