@@ -56,6 +56,9 @@ WORKLOADS: dict[str, tuple[float, int]] = {"digits": (0.1, 2), "tiny_lm": (0.05,
 CODEC: dict[str, Any] = {
     "codec-density": 0.2, "codec-values": "int4", "downlink-density": 0.2, "downlink-values": "int4",
 }  # fmt: skip
+# the same work per update as Flower's quickstart-style client below: train and reply (no evaluation of
+# the local test split inside train; the server evaluates each round on both sides)
+CLIENT_WORK: dict[str, Any] = {"client-test-metrics": False}
 
 
 def peak_rss_bytes() -> int:
@@ -92,7 +95,7 @@ def run_fedmerge(clients: int, rounds: int, task: str = "digits") -> dict[str, A
             "store": store, "num-rounds": rounds, "min-clients": clients, "min-valid": clients,
             "aggregator": "fedavg", **CODEC, "task": task,
             "lr": WORKLOADS[task][0], "local-epochs": WORKLOADS[task][1], "dirichlet-alpha": ALPHA,
-            "seed": SEED,
+            "seed": SEED, **CLIENT_WORK,
         }  # fmt: skip
         run_simulation_app(
             server, "fedmerge_clients.app:app", num_supernodes=clients, run_config=config, on_report=on_report

@@ -6,11 +6,13 @@ Both sides run on Flower's simulation runtime (``flwr run`` on a private SuperLi
 :func:`fedmerge.flower.simulation.run_simulation_app`) in the same run, in separate processes, with the
 same task (digits), partitions, local training and number of virtual clients: fedmerge's
 ServerApp/ClientApp (top-20 % int4 task vectors up and down with error feedback, streaming FedAvg, a
-committed version and a server evaluation per round) versus ``flwr.serverapp.strategy.FedAvg`` with a
-quickstart-style dense fp32 ClientApp (see ``bench/rounds.py``, which runs both). Updates per minute =
-clients per round × 60 / steady-state round time (rounds 2…R). Two federation sizes: 20 clients
-(``updates_per_min_vs_flower``) and 100 clients (``updates_per_min_vs_flower_100``); quick: 5 and 3
-rounds, one run per side; full: 5 rounds each, two interleaved runs per side, best of 2.
+committed version and a server evaluation per round; ``client-test-metrics = false``: a client trains
+and replies, as Flower's does, without evaluating its test split inside ``train``) versus
+``flwr.serverapp.strategy.FedAvg`` with a quickstart-style dense fp32 ClientApp (see
+``bench/rounds.py``, which runs both). Updates per minute = clients per round × 60 / steady-state round
+time (rounds 2…R). Two federation sizes: 20 clients (``updates_per_min_vs_flower``) and 100 clients
+(``updates_per_min_vs_flower_100``); quick: 5 and 3 rounds, one run per side; full: 5 rounds each, two
+interleaved runs per side, best of 2.
 Final accuracies of both sides are printed (fedmerge's codec is lossy: its accuracy differs from
 Flower's dense exchange; ``python -m bench simulate_profile --accuracy`` measures fedmerge at the codec
 that sends Flower's bytes, and ``python -m bench simulate_profile`` where a round's time goes, by

@@ -26,7 +26,7 @@ import sys
 import tempfile
 from typing import Any
 
-from fedmerge_bench.rounds import ALPHA, CODEC, SEED, WORKLOADS
+from fedmerge_bench.rounds import ALPHA, CLIENT_WORK, CODEC, SEED, WORKLOADS
 from fedmerge_bench.timing import load_average
 
 DENSE: dict[str, Any] = {"codec-density": 1.0, "codec-values": "fp32", "downlink-density": 1.0}
@@ -66,7 +66,7 @@ def run(clients: int, rounds: int, codec: dict[str, Any], profile: cProfile.Prof
         config = {
             "store": store, "num-rounds": rounds, "min-clients": clients, "min-valid": clients,
             "aggregator": "fedavg", **codec, "task": "digits", "lr": lr, "local-epochs": epochs,
-            "dirichlet-alpha": ALPHA, "seed": SEED, "wait-for-nodes-s": 0.0,
+            "dirichlet-alpha": ALPHA, "seed": SEED, "wait-for-nodes-s": 0.0, **CLIENT_WORK,
         }  # fmt: skip
         grid = InProcessGrid(app, clients)
         for context in grid.contexts.values():  # as flwr run delivers it to every ClientApp

@@ -246,6 +246,7 @@ def train_reply(message: Message, context: Context, task_factory: TaskFactory = 
         task, base, data, seed=conf.seed, round_=conf.round, mode=conf.mode,
         epochs=conf.local_epochs, lr=conf.lr, batch_size=conf.batch_size,
         lora_rank=conf.lora_rank, lora_alpha=conf.lora_alpha, device=training_device(conf.device),
+        test_metrics=conf.test_metrics,
     )  # fmt: skip
     delta = low_rank_delta(update.delta, context)
     meta = PackageMeta(

@@ -121,6 +121,10 @@ class RunConfig(FederationSettings):
     # aggregators that merge with each client's diagonal Fisher (side_inputs = ("fisher",)): the number
     # of local training examples a client's Fisher is estimated on (fedmerge/delta/fisher.py)
     fisher_examples: int = 256
+    # clients evaluate the base and their fine-tuned model on their own test split in each train reply
+    # (base-test-* / test-* metrics, the dashboard's clients' test accuracy); false: train only trains,
+    # as Flower's template ClientApps do (use federated evaluation, fraction-evaluate, instead)
+    client_test_metrics: bool = True
     # federated evaluation (flower/server/evaluation.py): after every evaluate-every-th committed round,
     # "evaluate" messages with the new weights go to max(⌊fraction-evaluate·N⌋, min-evaluate-nodes)
     # nodes (at most N); 0 = off (Flower's strategies default to 1.0)

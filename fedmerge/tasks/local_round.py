@@ -57,18 +57,20 @@ def local_round(
     lora_rank: int = 4,
     lora_alpha: float = 8.0,
     device: str | torch.device = "cpu",
+    test_metrics: bool = True,
 ) -> LocalUpdate:
     """Fine-tune ``task``'s model, initialised to ``base``, on ``data.train`` and return the update.
 
-    ``metrics`` holds the task's training metrics (``num-examples``, ``train-loss`` …) and the local test
-    ``test-accuracy``/``test-loss`` before (``base-`` prefix) and after training.
+    ``metrics`` holds the task's training metrics (``num-examples``, ``train-loss`` …) and, with
+    ``test_metrics``, the local test ``test-accuracy``/``test-loss`` before (``base-`` prefix) and after
+    training (two evaluations of ``data.test``; without, the update costs only the training).
     """
     if mode not in ("full", "lora"):
         raise ConfigError(f"local round mode must be 'full' or 'lora', got {mode!r}")
     generator = client_generator(seed, round_, data.client_id)
     model = task.build_model(seed)
     model.load_state_dict(base)
-    before = task.evaluate(model, data.test, device)
+    before = task.evaluate(model, data.test, device) if test_metrics else None
     adapter: StateDict | None = None
     if mode == "full":
         metrics = task.train(
@@ -82,13 +84,14 @@ def local_round(
         )  # fmt: skip
         adapter = _cpu(get_peft_model_state_dict(peft_model))
         trained = peft_model.merge_and_unload()
-    after = task.evaluate(trained, data.test, device)
     delta = task_vector(base, _cpu(trained.state_dict()))
-    metrics = {
-        **metrics,
-        "base-test-accuracy": before["accuracy"],
-        "base-test-loss": before["loss"],
-        "test-accuracy": after["accuracy"],
-        "test-loss": after["loss"],
-    }
+    if before is not None:
+        after = task.evaluate(trained, data.test, device)
+        metrics = {
+            **metrics,
+            "base-test-accuracy": before["accuracy"],
+            "base-test-loss": before["loss"],
+            "test-accuracy": after["accuracy"],
+            "test-loss": after["loss"],
+        }
     return LocalUpdate(delta=delta, metrics=metrics, adapter=adapter)

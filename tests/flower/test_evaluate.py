@@ -381,3 +381,23 @@ def test_no_evaluation_when_fraction_evaluate_is_zero(tmp_path: Path) -> None:
     (report,) = fed.run()
     assert report.version_id is not None and report.evaluation is None and calls == []
     assert evaluations_of(fed.store, report.version_id) == []
+
+
+def test_client_test_metrics_off_train_replies_carry_only_training_metrics(tmp_path: Path) -> None:
+    app = ClientApp()
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        return train_reply(message, context)
+
+    def round_metrics(flag: bool) -> list[dict[str, Any]]:
+        fed = _federation(
+            tmp_path / str(flag), app, 2, fraction_evaluate=0.0, num_rounds=1, client_test_metrics=flag
+        )
+        (report,) = fed.run()
+        assert report.version_id is not None and len(report.accepted) == 2
+        return [dict(o.metrics) for o in report.accepted]
+
+    with_tests, without = round_metrics(True), round_metrics(False)
+    assert all("test-accuracy" in m and "base-test-loss" in m for m in with_tests)
+    assert all(not any("test-" in k for k in m) and "train-loss" in m for m in without)

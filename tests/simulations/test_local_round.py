@@ -71,3 +71,14 @@ def test_unknown_mode_is_a_config_error(digits: DigitsTask) -> None:
     client = digits.client_datasets(5, "iid", seed=0)[0]
     with pytest.raises(ConfigError, match="'full' or 'lora'"):
         local_round(digits, digits.pretrained_base(0), client, seed=0, round_=0, mode="qlora")  # type: ignore[arg-type]
+
+
+def test_without_test_metrics_the_update_is_the_same_and_only_training_reported(digits: DigitsTask) -> None:
+    base = digits.pretrained_base(0)
+    client = digits.client_datasets(5, "iid", seed=0)[2]
+    measured = local_round(digits, base, client, seed=0, round_=1, epochs=1, lr=0.1)
+    trained_only = local_round(digits, base, client, seed=0, round_=1, epochs=1, lr=0.1, test_metrics=False)
+    assert all(torch.equal(measured.delta[k], trained_only.delta[k]) for k in measured.delta)
+    assert not any("test-" in key for key in trained_only.metrics)
+    assert {"test-accuracy", "base-test-accuracy"} <= set(measured.metrics)
+    assert trained_only.metrics == {k: v for k, v in measured.metrics.items() if "test-" not in k}

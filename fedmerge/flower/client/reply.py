@@ -127,6 +127,7 @@ class TrainInstructions:
     device: str
     codec: CodecConfig
     fisher_examples: int = 0  # > 0: the aggregator needs the client's diagonal Fisher on this many examples
+    test_metrics: bool = True  # evaluate on the node's test split before and after training
 
     @staticmethod
     def from_content(content: RecordDict) -> TrainInstructions:
@@ -164,6 +165,7 @@ class TrainInstructions:
                 error_feedback=bool(get("codec-error-feedback")),
             ),
             fisher_examples=int(conf.get("fisher-examples", 0)),
+            test_metrics=bool(conf.get("client-test-metrics", True)),
         )
 
 

@@ -152,6 +152,7 @@ def fedmerge_config(cfg: RunConfig, round_: int, base: Version) -> ConfigRecord:
             **dp_train_keys(cfg),
             # > 0: reply with the diagonal Fisher of the fine-tuned model beside the delta
             "fisher-examples": cfg.fisher_examples if needs_fisher(cfg) else 0,
+            "client-test-metrics": cfg.client_test_metrics,
         }
     )
 
