@@ -307,7 +307,29 @@ MULTI: dict[str, list[dict[str, Any]]] = {
                 {"model": "teknium/OpenHermes-2.5-Mistral-7B", "parameters": {"density": 0.8, "weight": 0.5}},
             ],
         },
-    ]
+    ],
+    # two stages over models with different tokenizers: the first stage's union vocabulary is the
+    # second's input (a store version in fedmerge, a directory in mergekit-multi)
+    "multimerge-union-vocab": [
+        {
+            "name": "first",
+            "merge_method": "linear",
+            "models": [
+                {"model": "base", "parameters": {"weight": 1.0}},
+                {"model": "chatml", "parameters": {"weight": 0.6}},
+            ],
+            "tokenizer_source": "union",
+        },
+        {
+            "merge_method": "linear",
+            "models": [
+                {"model": "first", "parameters": {"weight": 1.0}},
+                {"model": "llama3", "parameters": {"weight": 0.5}},
+            ],
+            "tokenizer_source": "union",
+            "dtype": "bfloat16",
+        },
+    ],
 }
 
 # recipes over models with different tokenizers (``vocab/``: ``base`` and two fine-tunes whose tokenizers
@@ -621,15 +643,18 @@ def main() -> None:
             (root / sub).mkdir(parents=True)
         build_models(root)
         build_vocab_models(root)
+    if args.only and not (root / "models" / "vocab").is_dir():
+        build_vocab_models(root)
     for name, docs in MULTI.items():
         if args.only and name not in args.only:
             continue
         keep = frozenset(d["name"] for d in docs if "name" in d)
-        shared: dict[str, str] = {"mistralai/Mistral-7B-v0.1": "base"}
+        first = {n: f"vocab/{n}" for n in VOCAB_MODELS} if name.endswith("-vocab") else {}
+        shared: dict[str, str] = {"mistralai/Mistral-7B-v0.1": "base", **first}
         relative = [rewrite(d, "../models", shared, keep) for d in docs]
         (root / "recipes" / f"{name}.yml").write_text(yaml.safe_dump_all(relative, sort_keys=False))
         with tempfile.TemporaryDirectory() as tmp:
-            shared = {"mistralai/Mistral-7B-v0.1": "base"}
+            shared = {"mistralai/Mistral-7B-v0.1": "base", **first}
             absolute = [rewrite(d, str((root / "models").resolve()), shared, keep) for d in docs]
             path = Path(tmp) / "recipe.yml"
             path.write_text(yaml.safe_dump_all(absolute, sort_keys=False))
@@ -639,12 +664,14 @@ def main() -> None:
             if len(files) != 1:
                 raise SystemExit(f"{name}: expected one safetensors file, got {files}")
             shutil.copy(files[0], root / "expected" / f"{name}.safetensors")
+            if name.endswith("-vocab"):
+                shutil.copy(
+                    Path(tmp) / "out" / "tokenizer.json", root / "expected" / f"{name}.tokenizer.json"
+                )
         print(f"{name}: ok", flush=True)
     if not args.only or "chat_templates" in args.only:
         render_chat_templates(root)
         print("chat_templates: ok", flush=True)
-    if args.only and not (root / "models" / "vocab").is_dir():
-        build_vocab_models(root)
     vocab_names = {n: f"vocab/{n}" for n in VOCAB_MODELS}
     for name, recipe in {**EXAMPLES, **METHOD_RECIPES, **VOCAB_RECIPES}.items():
         if args.only and name not in args.only:
