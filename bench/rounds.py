@@ -21,6 +21,13 @@ The two sides run ``--repeats`` times each, interleaved (fedmerge, Flower, Flowe
 ``bench.timing.interleaved`` orders calls); each side's round time is the best over its runs of the
 mean over rounds 2…R, and accuracy, bytes and RSS come from that best run. The load average is printed.
 ``server_rss_growth_10_to_50`` is fedmerge's peak RSS with 50 clients ÷ with 10 (one round each).
+
+Bytes counting round 1 (which ships the base to every fedmerge client) are
+``bytes_all_rounds_vs_flower_fedavg`` (also printed under its former name,
+``bytes_vs_flower_fedavg_all_rounds``). The worked LoRA example (``examples/hf_lora``, three nodes, its
+shipped run config: compressed uplink and downlink) runs once against the dense LoRA exchange of the
+same rounds (``bench/_lora_example.py`` says what that is): ``lora_bytes_vs_dense_lora`` (up + down,
+the base's one shipment apart) with both final losses (``--no-lora`` skips it).
 The last line printed is one JSON object.
 """
 
@@ -44,6 +51,7 @@ from rich.table import Table
 
 from fedmerge.flower.simulation import emit_report, run_simulation_app
 from fedmerge.plugins import load_object
+from fedmerge_bench import _lora_example
 from fedmerge_bench.timing import interleaved, load_average, load_line
 
 ALPHA, SEED = 0.5, 0
@@ -182,7 +190,8 @@ def run_flower(clients: int, rounds: int, task: str = "digits") -> dict[str, Any
 
 
 def child(kind: str, clients: int, rounds: int, task: str = "digits") -> dict[str, Any]:
-    """Run one side in a fresh process and return its JSON result."""
+    """Run one side in a fresh process and return its JSON result (``task``: for the LoRA legs, the
+    JSON of their run-config overrides)."""
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
     env.setdefault("FLWR_HOME", tempfile.mkdtemp(prefix="flwr-home-"))
     proc = subprocess.run(
@@ -205,13 +214,17 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--quick", action="store_true", help="10 clients × 5 rounds (about a minute)")
     ap.add_argument("--task", choices=sorted(WORKLOADS), default="digits", help="workload (default digits)")
     ap.add_argument("--repeats", type=int, default=2, help="runs per side, interleaved (best of k)")
+    ap.add_argument("--no-lora", action="store_true", help="skip the worked LoRA example's legs")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         kind, clients, rounds = args.child[0], int(args.child[1]), int(args.child[2])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            result = (run_fedmerge if kind == "fedmerge" else run_flower)(clients, rounds, args.child[3])
+            if kind == "lora":
+                result = _lora_example.run_leg(rounds, json.loads(args.child[3]))
+            else:
+                result = (run_fedmerge if kind == "fedmerge" else run_flower)(clients, rounds, args.child[3])
         print(json.dumps(result))
         return 0
     console = Console()
@@ -233,6 +246,17 @@ def main(argv: list[str]) -> int:
     ref = min(runs["flower"], key=lambda r: steady(r["round_s"]))
     rss10 = child("fedmerge", 10, 1)["peak_rss"]  # server memory per client count: digits whatever --task
     rss50 = child("fedmerge", 50, 1)["peak_rss"]
+    lora: dict[str, Any] = {}
+    if not args.no_lora:  # the example as shipped, then the dense LoRA exchange, same rounds
+        lora_rounds = 3 if args.quick else 5
+        ours_lora = child("lora", _lora_example.NODES, lora_rounds, "{}")
+        dense_lora = child("lora", _lora_example.NODES, lora_rounds, json.dumps(_lora_example.DENSE))
+        lora = _lora_example.summary(ours_lora, dense_lora)
+        console.log(
+            f"LoRA example, {lora_rounds} rounds: {lora['lora_bytes_vs_dense_lora']:.4f} of the dense "
+            f"LoRA exchange's bytes; final loss {lora['lora_loss']:.4f} (dense "
+            f"{lora['lora_dense_loss']:.4f}, base {lora['lora_base_loss']:.4f})"
+        )
 
     table = Table(title=f"{args.task}, {clients} clients, {rounds} rounds, Dirichlet α={ALPHA}, same run")
     for col in ("", "fedmerge (fedavg, top-20 % int4)", "Flower FedAvg (dense fp32)", "ratio"):
@@ -258,6 +282,7 @@ def main(argv: list[str]) -> int:
     summary = {
         "task": args.task,
         "bytes_vs_flower_fedavg": steady(ours["bytes"]) / steady(ref["bytes"]),
+        "bytes_all_rounds_vs_flower_fedavg": statistics.fmean(ours["bytes"]) / statistics.fmean(ref["bytes"]),
         "bytes_vs_flower_fedavg_all_rounds": statistics.fmean(ours["bytes"]) / statistics.fmean(ref["bytes"]),
         "round_time_vs_flower_fedavg": steady(ours["round_s"]) / steady(ref["round_s"]),
         "accuracy_delta_points": 100 * (ours["accuracy"][-1] - ref["accuracy"][-1]),
@@ -267,6 +292,7 @@ def main(argv: list[str]) -> int:
         "server_peak_rss_vs_flower_fedavg": ours["peak_rss"] / ref["peak_rss"],
         "fedmerge_round_s_per_run": [round(steady(r["round_s"]), 4) for r in runs["fedmerge"]],
         "flower_round_s_per_run": [round(steady(r["round_s"]), 4) for r in runs["flower"]],
+        **lora,
         "load_average_1min": round(load_average()[0], 2),
     }
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()}))

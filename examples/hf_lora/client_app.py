@@ -7,12 +7,13 @@ Each SuperNode names two local paths::
     flower-supernode ... \
         --node-config "model-dir='/models/my-lm' data-path='/data/notes.txt' client-id='inst-a'"
 
-``model-dir`` holds the base model's ``config.json`` and tokenizer (the weights come from the server,
-every round); ``data-path`` is a private text file, one training example per line. Per round the node
-builds the model from the config, loads the round's base weights, wraps it with a peft LoRA adapter
-(rank ``lora-rank``, alpha ``lora-alpha`` from the run config), trains ``local-epochs`` passes with
-AdamW at ``lr``, and replies the compressed merged update ΔW = (α/r)·B·A (top-k + int8 with error
-feedback by default; the server's run config decides).
+``model-dir`` holds the base model's ``config.json`` and tokenizer (the weights come from the server:
+in full once, then each round the compressed update since the version the node holds, rebuilt and
+checked by ``base_weights``); ``data-path`` is a private text file, one training example per line. Per
+round the node builds the model from the config, loads the round's base weights, wraps it with a peft
+LoRA adapter (rank ``lora-rank``, alpha ``lora-alpha`` from the run config), trains ``local-epochs``
+passes with AdamW at ``lr``, and replies the compressed merged update ΔW = (α/r)·B·A of the adapted
+weights (top-k + int4 with error feedback in this app's run config; the server's run config decides).
 
 Per ``evaluate`` message (after a round, with ``fraction-evaluate`` > 0) the node loads the sent weights
 from Flower's ``"arrays"`` (bf16 arrives widened to fp32, exact values) into the model and replies its
@@ -49,14 +50,33 @@ def local_path(context: Context, key: str) -> Path:
     return path
 
 
+def read_lines(data_path: Path) -> list[str]:
+    """The non-empty lines of the node's text file (ValueError when there are none)."""
+    lines = [ln for ln in data_path.read_text().splitlines() if ln.strip()]
+    if not lines:
+        raise ValueError(f"data-path {str(data_path)!r} holds no text")
+    return lines
+
+
+def mean_token_loss(weights: dict[str, torch.Tensor], model_dir: Path, lines: list[str]) -> float:
+    """The mean token loss of the model ``weights`` (built from ``model_dir``'s config) on ``lines``."""
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    model.load_state_dict(weights)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    batch = tokenizer(lines, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    model.eval()
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
+    return float(out.loss)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     assert isinstance(config, ConfigRecord)
     model_dir, data_path = local_path(context, "model-dir"), local_path(context, "data-path")
-    lines = [ln for ln in data_path.read_text().splitlines() if ln.strip()]
-    if not lines:
-        raise ValueError(f"data-path {str(data_path)!r} holds no text")
+    lines = read_lines(data_path)
 
     round_ = int(str(config["server-round"]))
     torch.manual_seed(round_)  # LoRA's A init; reproducible per round
@@ -94,20 +114,9 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     model_dir, data_path = local_path(context, "model-dir"), local_path(context, "data-path")
-    lines = [ln for ln in data_path.read_text().splitlines() if ln.strip()]
-    if not lines:
-        raise ValueError(f"data-path {str(data_path)!r} holds no text")
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
-    model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    batch = tokenizer(lines, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    model.eval()
-    with torch.no_grad():
-        loss = float(
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
-        )
-    metrics = MetricRecord(
-        {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "num-examples": len(lines)}
-    )
+    weights = msg.content.array_records["arrays"].to_torch_state_dict()
+    lines = read_lines(data_path)
+    loss = mean_token_loss(weights, model_dir, lines)
+    perplexity = math.exp(min(loss, 50.0))
+    metrics = MetricRecord({"loss": loss, "perplexity": perplexity, "num-examples": len(lines)})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -11,6 +11,10 @@ A client that holds θ_k applies the package and obtains θ_{k+1} bit for bit: b
 same fp32 addition of the same decoded values. :func:`weights_digest` (sha256 of the weights)
 travels with the package so a client verifies the result; on a mismatch it asks for full weights.
 Nothing the clients sent is lost: what the downlink drops this round stays in R for the next.
+
+Only what changed travels, both ways: a tensor whose update and residual are zero everywhere is left
+out of the package (:func:`changed_tensors`; a package's missing tensor is zero change, as for any
+partial task vector), so a LoRA round's untouched weights cost no bytes up or down.
 """
 
 from __future__ import annotations
@@ -60,16 +64,35 @@ def _dense(
     }
 
 
+def changed_tensors(
+    update: Mapping[str, torch.Tensor], residual: Mapping[str, torch.Tensor] | None
+) -> tuple[StateDict, StateDict | None]:
+    """(the tensors of ``update`` that carry something, their residuals): a tensor whose update and
+    residual (when there is one) are exactly zero everywhere is left out, its residual with it (zero
+    stays zero). At least one tensor is kept, so a package is never empty."""
+    res = residual or {}
+    kept = {k: t for k, t in update.items() if bool(t.any()) or (k in res and bool(res[k].any()))}
+    if not kept and update:
+        first = min(update)
+        kept = {first: update[first]}
+    return kept, ({k: v for k, v in res.items() if k in kept} if residual else None)
+
+
 def compress_update(
     update: Mapping[str, torch.Tensor],
     residual: Mapping[str, torch.Tensor] | None,
     codec: CodecConfig,
     meta: PackageMeta,
 ) -> tuple[bytes, StateDict, StateDict]:
-    """(package bytes, Δ̂ the decoded update clients will apply, new server residual R)."""
-    result = encode_package(dict(update), codec, meta=meta, residual=dict(residual) if residual else None)
+    """(package bytes, Δ̂ the decoded update clients will apply — zero for every tensor left out
+    (:func:`changed_tensors`) — new server residual R)."""
+    kept, kept_residual = changed_tensors(update, residual)
+    result = encode_package(kept, codec, meta=meta, residual=kept_residual)
     shapes = {k: tuple(v.shape) for k, v in update.items()}
-    applied = _dense(decode_package(result.data, expected_shapes=shapes).tensors, shapes)
+    decoded = decode_package(result.data, expected_shapes=shapes, allow_missing=True).tensors
+    applied = _dense(decoded, shapes)
+    for k in shapes.keys() - applied.keys():
+        applied[k] = torch.zeros(shapes[k], dtype=torch.float32)
     return result.data, applied, dict(result.residual)
 
 
@@ -84,7 +107,7 @@ def apply_weights(base: Mapping[str, torch.Tensor], applied: Mapping[str, torch.
 def applied_update(base: Mapping[str, torch.Tensor], package: bytes) -> StateDict:
     """θ + Δ̂: decode the package against the held weights' shapes and add it (not yet verified)."""
     shapes = {k: tuple(t.shape) for k, t in base.items() if t.is_floating_point()}
-    decoded = decode_package(package, expected_shapes=shapes)
+    decoded = decode_package(package, expected_shapes=shapes, allow_missing=True)  # missing: unchanged
     return apply_weights(base, _dense(decoded.tensors, shapes))
 
 

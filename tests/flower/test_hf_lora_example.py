@@ -5,13 +5,17 @@ Flower's API + fedmerge's client library), each node on its own private text fil
 from __future__ import annotations
 
 import sys
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
+from fedmerge.flower.client.reply import BASE_META, BASE_STATE
+from fedmerge.flower.records import UPDATE_RECORD
 from fedmerge.flower.server.commit import RoundReport
 from fedmerge.store import ModelStore
 from fedmerge.store.init import init_store
@@ -21,27 +25,12 @@ EXAMPLE = ROOT / "examples" / "hf_lora"
 sys.path.insert(0, str(EXAMPLE))
 
 Simulate = Callable[..., list[RoundReport]]
-
-TEXTS = [
-    "the river runs north past the old mill and the stone bridge",
-    "patients with fever should drink water and rest for two days",
-    "the contract ends when both parties sign the final page",
-]
-
-
-def write_corpora(folder: Path, lines: int = 24) -> list[Path]:
-    """One private text file per institution, each in its own style."""
-    paths = []
-    for i, text in enumerate(TEXTS):
-        words = text.split()
-        rows = [" ".join(words[(j % 3) :] + words[: (j % 3)]) for j in range(lines)]
-        paths.append(folder / f"inst{i}.txt")
-        paths[-1].write_text("\n".join(rows) + "\n")
-    return paths
+FORGOT = "test.forgot-base"  # context.state: this node already dropped its base once
 
 
 def example_store(tmp_path: Path) -> tuple[Path, Path, list[Path]]:
     from make_model import make_model
+    from sample_data import write_corpora
 
     corpora = write_corpora(tmp_path)
     model_dir = make_model(tmp_path / "my-lm", corpora)
@@ -50,9 +39,21 @@ def example_store(tmp_path: Path) -> tuple[Path, Path, list[Path]]:
     return store, model_dir, corpora
 
 
+def shipped_codec() -> dict[str, Any]:
+    """The codec keys of the example's own run config (its ``pyproject.toml``)."""
+    with open(EXAMPLE / "pyproject.toml", "rb") as f:
+        config = tomllib.load(f)["tool"]["flwr"]["app"]["config"]
+    keys = ("codec-density", "codec-values", "downlink-density", "downlink-values")
+    return {k.replace("-", "_"): config[k] for k in keys}
+
+
 def test_example_lora_rounds_in_simulation(
     tmp_path: Path, simulate: Simulate, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Two LoRA rounds with the example's shipped codec: round 2's downlink is each node's compressed
+    update since the version it holds; node 0 loses its base before round 2, so it cannot apply the
+    update, says so, and is sent the full weights in the round's next attempt (it never trains on a
+    wrong base)."""
     from client_app import train as example_train
 
     monkeypatch.setenv("PYTHONPATH", f"{EXAMPLE}:{ROOT}")  # the Ray workers import client_app
@@ -64,13 +65,24 @@ def test_example_lora_rounds_in_simulation(
         i = int(context.node_config["partition-id"])
         context.node_config.update({"model-dir": str(model_dir), "data-path": str(corpora[i]),
                                     "client-id": f"inst-{i}"})  # as --node-config would  # fmt: skip
+        if i == 0 and UPDATE_RECORD in message.content and FORGOT not in context.state:
+            del context.state[BASE_STATE], context.state[BASE_META]  # as a node whose disk was wiped
+            context.state[FORGOT] = ConfigRecord({"round": 2})
         return example_train(message, context)
 
     reports = simulate(
         store, app, 3, task="hf_causal_lm", mode="lora", num_rounds=2, min_clients=3, min_valid=3,
-        server_eval=False, init_base=False, lr=0.01, local_epochs=1, batch_size=8,
+        server_eval=False, init_base=False, lr=0.01, local_epochs=1, batch_size=8, max_retries=1,
+        **shipped_codec(),
     )  # fmt: skip
-    assert [r.version_id for r in reports] == ["v000002", "v000003"]
+    assert [r.version_id for r in reports] == ["v000002", None, "v000003"]
+    first, refused, retried = reports
+    assert [o.client_id for o in refused.rejected] == ["inst-0"]
+    assert "send full weights" in str(refused.rejected[0].reason)
+    full = first.downlink_bytes // 3  # round 1: the base weights to each node
+    # round 2: the compressed update to the three holders of v000002's parent, a small fraction of them
+    assert 0 < refused.downlink_bytes < 0.02 * first.downlink_bytes
+    assert retried.downlink_bytes == full  # the next attempt: full weights to node 0 only
     with ModelStore.open(store) as st:
         for vid in ("v000002", "v000003"):
             version = st.get(vid)
@@ -85,6 +97,6 @@ def test_example_lora_rounds_in_simulation(
             assert touched and all(n.endswith(("q_proj.weight", "v_proj.weight")) for n in touched)
             assert "clients-train-loss" in version.metrics
         assert st.verify().ok
-    # a package is a small fraction of the dense fp32 update of the whole model
+    # a package carries only the adapted weights: a small fraction of the dense fp32 update of the model
     for r in reports:
-        assert r.uplink_bytes < 0.2 * r.uplink_dense_bytes
+        assert r.uplink_bytes < 0.03 * r.uplink_dense_bytes

@@ -68,7 +68,7 @@ from fedmerge.flower.client.node_state import (
     unpack_tensors,
 )
 from fedmerge.flower.config import Mode
-from fedmerge.flower.downlink import applied_update, check_update_digest, weights_digest
+from fedmerge.flower.downlink import applied_update, changed_tensors, check_update_digest, weights_digest
 from fedmerge.flower.records import (
     ARRAYS_RECORD,
     CONFIG_RECORD,
@@ -230,16 +230,19 @@ def resolve_base(
     settings = message_settings(content) if settings is None else settings
     keep_dp_settings(content, context)
     keep_bulk_settings(content, context, settings)
+    held_meta = config_record(state, BASE_META)
+    # already rebuilt for this message (base_weights, then fedmerge_reply): the update is not reapplied
+    holds = held_meta is not None and held_meta.get("version-hash") == version_hash
     full = array_record(content, ARRAYS_RECORD)
     if full is not None:
-        weights = dict(full.to_torch_state_dict())
-        keep_base(context, weights, version_id, version_hash)
+        if not holds:
+            keep_base(context, dict(full.to_torch_state_dict()), version_id, version_hash)
     elif array_record(content, UPDATE_RECORD) is not None:
-        apply_downlink_update(content, context, version_id, version_hash)
+        if not holds:
+            apply_downlink_update(content, context, version_id, version_hash)
     else:
-        held_meta = config_record(state, BASE_META)
         ref = BaseReference.from_settings(settings)
-        if ref is not None and (held_meta is None or held_meta.get("version-hash") != version_hash):
+        if ref is not None and not holds:
             fetch_base(ref, context, version_id, version_hash)
     meta = config_record(state, BASE_META)
     if meta is None or meta.get("version-hash") != version_hash:
@@ -462,6 +465,9 @@ def encode_reply(
         factor = 1.0 if norm <= dp.clip_norm else dp.clip_norm / norm
         metrics = {**metrics, "dp-norm": norm, "dp-clip-factor": factor}
     residual = load_residual(context) if codec.error_feedback else None
+    # tensors that did not change (and owe no residual) are left out: zero change (a LoRA round's
+    # untouched weights cost nothing)
+    delta, residual = changed_tensors(delta, residual)
     result = encode_package(delta, codec, meta=meta, residual=residual)
     if codec.error_feedback:
         save_residual(context, result.residual)

@@ -388,6 +388,11 @@ class Federation:
             report.outcomes = collect(self.grid, messages, sampled, state, self.cfg.round_deadline_s)
             # only fedmerge clients cache the base: a plain Flower client gets "arrays" in every round
             holders.update(o.node_id for o in report.outcomes if o.accepted and o.fedmerge_client)
+            # what a refused node holds is unknown (e.g. it could not apply the downlink update: it
+            # reported MissingBase or UpdateMismatch): it is sent full weights until it replies again
+            refused = {o.node_id for o in report.outcomes if not o.accepted}
+            for nodes_holding in self.holders.values():
+                nodes_holding -= refused
             report.metrics = round_metrics(report)
             collected = time.perf_counter()
             commit_round(self, state, report, base, cohort=len(sampled), connected=len(nodes))
