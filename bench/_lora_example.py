@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import sys
 import tempfile
 import tomllib
@@ -125,6 +126,27 @@ def summary(ours: dict[str, Any], dense: dict[str, Any]) -> dict[str, Any]:
         "lora_loss_gain_vs_dense": (ours["base_loss"] - ours["loss"]) / (dense["base_loss"] - dense["loss"])
         if not math.isclose(dense["base_loss"], dense["loss"])
         else float("nan"),
+    }
+
+
+def across_seeds(pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, Any]:
+    """Keys over several seeds ((example, dense) leg pairs): each seed's losses and byte ratio, the
+    mean and sample standard deviation of the loss difference (example − dense), and the dense leg's
+    own seed-to-seed standard deviation of its final loss (the noise "equal loss" is judged against)."""
+    diffs = [ours["loss"] - dense["loss"] for ours, dense in pairs]
+    dense_losses = [dense["loss"] for _, dense in pairs]
+    return {
+        "lora_seeds": len(pairs),
+        "lora_loss_per_seed": [round(ours["loss"], 4) for ours, _ in pairs],
+        "lora_dense_loss_per_seed": [round(x, 4) for x in dense_losses],
+        "lora_bytes_vs_dense_lora_per_seed": [
+            round(summary(ours, dense)["lora_bytes_vs_dense_lora"], 4) for ours, dense in pairs
+        ],
+        "lora_loss_minus_dense_mean": statistics.fmean(diffs),
+        "lora_loss_minus_dense_std": statistics.stdev(diffs) if len(diffs) > 1 else float("nan"),
+        "lora_dense_loss_std_across_seeds": (
+            statistics.stdev(dense_losses) if len(dense_losses) > 1 else float("nan")
+        ),
     }
 
 

@@ -215,6 +215,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--task", choices=sorted(WORKLOADS), default="digits", help="workload (default digits)")
     ap.add_argument("--repeats", type=int, default=2, help="runs per side, interleaved (best of k)")
     ap.add_argument("--no-lora", action="store_true", help="skip the worked LoRA example's legs")
+    ap.add_argument("--lora-seeds", type=int, default=1, help="LoRA example legs per seed 0…N-1 (default 1)")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -249,9 +250,17 @@ def main(argv: list[str]) -> int:
     lora: dict[str, Any] = {}
     if not args.no_lora:  # the example as shipped, then the dense LoRA exchange, same rounds
         lora_rounds = 3 if args.quick else 5
-        ours_lora = child("lora", _lora_example.NODES, lora_rounds, "{}")
-        dense_lora = child("lora", _lora_example.NODES, lora_rounds, json.dumps(_lora_example.DENSE))
-        lora = _lora_example.summary(ours_lora, dense_lora)
+        nodes, dense = _lora_example.NODES, _lora_example.DENSE
+        pairs = [
+            (
+                child("lora", nodes, lora_rounds, json.dumps({"seed": seed})),
+                child("lora", nodes, lora_rounds, json.dumps({**dense, "seed": seed})),
+            )
+            for seed in range(max(1, args.lora_seeds))
+        ]
+        lora = _lora_example.summary(*pairs[0])  # seed 0; over seeds below when asked for
+        if len(pairs) > 1:
+            lora.update(_lora_example.across_seeds(pairs))
         console.log(
             f"LoRA example, {lora_rounds} rounds: {lora['lora_bytes_vs_dense_lora']:.4f} of the dense "
             f"LoRA exchange's bytes; final loss {lora['lora_loss']:.4f} (dense "

@@ -79,7 +79,8 @@ def train(msg: Message, context: Context) -> Message:
     lines = read_lines(data_path)
 
     round_ = int(str(config["server-round"]))
-    torch.manual_seed(round_)  # LoRA's A init; reproducible per round
+    stream = round_ + 1_000_003 * int(str(config.get("seed", 0)))  # the run's seed, then the round
+    torch.manual_seed(stream)  # LoRA's A init; reproducible per (seed, round)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
     model.load_state_dict(base_weights(msg, context))  # this round's base (cached between rounds)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -95,7 +96,7 @@ def train(msg: Message, context: Context) -> Message:
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad],
                                   lr=float(str(config.get("lr", 1e-3))))  # fmt: skip
     batch_size = int(str(config.get("batch-size", 8)))
-    gen = torch.Generator().manual_seed(round_)
+    gen = torch.Generator().manual_seed(stream)
     peft_model.train()
     loss_sum, steps = 0.0, 0
     for _ in range(int(str(config.get("local-epochs", 1)))):
