@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from io import BufferedReader, FileIO
+from io import BufferedReader, BytesIO, FileIO
 from pathlib import Path
 from typing import Protocol, cast
 
@@ -54,8 +54,9 @@ from fedmerge.store.safetensors_format import (
 BLOB_KEY = "tensor"
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 Buffer = bytes | memoryview
-BlobReader = FileIO | BufferedReader
-"""What :meth:`BlobBackend.open_read` returns: a local file, or a buffered reader over ranged GETs."""
+BlobReader = FileIO | BufferedReader | BytesIO
+"""What :meth:`BlobBackend.open_read` returns: a local file, a buffered reader over ranged GETs, or
+the bytes of a small blob fetched whole."""
 
 
 class BlobBackend(Protocol):

@@ -111,8 +111,45 @@ def default_cache_dir(loc: S3Location, endpoint: str | None) -> Path:
     return base / host / loc.bucket / (loc.prefix or "_")
 
 
+_CLIENT_ENV = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CA_BUNDLE",
+)
+"""The environment that decides which credentials and settings a new client takes."""
+_CLIENTS: dict[str, Any] = {}
+_CLIENTS_LOCK = threading.Lock()
+
+
 def make_client(endpoint: str | None, max_attempts: int = 8, connect_timeout: float = 5.0) -> Any:
-    """A boto3 S3 client (credentials from boto3's usual chain) with adaptive retries and back-off."""
+    """A boto3 S3 client (credentials from boto3's usual chain) with adaptive retries and back-off.
+
+    Clients are thread-safe and costly to build (botocore loads and parses the S3 service model,
+    ~0.1 s of CPU), so one is kept per process and per (endpoint, retry settings, credential
+    environment): opening a store again — a handle per thread, a command per export — reuses it and
+    its open connections. A changed ``AWS_*`` credential variable gets a new client; a forked child
+    never shares its parent's (the key holds the process id)."""
+    endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
+    fingerprint = hashlib.sha256(
+        repr(
+            (os.getpid(), endpoint, max_attempts, connect_timeout, [os.environ.get(k) for k in _CLIENT_ENV])
+        ).encode()
+    ).hexdigest()
+    with _CLIENTS_LOCK:
+        client = _CLIENTS.get(fingerprint)
+        if client is None:
+            client = _CLIENTS[fingerprint] = _new_client(endpoint, max_attempts, connect_timeout)
+    return client
+
+
+def _new_client(endpoint: str | None, max_attempts: int, connect_timeout: float) -> Any:
     try:
         import boto3
         from botocore.config import Config
@@ -125,7 +162,6 @@ def make_client(endpoint: str | None, max_attempts: int = 8, connect_timeout: fl
         max_pool_connections=32,
         s3={"addressing_style": "path"},
     )
-    endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
     session = boto3.session.Session()
     return session.client("s3", endpoint_url=endpoint, config=config)
 
@@ -489,6 +525,8 @@ class S3BlobBackend:
                 self._download(digest, cached, what)
             fh = cached.open("rb", buffering=0)
             return fh, size
+        if len(head) == size:  # the first GET brought all of it: read it from memory, one copy out
+            return io.BytesIO(head), size
         return io.BufferedReader(RangeReader(self, digest, size, head), READ_AHEAD), size
 
     def _cache_bytes(self, digest: str, data: bytes, dest: Path, what: str) -> None:

@@ -317,20 +317,24 @@ def test_slow_down_answers_are_retried_with_back_off(
     bucket: str, seaweed: LocalSeaweed, tmp_path: Path
 ) -> None:
     proxy = _FaultyProxy(seaweed.s3_port, failures=3)
+    # a reader behind its own proxy: the process's client for the first endpoint keeps its
+    # connections open, so the reader's 503s come from new connections to another endpoint
+    reader_proxy = _FaultyProxy(seaweed.s3_port, failures=2)
     try:
         endpoint = f"http://127.0.0.1:{proxy.port}"
         with ModelStore.open(f"s3://{bucket}/m", s3_endpoint=endpoint, cache_dir=tmp_path / "c") as s:
             assert proxy.refused == 3  # the start-up check itself went through after three 503s
             v = s.commit_base(tiny_model(), name="base")
-        proxy.failures = proxy.refused + 2  # two more 503s for the next connections: a reader's
-        with ModelStore.open(f"s3://{bucket}/m", s3_endpoint=endpoint, cache_dir=tmp_path / "c") as s:
+        reader = f"http://127.0.0.1:{reader_proxy.port}"
+        with ModelStore.open(f"s3://{bucket}/m", s3_endpoint=reader, cache_dir=tmp_path / "c") as s:
             _drop_cache(s)
             got = s.materialize(v.id)
-        assert proxy.refused == proxy.failures
+        assert reader_proxy.refused == 2
         expected = tiny_model()
         assert all(torch.equal(got[k], expected[k]) for k in expected)
     finally:
         proxy.close()
+        reader_proxy.close()
 
 
 @pytest.mark.slow
