@@ -171,10 +171,12 @@ def build_vocabulary(recipe: Recipe, models: Sequence[Source], base: Source | No
     if tok == "union":
         added_names = {a["content"] for adds in added.values() for a in adds}
         seen_added: set[str] = set()
+        seen_plain: set[str] = set()
         for raw in files:
             own_added = {a["content"] for a in added[raw]}
             for t, _ in sorted(model_ids[raw].items(), key=lambda kv: kv[1]):
-                if t not in own_added and t not in ids and t not in added_names and t not in new_plain:
+                if t not in own_added and t not in ids and t not in added_names and t not in seen_plain:
+                    seen_plain.add(t)
                     new_plain.append(t)
             for a in sorted(added[raw], key=lambda a: int(a["id"])):
                 if a["content"] not in seen_added:
@@ -182,8 +184,8 @@ def build_vocabulary(recipe: Recipe, models: Sequence[Source], base: Source | No
                     if a["content"] not in ids:
                         new_added.append(a)
     block_tokens = list(recipe.tokenizer.tokens) if recipe.tokenizer is not None else []
-    extra = [t for t in dict.fromkeys(block_tokens) if t not in ids and t not in new_plain]
-    extra = [t for t in extra if all(a["content"] != t for a in new_added)]
+    taken = set(ids) | set(new_plain) | {a["content"] for a in new_added}
+    extra = [t for t in dict.fromkeys(block_tokens) if t not in taken]
     for t in new_plain:  # the union's plain tokens, then its added tokens, then the block's
         ids[t] = len(ids)
     for a in new_added:
@@ -221,13 +223,12 @@ def _tokenizer_files(
             "a vocabulary with new tokens needs the 'tokenizers' package (pip install 'fedmerge[lora]')"
         ) from None
     tk = Tokenizer.from_str(files["tokenizer.json"].decode())
-    for t in plain:
-        tk.add_tokens([AddedToken(t, normalized=True, special=False)])
-    for a in added:
-        keys = ("single_word", "lstrip", "rstrip", "normalized", "special")
-        tk.add_tokens([AddedToken(a["content"], **{k: bool(a[k]) for k in keys if k in a})])
-    for t in extra:
-        tk.add_tokens([AddedToken(t, normalized=True, special=False)])
+    keys = ("single_word", "lstrip", "rstrip", "normalized", "special")
+    tk.add_tokens(  # one call: ids in list order (one call per token rebuilds the matcher each time)
+        [AddedToken(t, normalized=True, special=False) for t in plain]
+        + [AddedToken(a["content"], **{k: bool(a[k]) for k in keys if k in a}) for a in added]
+        + [AddedToken(t, normalized=True, special=False) for t in extra]
+    )
     got = tk.get_vocab(with_added_tokens=True)
     if got != dict(ids):  # the library numbered a token otherwise than the plan: refuse, never guess
         wrong = sorted(t for t in ids if got.get(t) != ids[t])
