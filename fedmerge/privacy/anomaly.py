@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, TypeAlias
 
 import torch
@@ -38,12 +38,31 @@ def _dot(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(torch.sum(x * y))
 
 
-def cosine(a: Delta, b: Mapping[str, torch.Tensor]) -> float:
-    """Cosine similarity of two deltas over all tensors (fp64); 0 if either is zero. A sparse ``a``
-    is read at its non-zeros only."""
-    dot = na = nb = 0.0
+class CosineReference:
+    """``b`` of :func:`cosine` prepared once for many calls (each reply of a round against the same
+    aggregate): every tensor flat in fp64, in name order, and ‖b‖² summed in that order, so the result
+    is bit for bit that of the unprepared call. Holds ``b`` in fp64: for in-memory references only."""
+
+    def __init__(self, b: Mapping[str, torch.Tensor]) -> None:
+        self.flat = dict(_flat64(b))
+        self.sq_norm = 0.0
+        for y in self.flat.values():
+            self.sq_norm += _dot(y, y)
+
+
+def _flat64(b: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor flat in fp64) in name order, one tensor at a time (a store view stays lazy)."""
     for name in sorted(b):
-        y = b[name].detach().reshape(-1).to(torch.float64)
+        yield name, b[name].detach().reshape(-1).to(torch.float64)
+
+
+def cosine(a: Delta, b: Mapping[str, torch.Tensor] | CosineReference) -> float:
+    """Cosine similarity of two deltas over all tensors (fp64); 0 if either is zero. A sparse ``a``
+    is read at its non-zeros only; ``b`` may be prepared once (:class:`CosineReference`)."""
+    dot = na = nb = 0.0
+    prepared = isinstance(b, CosineReference)
+    pairs = iter(b.flat.items()) if isinstance(b, CosineReference) else _flat64(b)
+    for name, y in pairs:
         xa = a[name]
         if isinstance(xa, SparseTensor):
             x = xa.values.detach().reshape(-1).to(torch.float64)
@@ -52,7 +71,10 @@ def cosine(a: Delta, b: Mapping[str, torch.Tensor]) -> float:
             x = xa.detach().reshape(-1).to(torch.float64)
             dot += _dot(x, y)
         na += _dot(x, x)
-        nb += _dot(y, y)
+        if not prepared:
+            nb += _dot(y, y)
+    if isinstance(b, CosineReference):
+        nb = b.sq_norm
     if na == 0 or nb == 0:
         return 0.0
     return dot / math.sqrt(na * nb)

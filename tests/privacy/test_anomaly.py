@@ -68,3 +68,17 @@ def test_bad_inputs() -> None:
         merge_with_rejection(
             "fedavg", {"a": {"w": torch.ones(3)}, "b": {"w": -torch.ones(3)}}, min_cosine=0.5
         )
+
+
+def test_cosine_against_a_prepared_reference_is_bit_identical(make_delta: MakeDelta) -> None:
+    from fedmerge.delta.sparse import SparseTensor
+    from fedmerge.privacy.anomaly import CosineReference, cosine
+
+    aggregate, prepared = make_delta(1), CosineReference(make_delta(1))
+    for seed in (2, 3, 4):
+        dense = make_delta(seed)
+        sparse = {k: SparseTensor.from_dense(torch.where(v.abs() > 0.5, v, 0.0)) for k, v in dense.items()}
+        for delta in (dense, sparse):
+            assert cosine(delta, prepared) == cosine(delta, aggregate)  # exactly: same order, same sums
+    assert cosine(make_delta(5), prepared) != cosine(make_delta(6), prepared)
+    assert cosine({k: torch.zeros_like(v) for k, v in aggregate.items()}, prepared) == 0.0

@@ -31,6 +31,7 @@ import secrets
 import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -39,7 +40,7 @@ from fedmerge.delta.state_dict import StateDict
 from fedmerge.errors import InvalidSubmission
 from fedmerge.flower.config import RunConfig, dp_calibrated
 from fedmerge.privacy import RdpAccountant, clip_delta, cosine, delta_norm, privatize_aggregate
-from fedmerge.privacy.anomaly import MAD_TO_SIGMA, anomaly_scores
+from fedmerge.privacy.anomaly import MAD_TO_SIGMA, CosineReference, anomaly_scores
 from fedmerge.seeds import labelled_seed
 from fedmerge.store import ModelStore, Version
 
@@ -66,6 +67,14 @@ class Reference:
         mad = statistics.median([abs(v - med) for v in self.norms])
         scale = MAD_TO_SIGMA * mad if mad > 0 else max(1e-12 * abs(med), 1e-30)
         return abs(norm - med) / scale
+
+    @cached_property
+    def compared(self) -> Mapping[str, torch.Tensor] | CosineReference | None:
+        """The aggregate as each reply's cosine reads it: prepared once when it is in memory (a dict),
+        as it is when it is a store view read one tensor at a time (large models)."""
+        if isinstance(self.aggregate, dict):
+            return CosineReference(self.aggregate)
+        return self.aggregate
 
 
 def reference_for(store: ModelStore, base: Version, *, lazy: bool = False) -> Reference:
@@ -96,7 +105,7 @@ def screen_delta(
     clipped to ``dp-clip-norm`` and the weight is 1. ``norm``: ‖delta‖₂ when the caller measured it.
     """
     norm = delta_norm(delta) if norm is None else norm
-    cos = None if ref.aggregate is None else cosine(delta, ref.aggregate)
+    cos = None if ref.compared is None else cosine(delta, ref.compared)
     z = ref.norm_score(norm)
     reasons = []
     if cfg.reject_anomalies > 0 and z is not None and z > cfg.reject_anomalies:
