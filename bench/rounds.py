@@ -44,6 +44,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from rich.console import Console
@@ -209,6 +210,31 @@ def steady(values: list[float] | list[int]) -> float:
     return statistics.fmean(tail)
 
 
+def lora_legs(console: Console, rounds: int, seeds: int) -> dict[str, Any]:
+    """The worked LoRA example as shipped and the dense LoRA exchange, ``rounds`` rounds, seeds
+    0…``seeds``-1 (both legs of a seed at once: mostly start-up and waiting); their keys."""
+    nodes, dense = _lora_example.NODES, _lora_example.DENSE
+    pairs = []
+    with ThreadPoolExecutor(2) as pool:
+        for seed in range(max(1, seeds)):
+            legs = [json.dumps({"seed": seed}), json.dumps({**dense, "seed": seed})]
+            example, reference = (pool.submit(child, "lora", nodes, rounds, leg) for leg in legs)
+            pairs.append((example.result(), reference.result()))
+    lora = _lora_example.summary(*pairs[0])  # seed 0; over seeds below when asked for
+    if len(pairs) > 1:
+        lora.update(_lora_example.across_seeds(pairs))
+    console.log(
+        f"LoRA example, {rounds} rounds: {lora['lora_bytes_vs_dense_lora']:.4f} of the dense "
+        f"LoRA exchange's bytes; final loss {lora['lora_loss']:.4f} (dense "
+        f"{lora['lora_dense_loss']:.4f}, base {lora['lora_base_loss']:.4f})"
+    )
+    return lora
+
+
+def rounded(summary: dict[str, Any]) -> str:
+    return json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()})
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench rounds", description=__doc__)
     ap.add_argument("--quick", action="store_true", help="10 clients × 5 rounds (about a minute)")
@@ -216,6 +242,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--repeats", type=int, default=2, help="runs per side, interleaved (best of k)")
     ap.add_argument("--no-lora", action="store_true", help="skip the worked LoRA example's legs")
     ap.add_argument("--lora-seeds", type=int, default=1, help="LoRA example legs per seed 0…N-1 (default 1)")
+    ap.add_argument("--lora-only", action="store_true", help="only the worked LoRA example's legs")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -231,6 +258,10 @@ def main(argv: list[str]) -> int:
     console = Console()
     clients, rounds = (10, 5) if args.quick else (20, 5)
     console.log(load_line())
+    if args.lora_only:
+        lora = lora_legs(console, 3 if args.quick else 5, args.lora_seeds)
+        print(rounded({**lora, "load_average_1min": round(load_average()[0], 2)}))
+        return 0
     runs: dict[str, list[dict[str, Any]]] = {"fedmerge": [], "flower": []}
 
     def side(kind: str) -> Callable[[], None]:
@@ -247,25 +278,7 @@ def main(argv: list[str]) -> int:
     ref = min(runs["flower"], key=lambda r: steady(r["round_s"]))
     rss10 = child("fedmerge", 10, 1)["peak_rss"]  # server memory per client count: digits whatever --task
     rss50 = child("fedmerge", 50, 1)["peak_rss"]
-    lora: dict[str, Any] = {}
-    if not args.no_lora:  # the example as shipped, then the dense LoRA exchange, same rounds
-        lora_rounds = 3 if args.quick else 5
-        nodes, dense = _lora_example.NODES, _lora_example.DENSE
-        pairs = [
-            (
-                child("lora", nodes, lora_rounds, json.dumps({"seed": seed})),
-                child("lora", nodes, lora_rounds, json.dumps({**dense, "seed": seed})),
-            )
-            for seed in range(max(1, args.lora_seeds))
-        ]
-        lora = _lora_example.summary(*pairs[0])  # seed 0; over seeds below when asked for
-        if len(pairs) > 1:
-            lora.update(_lora_example.across_seeds(pairs))
-        console.log(
-            f"LoRA example, {lora_rounds} rounds: {lora['lora_bytes_vs_dense_lora']:.4f} of the dense "
-            f"LoRA exchange's bytes; final loss {lora['lora_loss']:.4f} (dense "
-            f"{lora['lora_dense_loss']:.4f}, base {lora['lora_base_loss']:.4f})"
-        )
+    lora = {} if args.no_lora else lora_legs(console, 3 if args.quick else 5, args.lora_seeds)
 
     table = Table(title=f"{args.task}, {clients} clients, {rounds} rounds, Dirichlet α={ALPHA}, same run")
     for col in ("", "fedmerge (fedavg, top-20 % int4)", "Flower FedAvg (dense fp32)", "ratio"):
@@ -304,7 +317,7 @@ def main(argv: list[str]) -> int:
         **lora,
         "load_average_1min": round(load_average()[0], 2),
     }
-    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()}))
+    print(rounded(summary))
     return 0
 
 
