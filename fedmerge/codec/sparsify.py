@@ -15,7 +15,11 @@
   bits; the radix select then runs on the survivors only. Every entry of the top k, and every
   entry tied with the k-th, is ≥ L, so the selected set — ties included — is the one the full
   radix select returns; when fewer than k entries reach L (or more than the buffer holds) the full
-  select runs instead. The filter changes speed only, never output.
+  select runs instead. The filter changes speed only, never output. Small inputs (fewer than
+  2^16 entries in all, e.g. a small model's biases and layers) skip the 2^16- and 2^15-bin
+  histograms, whose zeroing and scans would cost more than the entries: the k-th largest magnitude
+  is found by the same three-digit radix select over every entry, and the same emitting pass
+  writes the indices above it and the first ties — the same set again.
 - **random-k** (DARE, Yu et al. 2024, "Language Models are Super Mario"): entry i is kept iff
   splitmix64(seed + i) >> 11 < keep_threshold, keep_threshold = round(density · 2^53), i.e. with
   probability density, independently. The seed is sent instead of the indices; with rescaling the kept
@@ -272,6 +276,8 @@ def topk_count(numel: int, density: float) -> int:
     return min(numel, max(1 if numel else 0, math.ceil(density * numel - 1e-9)))
 
 
+SMALL_MAX_NUMEL = 1 << 16
+"""Below this many entries the k-th largest magnitude is found by the three-digit radix select."""
 FILTER_MIN_NUMEL = 1 << 18
 """Below this many entries the full radix select runs directly (the filter would not pay off)."""
 _SAMPLE = 1 << 16
@@ -365,6 +371,8 @@ def _topk_full(flats: Sequence[torch.Tensor], k: int, names: Sequence[str]) -> l
     if k >= total:
         return [torch.arange(int(f.numel()), dtype=torch.int64) for f in flats]
     bits = [_as_bits(f) for f in flats]
+    if total < SMALL_MAX_NUMEL:
+        return _topk_small(bits, k, names)
     hist = np.zeros(_HI_BINS, dtype=np.int64)
     for name, b in zip(names, bits, strict=True):
         if _hist_high(b, hist):
@@ -378,6 +386,26 @@ def _topk_full(flats: Sequence[torch.Tensor], k: int, names: Sequence[str]) -> l
     out: list[torch.Tensor] = []
     for b, cap in zip(bits, capacity, strict=True):
         buf = np.empty(cap, dtype=np.int64)
+        count, used = _emit(b, threshold, ties, buf)
+        ties -= used
+        out.append(torch.from_numpy(buf[:count]))
+    return out
+
+
+def _topk_small(bits: Sequence[np.ndarray], k: int, names: Sequence[str]) -> list[torch.Tensor]:
+    """:func:`_topk_full`'s selection for few entries (1 ≤ k < their number): threshold = the k-th
+    largest magnitude of them all (:func:`_kth_largest`), then the same emitting pass."""
+    magnitudes = np.concatenate(bits) & np.uint32(0x7FFFFFFF)
+    if int(magnitudes.max()) >= _INF_BITS:
+        name = next(
+            n for n, b in zip(names, bits, strict=True) if b.size and (b & 0x7FFFFFFF).max() >= _INF_BITS
+        )
+        raise CodecError(f"tensor {name!r} holds NaN or infinite values; a delta must be finite")
+    threshold = _kth_largest(magnitudes, k)
+    ties = k - int(np.count_nonzero(magnitudes > threshold))
+    out: list[torch.Tensor] = []
+    for b in bits:
+        buf = np.empty(b.size, dtype=np.int64)
         count, used = _emit(b, threshold, ties, buf)
         ties -= used
         out.append(torch.from_numpy(buf[:count]))

@@ -96,3 +96,50 @@ def test_rice_coder_matches_the_bitwise_definition(r: int) -> None:
     assert torch.equal(
         index_coding.decode("rice", payload, numel, idx.size, r, name="t"), torch.from_numpy(idx)
     )
+
+
+def small_cases() -> dict[str, list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(8)
+    return {
+        "layers": [heavy(n, i) for i, n in enumerate((8192, 128, 8192, 64, 640, 10))],  # digits' MLP
+        "ties": [torch.randint(-3, 4, (n,), generator=g).float() for n in (700, 33, 5000)],
+        "constant": [torch.full((4000,), -0.25), torch.full((96,), 0.25)],
+        "one": [torch.tensor([2.0])],
+        "edge": [heavy(sparsify.SMALL_MAX_NUMEL - 1, 9)],
+    }
+
+
+def stable_reference(flats: list[torch.Tensor], k: int) -> list[torch.Tensor]:
+    """The k largest |x| over all tensors, ties by (tensor order, flat index): a stable sort."""
+    flat = torch.cat(flats).abs()
+    order = torch.sort(-flat.double(), stable=True).indices[:k]
+    out, start = [], 0
+    for f in flats:
+        mine = order[(order >= start) & (order < start + f.numel())] - start
+        out.append(torch.sort(mine).values)
+        start += f.numel()
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(small_cases()))
+@pytest.mark.parametrize("density", [0.01, 0.2, 0.5, 0.99])
+def test_small_topk_equals_the_histogram_select_and_a_sort(
+    name: str, density: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flats = small_cases()[name]
+    total = sum(f.numel() for f in flats)
+    assert total < sparsify.SMALL_MAX_NUMEL
+    k = sparsify.topk_count(total, density)
+    names = [f"t{i}" for i in range(len(flats))]
+    small = sparsify.topk_indices(flats, k, names)
+    monkeypatch.setattr(sparsify, "SMALL_MAX_NUMEL", 0)  # the two 2^16/2^15-bin histogram passes
+    histogram = sparsify.topk_indices(flats, k, names)
+    for got, want, ref in zip(small, histogram, stable_reference(flats, k), strict=True):
+        assert torch.equal(got, want) and torch.equal(got, ref)
+
+
+def test_small_topk_names_the_non_finite_tensor() -> None:
+    good, bad = heavy(300, 6), heavy(200, 7)
+    bad[17] = float("-inf")
+    with pytest.raises(CodecError, match="'b' holds NaN"):
+        sparsify.topk_select([good, bad], 50, ["a", "b"])
