@@ -23,7 +23,7 @@ from fedmerge.recipes.multi import load_documents, run_documents
 from fedmerge.recipes.plan import Plan, TensorJob, plan_merge
 from fedmerge.recipes.schema import HF_CONFIG, Recipe, RecipeError, RecipeModelError, parse_recipe
 from fedmerge.recipes.sources import LAYER_COUNT_KEYS, Source, Spec, StoreSource
-from fedmerge.recipes.vocabulary import TOKENIZER_FILES, VocabularyRule, default_rows, rebuild
+from fedmerge.recipes.vocabulary import TOKENIZER_FILES, DefaultRows, VocabularyRule, default_rows, rebuild
 from fedmerge.seeds import derive_generator
 from fedmerge.store import ModelStore, Version
 from fedmerge.store.blobs import encode_blob
@@ -64,7 +64,7 @@ def _read(plan: Plan, src: Source, name: str, vocab: _Vocabulary | None = None) 
     return x.float() if x.is_floating_point() else x
 
 
-_Vocabulary = tuple[VocabularyRule, Mapping[int, "torch.Tensor | None"]]
+_Vocabulary = tuple[VocabularyRule, DefaultRows]
 
 
 def _vocabulary(plan: Plan, job: TensorJob) -> _Vocabulary | None:
@@ -78,7 +78,10 @@ def _vocabulary(plan: Plan, job: TensorJob) -> _Vocabulary | None:
     for m in needed:
         src, n = entries.get(m) or (plan.sources[m], job.name)
         tensors[m] = _cast(plan, src.get(n))
-    defaults = default_rows(job.vocab, tensors)
+    src, n = job.inputs[0] if job.inputs else job.base  # type: ignore[misc]
+    spec = src.specs[n]
+    dtype = plan.compute_dtype if plan.compute_dtype is not None else spec.dtype
+    defaults = default_rows(job.vocab, tensors, spec.shape[1:], dtype)
     del tensors
     return job.vocab, defaults
 

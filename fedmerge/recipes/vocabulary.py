@@ -312,28 +312,43 @@ def _rule_row(
     return DefaultRow(tid, "donor", ((m, row),))
 
 
-def default_rows(rule: VocabularyRule, tensors: Mapping[str, torch.Tensor]) -> dict[int, torch.Tensor | None]:
-    """Each default row d_t (None: zeros) from the models' vocabulary tensors ``tensors`` (as read, in
-    the recipe's dtype); an average sums in M's order and divides, in the tensors' dtype, as mergekit."""
-    out: dict[int, torch.Tensor | None] = {}
-    for d in rule.defaults:
-        if d.kind == "zero":
-            out[d.token_id] = None
-        elif d.kind == "donor":
+@dataclass(frozen=True)
+class DefaultRows:
+    """The default rows of a vocabulary tensor: token ids and their rows (zeros for ``zero``), stacked."""
+
+    ids: torch.Tensor  # (k,) long
+    rows: torch.Tensor  # (k, *row shape), the tensors' dtype
+
+
+def default_rows(
+    rule: VocabularyRule, tensors: Mapping[str, torch.Tensor], shape: Sequence[int], dtype: torch.dtype
+) -> DefaultRows:
+    """Each default row d_t (``shape``, ``dtype``: a row of the tensors as read, in the recipe's dtype)
+    from the models' vocabulary tensors ``tensors`` (those the rows need): a donor's row gathered,
+    zeros, or an average summed in M's order and divided, in that dtype, as mergekit."""
+    k = len(rule.defaults)
+    rows = torch.zeros((k, *shape), dtype=dtype)
+    donors: dict[str, tuple[list[int], list[int]]] = {}
+    for j, d in enumerate(rule.defaults):
+        if d.kind == "donor":
             ((m, row),) = d.rows
-            out[d.token_id] = tensors[m][row].clone()
-        else:
-            first = tensors[d.rows[0][0]]
-            acc = torch.zeros(first.shape[1:], dtype=first.dtype)
+            slots, src = donors.setdefault(m, ([], []))
+            slots.append(j)
+            src.append(row)
+        elif d.kind == "average":
+            acc = torch.zeros(shape, dtype=dtype)
             for m, row in d.rows:
                 acc = acc + tensors[m][row]
-            out[d.token_id] = acc / len(d.rows)
-    return out
+            rows[j] = acc / len(d.rows)
+    for m, (slots, src) in donors.items():  # one gather per donor model
+        rows[torch.tensor(slots, dtype=torch.long)] = tensors[m][torch.tensor(src, dtype=torch.long)].to(
+            dtype
+        )
+    ids = torch.tensor([d.token_id for d in rule.defaults], dtype=torch.long)
+    return DefaultRows(ids, rows)
 
 
-def rebuild(
-    x: torch.Tensor, rule: VocabularyRule, model: str, defaults: Mapping[int, torch.Tensor | None]
-) -> torch.Tensor:
+def rebuild(x: torch.Tensor, rule: VocabularyRule, model: str, defaults: DefaultRows) -> torch.Tensor:
     """Model ``model``'s vocabulary tensor ``x`` (rows first) rebuilt for the output vocabulary (module
     docstring); ``defaults`` from :func:`default_rows`."""
     perm = rule.perms.get(model)
@@ -346,9 +361,9 @@ def rebuild(
         own[list(rule.forced)] = False
     idx = torch.nonzero(own).flatten()
     out[idx] = x[p[idx]]
-    for tid, row in defaults.items():
-        if not own[tid]:
-            out[tid] = 0 if row is None else row.to(x.dtype)
+    if len(defaults.ids):
+        use = ~own[defaults.ids]  # a default where the model lacks the token or it is forced
+        out[defaults.ids[use]] = defaults.rows[use].to(x.dtype)
     if rule.padded > rule.rows:
         out[rule.rows :] = torch.mean(out[: rule.rows], dim=0)
     return out

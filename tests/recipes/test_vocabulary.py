@@ -106,3 +106,24 @@ def test_models_with_different_tokenizers_commit_a_new_root_with_the_output_toke
         s.export(result.version, tmp_path / "out")
     vocab = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out")).get_vocab()
     assert set(vocab) == set(_ids(VOCAB / "base")) | set(_ids(VOCAB / "chatml")) | set(_ids(VOCAB / "llama3"))
+
+
+def test_forced_zero_rows_need_no_donor(tmp_path: Path) -> None:
+    """A block whose only rule is a forced zero (no model's row needed): that token's rows are zero in
+    the merge, the others the models' merged rows, padding the mean row."""
+    models = [VOCAB.parent / m for m in ("a", "b")]
+    recipe = {
+        "merge_method": "linear",
+        "models": [str(m) for m in models],
+        "tokenizer": {"source": "base", "tokens": {"fox": {"source": {"kind": "zero"}, "force": True}}},
+        "dtype": "bfloat16",
+    }
+    run_recipe(recipe, tmp_path / "store", export=tmp_path / "out")
+    got = load_file(str(next((tmp_path / "out").glob("*.safetensors"))))
+    fox, n = _ids(models[0])["fox"], len(_ids(models[0]))
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        rows = [load_file(str(m / "model.safetensors"))[key][:n].bfloat16().float() for m in models]
+        want = (rows[0] + rows[1]) / 2
+        want[fox] = 0
+        assert got[key].shape[0] == n and not got[key][fox].any()
+        torch.testing.assert_close(got[key].float(), want.bfloat16().float(), rtol=1e-2, atol=1e-4)
