@@ -242,6 +242,19 @@ METHOD_RECIPES: dict[str, dict[str, Any]] = {
         },
         "dtype": "bfloat16",
     },
+    # one shared tokenizer, a block token it lacks: added to the vocabulary with its rule's row
+    "linear-tokenizer-new-token": {
+        "models": [
+            {"model": "m1", "parameters": {"weight": 1.0}},
+            {"model": "m2", "parameters": {"weight": 0.5}},
+        ],
+        "merge_method": "linear",
+        "tokenizer": {
+            "source": "union",
+            "tokens": {"<|new|>": {"source": {"kind": "model_token", "model": "m2", "token": "fox"}}},
+        },
+        "dtype": "float32",
+    },
     "task_arithmetic-tokenizer-block": {
         "models": [
             {"model": "m1", "parameters": {"weight": 0.7}},
@@ -688,7 +701,9 @@ def main() -> None:
             if len(files) != 1:
                 raise SystemExit(f"{name}: expected one safetensors file, got {files}")
             shutil.copy(files[0], root / "expected" / f"{name}.safetensors")
-            if name in VOCAB_RECIPES:  # the output tokenizer: its vocabulary is part of the result
+            if name in VOCAB_RECIPES or name.endswith(
+                "-new-token"
+            ):  # the output vocabulary: part of the result
                 shutil.copy(
                     Path(tmp) / "out" / "tokenizer.json", root / "expected" / f"{name}.tokenizer.json"
                 )
