@@ -78,21 +78,23 @@ NAMED: dict[str, str] = {
         "{% endfor %}"
         "{% if add_generation_prompt %}{{ '[|assistant|]' }}{% endif %}"
     ),
+    # ChatML: "<|im_start|>role\ncontent<|im_end|>\n" per message; the prompt opens an assistant turn
     "chatml": (
-        "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-        "'<|im_end|>' + '\\n'}}{% endfor %}\n"
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}\n"
+        "{%- for turn in messages -%}\n"
+        "{{- '<|im_start|>' ~ turn['role'] ~ '\\n' ~ turn['content'] ~ '<|im_end|>\\n' -}}\n"
+        "{%- endfor -%}\n"
+        "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}\n"
     ),
+    # Llama 3: bos, then "<|start_header_id|>role<|end_header_id|>\n\n" + trimmed content + "<|eot_id|>"
+    # and a newline per message (as mergekit's renders); the prompt opens an assistant header
     "llama3": (
-        "{% set loop_messages = messages %}\n"
-        "{% for message in loop_messages %}\n"
-        "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ "
-        "message['content'] | trim + '<|eot_id|>' %}\n"
-        "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}\n"
-        "{{ content }}\n"
-        "{% endfor %}\n"
-        "{% if add_generation_prompt %}"
-        "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}\n"
+        "{{- bos_token if messages else '' -}}\n"
+        "{%- for turn in messages -%}\n"
+        "{{- '<|start_header_id|>' ~ turn['role'] ~ '<|end_header_id|>\\n\\n' -}}\n"
+        "{{- (turn['content'] | trim) ~ '<|eot_id|>\\n' -}}\n"
+        "{%- endfor -%}\n"
+        "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}"
+        "{%- endif -%}\n"
     ),
 }
 

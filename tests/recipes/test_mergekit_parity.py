@@ -85,10 +85,21 @@ def test_recipe_matches_mergekit(name: str, tmp_path: Path) -> None:
         f"{swapped} of {total} entries differ beyond fp16 ties at the trim"
     )
     template = FIXTURES / "expected" / f"{name}.chat_template.jinja"
-    if template.is_file():  # mergekit wrote a chat template: the same text, and the tokenizer reads it
-        assert (tmp_path / "out" / "chat_template.jinja").read_text() == template.read_text()
+    if template.is_file():  # mergekit wrote a chat template: the tokenizer reads one that renders alike
         tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out"))
-        assert tok.chat_template == template.read_text()
+        assert tok.chat_template == (tmp_path / "out" / "chat_template.jinja").read_text()
+        for conversation in json.loads((FIXTURES / "expected" / "chat_templates.json").read_text())[
+            "conversations"
+        ]:
+            for prompt in (False, True):
+                assert tok.apply_chat_template(
+                    conversation, tokenize=False, add_generation_prompt=prompt
+                ) == tok.apply_chat_template(
+                    conversation,
+                    chat_template=template.read_text(),
+                    tokenize=False,
+                    add_generation_prompt=prompt,
+                )
     else:
         assert not (tmp_path / "out" / "chat_template.jinja").exists()
     model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
