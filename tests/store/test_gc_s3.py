@@ -23,7 +23,7 @@ from fedmerge.store.s3_local import LocalSeaweed
 
 pytest.importorskip("boto3")
 
-GRACE = 3.0
+GRACE = 4.0  # the fresh objects below must stay younger than this until the second gc
 
 
 @pytest.fixture
