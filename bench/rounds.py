@@ -237,7 +237,7 @@ def rounded(summary: dict[str, Any]) -> str:
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench rounds", description=__doc__)
-    ap.add_argument("--quick", action="store_true", help="10 clients × 5 rounds (about a minute)")
+    ap.add_argument("--quick", action="store_true", help="10 clients × 5 rounds; the LoRA example 3 rounds")
     ap.add_argument("--task", choices=sorted(WORKLOADS), default="digits", help="workload (default digits)")
     ap.add_argument("--repeats", type=int, default=2, help="runs per side, interleaved (best of k)")
     ap.add_argument("--no-lora", action="store_true", help="skip the worked LoRA example's legs")
