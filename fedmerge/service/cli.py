@@ -128,7 +128,7 @@ def serve_continual(
     """Serve the ExpertIntake and BulkUpload gRPC services and merge experts as they arrive."""
     from fedmerge.memory import use_mmap_for_large_allocations
     from fedmerge.metrics import FedmergeMetrics, MetricsServer, check_metrics_bind, start_metrics_server
-    from fedmerge.service.config import Limits, ServiceConfig, ServiceConfigError, TlsConfig, load_token_file
+    from fedmerge.service.config import Limits, ServiceConfig, TlsConfig, load_token_file
     from fedmerge.service.server import IntakeServer, open_store
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -170,11 +170,6 @@ def serve_continual(
             lease_ttl_s=lease_ttl_s,
             s3_endpoint=s3_endpoint,
         )
-        if config.on_object_store and dashboard_port is not None:
-            raise ServiceConfigError(
-                "--dashboard-port needs a store directory: the dashboard does not read s3:// stores; "
-                "leave --dashboard-port out"
-            )
         if catalog is not None:  # the dashboard (--dashboard-port) opens the store on it too
             os.environ["FEDMERGE_CATALOG"] = catalog
         if base_weights is not None:
@@ -196,8 +191,8 @@ def serve_continual(
                 from fedmerge.dashboard import start_in_background
 
                 dashboard = start_in_background(
-                    Path(config.store), dashboard_host, dashboard_port, None,
-                    intake_dir=config.intake_dir, tokens=dashboard_tokens,
+                    config.store, dashboard_host, dashboard_port, None,  # a directory or s3://bucket/prefix
+                    intake_dir=config.intake_dir, tokens=dashboard_tokens, s3_endpoint=config.s3_endpoint,
                 )  # fmt: skip
         except FedMergeError:
             server.stop()

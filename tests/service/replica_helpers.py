@@ -7,7 +7,7 @@ import random
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -55,14 +55,14 @@ class ReplicaProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
 
-    def start(self, lease_ttl_s: float = 2.0, timeout: float = 120.0) -> int:
+    def start(self, lease_ttl_s: float = 2.0, timeout: float = 120.0, extra: Sequence[str] = ()) -> int:
         port_file = self.log.with_suffix(".port")
         port_file.unlink(missing_ok=True)
         cmd = [
             sys.executable, "-m", "fedmerge.service.cli", "serve-continual",
             "--store", str(self.store), "--data-dir", str(self.data_dir), "--catalog", self.catalog,
             "--lease-ttl-s", str(lease_ttl_s), "--listen", "127.0.0.1:0", "--tokens", str(self.tokens),
-            "--port-file", str(port_file),
+            "--port-file", str(port_file), *extra,
         ]  # fmt: skip
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env)

@@ -11,9 +11,11 @@ nothing (a retryable refusal) and the same expert goes through once it is back."
 from __future__ import annotations
 
 import random
+import re
 import shutil
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -82,7 +84,7 @@ def test_replicas_on_s3_and_postgresql_share_no_directory_and_lose_nothing_when_
         holder.start()
         _wait_for("the lease", lambda: lease_holder_pid(url) is not None, lambda: holder.alive)
         assert holder.proc is not None and lease_holder_pid(url) == holder.proc.pid
-        other.start()
+        other.start(extra=["--dashboard-port", "0"])  # loopback: no operator's token needed
 
         # 1. experts acknowledged by the replica without the lease: merged by the holder from the bucket
         opts_other = ClientOptions(f"127.0.0.1:{other.port}", token=TOKEN)
@@ -93,6 +95,15 @@ def test_replicas_on_s3_and_postgresql_share_no_directory_and_lose_nothing_when_
             sub = wait_merged(opts_other, sid, timeout=300)
             assert sub.state == intake_pb2.SUBMISSION_STATE_MERGED, sub.reason
             assert objects.client.head_object(Bucket=bucket, Key=objects.loc.key(spool_object(sub.sha256)))
+        # the replica's dashboard reads the same bucket and catalog: the merged versions, the shared queue
+        dashboard = re.search(r"serving dashboard on (\S+)", other.log.read_text())
+        assert dashboard is not None, other.tail()
+        with urllib.request.urlopen(dashboard.group(1) + "/versions", timeout=60) as page:
+            listed = page.read().decode()
+        with ModelStore.open(store_url, catalog=url, cache_dir=tmp_path / "probe-store") as s:
+            assert all(f"/versions/{v.id}" in listed for v in s.list(limit=3))
+        with urllib.request.urlopen(dashboard.group(1) + "/intake", timeout=60) as page:
+            assert page.status == 200
 
         # 2. clients push through both; the lease holder is SIGKILLed mid-stream and its disk lost
         rng = random.Random(7)
