@@ -52,7 +52,8 @@ from rich.table import Table
 from safetensors.torch import load_file, save_file
 
 from fedmerge.store import ModelStore
-from fedmerge.store.s3 import S3BlobBackend, S3Location, make_client
+from fedmerge.store.s3 import S3BlobBackend
+from fedmerge.store.s3_client import S3Location, make_client
 from fedmerge.store.s3_local import LocalSeaweed
 from fedmerge_bench.timing import interleaved, load_average, load_line
 

@@ -28,7 +28,7 @@ from fedmerge.memory import use_mmap_for_large_allocations
 from fedmerge.metrics import RoundEventLog
 from fedmerge.store import ModelStore, UnknownVersionError
 from fedmerge.store.model_store import STORE_MARKER
-from fedmerge.store.s3 import is_s3_url
+from fedmerge.store.s3_client import is_s3_url
 from fedmerge.tasks import Task, get_task
 from fedmerge.tasks.evaluate import task_evaluator
 from fedmerge.tracking import MetricsSink, open_sink

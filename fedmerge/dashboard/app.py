@@ -67,7 +67,7 @@ from fedmerge.dashboard.views import (
 from fedmerge.errors import ConfigError, FedMergeError
 from fedmerge.store import ModelStore, UnknownVersionError
 from fedmerge.store.manifest import is_version_id
-from fedmerge.store.s3 import is_s3_url
+from fedmerge.store.s3_client import is_s3_url
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from fedmerge.endpoint_options import S3Endpoint
-from fedmerge.store.s3 import is_s3_url
+from fedmerge.store.s3_client import is_s3_url
 
 app = typer.Typer(add_completion=False)
 

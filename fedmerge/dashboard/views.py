@@ -19,7 +19,8 @@ from fedmerge.errors import ConfigError, IncompatibleDeltasError
 from fedmerge.store import ModelStore, Version
 from fedmerge.store.evaluations import latest_evaluations
 from fedmerge.store.model_store import STORE_MARKER
-from fedmerge.store.s3 import S3BlobBackend, is_s3_url
+from fedmerge.store.s3 import S3BlobBackend
+from fedmerge.store.s3_client import is_s3_url
 from fedmerge.store.safetensors_format import dtype_from_name
 
 MAX_PAGE_SIZE = 500

@@ -197,7 +197,7 @@ class ServiceConfig:
         if self.data_dir is not None:
             return Path(self.data_dir)
         if isinstance(self.store, str):
-            from fedmerge.store.s3 import S3Location, default_cache_dir
+            from fedmerge.store.s3_client import S3Location, default_cache_dir
 
             endpoint = self.s3_endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
             cache = default_cache_dir(S3Location.parse(self.store), endpoint)

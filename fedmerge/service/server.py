@@ -43,7 +43,7 @@ from fedmerge.service.streams import IdleGuard, StreamIdleTimeout, StreamSlots
 from fedmerge.service.worker import MergeWorker
 from fedmerge.store import ModelStore, StoreBusyError, UnknownVersionError, Version
 from fedmerge.store.blobs import read_blob
-from fedmerge.store.s3 import ObjectStoreError
+from fedmerge.store.s3_client import ObjectStoreError
 from fedmerge.store.safetensors_format import TensorSpec, dtype_from_name, encode_header, tensor_bytes
 from fedmerge.v1 import intake_pb2, intake_pb2_grpc
 

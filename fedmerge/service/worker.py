@@ -30,7 +30,7 @@ from fedmerge.errors import ConfigError, FedMergeError, InvalidSubmission, Store
 from fedmerge.metrics import FedmergeMetrics
 from fedmerge.service.intake import IntakeQueue, Submission
 from fedmerge.store import Contributor, ModelStore, StoreBusyError, UnknownVersionError, Version
-from fedmerge.store.s3 import ObjectStoreError
+from fedmerge.store.s3_client import ObjectStoreError
 from fedmerge.submission import (  # noqa: F401 (re-exported: the worker's former home of these)
     _complete,
     check_package_base,

@@ -17,7 +17,7 @@ from fedmerge.errors import FedMergeError
 from fedmerge.store.evaluations import evaluations_of
 from fedmerge.store.manifest import Version
 from fedmerge.store.model_store import ModelStore
-from fedmerge.store.s3 import is_s3_url
+from fedmerge.store.s3_client import is_s3_url
 
 app = typer.Typer(help="Inspect and manage a versioned model store.", no_args_is_help=True)
 console = Console()

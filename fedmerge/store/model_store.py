@@ -58,7 +58,8 @@ from fedmerge.store.manifest import (
     version_id,
 )
 from fedmerge.store.reading import Diff, Lineage, StoreReading, TensorDiff, TensorView, sha256_bytes
-from fedmerge.store.s3 import S3BlobBackend, is_s3_url
+from fedmerge.store.s3 import S3BlobBackend
+from fedmerge.store.s3_client import is_s3_url
 from fedmerge.store.staging import (
     RESERVED_FILE_NAMES,
     Staged,
@@ -130,7 +131,7 @@ class ModelStore(StoreReading):
         ``path`` may be ``s3://bucket/prefix``: the blobs (and a copy of each manifest) then live in
         that bucket (:class:`~fedmerge.store.s3.S3BlobBackend`; endpoint ``s3_endpoint`` or
         ``AWS_ENDPOINT_URL``, credentials from boto3's chain), and ``cache_dir`` (default
-        :func:`~fedmerge.store.s3.default_cache_dir`) holds the read-through cache, the manifests
+        :func:`~fedmerge.store.s3_client.default_cache_dir`) holds the read-through cache, the manifests
         read so far and, without a ``catalog`` URL, the SQLite catalog.
         """
         blobs: BlobBackend | None = None

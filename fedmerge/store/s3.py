@@ -39,23 +39,27 @@ With a PostgreSQL catalog the writer lock is shared by every server, so the rule
 from __future__ import annotations
 
 import contextlib
-import email.utils
 import hashlib
 import io
 import os
-import re
 import secrets
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
-from fedmerge.errors import ConfigError, FedMergeError
 from fedmerge.store.blobs import _DIGEST, BlobReader, Buffer, StagedBlob
 from fedmerge.store.errors import CorruptBlobError, MissingBlobError
+from fedmerge.store.s3_client import (
+    ObjectStoreError,
+    S3Location,
+    default_cache_dir,
+    error_code,
+    is_missing,
+    make_client,
+    server_time,
+)
 
 MULTIPART_THRESHOLD = 16 << 20
 """Blobs larger than this are uploaded in parts."""
@@ -67,128 +71,6 @@ DEFAULT_CACHE_BYTES = 2 << 30
 INTAKE_SPOOL = "intake/spool"
 """Where, under the store's prefix, ``serve-continual`` replicas keep acknowledged experts' bytes
 (``<prefix>/intake/spool/<sha256>``, :mod:`fedmerge.service.replicas`); ``gc`` sweeps it."""
-
-
-class ObjectStoreError(FedMergeError, RuntimeError):
-    """The object store cannot be used: unreachable, refused credentials, missing bucket, or a request
-    still failing after botocore's retries. Nothing was committed by the failing call."""
-
-    retryable = True
-
-
-def is_s3_url(url: str | os.PathLike[str]) -> bool:
-    return isinstance(url, str) and url.startswith("s3://")
-
-
-@dataclass(frozen=True)
-class S3Location:
-    bucket: str
-    prefix: str  # "" or ends without "/"
-
-    @classmethod
-    def parse(cls, url: str) -> S3Location:
-        parsed = urlparse(url)
-        if parsed.scheme != "s3" or not parsed.netloc:
-            raise ConfigError(f"store {url!r} is not an s3://bucket/prefix URL")
-        if not re.fullmatch(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", parsed.netloc):
-            raise ConfigError(
-                f"store {url!r}: {parsed.netloc!r} is not a valid bucket name (3-63 lowercase letters, "
-                "digits, dots or hyphens)"
-            )
-        return cls(parsed.netloc, parsed.path.strip("/"))
-
-    def key(self, *parts: str) -> str:
-        return "/".join(p for p in (self.prefix, *parts) if p)
-
-    def __str__(self) -> str:
-        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
-
-
-def default_cache_dir(loc: S3Location, endpoint: str | None) -> Path:
-    """``$FEDMERGE_S3_CACHE`` or ``~/.cache/fedmerge/s3``, then endpoint host, bucket and prefix."""
-    base = Path(os.environ.get("FEDMERGE_S3_CACHE") or Path.home() / ".cache" / "fedmerge" / "s3")
-    host = urlparse(endpoint).netloc.replace(":", "_") if endpoint else "aws"
-    return base / host / loc.bucket / (loc.prefix or "_")
-
-
-_CLIENT_ENV = (
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_PROFILE",
-    "AWS_DEFAULT_PROFILE",
-    "AWS_REGION",
-    "AWS_DEFAULT_REGION",
-    "AWS_CONFIG_FILE",
-    "AWS_SHARED_CREDENTIALS_FILE",
-    "AWS_CA_BUNDLE",
-)
-"""The environment that decides which credentials and settings a new client takes."""
-_CLIENTS: dict[str, Any] = {}
-_CLIENTS_LOCK = threading.Lock()
-
-
-def make_client(endpoint: str | None, max_attempts: int = 8, connect_timeout: float = 5.0) -> Any:
-    """A boto3 S3 client (credentials from boto3's usual chain) with adaptive retries and back-off.
-
-    Clients are thread-safe and costly to build (botocore loads and parses the S3 service model,
-    ~0.1 s of CPU), so one is kept per process and per (endpoint, retry settings, credential
-    environment): opening a store again — a handle per thread, a command per export — reuses it and
-    its open connections. A changed ``AWS_*`` credential variable gets a new client; a forked child
-    never shares its parent's (the key holds the process id)."""
-    endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
-    fingerprint = hashlib.sha256(
-        repr(
-            (os.getpid(), endpoint, max_attempts, connect_timeout, [os.environ.get(k) for k in _CLIENT_ENV])
-        ).encode()
-    ).hexdigest()
-    with _CLIENTS_LOCK:
-        client = _CLIENTS.get(fingerprint)
-        if client is None:
-            client = _CLIENTS[fingerprint] = _new_client(endpoint, max_attempts, connect_timeout)
-    return client
-
-
-def _new_client(endpoint: str | None, max_attempts: int, connect_timeout: float) -> Any:
-    try:
-        import boto3
-        from botocore.config import Config
-    except ImportError:
-        raise ConfigError("an s3:// store needs boto3: pip install 'fedmerge[s3]'") from None
-    config = Config(
-        retries={"max_attempts": max_attempts, "mode": "adaptive"},
-        connect_timeout=connect_timeout,
-        read_timeout=60,
-        max_pool_connections=32,
-        s3={"addressing_style": "path"},
-    )
-    session = boto3.session.Session()
-    return session.client("s3", endpoint_url=endpoint, config=config)
-
-
-def server_time(answer: dict[str, Any], *seen: float) -> float:
-    """The object store's clock at ``answer``: its HTTP ``Date`` header (whole seconds, rounded down,
-    so an age measured against it is never overstated). Without one, the newest of ``seen`` (the
-    timestamps just listed), or 0 — so nothing looks old by this machine's clock."""
-    date = str(answer.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date", ""))
-    if date:
-        with contextlib.suppress(TypeError, ValueError):
-            return email.utils.parsedate_to_datetime(date).timestamp()
-    return max(seen, default=0.0)
-
-
-def _missing(exc: BaseException) -> bool:
-    """Whether the object store answered that the object does not exist."""
-    return _error_code(exc) in {"404", "NoSuchKey", "NotFound"}
-
-
-def _error_code(exc: BaseException) -> str:
-    response = getattr(exc, "response", None)
-    if isinstance(response, dict):
-        code = str(response.get("Error", {}).get("Code", ""))
-        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        return code or str(status or "")
-    return ""
 
 
 class S3BlobBackend:
@@ -246,7 +128,7 @@ class S3BlobBackend:
     # -- errors ----------------------------------------------------------------------------------
 
     def _fail(self, exc: BaseException, doing: str) -> ObjectStoreError:
-        code = _error_code(exc)
+        code = error_code(exc)
         where = f"{self.loc} at {self.endpoint or 'AWS'}"
         if code in {"NoSuchBucket"}:
             hint = "the bucket does not exist: create it, or fix the s3:// URL"
@@ -269,7 +151,7 @@ class S3BlobBackend:
         try:
             self.client.head_bucket(Bucket=self.loc.bucket)
         except Exception as exc:
-            if _error_code(exc) in {"404", "NoSuchBucket", "NotFound"}:
+            if error_code(exc) in {"404", "NoSuchBucket", "NotFound"}:
                 raise ObjectStoreError(
                     f"bucket {self.loc.bucket!r} does not exist at {self.endpoint or 'AWS'}: create it "
                     "(aws s3 mb s3://BUCKET) or fix the s3:// URL"
@@ -297,7 +179,7 @@ class S3BlobBackend:
         try:
             self.client.head_object(Bucket=self.loc.bucket, Key=self.key(digest))
         except Exception as exc:
-            if _missing(exc):
+            if is_missing(exc):
                 return False
             raise self._fail(exc, f"looking up blob {digest}") from None
         return True
@@ -314,7 +196,7 @@ class S3BlobBackend:
             else:
                 self._multipart(key, _chunks(views, PART_BYTES))
         except Exception as exc:
-            if _error_code(exc) == "PreconditionFailed":
+            if error_code(exc) == "PreconditionFailed":
                 return False
             if isinstance(exc, ObjectStoreError):
                 raise
@@ -373,7 +255,7 @@ class S3BlobBackend:
         try:
             head = self.client.head_object(Bucket=self.loc.bucket, Key=self.key(digest))
         except Exception as exc:
-            if _missing(exc):
+            if is_missing(exc):
                 raise MissingBlobError(f"blob {digest} is missing from {self.loc}") from None
             raise self._fail(exc, f"looking up blob {digest}") from None
         return int(head["ContentLength"]), head["LastModified"].timestamp()
@@ -466,7 +348,7 @@ class S3BlobBackend:
         try:
             self.client.head_object(Bucket=self.loc.bucket, Key=self.loc.key(name))
         except Exception as exc:
-            if _missing(exc):
+            if is_missing(exc):
                 return False
             raise self._fail(exc, f"looking up {name}") from None
         return True
@@ -508,12 +390,12 @@ class S3BlobBackend:
             )
             head = bytes(first["Body"].read())
         except Exception as exc:
-            if _missing(exc):
+            if is_missing(exc):
                 raise MissingBlobError(
                     f"{what}: blob {digest} is missing from {self.loc}; restore it from a backup or an "
                     "export — the store never deletes referenced blobs, so something outside it did"
                 ) from None
-            if _error_code(exc) == "InvalidRange":  # an empty object
+            if error_code(exc) == "InvalidRange":  # an empty object
                 return io.BufferedReader(RangeReader(self, digest, 0, b"")), 0
             raise self._fail(exc, f"{what}: reading blob {digest}") from None
         content_range = str(first.get("ContentRange") or "")
@@ -625,7 +507,7 @@ class S3BlobBackend:
                 else:  # one part in memory at a time
                     self._multipart(key, iter(lambda: fh.read(PART_BYTES), b""))
             except Exception as exc:
-                if _error_code(exc) == "PreconditionFailed":
+                if error_code(exc) == "PreconditionFailed":
                     return False
                 raise self._fail(exc, f"uploading {name}") from None
         return True
@@ -647,7 +529,7 @@ class S3BlobBackend:
                 os.fsync(out.fileno())
         except Exception as exc:
             tmp.unlink(missing_ok=True)
-            if _missing(exc):
+            if is_missing(exc):
                 raise MissingBlobError(f"s3://{self.loc.bucket}/{self.loc.key(name)} is missing") from None
             raise self._fail(exc, f"downloading {name}") from None
         if hasher.hexdigest() != sha256:
@@ -682,7 +564,7 @@ class S3BlobBackend:
             body = self.client.get_object(Bucket=self.loc.bucket, Key=self.loc.key("manifests", name))["Body"]
             return bytes(body.read())
         except Exception as exc:
-            if _missing(exc):
+            if is_missing(exc):
                 return None
             raise self._fail(exc, f"downloading manifest {name}") from None
 

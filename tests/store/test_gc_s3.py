@@ -18,7 +18,8 @@ from store_test_helpers import tiny_model
 
 from fedmerge.store import ModelStore
 from fedmerge.store.pg_local import LocalPostgres
-from fedmerge.store.s3 import INTAKE_SPOOL, S3BlobBackend, server_time
+from fedmerge.store.s3 import INTAKE_SPOOL, S3BlobBackend
+from fedmerge.store.s3_client import server_time
 from fedmerge.store.s3_local import LocalSeaweed
 
 pytest.importorskip("boto3")

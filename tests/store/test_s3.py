@@ -24,7 +24,8 @@ from store_test_helpers import commit_delta, tiny_delta, tiny_model
 
 from fedmerge.store import ModelStore
 from fedmerge.store.errors import CorruptBlobError, MissingBlobError
-from fedmerge.store.s3 import MULTIPART_THRESHOLD, ObjectStoreError, S3BlobBackend
+from fedmerge.store.s3 import MULTIPART_THRESHOLD, S3BlobBackend
+from fedmerge.store.s3_client import ObjectStoreError
 from fedmerge.store.s3_local import LocalSeaweed, free_port
 
 pytest.importorskip("boto3")
