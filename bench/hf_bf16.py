@@ -34,21 +34,6 @@ from fedmerge_bench.timing import load_line
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "hf_lora"
-TEXTS = [
-    "the river runs north past the old mill and the stone bridge",
-    "patients with fever should drink water and rest for two days",
-    "the contract ends when both parties sign the final page",
-]
-
-
-def _corpora(folder: Path, lines: int) -> list[Path]:
-    paths = []
-    for i, text in enumerate(TEXTS):
-        words = text.split()
-        rows = [" ".join(words[(j % 3) :] + words[: (j % 3)]) for j in range(lines)]
-        paths.append(folder / f"inst{i}.txt")
-        paths[-1].write_text("\n".join(rows) + "\n")
-    return paths
 
 
 def _client_app(model_dir: Path, corpora: list[Path]) -> Any:
@@ -99,11 +84,12 @@ def run(rounds: int, lines: int) -> dict[str, Any]:
 
     sys.path.insert(0, str(EXAMPLE))
     from make_model import make_model
+    from sample_data import write_corpora  # the example's three institutions' texts
 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
     with tempfile.TemporaryDirectory(prefix="bench-hf-bf16-") as tmp:
         work = Path(tmp)
-        corpora = _corpora(work, lines)
+        corpora = write_corpora(work, lines)
         model_dir = make_model(work / "my-lm", corpora, dtype="bfloat16")
         legs = {
             "fedmerge": _federation(work, "fedmerge", model_dir, corpora, {}),
