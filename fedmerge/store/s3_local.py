@@ -25,6 +25,7 @@ from typing import Any
 from fedmerge.errors import ConfigError
 
 ACCESS_KEY = "fedmerge"
+MIN_FREE_MIB = 64  # below this much free space on its disk the server refuses writes
 SECRET_KEY = "fedmerge-local-secret"
 
 
@@ -81,6 +82,12 @@ class LocalSeaweed:
         """Start the server and return once S3 answers; raise if it exits or makes no progress for
         ``stall_s`` seconds (no new log output and still no answer)."""
         (self.dir / "data").mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.dir).free
+        if free < 2 * MIN_FREE_MIB << 20:
+            raise ConfigError(
+                f"the disk holding {self.dir} has {free >> 20} MiB free; a local SeaweedFS needs "
+                f"at least {2 * MIN_FREE_MIB} MiB (it refuses writes below {MIN_FREE_MIB} MiB)"
+            )
         config = self.dir / "s3.json"
         config.write_text(
             json.dumps(
@@ -115,6 +122,9 @@ class LocalSeaweed:
             "-master.telemetry=false",
             "-volume.max=1000",  # a bucket is a collection: each takes volumes of its own
             "-master.volumeSizeLimitMB=256",
+            # SeaweedFS's default (1 % of the disk, 2.5 GB on a 250 GB disk) turns every volume
+            # read-only on a busy shared disk, and each write then fails as InternalError
+            f"-volume.minFreeSpace={MIN_FREE_MIB}MiB",
             f"-metricsPort={ports[3]}",
         ]
         log = self.log_path.open("ab")
