@@ -38,6 +38,7 @@ from fedmerge.aggregators.kernel_runtime import (
     as_f32,
     empty,
     flat32,
+    njit,
     np_view,
     numba_enabled,
     prange,
@@ -111,24 +112,28 @@ if HAVE_NUMBA:
                     pc_[j] += cg if v > zero else zero
                     nc_[j] += cg if v < zero else zero
 
+    @njit(inline="always")
+    def _fold_sign_entry(j, v, t, vg, wg, cg, mode, S, P, N, Pc, Nc, zero, one):
+        """One sparse entry (coordinate j, value v) into the sign-split accumulators, trimmed at t;
+        branch-free: the sign of a delta is unpredictable. ``zero``/``one``: float32 0 and 1."""
+        v = v if abs(v) >= t else zero
+        pos = one if v > zero else zero
+        neg = one if v < zero else zero
+        S[j] += vg * (v if mode == VOTE_TOTAL else pos - neg)
+        P[j] += wg * v * pos
+        N[j] += wg * v * neg
+        Pc[j] += cg * pos
+        Nc[j] += cg * neg
+
     @sized_kernel(fastmath=True)
     def _sign_split_sparse(idx, val, t, vg, wg, cg, mode, S, P, N, Pc, Nc):
         n = idx.shape[0]
         nblocks = (n + BLOCK - 1) // BLOCK
         zero = np.float32(0.0)
         one = np.float32(1.0)
-        for b in prange(nblocks):  # branch-free: the sign of a delta is unpredictable
+        for b in prange(nblocks):  # indices are unique: blocks never write the same coordinate
             for k in range(b * BLOCK, min(b * BLOCK + BLOCK, n)):
-                v = val[k]
-                v = v if abs(v) >= t else zero
-                j = idx[k]
-                pos = one if v > zero else zero
-                neg = one if v < zero else zero
-                S[j] += vg * (v if mode == VOTE_TOTAL else pos - neg)
-                P[j] += wg * v * pos
-                N[j] += wg * v * neg
-                Pc[j] += cg * pos
-                Nc[j] += cg * neg
+                _fold_sign_entry(idx[k], val[k], t, vg, wg, cg, mode, S, P, N, Pc, Nc, zero, one)
 
     @sized_kernel(fastmath=True)
     def _sign_split_sparse_group(idxs, vals, starts, thr, vote_w, w, count_w, mode, S, P, N, Pc, Nc):
@@ -145,16 +150,7 @@ if HAVE_NUMBA:
                 wg = w[g]
                 cg = count_w[g]
                 for k in range(starts[g, b], starts[g, b + 1]):
-                    v = val[k]
-                    v = v if abs(v) >= t else zero
-                    j = idx[k]
-                    pos = one if v > zero else zero
-                    neg = one if v < zero else zero
-                    S[j] += vg * (v if mode == VOTE_TOTAL else pos - neg)
-                    P[j] += wg * v * pos
-                    N[j] += wg * v * neg
-                    Pc[j] += cg * pos
-                    Nc[j] += cg * neg
+                    _fold_sign_entry(idx[k], val[k], t, vg, wg, cg, mode, S, P, N, Pc, Nc, zero, one)
 
     @sized_kernel(fastmath=True)
     def _max_abs_dense(xs, acc):
