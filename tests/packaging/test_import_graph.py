@@ -1,11 +1,13 @@
 """The line between library and applications, checked on the source and on a real import.
 
 * ``fedmerge/`` (the library) imports nothing from the applications (``server/``, ``clients/``,
-  ``simulations/``, ``bench/``, installed as ``fedmerge_server`` … ``fedmerge_bench``), by either name,
-  nor from the test support ``fedmerge_testing/`` (which the tests, fuzzers and benchmarks share);
+  ``simulations/``, installed as ``fedmerge_server`` … ``fedmerge_simulations``), nor from the
+  benchmarks (``bench/``, ``fedmerge_bench``), by either name, nor from the test support
+  ``fedmerge_testing/`` (which the tests, fuzzers and benchmarks share);
 * no application imports another (what two applications share lives in the library; the apps a
-  simulation runs are loaded by import string), but for the few edges named in
-  ``APP_IMPORTS_ALLOWED`` with their reason;
+  simulation runs are loaded by import string), nor the benchmarks;
+* the benchmarks sit above the applications, as the tests do: they measure the library and the
+  applications (the simulations' experiments among them) and nothing imports them;
 * the library has no import cycle, computed from the source: between modules (every import
   statement counts — inside functions and under ``TYPE_CHECKING`` too — and importing ``a.b.c`` runs
   the ``__init__`` of ``a`` and ``a.b``), and between its packages (``fedmerge.delta``,
@@ -27,8 +29,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 APP_FOLDERS = {"server": "fedmerge_server", "clients": "fedmerge_clients",
-               "simulations": "fedmerge_simulations", "bench": "fedmerge_bench"}  # fmt: skip
+               "simulations": "fedmerge_simulations"}  # fmt: skip
 APP_NAMES = set(APP_FOLDERS) | set(APP_FOLDERS.values())
+BENCH_NAMES = {"bench", "fedmerge_bench"}  # the measurement layer above the applications
 TEST_SUPPORT = "fedmerge_testing"  # in the repository, not in the wheel: tests, fuzzers, benchmarks
 SERVER_SIDE = ("fedmerge.flower.server", "fedmerge.aggregators", "fedmerge.store", "fedmerge.service")
 # the service's own client side (the light gRPC client the bulk channel's uploads and downloads use)
@@ -150,30 +153,34 @@ def test_library_imports_no_application() -> None:
         f"{path.relative_to(ROOT)}: {name}"
         for path in (ROOT / "fedmerge").rglob("*.py")
         for name in imported_modules(path)
-        if name.split(".")[0] in APP_NAMES | {TEST_SUPPORT}
+        if name.split(".")[0] in APP_NAMES | BENCH_NAMES | {TEST_SUPPORT}
     }
-    assert not offenders, f"the library imports applications or test support: {sorted(offenders)}"
+    assert not offenders, f"the library imports applications, benchmarks or test support: {sorted(offenders)}"
 
 
-# Application → application imports still allowed, each named with its reason (the rest go through
-# the library, or by import string as Flower loads apps: fedmerge.plugins.load_object).
-APP_IMPORTS_ALLOWED = {
-    # the benchmarks measure the simulations' experiments (attacks, continual digits, SecAgg+ driver)
-    "bench/": {"fedmerge_simulations"},
-}
-
-
-def test_no_application_imports_another() -> None:
+def test_no_application_imports_another_or_the_benchmarks() -> None:
     offenders = set()
     for folder, installed in APP_FOLDERS.items():
         for path in (ROOT / folder).rglob("*.py"):
-            where = str(path.relative_to(ROOT))
-            allowed = set().union(*(v for k, v in APP_IMPORTS_ALLOWED.items() if where.startswith(k)))
             for name in imported_modules(path):
                 top = name.split(".")[0]
-                if top in APP_NAMES - {folder, installed} and top not in allowed:
-                    offenders.add(f"{where}: {name}")
-    assert not offenders, f"applications import each other: {sorted(offenders)}"
+                if top in (APP_NAMES - {folder, installed}) | BENCH_NAMES:
+                    offenders.add(f"{path.relative_to(ROOT)}: {name}")
+    assert not offenders, f"applications import each other or the benchmarks: {sorted(offenders)}"
+
+
+def test_the_benchmarks_import_only_downwards() -> None:
+    """bench/ may use the library, the applications and the test support; nothing else is above it."""
+    known = APP_NAMES | BENCH_NAMES | {TEST_SUPPORT, "fedmerge"}
+    stray = {
+        f"{path.relative_to(ROOT)}: {name}"
+        for path in (ROOT / "bench").rglob("*.py")
+        for name in imported_modules(path)
+        if name.split(".")[0].startswith(("fedmerge", "bench", "tests")) and name.split(".")[0] not in known
+    }
+    assert not stray, (
+        f"the benchmarks import something that is neither library, app nor test support: {sorted(stray)}"
+    )
 
 
 def test_no_import_cycle_between_library_modules() -> None:
