@@ -103,7 +103,9 @@ def run_server(
     use_mmap_for_large_allocations()
     task = server_task(cfg)
     evaluate = task_evaluator(cfg.task, cfg.seed) if cfg.server_eval else None
-    makes_base = task is not None and cfg.init_base and callable(getattr(task, "pretrained_base", None))
+    makes_base = (
+        task is not None and cfg.rounds.init_base and callable(getattr(task, "pretrained_base", None))
+    )
     if not makes_base:
         check_store_exists(cfg)
     with ModelStore.open(cfg.store, catalog=cfg.catalog or None) as store:
@@ -159,9 +161,9 @@ def with_metrics_events(on_round: Callable[[RoundReport], None]) -> Callable[[Ro
 def tracking_dir(cfg: RunConfig) -> Path | None:
     """Where tracking writes: ``tracking-dir``, else ``<store>.tracking`` beside the store for
     TensorBoard (None for MLflow: its own configuration decides)."""
-    if cfg.tracking_dir:
-        return Path(cfg.tracking_dir)
-    if cfg.tracking == "tensorboard":
+    if cfg.tracker.dir:
+        return Path(cfg.tracker.dir)
+    if cfg.tracker.backend == "tensorboard":
         store = Path(store_name(cfg)).resolve()
         return store.with_name(store.name + ".tracking")
     return None
@@ -177,7 +179,7 @@ def store_name(cfg: RunConfig) -> str:
 
 def tracking_sink(cfg: RunConfig) -> MetricsSink | None:
     """The run's tracking sink (``tracking`` / ``tracking-dir`` keys), None when tracking is off."""
-    return open_sink(cfg.tracking, tracking_dir(cfg), run_name=Path(store_name(cfg)).name)
+    return open_sink(cfg.tracker.backend, tracking_dir(cfg), run_name=Path(store_name(cfg)).name)
 
 
 def with_tracking(

@@ -242,8 +242,8 @@ class FlowerRound:
             round_=1,
             base_id=self.base.id,
             base_hash=self.base.content_hash,
-            codec=self.cfg.codec(),
-            limit_bytes=self.cfg.max_package_bytes,
+            codec=self.cfg.codec.config(),
+            limit_bytes=self.cfg.rounds.max_package_bytes,
         )
 
     def reply(self, attack: Attack, node_id: int = 1) -> Message:

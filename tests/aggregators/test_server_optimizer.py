@@ -267,11 +267,11 @@ def test_run_config_keys_build_the_optimizer_and_bad_values_are_named() -> None:
     from fedmerge.flower.config import parse_run_config
 
     cfg = parse_run_config({"server-optimizer": "yogi", "aggregator": "fedavg"})
-    opt = cfg.server_opt()
+    opt = cfg.server_opt.create()
     assert (opt.kind, opt.eta, opt.epsilon, opt.beta1, opt.beta2) == ("yogi", 0.01, 1e-3, 0.9, 0.99)
     cfg = parse_run_config({"server-optimizer": "avgm", "server-lr": 0.5, "server-momentum": 0.0})
-    assert cfg.server_opt().eta == 0.5 and cfg.server_opt().momentum == 0.0
-    assert parse_run_config({}).server_opt().enabled is False
+    assert cfg.server_opt.create().eta == 0.5 and cfg.server_opt.create().momentum == 0.0
+    assert parse_run_config({}).server_opt.create().enabled is False
     with pytest.raises(ConfigError, match="server-optimizer='sgd' must be one of") as info:
         parse_run_config({"server-optimizer": "sgd", "server-beta1": 1.5})
     assert "server-beta1=1.5" in str(info.value)

@@ -385,7 +385,7 @@ def test_valid_tls_keys_build_a_tls_endpoint(tmp_path: Path, pki: Pki) -> None:
     # a public name the certificate carries, on a non-loopback bind
     public = run_config(bulk_address="0.0.0.0:9300", bulk_public_address="localhost:9300",
                         bulk_tls_cert=str(pki.server.cert), bulk_tls_key=str(pki.server.key))  # fmt: skip
-    assert parse_run_config(public).bulk_public_address == "localhost:9300"
+    assert parse_run_config(public).bulk.public_address == "localhost:9300"
 
 
 def test_plaintext_off_loopback_needs_bulk_allow_insecure(tmp_path: Path) -> None:
@@ -393,7 +393,7 @@ def test_plaintext_off_loopback_needs_bulk_allow_insecure(tmp_path: Path) -> Non
     assert "not a loopback address" in message and "bulk-allow-insecure=true" in message
     assert "bulk-tls-cert" in message
     cfg = parse_run_config(run_config(bulk_address="10.0.0.5:9300", bulk_allow_insecure=True))
-    assert cfg.bulk_allow_insecure
+    assert cfg.bulk.allow_insecure
     for loopback in ("127.0.0.1:0", "localhost:9300", "[::1]:9300"):
         parse_run_config(run_config(bulk_address=loopback))
     with pytest.raises(ConfigError, match="not a loopback address"):

@@ -8,14 +8,15 @@ from pathlib import Path
 import pytest
 
 from fedmerge.errors import ConfigError
-from fedmerge.flower.config import NOT_KEYS, RunConfig, parse_run_config
+from fedmerge.flower.config import RunConfig, parse_run_config, run_config_keys
+from fedmerge.flower.settings import AggregationSettings, BulkSettings
 
 
 def test_defaults_are_ties_over_topk_int8_with_weighted_mean() -> None:
     cfg = parse_run_config({})
-    assert cfg.aggregator == "ties"
-    assert cfg.aggregator_params == {"divisor": "weight", "density": 1.0}
-    codec = cfg.codec()
+    assert cfg.aggregation.name == "ties"
+    assert cfg.aggregation.params == {"divisor": "weight", "density": 1.0}
+    codec = cfg.codec.config()
     assert (codec.sparsify, codec.density, codec.values) == ("topk", 0.1, "int8")
 
 
@@ -23,17 +24,17 @@ def test_values_and_aggregator_params_are_read() -> None:
     cfg = parse_run_config(
         {"num-rounds": 4, "lr": 1, "aggregator": "fedavg", "mode": "lora", "store": "/tmp/x"}
     )
-    assert (cfg.num_rounds, cfg.lr, cfg.mode, cfg.store) == (4, 1.0, "lora", "/tmp/x")
+    assert (cfg.num_rounds, cfg.lr, cfg.training.mode, cfg.store) == (4, 1.0, "lora", "/tmp/x")
     assert isinstance(cfg.lr, float)
-    assert cfg.aggregator_params == {}  # ties defaults do not leak into another aggregator
+    assert cfg.aggregation.params == {}  # ties defaults do not leak into another aggregator
     cfg = parse_run_config(
         {"aggregator": "ties", "aggregator.density": 0.5, "aggregator.sign-election": "frequency"}
     )
     # a user key overrides its round default; the other defaults stay (divisor=weight matters with
     # example-count weights), and kebab-case keys map to the aggregator's parameter names
-    assert cfg.aggregator_params == {"divisor": "weight", "density": 0.5, "sign_election": "frequency"}
+    assert cfg.aggregation.params == {"divisor": "weight", "density": 0.5, "sign_election": "frequency"}
     cfg = parse_run_config({"aggregator": "dare_ties", "aggregator.density": 0.3})
-    assert cfg.aggregator_params == {"divisor": "weight", "density": 0.3}
+    assert cfg.aggregation.params == {"divisor": "weight", "density": 0.3}
 
 
 def test_all_errors_are_reported_together() -> None:
@@ -81,8 +82,8 @@ def test_flower_template_names_mean_fedmerges_keys() -> None:
         {"num-server-rounds": 5, "fraction-train": 0.5, "min-train-nodes": 3, "fraction-evaluate": 0.25,
          "min-evaluate-nodes": 1}
     )  # fmt: skip
-    assert (cfg.num_rounds, cfg.fraction, cfg.min_clients) == (5, 0.5, 3)
-    assert (cfg.fraction_evaluate, cfg.min_evaluate_nodes) == (0.25, 1)
+    assert (cfg.num_rounds, cfg.rounds.fraction, cfg.rounds.min_clients) == (5, 0.5, 3)
+    assert (cfg.evaluation.fraction_evaluate, cfg.evaluation.min_evaluate_nodes) == (0.25, 1)
     assert cfg.extra == {}
     assert parse_run_config({"num-server-rounds": 4, "num-rounds": 4}).num_rounds == 4
     with pytest.raises(ConfigError) as info:
@@ -108,19 +109,116 @@ def test_ranges_and_aggregator_are_checked() -> None:
 
 
 def test_round_trip_through_flower_keys() -> None:
-    cfg = RunConfig(num_rounds=3, aggregator_params={"divisor": "count", "density": 0.5})
-    assert parse_run_config(cfg.to_flower()) == cfg
+    cfg = RunConfig(
+        num_rounds=3,
+        aggregation=AggregationSettings(params={"divisor": "count", "density": 0.5}),
+        bulk=BulkSettings(threshold_bytes=7),
+    )
+    flower = cfg.to_flower()
+    assert (flower["num-rounds"], flower["bulk-threshold-bytes"], flower["aggregator"]) == (3, 7, "ties")
+    assert (flower["aggregator.divisor"], flower["tracking"], flower["server-optimizer"]) == (
+        "count",
+        "",
+        "none",
+    )
+    assert parse_run_config(flower) == cfg
+
+
+RUN_CONFIG_KEYS = [
+    "aggregator",
+    "batch-size",
+    "bulk-address",
+    "bulk-allow-insecure",
+    "bulk-downlink",
+    "bulk-public-address",
+    "bulk-spool-dir",
+    "bulk-spool-reserve-bytes",
+    "bulk-threshold-bytes",
+    "bulk-tls-cert",
+    "bulk-tls-client-ca",
+    "bulk-tls-key",
+    "catalog",
+    "client-device",
+    "client-test-metrics",
+    "codec-density",
+    "codec-error-feedback",
+    "codec-values",
+    "dirichlet-alpha",
+    "downlink-density",
+    "downlink-values",
+    "dp-allow-any-aggregator",
+    "dp-clip-norm",
+    "dp-delta",
+    "dp-mode",
+    "dp-noise-multiplier",
+    "dp-noise-seed",
+    "evaluate-every",
+    "fault-dropout",
+    "fault-straggler",
+    "fault-straggler-delay-s",
+    "fisher-examples",
+    "fraction",
+    "fraction-evaluate",
+    "init-base",
+    "local-epochs",
+    "lora-alpha",
+    "lora-rank",
+    "lora-space",
+    "lr",
+    "max-num-examples",
+    "max-package-bytes",
+    "max-retries",
+    "min-clients",
+    "min-evaluate-nodes",
+    "min-valid",
+    "mode",
+    "num-rounds",
+    "partitioner",
+    "reject-anomalies",
+    "reject-min-cosine",
+    "round-deadline-s",
+    "seed",
+    "server-beta1",
+    "server-beta2",
+    "server-eval",
+    "server-lr",
+    "server-momentum",
+    "server-optimizer",
+    "server-tau",
+    "store",
+    "task",
+    "tracking",
+    "tracking-dir",
+    "wait-for-nodes-s",
+]
+
+
+def test_every_key_is_declared_once_in_its_group() -> None:
+    keys = run_config_keys()
+    assert sorted(keys) == RUN_CONFIG_KEYS
+    assert sorted(k for k in RunConfig().to_flower() if not k.startswith("aggregator.")) == RUN_CONFIG_KEYS
+    homes = {key: (group, f.name) for key, (group, f) in keys.items()}
+    assert homes["bulk-threshold-bytes"] == ("bulk", "threshold_bytes")
+    assert homes["aggregator"] == ("aggregation", "name") and homes["tracking"] == ("tracker", "backend")
+    assert homes["dp-clip-norm"] == ("dp", "clip_norm") and homes["num-rounds"] == (None, "num_rounds")
+    cfg = parse_run_config(
+        {"bulk-threshold-bytes": 5, "dp-clip-norm": 1.0, "aggregator": "fedavg", "reject-min-cosine": 0.5,
+         "tracking": "tensorboard", "server-lr": 0.5}
+    )  # fmt: skip
+    assert (cfg.bulk.threshold_bytes, cfg.dp.clip_norm, cfg.aggregation.name) == (5, 1.0, "fedavg")
+    assert (cfg.screen.min_cosine, cfg.tracker.backend, cfg.server_opt.lr) == (0.5, "tensorboard", 0.5)
+    dp = cfg.dp.config()
+    assert dp is not None and dp.clip_norm == 1.0
 
 
 def test_pyproject_declares_every_run_config_key() -> None:
     # `flwr run --run-config` refuses keys missing from [tool.flwr.app.config] (flwr.common.config.fuse_dicts)
-    import dataclasses
     import tomllib
     from pathlib import Path
 
     declared = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["tool"]["flwr"]
     config = declared["app"]["config"]
-    keys = {f.name.replace("_", "-") for f in dataclasses.fields(RunConfig) if f.name not in NOT_KEYS}
+    keys = set(run_config_keys())
     assert sorted(keys - set(config)) == []
     assert parse_run_config(config).to_flower().items() >= {k: config[k] for k in keys}.items()
 

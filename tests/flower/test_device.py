@@ -27,4 +27,4 @@ def test_unknown_device_is_rejected_by_the_run_config_and_the_client() -> None:
         parse_run_config({"client-device": "tpu"})
     with pytest.raises(FedMergeError, match="'tpu'"):
         training_device("tpu")
-    assert parse_run_config({"client-device": "cpu"}).client_device == "cpu"
+    assert parse_run_config({"client-device": "cpu"}).training.client_device == "cpu"

@@ -25,6 +25,7 @@ from fedmerge.flower.server.evaluation import (
     sample_evaluate_nodes,
 )
 from fedmerge.flower.server.federation import Federation, ensure_base
+from fedmerge.flower.settings import AggregationSettings, EvaluationSettings
 from fedmerge.store import ModelStore, UnknownVersionError
 from fedmerge.store.evaluations import Evaluation, NodeEvaluation, evaluations_of, record_evaluation
 from fedmerge_clients.app import evaluate_reply, local_settings, train_reply
@@ -33,7 +34,8 @@ from fedmerge_clients.plain_app import train as plain_train
 from fedmerge_simulations.secagg import InProcessGrid
 from fedmerge_simulations.tasks import get_task
 
-CFG = RunConfig(fraction_evaluate=1.0, aggregator_params={})
+NO_PARAMS = AggregationSettings(params={})
+CFG = RunConfig(evaluation=EvaluationSettings(fraction_evaluate=1.0), aggregation=NO_PARAMS)
 
 
 @pytest.fixture(autouse=True)
@@ -134,19 +136,25 @@ def test_aggregate_is_the_num_examples_weighted_mean_over_each_metrics_reporters
 
 def test_sampling_follows_flowers_rule() -> None:
     nodes = list(range(10, 20))
-    cfg = RunConfig(fraction_evaluate=0.5, min_evaluate_nodes=2, aggregator_params={})
+    cfg = RunConfig(
+        evaluation=EvaluationSettings(fraction_evaluate=0.5, min_evaluate_nodes=2), aggregation=NO_PARAMS
+    )
     assert len(sample_evaluate_nodes(nodes, cfg, 1)) == 5  # ⌊0.5·10⌋
     assert sample_evaluate_nodes(nodes, cfg, 1) == sample_evaluate_nodes(nodes, cfg, 1)
-    few = RunConfig(fraction_evaluate=0.1, min_evaluate_nodes=3, aggregator_params={})
+    few = RunConfig(
+        evaluation=EvaluationSettings(fraction_evaluate=0.1, min_evaluate_nodes=3), aggregation=NO_PARAMS
+    )
     assert len(sample_evaluate_nodes(nodes, few, 1)) == 3  # min-evaluate-nodes wins
     assert len(sample_evaluate_nodes(nodes[:2], few, 1)) == 2  # never more than connected
     assert set(sample_evaluate_nodes(nodes, cfg, 1)) <= set(nodes)
 
 
 def test_evaluation_is_due_every_n_rounds_and_off_at_fraction_zero() -> None:
-    every2 = RunConfig(fraction_evaluate=1.0, evaluate_every=2, aggregator_params={})
+    every2 = RunConfig(
+        evaluation=EvaluationSettings(fraction_evaluate=1.0, evaluate_every=2), aggregation=NO_PARAMS
+    )
     assert [evaluation_due(every2, r) for r in (1, 2, 3, 4)] == [False, True, False, True]
-    assert not evaluation_due(RunConfig(aggregator_params={}), 1)  # off by default
+    assert not evaluation_due(RunConfig(aggregation=NO_PARAMS), 1)  # off by default
 
 
 @pytest.mark.parametrize(

@@ -90,7 +90,8 @@ def _client_app(base: dict[str, torch.Tensor], cfg: Any, omissions: list[str]) -
         partition = context.node_id - 1000
         valid = flower_valid(
             base, partition=partition, round_=int(extras["round"]), base_id=str(extras["base-version-id"]),
-            base_hash=str(extras["base-version-hash"]), codec=cfg.codec(), limit_bytes=cfg.max_package_bytes,
+            base_hash=str(extras["base-version-hash"]), codec=cfg.codec.config(),
+            limit_bytes=cfg.rounds.max_package_bytes,
         )  # fmt: skip
         omission = omissions[partition - HONEST] if partition >= HONEST else None
         if omission == "dense-missing-tensor":  # a plain client's full weights without one tensor

@@ -45,7 +45,9 @@ def test_tracking_keys_are_checked_where_they_are_read(tmp_path: Path) -> None:
         open_sink("tensorboard", None)
     with pytest.raises(ConfigError, match="tracking='wandb' must be one of"):
         parse_run_config({"tracking": "wandb"})
-    assert parse_run_config({"tracking": "tensorboard", "tracking-dir": "tb"}).tracking == "tensorboard"
+    assert (
+        parse_run_config({"tracking": "tensorboard", "tracking-dir": "tb"}).tracker.backend == "tensorboard"
+    )
     with pytest.raises(ConfigError, match="tracking must be one of"):
         parse_config({"name": "x", "tracking": "wandb"})
     exp = parse_config({"name": "x", "tracking": "tensorboard", "tracking_dir": "runs"})

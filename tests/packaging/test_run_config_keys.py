@@ -27,19 +27,19 @@ def test_pyproject_declares_every_aggregator_parameter_unset() -> None:
 
 def test_declared_config_parses_and_keeps_round_defaults() -> None:
     cfg = parse_run_config(declared())
-    assert cfg.aggregator == "ties"
-    assert cfg.aggregator_params == {"divisor": "weight", "density": 1.0}  # Ties.round_defaults
+    assert cfg.aggregation.name == "ties"
+    assert cfg.aggregation.params == {"divisor": "weight", "density": 1.0}  # Ties.round_defaults
 
 
 @pytest.mark.parametrize("aggregator", ["fedavg", "ties", "dare_ties", "magmax", "median", "norm_bounded"])
 def test_switching_aggregator_with_every_key_declared(aggregator: str) -> None:
     cfg = parse_run_config({**declared(), "aggregator": aggregator})
-    assert cfg.aggregator == aggregator
+    assert cfg.aggregation.name == aggregator
 
 
 def test_override_reaches_the_aggregator() -> None:
     cfg = parse_run_config({**declared(), "aggregator.scaling": 0.5})
-    assert cfg.aggregator_params == {"divisor": "weight", "density": 1.0, "scaling": 0.5}
+    assert cfg.aggregation.params == {"divisor": "weight", "density": 1.0, "scaling": 0.5}
 
 
 def test_round_owned_parameters_are_refused() -> None:

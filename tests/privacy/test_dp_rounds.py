@@ -57,11 +57,14 @@ def test_bad_dp_config_is_a_config_error_naming_the_key(raw: dict[str, Any], mat
 
 
 def test_dp_config_accepts_compatible_or_explicitly_allowed_aggregators() -> None:
-    assert parse_run_config({}).dp() is None
-    assert parse_run_config(DP).dp() is not None
-    assert parse_run_config({**DP, "aggregator": "norm_bounded"}).dp() is not None
-    assert parse_run_config({**DP, "aggregator": "ties", "dp-mode": "local"}).dp() is not None
-    assert parse_run_config({**DP, "aggregator": "ties", "dp-allow-any-aggregator": True}).dp() is not None
+    assert parse_run_config({}).dp.config() is None
+    assert parse_run_config(DP).dp.config() is not None
+    assert parse_run_config({**DP, "aggregator": "norm_bounded"}).dp.config() is not None
+    assert parse_run_config({**DP, "aggregator": "ties", "dp-mode": "local"}).dp.config() is not None
+    assert (
+        parse_run_config({**DP, "aggregator": "ties", "dp-allow-any-aggregator": True}).dp.config()
+        is not None
+    )
     with pytest.raises(ConfigError, match="not compatible"):
         parse_run_config({**DP, "aggregator": "norm_bounded", "aggregator.inner": "task_arithmetic"})
 

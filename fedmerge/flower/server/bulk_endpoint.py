@@ -556,13 +556,13 @@ def bulk_endpoint_for(cfg: RunConfig, store: ModelStore) -> BulkEndpoint:
     """The run's bulk endpoint (not started): spool ``bulk-spool-dir`` or ``<store>.spool``; TLS when
     ``bulk-tls-cert`` is set (the files were checked by :func:`~fedmerge.flower.config.parse_run_config`)."""
     root = Path(store.root).resolve()
-    spool = Path(cfg.bulk_spool_dir) if cfg.bulk_spool_dir else root.with_name(root.name + ".spool")
+    spool = Path(cfg.bulk.spool_dir) if cfg.bulk.spool_dir else root.with_name(root.name + ".spool")
     tls = None
-    if cfg.bulk_tls_cert:
-        client_ca = Path(cfg.bulk_tls_client_ca) if cfg.bulk_tls_client_ca else None
-        tls = TlsConfig(Path(cfg.bulk_tls_cert), Path(cfg.bulk_tls_key), client_ca)
+    if cfg.bulk.tls_cert:
+        client_ca = Path(cfg.bulk.tls_client_ca) if cfg.bulk.tls_client_ca else None
+        tls = TlsConfig(Path(cfg.bulk.tls_cert), Path(cfg.bulk.tls_key), client_ca)
     return BulkEndpoint(
-        spool, cfg.bulk_address, cfg.bulk_public_address, max_bytes=cfg.max_package_bytes,
-        reserve_bytes=cfg.bulk_spool_reserve_bytes, threshold=cfg.bulk_threshold_bytes,
-        tls=tls, allow_insecure=cfg.bulk_allow_insecure, store_root=root, open_store=reopener(store),
+        spool, cfg.bulk.address, cfg.bulk.public_address, max_bytes=cfg.rounds.max_package_bytes,
+        reserve_bytes=cfg.bulk.spool_reserve_bytes, threshold=cfg.bulk.threshold_bytes,
+        tls=tls, allow_insecure=cfg.bulk.allow_insecure, store_root=root, open_store=reopener(store),
     )  # fmt: skip

@@ -123,7 +123,7 @@ def commit_round(
     ``report.version_id``, or leaves it None (and says why) with fewer than ``min-valid`` usable
     replies. ``cohort``: the nodes sampled, ``connected``: the nodes connected (DP accounting)."""
     cfg = run.cfg
-    if not state.fold and len(report.accepted) >= cfg.min_valid:
+    if not state.fold and len(report.accepted) >= cfg.rounds.min_valid:
         try:
             report.version_id = _commit_streamed(run, base, state, report)
         except NonFiniteMerge as exc:  # find the offenders the in-memory way
@@ -138,7 +138,7 @@ def commit_round(
 def _nothing_committed(report: RoundReport, cfg: RunConfig) -> None:
     log.warning(
         "round %d attempt %d: %d valid replies < min-valid=%d; nothing committed",
-        report.round, report.attempt, len(report.accepted), cfg.min_valid,
+        report.round, report.attempt, len(report.accepted), cfg.rounds.min_valid,
     )  # fmt: skip
 
 
@@ -150,7 +150,7 @@ def _commit_in_memory(
     weights = state.base_weights
     assert isinstance(weights, dict), "the in-memory merge runs on materialised weights"
     state, finalized = finite_merge(state, report)
-    if finalized is None or len(report.accepted) < cfg.min_valid:
+    if finalized is None or len(report.accepted) < cfg.rounds.min_valid:
         _nothing_committed(report, cfg)
         return
     merged, state.privacy = privatize_round(
@@ -158,13 +158,13 @@ def _commit_in_memory(
         cohort=cohort, connected=connected, accepted=len(report.accepted),
         round_=report.round, attempt=report.attempt,
     )  # fmt: skip
-    opt = cfg.server_opt()  # a server optimiser's step; its state is kept with the version
+    opt = cfg.server_opt.create()  # a server optimiser's step; its state is kept with the version
     merged, opt_state = round_step(opt, store.load_state(base) if opt.enabled else None, merged)
     package = None
-    if cfg.downlink_density < 1.0:  # commit what clients will rebuild; keep the rest as residual
+    if cfg.downlink.density < 1.0:  # commit what clients will rebuild; keep the rest as residual
         if run.server_residual is None:
             run.server_residual = without_optimizer_state(store.load_state(base))
-        codec = CodecConfig(density=cfg.downlink_density, values=cfg.downlink_values)  # type: ignore[arg-type]
+        codec = CodecConfig(density=cfg.downlink.density, values=cfg.downlink.values)  # type: ignore[arg-type]
         meta = PackageMeta("server", report.round, base.id, base.content_hash)
         package, merged, run.server_residual = compress_update(merged, run.server_residual, codec, meta)
     if run.evaluate is not None:
@@ -218,7 +218,7 @@ def _commit(
     return run.store.commit_stream(
         merged,
         parents=[base.id],
-        method=run.cfg.aggregator,
+        method=run.cfg.aggregation.name,
         params=params,
         contributors=contributors_of(report),
         round=report.round,
@@ -233,7 +233,7 @@ def version_params(
     cfg: RunConfig, state: RoundState, opt_state: Mapping[str, torch.Tensor]
 ) -> dict[str, Any]:
     """The version's exact params: the aggregator's, the codec, the mode and the merge order."""
-    c = cfg.codec()
+    c = cfg.codec.config()
     codec = {
         "sparsify": c.sparsify,
         "density": c.density,
@@ -243,9 +243,9 @@ def version_params(
     return {
         **state.aggregator.params,
         "codec": codec,
-        "mode": cfg.mode,
+        "mode": cfg.training.mode,
         "merge-order": "in-memory" if state.fold else "tensor-major",
-        **({"server-optimizer": cfg.server_opt().params()} if opt_state else {}),
+        **({"server-optimizer": cfg.server_opt.create().params()} if opt_state else {}),
     }
 
 
@@ -279,7 +279,7 @@ def client_metrics_metadata(report: RoundReport, cfg: RunConfig) -> dict[str, An
     """``client-metrics``: each accepted client's own finite metrics (as it reported them, e.g. a plain
     Flower client's ``train_loss``), kept whatever names other clients use. Withheld under central DP
     (per-client values are not covered by the DP release)."""
-    if cfg.dp() is not None and cfg.dp_mode == "central":
+    if cfg.dp.config() is not None and cfg.dp.mode == "central":
         return {}
     return {"client-metrics": {o.client_id: dict(sorted(o.metrics.items())) for o in report.accepted}}
 
@@ -307,7 +307,7 @@ def finite_merge(state: RoundState, report: RoundReport) -> tuple[RoundState, St
     merge if that is finite. If it is still not (an overflow only the combination produces), every
     reply is recorded rejected and (state, None) is returned: nothing is committed.
     """
-    if len(report.accepted) < state.cfg.min_valid:
+    if len(report.accepted) < state.cfg.rounds.min_valid:
         return state, None
     merged, why = _finalize(state)
     if merged is not None:
@@ -334,7 +334,9 @@ def finite_merge(state: RoundState, report: RoundReport) -> tuple[RoundState, St
     for node, reply in state.accepted_replies:
         if node not in offenders:
             clean.judge(node, reply)
-    merged, why = _finalize(clean) if len(clean.accepted_replies) >= state.cfg.min_valid else (None, None)
+    merged, why = (
+        _finalize(clean) if len(clean.accepted_replies) >= state.cfg.rounds.min_valid else (None, None)
+    )
     if merged is None:
         offenders.update({n: f"the round's merge is not finite ({why or 'too few finite replies'})"
                           for n, _ in state.accepted_replies if n not in offenders})  # fmt: skip

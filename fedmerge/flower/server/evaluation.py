@@ -63,13 +63,15 @@ EXPIRED_CODES = frozenset({ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAG
 
 def evaluation_due(cfg: RunConfig, round_: int) -> bool:
     """True when round ``round_`` is followed by a federated evaluation."""
-    return cfg.fraction_evaluate > 0.0 and round_ % cfg.evaluate_every == 0
+    return cfg.evaluation.fraction_evaluate > 0.0 and round_ % cfg.evaluation.evaluate_every == 0
 
 
 def sample_evaluate_nodes(node_ids: Iterable[int], cfg: RunConfig, round_: int) -> list[int]:
     """``min(N, max(⌊fraction-evaluate·N⌋, min-evaluate-nodes))`` nodes, seeded by (seed, round)."""
     nodes = sorted(node_ids)
-    k = min(len(nodes), max(int(cfg.fraction_evaluate * len(nodes)), cfg.min_evaluate_nodes))
+    k = min(
+        len(nodes), max(int(cfg.evaluation.fraction_evaluate * len(nodes)), cfg.evaluation.min_evaluate_nodes)
+    )
     rng = random.Random(hashlib.sha256(f"{cfg.seed}/evaluate/{round_}".encode()).digest())
     return sorted(rng.sample(nodes, k))
 
@@ -86,7 +88,7 @@ def evaluate_config(cfg: RunConfig, round_: int, version: Version) -> ConfigReco
             "partitioner": cfg.partitioner,
             "dirichlet-alpha": cfg.dirichlet_alpha,
             "batch-size": cfg.batch_size,
-            "device": cfg.client_device,
+            "device": cfg.training.client_device,
             "version-id": version.id,
             "version-hash": version.content_hash,
         }
@@ -116,7 +118,7 @@ def build_evaluate_messages(
                 dst_node_id=node,
                 message_type=EVALUATE,
                 group_id=f"evaluate-{round_}",
-                ttl=cfg.round_deadline_s,
+                ttl=cfg.rounds.round_deadline_s,
             )
         )
     return messages, size * len(nodes)
@@ -196,9 +198,9 @@ def judge_evaluate_reply(
     """Accept or drop one evaluate reply; never raises (every problem is the node's recorded reason)."""
     client_id = label or f"node-{node_id}"
     if reply.has_error():
-        return NodeEvaluation(client_id, 0, False, _reason_of_error(reply, cfg.round_deadline_s))
+        return NodeEvaluation(client_id, 0, False, _reason_of_error(reply, cfg.rounds.round_deadline_s))
     try:
-        n, scalars, _ = reply_metrics(reply.content, cfg.max_num_examples)
+        n, scalars, _ = reply_metrics(reply.content, cfg.rounds.max_num_examples)
     except InvalidEvaluateReply as exc:
         return NodeEvaluation(client_id, 0, False, f"InvalidEvaluateReply: {exc}")
     except Exception as exc:  # a reply must never crash the run
@@ -282,7 +284,7 @@ def run_evaluation(
     def judge(node: int, reply: Message) -> NodeEvaluation:
         return judge_evaluate_reply(node, reply, cfg, names.get(node))
 
-    report.nodes = collect_evaluate(grid, messages, sampled, judge, cfg.round_deadline_s, names)
+    report.nodes = collect_evaluate(grid, messages, sampled, judge, cfg.rounds.round_deadline_s, names)
     report.metrics, report.num_examples = aggregate_evaluate(report.nodes)
     for node in report.dropped:
         log.warning("round %d: evaluate reply of %s dropped: %s", round_, node.client_id, node.reason)

@@ -94,7 +94,7 @@ def start_round(version: Version) -> int:
 def sample_nodes(node_ids: Iterable[int], cfg: RunConfig, round_: int, attempt: int) -> list[int]:
     """⌈fraction·N⌉ nodes, at least ``min-clients`` (if connected), seeded by (seed, round, attempt)."""
     nodes = sorted(node_ids)
-    k = min(len(nodes), max(cfg.min_clients, math.ceil(cfg.fraction * len(nodes))))
+    k = min(len(nodes), max(cfg.rounds.min_clients, math.ceil(cfg.rounds.fraction * len(nodes))))
     rng = random.Random(labelled_digest(cfg.seed, round_, attempt))
     return sorted(rng.sample(nodes, k))
 
@@ -124,13 +124,13 @@ def train_config(cfg: RunConfig, round_: int, base: Version) -> ConfigRecord:
             "local-epochs": cfg.local_epochs,
             "batch-size": cfg.batch_size,
             "task": cfg.task,
-            "mode": cfg.mode,
+            "mode": cfg.training.mode,
             "seed": cfg.seed,
             "partitioner": cfg.partitioner,
             "dirichlet-alpha": cfg.dirichlet_alpha,
-            "lora-rank": cfg.lora_rank,
-            "lora-alpha": cfg.lora_alpha,
-            "device": cfg.client_device,
+            "lora-rank": cfg.training.lora_rank,
+            "lora-alpha": cfg.training.lora_alpha,
+            "device": cfg.training.client_device,
         }
     )
 
@@ -138,7 +138,7 @@ def train_config(cfg: RunConfig, round_: int, base: Version) -> ConfigRecord:
 def fedmerge_config(cfg: RunConfig, round_: int, base: Version) -> ConfigRecord:
     """fedmerge's extras (``"fedmerge.config"``): the base version id and content hash a package must
     name, the codec, and the DP and fault settings; plain Flower clients ignore this record."""
-    codec = cfg.codec()
+    codec = cfg.codec.config()
     return ConfigRecord(
         {
             "round": round_,
@@ -148,25 +148,25 @@ def fedmerge_config(cfg: RunConfig, round_: int, base: Version) -> ConfigRecord:
             "codec-density": codec.density,
             "codec-values": codec.values,
             "codec-error-feedback": codec.error_feedback,
-            **FaultPlan(cfg.fault_dropout, cfg.fault_straggler, cfg.fault_straggler_delay_s).to_record(),
+            **FaultPlan(cfg.faults.dropout, cfg.faults.straggler, cfg.faults.straggler_delay_s).to_record(),
             **dp_train_keys(cfg),
             # > 0: reply with the diagonal Fisher of the fine-tuned model beside the delta
-            "fisher-examples": cfg.fisher_examples if needs_fisher(cfg) else 0,
-            "client-test-metrics": cfg.client_test_metrics,
+            "fisher-examples": cfg.training.fisher_examples if needs_fisher(cfg) else 0,
+            "client-test-metrics": cfg.evaluation.client_test_metrics,
         }
     )
 
 
 def dp_train_keys(cfg: RunConfig) -> dict[str, Any]:
     """The ``dp-*`` keys a client needs to clip (and in local mode noise); none when DP is off."""
-    if cfg.dp() is None:
+    if cfg.dp.config() is None:
         return {}
     return {
-        "dp-clip-norm": cfg.dp_clip_norm,
-        "dp-noise-multiplier": cfg.dp_noise_multiplier,
-        "dp-delta": cfg.dp_delta,
-        "dp-mode": cfg.dp_mode,
-        "dp-noise-seed": cfg.dp_noise_seed,
+        "dp-clip-norm": cfg.dp.clip_norm,
+        "dp-noise-multiplier": cfg.dp.noise_multiplier,
+        "dp-delta": cfg.dp.delta,
+        "dp-mode": cfg.dp.mode,
+        "dp-noise-seed": cfg.dp.noise_seed,
     }
 
 
@@ -207,7 +207,7 @@ def build_messages(
         content = RecordDict({CONFIG_RECORD: config, FEDMERGE_RECORD: node_extras})
         needs_base = node not in holders and (update is None or node not in parent_holders)
         ref = None
-        if cfg.bulk_downlink and needs_base and isinstance(settings, NodeBulkSettings):
+        if cfg.bulk.downlink and needs_base and isinstance(settings, NodeBulkSettings):
             ref = settings.base_reference(base)  # None below bulk-threshold-bytes: "arrays" then
         if node in holders:
             pass
@@ -237,7 +237,7 @@ def build_messages(
                 dst_node_id=node,
                 message_type="train",
                 group_id=str(round_),
-                ttl=cfg.round_deadline_s,
+                ttl=cfg.rounds.round_deadline_s,
             )
         )
     return messages, downlink
@@ -290,7 +290,7 @@ class Federation:
         if self._warm:
             return
         sizes = {"warm-up.small": (64,), "warm-up.large": (PARALLEL_MIN_ELEMENTS,)}
-        agg = create(self.cfg.aggregator, **aggregator_args(self.cfg, 0))
+        agg = create(self.cfg.aggregation.name, **aggregator_args(self.cfg, 0))
         agg.begin(sizes)
         gen = torch.Generator().manual_seed(0)
         for i in range(3):
@@ -300,7 +300,7 @@ class Federation:
                 delta = {n: SparseTensor.from_dense(t * (t.abs() > 2e-3)) for n, t in dense.items()}
             side: dict[str, Any] = {
                 k: {n: t.abs() for n, t in dense.items()}
-                for k in get_aggregator(self.cfg.aggregator).side_inputs
+                for k in get_aggregator(self.cfg.aggregation.name).side_inputs
             }
             agg.add(delta, 1.0, client_id=f"warm-up-{i}", **side)
         agg.finalize()
@@ -311,7 +311,7 @@ class Federation:
         self.warm_up()
         first = start_round(self.store.get("latest"))
         with contextlib.ExitStack() as stack:
-            if self.bulk is None and self.cfg.bulk_address:
+            if self.bulk is None and self.cfg.bulk.address:
                 self.bulk = stack.enter_context(bulk_endpoint_for(self.cfg, self.store))
                 stack.callback(setattr, self, "bulk", None)
             if self.bulk is not None:
@@ -331,7 +331,7 @@ class Federation:
     def _run_rounds(self, first: int) -> list[RoundReport]:
         reports = []
         for round_ in range(first, first + self.cfg.num_rounds):
-            for attempt in range(self.cfg.max_retries + 1):
+            for attempt in range(self.cfg.rounds.max_retries + 1):
                 report = self.run_round(round_, attempt)
                 reports.append(report)
                 if report.version_id is not None and evaluation_due(self.cfg, round_):
@@ -342,8 +342,8 @@ class Federation:
                     break
             else:
                 raise RoundAborted(
-                    f"round {round_}: fewer than min-valid={self.cfg.min_valid} valid replies in "
-                    f"{self.cfg.max_retries + 1} attempt(s); nothing committed. Reasons: "
+                    f"round {round_}: fewer than min-valid={self.cfg.rounds.min_valid} valid replies in "
+                    f"{self.cfg.rounds.max_retries + 1} attempt(s); nothing committed. Reasons: "
                     + "; ".join(f"{o.client_id}: {o.reason}" for o in reports[-1].rejected)
                 )
         return reports
@@ -363,8 +363,8 @@ class Federation:
             self.store.weights_view(base) if tensor_major else self.weights_of(base)
         )
         report = RoundReport(round_, attempt, base.id, [])
-        nodes = wait_for_nodes(self.grid, self.cfg.min_clients, self.cfg.wait_for_nodes_s)
-        if len(nodes) < self.cfg.min_valid:
+        nodes = wait_for_nodes(self.grid, self.cfg.rounds.min_clients, self.cfg.rounds.wait_for_nodes_s)
+        if len(nodes) < self.cfg.rounds.min_valid:
             log.warning("round %d: only %d nodes connected (< min-valid)", round_, len(nodes))
             report.wall_s = time.perf_counter() - t0
             return report
@@ -385,7 +385,7 @@ class Federation:
         state.labels = self.labels  # client ids stated in earlier replies name the nodes
         state.bulk, state.attempt = bulk, attempt
         try:
-            report.outcomes = collect(self.grid, messages, sampled, state, self.cfg.round_deadline_s)
+            report.outcomes = collect(self.grid, messages, sampled, state, self.cfg.rounds.round_deadline_s)
             # only fedmerge clients cache the base: a plain Flower client gets "arrays" in every round
             holders.update(o.node_id for o in report.outcomes if o.accepted and o.fedmerge_client)
             # what a refused node holds is unknown (e.g. it could not apply the downlink update: it

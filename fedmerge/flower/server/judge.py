@@ -262,13 +262,15 @@ class RoundState:
         self.seen_clients: set[str] = set()
         self.seen_hashes: set[str] = set()
         args = aggregator_args(cfg, round_)
-        if cfg.bulk_address:  # large payloads: fold each delta at once, memory independent of the clients
+        if cfg.bulk.address:  # large payloads: fold each delta at once, memory independent of the clients
             args.setdefault("group_size", 1)
-        self.aggregator: Aggregator = create(cfg.aggregator, **args)
+        self.aggregator: Aggregator = create(cfg.aggregation.name, **args)
         self.aggregator.begin(self.shapes)
-        self.limits = DecodeLimits(max_package_bytes=cfg.max_package_bytes).within_base(self.shapes, factor=2)
+        self.limits = DecodeLimits(max_package_bytes=cfg.rounds.max_package_bytes).within_base(
+            self.shapes, factor=2
+        )
         self.max_abs = (
-            value_bound(self.shapes, total_weight=float(cfg.max_num_examples) * MAX_ROUND_REPLIES)
+            value_bound(self.shapes, total_weight=float(cfg.rounds.max_num_examples) * MAX_ROUND_REPLIES)
             if max_abs is None
             else max_abs
         )
@@ -305,7 +307,7 @@ class RoundState:
             if reply.has_error():
                 err = reply.error
                 if err.code in EXPIRED_CODES:  # Flower's answer once the message's TTL (the deadline) ran out
-                    timeout = deadline_reason(self.cfg.round_deadline_s)
+                    timeout = deadline_reason(self.cfg.rounds.round_deadline_s)
                     return ReplyOutcome(node_id, default_id, False, timeout)
                 reason = shorten_middle(" ".join(str(err.reason or "").split()))
                 return ReplyOutcome(node_id, default_id, False, f"client failed (code {err.code}): {reason}")
@@ -368,9 +370,9 @@ class RoundState:
         return self._dense(content, client_id)
 
     def _check_size(self, size: int, what: str = "package") -> None:  # before anything is read
-        if size > self.cfg.max_package_bytes:
+        if size > self.cfg.rounds.max_package_bytes:
             raise StaleOrInvalid(
-                f"{what} of {size} bytes exceeds max-package-bytes={self.cfg.max_package_bytes}; "
+                f"{what} of {size} bytes exceeds max-package-bytes={self.cfg.rounds.max_package_bytes}; "
                 "lower codec-density or raise max-package-bytes"
             )
 
@@ -477,7 +479,8 @@ class RoundState:
             data = record_to_package(content, FISHER_RECORD_KEY)
         except MissingPackage as exc:
             raise StaleOrInvalid(
-                f"the aggregator {self.cfg.aggregator!r} merges with each client's diagonal Fisher: {exc}"
+                f"the aggregator {self.cfg.aggregation.name!r} merges with each client's diagonal "
+                f"Fisher: {exc}"
             ) from None
         self._check_size(len(data), "Fisher package")
         pkg, _ = self._decode(data)
@@ -491,10 +494,10 @@ class RoundState:
         return {k: (v.to_dense() if isinstance(v, SparseTensor) else v) for k, v in filled.items()}
 
     def _check_examples(self, n: int, client_id: str) -> None:
-        if not 1 <= n <= self.cfg.max_num_examples:
+        if not 1 <= n <= self.cfg.rounds.max_num_examples:
             raise StaleOrInvalid(
                 f"num-examples={n} from {client_id!r} is outside [1, max-num-examples="
-                f"{self.cfg.max_num_examples}]; report the number of local training examples"
+                f"{self.cfg.rounds.max_num_examples}]; report the number of local training examples"
             )
 
     def _check_unique(self, node_id: int, digest: str) -> None:

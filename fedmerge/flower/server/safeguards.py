@@ -108,13 +108,13 @@ def screen_delta(
     cos = None if ref.compared is None else cosine(delta, ref.compared)
     z = ref.norm_score(norm)
     reasons = []
-    if cfg.reject_anomalies > 0 and z is not None and z > cfg.reject_anomalies:
-        limit = cfg.reject_anomalies
+    if cfg.screen.anomalies > 0 and z is not None and z > cfg.screen.anomalies:
+        limit = cfg.screen.anomalies
         reasons.append(f"norm {norm:.4g} has robust z-score {z:.3g} > reject-anomalies={limit}")
-    if cfg.reject_min_cosine > -1 and cos is not None and cos < cfg.reject_min_cosine:
+    if cfg.screen.min_cosine > -1 and cos is not None and cos < cfg.screen.min_cosine:
         reasons.append(
             f"cosine {cos:.3f} to the previous aggregate {ref.version_id} < reject-min-cosine="
-            f"{cfg.reject_min_cosine:g}"
+            f"{cfg.screen.min_cosine:g}"
         )
     scores[client_id] = {"norm": norm, "norm_score_prev": z, "cosine_prev": cos, "rejected": bool(reasons)}
     if reasons:
@@ -122,7 +122,7 @@ def screen_delta(
             f"anomalous update from {client_id!r}: " + "; ".join(reasons)
             + " (raise the threshold if honest clients are rejected)"
         )  # fmt: skip
-    dp = cfg.dp()
+    dp = cfg.dp.config()
     if dp is None or dp.mode != "central":
         return delta, weight
     clipped, _ = clip_delta(delta, dp.clip_norm)
@@ -143,9 +143,9 @@ def prior_accountant(store: ModelStore, base: Version) -> RdpAccountant:
 
 def noise_generator(cfg: RunConfig, round_: int, attempt: int) -> torch.Generator:
     """Secret (``dp-noise-seed = -1``: from the OS) or reproducible from (dp-noise-seed, round, attempt)."""
-    if cfg.dp_noise_seed < 0:
+    if cfg.dp.noise_seed < 0:
         return torch.Generator().manual_seed(secrets.randbits(63))
-    return torch.Generator().manual_seed(labelled_seed("dp-central", cfg.dp_noise_seed, round_, attempt))
+    return torch.Generator().manual_seed(labelled_seed("dp-central", cfg.dp.noise_seed, round_, attempt))
 
 
 def privatize_round(
@@ -160,7 +160,7 @@ def privatize_round(
     attempt: int,
 ) -> tuple[StateDict, dict[str, Any] | None]:
     """(released aggregate, manifest privacy record); unchanged and None when DP is off (module doc)."""
-    dp = cfg.dp()
+    dp = cfg.dp.config()
     if dp is None:
         return merged, None
     calibrated = dp.mode == "local" or dp_calibrated(cfg)
@@ -178,7 +178,7 @@ def privatize_round(
     record.update(
         {
             "calibrated": calibrated,
-            "aggregator": cfg.aggregator,
+            "aggregator": cfg.aggregation.name,
             "denominator": cohort,
             "weights": "unit (every accepted client weighs 1; num-examples are not used)",
         }
@@ -200,15 +200,15 @@ def anomaly_metadata(
         if cid in in_round:
             item["norm_score"] = _finite(in_round[cid]["norm_score"])
         clients[cid] = item
-    dp = cfg.dp()
+    dp = cfg.dp.config()
     if dp is not None and dp.mode == "central":
         clients = {cid: {"rejected": s["rejected"]} for cid, s in clients.items()}
     return {
         ANOMALY_KEY: {
             "reference_version": ref.version_id if ref.aggregate is not None else None,
             "cosine_to": "the previous version's merged delta",
-            "reject_anomalies": cfg.reject_anomalies,
-            "reject_min_cosine": cfg.reject_min_cosine,
+            "reject_anomalies": cfg.screen.anomalies,
+            "reject_min_cosine": cfg.screen.min_cosine,
             "withheld": dp is not None and dp.mode == "central",
             "clients": clients,
         }

@@ -48,18 +48,18 @@ DeltaTensor = torch.Tensor | SparseTensor
 
 def spool_fold_blocker(cfg: RunConfig, server_eval: bool) -> str | None:
     """Why a round with this configuration cannot merge tensor-major, or None when it can."""
-    if not cfg.bulk_address:
+    if not cfg.bulk.address:
         return "no bulk endpoint (bulk-address)"
-    method = get(cfg.aggregator)
+    method = get(cfg.aggregation.name)
     if not method.tensorwise:
-        return f"aggregator {cfg.aggregator!r} looks at whole deltas"
+        return f"aggregator {cfg.aggregation.name!r} looks at whole deltas"
     if method.side_inputs or needs_fisher(cfg):
-        return f"aggregator {cfg.aggregator!r} takes side inputs"
-    if cfg.dp() is not None:
+        return f"aggregator {cfg.aggregation.name!r} takes side inputs"
+    if cfg.dp.config() is not None:
         return "differential privacy releases the whole merged delta (clipping, noise, accounting)"
-    if cfg.server_opt().enabled:
+    if cfg.server_opt.create().enabled:
         return "a server optimiser steps on the whole merged delta"
-    if cfg.downlink_density < 1.0:
+    if cfg.downlink.density < 1.0:
         return "the compressed downlink encodes the whole merged delta"
     if server_eval:
         return "server-side evaluation needs the new weights in memory"
@@ -171,7 +171,7 @@ class HeldReply:
 
 def aggregator_args(cfg: RunConfig, round_: int) -> dict[str, Any]:
     """The round's aggregator arguments: the run's seed, the round and ``aggregator-params``."""
-    return {"seed": cfg.seed, "round": round_, **cfg.aggregator_params}
+    return {"seed": cfg.seed, "round": round_, **cfg.aggregation.params}
 
 
 def merge_tensor_major(
@@ -182,7 +182,7 @@ def merge_tensor_major(
     folded at once (``group_size`` 1)."""
     args = {**aggregator_args(cfg, round_), "group_size": 1}
     for name in sorted(shapes):
-        agg = create(cfg.aggregator, **args)
+        agg = create(cfg.aggregation.name, **args)
         agg.begin({name: shapes[name]})
         for reply in replies:
             agg.add({name: reply.delta[name]}, reply.weight, client_id=reply.client_id)
