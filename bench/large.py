@@ -2,7 +2,7 @@
 SuperNodes, fedmerge's round engine against Flower's FedAvg over Flower's own transport, same nodes and
 model, same run.
 
-    python -m bench large [--quick] [--clients N] [--params P] [--tensors T] [--link-mbit R]
+    python -m bench large [--quick] [--clients N] [--params P] [--tensors T] [--link-mbit R] [--repeats K]
 
 Full: N = 8, a model of 2^30 ≈ 1.07 B parameters in bf16 (2 GiB), links of 1000 Mbit/s; quick: N = 3,
 64 M parameters (128 MB per dense package) and links of 200 Mbit/s, so the three rounds fit in about
@@ -16,10 +16,11 @@ own work lands in the upload phase), and replies.
 only through its own localhost proxy, a token bucket of ``--link-mbit`` in each direction shared by
 all the node's connections, so Flower and fedmerge cross identical links (``--link-mbit 0``: none).
 
-**Three rounds** (one each, k = 1: a round at this size takes a minute): fedmerge at equal bytes
-(dense bf16 packages, every one through the bulk endpoint), Flower's FedAvg (fp16 weights: the same
-two bytes per parameter), fedmerge with its default codec (top-k 10 % with int8 values and error
-feedback, the default bulk threshold: a package under it travels inline in Flower's reply).
+**Three rounds**, repeated ``--repeats`` times (default 2) interleaved, each phase the best of its
+repeats: fedmerge at equal bytes (dense bf16 packages, every one through the bulk endpoint), Flower's
+FedAvg (fp16 weights: the same two bytes per parameter), fedmerge with its default codec (top-k 10 %
+with int8 values and error feedback, the default bulk threshold: a package under it travels inline in
+Flower's reply). Memory and round-time figures are those of each mode's first round.
 
 **Phases** (``time.time()`` of every process on this host; ``large_app.py`` says where each is taken):
 
@@ -31,6 +32,10 @@ feedback, the default bulk threshold: a package under it travels inline in Flowe
   judge's checks); Flower, its replies' arrays received and handed to ``aggregate_train``. Flower's
   grid polls for replies every 3 s: part of what its users wait for, so part of its phase;
 * ``*_from_ready``: the same from the earliest moment a node's delta existed (encoding included);
+* ``link_time_s``: one dense package's bytes over the link (the nodes upload in parallel), the floor
+  of any upload phase at equal bytes; ``link_time_vs_flower`` is that floor over Flower's phase;
+* ``arrival_s`` (first byte → last reply pulled by the ServerApp) and ``judge_last_s`` (→ its
+  package verified) split the upload phase;
 * server phase = last reply pulled by the ServerApp → version committed (fedmerge: merged tensor-major
   from the spool into the store) / the aggregate written and fsynced (Flower).
 
@@ -76,8 +81,11 @@ def phases(
     verified, committed = result.get("verified_t"), result.get("committed_t")
     replies = [float(t) for t in result.get("replies_t") or []]
     first = min(firsts) if firsts else None
+    last_reply = max(replies) if replies else None
     out = {
         "upload_s": None if first is None or verified is None else float(verified) - first,
+        "arrival_s": None if first is None or last_reply is None else last_reply - first,
+        "judge_last_s": None if last_reply is None or verified is None else float(verified) - last_reply,
         "upload_from_ready_s": None
         if not ready or verified is None
         else float(verified) - min(ready.values()),
@@ -92,6 +100,12 @@ def _ratio(a: float | None, b: float | None, digits: int = 3) -> float | None:
     return None if a is None or not b else round(a / b, digits)
 
 
+def best(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Best of k: each phase's smallest value over the repeats of one mode (None when none has it)."""
+    keys = {k for run in runs for k in run}
+    return {k: min((r[k] for r in runs if r.get(k) is not None), default=None) for k in sorted(keys)}
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench large", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="N = 3, 64 M parameters, 200 Mbit/s links")
@@ -99,6 +113,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--params", type=int, default=None, help="model parameters (bf16)")
     parser.add_argument("--tensors", type=int, default=None, help="tensors the parameters are split into")
     parser.add_argument("--timeout-s", type=float, default=None, help="per flwr run")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds per mode (best of k)")
     parser.add_argument(
         "--link-mbit", type=float, default=None, help="each node's link, Mbit/s each way (0: none)"
     )
@@ -108,8 +123,11 @@ def main(argv: list[str]) -> int:
     link_mbit = args.link_mbit if args.link_mbit is not None else (200.0 if args.quick else 1000.0)
     tensors = args.tensors or (64 if args.quick else 256)
     timeout_s = args.timeout_s or (240.0 if args.quick else 1800.0)
-    if clients < 1 or params < tensors or tensors < 1 or link_mbit < 0:
-        print("--clients, --tensors ≥ 1, --params ≥ --tensors and --link-mbit ≥ 0", file=sys.stderr)
+    repeats = args.repeats
+    if clients < 1 or params < tensors or tensors < 1 or link_mbit < 0 or repeats < 1:
+        print(
+            "--clients, --tensors, --repeats ≥ 1, --params ≥ --tensors and --link-mbit ≥ 0", file=sys.stderr
+        )
         return 2
     numel = -(-params // tensors)
     with tempfile.TemporaryDirectory(prefix="bench-large-") as tmp:
@@ -119,20 +137,30 @@ def main(argv: list[str]) -> int:
         common = {"out-dir": str(work), "num-clients": clients, "seed": 0, "timeout-s": timeout_s,
                   "tensors": tensors, "tensor-numel": numel, "bulk-address": f"127.0.0.1:{dep.bulk_port}",
                   "store": str(work / "store"), "spool": str(work / "spool")}  # fmt: skip
-        results: dict[str, dict[str, Any]] = {}
-        walls: dict[str, float] = {}
+        runs: dict[str, list[tuple[dict[str, Any], float]]] = {mode: [] for mode in MODES}
         try:
             dep.up()
-            for mode in MODES:
-                fedmerge = mode != "flower"
-                config = {**common, "bench-mode": "fedmerge" if fedmerge else "flower",
-                          "bench-codec": mode.removeprefix("fedmerge-") if fedmerge else "dense"}  # fmt: skip
-                results[mode], walls[mode] = dep.run(config, timeout_s + 120)
+            for repeat in range(repeats):  # interleaved: each repeat runs every mode once
+                for mode in MODES:
+                    kind, _, codec_name = mode.partition("-")  # "flower" or "fedmerge", codec
+                    config = {**common, "bench-repeat": repeat, "bench-mode": kind,
+                              "bench-codec": codec_name or "dense"}  # fmt: skip
+                    runs[mode].append(dep.run(config, timeout_s + 120))
             events = dep.events()
-            timings = {mode: phases(results[mode], events, mode, dep.links) for mode in MODES}
+            timings = {
+                mode: best(
+                    [
+                        phases(r, events, f"{mode}/{k}", dep.links)
+                        for k, (r, _) in enumerate(runs[mode])
+                        if r.get("ok")
+                    ]
+                )
+                for mode in MODES
+            }
             link_bytes_up = sum(link.bytes_up for link in dep.links)
         finally:
             dep.stop()
+        results = {mode: runs[mode][0][0] for mode in MODES}
         fed = results["fedmerge-dense"]
         if not fed.get("ok"):
             print(
@@ -141,10 +169,13 @@ def main(argv: list[str]) -> int:
             )
             return 1
         package_bytes = int(fed["uplink_bytes"]) // clients
-        read_s = disk_read_s(work / "spool" / "disk-read", clients, package_bytes)
+        read_s = min(
+            disk_read_s(work / "spool" / "disk-read", clients, package_bytes) for _ in range(repeats)
+        )
     flower, codec = results["flower"], results["fedmerge-default"]
     flower_ok, codec_ok = bool(flower.get("ok")), bool(codec.get("ok"))
     growth = int(fed["rss_peak"]) - int(fed["rss_base"])
+    uplink = 2 * tensors * numel * clients  # Flower's: N fp16 models
     dense_t, flower_t, codec_t = timings["fedmerge-dense"], timings["flower"], timings["fedmerge-default"]
     out: dict[str, Any] = {
         "clients": clients,
@@ -154,18 +185,23 @@ def main(argv: list[str]) -> int:
         "codec_package_bytes": int(codec["uplink_bytes"]) // clients if codec_ok else None,
         "link_mbit": link_mbit,
         "link_bytes_up": link_bytes_up,
-        "upload_phase_s": dense_t["upload_s"],
-        "upload_phase_flower_s": flower_t["upload_s"] if flower_ok else None,
-        "upload_phase_codec_s": codec_t["upload_s"] if codec_ok else None,
-        "upload_from_ready_s": dense_t["upload_from_ready_s"],
-        "upload_from_ready_flower_s": flower_t["upload_from_ready_s"] if flower_ok else None,
-        "upload_from_ready_codec_s": codec_t["upload_from_ready_s"] if codec_ok else None,
-        "server_phase_s": dense_t["server_s"],
-        "server_phase_flower_s": flower_t["server_s"] if flower_ok else None,
-        "server_phase_codec_s": codec_t["server_s"] if codec_ok else None,
-        "first_byte_spread_s": {m: timings[m]["first_byte_spread_s"] for m in MODES},
+        "link_time_s": round(8 * package_bytes / (link_mbit * 1e6), 3) if link_mbit else None,
+        "link_time_vs_flower": _ratio(8 * package_bytes / (link_mbit * 1e6), flower_t.get("upload_s"))
+        if link_mbit and flower_ok
+        else None,
+        "upload_phase_s": dense_t.get("upload_s"),
+        "upload_phase_flower_s": flower_t.get("upload_s") if flower_ok else None,
+        "upload_phase_codec_s": codec_t.get("upload_s") if codec_ok else None,
+        "upload_from_ready_s": dense_t.get("upload_from_ready_s"),
+        "upload_from_ready_flower_s": flower_t.get("upload_from_ready_s") if flower_ok else None,
+        "upload_from_ready_codec_s": codec_t.get("upload_from_ready_s") if codec_ok else None,
+        "server_phase_s": dense_t.get("server_s"),
+        "server_phase_flower_s": flower_t.get("server_s") if flower_ok else None,
+        "server_phase_codec_s": codec_t.get("server_s") if codec_ok else None,
+        "repeats": repeats,
+        "phases": timings,
         "fedmerge_round_s": round(float(fed["round_s"]), 3),
-        "fedmerge_run_wall_s": round(walls["fedmerge-dense"], 3),
+        "fedmerge_run_wall_s": round(runs["fedmerge-dense"][0][1], 3),
         "server_rss_base_bytes": int(fed["rss_base"]),
         "server_rss_peak_bytes": int(fed["rss_peak"]),
         "server_warm_up_rss_bytes": int(fed["rss_warm_up"]),
@@ -179,20 +215,27 @@ def main(argv: list[str]) -> int:
         )
         if flower_ok
         else None,
-        "failures": {
-            m: str(r.get("error") or r.get("rejected"))[:300] for m, r in results.items() if not r.get("ok")
-        },
+        "failures": [
+            f"{m}/{k}: {str(r.get('error') or r.get('rejected'))[:300]}"
+            for m in MODES
+            for k, (r, _) in enumerate(runs[m])
+            if not r.get("ok")
+        ],
+        "flower_failures": [] if flower_ok else [f"{uplink} B: {str(flower.get('error'))[:300]}"],
+        "flower_largest_ok_bytes": uplink if flower_ok else 0,
         "server_peak_rss_over_model": round(growth / model_bytes, 3),
         "round_time_over_disk_read": round(float(fed["round_s"]) / read_s, 2),
         "round_time_vs_flower": _ratio(float(fed["round_s"]), float(flower["round_s"]))
         if flower_ok
         else None,
-        "upload_phase_vs_flower": _ratio(dense_t["upload_s"], flower_t["upload_s"]) if flower_ok else None,
-        "upload_phase_vs_flower_codec": _ratio(codec_t["upload_s"], flower_t["upload_s"])
+        "upload_phase_vs_flower": _ratio(dense_t.get("upload_s"), flower_t.get("upload_s"))
+        if flower_ok
+        else None,
+        "upload_phase_vs_flower_codec": _ratio(codec_t.get("upload_s"), flower_t.get("upload_s"))
         if flower_ok and codec_ok
         else None,
-        "server_phase_over_disk_read": _ratio(dense_t["server_s"], read_s, 2),
-        "command": "python -m bench large" + (" --quick" if args.quick else ""),
+        "server_phase_over_disk_read": _ratio(dense_t.get("server_s"), read_s, 2),
+        "command": "python -m bench " + " ".join(["large", *argv]),
     }
     for key in ("link_mbit", "upload_phase_s", "upload_phase_flower_s", "upload_phase_codec_s",
                 "server_phase_s", "server_phase_flower_s", "disk_read_s", "fedmerge_merge_s",

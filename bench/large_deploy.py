@@ -97,6 +97,7 @@ class Deployment:
     def run(self, config: dict[str, Any], timeout_s: float) -> tuple[dict[str, Any], float]:
         """``flwr run`` of the benchmark app; (the ServerApp's result file, the whole run's seconds)."""
         mode = "flower" if config["bench-mode"] == "flower" else f"fedmerge-{config['bench-codec']}"
+        mode = f"{mode}-{config['bench-repeat']}"
         out = Path(str(config["out-dir"])) / f"{mode}-result.json"
         out.unlink(missing_ok=True)
         text = " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in config.items())

@@ -31,7 +31,8 @@ timestamps (``time.time()``, one clock for all processes of the host):
 * ``committed_t``: fedmerge, the version committed (the round's spool released right after the
   commit); Flower, the aggregate written and fsynced.
 
-Each node appends ``{"mode", "node", "event", "t"}`` lines to ``<out-dir>/events.jsonl``:
+Each node appends ``{"mode", "node", "event", "t"}`` lines (``mode``: :func:`_mode`, with the
+``bench-repeat`` the benchmark numbers its rounds by) to ``<out-dir>/events.jsonl``:
 ``delta-ready`` (its own work done: the delta exists, and every other node's too: the nodes wait for
 each other, :func:`_barrier`, so that the uploads start together) and ``reply-handed`` (package encoded and,
 for fedmerge above the threshold, uploaded; Flower: the reply handed to Flower's transport).
@@ -83,7 +84,7 @@ def _event(c: dict[str, Any], node: int, event: str) -> None:
 def _barrier(c: dict[str, Any], partition: int) -> None:
     """Wait until every node of this round has its delta (a file per node in ``<out-dir>``), so that
     the uploads start together and no node's own work is counted in another's upload phase."""
-    folder = Path(str(c["out-dir"])) / f"barrier-{_mode(c)}"
+    folder = Path(str(c["out-dir"])) / f"barrier-{_mode(c).replace('/', '-')}"
     folder.mkdir(exist_ok=True)
     (folder / str(partition)).touch()
     end = time.monotonic() + float(c["timeout-s"])
@@ -92,7 +93,9 @@ def _barrier(c: dict[str, Any], partition: int) -> None:
 
 
 def _mode(c: dict[str, Any]) -> str:
-    return "flower" if c["bench-mode"] == "flower" else f"fedmerge-{c['bench-codec']}"
+    """The round's label: ``flower``, ``fedmerge-dense`` or ``fedmerge-default``, and ``/<repeat>``."""
+    mode = "flower" if c["bench-mode"] == "flower" else f"fedmerge-{c['bench-codec']}"
+    return f"{mode}/{c['bench-repeat']}"
 
 
 def _time_replies(grid: Grid, times: list[float]) -> None:
@@ -220,7 +223,7 @@ def main(grid: Grid, context: Context) -> None:
 
     use_mmap_for_large_allocations()  # as fedmerge's ServerApp does (server/app.py); both sides alike
     c = dict(context.run_config)
-    out = Path(str(c["out-dir"])) / f"{_mode(c)}-result.json"
+    out = Path(str(c["out-dir"])) / f"{_mode(c).replace('/', '-')}-result.json"
     try:
         result = _fedmerge_round(grid, c) if c["bench-mode"] == "fedmerge" else _flower_round(grid, c)
     except Exception as exc:  # the benchmark reads the reason from the result file
