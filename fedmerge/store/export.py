@@ -33,6 +33,7 @@ The peft-adapter export (:func:`export_peft`) refactorises each non-zero summed 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import math
@@ -40,12 +41,12 @@ import os
 import secrets
 import shutil
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import torch
 
@@ -83,6 +84,7 @@ MAX_EXPORT_WORKERS = 16  # threads copying tensors; the default is one per CPU u
 CHUNK_BYTES = 1 << 20  # per-thread buffers: a chunk is still in cache when it is hashed, summed, written
 CHUNK_ELEMENTS = CHUNK_BYTES // 8  # elements per chunk: fits a 1 MiB buffer in any dtype up to 8 bytes
 WRITEBACK_BYTES = 8 << 20  # written bytes handed to the disk (start_writeback) in runs of this size
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -183,6 +185,63 @@ def export_workers(workers: int | None, tasks: int) -> int:
         raise ConfigError(f"workers is {workers}; pass a positive number of threads, or none for the CPUs")
     n = workers if workers is not None else min(os.cpu_count() or 1, MAX_EXPORT_WORKERS)
     return max(1, min(n, tasks))
+
+
+class _Parallel(Generic[_T]):
+    """``fn`` over ``items`` (taken in order) on ``threads`` threads, all started before any takes an
+    item: a thread's start waits until the new thread runs, which takes long once the others hold
+    the GIL (a thread pool starts each thread as work is submitted). The first failure stops the
+    others taking new items; :meth:`join` waits for every thread and raises it."""
+
+    def __init__(self, fn: Callable[[_T], None], items: Iterable[_T], threads: int) -> None:
+        self._fn = fn
+        self._items = iter(items)
+        self._lock = threading.Lock()
+        self._go = threading.Event()
+        self._stopped = False
+        self._failure: BaseException | None = None
+        self._threads = [threading.Thread(target=self._run, name=f"export-{i}") for i in range(threads)]
+        try:
+            for thread in self._threads:
+                thread.start()
+        finally:
+            self._go.set()
+
+    def _next(self) -> tuple[bool, _T | None]:
+        with self._lock:
+            if self._stopped:
+                return False, None
+            for item in self._items:
+                return True, item
+            return False, None
+
+    def _run(self) -> None:
+        self._go.wait()
+        while True:
+            more, item = self._next()
+            if not more:
+                return
+            try:
+                self._fn(item)  # type: ignore[arg-type]  # more is True: an item
+            except BaseException as exc:
+                with self._lock:
+                    self._stopped = True
+                    if self._failure is None:
+                        self._failure = exc
+                return
+
+    def cancel(self) -> None:
+        """No thread takes a new item (those running finish theirs)."""
+        with self._lock:
+            self._stopped = True
+
+    def join(self) -> None:
+        """Wait for every thread (no thread runs ``fn`` after this); raise the first failure."""
+        for thread in self._threads:
+            if thread.ident is not None:
+                thread.join()
+        if self._failure is not None:
+            raise self._failure
 
 
 @dataclass(frozen=True)
@@ -374,11 +433,8 @@ def export_safetensors(
                 slots.append(_Slot(spec, fd, offset))
                 offset += spec.nbytes
         slots.sort(key=lambda slot: -slot.spec.nbytes)  # largest first: the threads finish together
-        writer = _TensorWriter(store, root, deltas)
-        pool = ThreadPoolExecutor(max_workers=threads)
-        try:
-            futures = [pool.submit(writer.write, slot) for slot in slots]
-            # the small files are written while the threads copy the tensors
+        running = _Parallel(_TensorWriter(store, root, deltas).write, slots, threads)
+        try:  # the small files are written while the threads copy the tensors
             total = sum(s.nbytes for s in specs)
             files = list(names)
             if len(shards) > 1:
@@ -395,10 +451,12 @@ def export_safetensors(
             _write_file(stage / MODEL_CARD, model_card(store, version, kind="full").encode(), sync=False)
             _write_file(stage / PROVENANCE_FILE, version.to_json().encode(), sync=False)
             files += [MODEL_CARD, PROVENANCE_FILE]
-            for future in futures:
-                future.result()  # the first failure propagates; the finally below stops the rest
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)  # no thread writes to a descriptor after this
+        except BaseException:
+            running.cancel()
+            with contextlib.suppress(BaseException):
+                running.join()  # no thread writes to a descriptor after this
+            raise
+        running.join()  # the first failure propagates once every thread has stopped
         publish(stage, out, [*fds, *(stage / f for f in files[len(names) :])])
     except BaseException:
         for fd in fds:

@@ -18,9 +18,11 @@ the ones a crashed writer left. An object is durable once its upload has complet
 Reads. :meth:`S3BlobBackend.open_read` returns a seekable reader: a blob already in the local
 read-through cache is a local file; a blob up to :attr:`S3BlobBackend.cache_blob_max` is downloaded
 whole into the cache while its sha256 is checked (a mismatch is a :class:`CorruptBlobError` and
-nothing is cached); a larger blob is read by HTTP ranges (:class:`RangeReader`) without downloading
-it first. Either way the store's readers hash every byte they use, so bytes changed in the bucket
-are refused. The cache holds at most ``cache_bytes`` (least recently used blobs evicted first).
+nothing is cached); a larger blob is read by HTTP ranges as it arrives
+(:class:`~fedmerge.store.s3_ranges.RangeReader`: the first ranged GET's body streams straight into
+the reader's buffers, no copy of the blob held). Either way the store's readers hash every byte
+they use, so bytes changed in the bucket are refused. The cache holds at most ``cache_bytes`` (least
+recently used blobs evicted first).
 
 Retries. Every request goes through botocore's retry handler (``adaptive`` mode: exponential
 back-off with jitter on 5xx, ``SlowDown``/throttling and connection errors, ``max_attempts``
@@ -60,13 +62,12 @@ from fedmerge.store.s3_client import (
     make_client,
     server_time,
 )
+from fedmerge.store.s3_ranges import READ_AHEAD, STREAM_BUFFER, RangeReader, release_body
 
 MULTIPART_THRESHOLD = 16 << 20
 """Blobs larger than this are uploaded in parts."""
 PART_BYTES = 16 << 20
 """Bytes per multipart part (S3's minimum is 5 MiB, except the last)."""
-READ_AHEAD = 8 << 20
-"""Bytes one ranged GET fetches at least (a tensor's bytes are read sequentially)."""
 DEFAULT_CACHE_BYTES = 2 << 30
 INTAKE_SPOOL = "intake/spool"
 """Where, under the store's prefix, ``serve-continual`` replicas keep acknowledged experts' bytes
@@ -388,7 +389,6 @@ class S3BlobBackend:
             first = self.client.get_object(
                 Bucket=self.loc.bucket, Key=self.key(digest), Range=f"bytes=0-{READ_AHEAD - 1}"
             )
-            head = bytes(first["Body"].read())
         except Exception as exc:
             if is_missing(exc):
                 raise MissingBlobError(
@@ -396,20 +396,34 @@ class S3BlobBackend:
                     "export — the store never deletes referenced blobs, so something outside it did"
                 ) from None
             if error_code(exc) == "InvalidRange":  # an empty object
-                return io.BufferedReader(RangeReader(self, digest, 0, b"")), 0
+                return io.BufferedReader(self._ranges(digest, 0)), 0
             raise self._fail(exc, f"{what}: reading blob {digest}") from None
+        body = first["Body"]
+        length = int(first.get("ContentLength") or 0)
         content_range = str(first.get("ContentRange") or "")
-        size = int(content_range.rsplit("/", 1)[1]) if "/" in content_range else len(head)
+        size = int(content_range.rsplit("/", 1)[1]) if "/" in content_range else length
         if size <= self.cache_blob_max:
-            if len(head) == size:
+            if length == size:
+                try:
+                    head = bytes(body.read())
+                except Exception as exc:
+                    raise self._fail(exc, f"{what}: reading blob {digest}") from None
+                finally:
+                    release_body(body)
                 self._cache_bytes(digest, head, cached, what)
             else:
+                release_body(body)
                 self._download(digest, cached, what)
             fh = cached.open("rb", buffering=0)
             return fh, size
-        if len(head) == size:  # the first GET brought all of it: read it from memory, one copy out
-            return io.BytesIO(head), size
-        return io.BufferedReader(RangeReader(self, digest, size, head), READ_AHEAD), size
+        # read as it arrives: the first answer's stream serves the first bytes, later ones by ranges
+        return io.BufferedReader(self._ranges(digest, size, body, length), STREAM_BUFFER), size
+
+    def _ranges(self, digest: str, size: int, body: Any = None, length: int = 0) -> RangeReader:
+        key = self.key(digest)
+        return RangeReader(
+            self.client, self.loc.bucket, key, size, lambda exc, doing: self._fail(exc, doing), body, length
+        )
 
     def _cache_bytes(self, digest: str, data: bytes, dest: Path, what: str) -> None:
         """Put a blob fetched whole into the cache, checking its sha256 (nothing cached on a mismatch)."""
@@ -481,16 +495,6 @@ class S3BlobBackend:
             raise self._fail(exc, f"hashing blob {digest}") from None
         return hasher.hexdigest(), size
 
-    def get_range(self, digest: str, start: int, end: int) -> bytes:
-        """Bytes ``[start, end)`` of the blob (one ranged GET)."""
-        try:
-            body = self.client.get_object(
-                Bucket=self.loc.bucket, Key=self.key(digest), Range=f"bytes={start}-{end - 1}"
-            )["Body"]
-            return bytes(body.read())
-        except Exception as exc:
-            raise self._fail(exc, f"reading blob {digest}") from None
-
     # -- other named objects (the intake's spool) ----------------------------------------------------
 
     def put_file(self, name: str, path: Path) -> bool:
@@ -559,6 +563,24 @@ class S3BlobBackend:
             raise self._fail(exc, "listing manifests") from None
         return bool(answer.get("Contents"))
 
+    def manifest_copies(self) -> tuple[list[tuple[str, int, float]], float]:
+        """((file name, size, LastModified) of every object under ``<prefix>/manifests/``, the server's
+        clock at the end of the listing)."""
+        prefix = self.loc.key("manifests") + "/"
+        found = [
+            (obj["Key"][len(prefix) :], int(obj["Size"]), obj["LastModified"].timestamp())
+            for obj in self._list(prefix)
+            if "/" not in obj["Key"][len(prefix) :]
+        ]
+        return found, self.listed_at
+
+    def manifest_url(self, name: str) -> str:
+        return f"s3://{self.loc.bucket}/{self.loc.key('manifests', name)}"
+
+    def delete_manifest(self, name: str) -> None:
+        """Delete the copy of manifest ``name`` (absent already: nothing to do)."""
+        self.delete_object(f"manifests/{name}")
+
     def get_manifest(self, name: str) -> bytes | None:
         try:
             body = self.client.get_object(Bucket=self.loc.bucket, Key=self.loc.key("manifests", name))["Body"]
@@ -567,44 +589,6 @@ class S3BlobBackend:
             if is_missing(exc):
                 return None
             raise self._fail(exc, f"downloading manifest {name}") from None
-
-
-class RangeReader(io.RawIOBase):
-    """A seekable raw reader of one blob by HTTP ranges (wrap it in :class:`io.BufferedReader`)."""
-
-    def __init__(self, backend: S3BlobBackend, digest: str, size: int, head: bytes = b"") -> None:
-        self.backend = backend
-        self.digest = digest
-        self.size = size
-        self.pos = 0
-        self.head = head  # the blob's first bytes, already fetched
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        base = {0: 0, 1: self.pos, 2: self.size}[whence]
-        self.pos = max(0, base + offset)
-        return self.pos
-
-    def tell(self) -> int:
-        return self.pos
-
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        n = min(view.nbytes, self.size - self.pos)
-        if n <= 0:
-            return 0
-        if self.pos < len(self.head):
-            data = self.head[self.pos : self.pos + n]
-        else:
-            data = self.backend.get_range(self.digest, self.pos, self.pos + n)
-        view[: len(data)] = data
-        self.pos += len(data)
-        return len(data)
 
 
 def _chunks(views: Sequence[memoryview], size: int) -> Iterator[bytes | memoryview]:
