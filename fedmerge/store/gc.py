@@ -1,11 +1,12 @@
 """``gc``: remove what no committed version references, once it is older than a grace period.
 
 Removed: blobs no catalog row references, leftover temporary files in ``tmp/`` and manifests no
-catalog row points to (interrupted commits). Each only when its modification time is at least
-``grace_seconds`` old, so a commit in progress (whose blobs are fresh, and whose reused blobs get
-their time refreshed) is never robbed. The sweep runs inside the catalog's writer lock, and a
-commit re-checks its blobs inside that same lock, so a version never references a removed blob.
-Referenced blobs, manifests of committed versions and foreign files are never touched.
+catalog row points to (interrupted commits; on object storage their copy in the bucket too). Each
+only when its modification time is at least ``grace_seconds`` old, so a commit in progress (whose
+blobs are fresh, and whose reused blobs get their time refreshed) is never robbed. The sweep runs
+inside the catalog's writer lock, and a commit re-checks its blobs inside that same lock, so a
+version never references a removed blob. Referenced blobs, manifests of committed versions and
+foreign files are never touched.
 
 On object storage (:class:`~fedmerge.store.s3.S3BlobBackend`) every age is the object store's own:
 its clock (the HTTP ``Date`` of the listing that found the object) minus the object's
@@ -13,6 +14,14 @@ its clock (the HTTP ``Date`` of the listing that found the object) minus the obj
 cannot make a fresh object look old. Besides blobs (a reused blob is not touched: the commit's
 re-check inside the writer lock uploads it again if gc removed it; see :mod:`fedmerge.store.s3`):
 
+* **An interrupted commit's manifest copy** (``manifests/v….json`` with no catalog row: a commit
+  puts the copy just before it inserts its row, both inside the writer lock, and died between
+  them) is deleted once its ``LastModified`` is at least ``grace_seconds`` old. gc decides inside
+  the writer lock, so no commit is between those two steps then; a copy whose row exists is never
+  touched. Only the copy after the catalog's latest version can be such a leftover (the next commit
+  takes that number and overwrites it): any other uncatalogued copy means the catalog is not the
+  one that wrote the bucket, and gc refuses before removing anything — with the wrong catalog every
+  blob would look unreferenced.
 * **Incomplete multipart uploads** under ``blobs/`` and the intake's spool (never visible; a crashed
   writer leaves them) are aborted once initiated at least ``grace_seconds`` ago. A writer still
   uploading parts is younger than that — keep the grace period longer than the slowest upload.
@@ -34,6 +43,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fedmerge.errors import ConfigError
+from fedmerge.store.catalog import VersionRow
+from fedmerge.store.errors import StoreIntegrityError
 from fedmerge.store.pg_catalog import PgCatalog
 from fedmerge.store.s3 import INTAKE_SPOOL, S3BlobBackend
 from fedmerge.store.verify import MANIFEST_NAME
@@ -74,7 +85,10 @@ def gc(store: StoreReader, grace_seconds: float, *, dry_run: bool = False) -> Gc
     with store.catalog.write() as conn:
         now = time.time()
         referenced = store.catalog.referenced_blobs()
-        committed = {r.id for r in store.catalog.rows()}
+        rows = store.catalog.rows()
+        committed = {r.id for r in rows}
+        # checked before anything is removed: a catalog that is not the bucket's would free every blob
+        copies = _orphan_manifest_copies(blobs, rows) if isinstance(blobs, S3BlobBackend) else None
         listed = list(blobs.digests())
         blob_now = blobs.listed_at if isinstance(blobs, S3BlobBackend) else now
         for digest in listed:
@@ -100,6 +114,15 @@ def gc(store: StoreReader, grace_seconds: float, *, dry_run: bool = False) -> Gc
             if not dry_run:
                 path.unlink()
         if isinstance(blobs, S3BlobBackend):
+            orphans, server_now = copies or ([], 0.0)
+            for name, size, modified in orphans:
+                if server_now - modified < grace_seconds:
+                    report.kept_young += 1
+                    continue
+                report.freed_bytes += size
+                report.removed_files.append(blobs.manifest_url(name))
+                if not dry_run:
+                    blobs.delete_manifest(name)
             old, young = blobs.incomplete_uploads(grace_seconds)
             report.kept_young += young
             for key, upload_id in old:
@@ -111,6 +134,34 @@ def gc(store: StoreReader, grace_seconds: float, *, dry_run: bool = False) -> Gc
         if not dry_run:
             blobs.sync()
     return report
+
+
+def _orphan_manifest_copies(
+    blobs: S3BlobBackend, rows: list[VersionRow]
+) -> tuple[list[tuple[str, int, float]], float]:
+    """((name, size, LastModified) of the manifest copies in the bucket that no catalog row names, the
+    object store's clock at the listing); objects under ``manifests/`` not named like a manifest are
+    not the store's and are left alone.
+
+    A commit puts its manifest's copy just before it inserts its row, both inside the writer lock,
+    and the next commit takes the same sequence number and overwrites the copy, so the only copy an
+    interrupted commit can leave is the one after the catalog's latest version. Anything else means
+    this catalog is not the one that wrote the bucket (its blobs would all look unreferenced):
+    :class:`StoreIntegrityError`, and nothing is removed."""
+    copies, server_now = blobs.manifest_copies()
+    named = {f"{row.id}.json" for row in rows}
+    orphans = [c for c in copies if MANIFEST_NAME.match(c[0]) and c[0] not in named]
+    latest = max((row.seq for row in rows), default=0)
+    if orphans and [int(name[1:-5]) for name, _, _ in orphans] != [latest + 1]:
+        shown = ", ".join(name for name, _, _ in orphans[:4]) + (", …" if len(orphans) > 4 else "")
+        raise StoreIntegrityError(
+            f"gc refused, nothing removed: {blobs.manifest_url('')} holds {len(orphans)} manifest "
+            f"cop{'y' if len(orphans) == 1 else 'ies'} this catalog has no version for ({shown}), while an "
+            f"interrupted commit leaves at most v{latest + 1:06d}.json: the catalog is not the one that "
+            "wrote this bucket — pass the store's catalog (--catalog postgresql://… or FEDMERGE_CATALOG, or "
+            "the cache directory holding its SQLite catalog)"
+        )
+    return orphans, server_now
 
 
 def _sweep_spool(conn: Any, blobs: S3BlobBackend, grace_seconds: float, report: GcReport) -> None:

@@ -1,5 +1,6 @@
-"""gc of the shared store's intake leftovers against a real SeaweedFS and PostgreSQL: incomplete
-multipart uploads and the replicas' spool objects, aged by the object store's clock."""
+"""gc of the shared store's leftovers against a real SeaweedFS and PostgreSQL: incomplete multipart
+uploads, the replicas' spool objects and an interrupted commit's manifest copy, aged by the object
+store's clock; gc refuses a catalog that is not the bucket's."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from store_test_helpers import tiny_model
+from store_test_helpers import commit_delta, tiny_delta, tiny_model
 
 from fedmerge.store import ModelStore
+from fedmerge.store.errors import StoreIntegrityError
 from fedmerge.store.pg_local import LocalPostgres
 from fedmerge.store.s3 import INTAKE_SPOOL, S3BlobBackend
 from fedmerge.store.s3_client import server_time
@@ -148,3 +150,76 @@ def test_an_expert_acknowledged_while_gc_deletes_its_old_copy_is_uploaded_again(
     assert done and done[0].state == "queued"
     assert sha in _spool_keys(client, bucket)
     assert store.gc(0).removed_spool == []  # queued: kept whatever its age
+
+
+def _manifest_ages(client: Any, bucket: str, prefix: str) -> dict[str, float]:
+    """Every object under ``<prefix>/manifests/`` → its age by the server's clock."""
+    answer = client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/manifests/")
+    now = server_time(answer)
+    objects = answer.get("Contents", [])
+    return {o["Key"].rsplit("/", 1)[-1]: now - o["LastModified"].timestamp() for o in objects}
+
+
+def test_gc_sweeps_an_interrupted_commits_manifest_copy_once_old_and_refuses_a_foreign_catalog(
+    seaweed_server: LocalSeaweed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key, value in seaweed_server.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("FEDMERGE_S3_CACHE", str(tmp_path / "s3-cache"))  # where the CLI finds the catalog
+    bucket = seaweed_server.create_bucket(f"m-{uuid.uuid4().hex[:20]}")
+    url = f"s3://{bucket}/store"
+    client = seaweed_server.client()
+    store = ModelStore.open(url)  # the SQLite catalog in the default cache directory
+    base = tiny_model()
+    root = store.commit_base(base, name="tiny")
+
+    def dies(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("the server died between the manifest copy and the catalog row")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(store.catalog, "insert_version", dies)
+        with pytest.raises(RuntimeError, match="server died"):
+            commit_delta(store, tiny_delta(base, 1), root.id, 1)
+    orphan = f"{url}/manifests/v000002.json"
+    assert set(_manifest_ages(client, bucket, "store")) == {"v000001.json", "v000002.json"}
+    assert [r.id for r in store.catalog.rows()] == [root.id]
+
+    young = store.gc(GRACE)  # inside the grace period: kept
+    assert orphan not in young.removed_files and young.kept_young >= 1
+    assert "v000002.json" in _manifest_ages(client, bucket, "store")
+    while _manifest_ages(client, bucket, "store")["v000002.json"] < GRACE + 1.5:
+        time.sleep(0.5)
+
+    cli = subprocess.run(
+        [sys.executable, "-m", "fedmerge.cli", "store", "--s3-endpoint", seaweed_server.endpoint,
+         "gc", "--store", url, "--grace-seconds", str(GRACE), "--dry-run"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert cli.returncode == 0, cli.stderr
+    assert orphan in cli.stdout.split()
+    listed = store.gc(GRACE, dry_run=True)
+    assert [f for f in listed.removed_files if f.startswith("s3://")] == [orphan]
+    assert set(_manifest_ages(client, bucket, "store")) == {"v000001.json", "v000002.json"}  # dry run
+
+    report = store.gc(GRACE)
+    assert [f for f in report.removed_files if f.startswith("s3://")] == [orphan]
+    assert set(_manifest_ages(client, bucket, "store")) == {"v000001.json"}
+    assert report.removed_blobs and set(report.removed_blobs).isdisjoint(root.blobs)  # its blobs too
+
+    v2 = commit_delta(store, tiny_delta(base, 2), root.id, 1)  # takes the number again
+    assert v2.id == "v000002"
+    assert store.gc(0).removed_files == []  # a committed version's copy is never touched
+    assert set(_manifest_ages(client, bucket, "store")) == {"v000001.json", "v000002.json"}
+    assert store.verify().problems == []
+    store.close()
+
+    # the bucket read through a fresh catalog (another cache directory): gc refuses, removes nothing
+    blobs_before = client.list_objects_v2(Bucket=bucket, Prefix="store/blobs/")["KeyCount"]
+    refused = r"gc refused, nothing removed.*v000001\.json"
+    with (
+        ModelStore.open(url, cache_dir=tmp_path / "elsewhere") as stranger,
+        pytest.raises(StoreIntegrityError, match=refused),
+    ):
+        stranger.gc(0)
+    assert client.list_objects_v2(Bucket=bucket, Prefix="store/blobs/")["KeyCount"] == blobs_before
+    assert set(_manifest_ages(client, bucket, "store")) == {"v000001.json", "v000002.json"}
