@@ -34,8 +34,9 @@ Flower's reply). Memory and round-time figures are those of each mode's first ro
 * ``*_from_ready``: the same from the earliest moment a node's delta existed (encoding included);
 * ``link_time_s``: one dense package's bytes over the link (the nodes upload in parallel), the floor
   of any upload phase at equal bytes; ``link_time_vs_flower`` is that floor over Flower's phase;
-* ``arrival_s`` (first byte → last reply pulled by the ServerApp) and ``judge_last_s`` (→ its
-  package verified) split the upload phase;
+* ``on_link_s`` (first byte → the last byte of the nodes' uploads read from their links,
+  :func:`bench.wan_link.burst_end`), ``arrival_s`` (first byte → last reply pulled by the ServerApp)
+  and ``judge_last_s`` (→ its package verified) split the upload phase;
 * server phase = last reply pulled by the ServerApp → version committed (fedmerge: merged tensor-major
   from the spool into the store) / the aggregate written and fsynced (Flower).
 
@@ -60,7 +61,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.large_deploy import Deployment, disk_read_s, free_port, make_store
-from bench.wan_link import NodeLink, burst_start
+from bench.wan_link import NodeLink, burst_end, burst_start
 
 MODES = ("fedmerge-dense", "flower", "fedmerge-default")
 
@@ -73,17 +74,20 @@ def phases(
     ready = {
         int(e["node"]): float(e["t"]) for e in events if e["mode"] == mode and e["event"] == "delta-ready"
     }
-    firsts = [
-        t
+    starts = {
+        node: t
         for node, t_ready in ready.items()
         if node < len(links) and (t := burst_start(links[node].up_reads, after=t_ready)) is not None
-    ]
+    }
+    firsts = list(starts.values())
+    ends = [t for node, start in starts.items() if (t := burst_end(links[node].up_reads, start)) is not None]
     verified, committed = result.get("verified_t"), result.get("committed_t")
     replies = [float(t) for t in result.get("replies_t") or []]
     first = min(firsts) if firsts else None
     last_reply = max(replies) if replies else None
     out = {
         "upload_s": None if first is None or verified is None else float(verified) - first,
+        "on_link_s": None if first is None or not ends else max(ends) - first,
         "arrival_s": None if first is None or last_reply is None else last_reply - first,
         "judge_last_s": None if last_reply is None or verified is None else float(verified) - last_reply,
         "upload_from_ready_s": None

@@ -14,7 +14,8 @@ more than ``B`` bytes of credit: the long-run rate is ``R`` whatever the chunkin
 :class:`NodeLink` is one node's link: one bucket per direction (shared by all its connections, as one
 access line is), any number of forwarded targets (:meth:`NodeLink.forward` listens on a free loopback
 port and relays each accepted connection to the target), byte counters, and a log of the upstream
-reads ``(time.time(), bytes)`` from which :func:`burst_start` finds when an upload began.
+reads ``(time.time(), bytes)`` from which :func:`burst_start` and :func:`burst_end` find when an
+upload began and when its last bytes crossed the link.
 """
 
 from __future__ import annotations
@@ -69,6 +70,22 @@ def burst_start(
             return t
         total -= reads[i][1]
     return None
+
+
+def burst_end(
+    reads: Sequence[tuple[float, int]], start: float, *, gap_s: float = 0.5, min_read: int = 4096
+) -> float | None:
+    """The time of the last read of the burst that opens at ``start`` (:func:`burst_start`): reads of
+    at least ``min_read`` bytes, each within ``gap_s`` of the one before (the small requests that
+    follow an upload do not extend it). None when no such read is at or after ``start``."""
+    end = None
+    for t, n in reads:
+        if t < start or n < min_read:
+            continue
+        if end is not None and t - end > gap_s:
+            break
+        end = t
+    return end
 
 
 class NodeLink:

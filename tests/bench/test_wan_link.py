@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from bench.wan_link import NodeLink, TokenBucket, burst_start
+from bench.wan_link import NodeLink, TokenBucket, burst_end, burst_start
 
 
 def test_back_to_back_bytes_take_their_size_over_the_rate() -> None:
@@ -53,6 +53,15 @@ def test_burst_start_skips_small_requests() -> None:
     assert burst_start(reads, after=10.6) == pytest.approx(10.6)
     assert burst_start(polls, after=0.0) is None
     assert burst_start([], after=0.0) is None
+
+
+def test_burst_end_is_the_last_large_read_before_a_gap() -> None:
+    upload = [(10.0 + i * 0.01, 65536) for i in range(50)]  # 10.00 … 10.49
+    after = [(10.6, 300), (11.0, 65536), (11.2, 65536)]  # a poll, then a later transfer
+    reads = upload + after
+    assert burst_end(reads, 10.0) == pytest.approx(10.49)
+    assert burst_end(reads, 10.0, gap_s=1.0) == 11.2
+    assert burst_end(reads, 12.0) is None
 
 
 def _echo_server() -> tuple[socket.socket, int]:
