@@ -34,9 +34,9 @@ Flower's reply). Memory and round-time figures are those of each mode's first ro
 * ``*_from_ready``: the same from the earliest moment a node's delta existed (encoding included);
 * ``link_time_s``: one dense package's bytes over the link (the nodes upload in parallel), the floor
   of any upload phase at equal bytes; ``link_time_vs_flower`` is that floor over Flower's phase;
-* ``on_link_s`` (first byte → the last byte of the nodes' uploads read from their links,
-  :func:`bench.wan_link.burst_end`), ``arrival_s`` (first byte → last reply pulled by the ServerApp)
-  and ``judge_last_s`` (→ its package verified) split the upload phase;
+* ``on_link_s`` (first byte → the last upload bytes read from the nodes' links before the last reply
+  reached the ServerApp, :func:`bench.wan_link.burst_end`), ``arrival_s`` (first byte → last reply
+  pulled by the ServerApp) and ``judge_last_s`` (→ its package verified) split the upload phase;
 * server phase = last reply pulled by the ServerApp → version committed (fedmerge: merged tensor-major
   from the spool into the store) / the aggregate written and fsynced (Flower).
 
@@ -80,11 +80,15 @@ def phases(
         if node < len(links) and (t := burst_start(links[node].up_reads, after=t_ready)) is not None
     }
     firsts = list(starts.values())
-    ends = [t for node, start in starts.items() if (t := burst_end(links[node].up_reads, start)) is not None]
-    verified, committed = result.get("verified_t"), result.get("committed_t")
     replies = [float(t) for t in result.get("replies_t") or []]
-    first = min(firsts) if firsts else None
     last_reply = max(replies) if replies else None
+    ends = [
+        t
+        for node, start in starts.items()
+        if last_reply is not None and (t := burst_end(links[node].up_reads, start, last_reply)) is not None
+    ]
+    verified, committed = result.get("verified_t"), result.get("committed_t")
+    first = min(firsts) if firsts else None
     out = {
         "upload_s": None if first is None or verified is None else float(verified) - first,
         "on_link_s": None if first is None or not ends else max(ends) - first,

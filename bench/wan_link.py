@@ -73,18 +73,16 @@ def burst_start(
 
 
 def burst_end(
-    reads: Sequence[tuple[float, int]], start: float, *, gap_s: float = 0.5, min_read: int = 4096
+    reads: Sequence[tuple[float, int]], start: float, until: float, *, min_read: int = 4096
 ) -> float | None:
-    """The time of the last read of the burst that opens at ``start`` (:func:`burst_start`): reads of
-    at least ``min_read`` bytes, each within ``gap_s`` of the one before (the small requests that
-    follow an upload do not extend it). None when no such read is at or after ``start``."""
+    """The time of the last read of at least ``min_read`` bytes in ``[start, until]`` (an upload's
+    last bytes when ``until`` is the moment its reply reached the server: the small requests a node
+    sends anyway are left out, and a transport that pauses between its chunks is not cut short).
+    None when there is no such read."""
     end = None
     for t, n in reads:
-        if t < start or n < min_read:
-            continue
-        if end is not None and t - end > gap_s:
-            break
-        end = t
+        if start <= t <= until and n >= min_read:
+            end = t
     return end
 
 

@@ -32,7 +32,7 @@ def test_phases_from_first_burst_to_verified_and_from_last_reply_to_committed() 
     assert got == pytest.approx(
         {
             "upload_s": 9.0,  # 110 (first byte of node 0) → 119
-            "on_link_s": 1.19,  # → 111.19, the last read of node 1's burst
+            "on_link_s": 1.19,  # → 111.19, the last upload read (node 1) before the last reply
             "arrival_s": 8.0,
             "judge_last_s": 1.0,
             "upload_from_ready_s": 10.0,  # 109 → 119

@@ -55,13 +55,14 @@ def test_burst_start_skips_small_requests() -> None:
     assert burst_start([], after=0.0) is None
 
 
-def test_burst_end_is_the_last_large_read_before_a_gap() -> None:
+def test_burst_end_is_the_last_large_read_until_the_reply() -> None:
     upload = [(10.0 + i * 0.01, 65536) for i in range(50)]  # 10.00 … 10.49
-    after = [(10.6, 300), (11.0, 65536), (11.2, 65536)]  # a poll, then a later transfer
-    reads = upload + after
-    assert burst_end(reads, 10.0) == pytest.approx(10.49)
-    assert burst_end(reads, 10.0, gap_s=1.0) == 11.2
-    assert burst_end(reads, 12.0) is None
+    paused = [(11.5, 65536), (11.6, 65536)]  # a transport that pauses between its chunks
+    after = [(11.7, 300), (20.0, 65536)]  # a poll; the next round's upload
+    reads = upload + paused + after
+    assert burst_end(reads, 10.0, until=12.0) == 11.6
+    assert burst_end(reads, 10.0, until=10.3) == pytest.approx(10.3)
+    assert burst_end(reads, 12.0, until=19.0) is None
 
 
 def _echo_server() -> tuple[socket.socket, int]:
