@@ -60,6 +60,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from bench.large_deploy import Deployment, disk_read_s, free_port, make_store
 from bench.wan_link import NodeLink, burst_end, burst_start
 
@@ -108,6 +110,13 @@ def _ratio(a: float | None, b: float | None, digits: int = 3) -> float | None:
     return None if a is None or not b else round(a / b, digits)
 
 
+def memory_needed(clients: int, params: int) -> int:
+    """Bytes the round needs at once, roughly: each node's fp32 delta and its 2-byte package (6 bytes
+    per parameter), Flower's ServerApp at ≈ 5× the model's 2 bytes per parameter, and 1 GB of
+    processes (SuperLink, SuperNodes, ClientApps, the benchmark)."""
+    return clients * 6 * params + 10 * params + (1 << 30)
+
+
 def best(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Best of k: each phase's smallest value over the repeats of one mode (None when none has it)."""
     keys = {k for run in runs for k in run}
@@ -126,15 +135,26 @@ def main(argv: list[str]) -> int:
         "--link-mbit", type=float, default=None, help="each node's link, Mbit/s each way (0: none)"
     )
     args = parser.parse_args(argv)
-    clients = args.clients or (3 if args.quick else 8)
-    params = args.params or (64_000_000 if args.quick else 1 << 30)
-    link_mbit = args.link_mbit if args.link_mbit is not None else (200.0 if args.quick else 1000.0)
-    tensors = args.tensors or (64 if args.quick else 256)
-    timeout_s = args.timeout_s or (240.0 if args.quick else 1800.0)
-    repeats = args.repeats
-    if clients < 1 or params < tensors or tensors < 1 or link_mbit < 0 or repeats < 1:
+
+    def given(value: Any, quick: Any, full: Any) -> Any:
+        return value if value is not None else (quick if args.quick else full)
+
+    clients, params = given(args.clients, 3, 8), given(args.params, 64_000_000, 1 << 30)
+    tensors, link_mbit = given(args.tensors, 64, 256), given(args.link_mbit, 200.0, 1000.0)
+    timeout_s, repeats = given(args.timeout_s, 240.0, 1800.0), args.repeats
+    if clients < 1 or params < tensors or tensors < 1 or link_mbit < 0 or repeats < 1 or timeout_s <= 0:
         print(
-            "--clients, --tensors, --repeats ≥ 1, --params ≥ --tensors and --link-mbit ≥ 0", file=sys.stderr
+            "--clients, --tensors, --repeats ≥ 1, --params ≥ --tensors, --link-mbit ≥ 0 and --timeout-s > 0",
+            file=sys.stderr,
+        )
+        return 2
+    need = memory_needed(clients, params)
+    available = int(psutil.virtual_memory().available)
+    if need > available:
+        print(
+            f"{clients} nodes of {params} parameters need ≈ {need / 1e9:.1f} GB of memory and "
+            f"{available / 1e9:.1f} GB are available: lower --clients or --params",
+            file=sys.stderr,
         )
         return 2
     numel = -(-params // tensors)

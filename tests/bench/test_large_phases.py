@@ -55,3 +55,14 @@ def test_best_of_k_takes_each_phase_minimum() -> None:
     ]
     assert best(runs) == {"upload_s": 2.0, "server_s": 5.0}
     assert best([]) == {}
+
+
+def test_bad_arguments_and_a_model_too_large_for_memory_are_refused_before_anything_starts(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from bench.large import main
+
+    assert main(["--clients", "0"]) == 2
+    assert "--clients" in capsys.readouterr().err
+    assert main(["--quick", "--params", str(10**13)]) == 2  # ≈ 180 TB for 3 nodes
+    assert "lower --clients or --params" in capsys.readouterr().err
