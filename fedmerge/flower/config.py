@@ -52,7 +52,7 @@ from fedmerge.flower.settings import (
     SettingsGroup,
     TrackerSettings,
     TrainingSettings,
-    bulk_insecure_bind_problem,
+    failed,
     round_defaults,
 )
 
@@ -62,12 +62,10 @@ __all__ = [
     "UNSET",
     "RunConfig",
     "aggregator_param_names",
-    "bulk_insecure_bind_problem",
     "dp_calibrated",
     "near_miss",
     "needs_fisher",
     "parse_run_config",
-    "round_defaults",
     "run_config_keys",
 ]
 
@@ -288,7 +286,7 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
             f'catalog={cfg.catalog!r} must be a postgresql://user@host:port/database URL (or "")',
         ),
     ]
-    errors.extend(msg for ok, msg in checks if not ok)
+    errors.extend(failed(checks))
     problems = {name: group.problems() for name, group in cfg.groups().items()}
     errors.extend(p for group_problems in problems.values() for p in group_problems)
     if cfg.dp.clip_norm > 0 and not problems["dp"] and not problems["aggregation"]:

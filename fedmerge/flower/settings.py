@@ -37,6 +37,11 @@ def round_defaults(aggregator: str) -> dict[str, Any]:
     return dict(get(aggregator).round_defaults) if aggregator in available() else {}
 
 
+def failed(checks: list[tuple[bool, str]]) -> list[str]:
+    """The messages of the checks that do not hold."""
+    return [msg for ok, msg in checks if not ok]
+
+
 class SettingsGroup:
     """What every group shares: its key prefix, the keys of its fields, and its range checks."""
 
@@ -90,7 +95,7 @@ class RoundSettings(SettingsGroup):
             (self.max_package_bytes >= 1, f"max-package-bytes={self.max_package_bytes} must be ≥ 1"),
             (self.max_num_examples >= 1, f"max-num-examples={self.max_num_examples} must be ≥ 1"),
         ]
-        return [msg for ok, msg in checks if not ok]
+        return failed(checks)
 
 
 @dataclass(frozen=True)
@@ -116,7 +121,7 @@ class TrainingSettings(SettingsGroup):
                 f"client-device={self.client_device!r} must be 'auto', 'cpu' or 'cuda'",
             ),
         ]
-        return [msg for ok, msg in checks if not ok]
+        return failed(checks)
 
 
 @dataclass(frozen=True)
@@ -412,7 +417,7 @@ class FaultSettings(SettingsGroup):
                 f"fault-straggler-delay-s={self.straggler_delay_s} must be ≥ 0",
             ),
         ]
-        return [msg for ok, msg in checks if not ok]
+        return failed(checks)
 
 
 @dataclass(frozen=True)
@@ -438,7 +443,7 @@ class EvaluationSettings(SettingsGroup):
             (self.min_evaluate_nodes >= 1, f"min-evaluate-nodes={self.min_evaluate_nodes} must be ≥ 1"),
             (self.evaluate_every >= 1, f"evaluate-every={self.evaluate_every} must be ≥ 1 (rounds)"),
         ]
-        return [msg for ok, msg in checks if not ok]
+        return failed(checks)
 
 
 @dataclass(frozen=True)

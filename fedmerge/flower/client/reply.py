@@ -67,7 +67,6 @@ from fedmerge.flower.client.node_state import (
     record_bytes,
     unpack_tensors,
 )
-from fedmerge.flower.config import Mode
 from fedmerge.flower.downlink import applied_update, changed_tensors, check_update_digest, weights_digest
 from fedmerge.flower.records import (
     ARRAYS_RECORD,
@@ -77,6 +76,7 @@ from fedmerge.flower.records import (
     UPDATE_META_RECORD,
     UPDATE_RECORD,
 )
+from fedmerge.flower.settings import Mode
 from fedmerge.flower.tls import TlsMaterialError
 from fedmerge.flower.transport import FISHER_RECORD_KEY, RECORD_KEY, package_to_record, record_to_package
 from fedmerge.privacy.config import DPConfig

@@ -25,7 +25,7 @@ gRPC over TLS with that certificate chain (the service's
 without a certificate it issued (mutual TLS; the round token still names the node). Each ``train``
 message then says ``bulk-tls`` (and ``bulk-tls-client-auth``) so that nodes dial with TLS
 (:mod:`fedmerge.flower.client.bulk`). A plaintext endpoint binds only a loopback address unless
-``bulk-allow-insecure`` (:func:`~fedmerge.flower.config.bulk_insecure_bind_problem`).
+``bulk-allow-insecure`` (:func:`~fedmerge.flower.settings.bulk_insecure_bind_problem`).
 
 Downlink (``bulk-downlink = true``): the endpoint also serves ``fedmerge.v1.ExpertIntake.GetVersion``
 (that method only; the others answer UNIMPLEMENTED) so that a node that needs the round's base
@@ -68,8 +68,9 @@ from fedmerge.flower.client.bulk import (
     CLIENT_AUTH_KEY,
     TLS_KEY,
 )
-from fedmerge.flower.config import RunConfig, bulk_insecure_bind_problem
+from fedmerge.flower.config import RunConfig
 from fedmerge.flower.downlink import weights_digest_of
+from fedmerge.flower.settings import bulk_insecure_bind_problem
 from fedmerge.service.bulk import BulkError, BulkStatus, BulkStore, check_sha
 from fedmerge.service.config import TlsConfig
 from fedmerge.service.server import BulkServicer, _chunks, _Handlers, version_info
