@@ -1,6 +1,9 @@
-"""Plain helpers the store tests share: tiny seeded models and deltas, commit shorthands."""
+"""Helpers the store tests share: tiny seeded models and deltas, commit shorthands, a local TCP proxy."""
 
 from __future__ import annotations
+
+import socket
+import threading
 
 import torch
 
@@ -51,3 +54,33 @@ def commit_delta(
     }
     args.update(kw)
     return store.commit(delta, **args)  # type: ignore[arg-type]
+
+
+class LocalProxy:
+    """A TCP listener on 127.0.0.1 in front of a real server's ``upstream_port``: each accepted
+    connection is handed to :meth:`handle` on its own thread. Subclasses set their own attributes
+    before calling ``super().__init__`` (connections may arrive at once)."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream = upstream_port
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = int(self.sock.getsockname()[1])
+        self._lock = threading.Lock()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.handle, args=(conn,), daemon=True).start()
+
+    def handle(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.sock.close()

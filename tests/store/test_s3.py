@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from store_test_helpers import commit_delta, tiny_delta, tiny_model
+from store_test_helpers import LocalProxy, commit_delta, tiny_delta, tiny_model
 
 from fedmerge.store import ModelStore
 from fedmerge.store.errors import CorruptBlobError, MissingBlobError
@@ -249,31 +249,16 @@ def test_unreachable_at_start_up_is_one_clear_line(tmp_path: Path, monkeypatch: 
     assert "\n" not in str(err.value) and endpoint in str(err.value)
 
 
-class _FaultyProxy:
+class _FaultyProxy(LocalProxy):
     """A TCP proxy in front of the real server that answers the first ``failures`` HTTP requests
     with ``503 SlowDown`` itself and forwards everything else byte for byte."""
 
     def __init__(self, upstream_port: int, failures: int) -> None:
-        self.upstream = upstream_port
         self.failures = failures
         self.refused = 0
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = int(self.sock.getsockname()[1])
-        self._lock = threading.Lock()
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__(upstream_port)
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
-
-    def _handle(self, conn: socket.socket) -> None:
+    def handle(self, conn: socket.socket) -> None:
         with self._lock:
             fail = self.refused < self.failures
             if fail:
@@ -309,9 +294,6 @@ class _FaultyProxy:
 
         threading.Thread(target=pump, args=(up, conn), daemon=True).start()
         pump(conn, up)
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def test_slow_down_answers_are_retried_with_back_off(

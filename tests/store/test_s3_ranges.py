@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from store_test_helpers import LocalProxy
 
 from fedmerge.store import ModelStore
 from fedmerge.store.s3 import S3BlobBackend
@@ -63,34 +64,19 @@ def test_random_access_by_ranges_returns_the_blobs_bytes(bucket: str, tmp_path: 
         assert not list(backend.blob_dir.glob("*/*.safetensors"))
 
 
-class _CuttingProxy:
+class _CuttingProxy(LocalProxy):
     """A TCP proxy in front of the real server that, on its first ``cuts`` connections, forwards
     ``after`` bytes of the server's answer and then closes both sides (a connection reset in the
     middle of a body); every other connection is forwarded byte for byte."""
 
     def __init__(self, upstream_port: int, cuts: int, after: int) -> None:
-        self.upstream = upstream_port
         self.cuts = cuts
         self.after = after
         self.cut = 0
         self.connections = 0
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = int(self.sock.getsockname()[1])
-        self._lock = threading.Lock()
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__(upstream_port)
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
-
-    def _handle(self, conn: socket.socket) -> None:
+    def handle(self, conn: socket.socket) -> None:
         with self._lock:
             self.connections += 1
             budget = self.after if self.cut < self.cuts else None
@@ -125,9 +111,6 @@ class _CuttingProxy:
             pass
         finally:
             close()
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def test_a_stream_cut_mid_body_is_resumed_where_it_stopped(
