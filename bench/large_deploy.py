@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 
 from bench.wan_link import NodeLink
+from fedmerge_testing.processes import end_tree
 
 APP = Path(__file__).resolve().parent / "_flower_large"
 BIN = Path(sys.executable).parent
@@ -110,7 +110,7 @@ class Deployment:
             try:
                 proc.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
-                _kill_tree(proc.pid)
+                end_tree(proc.pid, grace_s=10)
                 return {"ok": False, "error": f"flwr run did not finish in {timeout_s:g} s"}, timeout_s
         wall = time.perf_counter() - t0
         if not out.is_file():
@@ -122,7 +122,7 @@ class Deployment:
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
-            _kill_tree(proc.pid)
+            end_tree(proc.pid, grace_s=10)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=10)
         for link in self.links:
@@ -137,19 +137,6 @@ class Deployment:
 
     def tail(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted(self.work.glob("*.log")))
-
-
-def _kill_tree(pid: int) -> None:
-    with contextlib.suppress(psutil.NoSuchProcess):
-        root = psutil.Process(pid)
-        procs = [*root.children(recursive=True), root]
-        for p in procs:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.terminate()
-        _, alive = psutil.wait_procs(procs, timeout=10)
-        for p in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.kill()
 
 
 def make_store(root: Path, tensors: int, numel: int) -> int:

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import psutil
 
+from fedmerge_testing.processes import end_tree
+
 
 class NoProgress(AssertionError):
     """A watched command showed no progress for its idle window (or ran past its cap)."""
@@ -41,16 +43,6 @@ def fingerprint(path: Path) -> tuple[int, int, int]:
                 st = os.stat(os.path.join(root, name))
                 count, size, newest = count + 1, size + st.st_size, max(newest, st.st_mtime_ns)
     return (count, size, newest)
-
-
-def _kill_tree(pid: int) -> None:
-    with contextlib.suppress(psutil.NoSuchProcess):
-        proc = psutil.Process(pid)
-        procs = [*proc.children(recursive=True), proc]
-        for p in procs:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.kill()
-        psutil.wait_procs(procs, timeout=10)
 
 
 def run_watched(
@@ -100,7 +92,7 @@ def run_watched(
                     moved = ", ".join(changed) if changed else "its output"
                     seen, last = state, now
                 if now - last > idle_s or now - start > cap:
-                    _kill_tree(proc.pid)
+                    end_tree(proc.pid, grace_s=0)
                     proc.wait()
                     out.seek(0)
                     err.seek(0)
@@ -116,7 +108,7 @@ def run_watched(
                     )
         finally:
             if proc.poll() is None:
-                _kill_tree(proc.pid)
+                end_tree(proc.pid, grace_s=0)
         out.seek(0)
         err.seek(0)
         return subprocess.CompletedProcess(

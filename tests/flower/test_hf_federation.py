@@ -32,6 +32,7 @@ import pytest
 import torch
 
 from fedmerge.store import ModelStore
+from fedmerge_testing.processes import end_processes
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -76,14 +77,7 @@ def _marked(value: str) -> list[psutil.Process]:
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Iterator[Path]:
     yield tmp_path
-    left = _marked(str(tmp_path))
-    for proc in left:
-        with contextlib.suppress(psutil.Error):
-            proc.terminate()
-    _, alive = psutil.wait_procs(left, timeout=15)
-    for proc in alive:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
+    end_processes(_marked(str(tmp_path)), grace_s=15)
 
 
 def run_readme(tmp_path: Path, dtype: str) -> tuple[Path, str]:
