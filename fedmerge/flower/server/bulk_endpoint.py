@@ -14,8 +14,20 @@ is removed after the round commits or is abandoned (:meth:`BulkEndpoint.close_ro
 
 :meth:`BulkEndpoint.resolve` turns a reply's reference (sha256, size) into a verified file: the
 object exists, was completed by this node in this round attempt, has the declared size, and its
-bytes hash to the declared sha256 now (re-read: a spooled object is never trusted before it is
-verified, also after a restart). Otherwise :class:`BulkReferenceError` says why. An upload that
+bytes hash to the declared sha256. The hash is the one this endpoint computed over the bytes as they
+arrived (:meth:`~fedmerge.service.bulk.BulkStore.finish` refuses an upload whose received bytes do not
+hash to the name the client declared), never the client's claim; the file is not read again while it
+is the one published then (same device, inode, size, modification and change times: the spool is
+the server's, written once). A file the endpoint did not complete in this process (a restart), or
+one changed since, is hashed again before use. Otherwise :class:`BulkReferenceError` says why.
+
+Verification as uploads arrive: :meth:`BulkEndpoint.verify_on_arrival` registers, for a round
+attempt, the judge's check of a spooled package (decode of every tensor, its checksums, values and
+shapes); the endpoint runs it on a small thread pool as soon as an upload completes — before the
+node's reply crosses Flower's message path — for the first object each node completes in the round
+attempt (so a node cannot make the server verify more than one package per round). The judge takes
+the result with :meth:`BulkEndpoint.take_verified` once the reply's reference resolved; what no reply
+claimed is closed when the round attempt closes. An upload that
 would leave less than ``bulk-spool-reserve-bytes`` free on the spool's disk, or that meets a full
 disk, is refused and its partial bytes are removed.
 
@@ -46,6 +58,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import os
 import secrets
 import shutil
 import threading
@@ -53,7 +66,7 @@ from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
@@ -83,6 +96,27 @@ from fedmerge.v1 import intake_pb2, intake_pb2_grpc
 log = logging.getLogger("fedmerge.bulk")
 HASH_BLOCK = 4 << 20
 STREAM_IDLE_S = 120.0
+VERIFY_WORKERS = 2  # packages verified at once as their uploads complete (hashlib and torch release the GIL)
+
+
+class Closeable(Protocol):
+    def close(self) -> None: ...
+
+
+Verifier = Callable[[Path], Closeable]
+
+
+def file_identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    """What changes when a file is rewritten or replaced: (device, inode, size, mtime ns, ctime ns)."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+@dataclass(frozen=True)
+class Received:
+    """An upload this endpoint completed: the published file's identity when it was published (its
+    sha256 is its name, computed by the endpoint over the bytes it received)."""
+
+    identity: tuple[int, int, int, int, int]
 
 
 class BulkReferenceError(StaleOrInvalid):
@@ -105,7 +139,9 @@ class SpoolRouter:
         self.max_bytes = max_bytes
         self.reserve_bytes = reserve_bytes
         self._stores: dict[tuple[int, int], BulkStore] = {}
+        self._received: dict[tuple[str, str], Received] = {}  # (owner, sha256) completed here
         self._lock = threading.Lock()
+        self.on_complete: Callable[[str, str, Path], None] | None = None  # (owner, sha256, path)
 
     @staticmethod
     def spool_name(round_: int, attempt: int) -> str:
@@ -122,9 +158,17 @@ class SpoolRouter:
             return store
 
     def close(self, round_: int, attempt: int) -> None:
+        prefix = f"round-{round_}/attempt-{attempt}/"
         with self._lock:
             self._stores.pop((round_, attempt), None)
+            for key in [k for k in self._received if k[0].startswith(prefix)]:
+                del self._received[key]
         shutil.rmtree(self.root / self.spool_name(round_, attempt), ignore_errors=True)
+
+    def received(self, owner: str, sha256: str) -> Received | None:
+        """The record of ``owner``'s upload of ``sha256`` if this process completed it, else None."""
+        with self._lock:
+            return self._received.get((owner, sha256))
 
     def is_open(self, round_: int, attempt: int) -> bool:
         with self._lock:
@@ -173,10 +217,17 @@ class SpoolRouter:
     def finish(self, sha256: str, owner: str = "") -> BulkStatus:
         store = self.store_of(owner)
         try:
-            return store.finish(sha256, owner)
+            status = store.finish(sha256, owner)
         except OSError as exc:
             self._drop(store, sha256, owner)
             raise BulkError(_spool_failed(exc)) from None
+        if status.complete:  # the store hashed the received bytes and found the declared sha256
+            path = store.path(sha256)
+            with self._lock:
+                self._received[(owner, sha256)] = Received(file_identity(path.stat()))
+            if self.on_complete is not None:
+                self.on_complete(owner, sha256, path)
+        return status
 
     def put_bytes(self, data: bytes) -> BulkStatus:
         raise BulkError("round payloads are uploaded with Begin/Upload (owner-scoped), not UploadUnary")
@@ -350,6 +401,12 @@ class BulkEndpoint:
         self._offers: dict[tuple[int, int], BaseOffer] = {}
         self._digests: dict[str, tuple[str, int]] = {}  # version id -> (weights digest, file size)
         self._offer_lock = threading.Lock()
+        self._verifiers: dict[tuple[int, int], Verifier] = {}  # round attempt -> the judge's check
+        self._verified: dict[tuple[str, str], futures.Future[Closeable]] = {}  # (owner, sha256)
+        self._verified_owners: set[str] = set()  # owners whose first completed upload was taken up
+        self._verify_lock = threading.Lock()
+        self._pool: futures.ThreadPoolExecutor | None = None
+        self.router.on_complete = self._completed
 
     def _root(self) -> Path:
         assert self.store_root is not None
@@ -397,6 +454,15 @@ class BulkEndpoint:
         if self.server is not None:
             self.server.stop(grace=1.0).wait()
             self.server = None
+        with self._verify_lock:
+            pending = list(self._verified.values())
+            self._verified.clear()
+            self._verifiers.clear()
+            pool, self._pool = self._pool, None
+        for fut in pending:
+            _discard(fut)
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> BulkEndpoint:
         self.start()
@@ -411,9 +477,61 @@ class BulkEndpoint:
 
     def close_round(self, round_: int, attempt: int) -> None:
         """Reclaim the round attempt's spool (after its commit, or when it is abandoned)."""
+        prefix = f"round-{round_}/attempt-{attempt}/"
+        with self._verify_lock:
+            self._verifiers.pop((round_, attempt), None)
+            pending = [self._verified.pop(k) for k in [k for k in self._verified if k[0].startswith(prefix)]]
+            self._verified_owners = {o for o in self._verified_owners if not o.startswith(prefix)}
+        for fut in pending:  # verified (or being verified) but claimed by no reply
+            _discard(fut)
         self.router.close(round_, attempt)
         with self._offer_lock:
             self._offers.pop((round_, attempt), None)
+
+    # ----------------------------------------------------------------- verification on arrival
+    def verify_on_arrival(self, round_: int, attempt: int, verify: Verifier) -> None:
+        """Run ``verify(path)`` on each node's first upload completed in this open round attempt, as
+        soon as it completes (module docstring); :meth:`take_verified` hands its result (or its
+        exception) to the judge. Results no reply takes are closed by :meth:`close_round`."""
+        with self._verify_lock:
+            self._verifiers[(round_, attempt)] = verify
+
+    def _completed(self, owner: str, sha256: str, path: Path) -> None:
+        """The router's hook: an upload of ``owner`` was published at ``path`` (a gRPC worker thread)."""
+        try:
+            round_, attempt, _ = (int(part.split("-", 1)[1]) for part in owner.split("/"))
+        except (ValueError, IndexError):
+            return
+        with self._verify_lock:
+            verify = self._verifiers.get((round_, attempt))
+            if verify is None or owner in self._verified_owners:
+                return
+            self._verified_owners.add(owner)
+            if self._pool is None:
+                self._pool = futures.ThreadPoolExecutor(VERIFY_WORKERS, thread_name_prefix="fedmerge-verify")
+            self._verified[(owner, sha256)] = self._pool.submit(verify, path)
+
+    def take_verified(
+        self, sha256: str, round_: int, attempt: int, node: int
+    ) -> futures.Future[Closeable] | None:
+        """The verification started when ``node``'s upload of ``sha256`` completed (its result or its
+        exception), once: None when none was started, or when the file is no longer the one published
+        then (it is then verified again by the caller). Call after :meth:`resolve` accepted the reference."""
+        owner = owner_of(round_, attempt, node)
+        with self._verify_lock:
+            fut = self._verified.pop((owner, sha256), None)
+        if fut is None:
+            return None
+        received = self.router.received(owner, sha256)
+        store = self.router.open(round_, attempt) if self.router.is_open(round_, attempt) else None
+        try:
+            current = None if store is None else file_identity(store.path(sha256).stat())
+        except OSError:
+            current = None
+        if received is None or current != received.identity:
+            _discard(fut)
+            return None
+        return fut
 
     def discard_except(self, round_: int) -> list[str]:
         """Remove every spool left by an earlier run except those of ``round_`` (which a resumed
@@ -535,12 +653,16 @@ class BulkEndpoint:
                 "a node may only reference its own upload"
             )
         path = store.path(sha256)
-        actual = path.stat().st_size
+        st = path.stat()
+        actual = st.st_size
         if actual != size:
             raise BulkReferenceError(
                 f"bulk object {sha256[:12]}… holds {actual} bytes but the reply declares {size}: "
                 "truncated or a wrong reference"
             )
+        received = self.router.received(owner, sha256)
+        if received is not None and received.identity == file_identity(st):
+            return path  # hashed by this endpoint as its bytes arrived, and the same file since
         digest = hashlib.sha256()
         with path.open("rb") as fh:
             while block := fh.read(HASH_BLOCK):
@@ -551,6 +673,17 @@ class BulkEndpoint:
                 "it is not used"
             )
         return path
+
+
+def _close_result(fut: futures.Future[Closeable]) -> None:
+    if not fut.cancelled() and fut.exception() is None:
+        fut.result().close()
+
+
+def _discard(fut: futures.Future[Closeable]) -> None:
+    """Cancel a verification not yet started, or close its result once it is done."""
+    if not fut.cancel():
+        fut.add_done_callback(_close_result)
 
 
 def bulk_endpoint_for(cfg: RunConfig, store: ModelStore) -> BulkEndpoint:

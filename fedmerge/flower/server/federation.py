@@ -384,6 +384,7 @@ class Federation:
         state.reference = reference_for(self.store, base, lazy=tensor_major)
         state.labels = self.labels  # client ids stated in earlier replies name the nodes
         state.bulk, state.attempt = bulk, attempt
+        state.verify_uploads_as_they_arrive()  # tensor-major: each upload checked as it completes
         try:
             report.outcomes = collect(self.grid, messages, sampled, state, self.cfg.rounds.round_deadline_s)
             # only fedmerge clients cache the base: a plain Flower client gets "arrays" in every round

@@ -29,6 +29,7 @@ import math
 import mmap
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -411,10 +412,10 @@ class RoundState:
         if self.fold:
             with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
                 return self._package(mm, str(sha), int(size), bulk)  # type: ignore[arg-type]
-        spooled = SpooledDelta(
-            path, self.shapes, base_id=self.base.id, base_hash=self.base.content_hash,
-            limits=self.limits, max_abs=self.max_abs,
-        )  # fmt: skip
+        pending = self.bulk.take_verified(str(sha), self.round, self.attempt, node_id)
+        # verified as the upload completed (or still being verified: wait for it), else verified now
+        spooled = pending.result() if pending is not None else self.open_spooled(path)
+        assert isinstance(spooled, SpooledDelta)
         try:
             meta = spooled.meta
             codec = {**codec_of_headers(spooled.headers, spooled.carried, self.shapes), **bulk}
@@ -425,6 +426,23 @@ class RoundState:
         except BaseException:
             spooled.close()
             raise
+
+    def open_spooled(self, path: Path) -> SpooledDelta:
+        """A spooled package verified against this round's base, limits and value bound
+        (:class:`~.spool_merge.SpooledDelta`); raises what the judge records as the rejection."""
+        return SpooledDelta(
+            path, self.shapes, base_id=self.base.id, base_hash=self.base.content_hash,
+            limits=self.limits, max_abs=self.max_abs,
+        )  # fmt: skip
+
+    def verify_uploads_as_they_arrive(self) -> None:
+        """For the tensor-major merge (``fold=False``) with a bulk endpoint: verify each node's bulk
+        upload as soon as it completes (:meth:`open_spooled`, on the endpoint's threads), so that its
+        reply, when it arrives, finds the package already checked
+        (:meth:`~.bulk_endpoint.BulkEndpoint.verify_on_arrival`). Every check still applies: the
+        reference is resolved as before, and a verification that failed is the reply's rejection."""
+        if self.bulk is not None and not self.fold:
+            self.bulk.verify_on_arrival(self.round, self.attempt, self.open_spooled)
 
     def _dense(self, content: RecordDict, client_id: str) -> Submission:
         """A plain Flower reply: full weights in ``"arrays"`` (or in its only ArrayRecord)."""
