@@ -66,7 +66,8 @@ def test_example_lora_rounds_in_simulation(
         context.node_config.update({"model-dir": str(model_dir), "data-path": str(corpora[i]),
                                     "client-id": f"inst-{i}"})  # as --node-config would  # fmt: skip
         if i == 0 and UPDATE_RECORD in message.content and FORGOT not in context.state:
-            del context.state[BASE_STATE], context.state[BASE_META]  # as a node whose disk was wiped
+            context.state.pop(BASE_STATE, None)  # as a node whose disk was wiped
+            del context.state[BASE_META]
             context.state[FORGOT] = ConfigRecord({"round": 2})
         return example_train(message, context)
 

@@ -17,18 +17,35 @@ few base versions keyed by their :func:`~fedmerge.flower.downlink.weights_digest
 form), and which (parent digest, sha256 of the update package) produced which digest, so a node whose
 held parent has that digest obtains the verified result without decoding and adding again: the result
 is a function of the parent's bytes and the package's bytes alone, and it was checked against the
-server's digest when it was first computed. ``context.state`` stays the durable copy: a node that
-lands in another process (or after a restart) reads its base back from its packed bytes.
+server's digest when it was first computed.
+
+**Node-local directory.** Flower's simulation engine moves a node's ``context.state`` with every
+message (pickled through Ray), and a SuperNode hands it to its ClientApp process with every message;
+so the base and the residual (each as large as the model) are kept out of it. :class:`NodeFiles`
+keeps them as files under the node's ``node-state-dir`` (node config; default
+:func:`default_state_dir`), which outlive a process: bases by digest (checked again on read),
+residuals per (run, node) named by the sha256 that ``context.state`` holds. ``context.state`` holds
+only identifiers (version id, hash, digest; the residual's sha256). A node whose files are gone (it
+runs on another host, the directory was cleared) fails with ``MissingBase`` and is sent the full
+weights; its error feedback restarts at zero and its reply says so (``ef-residual-lost``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
+import os
+import shutil
 import struct
+import tempfile
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import Array, ArrayRecord
@@ -171,3 +188,166 @@ class BaseCache:
 
 
 BASES = BaseCache()
+
+
+# ------------------------------------------------------------------------- the node-local directory
+
+STATE_DIR_KEY = "node-state-dir"  # node config: where a node keeps its base and residual files
+STATE_DIR_ENV = "FEDMERGE_NODE_STATE_DIR"
+_SUFFIX = ".fmt"
+
+
+def default_state_dir() -> Path:
+    """``$FEDMERGE_NODE_STATE_DIR``, else ``<temp dir>/fedmerge-node-state-<uid>``."""
+    env = os.environ.get(STATE_DIR_ENV)
+    if env:
+        return Path(env)
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return Path(tempfile.gettempdir()) / f"fedmerge-node-state-{uid}"
+
+
+class NodeFiles:
+    """A node-local directory of packed tensors that outlives a process: base versions by weights
+    digest (``bases/<digest>.fmt``, shared by every node of the host: the name is the content's
+    digest, checked again on every read) and each node's error-feedback residual
+    (``residuals/<run id>/<node id>-<sha256>.fmt``: the sha256 of the bytes, kept in ``context.state``,
+    names the one file that node may read). Files are written to a temporary name and renamed, so a
+    reader sees a whole file or none; they are a cache (no fsync): a file that is missing or does not
+    match is reported as absent, and the caller falls back (full weights from the server; error
+    feedback restarted at zero).
+
+    At most ``max_bases`` base files and ``max_bytes`` of them are kept (least recently used first
+    out); a base larger than ``max_bytes`` is not written (the caller keeps it in ``context.state``).
+    Residual directories of runs untouched for ``stale_s`` seconds are removed when the first
+    residual of a process is written."""
+
+    def __init__(
+        self, root: Path, max_bases: int = 8, max_bytes: int = 2 << 30, stale_s: float = 86_400.0
+    ) -> None:
+        self.root = root
+        self.max_bases = max_bases
+        self.max_bytes = max_bytes
+        self.stale_s = stale_s
+        self._written: set[str] = set()  # base digests this process wrote or found on disk
+        self._swept = False
+        self._lock = threading.Lock()
+
+    # bases
+    def _base_path(self, digest: str) -> Path:
+        if not digest or not all(c in "0123456789abcdef" for c in digest):
+            raise NodeStateError(f"base digest {digest!r} is not a hex sha256")
+        return self.root / "bases" / f"{digest}{_SUFFIX}"
+
+    def write_base(self, digest: str, packed: bytes) -> bool:
+        """Keep a base version's packed bytes; False when it is over ``max_bytes`` or the directory is
+        not writable (the caller keeps the bytes in ``context.state`` instead)."""
+        if len(packed) > self.max_bytes:
+            return False
+        path = self._base_path(digest)
+        with self._lock:
+            if digest in self._written and path.exists():
+                return True
+        try:
+            if not path.exists():
+                _write_atomic(path, packed)
+                self._prune_bases()
+        except OSError:
+            return False
+        with self._lock:
+            self._written.add(digest)
+        return True
+
+    def read_base(self, digest: str) -> bytes | None:
+        """The packed bytes of base ``digest`` when the directory holds them (unverified: the caller
+        checks the digest of what it unpacks), else None."""
+        try:
+            path = self._base_path(digest)
+            data = path.read_bytes()
+            os.utime(path)  # recently used: pruned last
+            return data
+        except (OSError, NodeStateError):
+            return None
+
+    def _prune_bases(self) -> None:
+        entries = []
+        for p in (self.root / "bases").glob(f"*{_SUFFIX}"):
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            entries.append((st.st_mtime, st.st_size, p))
+        entries.sort(reverse=True)  # newest first
+        total = 0
+        for i, (_, size, p) in enumerate(entries):
+            total += size
+            if i >= self.max_bases or total > self.max_bytes:
+                p.unlink(missing_ok=True)
+                with self._lock:
+                    self._written.discard(p.name.removesuffix(_SUFFIX))
+
+    # residuals
+    def _residual_dir(self, run_id: int) -> Path:
+        return self.root / "residuals" / str(int(run_id))
+
+    def write_residual(self, run_id: int, node_id: int, packed: bytes, previous: str | None) -> str:
+        """Keep a node's residual; its sha256 (for ``context.state``). The node's other residual
+        files are removed, except ``previous`` (the one its ``context.state`` names until this reply
+        is delivered: a reply that fails leaves that state in place). OSError when not writable."""
+        sha = hashlib.sha256(packed).hexdigest()
+        folder = self._residual_dir(run_id)
+        _write_atomic(folder / f"{int(node_id)}-{sha}{_SUFFIX}", packed)
+        keep = {sha, previous}
+        for p in folder.glob(f"{int(node_id)}-*{_SUFFIX}"):
+            if p.name.removesuffix(_SUFFIX).split("-", 1)[1] not in keep:
+                p.unlink(missing_ok=True)
+        if not self._swept:
+            self._swept = True
+            self._sweep_stale_runs(keep=folder)
+        return sha
+
+    def read_residual(self, run_id: int, node_id: int, sha: str) -> bytes | None:
+        """The node's residual whose bytes have sha256 ``sha``, else None (missing or other bytes)."""
+        if not sha or not all(c in "0123456789abcdef" for c in sha):
+            return None
+        try:
+            data = (self._residual_dir(run_id) / f"{int(node_id)}-{sha}{_SUFFIX}").read_bytes()
+        except OSError:
+            return None
+        return data if hashlib.sha256(data).hexdigest() == sha else None
+
+    def _sweep_stale_runs(self, keep: Path) -> None:
+        now = time.time()
+        with contextlib.suppress(OSError):
+            for folder in (self.root / "residuals").iterdir():
+                with contextlib.suppress(OSError):
+                    if folder != keep and now - folder.stat().st_mtime > self.stale_s:
+                        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+_FILES: dict[Path, NodeFiles] = {}
+_FILES_LOCK = threading.Lock()
+
+
+def node_files(node_config: Mapping[str, Any]) -> NodeFiles:
+    """The process's :class:`NodeFiles` for the node's ``node-state-dir`` (node config), else
+    :func:`default_state_dir`."""
+    value = node_config.get(STATE_DIR_KEY)
+    root = Path(str(value)) if value else default_state_dir()
+    with _FILES_LOCK:
+        files = _FILES.get(root)
+        if files is None:
+            files = _FILES[root] = NodeFiles(root)
+        return files

@@ -15,16 +15,18 @@ in ``context.state``, and the encoding of a reply.
 encodes it with the codec the server asked for (``fedmerge.config``), keeps the error-feedback
 residual in ``context.state`` and returns the reply. This module imports no server-side code.
 
-``context.state`` (a RecordDict) persists per node across the rounds of a run. The base weights live
-in the ArrayRecord ``fedmerge.base``, packed as one Array (:mod:`fedmerge.flower.client.node_state`:
-no per-tensor ``.npy`` headers), with the version id, content hash and weights digest beside them in
-the ConfigRecord ``fedmerge.base-meta``; the process keeps the versions it rebuilt in a small cache
-keyed by digest, so the nodes it runs decode and verify each downlink update once. The server leaves
-the weights out of ``"arrays"`` only for nodes whose previous reply was a fedmerge package and that
-hold this version, so a node that lost them fails with :class:`MissingBase` (recorded by the server as
-a failed reply; it is sent the weights next time).
-The residual e_t of error feedback (c = δ + e_t is encoded, e_{t+1} = c − ĉ) lives, packed the same
-way, in the ArrayRecord ``fedmerge.residual``.
+``context.state`` (a RecordDict) persists per node across the rounds of a run, and travels with every
+message, so it holds only identifiers: the base's version id, content hash and weights digest in the
+ConfigRecord ``fedmerge.base-meta``. The weights are packed (:mod:`fedmerge.flower.client.node_state`:
+no per-tensor ``.npy`` headers) in the node-local directory by digest (``NodeFiles``; a base too large
+for it stays packed in the ArrayRecord ``fedmerge.base``); the process keeps the versions it rebuilt
+in a small cache keyed by digest, so the nodes it runs decode and verify each downlink update once.
+The server leaves the weights out of ``"arrays"`` only for nodes whose previous reply was a fedmerge
+package and that hold this version, so a node that lost them fails with :class:`MissingBase` (recorded
+by the server as a failed reply; it is sent the weights next time).
+The residual e_t of error feedback (c = δ + e_t is encoded, e_{t+1} = c − ĉ) is packed the same way
+in the node-local directory, named by its sha256 in the ConfigRecord ``fedmerge.residual``; a residual
+that is gone restarts at zero, and the reply's metrics say ``ef-residual-lost = 1``.
 
 DP (user-level DP-FedAvg, docs/privacy.md): the server puts ``dp-*`` keys in the train message's
 config; :func:`resolve_base` keeps them in the ConfigRecord ``fedmerge.dp`` of ``context.state`` and
@@ -36,6 +38,7 @@ N(0, (z·C)²) from a generator that is secret (``dp-noise-seed = -1``) or seede
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 import tempfile
 from collections.abc import Mapping
@@ -62,6 +65,8 @@ from fedmerge.flower.client.bulk import (
 )
 from fedmerge.flower.client.node_state import (
     BASES,
+    NodeStateError,
+    node_files,
     pack_tensors,
     packed_record,
     record_bytes,
@@ -83,11 +88,14 @@ from fedmerge.privacy.config import DPConfig
 from fedmerge.privacy.mechanism import privatize_client_delta
 from fedmerge.seeds import labelled_seed
 
-BASE_STATE = "fedmerge.base"  # context.state: the held base weights
+logger = logging.getLogger(__name__)
+
+BASE_STATE = "fedmerge.base"  # context.state: the held base weights, when not in the node-local directory
 BASE_META = "fedmerge.base-meta"
 # how a diagonal Fisher is encoded: every entry, bf16 (fp32's exponent range), no error feedback
 FISHER_CODEC = CodecConfig(sparsify="none", values="bf16", error_feedback=False)
-RESIDUAL_RECORD = "fedmerge.residual"
+RESIDUAL_RECORD = "fedmerge.residual"  # context.state: the residual's sha256 (or, packed, the residual)
+RESIDUAL_LOST_METRIC = "ef-residual-lost"  # 1.0 in a reply whose error feedback restarted at zero
 DP_RECORD = "fedmerge.dp"
 BULK_RECORD = "fedmerge.bulk"  # context.state: this round's bulk endpoint and upload token
 DP_KEYS = ("dp-clip-norm", "dp-noise-multiplier", "dp-delta", "dp-mode", "dp-noise-seed")
@@ -263,13 +271,19 @@ def keep_base(
     digest: str | None = None,
     packed: bytes | None = None,
 ) -> None:
-    """Hold ``weights`` as this node's base ``version_id`` (packed in ``context.state``, its digest
-    beside it, and in the process's base cache). ``digest``/``packed``: already computed."""
+    """Hold ``weights`` as this node's base ``version_id``: packed in the node-local directory
+    (:class:`~fedmerge.flower.client.node_state.NodeFiles`, by digest) and in the process's base
+    cache, with its version id, hash and digest in ``context.state``; a base the directory does not
+    take (over its size limit, or not writable) is kept packed in ``context.state`` instead.
+    ``digest``/``packed``: already computed."""
     tensors = {k: v.contiguous() for k, v in weights.items()}
     digest = weights_digest(tensors) if digest is None else digest
     packed = pack_tensors(tensors) if packed is None else packed
     BASES.put(digest, tensors, packed)
-    context.state[BASE_STATE] = packed_record(packed)
+    if node_files(context.node_config).write_base(digest, packed):
+        context.state.pop(BASE_STATE, None)  # context.state carries only the identifiers
+    else:
+        context.state[BASE_STATE] = packed_record(packed)
     context.state[BASE_META] = ConfigRecord(
         {"version-id": version_id, "version-hash": version_hash, "digest": digest}
     )
@@ -278,18 +292,34 @@ def keep_base(
 def held_base(context: Context) -> tuple[StateDict, bool]:
     """(the base tensors this node holds, whether they are shared): the process's cache's (not to be
     modified) when it has the digest in ``fedmerge.base-meta``, else unpacked from ``context.state``
-    (the caller's own)."""
+    or read from the node-local directory, whose bytes must have that digest (the caller's own).
+    :class:`MissingBase` when none of them holds it (e.g. the node runs in another process on
+    another host): the server then sends the full weights, the node never trains on another base."""
     meta = config_record(context.state, BASE_META)
-    record = array_record(context.state, BASE_STATE)
-    if meta is None or record is None:
+    if meta is None:
         raise MissingBase("this node holds no base weights; the server must send them")
     digest = str(meta.get("digest", ""))
     cached = BASES.get(digest) if digest else None
     if cached is not None:
         return cached[0], True
-    packed = record_bytes(record)
-    tensors = unpack_tensors(packed)
-    return tensors, bool(digest) and BASES.put(digest, tensors, packed)
+    record = array_record(context.state, BASE_STATE)
+    if record is not None:
+        packed = record_bytes(record)
+        tensors = unpack_tensors(packed)
+        return tensors, bool(digest) and BASES.put(digest, tensors, packed)
+    files = node_files(context.node_config)
+    packed_file = files.read_base(digest) if digest else None
+    if packed_file is not None:
+        try:
+            tensors = unpack_tensors(packed_file)
+        except NodeStateError:
+            tensors = {}
+        if tensors and weights_digest(tensors) == digest:
+            return tensors, BASES.put(digest, tensors, packed_file)
+    raise MissingBase(
+        f"this node's base {meta.get('version-id')!r} (digest {digest[:12]}…) is neither in this "
+        f"process nor in its node-local directory {files.root}; the server must send its weights"
+    )
 
 
 def fetch_base(ref: BaseReference, context: Context, version_id: str, version_hash: str) -> None:
@@ -420,15 +450,57 @@ def local_noise_generator(noise_seed: int, round_: int, client_id: str) -> torch
     return torch.Generator().manual_seed(labelled_seed("dp-local", noise_seed, round_, client_id))
 
 
+def residual_state(context: Context) -> tuple[dict[str, torch.Tensor] | None, bool]:
+    """(this node's error-feedback residual or None, whether it was lost). ``context.state`` names the
+    residual by the sha256 of its packed bytes in the node-local directory (or holds it packed, when
+    the directory did not take it). None and not lost before the node's first reply; None and lost
+    when the named file is missing or holds other bytes (the node runs in another process on another
+    host, or the directory was cleared): error feedback then restarts at zero, never from another
+    node's or another run's residual."""
+    value = context.state.get(RESIDUAL_RECORD)
+    if isinstance(value, ArrayRecord):
+        return unpack_tensors(record_bytes(value)), False
+    if not isinstance(value, ConfigRecord):
+        return None, False
+    sha = str(value.get("sha256", ""))
+    data = node_files(context.node_config).read_residual(context.run_id, context.node_id, sha)
+    if data is not None:
+        try:
+            return unpack_tensors(data), False
+        except NodeStateError:
+            pass
+    logger.warning(
+        "node %s: its error-feedback residual (sha256 %s…) is not in the node-local directory; "
+        "error feedback restarts at zero (metric %s = 1)",
+        context.node_id, sha[:12], RESIDUAL_LOST_METRIC,
+    )  # fmt: skip
+    return None, True
+
+
 def load_residual(context: Context) -> dict[str, torch.Tensor] | None:
-    """This node's error-feedback residual (packed in ``context.state``), or None before its first reply."""
-    record = array_record(context.state, RESIDUAL_RECORD)
-    return None if record is None else unpack_tensors(record_bytes(record))
+    """This node's error-feedback residual, or None before its first reply (or when it was lost:
+    :func:`residual_state`)."""
+    return residual_state(context)[0]
 
 
 def save_residual(context: Context, residual: Mapping[str, torch.Tensor]) -> None:
-    if residual:
-        context.state[RESIDUAL_RECORD] = packed_record(pack_tensors(residual))
+    """Keep the residual in the node-local directory and its sha256 in ``context.state`` (packed in
+    ``context.state`` itself when the directory does not take it). An empty residual changes nothing."""
+    if not residual:
+        return
+    packed = pack_tensors(residual)
+    files = node_files(context.node_config)
+    held = context.state.get(RESIDUAL_RECORD)
+    previous = str(held.get("sha256", "")) if isinstance(held, ConfigRecord) else None
+    if len(packed) <= files.max_bytes:
+        try:
+            sha = files.write_residual(context.run_id, context.node_id, packed, previous)
+        except OSError:
+            pass
+        else:
+            context.state[RESIDUAL_RECORD] = ConfigRecord({"sha256": sha})
+            return
+    context.state[RESIDUAL_RECORD] = packed_record(packed)
 
 
 def encode_reply(
@@ -464,7 +536,9 @@ def encode_reply(
         delta, norm = privatize_client_delta(delta, dp, gen)
         factor = 1.0 if norm <= dp.clip_norm else dp.clip_norm / norm
         metrics = {**metrics, "dp-norm": norm, "dp-clip-factor": factor}
-    residual = load_residual(context) if codec.error_feedback else None
+    residual, lost = residual_state(context) if codec.error_feedback else (None, False)
+    if lost:
+        metrics = {**metrics, RESIDUAL_LOST_METRIC: 1.0}
     # tensors that did not change (and owe no residual) are left out: zero change (a LoRA round's
     # untouched weights cost nothing)
     delta, residual = changed_tensors(delta, residual)
