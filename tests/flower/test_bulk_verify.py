@@ -16,7 +16,7 @@ import pytest
 from fedmerge.flower.client.bulk import upload_package
 from fedmerge.flower.server.bulk_endpoint import BulkEndpoint
 from fedmerge.flower.server.judge import RoundState
-from fedmerge.flower.server.spool_merge import SpooledDelta
+from fedmerge.flower.server.spool_merge import SpooledDelta, tensor_map
 from fedmerge_testing.hostile import Attack, FlowerRound
 from fedmerge_testing.hostile.mutations import mutate
 
@@ -206,3 +206,15 @@ def test_only_a_nodes_first_upload_is_verified_on_arrival(fr: FlowerRound, endpo
     wait_until(lambda: not mapped(path1), "the unclaimed verification to be closed")
     for held in state.held:
         held.close()
+
+
+def test_tensor_map_keeps_the_order_and_raises_the_first_failure_in_that_order() -> None:
+    def slow_square(i: int) -> int:
+        time.sleep(0.001 * (10 - i))  # later items finish first
+        if i in (3, 7):
+            raise ValueError(f"item {i}")
+        return i * i
+
+    assert list(tensor_map(lambda i: i * i, range(10))) == [i * i for i in range(10)]
+    with pytest.raises(ValueError, match="item 3"):
+        list(tensor_map(slow_square, range(10)))

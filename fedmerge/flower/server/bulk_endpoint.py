@@ -23,11 +23,12 @@ one changed since, is hashed again before use. Otherwise :class:`BulkReferenceEr
 
 Verification as uploads arrive: :meth:`BulkEndpoint.verify_on_arrival` registers, for a round
 attempt, the judge's check of a spooled package (decode of every tensor, its checksums, values and
-shapes); the endpoint runs it on a small thread pool as soon as an upload completes — before the
-node's reply crosses Flower's message path — for the first object each node completes in the round
-attempt (so a node cannot make the server verify more than one package per round). The judge takes
-the result with :meth:`BulkEndpoint.take_verified` once the reply's reference resolved; what no reply
-claimed is closed when the round attempt closes. An upload that
+shapes); the endpoint runs it on its own thread (one package at a time, its tensors on several
+threads: :func:`~fedmerge.flower.server.spool_merge.tensor_map`) as soon as an upload completes —
+before the node's reply crosses Flower's message path — for the first object each node completes in
+the round attempt (so a node cannot make the server verify more than one package per round). The
+judge takes the result with :meth:`BulkEndpoint.take_verified` once the reply's reference resolved;
+what no reply claimed is closed when the round attempt closes. An upload that
 would leave less than ``bulk-spool-reserve-bytes`` free on the spool's disk, or that meets a full
 disk, is refused and its partial bytes are removed.
 
@@ -96,7 +97,7 @@ from fedmerge.v1 import intake_pb2, intake_pb2_grpc
 log = logging.getLogger("fedmerge.bulk")
 HASH_BLOCK = 4 << 20
 STREAM_IDLE_S = 120.0
-VERIFY_WORKERS = 2  # packages verified at once as their uploads complete (hashlib and torch release the GIL)
+VERIFY_WORKERS = 1  # packages verified at once as they complete (each on several threads)
 
 
 class Closeable(Protocol):

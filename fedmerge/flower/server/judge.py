@@ -6,7 +6,8 @@ submits: its client, examples, round, digest and tensors), then one path applies
 
 1. the wire form, read by its own reader — a fedmerge package inline (ArrayRecord ``"fedmerge.delta"``)
    or through the bulk endpoint (a reference resolved and verified in the spool) is decoded by one
-   decoder (:func:`~fedmerge.codec.stream_reader.decode_task_vector_stream`, parsed once: size ≤
+   decoder (:func:`~fedmerge.codec.stream_reader.open_task_vector_stream`, then each tensor decoded,
+   several at once: :func:`~fedmerge.flower.server.spool_merge.tensor_map`; parsed once: size ≤
    ``max-package-bytes``, header, base id **and** hash, kind ``task_vector``, names and shapes against
    the base, checksums); a plain Flower reply (full weights in ``"arrays"``) gives τ = θ_reply − θ_base
    (:func:`~fedmerge.flower.transport.dense_record_to_task_vector`, each ``.npy`` header judged before
@@ -38,7 +39,7 @@ from flwr.common.constant import ErrorCode
 
 from fedmerge.aggregators import Aggregator, create
 from fedmerge.codec import DecodedPackage, DecodeLimits
-from fedmerge.codec.stream_reader import decode_task_vector_stream
+from fedmerge.codec.stream_reader import open_task_vector_stream
 from fedmerge.codec.validate import TensorHeader
 from fedmerge.delta.rules import StaleOrInvalid, check_values, value_bound
 from fedmerge.delta.sparse import SparseTensor
@@ -62,6 +63,7 @@ from fedmerge.flower.server.spool_merge import (
     SpooledDelta,
     aggregator_args,
     carried_entries,
+    tensor_map,
 )
 from fedmerge.flower.transport import (
     FISHER_RECORD_KEY,
@@ -378,10 +380,19 @@ class RoundState:
             )
 
     def _decode(self, buffer: bytes | mmap.mmap) -> tuple[DecodedPackage, list[TensorHeader]]:
-        """The one package decoder of the round (module docstring, step 1): (package, tensor headers)."""
-        return decode_task_vector_stream(
+        """The one package decoder of the round (module docstring, step 1): (package, tensor headers).
+        :func:`~fedmerge.codec.stream_reader.decode_task_vector_stream`'s checks and result, with the
+        tensors decoded on several threads (:func:`~.spool_merge.tensor_map`)."""
+        package = open_task_vector_stream(
             buffer, self.shapes, base_id=self.base.id, base_hash=self.base.content_hash, limits=self.limits
         )
+        try:
+            names = [h.name for h in package.headers]
+            tensors = dict(zip(names, tensor_map(package.decode, names), strict=True))
+            dtypes = {h.name: h.dtype for h in package.headers}
+            return DecodedPackage(package.meta, tensors, dtypes, package.digest), package.headers  # type: ignore[arg-type]
+        finally:
+            package.release()
 
     def _package(
         self, buffer: bytes | mmap.mmap, digest: str, size: int, extra: Mapping[str, Any] | None = None

@@ -4,7 +4,8 @@ A round with a bulk endpoint (``bulk-address``) whose aggregator is tensorwise
 (:attr:`~fedmerge.aggregators.Aggregator.tensorwise`) judges each reply as it arrives without folding it.
 A package uploaded through the bulk endpoint is verified where it lies in the spool (sha256 of the file,
 header, base, checksums, then every tensor decoded once, one at a time from a memory map, its values
-checked and its squared norm summed) and stays there as a :class:`SpooledDelta`. After the round's
+checked and its squared norm summed; the tensors on :data:`CHECK_WORKERS` threads, at most that many
+decoded at once) and stays there as a :class:`SpooledDelta`. After the round's
 deadline the merge runs tensor-major::
 
     for each tensor name (sorted):
@@ -28,10 +29,13 @@ from __future__ import annotations
 
 import math
 import mmap
-from collections.abc import Iterator, Mapping, Sequence
+import os
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -44,6 +48,25 @@ from fedmerge.delta.sparse import SparseTensor
 from fedmerge.flower.config import RunConfig, needs_fisher
 
 DeltaTensor = torch.Tensor | SparseTensor
+CHECK_WORKERS = max(1, min(4, os.cpu_count() or 1))  # tensors of one package checked at once
+
+T = TypeVar("T")
+R = TypeVar("R")
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def tensor_map(fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
+    """``map(fn, items)`` on :data:`CHECK_WORKERS` threads shared by the process, results in the order
+    of ``items``; the first exception in that order is raised (the remaining calls are cancelled).
+    The per-tensor work of a package (protobuf parse, SHA-256 checksum, numba decode kernels, torch
+    checks) releases the GIL for its large parts, so a package is checked on several cores."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(CHECK_WORKERS, thread_name_prefix="fedmerge-check")
+        pool = _pool
+    return pool.map(fn, items)
 
 
 def spool_fold_blocker(cfg: RunConfig, server_eval: bool) -> str | None:
@@ -117,14 +140,18 @@ class SpooledDelta(Mapping[str, DeltaTensor]):
             self.meta = self._package.meta
             self.headers: list[TensorHeader] = list(self._package.headers)
             what = f"package of {self.meta.client_id!r}"
-            sumsq, carried = 0.0, 0
-            for name in sorted(self._package.index):
-                t = self._package.decode(name)
+            package = self._package
+
+            def check(name: str) -> tuple[float, int]:
+                t = package.decode(name)
                 assert t is not None
                 check_values({name: t}, max_abs, what)
-                sumsq += squared_norm(t.values if isinstance(t, SparseTensor) else t)
-                carried += carried_entries(t)
-                del t
+                return squared_norm(t.values if isinstance(t, SparseTensor) else t), carried_entries(t)
+
+            sumsq, carried = 0.0, 0
+            for part, count in tensor_map(check, sorted(package.index)):  # summed in name order
+                sumsq += part
+                carried += count
             self.norm = math.sqrt(sumsq)
             self.carried = carried
             self._map.madvise(mmap.MADV_DONTNEED)  # drop every page the pass mapped in
