@@ -271,6 +271,9 @@ class _TensorWriter:
         self.blobs = store.blobs
         self.root = root
         self.deltas = deltas
+        self.copy_bytes: int = getattr(self.blobs, "read_chunk_bytes", None) or CHUNK_BYTES
+        """Bytes a stored tensor is copied by per step: the backend's ``read_chunk_bytes`` (an object
+        store's blobs arrive from a socket) or :data:`CHUNK_BYTES`."""
         self._local = threading.local()
 
     def _buffers(self, count: int) -> list[memoryview]:
@@ -312,8 +315,9 @@ class _TensorWriter:
         buf = self._buffers(1)[0]
         writeback = _Writeback(slot.fd, slot.offset)
         offset = slot.offset
+        step = min(CHUNK_BYTES, self.copy_bytes)
         while stream.remaining:
-            view = buf[: min(stream.remaining, CHUNK_BYTES)]
+            view = buf[: min(stream.remaining, step)]
             stream.readinto(view)
             pwrite_all(slot.fd, view, offset)
             offset += view.nbytes
