@@ -14,7 +14,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
 from fedmerge.codec import CodecConfig, PackageMeta
 from fedmerge.flower.client import node_state
-from fedmerge.flower.client.node_state import BASES, STATE_DIR_ENV, STATE_DIR_KEY, NodeFiles, pack_tensors
+from fedmerge.flower.client.node_state import (
+    BASES,
+    STATE_DIR_ENV,
+    STATE_DIR_KEY,
+    NodeFiles,
+    node_files,
+    pack_tensors,
+)
 from fedmerge.flower.client.reply import (
     BASE_META,
     BASE_STATE,
@@ -93,6 +100,7 @@ def test_context_state_carries_identifiers_only() -> None:
     assert all(isinstance(r, ConfigRecord) for r in ctx.state.values()), sorted(ctx.state)
     assert len(pickle.dumps(ctx)) < 2048  # what Ray moves with every message (the base is 4.2 kB)
     BASES.clear()  # another process of the same host: read back from the directory, digest checked
+    node_files({}).forget()
     assert _equal(resolve_base(_message("v2", "h-v2"), ctx, "v2", "h-v2"), child)
 
 
@@ -163,6 +171,7 @@ def test_a_lost_residual_restarts_error_feedback_at_zero_and_says_so(node_dir: P
     assert with_residual != from_zero
     for path in (node_dir / "residuals").rglob("*.fmt"):
         path.unlink()  # the node's directory was cleared (or it runs on another host)
+    node_files({}).forget()  # and in another process
     lost, metrics = _encode(ctx, second)
     assert metrics[RESIDUAL_LOST_METRIC] == 1.0
     assert lost == from_zero  # exactly the encoding of a node without a residual
@@ -180,7 +189,19 @@ def test_another_nodes_or_runs_residual_is_never_taken(node_dir: Path) -> None:
     assert load_residual(b) is None
     (path,) = (node_dir / "residuals" / "7").glob("1-*.fmt")
     path.write_bytes(pack_tensors({"w": torch.zeros(3)}))  # altered: its sha256 no longer matches
+    assert load_residual(a) is not None  # this process wrote it: it remembers the bytes
+    node_files({}).forget()  # another process reads the file
     assert load_residual(a) is None
+
+
+def test_a_node_keeps_at_most_two_residual_files(node_dir: Path) -> None:
+    ctx = _context(1)
+    for i in range(5):
+        save_residual(ctx, {"w": float(i) * torch.ones(3)})
+    assert len(list((node_dir / "residuals" / "7").glob("1-*.fmt"))) == 2
+    node_files({}).forget()
+    back = load_residual(ctx)
+    assert back is not None and torch.equal(back["w"], 4.0 * torch.ones(3))
 
 
 def test_a_reply_that_was_not_delivered_leaves_the_previous_residual_readable() -> None:

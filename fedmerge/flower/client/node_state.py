@@ -198,12 +198,18 @@ _SUFFIX = ".fmt"
 
 
 def default_state_dir() -> Path:
-    """``$FEDMERGE_NODE_STATE_DIR``, else ``<temp dir>/fedmerge-node-state-<uid>``."""
+    """``$FEDMERGE_NODE_STATE_DIR``, else ``fedmerge-node-state-<uid>`` in ``/dev/shm`` (memory, as
+    ``context.state`` was: no journal or writeback on a busy disk for a file rewritten every round)
+    when it is a writable directory, else in the temporary directory. A directory too small for a
+    file (a container's 64 MiB ``/dev/shm``) refuses the write and the caller keeps the bytes in
+    ``context.state``."""
     env = os.environ.get(STATE_DIR_ENV)
     if env:
         return Path(env)
     uid = os.getuid() if hasattr(os, "getuid") else 0
-    return Path(tempfile.gettempdir()) / f"fedmerge-node-state-{uid}"
+    shm = Path("/dev/shm")
+    parent = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+    return parent / f"fedmerge-node-state-{uid}"
 
 
 class NodeFiles:
@@ -211,10 +217,11 @@ class NodeFiles:
     digest (``bases/<digest>.fmt``, shared by every node of the host: the name is the content's
     digest, checked again on every read) and each node's error-feedback residual
     (``residuals/<run id>/<node id>-<sha256>.fmt``: the sha256 of the bytes, kept in ``context.state``,
-    names the one file that node may read). Files are written to a temporary name and renamed, so a
-    reader sees a whole file or none; they are a cache (no fsync): a file that is missing or does not
-    match is reported as absent, and the caller falls back (full weights from the server; error
-    feedback restarted at zero).
+    names the one file that node may read; the process also remembers the residuals it wrote, so a
+    node that runs in it again reads no file). Base files are written to a temporary name and
+    renamed, so a reader sees a whole file or none; residual files are checked by their sha256. They
+    are a cache (no fsync): a file that is missing or does not match is reported as absent, and the
+    caller falls back (full weights from the server; error feedback restarted at zero).
 
     At most ``max_bases`` base files and ``max_bytes`` of them are kept (least recently used first
     out); a base larger than ``max_bytes`` is not written (the caller keeps it in ``context.state``).
@@ -229,12 +236,16 @@ class NodeFiles:
         self.max_bytes = max_bytes
         self.stale_s = stale_s
         self._written: set[str] = set()  # base digests this process wrote or found on disk
+        # (run id, node id) → (sha256, packed bytes) of the residuals this process wrote: a node that
+        # runs in the same process again skips reading and hashing its file
+        self._residuals: OrderedDict[tuple[int, int], tuple[str, bytes]] = OrderedDict()
+        self._folders: set[Path] = set()
         self._swept = False
         self._lock = threading.Lock()
 
     # bases
     def _base_path(self, digest: str) -> Path:
-        if not digest or not all(c in "0123456789abcdef" for c in digest):
+        if not _is_hex(digest):
             raise NodeStateError(f"base digest {digest!r} is not a hex sha256")
         return self.root / "bases" / f"{digest}{_SUFFIX}"
 
@@ -289,17 +300,34 @@ class NodeFiles:
     def _residual_dir(self, run_id: int) -> Path:
         return self.root / "residuals" / str(int(run_id))
 
-    def write_residual(self, run_id: int, node_id: int, packed: bytes, previous: str | None) -> str:
-        """Keep a node's residual; its sha256 (for ``context.state``). The node's other residual
-        files are removed, except ``previous`` (the one its ``context.state`` names until this reply
-        is delivered: a reply that fails leaves that state in place). OSError when not writable."""
+    def write_residual(
+        self, run_id: int, node_id: int, packed: bytes, keep: str | None = None, drop: str | None = None
+    ) -> str:
+        """Keep a node's residual; its sha256 (for ``context.state``). ``keep``: the residual the
+        node's ``context.state`` names until this reply is delivered (a reply that fails leaves that
+        state in place), ``drop``: the one before it, whose file is removed. The file is written
+        under its final name (a torn write fails the sha256 check on read: error feedback restarts at
+        zero). OSError when not writable (nothing is left behind)."""
         sha = hashlib.sha256(packed).hexdigest()
         folder = self._residual_dir(run_id)
-        _write_atomic(folder / f"{int(node_id)}-{sha}{_SUFFIX}", packed)
-        keep = {sha, previous}
-        for p in folder.glob(f"{int(node_id)}-*{_SUFFIX}"):
-            if p.name.removesuffix(_SUFFIX).split("-", 1)[1] not in keep:
-                p.unlink(missing_ok=True)
+        if folder not in self._folders:
+            folder.mkdir(parents=True, exist_ok=True)
+            self._folders.add(folder)
+        path = folder / f"{int(node_id)}-{sha}{_SUFFIX}"
+        try:
+            with open(path, "wb") as f:
+                f.write(packed)
+        except OSError:
+            path.unlink(missing_ok=True)
+            raise
+        if drop and drop not in (sha, keep) and _is_hex(drop):
+            (folder / f"{int(node_id)}-{drop}{_SUFFIX}").unlink(missing_ok=True)
+        with self._lock:
+            self._residuals[(int(run_id), int(node_id))] = (sha, packed)
+            self._residuals.move_to_end((int(run_id), int(node_id)))
+            total = sum(len(v[1]) for v in self._residuals.values())
+            while total > self.max_bytes // 8 and self._residuals:
+                total -= len(self._residuals.popitem(last=False)[1][1])
         if not self._swept:
             self._swept = True
             self._sweep_stale_runs(keep=folder)
@@ -307,13 +335,24 @@ class NodeFiles:
 
     def read_residual(self, run_id: int, node_id: int, sha: str) -> bytes | None:
         """The node's residual whose bytes have sha256 ``sha``, else None (missing or other bytes)."""
-        if not sha or not all(c in "0123456789abcdef" for c in sha):
+        if not _is_hex(sha):
             return None
+        with self._lock:
+            held = self._residuals.get((int(run_id), int(node_id)))
+        if held is not None and held[0] == sha:
+            return held[1]
         try:
             data = (self._residual_dir(run_id) / f"{int(node_id)}-{sha}{_SUFFIX}").read_bytes()
         except OSError:
             return None
         return data if hashlib.sha256(data).hexdigest() == sha else None
+
+    def forget(self) -> None:
+        """Drop what this process remembers (as a process that starts afresh): files are read again."""
+        with self._lock:
+            self._residuals.clear()
+            self._written.clear()
+            self._folders.clear()
 
     def _sweep_stale_runs(self, keep: Path) -> None:
         now = time.time()
@@ -322,6 +361,10 @@ class NodeFiles:
                 with contextlib.suppress(OSError):
                     if folder != keep and now - folder.stat().st_mtime > self.stale_s:
                         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _is_hex(value: str) -> bool:
+    return bool(value) and all(c in "0123456789abcdef" for c in value)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -491,14 +491,15 @@ def save_residual(context: Context, residual: Mapping[str, torch.Tensor]) -> Non
     packed = pack_tensors(residual)
     files = node_files(context.node_config)
     held = context.state.get(RESIDUAL_RECORD)
-    previous = str(held.get("sha256", "")) if isinstance(held, ConfigRecord) else None
+    current = str(held.get("sha256", "")) if isinstance(held, ConfigRecord) else ""
+    before = str(held.get("previous", "")) if isinstance(held, ConfigRecord) else ""
     if len(packed) <= files.max_bytes:
         try:
-            sha = files.write_residual(context.run_id, context.node_id, packed, previous)
+            sha = files.write_residual(context.run_id, context.node_id, packed, keep=current, drop=before)
         except OSError:
             pass
         else:
-            context.state[RESIDUAL_RECORD] = ConfigRecord({"sha256": sha})
+            context.state[RESIDUAL_RECORD] = ConfigRecord({"sha256": sha, "previous": current})
             return
     context.state[RESIDUAL_RECORD] = packed_record(packed)
 
