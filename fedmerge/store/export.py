@@ -15,9 +15,10 @@ dtype (bf16 and fp16 stay so: θ is cast back to the root's dtype).
 
 Every shard's header is planned up front and the file created at its final size; ``workers`` threads
 (one per CPU by default) then write each tensor at its own offset with ``os.pwrite``, largest tensors
-first. A tensor is computed in 1 MiB chunks: each blob of the chain is read once, every chunk hashed
-as it is read, and a root's tensor is copied straight from that chunk buffer (no decoding, no fp32
-round trip). Every blob read is verified against its sha256 name; a mismatch fails the export and
+first. A tensor is computed in 1 MiB chunks (a stored tensor of an object store is copied in its
+backend's ``read_chunk_bytes``): each blob of the chain is read once, every chunk hashed as it is
+read, and a root's tensor is copied straight from that chunk buffer (no decoding, no fp32 round
+trip). Every blob read is verified against its sha256 name; a mismatch fails the export and
 removes the partial output. Peak memory is a few MiB per thread, whatever the model size. The
 disk writeback of each written run is started while later bytes are written (``sync_file_range``
 where available), so the fsyncs at the end have little left to wait for.

@@ -88,9 +88,9 @@ class S3BlobBackend:
     ``download_file`` (10 threads on 8 MiB parts). Measured on 2 CPUs, 64 MiB in 16 blobs: 16
     threads beat 8 and 4 (bench/RESULTS.md, S3 section)."""
     read_chunk_bytes: int = 512 << 10
-    """Bytes an export moves per step when it copies a ranged blob: received from the socket, hashed,
-    written. Half the local chunk: the step's bytes are still in the CPU's cache when they are hashed
-    and written (measured: less CPU per byte than 1 MiB or 4 MiB steps)."""
+    """Bytes an export moves per step when it copies a blob of this backend (by ranges: received
+    from the socket, hashed, written). Half the local chunk: the step's bytes are still in the CPU's
+    cache when they are hashed and written (measured: less CPU per byte than 1 MiB or 4 MiB steps)."""
 
     def __init__(
         self,
