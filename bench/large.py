@@ -28,8 +28,9 @@ Flower's reply). Memory and round-time figures are those of each mode's first ro
   node is the first read of its link's upstream after its delta was ready that opens a burst
   (≥ 256 KiB within 1 s: :func:`bench.wan_link.burst_start`; the same rule on both sides, so the
   polls a SuperNode sends anyway are not counted). Last package verified: fedmerge, the last reply
-  judged (the bulk upload complete and its sha256 re-read, or the inline package decoded, and the
-  judge's checks); Flower, its replies' arrays received and handed to ``aggregate_train``. Flower's
+  judged (the bulk upload complete, its sha256 the one the endpoint computed as the bytes arrived,
+  and the judge's checks — started when the upload completed; or the inline package decoded and
+  checked after its reply); Flower, its replies' arrays received and handed to ``aggregate_train``. Flower's
   grid polls for replies every 3 s: part of what its users wait for, so part of its phase;
 * ``*_from_ready``: the same from the earliest moment a node's delta existed (encoding included);
 * ``link_time_s``: one dense package's bytes over the link (the nodes upload in parallel), the floor

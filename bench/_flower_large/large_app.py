@@ -26,7 +26,8 @@ timestamps (``time.time()``, one clock for all processes of the host):
 
 * ``replies_t``: when each reply was pulled by the ServerApp (the grid's ``pull_messages``, timed);
 * ``verified_t``: fedmerge, the moment the last reply was judged (its package received and verified:
-  checksum and the judge's checks) = ``committed_t`` − the round report's ``merge_s``; Flower, the
+  checksum and the judge's checks, which start on a bulk upload as soon as it completes) =
+  ``committed_t`` − the round report's ``merge_s``; Flower, the
   moment its ``aggregate_train`` was handed the replies (all arrays received);
 * ``committed_t``: fedmerge, the version committed (the round's spool released right after the
   commit); Flower, the aggregate written and fsynced.
