@@ -226,10 +226,12 @@ class NodeFiles:
     At most ``max_bases`` base files and ``max_bytes`` of them are kept (least recently used first
     out); a base larger than ``max_bytes`` is not written (the caller keeps it in ``context.state``).
     Residual directories of runs untouched for ``stale_s`` seconds are removed when the first
-    residual of a process is written."""
+    residual of a process is written (six hours by default: a run whose nodes on this host wrote nothing for
+    longer restarts their error feedback at zero; a host that runs many simulations does not fill its
+    memory)."""
 
     def __init__(
-        self, root: Path, max_bases: int = 8, max_bytes: int = 2 << 30, stale_s: float = 86_400.0
+        self, root: Path, max_bases: int = 8, max_bytes: int = 2 << 30, stale_s: float = 6 * 3600.0
     ) -> None:
         self.root = root
         self.max_bases = max_bases
