@@ -216,3 +216,16 @@ def test_a_reply_that_was_not_delivered_leaves_the_previous_residual_readable() 
 
 def _copy(ctx: Context) -> Context:
     return Context(ctx.run_id, ctx.node_id, dict(ctx.node_config), RecordDict(dict(ctx.state.items())), {})
+
+
+def test_a_residual_over_the_file_limit_stays_in_the_context_state(
+    monkeypatch: pytest.MonkeyPatch, node_dir: Path
+) -> None:
+    small = NodeFiles(node_dir, max_residual_bytes=1024)
+    monkeypatch.setattr("fedmerge.flower.client.reply.node_files", lambda _config: small)
+    ctx = _context(1)
+    residual = {"w": torch.randn(64, 16)}  # 4 kB
+    save_residual(ctx, residual)
+    assert isinstance(ctx.state[RESIDUAL_RECORD], ArrayRecord) and not (node_dir / "residuals").exists()
+    back = load_residual(ctx)
+    assert back is not None and torch.equal(back["w"], residual["w"])

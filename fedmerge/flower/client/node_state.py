@@ -224,18 +224,26 @@ class NodeFiles:
     caller falls back (full weights from the server; error feedback restarted at zero).
 
     At most ``max_bases`` base files and ``max_bytes`` of them are kept (least recently used first
-    out); a base larger than ``max_bytes`` is not written (the caller keeps it in ``context.state``).
+    out); a base larger than ``max_bytes``, or a residual larger than ``max_residual_bytes``, is not
+    written (the caller keeps it in ``context.state``, which ends with the run: a large model's
+    residuals are not left in the host's memory after it).
     Residual directories of runs untouched for ``stale_s`` seconds are removed when the first
     residual of a process is written (six hours by default: a run whose nodes on this host wrote nothing for
     longer restarts their error feedback at zero; a host that runs many simulations does not fill its
     memory)."""
 
     def __init__(
-        self, root: Path, max_bases: int = 8, max_bytes: int = 2 << 30, stale_s: float = 6 * 3600.0
+        self,
+        root: Path,
+        max_bases: int = 8,
+        max_bytes: int = 512 << 20,
+        max_residual_bytes: int = 16 << 20,
+        stale_s: float = 6 * 3600.0,
     ) -> None:
         self.root = root
         self.max_bases = max_bases
         self.max_bytes = max_bytes
+        self.max_residual_bytes = max_residual_bytes
         self.stale_s = stale_s
         self._written: set[str] = set()  # base digests this process wrote or found on disk
         # (run id, node id) → (sha256, packed bytes) of the residuals this process wrote: a node that
@@ -328,7 +336,7 @@ class NodeFiles:
             self._residuals[(int(run_id), int(node_id))] = (sha, packed)
             self._residuals.move_to_end((int(run_id), int(node_id)))
             total = sum(len(v[1]) for v in self._residuals.values())
-            while total > self.max_bytes // 8 and self._residuals:
+            while total > self.max_bytes and self._residuals:
                 total -= len(self._residuals.popitem(last=False)[1][1])
         if not self._swept:
             self._swept = True

@@ -493,7 +493,7 @@ def save_residual(context: Context, residual: Mapping[str, torch.Tensor]) -> Non
     held = context.state.get(RESIDUAL_RECORD)
     current = str(held.get("sha256", "")) if isinstance(held, ConfigRecord) else ""
     before = str(held.get("previous", "")) if isinstance(held, ConfigRecord) else ""
-    if len(packed) <= files.max_bytes:
+    if len(packed) <= files.max_residual_bytes:
         try:
             sha = files.write_residual(context.run_id, context.node_id, packed, keep=current, drop=before)
         except OSError:
