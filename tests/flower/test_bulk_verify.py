@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 from fedmerge.flower.client.bulk import upload_package
 from fedmerge.flower.server.bulk_endpoint import BulkEndpoint
 from fedmerge.flower.server.judge import RoundState
-from fedmerge.flower.server.spool_merge import SpooledDelta, tensor_map
+from fedmerge.flower.server.spool_merge import CHECK_WORKERS, SpooledDelta, check_workers, tensor_map
 from fedmerge_testing.hostile import Attack, FlowerRound
 from fedmerge_testing.hostile.mutations import mutate
 
@@ -218,3 +219,30 @@ def test_tensor_map_keeps_the_order_and_raises_the_first_failure_in_that_order()
     assert list(tensor_map(lambda i: i * i, range(10))) == [i * i for i in range(10)]
     with pytest.raises(ValueError, match="item 3"):
         list(tensor_map(slow_square, range(10)))
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_tensor_map_keeps_at_most_workers_calls_in_flight(workers: int) -> None:
+    lock = threading.Lock()
+    running, peak = 0, 0
+
+    def tracked(i: int) -> int:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        time.sleep(0.002)
+        with lock:
+            running -= 1
+        return i
+
+    assert list(tensor_map(tracked, range(12), workers)) == list(range(12))
+    assert peak <= workers
+
+
+def test_check_workers_keeps_the_decoded_tensors_in_flight_within_the_budget() -> None:
+    mib = 1 << 20
+    assert check_workers([(256, 1024)], budget=16 * mib) == min(CHECK_WORKERS, 16)  # 1 MiB tensors
+    assert check_workers([(4, 4), (3_900_000,)], budget=16 * mib) == 1  # a 15.6 MB tensor: one at a time
+    assert check_workers([(4 * mib,)], budget=64 * mib) == min(CHECK_WORKERS, 4)
+    assert check_workers([], budget=16 * mib) == CHECK_WORKERS

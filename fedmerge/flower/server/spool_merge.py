@@ -4,8 +4,8 @@ A round with a bulk endpoint (``bulk-address``) whose aggregator is tensorwise
 (:attr:`~fedmerge.aggregators.Aggregator.tensorwise`) judges each reply as it arrives without folding it.
 A package uploaded through the bulk endpoint is verified where it lies in the spool (sha256 of the file,
 header, base, checksums, then every tensor decoded once, one at a time from a memory map, its values
-checked and its squared norm summed; the tensors on :data:`CHECK_WORKERS` threads, at most that many
-decoded at once) and stays there as a :class:`SpooledDelta`. After the round's
+checked and its squared norm summed; the tensors on up to :data:`CHECK_WORKERS` threads, as many as
+:func:`check_workers` lets decode at once) and stays there as a :class:`SpooledDelta`. After the round's
 deadline the merge runs tensor-major::
 
     for each tensor name (sorted):
@@ -31,8 +31,9 @@ import math
 import mmap
 import os
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -48,7 +49,8 @@ from fedmerge.delta.sparse import SparseTensor
 from fedmerge.flower.config import RunConfig, needs_fisher
 
 DeltaTensor = torch.Tensor | SparseTensor
-CHECK_WORKERS = max(1, min(4, os.cpu_count() or 1))  # tensors of one package checked at once
+CHECK_WORKERS = max(1, min(4, os.cpu_count() or 1))  # tensors of one package checked at once, at most
+CHECK_BYTES_IN_FLIGHT = 16 << 20  # ... while that many decoded tensors fit in this (check_workers)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -56,17 +58,39 @@ _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
 
-def tensor_map(fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
-    """``map(fn, items)`` on :data:`CHECK_WORKERS` threads shared by the process, results in the order
-    of ``items``; the first exception in that order is raised (the remaining calls are cancelled).
-    The per-tensor work of a package (protobuf parse, SHA-256 checksum, numba decode kernels, torch
-    checks) releases the GIL for its large parts, so a package is checked on several cores."""
+def tensor_map(fn: Callable[[T], R], items: Iterable[T], workers: int = CHECK_WORKERS) -> Iterator[R]:
+    """``map(fn, items)`` with at most ``workers`` calls in flight on threads shared by the process,
+    results in the order of ``items``; the first exception in that order is raised (the calls not yet
+    started are cancelled). The per-tensor work of a package (protobuf parse, SHA-256 checksum, numba
+    decode kernels, torch checks) releases the GIL for its large parts, so a package is checked on
+    several cores. ``workers`` ≤ 1 runs in the caller's thread."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
     global _pool
     with _pool_lock:
         if _pool is None:
             _pool = ThreadPoolExecutor(CHECK_WORKERS, thread_name_prefix="fedmerge-check")
         pool = _pool
-    return pool.map(fn, items)
+    pending: deque[Future[R]] = deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for future in pending:
+            future.cancel()
+
+
+def check_workers(shapes: Iterable[tuple[int, ...]], budget: int = CHECK_BYTES_IN_FLIGHT) -> int:
+    """How many tensors of a package to check at once: as many as :data:`CHECK_WORKERS` allows while
+    that many of its largest tensor, decoded in fp32, fit in ``budget`` bytes (at least one), so the
+    server's memory in a round stays a small fraction of the model's whatever its tensors' sizes."""
+    largest = max((4 * math.prod(shape) for shape in shapes), default=0)
+    return max(1, min(CHECK_WORKERS, budget // max(largest, 1)))
 
 
 def spool_fold_blocker(cfg: RunConfig, server_eval: bool) -> str | None:
@@ -149,7 +173,8 @@ class SpooledDelta(Mapping[str, DeltaTensor]):
                 return squared_norm(t.values if isinstance(t, SparseTensor) else t), carried_entries(t)
 
             sumsq, carried = 0.0, 0
-            for part, count in tensor_map(check, sorted(package.index)):  # summed in name order
+            workers = check_workers(self.shapes.values())
+            for part, count in tensor_map(check, sorted(package.index), workers):  # in name order
                 sumsq += part
                 carried += count
             self.norm = math.sqrt(sumsq)
