@@ -194,11 +194,12 @@ def child(kind: str, clients: int, rounds: int, task: str = "digits") -> dict[st
     """Run one side in a fresh process and return its JSON result (``task``: for the LoRA legs, the
     JSON of their run-config overrides)."""
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
-    env.setdefault("FLWR_HOME", tempfile.mkdtemp(prefix="flwr-home-"))
-    proc = subprocess.run(
-        [sys.executable, "-m", "fedmerge_bench.rounds", "--child", kind, str(clients), str(rounds), task],
-        capture_output=True, text=True, env=env, check=False,
-    )  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="flwr-home-") as home:  # removed after the child's run
+        env.setdefault("FLWR_HOME", home)
+        proc = subprocess.run(
+            [sys.executable, "-m", "fedmerge_bench.rounds", "--child", kind, str(clients), str(rounds), task],
+            capture_output=True, text=True, env=env, check=False,
+        )  # fmt: skip
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{kind} run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
