@@ -310,6 +310,34 @@ def _bin(name: str) -> str:
     return shutil.which(name) or str(Path(sys.executable).with_name(name))
 
 
+def superlink_env(
+    home: Path, reports: Path, env: Mapping[str, str] | None = None, ray_address: str | None = None
+) -> dict[str, str]:
+    """The private SuperLink's environment: this process's, with Flower's home, telemetry and
+    dependency installation off, the reports file, ``env`` on top; this interpreter's ``bin``
+    directory first on ``PATH`` (the SuperLink starts ``flower-superexec`` and ``flwr-simulation`` by
+    name: those of this installation, also when its environment is not activated); ``RAY_ADDRESS``
+    for an existing cluster, else none and Ray's inline threshold raised (module docstring)."""
+    run_env = {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "RAY_DEDUP_LOGS": "0",
+        REPORTS_ENV: str(reports),
+        **(env or {}),
+    }
+    run_env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), run_env.get("PATH", "")]).rstrip(
+        os.pathsep
+    )
+    if ray_address:
+        run_env["RAY_ADDRESS"] = ray_address
+    else:
+        run_env.pop("RAY_ADDRESS", None)
+        run_env.setdefault("RAY_max_direct_call_object_size", str(RAY_INLINE_BYTES))
+    return run_env
+
+
 def _stop(proc: subprocess.Popen[Any]) -> None:
     """End ``proc`` and its process group (it was started in a session of its own)."""
     if proc.poll() is None:
@@ -378,20 +406,7 @@ def run_simulation_app(
         home.mkdir()
         app_dir.mkdir()
         reports = work / "reports.bin"
-        run_env = {
-            **os.environ,
-            "FLWR_HOME": str(home),
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "RAY_DEDUP_LOGS": "0",
-            REPORTS_ENV: str(reports),
-            **(env or {}),
-        }
-        if ray_address:
-            run_env["RAY_ADDRESS"] = ray_address
-        else:
-            run_env.pop("RAY_ADDRESS", None)
-            run_env.setdefault("RAY_max_direct_call_object_size", str(RAY_INLINE_BYTES))
+        run_env = superlink_env(home, reports, env, ray_address)
         serverapp = _component(server_app, SERVERAPP_ENV, "server_app", work, run_env)
         clientapp = _component(client_app, CLIENTAPP_ENV, "client_app", work, run_env)
         if not (isinstance(server_app, str) and isinstance(client_app, str)):

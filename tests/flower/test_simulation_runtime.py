@@ -16,6 +16,7 @@ from fedmerge.flower.simulation import (
     emit_report,
     failure_line,
     run_simulation_app,
+    superlink_env,
 )
 
 
@@ -91,3 +92,24 @@ def test_the_failure_line_names_the_exception_and_its_first_cause() -> None:
         "(first: Exception: The current node timed out during startup.)"
     )
     assert failure_line("no exception here") == "simulation failed (see its log below)"
+
+
+def test_the_superlink_finds_this_installations_flower_commands_without_an_activated_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+    import shutil
+    import sys
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # as when the venv's python is run without `activate`
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    env = superlink_env(tmp_path / "home", tmp_path / "reports.bin", {"EXTRA": "1"})
+    bin_dir = str(Path(sys.executable).parent)
+    assert env["PATH"].split(os.pathsep)[0] == bin_dir
+    for command in ("flower-superexec", "flwr-simulation"):  # what the SuperLink starts by name
+        assert shutil.which(command, path=env["PATH"]) == str(Path(bin_dir) / command)
+    assert "RAY_ADDRESS" not in env and env["EXTRA"] == "1" and env["FLWR_HOME"] == str(tmp_path / "home")
+    assert (
+        superlink_env(tmp_path, tmp_path / "r", ray_address="127.0.0.1:6380")["RAY_ADDRESS"]
+        == "127.0.0.1:6380"
+    )
