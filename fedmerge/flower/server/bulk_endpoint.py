@@ -22,13 +22,10 @@ the server's, written once). A file the endpoint did not complete in this proces
 one changed since, is hashed again before use. Otherwise :class:`BulkReferenceError` says why.
 
 Verification as uploads arrive: :meth:`BulkEndpoint.verify_on_arrival` registers, for a round
-attempt, the judge's check of a spooled package (decode of every tensor, its checksums, values and
-shapes); the endpoint runs it on its own thread (one package at a time, its tensors on several
-threads: :func:`~fedmerge.flower.server.spool_merge.tensor_map`) as soon as an upload completes —
-before the node's reply crosses Flower's message path — for the first object each node completes in
-the round attempt (so a node cannot make the server verify more than one package per round). The
-judge takes the result with :meth:`BulkEndpoint.take_verified` once the reply's reference resolved;
-what no reply claimed is closed when the round attempt closes. An upload that
+attempt, the judge's check of a spooled package, which runs as soon as a node's first upload of the
+round attempt completes, before its reply crosses Flower's message path
+(:mod:`~fedmerge.flower.server.arrival_checks`). The judge takes the result with
+:meth:`BulkEndpoint.take_verified` once the reply's reference resolved. An upload that
 would leave less than ``bulk-spool-reserve-bytes`` free on the spool's disk, or that meets a full
 disk, is refused and its partial bytes are removed.
 
@@ -67,7 +64,7 @@ from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import grpc
 
@@ -84,6 +81,7 @@ from fedmerge.flower.client.bulk import (
 )
 from fedmerge.flower.config import RunConfig
 from fedmerge.flower.downlink import weights_digest_of
+from fedmerge.flower.server.arrival_checks import ArrivalChecks, Closeable, Verifier, attempt_prefix, discard
 from fedmerge.flower.settings import bulk_insecure_bind_problem
 from fedmerge.service.bulk import BulkError, BulkStatus, BulkStore, check_sha
 from fedmerge.service.config import TlsConfig
@@ -97,14 +95,6 @@ from fedmerge.v1 import intake_pb2, intake_pb2_grpc
 log = logging.getLogger("fedmerge.bulk")
 HASH_BLOCK = 4 << 20
 STREAM_IDLE_S = 120.0
-VERIFY_WORKERS = 1  # packages verified at once as they complete (each on several threads)
-
-
-class Closeable(Protocol):
-    def close(self) -> None: ...
-
-
-Verifier = Callable[[Path], Closeable]
 
 
 def file_identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
@@ -129,7 +119,7 @@ def _spool_failed(exc: OSError) -> str:
 
 
 def owner_of(round_: int, attempt: int, node: int) -> str:
-    return f"round-{round_}/attempt-{attempt}/node-{node}"
+    return f"{attempt_prefix(round_, attempt)}node-{node}"
 
 
 class SpoolRouter:
@@ -159,7 +149,7 @@ class SpoolRouter:
             return store
 
     def close(self, round_: int, attempt: int) -> None:
-        prefix = f"round-{round_}/attempt-{attempt}/"
+        prefix = attempt_prefix(round_, attempt)
         with self._lock:
             self._stores.pop((round_, attempt), None)
             for key in [k for k in self._received if k[0].startswith(prefix)]:
@@ -402,12 +392,8 @@ class BulkEndpoint:
         self._offers: dict[tuple[int, int], BaseOffer] = {}
         self._digests: dict[str, tuple[str, int]] = {}  # version id -> (weights digest, file size)
         self._offer_lock = threading.Lock()
-        self._verifiers: dict[tuple[int, int], Verifier] = {}  # round attempt -> the judge's check
-        self._verified: dict[tuple[str, str], futures.Future[Closeable]] = {}  # (owner, sha256)
-        self._verified_owners: set[str] = set()  # owners whose first completed upload was taken up
-        self._verify_lock = threading.Lock()
-        self._pool: futures.ThreadPoolExecutor | None = None
-        self.router.on_complete = self._completed
+        self.arrival_checks = ArrivalChecks()
+        self.router.on_complete = self.arrival_checks.completed
 
     def _root(self) -> Path:
         assert self.store_root is not None
@@ -455,15 +441,7 @@ class BulkEndpoint:
         if self.server is not None:
             self.server.stop(grace=1.0).wait()
             self.server = None
-        with self._verify_lock:
-            pending = list(self._verified.values())
-            self._verified.clear()
-            self._verifiers.clear()
-            pool, self._pool = self._pool, None
-        for fut in pending:
-            _discard(fut)
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+        self.arrival_checks.stop()
 
     def __enter__(self) -> BulkEndpoint:
         self.start()
@@ -478,13 +456,7 @@ class BulkEndpoint:
 
     def close_round(self, round_: int, attempt: int) -> None:
         """Reclaim the round attempt's spool (after its commit, or when it is abandoned)."""
-        prefix = f"round-{round_}/attempt-{attempt}/"
-        with self._verify_lock:
-            self._verifiers.pop((round_, attempt), None)
-            pending = [self._verified.pop(k) for k in [k for k in self._verified if k[0].startswith(prefix)]]
-            self._verified_owners = {o for o in self._verified_owners if not o.startswith(prefix)}
-        for fut in pending:  # verified (or being verified) but claimed by no reply
-            _discard(fut)
+        self.arrival_checks.close_attempt(round_, attempt)
         self.router.close(round_, attempt)
         with self._offer_lock:
             self._offers.pop((round_, attempt), None)
@@ -494,23 +466,7 @@ class BulkEndpoint:
         """Run ``verify(path)`` on each node's first upload completed in this open round attempt, as
         soon as it completes (module docstring); :meth:`take_verified` hands its result (or its
         exception) to the judge. Results no reply takes are closed by :meth:`close_round`."""
-        with self._verify_lock:
-            self._verifiers[(round_, attempt)] = verify
-
-    def _completed(self, owner: str, sha256: str, path: Path) -> None:
-        """The router's hook: an upload of ``owner`` was published at ``path`` (a gRPC worker thread)."""
-        try:
-            round_, attempt, _ = (int(part.split("-", 1)[1]) for part in owner.split("/"))
-        except (ValueError, IndexError):
-            return
-        with self._verify_lock:
-            verify = self._verifiers.get((round_, attempt))
-            if verify is None or owner in self._verified_owners:
-                return
-            self._verified_owners.add(owner)
-            if self._pool is None:
-                self._pool = futures.ThreadPoolExecutor(VERIFY_WORKERS, thread_name_prefix="fedmerge-verify")
-            self._verified[(owner, sha256)] = self._pool.submit(verify, path)
+        self.arrival_checks.register(round_, attempt, verify)
 
     def take_verified(
         self, sha256: str, round_: int, attempt: int, node: int
@@ -519,8 +475,7 @@ class BulkEndpoint:
         exception), once: None when none was started, or when the file is no longer the one published
         then (it is then verified again by the caller). Call after :meth:`resolve` accepted the reference."""
         owner = owner_of(round_, attempt, node)
-        with self._verify_lock:
-            fut = self._verified.pop((owner, sha256), None)
+        fut = self.arrival_checks.take(owner, sha256)
         if fut is None:
             return None
         received = self.router.received(owner, sha256)
@@ -530,7 +485,7 @@ class BulkEndpoint:
         except OSError:
             current = None
         if received is None or current != received.identity:
-            _discard(fut)
+            discard(fut)
             return None
         return fut
 
@@ -674,17 +629,6 @@ class BulkEndpoint:
                 "it is not used"
             )
         return path
-
-
-def _close_result(fut: futures.Future[Closeable]) -> None:
-    if not fut.cancelled() and fut.exception() is None:
-        fut.result().close()
-
-
-def _discard(fut: futures.Future[Closeable]) -> None:
-    """Cancel a verification not yet started, or close its result once it is done."""
-    if not fut.cancel():
-        fut.add_done_callback(_close_result)
 
 
 def bulk_endpoint_for(cfg: RunConfig, store: ModelStore) -> BulkEndpoint:
