@@ -19,6 +19,7 @@ from peft import get_peft_model_state_dict
 from fedmerge.delta.state_dict import StateDict, TaskVector, task_vector
 from fedmerge.errors import ConfigError
 from fedmerge.tasks.base import ClientData, Task
+from fedmerge.tasks.model_pool import borrowed_model
 from fedmerge.tasks.training import seed_from
 
 Mode = Literal["full", "lora"]
@@ -68,7 +69,28 @@ def local_round(
     if mode not in ("full", "lora"):
         raise ConfigError(f"local round mode must be 'full' or 'lora', got {mode!r}")
     generator = client_generator(seed, round_, data.client_id)
-    model = task.build_model(seed)
+    # full fine-tuning on the CPU leaves the model reusable: the next round loads every weight again
+    reusable = mode == "full" and torch.device(device).type == "cpu"
+    with borrowed_model(task, seed, reuse=reusable) as model:
+        return _train_from(task, model, base, data, generator, mode, epochs, lr, batch_size,
+                           lora_rank, lora_alpha, device, test_metrics)  # fmt: skip
+
+
+def _train_from(
+    task: Task,
+    model: torch.nn.Module,
+    base: StateDict,
+    data: ClientData,
+    generator: torch.Generator,
+    mode: Mode,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    lora_rank: int,
+    lora_alpha: float,
+    device: str | torch.device,
+    test_metrics: bool,
+) -> LocalUpdate:
     model.load_state_dict(base)
     before = task.evaluate(model, data.test, device) if test_metrics else None
     adapter: StateDict | None = None

@@ -33,6 +33,7 @@ weights; its error feedback restarts at zero and its reply says so (``ef-residua
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -204,12 +205,19 @@ def default_state_dir() -> Path:
     file (a container's 64 MiB ``/dev/shm``) refuses the write and the caller keeps the bytes in
     ``context.state``."""
     env = os.environ.get(STATE_DIR_ENV)
-    if env:
-        return Path(env)
-    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return Path(env) if env else _default_parent() / f"fedmerge-node-state-{_uid()}"
+
+
+@functools.cache
+def _default_parent() -> Path:
+    """``/dev/shm`` when it is a writable directory, else the temporary directory (probed once per
+    process: every ClientApp call asks)."""
     shm = Path("/dev/shm")
-    parent = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
-    return parent / f"fedmerge-node-state-{uid}"
+    return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+
+
+def _uid() -> int:
+    return os.getuid() if hasattr(os, "getuid") else 0
 
 
 class NodeFiles:
