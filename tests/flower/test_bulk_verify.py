@@ -17,7 +17,14 @@ import pytest
 from fedmerge.flower.client.bulk import upload_package
 from fedmerge.flower.server.bulk_endpoint import BulkEndpoint
 from fedmerge.flower.server.judge import RoundState
-from fedmerge.flower.server.spool_merge import CHECK_WORKERS, SpooledDelta, check_workers, tensor_map
+from fedmerge.flower.server.spool_merge import (
+    CHECK_WORKERS,
+    PARALLEL_MIN_BYTES,
+    SpooledDelta,
+    check_workers,
+    decode_workers,
+    tensor_map,
+)
 from fedmerge_testing.hostile import Attack, FlowerRound
 from fedmerge_testing.hostile.mutations import mutate
 
@@ -246,3 +253,8 @@ def test_check_workers_keeps_the_decoded_tensors_in_flight_within_the_budget() -
     assert check_workers([(4, 4), (3_900_000,)], budget=16 * mib) == 1  # a 15.6 MB tensor: one at a time
     assert check_workers([(4 * mib,)], budget=64 * mib) == min(CHECK_WORKERS, 4)
     assert check_workers([], budget=16 * mib) == CHECK_WORKERS
+
+
+def test_small_inline_packages_are_decoded_in_the_judging_thread() -> None:
+    assert decode_workers(0) == decode_workers(PARALLEL_MIN_BYTES - 1) == 1
+    assert decode_workers(PARALLEL_MIN_BYTES) == CHECK_WORKERS

@@ -7,11 +7,11 @@ submits: its client, examples, round, digest and tensors), then one path applies
 1. the wire form, read by its own reader — a fedmerge package inline (ArrayRecord ``"fedmerge.delta"``)
    or through the bulk endpoint (a reference resolved and verified in the spool) is decoded by one
    decoder (:func:`~fedmerge.codec.stream_reader.open_task_vector_stream`, then each tensor decoded,
-   several at once: :func:`~fedmerge.flower.server.spool_merge.tensor_map`; parsed once: size ≤
-   ``max-package-bytes``, header, base id **and** hash, kind ``task_vector``, names and shapes against
-   the base, checksums); a plain Flower reply (full weights in ``"arrays"``) gives τ = θ_reply − θ_base
-   (:func:`~fedmerge.flower.transport.dense_record_to_task_vector`, each ``.npy`` header judged before
-   its data);
+   a large package's several at once: :func:`~fedmerge.flower.server.spool_merge.tensor_map`; parsed
+   once: size ≤ ``max-package-bytes``, header, base id **and** hash, kind ``task_vector``, names and
+   shapes against the base, checksums); a plain Flower reply (full weights in ``"arrays"``) gives
+   τ = θ_reply − θ_base (:func:`~fedmerge.flower.transport.dense_record_to_task_vector`, each ``.npy``
+   header judged before its data);
 2. the checks every form shares, each written once (:meth:`RoundState._admit`): the round the package
    names, ``1 ≤ num-examples ≤ max-num-examples``, every value within the magnitude bound
    (:func:`~fedmerge.delta.rules.value_bound`), and a tensor the reply leaves out filled as zero change
@@ -63,6 +63,7 @@ from fedmerge.flower.server.spool_merge import (
     SpooledDelta,
     aggregator_args,
     carried_entries,
+    decode_workers,
     tensor_map,
 )
 from fedmerge.flower.transport import (
@@ -382,13 +383,15 @@ class RoundState:
     def _decode(self, buffer: bytes | mmap.mmap) -> tuple[DecodedPackage, list[TensorHeader]]:
         """The one package decoder of the round (module docstring, step 1): (package, tensor headers).
         :func:`~fedmerge.codec.stream_reader.decode_task_vector_stream`'s checks and result, with the
-        tensors decoded on several threads (:func:`~.spool_merge.tensor_map`)."""
+        tensors of a large package decoded on several threads (:func:`~.spool_merge.tensor_map`,
+        :func:`~.spool_merge.decode_workers`)."""
         package = open_task_vector_stream(
             buffer, self.shapes, base_id=self.base.id, base_hash=self.base.content_hash, limits=self.limits
         )
         try:
             names = [h.name for h in package.headers]
-            tensors = dict(zip(names, tensor_map(package.decode, names), strict=True))
+            workers = decode_workers(len(buffer))
+            tensors = dict(zip(names, tensor_map(package.decode, names, workers), strict=True))
             dtypes = {h.name: h.dtype for h in package.headers}
             return DecodedPackage(package.meta, tensors, dtypes, package.digest), package.headers  # type: ignore[arg-type]
         finally:
