@@ -111,6 +111,7 @@ def run_fedmerge(clients: int, rounds: int, task: str = "digits") -> dict[str, A
         )
     return {
         "round_s": [r.wall_s for r in reports],
+        "merge_s": [r.merge_s for r in reports],  # last reply judged -> version committed (and evaluated)
         "bytes": [r.uplink_bytes + r.downlink_bytes for r in reports],
         "accuracy": [r.metrics.get("server-accuracy", float("nan")) for r in reports],
         "peak_rss": rss[-1],
