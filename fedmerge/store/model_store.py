@@ -77,6 +77,9 @@ from fedmerge.store.verify import verify as verify_store
 STORE_MARKER = "store.json"
 STORE_LAYOUT = "fedmerge-store"
 CATALOG_FILE = "catalog.sqlite"
+# tensors of a streamed commit held at once: one being staged (encoded, hashed, written) while the
+# stream produces the next, so a tensor-major merge overlaps the commit's writes
+STREAM_WORKERS = 2
 
 
 class DeltaRecord(TypedDict):
@@ -272,7 +275,8 @@ class ModelStore(StoreReading):
         """:meth:`commit` of a task vector given as (name, tensor) pairs, consumed one at a time.
 
         Each tensor is checked against the base's floating tensors (name, shape, floating dtype) and
-        staged as a blob as it arrives, so memory holds one tensor whatever the model size. The same
+        staged as a blob as it arrives, one while ``delta`` produces the next, so memory holds at most
+        :data:`STREAM_WORKERS` (two) tensors whatever the model size. The same
         promise as :meth:`commit`: nothing is visible until every blob is durable and the catalog row
         is written; an exception raised by ``delta`` (or by a check) aborts the commit and removes the
         staged blobs, leaving the store as it was. ``record``: the keyword arguments of :meth:`commit`
@@ -318,7 +322,7 @@ class ModelStore(StoreReading):
         (:func:`~fedmerge.store.staging.stage_tensors`), then ``state`` and ``files``, then the
         manifest and the catalog row. A mapping is checked whole before anything is written and its
         blobs' bytes are kept (a blob a concurrent gc removed is rewritten); a stream is checked
-        tensor by tensor and holds one tensor at a time."""
+        tensor by tensor and holds at most :data:`STREAM_WORKERS` tensors at a time."""
         method, params, round = record["method"], record["params"], record["round"]
         metrics, privacy, contributors = record["metrics"], record["privacy"], list(record["contributors"])
         metadata, aliases = record.get("metadata") or {}, record.get("aliases", ("latest",))
@@ -347,10 +351,12 @@ class ModelStore(StoreReading):
         root = self.root_of(parent_versions[0]) if parent_versions else None
 
         def stage(items: Iterable[tuple[str, torch.Tensor]], what: str, memory: bool, **kw: Any) -> Staged:
-            # in memory: a thread pool, bytes kept; a stream: one tensor at a time, bytes not kept
+            # in memory: a thread pool, bytes kept; a stream: bytes not kept, one tensor staged while
+            # the stream produces the next (a tensor-major merge runs beside the writes), so at most
+            # STREAM_WORKERS tensors are held whatever the stream's length
             return stage_tensors(
                 self.blobs, self._faults, items, what=what,
-                workers=self.workers if memory else 1, keep=memory, **kw,
+                workers=self.workers if memory else min(STREAM_WORKERS, self.workers), keep=memory, **kw,
             )  # fmt: skip
 
         delta = stage(

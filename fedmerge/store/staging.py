@@ -135,9 +135,10 @@ def stage_tensors(
     Each tensor is checked as it arrives (:func:`check_tensors`, names unique) and, with ``expected``
     (a task vector on ``parent``: the base's floating shapes), against the base: a known name, its
     shape, a floating dtype, and at the end no tensor of the base missing. ``workers`` > 1 encodes,
-    hashes and writes up to ``workers`` tensors at once (so holds as many); 1 holds one tensor whatever
-    the source's length. ``keep``: keep the blobs' bytes (:attr:`Staged.kept`). On any exception
-    (from ``items``, a check or a write) the temporary files staged so far are removed.
+    hashes and writes up to ``workers`` tensors at once (so holds as many: while the last of them is
+    staged, the source produces the next); 1 holds one tensor whatever the source's length. ``keep``:
+    keep the blobs' bytes (:attr:`Staged.kept`). On any exception (from ``items``, a check or a write)
+    the temporary files staged so far are removed.
     """
     entries: dict[str, TensorEntry] = {}
     kept: dict[str, list[Buffer]] = {}
@@ -163,6 +164,11 @@ def stage_tensors(
             kept[blob.digest] = parts
         faults.reached("blob")
 
+    def _finish(item: tuple[str, torch.Tensor, Future[tuple[list[Buffer], StagedBlob]]]) -> None:
+        name, tensor, future = item
+        del pending[name]
+        done(name, tensor, *future.result())
+
     pending: dict[str, None] = {}  # names handed to the pool, not yet done
     window: deque[tuple[str, torch.Tensor, Future[tuple[list[Buffer], StagedBlob]]]] = deque()
     pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
@@ -171,17 +177,15 @@ def stage_tensors(
             check(name, tensor)
             if pool is None:
                 done(name, tensor, *_encode_and_stage(blobs, tensor))
+                del tensor  # not held while the source produces the next
                 continue
             pending[name] = None
             window.append((name, tensor, pool.submit(_encode_and_stage, blobs, tensor)))
+            del tensor  # held by the window only: released as soon as it is staged
             while len(window) >= workers:
-                n, t, future = window.popleft()
-                del pending[n]
-                done(n, t, *future.result())
+                _finish(window.popleft())
         while window:
-            n, t, future = window.popleft()
-            del pending[n]
-            done(n, t, *future.result())
+            _finish(window.popleft())
         missing = sorted(set(expected or ()) - set(entries))
         if missing:
             raise IncompatibleDeltasError(

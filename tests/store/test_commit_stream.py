@@ -134,3 +134,33 @@ def test_views_read_each_tensor_on_lookup_and_equal_the_whole_reads(store: Model
     assert all(torch.equal(stored[n], delta[n]) for n in delta)
     with pytest.raises(KeyError):
         stored["nope"]
+
+
+def test_a_stream_is_produced_while_its_previous_tensor_is_staged_and_never_more(store: ModelStore) -> None:
+    """The next tensor of a stream (a tensor-major merge) is produced while the previous one is still
+    being staged — the two overlap — and no earlier tensor is held: STREAM_WORKERS tensors at most."""
+    import gc
+    import weakref
+
+    from fedmerge.store.model_store import STREAM_WORKERS
+
+    base = tiny_model()
+    root = store.commit_base(base, name="tiny")
+    delta = tiny_delta(base, 1)
+    alive_when_producing: list[int] = []
+    refs: list[weakref.ref[torch.Tensor]] = []
+
+    def produce() -> Iterator[tuple[str, torch.Tensor]]:
+        for name in sorted(delta):
+            gc.collect()
+            alive_when_producing.append(sum(r() is not None for r in refs))
+            t = delta[name].clone()
+            refs.append(weakref.ref(t))
+            yield name, t
+            del t
+
+    version = stream(store, produce(), root.id)
+    assert len(alive_when_producing) == len(delta) >= 3
+    assert alive_when_producing[0] == 0
+    assert all(n == STREAM_WORKERS - 1 for n in alive_when_producing[1:]), alive_when_producing
+    assert version.tensors == commit_delta(store, delta, root.id, 1, aliases=()).tensors  # the same blobs
