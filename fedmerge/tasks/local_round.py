@@ -19,7 +19,7 @@ from peft import get_peft_model_state_dict
 from fedmerge.delta.state_dict import StateDict, TaskVector, task_vector
 from fedmerge.errors import ConfigError
 from fedmerge.tasks.base import ClientData, Task
-from fedmerge.tasks.model_pool import borrowed_model
+from fedmerge.tasks.model_pool import borrowed_model, reuses_models
 from fedmerge.tasks.training import seed_from
 
 Mode = Literal["full", "lora"]
@@ -69,8 +69,9 @@ def local_round(
     if mode not in ("full", "lora"):
         raise ConfigError(f"local round mode must be 'full' or 'lora', got {mode!r}")
     generator = client_generator(seed, round_, data.client_id)
-    # full fine-tuning on the CPU leaves the model reusable: the next round loads every weight again
-    reusable = mode == "full" and torch.device(device).type == "cpu"
+    # full fine-tuning on the CPU, of a task that says its train() leaves nothing but the weights,
+    # leaves the model reusable: the next round loads every weight again
+    reusable = mode == "full" and torch.device(device).type == "cpu" and reuses_models(task)
     with borrowed_model(task, seed, reuse=reusable) as model:
         return _train_from(task, model, base, data, generator, mode, epochs, lr, batch_size,
                            lora_rank, lora_alpha, device, test_metrics)  # fmt: skip

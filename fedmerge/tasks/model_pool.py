@@ -10,12 +10,14 @@ its default ``strict=True``: every parameter and persistent buffer is replaced),
 computes exactly what it would on a fresh model — the same delta, bit for bit
 (``tests/simulations/test_model_pool.py``).
 
-Only what a round leaves reusable is lent: full fine-tuning on the CPU. A LoRA round wraps and merges
-the model in place, and a model moved to an accelerator stays there, so those build afresh. A task
-that takes no weak reference is never pooled, and a task's models go when the task does. A model is
-lent to one caller at a time (a concurrent caller builds its own), and at most :data:`MAX_IDLE` idle
-models per (task, seed) are kept, none larger than :data:`MAX_MODEL_BYTES` (a large model's memory
-is not held between rounds).
+Only what a round leaves reusable is lent: full fine-tuning on the CPU, of a task that says so with a
+true class attribute ``reuse_model`` (its ``train`` leaves nothing in the model but its weights: no
+hooks, wrappers or other state; the simulations' tasks do; a task without it builds each round). A
+LoRA round wraps and merges the model in place, and a model moved to an accelerator stays there, so
+those build afresh. A task that takes no weak reference is never pooled, and a task's models go when
+the task does. A model is lent to one caller at a time (a concurrent caller builds its own), and at
+most :data:`MAX_IDLE` idle models per (task, seed) are kept, none larger than
+:data:`MAX_MODEL_BYTES` (a large model's memory is not held between rounds).
 """
 
 from __future__ import annotations
@@ -69,6 +71,12 @@ def _idle_of(task: Task, create: bool) -> Idle | None:
 def _forget(key: int) -> None:
     with _LOCK:
         _IDLE.pop(key, None)
+
+
+def reuses_models(task: Task) -> bool:
+    """Whether ``task`` lets a process reuse its model between full-fine-tuning rounds (its
+    ``reuse_model`` attribute is ``True``; absent: no)."""
+    return getattr(task, "reuse_model", False) is True
 
 
 def idle_models(task: Task, seed: int) -> int:

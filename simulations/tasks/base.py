@@ -13,7 +13,7 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -50,6 +50,9 @@ class SupervisedTask(ABC):
     _base_cache: dict[int, dict[str, Tensor]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
+    # train() leaves nothing in the model but its weights: a process may reuse one model between
+    # full-fine-tuning rounds (fedmerge.tasks.model_pool)
+    reuse_model: ClassVar[bool] = True
 
     # ----- what a subclass provides ---------------------------------------------------------------
     @abstractmethod

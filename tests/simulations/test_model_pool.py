@@ -13,7 +13,7 @@ from fedmerge.delta.state_dict import StateDict
 from fedmerge.tasks import model_pool
 from fedmerge.tasks.base import ClientData
 from fedmerge.tasks.local_round import LocalUpdate, local_round
-from fedmerge.tasks.model_pool import borrowed_model, forget_models, idle_models
+from fedmerge.tasks.model_pool import borrowed_model, forget_models, idle_models, reuses_models
 from fedmerge_simulations.tasks import DigitsTask, TinyLMTask
 
 
@@ -99,3 +99,18 @@ def test_large_models_are_not_kept(digits: DigitsTask, monkeypatch: pytest.Monke
         pass
     with borrowed_model(digits, 0) as again:
         assert again is not model
+
+
+def test_a_task_that_does_not_say_its_model_is_reusable_builds_it_each_round(digits: DigitsTask) -> None:
+    from types import SimpleNamespace
+
+    # a task of its own: the same methods, no reuse_model attribute (its train might leave hooks)
+    plain = SimpleNamespace(build_model=digits.build_model, train=digits.train, evaluate=digits.evaluate)
+    assert not reuses_models(plain) and reuses_models(digits)
+    base = digits.pretrained_base(0)
+    client = digits.client_datasets(4, "iid", seed=0)[0]
+    kw: dict[str, Any] = {"seed": 0, "round_": 0, "epochs": 1, "lr": 0.05}
+    got = local_round(plain, base, client, **kw)
+    assert idle_models(plain, 0) == 0
+    want = local_round(digits, base, client, **kw)
+    assert all(torch.equal(got.delta[k], want.delta[k]) for k in want.delta)
