@@ -18,7 +18,10 @@ from concurrent import futures
 from pathlib import Path
 from typing import Protocol
 
-VERIFY_WORKERS = 1  # packages verified at once as they complete (each on several threads)
+# packages verified at once as they complete (each on several threads, with at most
+# spool_merge.CHECK_BYTES_IN_FLIGHT of decoded tensors): uploads that complete together are verified
+# side by side instead of the last one waiting for the others (bench large: 1.5-1.7 s -> 0.5-0.6 s)
+VERIFY_WORKERS = 2
 
 
 class Closeable(Protocol):
