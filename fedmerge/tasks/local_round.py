@@ -73,48 +73,29 @@ def local_round(
     # leaves the model reusable: the next round loads every weight again
     reusable = mode == "full" and torch.device(device).type == "cpu" and reuses_models(task)
     with borrowed_model(task, seed, reuse=reusable) as model:
-        return _train_from(task, model, base, data, generator, mode, epochs, lr, batch_size,
-                           lora_rank, lora_alpha, device, test_metrics)  # fmt: skip
-
-
-def _train_from(
-    task: Task,
-    model: torch.nn.Module,
-    base: StateDict,
-    data: ClientData,
-    generator: torch.Generator,
-    mode: Mode,
-    epochs: int,
-    lr: float,
-    batch_size: int,
-    lora_rank: int,
-    lora_alpha: float,
-    device: str | torch.device,
-    test_metrics: bool,
-) -> LocalUpdate:
-    model.load_state_dict(base)
-    before = task.evaluate(model, data.test, device) if test_metrics else None
-    adapter: StateDict | None = None
-    if mode == "full":
-        metrics = task.train(
-            model, data, epochs=epochs, lr=lr, batch_size=batch_size, generator=generator, device=device
-        )
-        trained = model
-    else:
-        peft_model, metrics = task.train_lora(
-            model, data, lora_rank, lora_alpha, epochs=epochs, lr=lr, batch_size=batch_size,
-            generator=generator, device=device,
-        )  # fmt: skip
-        adapter = _cpu(get_peft_model_state_dict(peft_model))
-        trained = peft_model.merge_and_unload()
-    delta = task_vector(base, _cpu(trained.state_dict()))
-    if before is not None:
-        after = task.evaluate(trained, data.test, device)
-        metrics = {
-            **metrics,
-            "base-test-accuracy": before["accuracy"],
-            "base-test-loss": before["loss"],
-            "test-accuracy": after["accuracy"],
-            "test-loss": after["loss"],
-        }
-    return LocalUpdate(delta=delta, metrics=metrics, adapter=adapter)
+        model.load_state_dict(base)
+        before = task.evaluate(model, data.test, device) if test_metrics else None
+        adapter: StateDict | None = None
+        if mode == "full":
+            metrics = task.train(
+                model, data, epochs=epochs, lr=lr, batch_size=batch_size, generator=generator, device=device
+            )
+            trained = model
+        else:
+            peft_model, metrics = task.train_lora(
+                model, data, lora_rank, lora_alpha, epochs=epochs, lr=lr, batch_size=batch_size,
+                generator=generator, device=device,
+            )  # fmt: skip
+            adapter = _cpu(get_peft_model_state_dict(peft_model))
+            trained = peft_model.merge_and_unload()
+        delta = task_vector(base, _cpu(trained.state_dict()))
+        if before is not None:
+            after = task.evaluate(trained, data.test, device)
+            metrics = {
+                **metrics,
+                "base-test-accuracy": before["accuracy"],
+                "base-test-loss": before["loss"],
+                "test-accuracy": after["accuracy"],
+                "test-loss": after["loss"],
+            }
+        return LocalUpdate(delta=delta, metrics=metrics, adapter=adapter)
