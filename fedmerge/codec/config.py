@@ -13,7 +13,7 @@ from fedmerge.errors import ConfigError
 
 Sparsify = Literal["none", "topk", "randomk"]
 Scope = Literal["tensor", "global"]
-Values = Literal["fp32", "fp16", "bf16", "int8", "int4"]
+Values = Literal["fp32", "fp16", "bf16", "int8", "int4", "sign"]
 IndexCoding = Literal["auto", "coo", "bitmap", "varint", "rice"]
 
 MAX_BLOCK_SIZE = 1 << 20
@@ -29,7 +29,8 @@ class CodecConfig:
       generator whose seed is sent instead of indices (DARE, Yu et al. 2024), and with
       ``rescale`` multiplies kept values by 1/density = 1/(1−p) so the estimate is unbiased.
     - ``values``: fp32 (lossless), fp16, bf16, or int8 / int4 with one fp32 scale per
-      ``block_size`` consecutive carried values.
+      ``block_size`` consecutive carried values; ``sign`` keeps one bit per value and the block's
+      mean magnitude (with ``topk``: sparse ternary compression, Sattler et al. 2019).
     - ``index_coding``: ``auto`` picks the smallest of coo / bitmap / varint / rice per tensor.
     - ``error_feedback``: return the dropped part (input − reconstruction) as the next residual.
     - ``min_sparse_numel``: tensors with fewer elements are sent dense (still quantised).
@@ -78,8 +79,8 @@ class CodecConfig:
 
     @property
     def quantised(self) -> bool:
-        """True when values are stored as int8/int4 with per-block scales."""
-        return self.values in ("int8", "int4")
+        """True when values are stored as int8/int4/sign with per-block scales."""
+        return self.values in ("int8", "int4", "sign")
 
 
 def _check_choice(field: str, value: object, options: object) -> None:

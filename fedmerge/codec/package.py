@@ -431,8 +431,16 @@ def _decode_tensor(td: delta_pb2.TensorDelta, h: validate.TensorHeader) -> torch
             "SHA-256 of the tensor does not match its checksum; the payload is corrupted", h.name
         )
     scales, index_bytes, value_bytes = payloads
-    if scales and not bool(np.isfinite(np.frombuffer(scales, dtype="<f4")).all()):
-        raise NonFiniteValues("a block scale is NaN or infinite", h.name)
+    if scales:
+        block_scales = np.frombuffer(scales, dtype="<f4")
+        if not bool(np.isfinite(block_scales).all()):
+            raise NonFiniteValues("a block scale is NaN or infinite", h.name)
+        if bool((block_scales < 0).any()):  # the encoder's scales are max|x|/qmax or mean|x|
+            raise MalformedPackage(
+                f"block scale {int(np.argmax(block_scales < 0))} is negative; "
+                f"{h.values} scales are magnitudes (>= 0)",
+                h.name,
+            )
     values = quantize.decode(h.values, value_bytes, scales, td.nnz, td.block_size)
     finite = np.isfinite(values.numpy())
     if not finite.all():

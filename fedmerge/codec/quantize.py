@@ -7,10 +7,18 @@
 | bf16 | 2 | round-to-nearest-even: ≤ 2⁻⁸·|x| (≤ 2⁻¹³³ absolute for subnormals) |
 | int8 | 1 + 4/B | q = round(x/s), s = max|x_block|/127, x̂ = q·s: |x − x̂| ≤ s/2 |
 | int4 | ½ + 4/B | q = round(x/s), s = max|x_block|/7, stored as q+8 in a nibble: |x − x̂| ≤ s/2 |
+| sign | ⅛ + 4/B | s = mean|x_block|, x̂ = sign(x)·s (bit 1 = negative, x = 0 → +s): |x − x̂| = ||x| − s| |
 
 Blocks are B = ``block_size`` consecutive carried values; scales are little-endian fp32. Blockwise
 absmax quantisation follows Dettmers et al. 2022 ("8-bit Optimizers via Block-wise Quantization").
 Rounding is deterministic round-half-to-even. Decoding always returns fp32.
+
+``sign`` is the value stage of sparse ternary compression (Sattler et al. 2019, "Robust and
+Communication-Efficient Federated Learning from Non-IID Data", Alg. 1): after top-k, every carried
+value becomes ±μ with μ the mean magnitude of the carried values. The paper takes one μ per tensor;
+here μ is per block of B carried values (B ≥ the tensor's carried count gives the paper's single μ),
+which costs 4/B bytes per value and follows the magnitudes where they vary along a tensor. It keeps
+the direction and the L1 mass of each block; error feedback carries what it drops to the next round.
 """
 
 from __future__ import annotations
@@ -25,7 +33,8 @@ from fedmerge.codec._bitops import float_of_bits, round_half_even
 from fedmerge.codec.sparsify import StageProperties
 from fedmerge.errors import CodecError
 
-ENCODINGS = ("fp32", "fp16", "bf16", "int8", "int4")
+ENCODINGS = ("fp32", "fp16", "bf16", "int8", "int4", "sign")
+BLOCK_SCALED = ("int8", "int4", "sign")  # encodings with one fp32 scale per block of values
 _QMAX = {"int8": 127, "int4": 7}
 
 PROPERTIES: dict[str, StageProperties] = {
@@ -34,6 +43,7 @@ PROPERTIES: dict[str, StageProperties] = {
     "bf16": StageProperties(False, "|x − x̂| ≤ 2⁻⁸|x| + 2⁻¹³³"),
     "int8": StageProperties(False, "|x − x̂| ≤ s_b/2, s_b = max_block|x|/127"),
     "int4": StageProperties(False, "|x − x̂| ≤ s_b/2, s_b = max_block|x|/7"),
+    "sign": StageProperties(False, "x̂ = sign(x)·s_b, s_b = mean_block|x|: |x − x̂| ≤ max_block|x|"),
 }
 
 
@@ -54,12 +64,14 @@ def value_bytes(encoding: str, count: int) -> int:
         return 2 * count
     if encoding == "int8":
         return count
+    if encoding == "sign":
+        return (count + 7) // 8
     return (count + 1) // 2
 
 
 def scale_bytes(encoding: str, count: int, block_size: int) -> int:
     """Exact length of the block-scale payload (4 bytes per block of ``block_size`` values)."""
-    if encoding not in _QMAX:
+    if encoding not in BLOCK_SCALED:
         return 0
     return 4 * ((count + block_size - 1) // block_size)
 
@@ -81,6 +93,8 @@ def encode(
         data = low.view(torch.int16).numpy().tobytes()
         return QuantizedValues(data, b"", low.float() if reconstruct else None)
     n = values.numel()
+    if encoding == "sign":
+        return _encode_sign(values, block_size, reconstruct)
     q_np = np.empty(n, dtype=np.int8)
     scales_np = np.empty((n + block_size - 1) // block_size, dtype=np.float32)
     _quantize_blocks(
@@ -106,6 +120,9 @@ def decode(encoding: str, data: bytes, scales: bytes, count: int, block_size: in
         return torch.from_numpy(wide.view(np.float32))
     s = np.frombuffer(scales, dtype="<f4").astype(np.float32)
     out = np.empty(count, dtype=np.float32)
+    if encoding == "sign":
+        _expand_signs(np.frombuffer(data, dtype=np.uint8), s, block_size, out)
+        return torch.from_numpy(out)
     if encoding == "int8":
         _dequantize_blocks(np.frombuffer(data, dtype=np.int8), s, block_size, out)
     else:
@@ -122,6 +139,8 @@ def error_bound(values: torch.Tensor, encoding: str, block_size: int) -> torch.T
         return a * 2.0**-11 + 2.0**-25
     if encoding == "bf16":
         return a * 2.0**-8 + 2.0**-133
+    if encoding == "sign":  # ||x| − mean_b|x|| ≤ max_b|x|
+        return _blockwise(torch.ones_like(a), _block_absmax(values, block_size), block_size) * (1 + 1e-6)
     scales = _block_absmax(values, block_size) / _QMAX[encoding]
     per_value = _blockwise(torch.ones_like(a), scales, block_size)
     return per_value * 0.5 * (1 + 1e-6) + a * 1e-7
@@ -148,6 +167,48 @@ def _blockwise(values: torch.Tensor, per_block: torch.Tensor, block_size: int) -
     if n > full * block_size:
         out[full * block_size :].mul_(per_block[full])
     return out
+
+
+def _encode_sign(values: torch.Tensor, block_size: int, reconstruct: bool) -> QuantizedValues:
+    """Sign bits (LSB first, 1 = negative) and per-block mean magnitudes of 1-D finite ``values``."""
+    v = np.ascontiguousarray(values.numpy())
+    bits = np.packbits(np.signbit(v) & (v != 0), bitorder="little")
+    scales_np = np.empty((v.size + block_size - 1) // block_size, dtype=np.float32)
+    _block_mean_magnitudes(v, block_size, scales_np)
+    rec = None
+    if reconstruct:
+        rec_np = np.empty(v.size, dtype=np.float32)
+        _expand_signs(bits, scales_np, block_size, rec_np)
+        rec = torch.from_numpy(rec_np)
+    return QuantizedValues(bits.tobytes(), scales_np.astype("<f4").tobytes(), rec)
+
+
+@numba.njit(cache=True, nogil=True)
+def _block_mean_magnitudes(values: np.ndarray, block: int, scales: np.ndarray) -> None:
+    """s_b = (Σ_block |x_i|) / |block|, summed in float64 and rounded once to fp32."""
+    n = np.uint64(values.size)
+    width = np.uint64(block)
+    for b in range(np.uint64(scales.size)):
+        lo = b * width
+        hi = min(n, lo + width)
+        total = 0.0
+        for i in range(lo, hi):
+            total += abs(np.float64(values[i]))
+        scales[b] = np.float32(total / np.float64(hi - lo))
+
+
+@numba.njit(cache=True, nogil=True)
+def _expand_signs(bits: np.ndarray, scales: np.ndarray, block: int, out: np.ndarray) -> None:
+    """x̂_i = −s_{i // block} where bit i (LSB first) is set, else +s_{i // block}."""
+    n = np.uint64(out.size)
+    width = np.uint64(block)
+    for b in range(np.uint64(scales.size)):
+        lo = b * width
+        hi = min(n, lo + width)
+        s = scales[b]
+        for i in range(lo, hi):
+            negative = (bits[i >> np.uint64(3)] >> np.uint8(i & np.uint64(7))) & np.uint8(1)
+            out[i] = -s if negative else s
 
 
 def _pack_nibbles(q: torch.Tensor) -> bytes:

@@ -39,6 +39,7 @@ VALUE_ENCODINGS: dict[int, str] = {
     delta_pb2.VALUE_ENCODING_BF16: "bf16",
     delta_pb2.VALUE_ENCODING_INT8: "int8",
     delta_pb2.VALUE_ENCODING_INT4: "int4",
+    delta_pb2.VALUE_ENCODING_SIGN: "sign",
 }
 INDEX_ENCODINGS: dict[int, str] = {
     delta_pb2.INDEX_ENCODING_DENSE: "dense",
@@ -171,7 +172,7 @@ def check_tensor_header(td: delta_pb2.TensorDelta, limits: DecodeLimits, total_n
     nnz = td.nnz
     if nnz > numel or (index == "dense" and nnz != numel):
         raise MalformedPackage(f"nnz = {nnz} is impossible for numel = {numel} with {index} indices", name)
-    quantised = values in ("int8", "int4")
+    quantised = values in quantize.BLOCK_SCALED
     if quantised and not 1 <= td.block_size <= limits.max_block_size:
         raise MalformedPackage(f"block_size = {td.block_size} outside [1, {limits.max_block_size}]", name)
     if index == "rice" and td.rice_k > index_coding.MAX_RICE_K:

@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # the ClientApp reads this module and must not load aggregato
 Mode = Literal["full", "lora"]
 LoraSpace = Literal["product", "stack", "factors"]
 KEY = "key"  # field metadata: the run-config key, where it is not the group's prefix + kebab-case name
-DOWNLINK_VALUES = ("fp32", "fp16", "bf16", "int8", "int4")
+DOWNLINK_VALUES = ("fp32", "fp16", "bf16", "int8", "int4", "sign")
 
 
 def round_defaults(aggregator: str) -> dict[str, Any]:

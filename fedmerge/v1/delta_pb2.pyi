@@ -21,6 +21,7 @@ class ValueEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     VALUE_ENCODING_BF16: _ClassVar[ValueEncoding]
     VALUE_ENCODING_INT8: _ClassVar[ValueEncoding]
     VALUE_ENCODING_INT4: _ClassVar[ValueEncoding]
+    VALUE_ENCODING_SIGN: _ClassVar[ValueEncoding]
 
 class IndexEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -40,6 +41,7 @@ VALUE_ENCODING_FP16: ValueEncoding
 VALUE_ENCODING_BF16: ValueEncoding
 VALUE_ENCODING_INT8: ValueEncoding
 VALUE_ENCODING_INT4: ValueEncoding
+VALUE_ENCODING_SIGN: ValueEncoding
 INDEX_ENCODING_UNSPECIFIED: IndexEncoding
 INDEX_ENCODING_DENSE: IndexEncoding
 INDEX_ENCODING_COO_INT32: IndexEncoding

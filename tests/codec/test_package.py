@@ -18,7 +18,7 @@ Delta = dict[str, torch.Tensor]
 COMBOS = list(
     itertools.product(
         ["none", "topk", "randomk"],
-        ["fp32", "fp16", "bf16", "int8", "int4"],
+        ["fp32", "fp16", "bf16", "int8", "int4", "sign"],
         ["auto", "coo", "bitmap", "varint", "rice"],
     )
 )

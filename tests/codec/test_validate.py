@@ -133,6 +133,16 @@ def _mutate(pkg: delta_pb2.DeltaPackage, field: str, value: object) -> delta_pb2
             NonFiniteValues,
             "block scale",
         ),
+        *(
+            (  # a negative scale would flip every value of its block: outside the declared precision
+                {"values": values},
+                "block_scales",
+                lambda td: b"\x00\x00\x80\xbf" * (len(td.block_scales) // 4),
+                MalformedPackage,
+                "block scale 0 is negative",
+            )
+            for values in ("int8", "sign")
+        ),
         (
             {"index_coding": "coo"},
             "indices",
