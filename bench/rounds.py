@@ -75,7 +75,9 @@ def peak_rss_bytes() -> int:
         return int(next(line for line in f if line.startswith("VmHWM")).split()[1]) * 1024
 
 
-def run_fedmerge(clients: int, rounds: int, task: str = "digits") -> dict[str, Any]:
+def run_fedmerge(
+    clients: int, rounds: int, task: str = "digits", codec: dict[str, Any] | None = None, seed: int = SEED
+) -> dict[str, Any]:
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
 
@@ -102,9 +104,9 @@ def run_fedmerge(clients: int, rounds: int, task: str = "digits") -> dict[str, A
     with tempfile.TemporaryDirectory() as store:
         config = {
             "store": store, "num-rounds": rounds, "min-clients": clients, "min-valid": clients,
-            "aggregator": "fedavg", **CODEC, "task": task,
+            "aggregator": "fedavg", **(CODEC if codec is None else codec), "task": task,
             "lr": WORKLOADS[task][0], "local-epochs": WORKLOADS[task][1], "dirichlet-alpha": ALPHA,
-            "seed": SEED, **CLIENT_WORK,
+            "seed": seed, **CLIENT_WORK,
         }  # fmt: skip
         run_simulation_app(
             server, "fedmerge_clients.app:app", num_supernodes=clients, run_config=config, on_report=on_report
@@ -119,7 +121,7 @@ def run_fedmerge(clients: int, rounds: int, task: str = "digits") -> dict[str, A
 
 
 def _flower_apps(
-    rounds: int, clients: int, out: dict[str, Any], task_name: str = "digits"
+    rounds: int, clients: int, out: dict[str, Any], task_name: str = "digits", seed: int = SEED
 ) -> tuple[Any, Any]:
     """A plain Flower FedAvg ServerApp and a quickstart-style ClientApp on the same task and data."""
     from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -139,12 +141,12 @@ def _flower_apps(
     def train(message: Message, context: Context) -> Message:
         pid, num = node_partition(context)
         task = get_task(task_name)
-        data = partition_for(task_name, num, "dirichlet", ALPHA, SEED)[pid]
-        model = task.build_model(SEED)
+        data = partition_for(task_name, num, "dirichlet", ALPHA, seed)[pid]
+        model = task.build_model(seed)
         model.load_state_dict(message.content.array_records["arrays"].to_torch_state_dict())
         round_ = int(message.content.config_records["config"]["server-round"])  # type: ignore[arg-type]
         metrics = task.train(
-            model, data, epochs=epochs, lr=lr, batch_size=32, generator=client_generator(SEED, round_, pid)
+            model, data, epochs=epochs, lr=lr, batch_size=32, generator=client_generator(seed, round_, pid)
         )
         reply = RecordDict(
             {
@@ -160,8 +162,8 @@ def _flower_apps(
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        base = get_task(task_name).pretrained_base(SEED)
-        evaluate = task_evaluator(task_name, SEED)
+        base = get_task(task_name).pretrained_base(seed)
+        evaluate = task_evaluator(task_name, seed)
         stamps = [time.perf_counter()]
 
         def evaluate_fn(round_: int, arrays: ArrayRecord) -> MetricRecord:
@@ -183,22 +185,26 @@ def _flower_apps(
     return server, client
 
 
-def run_flower(clients: int, rounds: int, task: str = "digits") -> dict[str, Any]:
+def run_flower(clients: int, rounds: int, task: str = "digits", seed: int = SEED) -> dict[str, Any]:
     results: list[dict[str, Any]] = []
-    server, client = _flower_apps(rounds, clients, {"accuracy": []}, task)
+    server, client = _flower_apps(rounds, clients, {"accuracy": []}, task, seed)
     # the same runtime and Ray settings on both sides
     run_simulation_app(server, client, num_supernodes=clients, on_report=results.append)
     return results[-1]
 
 
-def child(kind: str, clients: int, rounds: int, task: str = "digits") -> dict[str, Any]:
+def child(
+    kind: str, clients: int, rounds: int, task: str = "digits", options: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Run one side in a fresh process and return its JSON result (``task``: for the LoRA legs, the
-    JSON of their run-config overrides)."""
+    JSON of their run-config overrides; ``options``: ``seed`` and, for fedmerge, ``codec`` — the
+    run-config keys of both directions' codecs, :data:`CODEC` by default)."""
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
     with tempfile.TemporaryDirectory(prefix="flwr-home-") as home:  # removed after the child's run
         env.setdefault("FLWR_HOME", home)
         proc = subprocess.run(
-            [sys.executable, "-m", "fedmerge_bench.rounds", "--child", kind, str(clients), str(rounds), task],
+            [sys.executable, "-m", "fedmerge_bench.rounds", "--child", kind, str(clients), str(rounds), task,
+             json.dumps(options or {})],
             capture_output=True, text=True, env=env, check=False,
         )  # fmt: skip
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -245,16 +251,19 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--no-lora", action="store_true", help="skip the worked LoRA example's legs")
     ap.add_argument("--lora-seeds", type=int, default=1, help="LoRA example legs per seed 0…N-1 (default 1)")
     ap.add_argument("--lora-only", action="store_true", help="only the worked LoRA example's legs")
-    ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)  # KIND CLIENTS ROUNDS TASK [OPTIONS]
     args = ap.parse_args(argv)
     if args.child:
         kind, clients, rounds = args.child[0], int(args.child[1]), int(args.child[2])
+        options = json.loads(args.child[4]) if len(args.child) > 4 else {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if kind == "lora":
                 result = _lora_example.run_leg(rounds, json.loads(args.child[3]))
+            elif kind == "fedmerge":
+                result = run_fedmerge(clients, rounds, args.child[3], **options)
             else:
-                result = (run_fedmerge if kind == "fedmerge" else run_flower)(clients, rounds, args.child[3])
+                result = run_flower(clients, rounds, args.child[3], **options)
         print(json.dumps(result))
         return 0
     console = Console()

@@ -20,7 +20,12 @@ def demo(
     clients: int = typer.Option(5, min=2, help="simulated clients (non-IID Dirichlet partitions)"),
     rounds: int = typer.Option(3, min=1, help="rounds to run (continues from the store's latest round)"),
     aggregator: str = typer.Option("ties", help="aggregator name (fedmerge.aggregators)"),
-    density: float = typer.Option(0.1, help="top-k density of the client codec"),
+    density: float = typer.Option(0.2, help="top-k density of the client codec"),
+    values: str = typer.Option("sign", help="client codec's values: fp32, fp16, bf16, int8, int4, sign"),
+    downlink_density: float = typer.Option(
+        0.2, help="top-k density of the update sent to clients that hold the previous version (1 = weights)"
+    ),
+    downlink_values: str = typer.Option("sign", help="values of the compressed downlink (as --values)"),
     scaling: float = typer.Option(
         0.5, help="λ of the sign-consensus methods (ties, dare_ties, della): merged delta = λ · disjoint mean"
     ),
@@ -41,6 +46,9 @@ def demo(
     overrides: dict[str, object] = {
         "aggregator": aggregator,
         "codec-density": density,
+        "codec-values": values,
+        "downlink-density": downlink_density,
+        "downlink-values": downlink_values,
         "lr": lr,
         "local-epochs": local_epochs,
     }
