@@ -67,12 +67,15 @@ class Point:
     codec: dict[str, Any]
 
 
+STC = "fedmerge sign (STC)"
 POINTS: tuple[Point, ...] = (
     Point("top-20 % int4 both ways", "fedmerge int4", _both(0.2, "int4")),
-    Point("STC: top-20 % sign both ways", "fedmerge sign (STC)", _both(0.2, "sign")),
-    Point("STC: top-10 % sign both ways", "fedmerge sign (STC)", _both(0.1, "sign")),
-    Point("STC: top-5 % sign both ways", "fedmerge sign (STC)", _both(0.05, "sign")),
-    Point("STC: top-3 % sign both ways", "fedmerge sign (STC)", _both(0.03, "sign")),
+    Point("STC: top-20 % sign both ways", STC, _both(0.2, "sign")),
+    Point("STC: top-10 % sign both ways", STC, _both(0.1, "sign")),
+    Point("STC: top-10 % sign up, top-20 % sign down", STC, _both(0.1, "sign", 0.2, "sign")),
+    Point("STC: top-5 % sign both ways", STC, _both(0.05, "sign")),
+    Point("STC: top-5 % sign up, top-20 % sign down", STC, _both(0.05, "sign", 0.2, "sign")),
+    Point("STC: top-3 % sign both ways", STC, _both(0.03, "sign")),
     Point("DGC point: top-1 % fp32 up, dense down", "DGC (uplink only)", _both(0.01, "fp32", 1.0, "fp32")),
 )
 QUICK_POINTS = ("top-20 % int4 both ways", "STC: top-20 % sign both ways", "STC: top-10 % sign both ways",
@@ -117,7 +120,7 @@ def plot(path: Path, rows: list[dict[str, Any]], task: str, rounds: int, seeds: 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    markers = {"fedmerge int4": "s", "fedmerge sign (STC)": "o", "DGC (uplink only)": "^"}
+    markers = {"fedmerge int4": "s", STC: "o", "DGC (uplink only)": "^"}
     for family, marker in markers.items():
         mine = [r for r in rows if r["family"] == family]
         if not mine:

@@ -35,7 +35,12 @@ def demo(
         False, "--json", help="print one JSON object (rounds and versions) on stdout; tables go to stderr"
     ),
 ) -> None:
-    """Run a small federation on the embedded store and print a table per round and the versions."""
+    """Run a small federation on the embedded store and print a table per round and the versions.
+
+    Clients send top-20 % sign task vectors (sparse ternary compression, with error feedback); from
+    round 2 on, a client that holds the previous version receives the top-20 % sign update instead of
+    the weights: the smallest codec within 0.5 points of Flower's dense exchange on digits
+    (``python -m bench frontier``)."""
     from rich.console import Console
 
     console = Console(stderr=as_json)

@@ -16,6 +16,13 @@ Package checksum = SHA-256 of::
 
 with little-endian integers, str(s) = u64(len(utf8)) ‖ utf8 and blob(b) = u64(len(b)) ‖ b. Checksums
 detect corruption, not forgery: authenticate the sender at the transport.
+
+**Folded tensor checksums** (package format 2): a tensor whose three payloads total at most
+``FOLDED_MAX_PAYLOAD_BYTES`` leaves its ``checksum`` field empty. The package checksum is defined as
+above, over every tensor checksum: for a folded tensor the decoder computes it from the tensor's bytes,
+so a changed byte still fails the package checksum (SHA-256 throughout; only the error no longer names
+the tensor). It saves 34 bytes per small tensor — most of a small model's package (``bench/RESULTS.md``).
+Format 1 packages carry every tensor checksum.
 """
 
 from __future__ import annotations
@@ -23,9 +30,38 @@ from __future__ import annotations
 import hashlib
 import struct
 
+from fedmerge.codec.errors import MalformedPackage
 from fedmerge.v1 import delta_pb2
 
 DIGEST_BYTES = 32
+FOLDED_MAX_PAYLOAD_BYTES = 4096
+FOLDING_FORMAT = 2  # the first package format whose tensors may leave their checksum to the package's
+
+
+def payload_bytes(td: delta_pb2.TensorDelta) -> int:
+    """Bytes of the tensor's three payloads (block scales, indices, values)."""
+    return len(td.block_scales) + len(td.indices) + len(td.values)
+
+
+def folds(td: delta_pb2.TensorDelta) -> bool:
+    """Whether an encoder leaves ``td``'s checksum to the package checksum (small payloads)."""
+    return payload_bytes(td) <= FOLDED_MAX_PAYLOAD_BYTES
+
+
+def carried_or_computed(td: delta_pb2.TensorDelta, format_version: int) -> bytes:
+    """The tensor checksum the package checksum hashes: the one ``td`` carries, or for a folded tensor
+    (format ≥ 2, small payloads, empty field) the one computed from its bytes; :class:`MalformedPackage`
+    for a missing checksum the format does not allow."""
+    if td.checksum:
+        return bytes(td.checksum)
+    if format_version >= FOLDING_FORMAT and folds(td):
+        return tensor_checksum(td)
+    raise MalformedPackage(
+        f"tensor checksum is missing (format {format_version}); only tensors with at most "
+        f"{FOLDED_MAX_PAYLOAD_BYTES} payload bytes in format >= {FOLDING_FORMAT} "
+        "leave it to the package checksum",
+        td.name,
+    )
 
 
 def _str(h: hashlib._Hash, s: str) -> None:

@@ -1,7 +1,8 @@
 """A whole delta ⇄ one serialized ``fedmerge.v1.DeltaPackage``.
 
 ``encode_package`` runs, per tensor (in sorted name order): error-feedback correction → sparsify
-→ quantise → index coding (smallest wins) → SHA-256, then the package checksum.
+→ quantise → index coding (smallest wins) → SHA-256, then the package checksum; tensors with small
+payloads then leave their checksum to the package's (format 2, :mod:`fedmerge.codec.checksum`).
 ``decode_package`` validates everything (see :mod:`fedmerge.codec.validate`) before it returns.
 
 Decoded values are always **fp32**: dense tensors as ``torch.Tensor`` of the declared shape,
@@ -23,7 +24,6 @@ import numpy as np
 import torch
 from google.protobuf.message import DecodeError
 
-import fedmerge
 from fedmerge.codec import checksum, index_coding, quantize, sparsify, validate
 from fedmerge.codec.config import CodecConfig
 from fedmerge.codec.error_feedback import check_residual, corrected, residual_after
@@ -41,6 +41,11 @@ from fedmerge.v1 import delta_pb2
 
 Kind = Literal["task_vector", "lora"]
 _T = TypeVar("_T")
+PACKAGE_FORMAT_VERSION = 2
+"""The package format this encoder writes (``DeltaPackage.format_version``): 2 may fold small tensors'
+checksums into the package checksum; 1 carried every tensor checksum. Not the store's format
+(``fedmerge.FORMAT_VERSION``)."""
+READABLE_PACKAGE_FORMATS = (1, 2)
 _KINDS: dict[str, int] = {"task_vector": delta_pb2.DELTA_KIND_TASK_VECTOR, "lora": delta_pb2.DELTA_KIND_LORA}
 _VALUE_ENUM = {v: k for k, v in validate.VALUE_ENCODINGS.items()}
 _INDEX_ENUM = {v: k for k, v in validate.INDEX_ENCODINGS.items()}
@@ -162,7 +167,7 @@ def encode_package(
     items = [_prepare(name, delta[name], (residual or {}).get(name)) for name in sorted(delta)]
     deferred = _select(items, config, meta)
     pkg = delta_pb2.DeltaPackage(
-        format_version=fedmerge.FORMAT_VERSION,
+        format_version=PACKAGE_FORMAT_VERSION,
         client_id=meta.client_id,
         round=meta.round,
         base_version_id=meta.base_version_id,
@@ -205,6 +210,9 @@ def encode_package(
             base = _dense(item) if item.sparse_input else item.flat
             new_residual[item.name] = residual_after(base, item.indices, rec, item.shape, owned=item.owned)
     pkg.checksum = checksum.package_checksum(pkg)
+    for td in pkg.tensors:  # small tensors leave their checksum to the package's (format 2)
+        if checksum.folds(td):
+            td.ClearField("checksum")
     data = pkg.SerializeToString()
     return EncodeResult(data, new_residual, _report(pkg, partial, len(data)))
 
@@ -360,6 +368,16 @@ def _report(
 # ------------------------------------------------------------------------------------------- decoding
 
 
+def check_format_version(version: int) -> None:
+    """:class:`UnsupportedFormatVersion` unless this decoder reads package format ``version``."""
+    if version not in READABLE_PACKAGE_FORMATS:
+        raise UnsupportedFormatVersion(
+            f"format_version {version} is not supported by this decoder "
+            f"(reads {', '.join(map(str, READABLE_PACKAGE_FORMATS))}); "
+            "upgrade fedmerge or re-encode with a matching client"
+        )
+
+
 def read_headers(
     data: bytes,
     limits: validate.DecodeLimits = validate.DecodeLimits(),  # noqa: B008 (frozen)
@@ -375,12 +393,7 @@ def read_headers(
         raise MalformedPackage(
             f"bytes are not a fedmerge.v1.DeltaPackage ({exc}); was it truncated?"
         ) from None
-    if pkg.format_version != fedmerge.FORMAT_VERSION:
-        raise UnsupportedFormatVersion(
-            f"format_version {pkg.format_version} is not supported by this decoder "
-            f"(knows {fedmerge.FORMAT_VERSION}); "
-            "upgrade fedmerge or re-encode with a matching client"
-        )
+    check_format_version(pkg.format_version)
     validate.check_package_header(pkg, limits)
     headers = []
     total_numel = 0
@@ -411,6 +424,8 @@ def decode_package(
         limits = limits.within_base(expected_shapes, factor=2)
     pkg, _, headers = read_headers(data, limits)
     validate.check_expected(headers, expected_shapes, allow_missing=allow_missing)
+    for td in pkg.tensors:  # a folded tensor's checksum, computed from its bytes
+        td.checksum = checksum.carried_or_computed(td, pkg.format_version)
     digest = checksum.package_checksum(pkg)
     if digest != pkg.checksum:
         raise ChecksumMismatch(

@@ -20,10 +20,9 @@ from collections.abc import Iterator, Mapping
 import torch
 from google.protobuf.message import DecodeError
 
-import fedmerge
 from fedmerge.codec import checksum, validate
-from fedmerge.codec.errors import ChecksumMismatch, MalformedPackage, UnsupportedFormatVersion
-from fedmerge.codec.package import DecodedPackage, _decode_tensor, _meta_of
+from fedmerge.codec.errors import ChecksumMismatch, MalformedPackage
+from fedmerge.codec.package import DecodedPackage, _decode_tensor, _meta_of, check_format_version
 from fedmerge.delta.rules import StaleOrInvalid, check_package_base
 from fedmerge.delta.sparse import SparseTensor
 from fedmerge.v1 import delta_pb2
@@ -96,11 +95,7 @@ class PackageReader:
             raise MalformedPackage(
                 f"bytes are not a fedmerge.v1.DeltaPackage ({exc}); was it truncated?"
             ) from None
-        if self.header.format_version != fedmerge.FORMAT_VERSION:
-            raise UnsupportedFormatVersion(
-                f"format_version {self.header.format_version} is not supported by this decoder "
-                f"(knows {fedmerge.FORMAT_VERSION}); upgrade fedmerge or re-encode with a matching client"
-            )
+        check_format_version(self.header.format_version)
         self.meta = _meta_of(self.header)
 
     def tensor(self, index: int) -> delta_pb2.TensorDelta:
@@ -148,7 +143,10 @@ class StreamedPackage:
         i = self.index.get(name)
         if i is None:
             return None
-        return _decode_tensor(self.reader.tensor(i), self.headers[i])
+        td = self.reader.tensor(i)
+        if not td.checksum:  # folded: the bytes read again must be those the package checksum covered
+            td.checksum = self.reader.header.tensors[i].checksum
+        return _decode_tensor(td, self.headers[i])
 
     def release(self) -> None:
         self.reader.release()
@@ -181,7 +179,7 @@ def open_task_vector_stream(
             header = validate.check_tensor_header(td, head_limits, total)
             total += header.numel
             headers.append(header)
-            reader.header.tensors[i].checksum = td.checksum
+            reader.header.tensors[i].checksum = checksum.carried_or_computed(td, reader.header.format_version)
         validate.check_expected(headers, shapes, allow_missing=True)
         digest = checksum.package_checksum(reader.header)
         if digest != reader.header.checksum:

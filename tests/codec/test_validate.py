@@ -26,7 +26,7 @@ from fedmerge.codec import (
     decode_package,
     encode_package,
 )
-from fedmerge.codec.checksum import package_checksum, tensor_checksum
+from fedmerge.codec.checksum import FOLDED_MAX_PAYLOAD_BYTES, package_checksum, tensor_checksum
 from fedmerge.errors import InvalidSubmission
 from fedmerge.v1 import delta_pb2
 
@@ -73,14 +73,55 @@ def test_garbage_and_version(delta: dict[str, torch.Tensor], meta: PackageMeta, 
         decode_package(resigner(pkg))
 
 
-def test_flipped_payload_bit_fails_the_checksum(delta: dict[str, torch.Tensor], meta: PackageMeta) -> None:
-    pkg = _package(delta, meta)
-    td = pkg.tensors[1]
+@pytest.mark.parametrize("index", range(4))
+def test_flipped_payload_bit_fails_the_checksum(
+    index: int, delta: dict[str, torch.Tensor], meta: PackageMeta
+) -> None:
+    """A tensor that carries its checksum is named; a folded one fails the package checksum."""
+    pkg = _package(delta, meta, sparsify="none", values="fp32")
+    td = pkg.tensors[index]
+    folded = not td.checksum
+    assert folded == (len(td.values) <= FOLDED_MAX_PAYLOAD_BYTES)
     values = bytearray(td.values)
     values[0] ^= 1
     td.values = bytes(values)
-    with pytest.raises(ChecksumMismatch, match=repr(td.name)):
+    with pytest.raises(ChecksumMismatch, match="package checksum" if folded else repr(td.name)):
         decode_package(pkg.SerializeToString())
+
+
+def test_small_tensors_leave_their_checksum_to_the_package(
+    delta: dict[str, torch.Tensor], meta: PackageMeta
+) -> None:
+    cfg = CodecConfig(sparsify="none", values="fp32")
+    pkg = _package(delta, meta, sparsify="none", values="fp32")
+    assert pkg.format_version == 2
+    carried = {td.name for td in pkg.tensors if td.checksum}
+    assert carried == {"layers.0.attn.weight", "layers.1.mlp.weight"}  # 12 288 and 24 576 value bytes
+    decoded = decode_package(pkg.SerializeToString())
+    assert torch.equal(decoded.tensors["norm.weight"], delta["norm.weight"])  # type: ignore[arg-type]
+    unfolded = _package(delta, meta, sparsify="none", values="fp32")
+    for td in unfolded.tensors:
+        td.checksum = tensor_checksum(td)
+    saved = len(unfolded.SerializeToString()) - len(encode_package(delta, cfg, meta=meta).data)
+    assert saved == 2 * (2 + 32)  # tag, length and digest of the two folded tensors
+
+
+def test_only_small_tensors_of_format_2_may_fold(
+    delta: dict[str, torch.Tensor], meta: PackageMeta
+) -> None:
+    pkg = _package(delta, meta, sparsify="none", values="fp32")
+    big = next(td for td in pkg.tensors if td.name == "layers.1.mlp.weight")
+    big.ClearField("checksum")
+    with pytest.raises(MalformedPackage, match=r"'layers.1.mlp.weight'.*checksum is missing"):
+        decode_package(pkg.SerializeToString())
+    old = _package(delta, meta)
+    old.format_version = 1  # format 1 carried every tensor checksum
+    with pytest.raises(MalformedPackage, match=r"checksum is missing \(format 1\)"):
+        decode_package(old.SerializeToString())
+    for td in old.tensors:
+        td.checksum = tensor_checksum(td)
+    old.checksum = package_checksum(old)
+    assert set(decode_package(old.SerializeToString()).tensors) == set(delta)  # format 1 still reads
 
 
 def test_changed_header_fails_the_package_checksum(delta: dict[str, torch.Tensor], meta: PackageMeta) -> None:
