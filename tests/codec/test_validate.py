@@ -106,9 +106,7 @@ def test_small_tensors_leave_their_checksum_to_the_package(
     assert saved == 2 * (2 + 32)  # tag, length and digest of the two folded tensors
 
 
-def test_only_small_tensors_of_format_2_may_fold(
-    delta: dict[str, torch.Tensor], meta: PackageMeta
-) -> None:
+def test_only_small_tensors_of_format_2_may_fold(delta: dict[str, torch.Tensor], meta: PackageMeta) -> None:
     pkg = _package(delta, meta, sparsify="none", values="fp32")
     big = next(td for td in pkg.tensors if td.name == "layers.1.mlp.weight")
     big.ClearField("checksum")
