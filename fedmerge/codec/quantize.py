@@ -197,18 +197,10 @@ def _block_mean_magnitudes(values: np.ndarray, block: int, scales: np.ndarray) -
         scales[b] = np.float32(total / np.float64(hi - lo))
 
 
-@numba.njit(cache=True, nogil=True)
 def _expand_signs(bits: np.ndarray, scales: np.ndarray, block: int, out: np.ndarray) -> None:
     """x̂_i = −s_{i // block} where bit i (LSB first) is set, else +s_{i // block}."""
-    n = np.uint64(out.size)
-    width = np.uint64(block)
-    for b in range(np.uint64(scales.size)):
-        lo = b * width
-        hi = min(n, lo + width)
-        s = scales[b]
-        for i in range(lo, hi):
-            negative = (bits[i >> np.uint64(3)] >> np.uint8(i & np.uint64(7))) & np.uint8(1)
-            out[i] = -s if negative else s
+    set_bits = np.unpackbits(bits, count=out.size, bitorder="little")
+    _dequantize_blocks((1 - 2 * set_bits.view(np.int8)).astype(np.int8), scales, block, out)
 
 
 def _pack_nibbles(q: torch.Tensor) -> bytes:
