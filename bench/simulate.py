@@ -5,7 +5,8 @@
 Both sides run on Flower's simulation runtime (``flwr run`` on a private SuperLink in simulation mode,
 :func:`fedmerge.flower.simulation.run_simulation_app`) in the same run, in separate processes, with the
 same task (digits), partitions, local training and number of virtual clients: fedmerge's
-ServerApp/ClientApp (top-20 % int4 task vectors up and down with error feedback, streaming FedAvg, a
+ServerApp/ClientApp (``bench/rounds.py``'s ``CODEC``: top-20 % sign task vectors up and down with
+error feedback, streaming FedAvg, a
 committed version and a server evaluation per round; ``client-test-metrics = false``: a client trains
 and replies, as Flower's does, without evaluating its test split inside ``train``) versus
 ``flwr.serverapp.strategy.FedAvg`` with a quickstart-style dense fp32 ClientApp (see
@@ -29,8 +30,13 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from fedmerge_bench.rounds import child, steady
+from fedmerge_bench.rounds import CODEC, child, steady
 from fedmerge_bench.timing import interleaved, load_average
+
+CODEC_LABEL = (
+    f"top-{CODEC['codec-density']:.0%} {CODEC['codec-values']} up, "
+    f"top-{CODEC['downlink-density']:.0%} {CODEC['downlink-values']} down, error feedback"
+)
 
 
 def measure(clients: int, rounds: int, repeats: int) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -74,7 +80,7 @@ def main(argv: list[str]) -> int:
             f"fedmerge_accuracy{suffix}": round(ours["accuracy"][-1], 4),
             f"flower_accuracy{suffix}": round(ref["accuracy"][-1], 4),
         }
-    summary["codec"] = "top-20% int4 up and down, error feedback"
+    summary["codec"] = CODEC_LABEL
     summary["clients"] = 20
     summary["load_average_1min"] = round(load_average()[0], 2)
     print(json.dumps(summary))

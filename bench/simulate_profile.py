@@ -11,9 +11,10 @@ cProfile over rounds 2…R, cumulative milliseconds per round and per client upd
 (building messages, judging replies, commit + evaluation). Torch runs on one thread, as a Ray worker
 does. Timings are only proportions under other load (the load average is printed).
 
-``--accuracy``: the final server accuracy and the bytes per round of the benchmark's codec (top-20 %
-int4 up and down with error feedback) against the codec that sends Flower's bytes (every entry fp32
-up, full weights down), which is Flower FedAvg's exchange. Last line: one JSON object.
+``--accuracy``: the final server accuracy and the bytes per round of the benchmark's codec
+(``bench/rounds.py``'s ``CODEC``, top-20 % sign up and down with error feedback) against the codec
+that sends Flower's bytes (every entry fp32 up, full weights down), which is Flower FedAvg's exchange.
+Last line: one JSON object.
 """
 
 from __future__ import annotations
