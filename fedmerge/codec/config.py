@@ -15,6 +15,7 @@ Sparsify = Literal["none", "topk", "randomk"]
 Scope = Literal["tensor", "global"]
 Values = Literal["fp32", "fp16", "bf16", "int8", "int4", "sign"]
 IndexCoding = Literal["auto", "coo", "bitmap", "varint", "rice"]
+BLOCK_SCALED = ("int8", "int4", "sign")  # value encodings with one fp32 scale per block of values
 
 MAX_BLOCK_SIZE = 1 << 20
 
@@ -80,7 +81,7 @@ class CodecConfig:
     @property
     def quantised(self) -> bool:
         """True when values are stored as int8/int4/sign with per-block scales."""
-        return self.values in ("int8", "int4", "sign")
+        return self.values in BLOCK_SCALED
 
 
 def _check_choice(field: str, value: object, options: object) -> None:

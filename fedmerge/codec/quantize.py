@@ -30,11 +30,11 @@ import numpy as np
 import torch
 
 from fedmerge.codec._bitops import float_of_bits, round_half_even
+from fedmerge.codec.config import BLOCK_SCALED
 from fedmerge.codec.sparsify import StageProperties
 from fedmerge.errors import CodecError
 
 ENCODINGS = ("fp32", "fp16", "bf16", "int8", "int4", "sign")
-BLOCK_SCALED = ("int8", "int4", "sign")  # encodings with one fp32 scale per block of values
 _QMAX = {"int8": 127, "int4": 7}
 
 PROPERTIES: dict[str, StageProperties] = {
