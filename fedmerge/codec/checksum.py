@@ -4,7 +4,10 @@ Tensor checksum = SHA-256 of::
 
     b"fedmerge.TensorDelta\\0" ‖ str(name) ‖ u64(ndim) ‖ u64(d)… ‖ str(dtype)
     ‖ u32(value_encoding) ‖ u32(index_encoding) ‖ u64(nnz) ‖ u32(block_size) ‖ u32(rice_k)
-    ‖ u64(seed) ‖ u64(keep_threshold) ‖ blob(block_scales) ‖ blob(indices) ‖ blob(values)
+    ‖ u64(seed) ‖ u64(keep_threshold) [‖ u32(rank)] ‖ blob(block_scales) ‖ blob(indices) ‖ blob(values)
+
+where ``u32(rank)`` is hashed only for a low-rank factor pair (rank ≥ 1, package format 3), so the
+checksums of formats 1 and 2 are unchanged.
 
 Package checksum = SHA-256 of::
 
@@ -94,6 +97,8 @@ def tensor_checksum(td: delta_pb2.TensorDelta, payloads: tuple[bytes, bytes, byt
             td.keep_threshold,
         )
     )
+    if td.rank:
+        h.update(struct.pack("<I", td.rank))
     scales, indices, values = payloads if payloads is not None else (td.block_scales, td.indices, td.values)
     _blob(h, scales)
     _blob(h, indices)

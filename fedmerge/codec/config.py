@@ -18,6 +18,7 @@ IndexCoding = Literal["auto", "coo", "bitmap", "varint", "rice"]
 BLOCK_SCALED = ("int8", "int4", "sign")  # value encodings with one fp32 scale per block of values
 
 MAX_BLOCK_SIZE = 1 << 20
+MAX_RANK = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,9 @@ class CodecConfig:
     - ``error_feedback``: return the dropped part (input − reconstruction) as the next residual.
     - ``min_sparse_numel``: tensors with fewer elements are sent dense (still quantised).
     - ``seed``: root of the random-k seeds, mixed with client id, round and tensor name.
+    - ``rank``: 0 = off; r ≥ 1 sends every 2-D tensor whose rank-r factor pair holds at most half its
+      entries as that pair (:mod:`fedmerge.codec.low_rank`: the truncated SVD, P ‖ Q quantised with
+      ``values``) instead of sparsifying it; other tensors go through ``sparsify`` as usual.
     """
 
     sparsify: Sparsify = "topk"
@@ -48,6 +52,7 @@ class CodecConfig:
     error_feedback: bool = True
     min_sparse_numel: int = 0
     seed: int = 0
+    rank: int = 0
 
     def __post_init__(self) -> None:
         _check_choice("sparsify", self.sparsify, Sparsify)
@@ -72,6 +77,10 @@ class CodecConfig:
             )
         if not isinstance(self.seed, int) or not 0 <= self.seed < 1 << 64:
             raise ConfigError(f"CodecConfig.seed must be an int in [0, 2**64), got {self.seed!r}")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or not 0 <= self.rank <= MAX_RANK:
+            raise ConfigError(
+                f"CodecConfig.rank must be an int in [0, {MAX_RANK}] (0 = no factor pairs), got {self.rank!r}"
+            )
         if self.sparsify == "randomk" and self.scope == "global":
             raise ConfigError(
                 "CodecConfig.scope='global' applies to topk only; random-k is independent per entry, "

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from google.protobuf.message import DecodeError
 
-from fedmerge.codec import checksum, index_coding, quantize, sparsify, validate
+from fedmerge.codec import checksum, index_coding, low_rank, quantize, sparsify, validate
 from fedmerge.codec.config import CodecConfig
 from fedmerge.codec.error_feedback import check_residual, corrected, residual_after
 from fedmerge.codec.errors import (
@@ -43,9 +43,11 @@ Kind = Literal["task_vector", "lora"]
 _T = TypeVar("_T")
 PACKAGE_FORMAT_VERSION = 2
 """The package format this encoder writes (``DeltaPackage.format_version``): 2 may fold small tensors'
-checksums into the package checksum; 1 carried every tensor checksum. Not the store's format
-(``fedmerge.FORMAT_VERSION``)."""
-READABLE_PACKAGE_FORMATS = (1, 2)
+checksums into the package checksum; 1 carried every tensor checksum; a package holding a low-rank factor
+pair is written as :data:`LOW_RANK_FORMAT` (older decoders refuse it by its version). Not the store's
+format (``fedmerge.FORMAT_VERSION``)."""
+LOW_RANK_FORMAT = 3
+READABLE_PACKAGE_FORMATS = (1, 2, 3)
 _KINDS: dict[str, int] = {"task_vector": delta_pb2.DELTA_KIND_TASK_VECTOR, "lora": delta_pb2.DELTA_KIND_LORA}
 _VALUE_ENUM = {v: k for k, v in validate.VALUE_ENCODINGS.items()}
 _INDEX_ENUM = {v: k for k, v in validate.INDEX_ENCODINGS.items()}
@@ -145,6 +147,7 @@ class _Selected:
     sparse_input: bool = False
     owned: bool = False  # flat is a buffer of our own (δ + e), reusable for the new residual
     carried: torch.Tensor | None = None  # flat[indices], when the selection gathered it already
+    rank: int = 0  # > 0: sent as a rank-``rank`` factor pair (low_rank), not sparsified
 
 
 def encode_package(
@@ -203,6 +206,8 @@ def encode_package(
     _each(encode_one, list(range(len(items))), sum(int(it.flat.numel()) for it in items))
     if failures:  # as if every selection ran before any encoding, in name order
         raise min(failures, key=lambda f: (f[0], f[1]))[2]
+    if any(it.rank for it in items):
+        pkg.format_version = LOW_RANK_FORMAT
     for item, (td, rec, sizes) in zip(items, encoded, strict=True):
         pkg.tensors.append(td)
         partial[item.name] = sizes
@@ -280,8 +285,11 @@ def _select(items: list[_Selected], config: CodecConfig, meta: PackageMeta) -> s
     except for per-tensor top-k: the ids of those items are returned, for :func:`_select_topk` to
     select each in the same job that then encodes it."""
     todo = [it for it in items if not it.sparse_input]
+    for it in todo:
+        if low_rank.qualifies(it.shape, config.rank):
+            it.rank = config.rank
     minimum = max(1, config.min_sparse_numel)
-    sparse = [it for it in todo if config.sparsify != "none" and it.flat.numel() >= minimum]
+    sparse = [it for it in todo if config.sparsify != "none" and it.flat.numel() >= minimum and not it.rank]
     chosen = {id(it) for it in sparse}
     for it in todo:
         if id(it) not in chosen:
@@ -313,6 +321,8 @@ def _encode_tensor(
     item: _Selected, config: CodecConfig
 ) -> tuple[delta_pb2.TensorDelta, torch.Tensor, tuple[int, int, int, str, str]]:
     numel = math.prod(item.shape)
+    if item.rank:
+        return _encode_factors(item, config)
     if item.sparse_input or item.indices is None:
         carried = item.flat
     elif item.carried is not None:
@@ -350,6 +360,34 @@ def _encode_tensor(
     td.checksum = checksum.tensor_checksum(td, (q.scales, index_bytes, q.data))
     rec = q.reconstructed if q.reconstructed is not None else torch.zeros(0)
     return td, rec, (len(index_bytes), len(q.data), len(q.scales), config.values, index_name)
+
+
+def _encode_factors(
+    item: _Selected, config: CodecConfig
+) -> tuple[delta_pb2.TensorDelta, torch.Tensor, tuple[int, int, int, str, str]]:
+    """A 2-D tensor as its rank-``item.rank`` factor pair P ‖ Q (:mod:`fedmerge.codec.low_rank`), the
+    factors quantised with ``config.values``; the reconstruction (for error feedback) is P̂·Q̂."""
+    factors = low_rank.factorize(item.flat.reshape(item.shape), item.rank)
+    q = quantize.encode(
+        factors, config.values, config.block_size, name=item.name, reconstruct=config.error_feedback
+    )
+    td = delta_pb2.TensorDelta(
+        name=item.name,
+        shape=list(item.shape),
+        dtype=item.dtype,
+        value_encoding=_VALUE_ENUM[config.values],  # type: ignore[arg-type]
+        index_encoding=delta_pb2.INDEX_ENCODING_LOW_RANK,
+        nnz=int(factors.numel()),
+        block_size=config.block_size if config.quantised else 0,
+        block_scales=q.scales,
+        values=q.data,
+        rank=item.rank,
+    )
+    td.checksum = checksum.tensor_checksum(td, (q.scales, b"", q.data))
+    rec = torch.zeros(0)
+    if q.reconstructed is not None:
+        rec = low_rank.product(q.reconstructed, item.shape, item.rank).reshape(-1)
+    return td, rec, (0, len(q.data), len(q.scales), config.values, "low_rank")
 
 
 def _report(
@@ -399,6 +437,12 @@ def read_headers(
     total_numel = 0
     for td in pkg.tensors:
         header = validate.check_tensor_header(td, limits, total_numel)
+        if header.index == "low_rank" and pkg.format_version < LOW_RANK_FORMAT:
+            raise MalformedPackage(
+                f"a low-rank factor pair in a format {pkg.format_version} package (needs format "
+                f"{LOW_RANK_FORMAT})",
+                header.name,
+            )
         total_numel += header.numel
         headers.append(header)
     return pkg, _meta_of(pkg), headers
@@ -463,6 +507,14 @@ def _decode_tensor(td: delta_pb2.TensorDelta, h: validate.TensorHeader) -> torch
         raise NonFiniteValues(f"value {bad} of {values.numel()} is {float(values[bad])}", h.name)
     if h.index == "dense":
         return values.reshape(h.shape)
+    if h.index == "low_rank":
+        product = low_rank.product(values, h.shape, td.rank)
+        finite = np.isfinite(product.numpy())
+        if not finite.all():
+            raise NonFiniteValues(
+                f"the factors' product P·Q overflows at flat index {int(np.argmin(finite))}", h.name
+            )
+        return product
     if h.index == "seeded":
         idx, count = sparsify.randomk_indices(td.seed, td.keep_threshold, h.numel, expected=td.nnz)
         if count != td.nnz:

@@ -7,7 +7,8 @@ Order (each step refuses with a specific :class:`~fedmerge.codec.errors.PackageE
 2. protobuf parses                                             → MalformedPackage
 3. ``format_version`` known                                    → UnsupportedFormatVersion
 4. header sizes: tensor count, metadata, names, ndim, numel, Σnumel, nnz ≤ numel, block size,
-   known enums and dtype                    → DeclaredSizeTooLarge / MalformedPackage / UnsupportedDtype
+   known enums and dtype, a factor pair's rank and size (P·Q of the declared shape)
+                                            → DeclaredSizeTooLarge / MalformedPackage / UnsupportedDtype
 5. exact payload lengths implied by the header                 → PayloadSizeMismatch
 6. names and shapes against the base version (if given)        → TensorNameMismatch / TensorShapeMismatch
 7. package checksum, then each tensor's checksum               → ChecksumMismatch
@@ -48,7 +49,9 @@ INDEX_ENCODINGS: dict[int, str] = {
     delta_pb2.INDEX_ENCODING_GAP_VARINT: "varint",
     delta_pb2.INDEX_ENCODING_GAP_RICE: "rice",
     delta_pb2.INDEX_ENCODING_SEEDED: "seeded",
+    delta_pb2.INDEX_ENCODING_LOW_RANK: "low_rank",
 }
+NO_INDEX_BYTES = ("dense", "seeded", "low_rank")
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
@@ -179,14 +182,42 @@ def check_tensor_header(td: delta_pb2.TensorDelta, limits: DecodeLimits, total_n
         raise MalformedPackage(f"rice_k = {td.rice_k} above {index_coding.MAX_RICE_K}", name)
     if index == "seeded" and td.keep_threshold > RANDOMK_ONE:
         raise MalformedPackage(f"keep_threshold = {td.keep_threshold} above 2^53", name)
+    _check_rank(td, index, numel)
     _expect_len("value", len(td.values), quantize.value_bytes(values, nnz), name)
     block = td.block_size if quantised else 1
     _expect_len("block-scale", len(td.block_scales), quantize.scale_bytes(values, nnz, block), name)
-    if index in ("dense", "seeded"):
+    if index in NO_INDEX_BYTES:
         _expect_len("index", len(td.indices), 0, name)
     else:
         index_coding.check_length(index, len(td.indices), numel, nnz, td.rice_k, name=name)
     return TensorHeader(name, tuple(int(d) for d in td.shape), numel, td.dtype, values, index)
+
+
+def _check_rank(td: delta_pb2.TensorDelta, index: str, numel: int) -> None:
+    """A factor pair (``low_rank``) is P (m × r) ‖ Q (r × n) of a 2-D tensor: 1 ≤ r ≤ min(m, n) and
+    nnz = r·(m + n) ≤ m·n, so the product has the declared shape and the pair is no larger than the
+    tensor; every other index encoding carries rank 0."""
+    name, rank = td.name, td.rank
+    if index != "low_rank":
+        if rank:
+            raise MalformedPackage(
+                f"rank = {rank} on a tensor with {index} indices (factor pairs only)", name
+            )
+        return
+    if len(td.shape) != 2:
+        raise MalformedPackage(
+            f"a low-rank factor pair needs a 2-D tensor, not shape {tuple(td.shape)}", name
+        )
+    rows, cols = td.shape
+    if not 1 <= rank <= min(rows, cols):
+        raise MalformedPackage(f"rank = {rank} outside [1, {min(rows, cols)}] for shape {(rows, cols)}", name)
+    want = rank * (rows + cols)
+    if td.nnz != want or want > numel:
+        raise MalformedPackage(
+            f"nnz = {td.nnz}, but factors P ({rows} x {rank}) and Q ({rank} x {cols}) of a "
+            f"{rows} x {cols} tensor hold {want} values{' (more than the tensor)' if want > numel else ''}",
+            name,
+        )
 
 
 def check_expected(

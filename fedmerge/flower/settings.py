@@ -177,12 +177,14 @@ class ServerOptSettings(SettingsGroup):
 @dataclass(frozen=True)
 class CodecSettings(SettingsGroup):
     """How clients compress their updates (``codec-*``): top-k at ``codec-density`` (1 = dense) with
-    ``codec-values`` quantisation, with or without error feedback."""
+    ``codec-values`` quantisation, with or without error feedback; ``codec-rank`` > 0 sends 2-D tensors
+    as rank-``codec-rank`` factor pairs instead (:mod:`fedmerge.codec.low_rank`)."""
 
     PREFIX = "codec-"
     density: float = 0.1
     values: str = "int8"
     error_feedback: bool = True
+    rank: int = 0
 
     def config(self) -> CodecConfig:
         """The codec clients use (:class:`ConfigError` for an invalid density or value format)."""
@@ -191,24 +193,42 @@ class CodecSettings(SettingsGroup):
             density=self.density,
             values=self.values,  # type: ignore[arg-type]  # checked by problems()
             error_feedback=self.error_feedback,
+            rank=self.rank,
         )
 
     def problems(self) -> list[str]:
         try:
             self.config()
         except ConfigError as exc:
-            return [f"codec-density/codec-values: {exc}"]
+            return [f"codec-density/codec-values/codec-rank: {exc}"]
         return []
 
 
 @dataclass(frozen=True)
 class DownlinkSettings(SettingsGroup):
-    """What the server sends clients (``downlink-*``): ``downlink-density`` < 1 sends the compressed
-    update (with ``downlink-values`` quantisation) instead of the weights."""
+    """What the server sends clients (``downlink-*``): ``downlink-density`` < 1 or ``downlink-rank`` > 0
+    sends the compressed update (top-k at that density, 2-D tensors as rank-``downlink-rank`` factor
+    pairs when > 0, ``downlink-values`` quantisation, error feedback on the server) instead of the
+    weights."""
 
     PREFIX = "downlink-"
     density: float = 1.0
     values: str = "int8"
+    rank: int = 0
+
+    @property
+    def compressed(self) -> bool:
+        """Whether clients get the compressed update rather than the full weights."""
+        return self.density < 1.0 or self.rank > 0
+
+    def config(self) -> CodecConfig:
+        """The server's downlink codec (:class:`ConfigError` for invalid settings)."""
+        return CodecConfig(
+            sparsify="topk" if self.density < 1.0 else "none",
+            density=self.density,
+            values=self.values,  # type: ignore[arg-type]  # checked by problems()
+            rank=self.rank,
+        )
 
     def problems(self) -> list[str]:
         out = []
@@ -216,7 +236,13 @@ class DownlinkSettings(SettingsGroup):
             out.append(f"downlink-density={self.density} must be in (0, 1] (1 sends full weights)")
         if self.values not in DOWNLINK_VALUES:
             out.append(f"downlink-values={self.values!r} must be one of {', '.join(DOWNLINK_VALUES)}")
-        return out
+        if out:
+            return out
+        try:
+            self.config()
+        except ConfigError as exc:
+            return [f"downlink-rank: {exc}"]
+        return []
 
 
 @dataclass(frozen=True)

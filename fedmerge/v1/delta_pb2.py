@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x66\x65\x64merge/v1/delta.proto\x12\x0b\x66\x65\x64merge.v1\"\xc1\x02\n\x0bTensorDelta\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x32\n\x0evalue_encoding\x18\x04 \x01(\x0e\x32\x1a.fedmerge.v1.ValueEncoding\x12\x32\n\x0eindex_encoding\x18\x05 \x01(\x0e\x32\x1a.fedmerge.v1.IndexEncoding\x12\x0b\n\x03nnz\x18\x06 \x01(\x04\x12\x12\n\nblock_size\x18\x07 \x01(\r\x12\x14\n\x0c\x62lock_scales\x18\x08 \x01(\x0c\x12\x0f\n\x07indices\x18\t \x01(\x0c\x12\x0e\n\x06values\x18\n \x01(\x0c\x12\x0e\n\x06rice_k\x18\x0b \x01(\r\x12\x0c\n\x04seed\x18\x0c \x01(\x04\x12\x16\n\x0ekeep_threshold\x18\r \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x0e \x01(\x0c\"\xa5\x03\n\x0c\x44\x65ltaPackage\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x17\n\x0f\x62\x61se_version_id\x18\x04 \x01(\t\x12\x19\n\x11\x62\x61se_version_hash\x18\x05 \x01(\t\x12$\n\x04kind\x18\x06 \x01(\x0e\x32\x16.fedmerge.v1.DeltaKind\x12\x14\n\x0cnum_examples\x18\x07 \x01(\x04\x12\x11\n\tlora_rank\x18\x08 \x01(\r\x12\x12\n\nlora_alpha\x18\t \x01(\x01\x12\x1b\n\x13lora_target_modules\x18\n \x03(\t\x12\x39\n\x08metadata\x18\x0b \x03(\x0b\x32\'.fedmerge.v1.DeltaPackage.MetadataEntry\x12)\n\x07tensors\x18\x0c \x03(\x0b\x32\x18.fedmerge.v1.TensorDelta\x12\x10\n\x08\x63hecksum\x18\r \x01(\x0c\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*X\n\tDeltaKind\x12\x1a\n\x16\x44\x45LTA_KIND_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x44\x45LTA_KIND_TASK_VECTOR\x10\x01\x12\x13\n\x0f\x44\x45LTA_KIND_LORA\x10\x02*\xc5\x01\n\rValueEncoding\x12\x1e\n\x1aVALUE_ENCODING_UNSPECIFIED\x10\x00\x12\x17\n\x13VALUE_ENCODING_FP32\x10\x01\x12\x17\n\x13VALUE_ENCODING_FP16\x10\x02\x12\x17\n\x13VALUE_ENCODING_BF16\x10\x03\x12\x17\n\x13VALUE_ENCODING_INT8\x10\x04\x12\x17\n\x13VALUE_ENCODING_INT4\x10\x05\x12\x17\n\x13VALUE_ENCODING_SIGN\x10\x06*\xd9\x01\n\rIndexEncoding\x12\x1e\n\x1aINDEX_ENCODING_UNSPECIFIED\x10\x00\x12\x18\n\x14INDEX_ENCODING_DENSE\x10\x01\x12\x1c\n\x18INDEX_ENCODING_COO_INT32\x10\x02\x12\x19\n\x15INDEX_ENCODING_BITMAP\x10\x03\x12\x1d\n\x19INDEX_ENCODING_GAP_VARINT\x10\x04\x12\x1b\n\x17INDEX_ENCODING_GAP_RICE\x10\x05\x12\x19\n\x15INDEX_ENCODING_SEEDED\x10\x06\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x66\x65\x64merge/v1/delta.proto\x12\x0b\x66\x65\x64merge.v1\"\xcf\x02\n\x0bTensorDelta\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x32\n\x0evalue_encoding\x18\x04 \x01(\x0e\x32\x1a.fedmerge.v1.ValueEncoding\x12\x32\n\x0eindex_encoding\x18\x05 \x01(\x0e\x32\x1a.fedmerge.v1.IndexEncoding\x12\x0b\n\x03nnz\x18\x06 \x01(\x04\x12\x12\n\nblock_size\x18\x07 \x01(\r\x12\x14\n\x0c\x62lock_scales\x18\x08 \x01(\x0c\x12\x0f\n\x07indices\x18\t \x01(\x0c\x12\x0e\n\x06values\x18\n \x01(\x0c\x12\x0e\n\x06rice_k\x18\x0b \x01(\r\x12\x0c\n\x04seed\x18\x0c \x01(\x04\x12\x16\n\x0ekeep_threshold\x18\r \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x0e \x01(\x0c\x12\x0c\n\x04rank\x18\x0f \x01(\r\"\xa5\x03\n\x0c\x44\x65ltaPackage\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x17\n\x0f\x62\x61se_version_id\x18\x04 \x01(\t\x12\x19\n\x11\x62\x61se_version_hash\x18\x05 \x01(\t\x12$\n\x04kind\x18\x06 \x01(\x0e\x32\x16.fedmerge.v1.DeltaKind\x12\x14\n\x0cnum_examples\x18\x07 \x01(\x04\x12\x11\n\tlora_rank\x18\x08 \x01(\r\x12\x12\n\nlora_alpha\x18\t \x01(\x01\x12\x1b\n\x13lora_target_modules\x18\n \x03(\t\x12\x39\n\x08metadata\x18\x0b \x03(\x0b\x32\'.fedmerge.v1.DeltaPackage.MetadataEntry\x12)\n\x07tensors\x18\x0c \x03(\x0b\x32\x18.fedmerge.v1.TensorDelta\x12\x10\n\x08\x63hecksum\x18\r \x01(\x0c\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*X\n\tDeltaKind\x12\x1a\n\x16\x44\x45LTA_KIND_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x44\x45LTA_KIND_TASK_VECTOR\x10\x01\x12\x13\n\x0f\x44\x45LTA_KIND_LORA\x10\x02*\xc5\x01\n\rValueEncoding\x12\x1e\n\x1aVALUE_ENCODING_UNSPECIFIED\x10\x00\x12\x17\n\x13VALUE_ENCODING_FP32\x10\x01\x12\x17\n\x13VALUE_ENCODING_FP16\x10\x02\x12\x17\n\x13VALUE_ENCODING_BF16\x10\x03\x12\x17\n\x13VALUE_ENCODING_INT8\x10\x04\x12\x17\n\x13VALUE_ENCODING_INT4\x10\x05\x12\x17\n\x13VALUE_ENCODING_SIGN\x10\x06*\xf6\x01\n\rIndexEncoding\x12\x1e\n\x1aINDEX_ENCODING_UNSPECIFIED\x10\x00\x12\x18\n\x14INDEX_ENCODING_DENSE\x10\x01\x12\x1c\n\x18INDEX_ENCODING_COO_INT32\x10\x02\x12\x19\n\x15INDEX_ENCODING_BITMAP\x10\x03\x12\x1d\n\x19INDEX_ENCODING_GAP_VARINT\x10\x04\x12\x1b\n\x17INDEX_ENCODING_GAP_RICE\x10\x05\x12\x19\n\x15INDEX_ENCODING_SEEDED\x10\x06\x12\x1b\n\x17INDEX_ENCODING_LOW_RANK\x10\x07\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,16 +33,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DELTAPACKAGE_METADATAENTRY']._loaded_options = None
   _globals['_DELTAPACKAGE_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_DELTAKIND']._serialized_start=788
-  _globals['_DELTAKIND']._serialized_end=876
-  _globals['_VALUEENCODING']._serialized_start=879
-  _globals['_VALUEENCODING']._serialized_end=1076
-  _globals['_INDEXENCODING']._serialized_start=1079
-  _globals['_INDEXENCODING']._serialized_end=1296
+  _globals['_DELTAKIND']._serialized_start=802
+  _globals['_DELTAKIND']._serialized_end=890
+  _globals['_VALUEENCODING']._serialized_start=893
+  _globals['_VALUEENCODING']._serialized_end=1090
+  _globals['_INDEXENCODING']._serialized_start=1093
+  _globals['_INDEXENCODING']._serialized_end=1339
   _globals['_TENSORDELTA']._serialized_start=41
-  _globals['_TENSORDELTA']._serialized_end=362
-  _globals['_DELTAPACKAGE']._serialized_start=365
-  _globals['_DELTAPACKAGE']._serialized_end=786
-  _globals['_DELTAPACKAGE_METADATAENTRY']._serialized_start=739
-  _globals['_DELTAPACKAGE_METADATAENTRY']._serialized_end=786
+  _globals['_TENSORDELTA']._serialized_end=376
+  _globals['_DELTAPACKAGE']._serialized_start=379
+  _globals['_DELTAPACKAGE']._serialized_end=800
+  _globals['_DELTAPACKAGE_METADATAENTRY']._serialized_start=753
+  _globals['_DELTAPACKAGE_METADATAENTRY']._serialized_end=800
 # @@protoc_insertion_point(module_scope)

@@ -32,6 +32,7 @@ class IndexEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INDEX_ENCODING_GAP_VARINT: _ClassVar[IndexEncoding]
     INDEX_ENCODING_GAP_RICE: _ClassVar[IndexEncoding]
     INDEX_ENCODING_SEEDED: _ClassVar[IndexEncoding]
+    INDEX_ENCODING_LOW_RANK: _ClassVar[IndexEncoding]
 DELTA_KIND_UNSPECIFIED: DeltaKind
 DELTA_KIND_TASK_VECTOR: DeltaKind
 DELTA_KIND_LORA: DeltaKind
@@ -49,9 +50,10 @@ INDEX_ENCODING_BITMAP: IndexEncoding
 INDEX_ENCODING_GAP_VARINT: IndexEncoding
 INDEX_ENCODING_GAP_RICE: IndexEncoding
 INDEX_ENCODING_SEEDED: IndexEncoding
+INDEX_ENCODING_LOW_RANK: IndexEncoding
 
 class TensorDelta(_message.Message):
-    __slots__ = ("name", "shape", "dtype", "value_encoding", "index_encoding", "nnz", "block_size", "block_scales", "indices", "values", "rice_k", "seed", "keep_threshold", "checksum")
+    __slots__ = ("name", "shape", "dtype", "value_encoding", "index_encoding", "nnz", "block_size", "block_scales", "indices", "values", "rice_k", "seed", "keep_threshold", "checksum", "rank")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +68,7 @@ class TensorDelta(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     KEEP_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
     name: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     dtype: str
@@ -80,7 +83,8 @@ class TensorDelta(_message.Message):
     seed: int
     keep_threshold: int
     checksum: bytes
-    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., value_encoding: _Optional[_Union[ValueEncoding, str]] = ..., index_encoding: _Optional[_Union[IndexEncoding, str]] = ..., nnz: _Optional[int] = ..., block_size: _Optional[int] = ..., block_scales: _Optional[bytes] = ..., indices: _Optional[bytes] = ..., values: _Optional[bytes] = ..., rice_k: _Optional[int] = ..., seed: _Optional[int] = ..., keep_threshold: _Optional[int] = ..., checksum: _Optional[bytes] = ...) -> None: ...
+    rank: int
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., value_encoding: _Optional[_Union[ValueEncoding, str]] = ..., index_encoding: _Optional[_Union[IndexEncoding, str]] = ..., nnz: _Optional[int] = ..., block_size: _Optional[int] = ..., block_scales: _Optional[bytes] = ..., indices: _Optional[bytes] = ..., values: _Optional[bytes] = ..., rice_k: _Optional[int] = ..., seed: _Optional[int] = ..., keep_threshold: _Optional[int] = ..., checksum: _Optional[bytes] = ..., rank: _Optional[int] = ...) -> None: ...
 
 class DeltaPackage(_message.Message):
     __slots__ = ("format_version", "client_id", "round", "base_version_id", "base_version_hash", "kind", "num_examples", "lora_rank", "lora_alpha", "lora_target_modules", "metadata", "tensors", "checksum")

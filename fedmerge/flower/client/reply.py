@@ -171,6 +171,7 @@ class TrainInstructions:
                 density=float(get("codec-density")),
                 values=get("codec-values"),
                 error_feedback=bool(get("codec-error-feedback")),
+                rank=int(conf.get("codec-rank", 0)),
             ),
             fisher_examples=int(conf.get("fisher-examples", 0)),
             test_metrics=bool(conf.get("client-test-metrics", True)),
@@ -667,6 +668,7 @@ def fedmerge_reply(
         density=float(conf.get("codec-density", 0.1)),
         values=conf.get("codec-values", "int8"),
         error_feedback=bool(conf.get("codec-error-feedback", True)),
+        rank=int(conf.get("codec-rank", 0)),
     )
     meta = PackageMeta(
         client_id=client_id or client_id_of(context),

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import torch
 
 from fedmerge.aggregators.server_optimizer import round_step, without_optimizer_state
-from fedmerge.codec import CodecConfig, PackageMeta
+from fedmerge.codec import PackageMeta
 from fedmerge.delta.rules import NonFiniteMerge, first_nonfinite
 from fedmerge.delta.state_dict import StateDict
 from fedmerge.errors import FedMergeError
@@ -161,10 +161,10 @@ def _commit_in_memory(
     opt = cfg.server_opt.create()  # a server optimiser's step; its state is kept with the version
     merged, opt_state = round_step(opt, store.load_state(base) if opt.enabled else None, merged)
     package = None
-    if cfg.downlink.density < 1.0:  # commit what clients will rebuild; keep the rest as residual
+    if cfg.downlink.compressed:  # commit what clients will rebuild; keep the rest as residual
         if run.server_residual is None:
             run.server_residual = without_optimizer_state(store.load_state(base))
-        codec = CodecConfig(density=cfg.downlink.density, values=cfg.downlink.values)  # type: ignore[arg-type]
+        codec = cfg.downlink.config()
         meta = PackageMeta("server", report.round, base.id, base.content_hash)
         package, merged, run.server_residual = compress_update(merged, run.server_residual, codec, meta)
     if run.evaluate is not None:

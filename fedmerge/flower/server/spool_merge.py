@@ -116,7 +116,7 @@ def spool_fold_blocker(cfg: RunConfig, server_eval: bool) -> str | None:
         return "differential privacy releases the whole merged delta (clipping, noise, accounting)"
     if cfg.server_opt.create().enabled:
         return "a server optimiser steps on the whole merged delta"
-    if cfg.downlink.density < 1.0:
+    if cfg.downlink.compressed:
         return "the compressed downlink encodes the whole merged delta"
     if server_eval:
         return "server-side evaluation needs the new weights in memory"
