@@ -32,6 +32,7 @@ EXACT_SVD_MAX_DIM = 512
 OVERSAMPLING = 8
 POWER_ITERATIONS = 2
 _SKETCH_SEED = 0x5EED
+_CHUNK_ENTRIES = 1 << 16  # rows of the product accumulated together (fits a core's cache in fp64)
 
 
 def factored_numel(shape: tuple[int, ...], rank: int) -> int:
@@ -81,8 +82,20 @@ def _randomized_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torc
 
 
 def product(values: torch.Tensor, shape: tuple[int, ...], rank: int) -> torch.Tensor:
-    """The m × n tensor P·Q from the flat P ‖ Q ``values`` (m·rank then rank·n, row-major)."""
+    """The m × n fp32 tensor P·Q from the flat P ‖ Q ``values`` (m·rank then rank·n, row-major).
+
+    Bit-identical on every machine, so a server and its nodes rebuild the same weights: each product
+    of two fp32 values is exact in fp64, the sum over k runs in order 0…r−1 in fp64 (elementwise, no
+    BLAS, whose summation order is its own), and the result is rounded once to fp32."""
     rows, cols = shape
-    p = values[: rows * rank].reshape(rows, rank)
-    q = values[rows * rank :].reshape(rank, cols)
-    return p @ q
+    p = values[: rows * rank].reshape(rows, rank).to(torch.float64)
+    q = values[rows * rank :].reshape(rank, cols).to(torch.float64)
+    out = torch.empty(rows, cols, dtype=torch.float32)
+    step = max(1, _CHUNK_ENTRIES // max(1, cols))
+    for start in range(0, rows, step):
+        part = p[start : start + step]
+        acc = part[:, 0:1] * q[0:1]
+        for k in range(1, rank):  # a fused multiply-add rounds p·q + acc once: p·q is exact anyway
+            acc.addcmul_(part[:, k : k + 1], q[k : k + 1])
+        out[start : start + step] = acc
+    return out

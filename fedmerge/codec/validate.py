@@ -173,7 +173,7 @@ def check_tensor_header(td: delta_pb2.TensorDelta, limits: DecodeLimits, total_n
         raise MalformedPackage(f"unknown index_encoding {td.index_encoding}", name)
     values, index = VALUE_ENCODINGS[td.value_encoding], INDEX_ENCODINGS[td.index_encoding]
     nnz = td.nnz
-    if nnz > numel or (index == "dense" and nnz != numel):
+    if (nnz > numel and index != "low_rank") or (index == "dense" and nnz != numel):  # pairs: _check_rank
         raise MalformedPackage(f"nnz = {nnz} is impossible for numel = {numel} with {index} indices", name)
     quantised = values in quantize.BLOCK_SCALED
     if quantised and not 1 <= td.block_size <= limits.max_block_size:

@@ -26,6 +26,9 @@ CASES: dict[str, CodecConfig] = {
     # package format 2: sign values, small tensors' checksums folded into the package checksum
     "v2_topk20_sign_auto": CodecConfig(density=0.2, values="sign", block_size=64),
     "v2_dense_fp32": CodecConfig(sparsify="none", values="fp32"),
+    # package format 3: 2-D tensors as rank-r factor pairs (P ‖ Q), the bias top-k as before
+    "v3_rank4_int4_topk20": CodecConfig(rank=4, density=0.2, values="int4", block_size=64),
+    "v3_rank2_fp32": CodecConfig(rank=2, sparsify="none", values="fp32"),
 }
 
 

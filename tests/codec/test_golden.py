@@ -26,7 +26,7 @@ SHAPES = {"layers.0.q_proj.weight": (32, 24), "layers.0.q_proj.bias": (32,), "he
 
 def test_golden_files_are_committed() -> None:
     assert len(FILES) >= 8
-    assert {p.name[:2] for p in FILES} == {"v1", "v2"}  # both package formats
+    assert {p.name[:2] for p in FILES} == {"v1", "v2", "v3"}  # every package format
 
 
 @pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])

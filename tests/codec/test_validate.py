@@ -221,6 +221,7 @@ def test_checksums_cover_every_header_field() -> None:
     base = tensor_checksum(td)
     changes: list[tuple[str, object]] = [("name", "v"), ("shape", [3, 2]), ("dtype", "float16"), ("nnz", 5)]
     changes += [("block_size", 2), ("rice_k", 1), ("seed", 1), ("keep_threshold", 1), ("values", b"x")]
+    changes += [("rank", 1)]
     for field, value in changes:
         other = delta_pb2.TensorDelta()
         other.CopyFrom(td)

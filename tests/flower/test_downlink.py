@@ -26,10 +26,14 @@ def weights(seed: int) -> dict[str, torch.Tensor]:
     }
 
 
-def test_client_reproduces_the_server_weights_exactly_and_the_package_is_small() -> None:
+@pytest.mark.parametrize(
+    "codec",
+    [CodecConfig(density=0.1, values="int8"), CodecConfig(rank=8, density=0.1, values="int8")],
+    ids=["topk", "low-rank"],
+)
+def test_client_reproduces_the_server_weights_exactly_and_the_package_is_small(codec: CodecConfig) -> None:
     base = weights(0)
     update = {k: 0.01 * torch.randn_like(v) for k, v in base.items() if v.is_floating_point()}
-    codec = CodecConfig(density=0.1, values="int8")
     package, applied, residual = compress_update(update, None, codec, META)
     server = apply_weights(base, applied)
     client = apply_update(base, package, weights_digest(server))
@@ -65,9 +69,15 @@ def test_a_node_holding_another_parent_is_told_so() -> None:
 
 
 @pytest.mark.integration
-def test_rounds_with_compressed_downlink_reach_every_client(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(
+    "codec",
+    [{"downlink-density": 0.1}, {"codec-rank": 4, "downlink-rank": 4, "downlink-density": 0.2}],
+    ids=["topk", "low-rank"],
+)
+def test_rounds_with_compressed_downlink_reach_every_client(tmp_path, monkeypatch, codec) -> None:  # type: ignore[no-untyped-def]
     """From round 2 on, clients get the compressed update instead of weights and rebuild the version
-    exactly (a wrong digest would make them fail, and the server would record the rejection)."""
+    exactly (a wrong digest would make them fail, and the server would record the rejection); with
+    ``*-rank`` both directions carry the weight matrices as factor pairs."""
     import io
 
     from rich.console import Console
@@ -76,7 +86,7 @@ def test_rounds_with_compressed_downlink_reach_every_client(tmp_path, monkeypatc
     from fedmerge_simulations.demo import run_demo
 
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
-    overrides = {"aggregator": "fedavg", "downlink-density": 0.1}
+    overrides = {"aggregator": "fedavg", **codec}
     reports = run_demo(
         tmp_path / "store", num_clients=3, rounds=2, overrides=overrides, console=Console(file=io.StringIO())
     )
