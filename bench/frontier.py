@@ -15,6 +15,9 @@ The points (``POINTS``):
 * fedmerge's top-k with int4 values both ways (``bench rounds``' codec before sign values) and with
   sign values — top-k + sign + error feedback both ways is sparse ternary compression (STC, Sattler
   et al. 2019, built for non-IID federated learning in both directions) at several densities;
+* low-rank factor pairs of every weight matrix both ways (``codec-rank``/``downlink-rank``, the
+  truncated SVD with error feedback, as PowerSGD — Vogels et al. 2019 — approximates it) with int4
+  factors, biases top-20 % int4;
 * the operating point of Deep Gradient Compression (Lin et al. 2018) that fedmerge reproduces: top-k
   with error feedback ("gradient accumulation") of fp32 values on the uplink only, the downlink dense
   (DGC compresses what nodes send; its momentum correction and warm-up are not reproduced).
@@ -68,6 +71,14 @@ class Point:
 
 
 STC = "fedmerge sign (STC)"
+LOW_RANK = "fedmerge low-rank"
+
+
+def _low_rank(rank: int, values: str) -> dict[str, Any]:
+    """Weight matrices as rank-``rank`` factor pairs both ways, the other tensors top-20 %, ``values``."""
+    return {**_both(0.2, values), "codec-rank": rank, "downlink-rank": rank}
+
+
 POINTS: tuple[Point, ...] = (
     Point("top-20 % int4 both ways", "fedmerge int4", _both(0.2, "int4")),
     Point("STC: top-20 % sign both ways", STC, _both(0.2, "sign")),
@@ -76,10 +87,15 @@ POINTS: tuple[Point, ...] = (
     Point("STC: top-5 % sign both ways", STC, _both(0.05, "sign")),
     Point("STC: top-5 % sign up, top-20 % sign down", STC, _both(0.05, "sign", 0.2, "sign")),
     Point("STC: top-3 % sign both ways", STC, _both(0.03, "sign")),
+    Point("low rank: rank 4, int4 both ways (biases top-20 %)", LOW_RANK, _low_rank(4, "int4")),
+    Point("low rank: rank 8, int4 both ways (biases top-20 %)", LOW_RANK, _low_rank(8, "int4")),
+    Point("low rank: rank 2, int4 both ways (biases top-20 %)", LOW_RANK, _low_rank(2, "int4")),
     Point("DGC point: top-1 % fp32 up, dense down", "DGC (uplink only)", _both(0.01, "fp32", 1.0, "fp32")),
 )
-QUICK_POINTS = ("top-20 % int4 both ways", "STC: top-20 % sign both ways", "STC: top-10 % sign both ways",
-                "STC: top-5 % sign both ways")  # fmt: skip
+QUICK_POINTS = (
+    "top-20 % int4 both ways", "STC: top-20 % sign both ways", "STC: top-10 % sign both ways",
+    "STC: top-5 % sign both ways", "low rank: rank 4, int4 both ways (biases top-20 %)",
+)  # fmt: skip
 
 
 def run_point(task: str, rounds: int, seed: int, point: Point | None) -> dict[str, Any]:
@@ -120,7 +136,7 @@ def plot(path: Path, rows: list[dict[str, Any]], task: str, rounds: int, seeds: 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    markers = {"fedmerge int4": "s", STC: "o", "DGC (uplink only)": "^"}
+    markers = {"fedmerge int4": "s", STC: "o", LOW_RANK: "D", "DGC (uplink only)": "^"}
     for family, marker in markers.items():
         mine = [r for r in rows if r["family"] == family]
         if not mine:
