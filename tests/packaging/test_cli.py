@@ -31,6 +31,7 @@ def test_version_flag() -> None:
         (("demo", "--density", "2.0"), "density must be in (0, 1]"),
         (("demo", "--values", "int3"), "values must be one of fp32, fp16, bf16, int8, int4, sign"),
         (("demo", "--downlink-values", "int3"), "downlink-values='int3' must be one of"),
+        (("demo", "--rank", "70000"), "CodecConfig.rank must be an int in [0, 65536]"),
         (("simulate", "missing.toml"), "missing.toml does not exist"),
     ],
 )
