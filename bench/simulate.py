@@ -5,8 +5,8 @@
 Both sides run on Flower's simulation runtime (``flwr run`` on a private SuperLink in simulation mode,
 :func:`fedmerge.flower.simulation.run_simulation_app`) in the same run, in separate processes, with the
 same task (digits), partitions, local training and number of virtual clients: fedmerge's
-ServerApp/ClientApp (``bench/rounds.py``'s ``CODEC``: top-20 % sign task vectors up and down with
-error feedback, streaming FedAvg, a
+ServerApp/ClientApp (``bench/rounds.py``'s ``CODEC``: rank-8 int4 factor pairs of the weight
+matrices, biases top-20 % int4, up and down with error feedback, streaming FedAvg, a
 committed version and a server evaluation per round; ``client-test-metrics = false``: a client trains
 and replies, as Flower's does, without evaluating its test split inside ``train``) versus
 ``flwr.serverapp.strategy.FedAvg`` with a quickstart-style dense fp32 ClientApp (see
@@ -33,9 +33,16 @@ from rich.table import Table
 from fedmerge_bench.rounds import CODEC, child, steady
 from fedmerge_bench.timing import interleaved, load_average
 
+
+def _direction(rank: int, density: float, values: str) -> str:
+    sparse = f"top-{density:.0%}"
+    return (f"rank-{rank} factor pairs (other tensors {sparse}) " if rank else f"{sparse} ") + values
+
+
 CODEC_LABEL = (
-    f"top-{CODEC['codec-density']:.0%} {CODEC['codec-values']} up, "
-    f"top-{CODEC['downlink-density']:.0%} {CODEC['downlink-values']} down, error feedback"
+    f"{_direction(CODEC.get('codec-rank', 0), CODEC['codec-density'], CODEC['codec-values'])} up, "
+    f"{_direction(CODEC.get('downlink-rank', 0), CODEC['downlink-density'], CODEC['downlink-values'])} down, "
+    "error feedback"
 )
 
 

@@ -27,9 +27,9 @@ def demo(
     ),
     downlink_values: str = typer.Option("int4", help="values of the compressed downlink (as --values)"),
     rank: int = typer.Option(
-        4, min=0, help="> 0: clients send weight matrices as rank-RANK factor pairs (truncated SVD); 0: top-k"
+        8, min=0, help="> 0: clients send weight matrices as rank-RANK factor pairs (truncated SVD); 0: top-k"
     ),
-    downlink_rank: int = typer.Option(4, min=0, help="the same for the compressed downlink (as --rank)"),
+    downlink_rank: int = typer.Option(8, min=0, help="the same for the compressed downlink (as --rank)"),
     scaling: float = typer.Option(
         0.5, help="λ of the sign-consensus methods (ties, dare_ties, della): merged delta = λ · disjoint mean"
     ),
@@ -41,12 +41,13 @@ def demo(
 ) -> None:
     """Run a small federation on the embedded store and print a table per round and the versions.
 
-    Clients send task vectors with error feedback, each weight matrix as its rank-4 factor pair with
+    Clients send task vectors with error feedback, each weight matrix as its rank-8 factor pair with
     int4 values (the biases top-20 % int4); from round 2 on, a client that holds the previous version
-    receives the update so encoded instead of the weights. That is 6.9 kB per round each way against
-    19 kB for top-20 % int4 (``--rank 0 --downlink-rank 0``) at the same accuracy after 3 rounds
-    (0.774 against 0.777), and the smallest point within 0.5 points of Flower's accuracy over 20
-    rounds and 3 seeds (``python -m bench frontier``, bench/RESULTS.md)."""
+    receives the update so encoded instead of the weights: 10.7 kB per round each way against 19 kB
+    for top-20 % int4 (``--rank 0 --downlink-rank 0``). It is the smallest point within 0.5 points of
+    Flower's accuracy over 20 rounds and 3 seeds (``python -m bench frontier``, bench/RESULTS.md);
+    three rounds are too few to rank codecs (one run each: 0.755 at rank 8, 0.774 at rank 4, 0.777
+    for top-20 % int4)."""
     from rich.console import Console
 
     console = Console(stderr=as_json)
