@@ -95,6 +95,7 @@ POINTS: tuple[Point, ...] = (
 QUICK_POINTS = (
     "top-20 % int4 both ways", "STC: top-20 % sign both ways", "STC: top-10 % sign both ways",
     "STC: top-5 % sign both ways", "low rank: rank 4, int4 both ways (biases top-20 %)",
+    "low rank: rank 8, int4 both ways (biases top-20 %)",
 )  # fmt: skip
 
 
