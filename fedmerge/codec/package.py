@@ -46,7 +46,7 @@ PACKAGE_FORMAT_VERSION = 2
 checksums into the package checksum; 1 carried every tensor checksum; a package holding a low-rank factor
 pair is written as :data:`LOW_RANK_FORMAT` (older decoders refuse it by its version). Not the store's
 format (``fedmerge.FORMAT_VERSION``)."""
-LOW_RANK_FORMAT = 3
+LOW_RANK_FORMAT = validate.LOW_RANK_FORMAT
 READABLE_PACKAGE_FORMATS = (1, 2, 3)
 _KINDS: dict[str, int] = {"task_vector": delta_pb2.DELTA_KIND_TASK_VECTOR, "lora": delta_pb2.DELTA_KIND_LORA}
 _VALUE_ENUM = {v: k for k, v in validate.VALUE_ENCODINGS.items()}
@@ -436,13 +436,7 @@ def read_headers(
     headers = []
     total_numel = 0
     for td in pkg.tensors:
-        header = validate.check_tensor_header(td, limits, total_numel)
-        if header.index == "low_rank" and pkg.format_version < LOW_RANK_FORMAT:
-            raise MalformedPackage(
-                f"a low-rank factor pair in a format {pkg.format_version} package (needs format "
-                f"{LOW_RANK_FORMAT})",
-                header.name,
-            )
+        header = validate.check_tensor_header(td, limits, total_numel, pkg.format_version)
         total_numel += header.numel
         headers.append(header)
     return pkg, _meta_of(pkg), headers

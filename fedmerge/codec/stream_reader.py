@@ -176,7 +176,7 @@ def open_task_vector_stream(
         total = 0
         for i in range(len(reader.spans)):
             td = reader.tensor(i)
-            header = validate.check_tensor_header(td, head_limits, total)
+            header = validate.check_tensor_header(td, head_limits, total, reader.header.format_version)
             total += header.numel
             headers.append(header)
             reader.header.tensors[i].checksum = checksum.carried_or_computed(td, reader.header.format_version)

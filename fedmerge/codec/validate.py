@@ -52,6 +52,7 @@ INDEX_ENCODINGS: dict[int, str] = {
     delta_pb2.INDEX_ENCODING_LOW_RANK: "low_rank",
 }
 NO_INDEX_BYTES = ("dense", "seeded", "low_rank")
+LOW_RANK_FORMAT = 3  # the first package format that may hold a low-rank factor pair
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
@@ -142,8 +143,11 @@ def check_package_header(pkg: delta_pb2.DeltaPackage, limits: DecodeLimits) -> N
         raise MalformedPackage(f"lora_alpha = {pkg.lora_alpha} is not finite")
 
 
-def check_tensor_header(td: delta_pb2.TensorDelta, limits: DecodeLimits, total_numel: int) -> TensorHeader:
-    """Sizes, enums, dtype and exact payload lengths of one tensor (steps 4 and 5), before any allocation."""
+def check_tensor_header(
+    td: delta_pb2.TensorDelta, limits: DecodeLimits, total_numel: int, format_version: int
+) -> TensorHeader:
+    """Sizes, enums, dtype and exact payload lengths of one tensor (steps 4 and 5), before any allocation;
+    ``format_version`` is the package's (a factor pair needs :data:`LOW_RANK_FORMAT`)."""
     name = td.name
     if len(name.encode()) > limits.max_name_bytes or not name:
         raise DeclaredSizeTooLarge(
@@ -183,6 +187,11 @@ def check_tensor_header(td: delta_pb2.TensorDelta, limits: DecodeLimits, total_n
     if index == "seeded" and td.keep_threshold > RANDOMK_ONE:
         raise MalformedPackage(f"keep_threshold = {td.keep_threshold} above 2^53", name)
     _check_rank(td, index, numel)
+    if index == "low_rank" and format_version < LOW_RANK_FORMAT:
+        raise MalformedPackage(
+            f"a low-rank factor pair in a format {format_version} package (needs format {LOW_RANK_FORMAT})",
+            name,
+        )
     _expect_len("value", len(td.values), quantize.value_bytes(values, nnz), name)
     block = td.block_size if quantised else 1
     _expect_len("block-scale", len(td.block_scales), quantize.scale_bytes(values, nnz, block), name)

@@ -167,3 +167,17 @@ def test_a_pair_for_another_shape_is_refused_before_decoding(meta: PackageMeta) 
     data = _pair_package(meta).SerializeToString()
     with pytest.raises(TensorShapeMismatch, match="base version has"):
         decode_package(data, expected_shapes={"w": (96, 64)})
+
+
+def test_the_streaming_reader_decodes_and_refuses_pairs_alike(meta: PackageMeta, resigner: Resign) -> None:
+    from fedmerge.codec.stream_reader import decode_task_vector_stream
+
+    pkg = _pair_package(meta, values="int8")
+    base = {"base_id": meta.base_version_id, "base_hash": meta.base_version_hash}
+    streamed, headers = decode_task_vector_stream(pkg.SerializeToString(), {"w": (64, 96)}, **base)
+    assert headers[0].index == "low_rank"
+    whole = decode_package(pkg.SerializeToString()).tensors["w"]
+    assert isinstance(whole, torch.Tensor) and torch.equal(streamed.tensors["w"], whole)  # type: ignore[arg-type]
+    pkg.format_version = 2
+    with pytest.raises(MalformedPackage, match="needs format 3"):
+        decode_task_vector_stream(resigner(pkg), {"w": (64, 96)}, **base)
