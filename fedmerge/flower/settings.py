@@ -174,6 +174,17 @@ class ServerOptSettings(SettingsGroup):
         return []
 
 
+def _codec(density: float, values: str, rank: int, *, error_feedback: bool) -> CodecConfig:
+    """Top-k at ``density`` (dense at 1), ``values``, factor pairs at ``rank`` (0 = none)."""
+    return CodecConfig(
+        sparsify="topk" if density < 1.0 else "none",
+        density=density,
+        values=values,  # type: ignore[arg-type]  # CodecConfig checks it
+        error_feedback=error_feedback,
+        rank=rank,
+    )
+
+
 @dataclass(frozen=True)
 class CodecSettings(SettingsGroup):
     """How clients compress their updates (``codec-*``): top-k at ``codec-density`` (1 = dense) with
@@ -188,13 +199,7 @@ class CodecSettings(SettingsGroup):
 
     def config(self) -> CodecConfig:
         """The codec clients use (:class:`ConfigError` for an invalid density or value format)."""
-        return CodecConfig(
-            sparsify="topk" if self.density < 1.0 else "none",
-            density=self.density,
-            values=self.values,  # type: ignore[arg-type]  # checked by problems()
-            error_feedback=self.error_feedback,
-            rank=self.rank,
-        )
+        return _codec(self.density, self.values, self.rank, error_feedback=self.error_feedback)
 
     def problems(self) -> list[str]:
         try:
@@ -223,12 +228,7 @@ class DownlinkSettings(SettingsGroup):
 
     def config(self) -> CodecConfig:
         """The server's downlink codec (:class:`ConfigError` for invalid settings)."""
-        return CodecConfig(
-            sparsify="topk" if self.density < 1.0 else "none",
-            density=self.density,
-            values=self.values,  # type: ignore[arg-type]  # checked by problems()
-            rank=self.rank,
-        )
+        return _codec(self.density, self.values, self.rank, error_feedback=True)
 
     def problems(self) -> list[str]:
         out = []
