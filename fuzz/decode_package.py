@@ -3,7 +3,7 @@
 
     python fuzz/decode_package.py -max_total_time=600 [corpus_dir]
 
-The seed inputs are valid packages (dense, top-k, int8, int4, fp16, bf16, random-k) for a small
+The seed inputs are valid packages (dense, top-k, int8, int4, fp16, bf16, random-k, factor pairs) for a small
 reference model; atheris mutates them with coverage feedback from every loaded Python function, and
 re-signs each mutant's checksums so it reaches the validation behind them.
 ``tests/codec/test_atheris.py`` (slow) runs it for 60 s.
@@ -39,6 +39,7 @@ def seeds() -> list[bytes]:
         CodecConfig(density=0.5, values="fp16"),
         CodecConfig(density=0.5, values="bf16"),
         CodecConfig(sparsify="randomk", density=0.2, values="int8"),
+        CodecConfig(rank=3, density=0.3, values="int4"),  # low-rank factor pairs (format 3)
     ]
     return [encode_package(delta, c, meta=meta).data for c in configs]
 

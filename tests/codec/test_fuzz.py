@@ -32,6 +32,8 @@ _SEEDS = [
         CodecConfig(density=0.5, values="fp16", index_coding="bitmap"),
         CodecConfig(density=0.05, values="fp32", index_coding="varint"),
         CodecConfig(density=0.2, values="int8", index_coding="coo"),
+        CodecConfig(rank=3, density=0.3, values="int4", block_size=16),  # a factor pair (format 3)
+        CodecConfig(rank=2, sparsify="none", values="fp32"),
     )
 ]
 _LIMITS = DecodeLimits(max_tensor_numel=1 << 20, max_total_numel=1 << 22)
