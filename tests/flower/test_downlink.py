@@ -71,7 +71,10 @@ def test_a_node_holding_another_parent_is_told_so() -> None:
 @pytest.mark.integration
 @pytest.mark.parametrize(
     "codec",
-    [{"downlink-density": 0.1}, {"codec-rank": 4, "downlink-rank": 4, "downlink-density": 0.2}],
+    [
+        {"downlink-density": 0.1},
+        pytest.param({"codec-rank": 4, "downlink-rank": 4, "downlink-density": 0.2}, marks=pytest.mark.slow),
+    ],
     ids=["topk", "low-rank"],
 )
 def test_rounds_with_compressed_downlink_reach_every_client(tmp_path, monkeypatch, codec) -> None:  # type: ignore[no-untyped-def]
