@@ -40,15 +40,9 @@ CODEC: dict[str, Any] = {
 }  # fmt: skip
 
 
-def _direction(rank: int, density: float, values: str) -> str:
-    sparse = f"top-{density:.0%}"
-    return (f"rank-{rank} factor pairs (other tensors {sparse}) " if rank else f"{sparse} ") + values
-
-
 CODEC_LABEL = (
-    f"{_direction(CODEC.get('codec-rank', 0), CODEC['codec-density'], CODEC['codec-values'])} up, "
-    f"{_direction(CODEC.get('downlink-rank', 0), CODEC['downlink-density'], CODEC['downlink-values'])} down, "
-    "error feedback"
+    f"top-{CODEC['codec-density']:.0%} {CODEC['codec-values']} up, "
+    f"top-{CODEC['downlink-density']:.0%} {CODEC['downlink-values']} down, error feedback"
 )
 
 

@@ -32,7 +32,7 @@ EXACT_SVD_MAX_DIM = 512
 OVERSAMPLING = 8
 POWER_ITERATIONS = 2
 _SKETCH_SEED = 0x5EED
-_CHUNK_ENTRIES = 1 << 16  # rows of the product accumulated together (fits a core's cache in fp64)
+_CHUNK_ENTRIES = 1 << 16  # entries of the product accumulated together (a core's cache in fp64)
 
 
 def factored_numel(shape: tuple[int, ...], rank: int) -> int:

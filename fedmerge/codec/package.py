@@ -320,10 +320,13 @@ def _select_topk(group: list[_Selected], config: CodecConfig) -> None:
 def _encode_tensor(
     item: _Selected, config: CodecConfig
 ) -> tuple[delta_pb2.TensorDelta, torch.Tensor, tuple[int, int, int, str, str]]:
+    """One tensor's carried values (the selected entries, or a factor pair P ‖ Q when ``item.rank``:
+    :mod:`fedmerge.codec.low_rank`) quantised, its positions coded; the reconstruction for error
+    feedback (P̂·Q̂ for a pair)."""
     numel = math.prod(item.shape)
     if item.rank:
-        return _encode_factors(item, config)
-    if item.sparse_input or item.indices is None:
+        carried = low_rank.factorize(item.flat.reshape(item.shape), item.rank)
+    elif item.sparse_input or item.indices is None:
         carried = item.flat
     elif item.carried is not None:
         carried = item.carried
@@ -334,7 +337,9 @@ def _encode_tensor(
     q = quantize.encode(
         carried, config.values, config.block_size, name=item.name, reconstruct=config.error_feedback
     )
-    if item.indices is None:
+    if item.rank:
+        index_name, rice_k, index_bytes = "low_rank", 0, b""
+    elif item.indices is None:
         index_name, rice_k, index_bytes = "dense", 0, b""
     elif item.threshold:
         index_name, rice_k, index_bytes = "seeded", 0, b""
@@ -356,38 +361,13 @@ def _encode_tensor(
         rice_k=rice_k,
         seed=item.seed,
         keep_threshold=item.threshold,
+        rank=item.rank,
     )
     td.checksum = checksum.tensor_checksum(td, (q.scales, index_bytes, q.data))
     rec = q.reconstructed if q.reconstructed is not None else torch.zeros(0)
-    return td, rec, (len(index_bytes), len(q.data), len(q.scales), config.values, index_name)
-
-
-def _encode_factors(
-    item: _Selected, config: CodecConfig
-) -> tuple[delta_pb2.TensorDelta, torch.Tensor, tuple[int, int, int, str, str]]:
-    """A 2-D tensor as its rank-``item.rank`` factor pair P ‖ Q (:mod:`fedmerge.codec.low_rank`), the
-    factors quantised with ``config.values``; the reconstruction (for error feedback) is P̂·Q̂."""
-    factors = low_rank.factorize(item.flat.reshape(item.shape), item.rank)
-    q = quantize.encode(
-        factors, config.values, config.block_size, name=item.name, reconstruct=config.error_feedback
-    )
-    td = delta_pb2.TensorDelta(
-        name=item.name,
-        shape=list(item.shape),
-        dtype=item.dtype,
-        value_encoding=_VALUE_ENUM[config.values],  # type: ignore[arg-type]
-        index_encoding=delta_pb2.INDEX_ENCODING_LOW_RANK,
-        nnz=int(factors.numel()),
-        block_size=config.block_size if config.quantised else 0,
-        block_scales=q.scales,
-        values=q.data,
-        rank=item.rank,
-    )
-    td.checksum = checksum.tensor_checksum(td, (q.scales, b"", q.data))
-    rec = torch.zeros(0)
-    if q.reconstructed is not None:
+    if item.rank and q.reconstructed is not None:
         rec = low_rank.product(q.reconstructed, item.shape, item.rank).reshape(-1)
-    return td, rec, (0, len(q.data), len(q.scales), config.values, "low_rank")
+    return td, rec, (len(index_bytes), len(q.data), len(q.scales), config.values, index_name)
 
 
 def _report(
@@ -495,19 +475,14 @@ def _decode_tensor(td: delta_pb2.TensorDelta, h: validate.TensorHeader) -> torch
                 h.name,
             )
     values = quantize.decode(h.values, value_bytes, scales, td.nnz, td.block_size)
-    finite = np.isfinite(values.numpy())
-    if not finite.all():
-        bad = int(np.argmin(finite))
+    if (bad := _first_nonfinite(values)) is not None:
         raise NonFiniteValues(f"value {bad} of {values.numel()} is {float(values[bad])}", h.name)
     if h.index == "dense":
         return values.reshape(h.shape)
     if h.index == "low_rank":
         product = low_rank.product(values, h.shape, td.rank)
-        finite = np.isfinite(product.numpy())
-        if not finite.all():
-            raise NonFiniteValues(
-                f"the factors' product P·Q overflows at flat index {int(np.argmin(finite))}", h.name
-            )
+        if (bad := _first_nonfinite(product)) is not None:
+            raise NonFiniteValues(f"the factors' product P·Q overflows at flat index {bad}", h.name)
         return product
     if h.index == "seeded":
         idx, count = sparsify.randomk_indices(td.seed, td.keep_threshold, h.numel, expected=td.nnz)
@@ -516,6 +491,12 @@ def _decode_tensor(td: delta_pb2.TensorDelta, h: validate.TensorHeader) -> torch
     else:
         idx = index_coding.decode(h.index, index_bytes, h.numel, td.nnz, td.rice_k, name=h.name)
     return SparseTensor(indices=idx, values=values, shape=h.shape)
+
+
+def _first_nonfinite(values: torch.Tensor) -> int | None:
+    """The flat index of the first NaN or infinity in ``values``, or None (numpy: faster than torch)."""
+    finite = np.isfinite(values.numpy())
+    return None if finite.all() else int(np.argmin(finite))
 
 
 def _meta_of(pkg: delta_pb2.DeltaPackage) -> PackageMeta:
