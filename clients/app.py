@@ -237,8 +237,9 @@ def train_reply(message: Message, context: Context, task_factory: TaskFactory = 
         return plain_train_reply(message, context, task_factory)
     settings = message_settings(message.content)
     conf = TrainInstructions.from_record(settings)
-    base = resolve_base(message.content, context, conf.base_version_id, conf.base_version_hash, settings)
     task = task_factory(conf.task)
+    own = own_base(task, conf.seed)
+    base = resolve_base(message.content, context, conf.base_version_id, conf.base_version_hash, settings, own)
     data, pid = node_data(context, task, conf)
     faults = FaultPlan.from_record(settings)
     inject_faults(faults, conf.seed, conf.round, max(pid, 0))  # simulated dropout / straggler (default off)
@@ -259,6 +260,15 @@ def train_reply(message: Message, context: Context, task_factory: TaskFactory = 
     fisher = client_fisher(task, base, update.delta, data, conf) if conf.fisher_examples > 0 else None
     content, _ = encode_reply(delta, conf.codec, meta, context, update.metrics, fisher)
     return Message(content, reply_to=message)
+
+
+def own_base(task: Task, seed: int) -> Callable[[], Mapping[str, torch.Tensor]] | None:
+    """The base this node can build itself — its task's pretrained base for the run's seed, which a
+    store initialised by the task (``init-base``) starts from — or None when the task has none. Used
+    only when the server names the base by weights digest (``downlink-base-at-nodes``) and only if
+    the digest matches."""
+    pretrained = getattr(task, "pretrained_base", None)
+    return None if not callable(pretrained) else lambda: pretrained(seed)
 
 
 def client_fisher(

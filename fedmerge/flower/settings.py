@@ -214,12 +214,17 @@ class DownlinkSettings(SettingsGroup):
     """What the server sends clients (``downlink-*``): ``downlink-density`` < 1 or ``downlink-rank`` > 0
     sends the compressed update (top-k at that density, 2-D tensors as rank-``downlink-rank`` factor
     pairs when > 0, ``downlink-values`` quantisation, error feedback on the server) instead of the
-    weights."""
+    weights. ``downlink-base-at-nodes = true``: the nodes hold the base checkpoint already (their own
+    copy: a node's ``base-path``, its node-state directory, or a base its ClientApp builds), so a node's
+    first message names the base by weights digest instead of carrying it; a node that holds no copy
+    with that digest replies ``MissingBase`` and is sent the weights in its next message (a plain
+    Flower client, which reads ``"arrays"``, is such a node)."""
 
     PREFIX = "downlink-"
     density: float = 1.0
     values: str = "int8"
     rank: int = 0
+    base_at_nodes: bool = False
 
     @property
     def compressed(self) -> bool:

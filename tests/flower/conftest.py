@@ -27,6 +27,19 @@ def flower_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Mon
     yield
 
 
+@pytest.fixture
+def server_identity() -> Iterator[None]:
+    """Messages read the process's task identity; set it as Flower's ServerApp runtime does (for a
+    Federation driven in the test's process, e.g. on an ``InProcessGrid``)."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
 Behaviour = Callable[[Message, Context], Message]
 
 

@@ -145,6 +145,7 @@ RUN_CONFIG_KEYS = [
     "codec-rank",
     "codec-values",
     "dirichlet-alpha",
+    "downlink-base-at-nodes",
     "downlink-density",
     "downlink-rank",
     "downlink-values",

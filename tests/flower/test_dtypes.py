@@ -5,7 +5,6 @@ dtype, and replies whose bytes do not match their header rejected while the roun
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -114,16 +113,7 @@ def _plain_app(seen: dict[int, dict[str, Any]], lie: set[int] = frozenset()) -> 
     return app
 
 
-@pytest.fixture(autouse=True)
-def _server_identity() -> Iterator[None]:
-    """Messages read the process's task identity; set it as Flower's ServerApp runtime does."""
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+pytestmark = pytest.mark.usefixtures("server_identity")
 
 
 def _federation(tmp_path: Path, base: dict[str, torch.Tensor], app: Any, nodes: int) -> Any:

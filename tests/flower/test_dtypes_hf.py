@@ -7,7 +7,6 @@ is refused in one line. Models are built from a config with transformers; nothin
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +26,7 @@ from fedmerge.store.export import export_safetensors  # noqa: E402
 from fedmerge.store.init import DtypeMismatchError, init_store  # noqa: E402
 from fedmerge_simulations.secagg import InProcessGrid  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _server_identity() -> Iterator[None]:
-    """Messages read the process's task identity; set it as Flower's ServerApp runtime does."""
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+pytestmark = pytest.mark.usefixtures("server_identity")
 
 
 def save_llama(directory: Path, dtype: torch.dtype) -> Any:

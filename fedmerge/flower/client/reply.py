@@ -41,7 +41,7 @@ import hashlib
 import logging
 import secrets
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +63,7 @@ from fedmerge.flower.client.bulk import (
     download_base,
     upload_package,
 )
+from fedmerge.flower.client.local_base import BASE_DIGEST_KEY, find_base, verified_base_file
 from fedmerge.flower.client.node_state import (
     BASES,
     NodeStateError,
@@ -226,10 +227,13 @@ def resolve_base(
     version_id: str,
     version_hash: str,
     settings: Mapping[str, Any] | None = None,
+    build: Callable[[], Mapping[str, torch.Tensor]] | None = None,
 ) -> StateDict:
     """The base weights for ``version_id``: from the message's ``"arrays"`` or compressed update, or
-    downloaded from the bulk endpoint the message names (:func:`fetch_base`), and then cached; or from
-    the cache. ``settings``: the message's :func:`message_settings` when the caller has them already.
+    downloaded from the bulk endpoint the message names (:func:`fetch_base`), or the node's own copy
+    when the message names the base by weights digest (``downlink-base-at-nodes``:
+    :func:`take_own_base`; ``build`` makes one, e.g. a task's pretrained base), and then cached; or
+    from the cache. ``settings``: the message's :func:`message_settings` when the caller has them.
 
     The node keeps the base packed in ``context.state`` (:mod:`fedmerge.flower.client.node_state`) with
     its version id, version hash and weights digest in ``fedmerge.base-meta``; the process's
@@ -253,6 +257,8 @@ def resolve_base(
         ref = BaseReference.from_settings(settings)
         if ref is not None and not holds:
             fetch_base(ref, context, version_id, version_hash)
+        elif not holds and settings.get(BASE_DIGEST_KEY):
+            take_own_base(context, str(settings[BASE_DIGEST_KEY]), version_id, version_hash, build)
     meta = config_record(state, BASE_META)
     if meta is None or meta.get("version-hash") != version_hash:
         held = None if meta is None else meta.get("version-id")
@@ -309,18 +315,33 @@ def held_base(context: Context) -> tuple[StateDict, bool]:
         tensors = unpack_tensors(packed)
         return tensors, bool(digest) and BASES.put(digest, tensors, packed)
     files = node_files(context.node_config)
-    packed_file = files.read_base(digest) if digest else None
-    if packed_file is not None:
-        try:
-            tensors = unpack_tensors(packed_file)
-        except NodeStateError:
-            tensors = {}
-        if tensors and weights_digest(tensors) == digest:
-            return tensors, BASES.put(digest, tensors, packed_file)
+    from_files = verified_base_file(files, digest) if digest else None
+    if from_files is not None:
+        return from_files[0], BASES.put(digest, *from_files)
     raise MissingBase(
         f"this node's base {meta.get('version-id')!r} (digest {digest[:12]}…) is neither in this "
         f"process nor in its node-local directory {files.root}; the server must send its weights"
     )
+
+
+def take_own_base(
+    context: Context,
+    digest: str,
+    version_id: str,
+    version_hash: str,
+    build: Callable[[], Mapping[str, torch.Tensor]] | None = None,
+) -> None:
+    """Hold the node's own copy of base ``version_id``, whose weights digest the server named
+    (:func:`~fedmerge.flower.client.local_base.find_base`). :class:`MissingBase` with what was tried
+    when the node has no copy with that digest: the server sends the weights in its next message."""
+    found, tried = find_base(digest, context.node_config, build)
+    if found is None:
+        raise MissingBase(
+            f"the server names base {version_id!r} by weights digest {digest[:12]}… "
+            f"(downlink-base-at-nodes) but this node holds no copy of it ({'; '.join(tried)}); it sends "
+            "the weights in the next round"
+        )
+    keep_base(context, found.tensors, version_id, version_hash, digest=digest, packed=found.packed)
 
 
 def fetch_base(ref: BaseReference, context: Context, version_id: str, version_hash: str) -> None:

@@ -44,6 +44,7 @@ from fedmerge.delta.state_dict import StateDict
 from fedmerge.errors import FedMergeError
 from fedmerge.flower.client.faults import FaultPlan
 from fedmerge.flower.config import RunConfig, needs_fisher
+from fedmerge.flower.downlink import weights_digest
 from fedmerge.flower.records import (
     ARRAYS_RECORD,
     CONFIG_RECORD,
@@ -181,6 +182,7 @@ def build_messages(
     update: DownlinkUpdate | None = None,
     parent_holders: set[int] = frozenset(),  # type: ignore[assignment]
     node_settings: Callable[[int], Mapping[str, Any]] | None = None,
+    announce: Mapping[int, str] | None = None,
 ) -> tuple[list[Message], int]:
     """One ``train`` message per node, in Flower's shape (``"arrays"``, ``"config"``) with fedmerge's extras
     beside them (``"fedmerge.config"``). ``holders`` (fedmerge clients holding the base: see
@@ -192,8 +194,12 @@ def build_messages(
     and a base larger than ``bulk-threshold-bytes``, a node that needs full weights gets instead the
     base's download reference from the bulk endpoint
     (:meth:`~fedmerge.flower.server.bulk_endpoint.NodeBulkSettings.base_reference`) and fetches them there.
+    ``announce`` (``downlink-base-at-nodes``): node → the base's weights digest, for nodes that need
+    the base and are trusted to hold their own copy: their message names the digest
+    (``"fedmerge.config"`` ``base-digest``) and carries no weights.
     Returns (messages, downlink bytes)."""
     from fedmerge.flower.client.bulk import BASE_SIZE_KEY
+    from fedmerge.flower.client.local_base import BASE_DIGEST_KEY
     from fedmerge.flower.server.bulk_endpoint import NodeBulkSettings
 
     config = train_config(cfg, round_, base)
@@ -212,6 +218,8 @@ def build_messages(
             ref = settings.base_reference(base)  # None below bulk-threshold-bytes: "arrays" then
         if node in holders:
             pass
+        elif announce is not None and needs_base and node in announce:
+            content[FEDMERGE_RECORD] = ConfigRecord({**node_extras, BASE_DIGEST_KEY: announce[node]})
         elif update is not None and node in parent_holders:
             content[UPDATE_RECORD] = package_to_record(update.package)[RECORD_KEY]
             content[UPDATE_META_RECORD] = ConfigRecord(
@@ -275,6 +283,8 @@ class Federation:
     latest_weights: tuple[str, StateDict] | None = None  # (version id, θ) of the last commit
     bulk: BulkEndpoint | None = None  # large payloads (bulk-address); started by run() when configured
     labels: dict[int, str] = field(default_factory=dict)  # node id → the client id its replies state
+    offered: set[int] = field(default_factory=set)  # nodes named a base by digest (downlink-base-at-nodes)
+    digests: dict[str, str] = field(default_factory=dict)  # version id → weights digest, as computed
     _warm: bool = field(default=False, init=False)
 
     def weights_of(self, base: Version) -> StateDict:
@@ -283,6 +293,25 @@ class Federation:
         if self.latest_weights is not None and self.latest_weights[0] == base.id:
             return self.latest_weights[1]
         return self.store.materialize(base)
+
+    def announcements(
+        self, sampled: list[int], base: Version, weights: Mapping[str, torch.Tensor]
+    ) -> dict[int, str] | None:
+        """With ``downlink-base-at-nodes``: node → ``base``'s weights digest for the sampled nodes never
+        named a base by digest in this run (each node is, once: one that then replied ``MissingBase``
+        gets the weights from its next message on). None when the setting is off."""
+        if not self.cfg.downlink.base_at_nodes:
+            return None
+        fresh = [node for node in sampled if node not in self.offered]
+        if not fresh:
+            return {}
+        self.offered.update(fresh)
+        digest = self.digests.get(base.id)
+        if digest is None:
+            known = self.updates.get(base.id)
+            digest = known.digest if known is not None else weights_digest(weights)
+            self.digests[base.id] = digest
+        return dict.fromkeys(fresh, digest)
 
     def warm_up(self) -> None:
         """Load and compile the merge's code (the aggregator's numba kernels, serial and parallel, dense
@@ -379,6 +408,7 @@ class Federation:
         messages, report.downlink_bytes = build_messages(
             sampled, self.cfg, round_, base, weights, holders, update, parent_holders,
             node_settings=None if bulk is None else lambda node: bulk.settings_for(round_, attempt, node),
+            announce=self.announcements(sampled, base, weights),
         )  # fmt: skip
         shapes = floating_shapes_of(weights) if isinstance(weights, TensorView) else None
         state = RoundState(self.cfg, round_, base, weights, shapes=shapes, fold=not tensor_major)
