@@ -10,25 +10,29 @@ and rounds, both on Flower's simulation engine in the same run:
   travel as rank-8 factor pairs (the truncated SVD) with int4 values and the biases top-20 % int4, the
   server folds them as they arrive (FedAvg semantics), commits a version per round and sends clients
   that hold the previous version the update encoded the same way instead of weights (``CODEC``; both
-  directions with error feedback);
+  directions with error feedback); the nodes hold the base already (``downlink-base-at-nodes``: each
+  builds its task's pretrained base, used only when its weights digest is the one the server names),
+  so round 1 sends no weights;
 * **Flower FedAvg**: ``flwr.serverapp.strategy.FedAvg`` with a quickstart-style ClientApp that
   receives and returns dense fp32 weights.
 
 Each side runs in its own process, so its peak RSS (the process holding the ServerApp and the
 simulation driver) is its own. Bytes are counted from the payloads actually exchanged (uplink +
 downlink). Round time and bytes are means over rounds 2…R (round 1 includes the clients' start-up,
-and fedmerge's round 1 ships the base weights to every client; the all-rounds byte ratio is printed too).
+and Flower's round 1 ships the base weights to every client; the all-rounds byte ratio is printed too).
 The two sides run ``--repeats`` times each, interleaved (fedmerge, Flower, Flower, fedmerge, …, as
 ``bench.timing.interleaved`` orders calls); each side's round time is the best over its runs of the
 mean over rounds 2…R, and accuracy, bytes and RSS come from that best run. The load average is printed.
 ``server_rss_growth_10_to_50`` is fedmerge's peak RSS with 50 clients ÷ with 10 (one round each).
 
-Bytes counting round 1 (which ships the base to every fedmerge client) are
-``bytes_all_rounds_vs_flower_fedavg`` (also printed under its former name,
-``bytes_vs_flower_fedavg_all_rounds``). The worked LoRA example (``examples/hf_lora``, three nodes, its
-shipped run config: compressed uplink and downlink) runs once against the dense LoRA exchange of the
-same rounds (``bench/_lora_example.py`` says what that is): ``lora_bytes_vs_dense_lora`` (up + down,
-the base's one shipment apart) with both final losses (``--no-lora`` skips it).
+Bytes counting round 1 are ``bytes_all_rounds_vs_flower_fedavg`` (also printed under its former name,
+``bytes_vs_flower_fedavg_all_rounds``); ``bytes_all_rounds_base_sent_vs_flower_fedavg`` counts the base's
+dense fp32 weights to every client in round 1 as well (what a federation whose nodes do not hold the
+base sends: ``downlink-base-at-nodes = false``).
+The worked LoRA example (``examples/hf_lora``, three nodes, its shipped run config: compressed uplink
+and downlink) runs once against the dense LoRA exchange of the same rounds (``bench/_lora_example.py``
+says what that is): ``lora_bytes_vs_dense_lora`` (up + down, the base's one shipment apart) with both
+final losses (``--no-lora`` skips it).
 The last line printed is one JSON object.
 """
 
@@ -68,6 +72,7 @@ WORKLOADS: dict[str, tuple[float, int]] = {"digits": (0.1, 2), "tiny_lm": (0.05,
 CODEC: dict[str, Any] = {
     "codec-rank": 8, "codec-density": 0.2, "codec-values": "int4",
     "downlink-rank": 8, "downlink-density": 0.2, "downlink-values": "int4",
+    "downlink-base-at-nodes": True,
 }  # fmt: skip
 # the same work per update as Flower's quickstart-style client below: train and reply (no evaluation of
 # the local test split inside train; the server evaluates each round on both sides)
@@ -119,6 +124,7 @@ def run_fedmerge(
         "round_s": [r.wall_s for r in reports],
         "merge_s": [r.merge_s for r in reports],  # last reply judged -> version committed (and evaluated)
         "bytes": [r.uplink_bytes + r.downlink_bytes for r in reports],
+        "downlink": [r.downlink_bytes for r in reports],
         "accuracy": [r.metrics.get("server-accuracy", float("nan")) for r in reports],
         "peak_rss": rss[-1],
     }
@@ -321,6 +327,11 @@ def main(argv: list[str]) -> int:
         "bytes_vs_flower_fedavg": steady(ours["bytes"]) / steady(ref["bytes"]),
         "bytes_all_rounds_vs_flower_fedavg": statistics.fmean(ours["bytes"]) / statistics.fmean(ref["bytes"]),
         "bytes_vs_flower_fedavg_all_rounds": statistics.fmean(ours["bytes"]) / statistics.fmean(ref["bytes"]),
+        # round 1's downlink replaced by the dense base to every client, as Flower's round 1 sends it
+        "bytes_all_rounds_base_sent_vs_flower_fedavg": (
+            sum(ours["bytes"]) - ours["downlink"][0] + ref["bytes"][0] / 2
+        )
+        / sum(ref["bytes"]),
         "round_time_vs_flower_fedavg": steady(ours["round_s"]) / steady(ref["round_s"]),
         "accuracy_delta_points": 100 * (ours["accuracy"][-1] - ref["accuracy"][-1]),
         "server_rss_growth_10_to_50": rss50 / rss10,

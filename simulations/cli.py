@@ -30,6 +30,12 @@ def demo(
         8, min=0, help="> 0: clients send weight matrices as rank-RANK factor pairs (truncated SVD); 0: top-k"
     ),
     downlink_rank: int = typer.Option(8, min=0, help="the same for the compressed downlink (as --rank)"),
+    send_base: bool = typer.Option(
+        False,
+        "--send-base/--base-at-nodes",
+        help="send every client the base weights in its first round; by default clients build the task's "
+        "base themselves and the server names it by weights digest (downlink-base-at-nodes)",
+    ),
     scaling: float = typer.Option(
         0.5, help="λ of the sign-consensus methods (ties, dare_ties, della): merged delta = λ · disjoint mean"
     ),
@@ -44,7 +50,9 @@ def demo(
     Clients send task vectors with error feedback, each weight matrix as its rank-8 factor pair with
     int4 values (the biases top-20 % int4); from round 2 on, a client that holds the previous version
     receives the update so encoded instead of the weights: 10.7 kB per round each way against 19 kB
-    for top-20 % int4 (``--rank 0 --downlink-rank 0``). It is the smallest point within 0.5 points of
+    for top-20 % int4 (``--rank 0 --downlink-rank 0``). The clients build the base themselves (the
+    task's pretrained model, used only when its weights digest is the one the server names), so round 1
+    sends no weights (``--send-base`` sends them). It is the smallest point within 0.5 points of
     Flower's accuracy over 20 rounds and 3 seeds (``python -m bench frontier``, bench/RESULTS.md);
     three rounds are too few to rank codecs (one run each: 0.755 at rank 8, 0.774 at rank 4, 0.777
     for top-20 % int4)."""
@@ -63,6 +71,7 @@ def demo(
         "downlink-values": downlink_values,
         "codec-rank": rank,
         "downlink-rank": downlink_rank,
+        "downlink-base-at-nodes": not send_base,
         "lr": lr,
         "local-epochs": local_epochs,
     }

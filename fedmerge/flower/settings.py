@@ -216,7 +216,8 @@ class DownlinkSettings(SettingsGroup):
     pairs when > 0, ``downlink-values`` quantisation, error feedback on the server) instead of the
     weights. ``downlink-base-at-nodes = true``: the nodes hold the base checkpoint already (their own
     copy: a node's ``base-path``, its node-state directory, or a base its ClientApp builds), so a node's
-    first message names the base by weights digest instead of carrying it; a node that holds no copy
+    first message names the store's root version by weights digest instead of carrying it (a version
+    the federation made is sent as before); a node that holds no copy
     with that digest replies ``MissingBase`` and is sent the weights in its next message (a plain
     Flower client, which reads ``"arrays"``, is such a node)."""
 

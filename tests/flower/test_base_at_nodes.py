@@ -109,24 +109,27 @@ def test_fedmerge_clients_build_the_task_base_and_nothing_is_sent_in_round_one(t
     def rounds(store: Path, **overrides: Any) -> list[Any]:
         cfg = parse_run_config(
             {"store": str(store), "task": "digits", "aggregator": "fedavg", "min-clients": 3, "min-valid": 3,
-             "num-rounds": 2, "server-eval": False, "wait-for-nodes-s": 0.0, **overrides}
+             "num-rounds": 2, "server-eval": False, "wait-for-nodes-s": 0.0, "max-retries": 0, **overrides}
         )  # fmt: skip
         grid = InProcessGrid(fedmerge_client_app, 3)
-        for node, ctx in grid.contexts.items():
-            ctx.node_config[STATE_DIR_KEY] = str(tmp_path / f"state-{store.name}-{node}")
+        for node, ctx in grid.contexts.items():  # a fresh directory per run: no files from another
+            ctx.node_config[STATE_DIR_KEY] = str(tmp_path / f"state-{len(list(tmp_path.iterdir()))}-{node}")
         BASES.clear()
         return run_server(grid, cfg)
 
     try:
         own = rounds(tmp_path / "own", **{"downlink-base-at-nodes": True})
         sent = rounds(tmp_path / "sent")
+        # a run that continues from a version the federation made sends it: nodes hold only the root
+        (continued,) = rounds(tmp_path / "own", **{"downlink-base-at-nodes": True, "num-rounds": 1})
     finally:
         BASES.clear()
-    assert all(len(r.accepted) == 3 and not r.rejected for r in own + sent)
+    assert all(len(r.accepted) == 3 and not r.rejected for r in [*own, *sent, continued])
     assert own[0].downlink_bytes == 0 and sent[0].downlink_bytes > 0
+    assert continued.downlink_bytes == sent[0].downlink_bytes  # the weights, to every node
     assert own[0].uplink_bytes == sent[0].uplink_bytes  # the same training on the same base
     with ModelStore.open(tmp_path / "own") as a, ModelStore.open(tmp_path / "sent") as b:
-        ours, theirs = a.materialize(a.get("latest")), b.materialize(b.get("latest"))
+        ours, theirs = a.materialize(str(own[-1].version_id)), b.materialize(str(sent[-1].version_id))
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
 

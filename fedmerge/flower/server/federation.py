@@ -297,10 +297,12 @@ class Federation:
     def announcements(
         self, sampled: list[int], base: Version, weights: Mapping[str, torch.Tensor]
     ) -> dict[int, str] | None:
-        """With ``downlink-base-at-nodes``: node → ``base``'s weights digest for the sampled nodes never
-        named a base by digest in this run (each node is, once: one that then replied ``MissingBase``
-        gets the weights from its next message on). None when the setting is off."""
-        if not self.cfg.downlink.base_at_nodes:
+        """With ``downlink-base-at-nodes`` and ``base`` the store's root (a version without parents: the
+        checkpoint the store was initialised from, which the nodes hold): node → its weights digest for
+        the sampled nodes never named a base by digest in this run (each node is, once: one that then
+        replied ``MissingBase`` gets the weights from its next message on). None otherwise: a version
+        the federation made reaches a node as an update of the one it holds, or as weights."""
+        if not self.cfg.downlink.base_at_nodes or base.parents:
             return None
         fresh = [node for node in sampled if node not in self.offered]
         if not fresh:
