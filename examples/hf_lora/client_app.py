@@ -93,6 +93,13 @@ def train(msg: Message, context: Context) -> Message:
         target_modules=TARGET_MODULES, lora_dropout=0.0,
     )  # fmt: skip
     peft_model = get_peft_model(model, lora)
+    if str(config.get("lora-freeze-a", False)).lower() == "true":  # this app's own run-config key
+        # federated LoRA with A frozen (FFA-LoRA, Sun et al., ICLR 2024): every node of a round draws
+        # the same A (the seed above), trains only B, so ΔW = (α/r)·B·A shares A and the mean of the
+        # nodes' ΔW is itself rank r: (α/r)·mean(B)·A — what a rank-r factor pair carries exactly
+        for name, param in peft_model.named_parameters():
+            if "lora_A" in name:
+                param.requires_grad_(False)
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad],
                                   lr=float(str(config.get("lr", 1e-3))))  # fmt: skip
     batch_size = int(str(config.get("batch-size", 8)))
