@@ -101,3 +101,50 @@ def test_example_lora_rounds_in_simulation(
     # a package carries only the adapted weights: a small fraction of the dense fp32 update of the model
     for r in reports:
         assert r.uplink_bytes < 0.03 * r.uplink_dense_bytes
+
+
+@pytest.mark.usefixtures("server_identity")
+@pytest.mark.parametrize("freeze", [True, False], ids=["a-frozen", "a-trained"])
+def test_with_a_frozen_the_nodes_updates_share_one_row_space(tmp_path: Path, freeze: bool) -> None:
+    """``lora-freeze-a`` (the example's own run-config key, FFA-LoRA): every node of a round draws
+    the same A and trains only B, so each node's ΔW = (α/r)·B_i·A lies in A's row space and the
+    nodes' updates stacked have rank r — their mean is a rank-r factor pair exactly. With A trained,
+    the stacked updates have a larger rank. One round, two nodes, on an in-process grid."""
+    import torch
+    from client_app import train as example_train
+
+    from fedmerge.codec import decode_package
+    from fedmerge.flower.config import parse_run_config
+    from fedmerge.flower.server.federation import Federation
+    from fedmerge.flower.transport import record_to_package
+    from fedmerge_simulations.secagg import InProcessGrid
+
+    store, model_dir, corpora = example_store(tmp_path)
+    replies: dict[int, Any] = {}
+    app = ClientApp()
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        i = int(context.node_config["partition-id"])
+        context.node_config.update({"model-dir": str(model_dir), "data-path": str(corpora[i])})
+        reply = example_train(message, context)
+        replies[i] = decode_package(record_to_package(reply.content)).tensors
+        return reply
+
+    cfg = parse_run_config(
+        {"store": str(store), "task": "hf_causal_lm", "mode": "lora", "aggregator": "fedavg", "num-rounds": 1,
+         "min-clients": 2, "min-valid": 2, "server-eval": False, "init-base": False, "wait-for-nodes-s": 0.0,
+         "codec-density": 1.0, "codec-values": "fp32", "lr": 0.01, "local-epochs": 2, "batch-size": 2,
+         "lora-rank": 4,
+         "lora-freeze-a": freeze}
+    )  # fmt: skip
+    with ModelStore.open(store) as st:
+        (report,) = Federation(InProcessGrid(app, 2), cfg, st).run()
+    assert len(report.accepted) == 2
+    adapted = sorted(replies[0])
+    assert adapted and all(n.endswith(("q_proj.weight", "v_proj.weight")) for n in adapted)
+    for name in adapted:
+        stacked = torch.cat([torch.as_tensor(replies[i][name]) for i in (0, 1)]).double()
+        sv = torch.linalg.svdvals(stacked)
+        rank = int((sv > 1e-4 * sv[0]).sum())
+        assert (rank == 4) if freeze else (rank > 4), (name, rank, sv[:8].tolist())
