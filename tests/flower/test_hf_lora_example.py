@@ -43,7 +43,8 @@ def shipped_codec() -> dict[str, Any]:
     """The codec keys of the example's own run config (its ``pyproject.toml``)."""
     with open(EXAMPLE / "pyproject.toml", "rb") as f:
         config = tomllib.load(f)["tool"]["flwr"]["app"]["config"]
-    keys = ("codec-density", "codec-values", "downlink-density", "downlink-values")
+    codecs = ("codec-", "downlink-")
+    keys = [prefix + k for prefix in codecs for k in ("rank", "density", "values")]
     return {k.replace("-", "_"): config[k] for k in keys}
 
 
