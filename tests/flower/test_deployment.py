@@ -5,7 +5,8 @@ Everything is generated in the test: a CA and a server certificate for 127.0.0.1
 ECDSA P-384 key pair per SuperNode (``fedmerge.flower.certs``, registered with ``flwr supernode register``),
 a temporary ``FLWR_HOME`` whose ``config.toml`` names the SuperLink connection. Free ports are taken
 from the OS. Every process started here is torn down by its pid in the fixture finalizer, pass or fail.
-``flwr`` commands are ended only when they stop making progress (``progress.py``), never at a fixed time.
+``flwr`` commands are ended only when they stop making progress (``fedmerge_testing/progress.py``),
+never at a fixed time.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from fedmerge.store import ModelStore
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from progress import run_watched, wait_until
+from fedmerge_testing.progress import run_watched, wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -7,11 +7,11 @@ repository root: a small Llama saved in that dtype by ``examples/hf_lora/make_mo
 init``, ``fedmerge certs``, ``fedmerge serve`` (TLS, node authentication), the connection and the
 registration of the three keys, three ``flower-supernode`` processes on their own ports, ``flwr run
 examples/hf_lora`` (LoRA with A frozen, FedAvg, federated evaluation after each round), ``fedmerge store
-export`` and ``from_pretrained``. The run is ended only when it stops making progress (``progress.py``:
-its output, the store, the SuperNodes' logs). Then the test checks what a user would rely on: every round
-committed with the three institutions accepted, the version's weights in the base's dtype,
-evaluations recorded, the export loading with transformers in that dtype and generating, the peft
-export matching it.
+export`` and ``from_pretrained``. The run is ended only when it stops making progress
+(``fedmerge_testing/progress.py``: its output, the store, the SuperNodes' logs). Then the test checks
+what a user would rely on: every round committed with the three institutions accepted, the version's
+weights in the base's dtype, evaluations recorded, the export loading with transformers in that dtype
+and generating, the peft export matching it.
 
 Every process of the run carries a marker in its environment; at teardown each one still alive is
 ended by its pid, pass or fail.
@@ -36,8 +36,9 @@ from fedmerge_testing.processes import end_processes
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from progress import run_watched
 from test_deployment import BIN, ROOT, deployment_env, free_port
+
+from fedmerge_testing.progress import run_watched
 
 SECTION = "## Federate your own Hugging Face model"
 SETTINGS = ("D", "PORT", "NODE_PORT", "DTYPE")

@@ -15,7 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from progress import NoProgress, run_watched, wait_until
+from fedmerge_testing.progress import NoProgress, run_watched, wait_until
 
 
 def test_a_command_that_keeps_printing_outlives_its_idle_window(tmp_path: Path) -> None:

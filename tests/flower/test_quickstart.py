@@ -157,7 +157,7 @@ def local_superlink_cleanup() -> Iterator[None]:
 def test_quickstart_with_fedmerge_server_app_under_flwr_run(
     tmp_path: Path, local_superlink_cleanup: None
 ) -> None:
-    from progress import run_watched
+    from fedmerge_testing.progress import run_watched
 
     app_dir = tmp_path / "app"
     app_dir.mkdir()
