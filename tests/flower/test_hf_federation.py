@@ -6,7 +6,7 @@ its documented settings lines are substituted — ``D=`` (a temporary folder), `
 repository root: a small Llama saved in that dtype by ``examples/hf_lora/make_model.py``, ``fedmerge
 init``, ``fedmerge certs``, ``fedmerge serve`` (TLS, node authentication), the connection and the
 registration of the three keys, three ``flower-supernode`` processes on their own ports, ``flwr run
-examples/hf_lora`` (LoRA with A frozen, FedAvg, federated evaluation after each round), ``fedmerge store
+examples/hf_lora`` (LoRA, TIES, federated evaluation after each round), ``fedmerge store
 export`` and ``from_pretrained``. The run is ended only when it stops making progress
 (``fedmerge_testing/progress.py``: its output, the store, the SuperNodes' logs). Then the test checks
 what a user would rely on: every round committed with the three institutions accepted, the version's
@@ -115,7 +115,7 @@ def check_federation(d: Path, output: str, dtype: torch.dtype, rounds: int) -> N
         versions = sorted((v for v in st.list() if v.round is not None), key=lambda v: v.round or 0)
         assert [v.round for v in versions] == list(range(1, rounds + 1)), output[-4000:] + logs_tail(d)
         for version in versions:
-            assert version.method == "fedavg"
+            assert version.method == "ties"
             accepted = sorted(c.client_id for c in version.contributors if c.accepted)
             assert accepted == ["inst-1", "inst-2", "inst-3"], version.contributors
             evaluations = evaluations_of(st, version.id)
