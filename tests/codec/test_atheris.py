@@ -1,9 +1,9 @@
 """A bounded coverage-guided fuzzing run (atheris, ``fuzz/decode_package.py``) of the package decoder:
 every input must decode or raise an InvalidSubmission; anything else makes libFuzzer exit non-zero.
 
-The fuzzer instruments every loaded function before it starts (tens of thousands: minutes on a busy
-machine), so the test waits by the fuzzer's progress — the CPU its process spends — not by a fixed
-wall-clock guess (``fedmerge_testing/progress.py``)."""
+The fuzzer instruments fedmerge's functions and compiles the decoder's kernels before the first
+input, which takes minutes on a busy machine, so the test waits by the fuzzer's progress — the CPU its
+process spends — not by a fixed wall-clock guess (``fedmerge_testing/progress.py``)."""
 
 from __future__ import annotations
 
