@@ -71,8 +71,8 @@ def test_a_node_holding_another_parent_is_told_so() -> None:
 @pytest.mark.integration
 @pytest.mark.parametrize(
     "codec",
-    [
-        {"downlink-density": 0.1},
+    [  # slow: tests/flower/test_hf_lora_example.py runs a compressed downlink in simulation by default
+        pytest.param({"downlink-density": 0.1}, marks=pytest.mark.slow),
         pytest.param({"codec-rank": 4, "downlink-rank": 4, "downlink-density": 0.2}, marks=pytest.mark.slow),
     ],
     ids=["topk", "low-rank"],
