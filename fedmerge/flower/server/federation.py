@@ -284,7 +284,7 @@ class Federation:
     bulk: BulkEndpoint | None = None  # large payloads (bulk-address); started by run() when configured
     labels: dict[int, str] = field(default_factory=dict)  # node id → the client id its replies state
     offered: set[int] = field(default_factory=set)  # nodes named a base by digest (downlink-base-at-nodes)
-    digests: dict[str, str] = field(default_factory=dict)  # version id → weights digest, as computed
+    digests: dict[str, str] = field(default_factory=dict)  # root version id → its weights digest
     _warm: bool = field(default=False, init=False)
 
     def weights_of(self, base: Version) -> StateDict:
@@ -308,12 +308,9 @@ class Federation:
         if not fresh:
             return {}
         self.offered.update(fresh)
-        digest = self.digests.get(base.id)
-        if digest is None:
-            known = self.updates.get(base.id)
-            digest = known.digest if known is not None else weights_digest(weights)
-            self.digests[base.id] = digest
-        return dict.fromkeys(fresh, digest)
+        if base.id not in self.digests:  # read once per run: the root's weights do not change
+            self.digests[base.id] = weights_digest(weights)
+        return dict.fromkeys(fresh, self.digests[base.id])
 
     def warm_up(self) -> None:
         """Load and compile the merge's code (the aggregator's numba kernels, serial and parallel, dense
