@@ -16,8 +16,8 @@ bytes) and sends no weights. The node looks for a copy with exactly that digest,
 4. a base the ClientApp builds (``build``; fedmerge's own ClientApp: its task's pretrained base).
 
 A copy counts only when its digest is the one named: a node never trains on another base. When none
-matches, :func:`find_base` says what it tried, the caller raises ``MissingBase``, and the server sends
-the weights in the node's next message.
+matches, :func:`own_copy` raises :class:`MissingBase` saying what it tried, and the server sends the
+weights in the node's next message.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 
 from fedmerge.delta.hf import HFModelError, load_hf_state_dict
 from fedmerge.delta.state_dict import StateDict
-from fedmerge.errors import ConfigError
+from fedmerge.errors import ConfigError, FedMergeError
 from fedmerge.flower.client.node_state import BASES, NodeFiles, NodeStateError, node_files, unpack_tensors
 from fedmerge.flower.downlink import weights_digest
 
@@ -42,6 +42,10 @@ BASE_PATH_KEY = "base-path"  # node config: the node's copy of the base checkpoi
 # base-path → (its files' (path, size, mtime) when read, their digest): a checkpoint is read again
 # only when it changed, so a node whose copy is another model learns so once per process
 _PATH_DIGESTS: dict[str, tuple[tuple[tuple[str, int, int], ...], str]] = {}
+
+
+class MissingBase(FedMergeError, RuntimeError):
+    """The node was asked to train on a base version whose weights it does not hold."""
 
 
 @dataclass(frozen=True)
@@ -125,3 +129,20 @@ def find_base(
             return FoundBase(built, None, "the ClientApp's own base"), tried
         tried.append(f"the ClientApp's own base has weights digest {found[:12]}…")
     return None, tried
+
+
+def own_copy(
+    digest: str,
+    version_id: str,
+    node_config: Mapping[str, Any],
+    build: Callable[[], Mapping[str, torch.Tensor]] | None = None,
+) -> FoundBase:
+    """:func:`find_base`, or :class:`MissingBase` naming base ``version_id`` and what was tried."""
+    found, tried = find_base(digest, node_config, build)
+    if found is None:
+        raise MissingBase(
+            f"the server names base {version_id!r} by weights digest {digest[:12]}… "
+            f"(downlink-base-at-nodes) but this node holds no copy of it ({'; '.join(tried)}); it sends "
+            "the weights in the next round"
+        )
+    return found

@@ -63,7 +63,7 @@ from fedmerge.flower.client.bulk import (
     download_base,
     upload_package,
 )
-from fedmerge.flower.client.local_base import BASE_DIGEST_KEY, find_base, verified_base_file
+from fedmerge.flower.client.local_base import BASE_DIGEST_KEY, MissingBase, own_copy, verified_base_file
 from fedmerge.flower.client.node_state import (
     BASES,
     NodeStateError,
@@ -217,10 +217,6 @@ def training_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-class MissingBase(FedMergeError, RuntimeError):
-    """The node was asked to train on a base version whose weights it does not hold."""
-
-
 def resolve_base(
     content: RecordDict,
     context: Context,
@@ -332,15 +328,8 @@ def take_own_base(
     build: Callable[[], Mapping[str, torch.Tensor]] | None = None,
 ) -> None:
     """Hold the node's own copy of base ``version_id``, whose weights digest the server named
-    (:func:`~fedmerge.flower.client.local_base.find_base`). :class:`MissingBase` with what was tried
-    when the node has no copy with that digest: the server sends the weights in its next message."""
-    found, tried = find_base(digest, context.node_config, build)
-    if found is None:
-        raise MissingBase(
-            f"the server names base {version_id!r} by weights digest {digest[:12]}… "
-            f"(downlink-base-at-nodes) but this node holds no copy of it ({'; '.join(tried)}); it sends "
-            "the weights in the next round"
-        )
+    (:func:`~fedmerge.flower.client.local_base.own_copy`: :class:`MissingBase` when it has none)."""
+    found = own_copy(digest, version_id, context.node_config, build)
     keep_base(context, found.tensors, version_id, version_hash, digest=digest, packed=found.packed)
 
 
