@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from peft import get_peft_model_state_dict
 
 from fedmerge.delta.state_dict import StateDict, TaskVector, task_vector
 from fedmerge.errors import ConfigError
@@ -86,6 +85,8 @@ def local_round(
                 model, data, lora_rank, lora_alpha, epochs=epochs, lr=lr, batch_size=batch_size,
                 generator=generator, device=device,
             )  # fmt: skip
+            from peft import get_peft_model_state_dict  # peft (and transformers) load only for LoRA rounds
+
             adapter = _cpu(get_peft_model_state_dict(peft_model))
             trained = peft_model.merge_and_unload()
         delta = task_vector(base, _cpu(trained.state_dict()))

@@ -13,11 +13,10 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor, nn
 
 from fedmerge.delta.fisher import diagonal_fisher
@@ -32,6 +31,9 @@ from fedmerge.tasks.training import (
     torch_threads,
 )
 from fedmerge_simulations.partition import partition
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 
 @dataclass
@@ -179,6 +181,8 @@ class SupervisedTask(ABC):
         """
         if rank < 1 or alpha <= 0:
             raise ConfigError(f"LoRA rank must be ≥ 1 and alpha > 0, got rank={rank}, alpha={alpha}")
+        from peft import LoraConfig, get_peft_model  # peft (and transformers) load only for LoRA rounds
+
         config = LoraConfig(
             r=rank,
             lora_alpha=alpha,  # type: ignore[arg-type]  # annotated int; peft computes alpha / r in float

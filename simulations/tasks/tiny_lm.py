@@ -21,16 +21,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from fedmerge.tasks.training import fit, seed_from
 from fedmerge_simulations.tasks.base import Split, SupervisedTask
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig
 
 PAD, BOS, SEP, EOS = 0, 1, 2, 3
 TASK_TOKEN0 = 4  # instruction tokens 4 … 15
@@ -118,6 +121,8 @@ class TinyLMTask(SupervisedTask):
         return CLIENT_TASKS
 
     def config(self) -> LlamaConfig:
+        from transformers import LlamaConfig  # transformers loads only when this task builds a model
+
         return LlamaConfig(
             vocab_size=VOCAB_SIZE,
             hidden_size=64,
@@ -152,6 +157,8 @@ class TinyLMTask(SupervisedTask):
         return self._splits[2]
 
     def _init_model(self) -> nn.Module:
+        from transformers import AutoModelForCausalLM
+
         return AutoModelForCausalLM.from_config(self.config())
 
     def _reinit(self, model: nn.Module, generator: torch.Generator) -> None:

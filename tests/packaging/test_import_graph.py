@@ -15,6 +15,7 @@
 * nothing under ``fedmerge/flower/client/`` imports from ``fedmerge/flower/server/`` or any other
   server-side package (a folder rule on the source);
 * a ClientApp process loads no server-side module (round engine, aggregators, store, intake service);
+* neither app loads peft or transformers at start-up (only a LoRA round or a Hugging Face task does);
 * every package folder is listed in ``[tool.setuptools] packages``, and nothing is installed under a
   generic top-level name.
 """
@@ -253,3 +254,14 @@ def test_every_package_folder_is_installed_under_the_project_name() -> None:
         found.add(".".join([mapping.get(parts[0], parts[0]), *parts[1:]]))
     assert found == listed, f"missing: {sorted(found - listed)}, stale: {sorted(listed - found)}"
     assert all(name.split(".")[0].startswith("fedmerge") for name in listed)
+
+
+def test_the_apps_start_without_peft_or_transformers() -> None:
+    """Every Ray worker of a simulation imports the ClientApp; peft pulls in transformers (about 3 s
+    on 2 cores), so both load only when a LoRA round or a Hugging Face task needs them."""
+    code = (
+        "import sys, fedmerge_clients.app, fedmerge_server.app\n"
+        "print(sorted(m for m in ('peft', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", f"the apps import {out.strip()} at start-up"
