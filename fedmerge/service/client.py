@@ -28,7 +28,6 @@ from typing import BinaryIO, TypeVar
 
 import grpc
 
-from fedmerge.delta.hf import is_hf_model_dir
 from fedmerge.errors import FedMergeError
 from fedmerge.v1 import intake_pb2, intake_pb2_grpc
 
@@ -168,6 +167,8 @@ def detect_format(path: Path) -> str:
     if path.is_dir():
         if (path / "adapter_config.json").is_file():
             return "peft_tar"
+        from fedmerge.delta.hf import is_hf_model_dir  # torch loads only for a directory's checks
+
         if is_hf_model_dir(path):
             return "checkpoint"
         raise ServiceCallError(

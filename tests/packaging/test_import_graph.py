@@ -15,7 +15,8 @@
 * nothing under ``fedmerge/flower/client/`` imports from ``fedmerge/flower/server/`` or any other
   server-side package (a folder rule on the source);
 * a ClientApp process loads no server-side module (round engine, aggregators, store, intake service);
-* neither app loads peft or transformers at start-up (only a LoRA round or a Hugging Face task does);
+* neither app loads peft or transformers at start-up (only a LoRA round or a Hugging Face task does),
+  and the intake's client library loads no torch;
 * every package folder is listed in ``[tool.setuptools] packages``, and nothing is installed under a
   generic top-level name.
 """
@@ -265,3 +266,10 @@ def test_the_apps_start_without_peft_or_transformers() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", f"the apps import {out.strip()} at start-up"
+
+
+def test_the_intake_client_starts_without_torch() -> None:
+    """Submitting a file to the intake service needs grpc, not torch (1.3 s of start-up per process)."""
+    code = "import sys, fedmerge.service.client\nprint('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False", "fedmerge.service.client imports torch at start-up"
