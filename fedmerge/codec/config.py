@@ -40,6 +40,8 @@ class CodecConfig:
     - ``rank``: 0 = off; r ≥ 1 sends every 2-D tensor whose rank-r factor pair holds at most half its
       entries as that pair (:mod:`fedmerge.codec.low_rank`: the truncated SVD, P ‖ Q quantised with
       ``values``) instead of sparsifying it; other tensors go through ``sparsify`` as usual.
+    - ``deflate``: send the serialized package as one DEFLATE stream when that is smaller
+      (:mod:`fedmerge.codec.container`; every decoder reads both forms).
     """
 
     sparsify: Sparsify = "topk"
@@ -53,6 +55,7 @@ class CodecConfig:
     min_sparse_numel: int = 0
     seed: int = 0
     rank: int = 0
+    deflate: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("sparsify", self.sparsify, Sparsify)
@@ -81,6 +84,8 @@ class CodecConfig:
             raise ConfigError(
                 f"CodecConfig.rank must be an int in [0, {MAX_RANK}] (0 = no factor pairs), got {self.rank!r}"
             )
+        if not isinstance(self.deflate, bool):
+            raise ConfigError(f"CodecConfig.deflate must be true or false, got {self.deflate!r}")
         if self.sparsify == "randomk" and self.scope == "global":
             raise ConfigError(
                 "CodecConfig.scope='global' applies to topk only; random-k is independent per entry, "

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from google.protobuf.message import DecodeError
 
-from fedmerge.codec import checksum, index_coding, low_rank, quantize, sparsify, validate
+from fedmerge.codec import checksum, container, index_coding, low_rank, quantize, sparsify, validate
 from fedmerge.codec.config import CodecConfig
 from fedmerge.codec.error_feedback import check_residual, corrected, residual_after
 from fedmerge.codec.errors import (
@@ -219,6 +219,8 @@ def encode_package(
         if checksum.folds(td):
             td.ClearField("checksum")
     data = pkg.SerializeToString()
+    if config.deflate:
+        data = container.deflated(data)
     return EncodeResult(data, new_residual, _report(pkg, partial, len(data)))
 
 
@@ -402,8 +404,12 @@ def read_headers(
 ) -> tuple[delta_pb2.DeltaPackage, PackageMeta, list[validate.TensorHeader]]:
     """Steps 1–5 of validation only: the parsed package, its metadata and every tensor header with
     its declared shape, checked against ``limits`` and the payload lengths — no payload is decoded and
-    nothing proportional to a declared size is allocated (callers compare the headers with the base)."""
+    nothing proportional to a declared size is allocated (callers compare the headers with the base).
+    A deflated package (:mod:`fedmerge.codec.container`) is inflated first, within ``limits``."""
     validate.check_package_size(len(data), limits)
+    if container.is_deflated(data):
+        data = container.inflated(data, limits.max_package_bytes)
+        validate.check_package_size(len(data), limits)
     pkg = delta_pb2.DeltaPackage()
     try:
         pkg.ParseFromString(data)

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping
 import torch
 from google.protobuf.message import DecodeError
 
-from fedmerge.codec import checksum, validate
+from fedmerge.codec import checksum, container, validate
 from fedmerge.codec.errors import ChecksumMismatch, MalformedPackage
 from fedmerge.codec.package import DecodedPackage, _decode_tensor, _meta_of, check_format_version
 from fedmerge.delta.rules import StaleOrInvalid, check_package_base
@@ -79,6 +79,13 @@ class PackageReader:
         self.buf = memoryview(buffer)  # type: ignore[arg-type]
         self._map = buffer if isinstance(buffer, mmap.mmap) else None
         validate.check_package_size(len(self.buf), limits)
+        if container.is_deflated(self.buf):  # at most container.MAX_INFLATED_BYTES, read in memory
+            view, self._map = self.buf, None
+            try:
+                self.buf = memoryview(container.inflated(view, limits.max_package_bytes))
+            finally:
+                view.release()  # the caller may close its memory map
+            validate.check_package_size(len(self.buf), limits)
         header = bytearray()
         self.spans: list[tuple[int, int]] = []  # the bytes of each TensorDelta (after tag and length)
         for number, wire, start, end in _fields(self.buf):

@@ -174,14 +174,16 @@ class ServerOptSettings(SettingsGroup):
         return []
 
 
-def _codec(density: float, values: str, rank: int, *, error_feedback: bool) -> CodecConfig:
-    """Top-k at ``density`` (dense at 1), ``values``, factor pairs at ``rank`` (0 = none)."""
+def _codec(density: float, values: str, rank: int, *, error_feedback: bool, deflate: bool) -> CodecConfig:
+    """Top-k at ``density`` (dense at 1), ``values``, factor pairs at ``rank`` (0 = none), the package
+    deflated when that makes it smaller."""
     return CodecConfig(
         sparsify="topk" if density < 1.0 else "none",
         density=density,
         values=values,  # type: ignore[arg-type]  # CodecConfig checks it
         error_feedback=error_feedback,
         rank=rank,
+        deflate=deflate,
     )
 
 
@@ -189,17 +191,21 @@ def _codec(density: float, values: str, rank: int, *, error_feedback: bool) -> C
 class CodecSettings(SettingsGroup):
     """How clients compress their updates (``codec-*``): top-k at ``codec-density`` (1 = dense) with
     ``codec-values`` quantisation, with or without error feedback; ``codec-rank`` > 0 sends 2-D tensors
-    as rank-``codec-rank`` factor pairs instead (:mod:`fedmerge.codec.low_rank`)."""
+    as rank-``codec-rank`` factor pairs instead (:mod:`fedmerge.codec.low_rank`); ``codec-deflate``
+    sends each package as one DEFLATE stream when that is smaller (:mod:`fedmerge.codec.container`)."""
 
     PREFIX = "codec-"
     density: float = 0.1
     values: str = "int8"
     error_feedback: bool = True
     rank: int = 0
+    deflate: bool = True
 
     def config(self) -> CodecConfig:
         """The codec clients use (:class:`ConfigError` for an invalid density or value format)."""
-        return _codec(self.density, self.values, self.rank, error_feedback=self.error_feedback)
+        return _codec(
+            self.density, self.values, self.rank, error_feedback=self.error_feedback, deflate=self.deflate
+        )
 
     def problems(self) -> list[str]:
         try:
@@ -213,18 +219,20 @@ class CodecSettings(SettingsGroup):
 class DownlinkSettings(SettingsGroup):
     """What the server sends clients (``downlink-*``): ``downlink-density`` < 1 or ``downlink-rank`` > 0
     sends the compressed update (top-k at that density, 2-D tensors as rank-``downlink-rank`` factor
-    pairs when > 0, ``downlink-values`` quantisation, error feedback on the server) instead of the
-    weights. ``downlink-base-at-nodes = true``: the nodes hold the base checkpoint already (their own
-    copy: a node's ``base-path``, its node-state directory, or a base its ClientApp builds), so a node's
-    first message names the store's root version by weights digest instead of carrying it (a version
-    the federation made is sent as before); a node that holds no copy
-    with that digest replies ``MissingBase`` and is sent the weights in its next message (a plain
-    Flower client, which reads ``"arrays"``, is such a node)."""
+    pairs when > 0, ``downlink-values`` quantisation, error feedback on the server; with
+    ``downlink-deflate`` the package is deflated when that is smaller) instead of the weights.
+    ``downlink-base-at-nodes = true``: the nodes hold the base checkpoint already (their own copy: a
+    node's ``base-path``, its node-state directory, or a base its ClientApp builds), so a node's first
+    message names the store's root version by weights digest instead of carrying it (a version the
+    federation made is sent as before); a node that holds no copy with that digest replies
+    ``MissingBase`` and is sent the weights in its next message (a plain Flower client, which reads
+    ``"arrays"``, is such a node)."""
 
     PREFIX = "downlink-"
     density: float = 1.0
     values: str = "int8"
     rank: int = 0
+    deflate: bool = True
     base_at_nodes: bool = False
 
     @property
@@ -234,7 +242,7 @@ class DownlinkSettings(SettingsGroup):
 
     def config(self) -> CodecConfig:
         """The server's downlink codec (:class:`ConfigError` for invalid settings)."""
-        return _codec(self.density, self.values, self.rank, error_feedback=True)
+        return _codec(self.density, self.values, self.rank, error_feedback=True, deflate=self.deflate)
 
     def problems(self) -> list[str]:
         out = []

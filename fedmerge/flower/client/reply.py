@@ -173,6 +173,7 @@ class TrainInstructions:
                 values=get("codec-values"),
                 error_feedback=bool(get("codec-error-feedback")),
                 rank=int(conf.get("codec-rank", 0)),
+                deflate=bool(conf.get("codec-deflate", False)),
             ),
             fisher_examples=int(conf.get("fisher-examples", 0)),
             test_metrics=bool(conf.get("client-test-metrics", True)),
@@ -679,6 +680,7 @@ def fedmerge_reply(
         values=conf.get("codec-values", "int8"),
         error_feedback=bool(conf.get("codec-error-feedback", True)),
         rank=int(conf.get("codec-rank", 0)),
+        deflate=bool(conf.get("codec-deflate", False)),
     )
     meta = PackageMeta(
         client_id=client_id or client_id_of(context),

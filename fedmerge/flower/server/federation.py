@@ -150,6 +150,7 @@ def fedmerge_config(cfg: RunConfig, round_: int, base: Version) -> ConfigRecord:
             "codec-values": codec.values,
             "codec-error-feedback": codec.error_feedback,
             "codec-rank": codec.rank,
+            "codec-deflate": codec.deflate,
             **FaultPlan(cfg.faults.dropout, cfg.faults.straggler, cfg.faults.straggler_delay_s).to_record(),
             **dp_train_keys(cfg),
             # > 0: reply with the diagonal Fisher of the fine-tuned model beside the delta
