@@ -3,7 +3,8 @@
 
     python fuzz/decode_package.py -max_total_time=600 [corpus_dir]
 
-The seed inputs are valid packages (dense, top-k, int8, int4, fp16, bf16, random-k, factor pairs) for a small
+The seed inputs are valid packages (dense, top-k, int8, int4, fp16, bf16, random-k, factor pairs, one
+deflated) for a small
 reference model; atheris mutates them with coverage feedback, and
 re-signs each mutant's checksums so it reaches the validation behind them. Coverage comes from
 fedmerge's own functions.
@@ -43,6 +44,7 @@ def seeds() -> list[bytes]:
         CodecConfig(density=0.5, values="bf16"),
         CodecConfig(sparsify="randomk", density=0.2, values="int8"),
         CodecConfig(rank=3, density=0.3, values="int4"),  # low-rank factor pairs (format 3)
+        CodecConfig(density=0.3, values="int4", deflate=True),  # one DEFLATE stream (codec.container)
     ]
     return [encode_package(delta, c, meta=meta).data for c in configs]
 

@@ -36,6 +36,13 @@ _SEEDS = [
         CodecConfig(rank=2, sparsify="none", values="fp32"),
     )
 ]
+_DEFLATED = [  # the same kind of packages as one DEFLATE stream (fedmerge.codec.container)
+    encode_package(_DELTA, cfg, meta=_META).data
+    for cfg in (
+        CodecConfig(density=0.2, values="int4", deflate=True),
+        CodecConfig(rank=3, density=0.3, values="int4", deflate=True),  # a factor pair (format 3)
+    )
+]
 _LIMITS = DecodeLimits(max_tensor_numel=1 << 20, max_total_numel=1 << 22)
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -52,7 +59,10 @@ def test_random_bytes(data: bytes) -> None:
 
 
 @FUZZ
-@given(st.sampled_from(_SEEDS), st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 255)), max_size=8))
+@given(
+    st.sampled_from(_SEEDS + _DEFLATED),
+    st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 255)), max_size=8),
+)
 def test_mutated_packages(seed: bytes, edits: list[tuple[int, int]]) -> None:
     data = bytearray(seed)
     for pos, byte in edits:
@@ -61,7 +71,7 @@ def test_mutated_packages(seed: bytes, edits: list[tuple[int, int]]) -> None:
 
 
 @FUZZ
-@given(st.sampled_from(_SEEDS), st.integers(0, 1 << 16))
+@given(st.sampled_from(_SEEDS + _DEFLATED), st.integers(0, 1 << 16))
 def test_truncated_packages(seed: bytes, cut: int) -> None:
     _decode(seed[: cut % len(seed)])
 
@@ -104,6 +114,8 @@ def test_resigned_header_and_payload_mutations(
     _decode(pkg.SerializeToString())
 
 
-@pytest.mark.parametrize("seed", range(len(_SEEDS)))
+@pytest.mark.parametrize("seed", range(len(_SEEDS) + len(_DEFLATED)))
 def test_seed_packages_decode(seed: int) -> None:
-    assert set(decode_package(_SEEDS[seed], limits=_LIMITS).tensors) == set(_DELTA)
+    data = (_SEEDS + _DEFLATED)[seed]
+    assert data[:1] == (b"\x00" if seed >= len(_SEEDS) else b"\x08")  # deflated; format_version's tag
+    assert set(decode_package(data, limits=_LIMITS).tensors) == set(_DELTA)
