@@ -10,10 +10,11 @@ The **dense LoRA exchange** the compressed one is compared with (:data:`DENSE`, 
 invocation): every node sends the dense fp32 ΔW = (α/r)·B·A of the adapted weights — the update the
 server merges (in product space: fedmerge merges ΔW, not the factors) — and would receive the merged
 update of the same tensors, dense fp32, the same size. Its uplink is measured (a ``sparsify = none``,
-fp32 package: every adapted weight, 16 bytes of framing per tensor beside the values); its downlink is
-counted as the same bytes (this leg receives full weights every round instead: ``downlink-density =
-1.0``, which would compare the compressed downlink with the whole model, not with LoRA). The base
-weights each node receives once in round 1 (both legs alike) are reported apart, not in the ratio.
+fp32 package, not deflated: every adapted weight, 16 bytes of framing per tensor beside the values);
+its downlink is counted as the same bytes (this leg receives full weights every round instead:
+``downlink-density = 1.0``, which would compare the compressed downlink with the whole model, not
+with LoRA). The base weights each node receives once in round 1 (both legs alike) are reported apart,
+not in the ratio.
 """
 
 from __future__ import annotations
@@ -30,8 +31,11 @@ from typing import Any
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "hf_lora"
 NODES = 3
-# the dense LoRA exchange: the adapted weights' ΔW in fp32 up (and, counted, down); full weights down
-DENSE: dict[str, Any] = {"codec-density": 1.0, "codec-values": "fp32", "downlink-density": 1.0}
+# the dense LoRA exchange: the adapted weights' ΔW in fp32 up (and, counted, down), as they are (not
+# deflated); full weights down
+DENSE: dict[str, Any] = {
+    "codec-density": 1.0, "codec-values": "fp32", "codec-deflate": False, "downlink-density": 1.0,
+}  # fmt: skip
 
 
 def example_config() -> dict[str, Any]:

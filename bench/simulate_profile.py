@@ -30,7 +30,9 @@ from typing import Any
 from fedmerge_bench.rounds import ALPHA, CLIENT_WORK, CODEC, SEED, WORKLOADS
 from fedmerge_bench.timing import load_average
 
-DENSE: dict[str, Any] = {"codec-density": 1.0, "codec-values": "fp32", "downlink-density": 1.0}
+DENSE: dict[str, Any] = {
+    "codec-density": 1.0, "codec-values": "fp32", "codec-deflate": False, "downlink-density": 1.0,
+}  # fmt: skip
 # (label, path fragment, function name): cumulative time of these functions
 PHASES: list[tuple[str, str, str]] = [
     ("ClientApp train (all)", "clients/app.py", "train_reply"),
