@@ -130,3 +130,32 @@ def test_base_weights_then_fedmerge_reply_apply_a_downlink_update_once() -> None
     assert RESIDUAL_RECORD in ctx.state and sorted(load_residual(ctx) or {}) == ["q"]
     again = resolve_base(msg.content, ctx, "v2", "h2")  # a third look: still the held version
     assert weights_digest(again) == weights_digest(child)
+
+
+@pytest.mark.usefixtures("run_identity")
+@pytest.mark.parametrize("deflate", [True, False])
+def test_deflated_downlink_is_applied_and_the_reply_deflated_as_the_message_asks(deflate: bool) -> None:
+    """``downlink-deflate``: the node rebuilds the version from a deflated update; ``codec-deflate`` in
+    ``"fedmerge.config"``: the reply is one DEFLATE stream (fedmerge.codec.container), else as it is."""
+    import hashlib
+    from dataclasses import replace
+
+    from fedmerge.codec import container
+
+    weights, update = lora_like()
+    ctx = _context()
+    base_weights(_train_message("v1", "h1", 1, **{ARRAYS_RECORD: ArrayRecord(weights)}), ctx)
+    meta = replace(META, base_version_hash=hashlib.sha256(b"v1").hexdigest())  # a store's: 64 hex digits
+    package, applied, _ = compress_update(update, None, replace(CODEC, deflate=deflate), meta)
+    assert container.is_deflated(package) == deflate
+    child = apply_weights(weights, applied)
+    update_meta = ConfigRecord({"parent-version-id": "v1", "digest": weights_digest(child)})
+    msg = _train_message("v2", "h2", 2, **{UPDATE_RECORD: package_to_record(package)[RECORD_KEY],
+                                            UPDATE_META_RECORD: update_meta})  # fmt: skip
+    msg.content.config_records[FEDMERGE_RECORD]["codec-deflate"] = deflate
+    base = base_weights(msg, ctx)
+    assert weights_digest(base) == weights_digest(child)
+    trained = {k: v + 1e-2 for k, v in base.items()}
+    data = record_to_package(fedmerge_reply(msg, ctx, trained, num_examples=4).content)
+    assert container.is_deflated(data) == deflate
+    assert sorted(decode_package(data).tensors) == sorted(weights)
