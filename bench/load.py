@@ -56,6 +56,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from fedmerge_bench._load_round import run_round
+
 ROOT = Path(__file__).resolve().parents[1]
 # the base model: 61 696 fp32 parameters, so a full fine-tuned checkpoint is 247 080 bytes
 BASE_SHAPES: dict[str, tuple[int, ...]] = {
@@ -544,87 +546,6 @@ def run_intake_load(cfg: LoadConfig, work: Path, console: Console | None = None)
     )
 
 
-# ------------------------------------------------------------------------------------ the round
-
-
-def fedmerge_round(clients: int, store: Path) -> dict[str, Any]:
-    """One fedmerge round over ``clients`` simulated SuperNodes (same task/training as bench/rounds.py)."""
-    from fedmerge.flower.simulation import ServerAppFactory, run_simulation_app
-    from fedmerge_bench.rounds import ALPHA, SEED, WORKLOADS, peak_rss_bytes
-
-    LR, EPOCHS = WORKLOADS["digits"]
-    from fedmerge.flower.server.commit import RoundReport
-    from fedmerge.store import ModelStore
-
-    reports: list[RoundReport] = []
-    config = {
-        "store": str(store), "num-rounds": 1, "min-clients": clients, "min-valid": 1, "max-retries": 0,
-        "aggregator": "fedavg", "codec-density": 0.1, "codec-values": "int8", "lr": LR,
-        "local-epochs": EPOCHS, "dirichlet-alpha": ALPHA, "seed": SEED, "downlink-density": 0.1,
-        "round-deadline-s": 900.0, "wait-for-nodes-s": 300.0,
-    }  # fmt: skip
-    t0 = time.perf_counter()
-    run_simulation_app(
-        ServerAppFactory("fedmerge_server.app:make_server_app"),
-        "fedmerge_clients.app:app",
-        num_supernodes=clients,
-        run_config=config,
-        on_report=reports.append,
-    )
-    simulation_s = time.perf_counter() - t0
-    if not reports:
-        raise RuntimeError("the fedmerge ServerApp ran no round (see the Flower log above)")
-    report = reports[-1]
-    with ModelStore.open(store) as st:
-        latest = st.get("latest")
-        in_manifest = sum(c.accepted for c in latest.contributors)
-        listed = len(latest.contributors)
-        ok = st.verify().ok and latest.id == report.version_id and latest.round == 1
-    return {
-        "round_s": report.wall_s,
-        "simulation_s": simulation_s,
-        "accepted": len(report.accepted),
-        "rejected": [f"{o.client_id}: {o.reason}" for o in report.rejected][:10],
-        "version": report.version_id,
-        "manifest_accepted": in_manifest,
-        "manifest_contributors": listed,
-        "store_ok": ok,
-        "accuracy": report.metrics.get("server-accuracy", float("nan")),
-        "peak_rss": peak_rss_bytes(),
-    }
-
-
-def _round_child(clients: int, work: Path) -> dict[str, Any]:
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.load", "--round-child", str(clients), str(work / "round-store")],
-        capture_output=True, text=True, env=env, check=False, cwd=ROOT,
-    )  # fmt: skip
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"fedmerge round failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return dict(json.loads(lines[-1]))
-
-
-def run_round(clients: int, work: Path, console: Console | None = None) -> dict[str, Any]:
-    """The fedmerge round and the Flower FedAvg reference (``bench.rounds.child``), same run."""
-    from fedmerge_bench.rounds import child
-
-    say = console.log if console is not None else (lambda *a, **k: None)
-    os.environ.setdefault("FLWR_HOME", str(work / "flwr-home"))
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
-    say(f"fedmerge round over {clients} simulated SuperNodes")
-    t0 = time.perf_counter()
-    ours = _round_child(clients, work)
-    ours["total_s"] = time.perf_counter() - t0
-    say(f"Flower FedAvg round over {clients} simulated SuperNodes")
-    t0 = time.perf_counter()
-    ref = child("flower", clients, 1)
-    ref["total_s"] = time.perf_counter() - t0
-    return {"fedmerge": ours, "flower": ref}
-
-
 # ------------------------------------------------------------------------------------ report
 
 
@@ -737,13 +658,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--skip-intake", action="store_true")
     ap.add_argument("--skip-round", action="store_true")
     ap.add_argument("--client", type=Path, help=argparse.SUPPRESS)
-    ap.add_argument("--round-child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.client is not None:
         return client_process(args.client)
-    if args.round_child:
-        print(json.dumps(fedmerge_round(int(args.round_child[0]), Path(args.round_child[1]))))
-        return 0
     console = Console()
     cfg = LoadConfig(
         clients=args.clients,
