@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from fedmerge.codec import CodecConfig
+from fedmerge.codec import CodecConfig, container
 from fedmerge.codec.checksum import package_checksum, tensor_checksum
 from fedmerge.v1 import delta_pb2
 
@@ -32,12 +32,15 @@ def resign(pkg: delta_pb2.DeltaPackage) -> None:
 
 
 def mutate(data: bytes, edit: Callable[[delta_pb2.DeltaPackage], None], *, sign: bool = True) -> bytes:
-    """Parse ``data``, apply ``edit``, re-sign (unless ``sign`` is False) and serialize."""
-    pkg = delta_pb2.DeltaPackage.FromString(data)
+    """Parse ``data``, apply ``edit``, re-sign (unless ``sign`` is False) and serialize; a deflated
+    package (``fedmerge.codec.container``) is edited inside and deflated again, as its sender would."""
+    deflated = container.is_deflated(data)
+    pkg = delta_pb2.DeltaPackage.FromString(container.inflated(data, container.MAX_INFLATED_BYTES))
     edit(pkg)
     if sign:
         resign(pkg)
-    return pkg.SerializeToString()
+    out = pkg.SerializeToString()
+    return container.deflated(out) if deflated else out
 
 
 def seeded_bytes(name: str, size: int) -> bytes:

@@ -21,7 +21,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedmerge.codec import decode_package
+from fedmerge.codec import container, decode_package
 from fedmerge.codec.checksum import package_checksum, tensor_checksum
 from fedmerge.store import ModelStore
 from fedmerge.v1 import delta_pb2
@@ -135,7 +135,7 @@ def _mutated(data: bytes, draw: Any) -> bytes:
         return bytes(out)
     if kind == "truncate":
         return data[: draw(st.integers(0, len(data)))]
-    pkg = delta_pb2.DeltaPackage.FromString(data)
+    pkg = delta_pb2.DeltaPackage.FromString(container.inflated(data, container.MAX_INFLATED_BYTES))
     td = pkg.tensors[draw(st.integers(0, len(pkg.tensors) - 1))]
     if kind == "tensor-field":
         name = draw(st.sampled_from(_FIELDS))
