@@ -1,5 +1,7 @@
-"""``python -m bench hostile [--quick]``: the hostile-input corpus (``fedmerge_testing/hostile/``) against
-both entry points, and ``docs/hostile-input.md``, its table (one row per case × entry point).
+"""``python -m bench hostile [--quick] [--write-docs]``: the hostile-input corpus
+(``fedmerge_testing/hostile/``) against both entry points; ``--write-docs`` rewrites
+``docs/hostile-input.md``, its table (one row per case × entry point; ``--out PATH`` writes it
+elsewhere).
 
 - Flower: one simulation round (Flower's simulation engine, Ray) with one hostile ClientApp per case
   beside two synthetic honest clients and one real training client (skipped by ``--quick``), and every
@@ -247,7 +249,8 @@ def render(rows: Sequence[Outcome], totals: dict[str, Any], command: str, notes:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench hostile")
     parser.add_argument("--quick", action="store_true", help="skip the Flower simulation (direct judge only)")
-    parser.add_argument("--out", type=Path, default=DOC, help="where to write the Markdown table")
+    parser.add_argument("--write-docs", action="store_true", help=f"write the Markdown table to {DOC.name}")
+    parser.add_argument("--out", type=Path, default=None, help="write the Markdown table there instead")
     parser.add_argument("--deadline-s", type=float, default=60.0, help="simulation round deadline")
     parser.add_argument("--stall-s", type=float, default=3.0, help="how long the intake stalls are watched")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -290,9 +293,11 @@ def main(argv: list[str]) -> int:
     command = "python -m bench hostile" + (" --quick" if args.quick else "")
     if args.deadline_s != parser.get_default("deadline_s"):
         command += f" --deadline-s {args.deadline_s:g}"  # a loaded machine needs a longer round
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(render(rows, totals, command, notes))
-    print(f"wrote {args.out} ({len(rows)} rows)", file=sys.stderr)
+    out = args.out if args.out is not None else (DOC if args.write_docs else None)
+    if out is not None:  # the tracked table only when asked (--write-docs)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(render(rows, totals, command + (" --write-docs" if out == DOC else ""), notes))
+        print(f"wrote {out} ({len(rows)} rows)", file=sys.stderr)
     result = {
         "benchmark": "hostile",
         "quick": args.quick,
