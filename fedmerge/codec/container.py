@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import zlib
 
+from fedmerge.codec import validate
 from fedmerge.codec.errors import DeclaredSizeTooLarge, MalformedPackage
 
 MAGIC = b"\x00\x01"
@@ -73,3 +74,14 @@ def inflated(data: bytes | bytearray | memoryview, max_bytes: int) -> bytes:
             f"deflated package has {len(unpacker.unused_data)} bytes after its DEFLATE stream; resend it"
         )
     return out
+
+
+def opened(data: bytes | bytearray | memoryview, limits: validate.DecodeLimits) -> bytes | None:
+    """A decoder's first step: ``data``'s size checked against ``limits``; None when it is not deflated,
+    else the package inside (:func:`inflated` within ``limits.max_package_bytes``), its size checked too."""
+    validate.check_package_size(len(data), limits)
+    if not is_deflated(data):
+        return None
+    inside = inflated(data, limits.max_package_bytes)
+    validate.check_package_size(len(inside), limits)
+    return inside

@@ -406,10 +406,9 @@ def read_headers(
     its declared shape, checked against ``limits`` and the payload lengths — no payload is decoded and
     nothing proportional to a declared size is allocated (callers compare the headers with the base).
     A deflated package (:mod:`fedmerge.codec.container`) is inflated first, within ``limits``."""
-    validate.check_package_size(len(data), limits)
-    if container.is_deflated(data):
-        data = container.inflated(data, limits.max_package_bytes)
-        validate.check_package_size(len(data), limits)
+    inside = container.opened(data, limits)
+    if inside is not None:
+        data = inside
     pkg = delta_pb2.DeltaPackage()
     try:
         pkg.ParseFromString(data)

@@ -78,14 +78,14 @@ class PackageReader:
     def __init__(self, buffer: bytes | memoryview | object, limits: validate.DecodeLimits) -> None:
         self.buf = memoryview(buffer)  # type: ignore[arg-type]
         self._map = buffer if isinstance(buffer, mmap.mmap) else None
-        validate.check_package_size(len(self.buf), limits)
-        if container.is_deflated(self.buf):  # at most container.MAX_INFLATED_BYTES, read in memory
-            view, self._map = self.buf, None
-            try:
-                self.buf = memoryview(container.inflated(view, limits.max_package_bytes))
-            finally:
-                view.release()  # the caller may close its memory map
-            validate.check_package_size(len(self.buf), limits)
+        try:
+            inside = container.opened(self.buf, limits)  # deflated: at most 16 MiB, read in memory
+        except Exception:
+            self.buf.release()  # the caller may close its memory map
+            raise
+        if inside is not None:
+            self.buf.release()
+            self.buf, self._map = memoryview(inside), None
         header = bytearray()
         self.spans: list[tuple[int, int]] = []  # the bytes of each TensorDelta (after tag and length)
         for number, wire, start, end in _fields(self.buf):

@@ -115,6 +115,26 @@ def array_record(records: RecordDict, key: str) -> ArrayRecord | None:
     return value if isinstance(value, ArrayRecord) else None
 
 
+_CODEC_DEFAULTS: dict[str, Any] = {
+    "codec-sparsify": "topk", "codec-density": 0.1, "codec-values": "int8", "codec-error-feedback": True,
+}  # fmt: skip
+
+
+def message_codec(conf: Mapping[str, Any], get: Callable[[str], Any] | None = None) -> CodecConfig:
+    """The uplink codec a server names in ``"fedmerge.config"``: the ``codec-*`` keys as a
+    :class:`CodecConfig`. ``get`` reads the four core keys (default: :data:`_CODEC_DEFAULTS` where
+    absent); ``codec-rank`` and ``codec-deflate`` are optional (0, off: an older server's message)."""
+    core = get or (lambda key: conf.get(key, _CODEC_DEFAULTS[key]))
+    return CodecConfig(
+        sparsify=core("codec-sparsify"),
+        density=float(core("codec-density")),
+        values=core("codec-values"),
+        error_feedback=bool(core("codec-error-feedback")),
+        rank=int(conf.get("codec-rank", 0)),
+        deflate=bool(conf.get("codec-deflate", False)),
+    )
+
+
 @dataclass(frozen=True)
 class TrainInstructions:
     """The settings of a ``train`` message (``"config"`` and ``"fedmerge.config"`` together), typed
@@ -167,14 +187,7 @@ class TrainInstructions:
             lora_rank=int(get("lora-rank")),
             lora_alpha=float(get("lora-alpha")),
             device=str(conf.get("device", "auto")),
-            codec=CodecConfig(
-                sparsify=get("codec-sparsify"),
-                density=float(get("codec-density")),
-                values=get("codec-values"),
-                error_feedback=bool(get("codec-error-feedback")),
-                rank=int(conf.get("codec-rank", 0)),
-                deflate=bool(conf.get("codec-deflate", False)),
-            ),
+            codec=message_codec(conf, get),
             fisher_examples=int(conf.get("fisher-examples", 0)),
             test_metrics=bool(conf.get("client-test-metrics", True)),
         )
@@ -674,14 +687,7 @@ def fedmerge_reply(
         if t.is_floating_point()
     }
     conf = message_settings(message.content)
-    codec = CodecConfig(
-        sparsify=conf.get("codec-sparsify", "topk"),
-        density=float(conf.get("codec-density", 0.1)),
-        values=conf.get("codec-values", "int8"),
-        error_feedback=bool(conf.get("codec-error-feedback", True)),
-        rank=int(conf.get("codec-rank", 0)),
-        deflate=bool(conf.get("codec-deflate", False)),
-    )
+    codec = message_codec(conf)
     meta = PackageMeta(
         client_id=client_id or client_id_of(context),
         round=round_,
