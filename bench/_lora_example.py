@@ -34,7 +34,8 @@ NODES = 3
 # the dense LoRA exchange: the adapted weights' ΔW in fp32 up (and, counted, down), as they are (not
 # deflated); full weights down
 DENSE: dict[str, Any] = {
-    "codec-density": 1.0, "codec-values": "fp32", "codec-deflate": False, "downlink-density": 1.0,
+    "codec-rank": 0, "codec-density": 1.0, "codec-values": "fp32", "codec-deflate": False,
+    "downlink-rank": 0, "downlink-density": 1.0,
 }  # fmt: skip
 
 

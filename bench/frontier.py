@@ -17,7 +17,8 @@ The points (``POINTS``):
   et al. 2019, built for non-IID federated learning in both directions) at several densities;
 * low-rank factor pairs of every weight matrix both ways (``codec-rank``/``downlink-rank``, the
   truncated SVD with error feedback, as PowerSGD — Vogels et al. 2019 — approximates it) with int4
-  factors, biases top-20 % int4;
+  factors, biases top-20 % int4, at one rank both ways and at a lower rank down than up (the merged
+  update each node receives loses less to a low rank than a node's own update does);
 * the operating point of Deep Gradient Compression (Lin et al. 2018) that fedmerge reproduces: top-k
   with error feedback ("gradient accumulation") of fp32 values on the uplink only, the downlink dense
   (DGC compresses what nodes send; its momentum correction and warm-up are not reproduced), not
@@ -81,9 +82,11 @@ LOW_RANK = "fedmerge low-rank"
 NOT_DEFLATED: dict[str, Any] = {"codec-deflate": False, "downlink-deflate": False}
 
 
-def _low_rank(rank: int, values: str) -> dict[str, Any]:
-    """Weight matrices as rank-``rank`` factor pairs both ways, the other tensors top-20 %, ``values``."""
-    return {**_both(0.2, values), "codec-rank": rank, "downlink-rank": rank}
+def _low_rank(rank: int, values: str, down_rank: int | None = None) -> dict[str, Any]:
+    """Weight matrices as rank-``rank`` factor pairs up and rank-``down_rank`` pairs down (default: the
+    same rank), the other tensors top-20 %, ``values``."""
+    down = rank if down_rank is None else down_rank
+    return {**_both(0.2, values), "codec-rank": rank, "downlink-rank": down}
 
 
 POINTS: tuple[Point, ...] = (
@@ -97,6 +100,9 @@ POINTS: tuple[Point, ...] = (
     Point("low rank: rank 4, int4 both ways (biases top-20 %)", LOW_RANK, _low_rank(4, "int4")),
     Point("low rank: rank 8, int4 both ways (biases top-20 %)", LOW_RANK, _low_rank(8, "int4")),
     Point("low rank: rank 2, int4 both ways (biases top-20 %)", LOW_RANK, _low_rank(2, "int4")),
+    Point("low rank: rank 8 up, rank 4 down, int4 (biases top-20 %)", LOW_RANK, _low_rank(8, "int4", 4)),
+    Point("low rank: rank 8 up, rank 3 down, int4 (biases top-20 %)", LOW_RANK, _low_rank(8, "int4", 3)),
+    Point("low rank: rank 6 up, rank 3 down, int4 (biases top-20 %)", LOW_RANK, _low_rank(6, "int4", 3)),
     Point(
         "low rank: rank 8, int4 both ways, not deflated",
         LOW_RANK,
@@ -112,6 +118,7 @@ QUICK_POINTS = (
     "top-20 % int4 both ways", "STC: top-20 % sign both ways", "STC: top-10 % sign both ways",
     "STC: top-5 % sign both ways", "low rank: rank 4, int4 both ways (biases top-20 %)",
     "low rank: rank 8, int4 both ways (biases top-20 %)",
+    "low rank: rank 8 up, rank 4 down, int4 (biases top-20 %)",
 )  # fmt: skip
 
 
@@ -252,6 +259,7 @@ def main(argv: list[str]) -> int:
     console.print(f"Flower FedAvg final accuracy (mean over seeds): {flower_acc:.4f}; {load_line()}")
     if args.write_docs:
         command = "python -m bench frontier" + (" --quick" if args.quick else "") + f" --task {args.task}"
+        command += f" --seeds {args.seeds}" if args.seeds != 3 else ""
         plot(DOCS / f"frontier-{args.task}.png", rows, args.task, rounds, len(seeds))
         (DOCS / f"frontier-{args.task}.md").write_text(markdown(rows, args.task, rounds, seeds, command))
         console.print(f"wrote {DOCS / f'frontier-{args.task}.png'} and .md")

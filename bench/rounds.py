@@ -9,10 +9,10 @@ and rounds, both on Flower's simulation engine in the same run:
 * **fedmerge**: the fedmerge ServerApp/ClientApp — clients send task vectors whose weight matrices
   travel as rank-8 factor pairs (the truncated SVD) with int4 values and the biases top-20 % int4, the
   server folds them as they arrive (FedAvg semantics), commits a version per round and sends clients
-  that hold the previous version the update encoded the same way instead of weights (``CODEC``; both
-  directions with error feedback); the nodes hold the base already (``downlink-base-at-nodes``: each
-  builds its task's pretrained base, used only when its weights digest is the one the server names),
-  so round 1 sends no weights;
+  that hold the previous version the update instead of weights, its weight matrices as rank-4 pairs
+  (``CODEC``; both directions with error feedback); the nodes hold the base already
+  (``downlink-base-at-nodes``: each builds its task's pretrained base, used only when its weights
+  digest is the one the server names), so round 1 sends no weights;
 * **Flower FedAvg**: ``flwr.serverapp.strategy.FedAvg`` with a quickstart-style ClientApp that
   receives and returns dense fp32 weights.
 
@@ -65,13 +65,13 @@ ALPHA, SEED = 0.5, 0
 # (a client update takes ~5 ms on digits' MLP, ~30 ms on tiny_lm's 90 k-parameter transformer), so
 # round times measure fixed per-round costs, Flower's 0.1 s polling ticks included.
 WORKLOADS: dict[str, tuple[float, int]] = {"digits": (0.1, 2), "tiny_lm": (0.05, 1)}
-# fedmerge's codec both ways: the smallest point of `python -m bench frontier` (digits, 10 clients,
-# 20 rounds, 3 seeds) within 0.5 points of Flower's final accuracy: the weight matrices as rank-8
-# factor pairs with int4 values, the biases top-20 % int4 — 3.1 % of Flower's bytes, where top-20 %
-# sign took 3.6 % and top-20 % int4 5.5 % (bench/RESULTS.md, frontier)
+# fedmerge's codec: the smallest point of `python -m bench frontier` (digits, 10 clients, 20 rounds,
+# seeds 0-5) within 0.5 points of Flower's final accuracy: the weight matrices as rank-8 factor pairs
+# up and rank-4 pairs down, int4 values, the biases top-20 % int4, packages deflated — 2.1 % of
+# Flower's bytes, where rank 8 both ways took 2.6 % and top-20 % sign 3.3 % (bench/RESULTS.md, frontier)
 CODEC: dict[str, Any] = {
     "codec-rank": 8, "codec-density": 0.2, "codec-values": "int4",
-    "downlink-rank": 8, "downlink-density": 0.2, "downlink-values": "int4",
+    "downlink-rank": 4, "downlink-density": 0.2, "downlink-values": "int4",
     "downlink-base-at-nodes": True,
 }  # fmt: skip
 # the same work per update as Flower's quickstart-style client below: train and reply (no evaluation of
@@ -302,7 +302,7 @@ def main(argv: list[str]) -> int:
     lora = {} if args.no_lora else lora_legs(console, 3 if args.quick else 5, args.lora_seeds)
 
     table = Table(title=f"{args.task}, {clients} clients, {rounds} rounds, Dirichlet α={ALPHA}, same run")
-    for col in ("", "fedmerge (fedavg, rank-8 int4)", "Flower FedAvg (dense fp32)", "ratio"):
+    for col in ("", "fedmerge (fedavg, rank-8/4 int4)", "Flower FedAvg (dense fp32)", "ratio"):
         table.add_column(col, justify="right")
     rows = [
         ("round time, s (rounds 2…R)", steady(ours["round_s"]), steady(ref["round_s"])),

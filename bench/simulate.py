@@ -6,7 +6,7 @@ Both sides run on Flower's simulation runtime (``flwr run`` on a private SuperLi
 :func:`fedmerge.flower.simulation.run_simulation_app`) in the same run, in separate processes, with the
 same task (digits), partitions, local training and number of virtual clients: fedmerge's
 ServerApp/ClientApp (``CODEC``: top-20 % sign task vectors up and down with error feedback — fixed,
-so that CI's lines of this regression guard compare runtimes, not codecs: the smaller rank-8 factor
+so that CI's lines of this regression guard compare runtimes, not codecs: the smaller rank-8/4 factor
 pairs of ``bench/rounds.py`` encode 1.5 ms slower per update —, streaming FedAvg, a
 committed version and a server evaluation per round; ``client-test-metrics = false``: a client trains
 and replies, as Flower's does, without evaluating its test split inside ``train``) versus

@@ -73,14 +73,15 @@ def test_a_node_holding_another_parent_is_told_so() -> None:
     "codec",
     [  # slow: tests/flower/test_hf_lora_example.py runs a compressed downlink in simulation by default
         pytest.param({"downlink-density": 0.1}, marks=pytest.mark.slow),
-        pytest.param({"codec-rank": 4, "downlink-rank": 4, "downlink-density": 0.2}, marks=pytest.mark.slow),
+        # the ranks of fedmerge demo and bench rounds: rank 8 up, rank 4 down
+        pytest.param({"codec-rank": 8, "downlink-rank": 4, "downlink-density": 0.2}, marks=pytest.mark.slow),
     ],
     ids=["topk", "low-rank"],
 )
 def test_rounds_with_compressed_downlink_reach_every_client(tmp_path, monkeypatch, codec) -> None:  # type: ignore[no-untyped-def]
     """From round 2 on, clients get the compressed update instead of weights and rebuild the version
     exactly (a wrong digest would make them fail, and the server would record the rejection); with
-    ``*-rank`` both directions carry the weight matrices as factor pairs."""
+    ``*-rank`` both directions carry the weight matrices as factor pairs, of another rank down than up."""
     import io
 
     from rich.console import Console
