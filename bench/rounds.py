@@ -65,10 +65,12 @@ ALPHA, SEED = 0.5, 0
 # (a client update takes ~5 ms on digits' MLP, ~30 ms on tiny_lm's 90 k-parameter transformer), so
 # round times measure fixed per-round costs, Flower's 0.1 s polling ticks included.
 WORKLOADS: dict[str, tuple[float, int]] = {"digits": (0.1, 2), "tiny_lm": (0.05, 1)}
-# fedmerge's codec: the smallest point of `python -m bench frontier` (digits, 10 clients, 20 rounds,
-# seeds 0-5) within 0.5 points of Flower's final accuracy: the weight matrices as rank-8 factor pairs
-# up and rank-4 pairs down, int4 values, the biases top-20 % int4, packages deflated — 2.1 % of
-# Flower's bytes, where rank 8 both ways took 2.6 % and top-20 % sign 3.3 % (bench/RESULTS.md, frontier)
+# fedmerge's codec: the smallest point of `python -m bench frontier` (digits, 10 clients, 20 rounds)
+# within 0.5 points of Flower's final accuracy pooled over every run of it (15 seed runs, -0.26): the
+# weight matrices as rank-8 factor pairs up and rank-4 pairs down, int4 values, the biases top-20 %
+# int4, packages deflated — 2.1 % of Flower's bytes, where rank 8 both ways took 2.6 % and top-20 %
+# sign 3.3 %. Rank 4 both ways (1.7 %) is within the half point in one run of four, -0.55 pooled
+# (bench/RESULTS.md, "Rank 8 up, rank 4 down")
 CODEC: dict[str, Any] = {
     "codec-rank": 8, "codec-density": 0.2, "codec-values": "int4",
     "downlink-rank": 4, "downlink-density": 0.2, "downlink-values": "int4",

@@ -54,7 +54,8 @@ def demo(
     (``--rank 0 --downlink-rank 0``). The clients build the base themselves (the task's pretrained
     model, used only when its weights digest is the one the server names), so round 1 sends no weights
     (``--send-base`` sends them). It is the smallest point within 0.5 points of Flower's accuracy over
-    20 rounds and 6 seeds (``python -m bench frontier``, bench/RESULTS.md); three rounds are too few
+    20 rounds, pooled over 15 seed runs (``python -m bench frontier``, bench/RESULTS.md; rank 4 both
+    ways is smaller but 0.55 points below, pooled); three rounds are too few
     to rank codecs (one run each: 0.772 with rank 4 down, 0.755 with rank 8 down, 0.777 for top-20 %
     int4)."""
     from rich.console import Console
