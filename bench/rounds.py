@@ -87,8 +87,15 @@ def peak_rss_bytes() -> int:
 
 
 def run_fedmerge(
-    clients: int, rounds: int, task: str = "digits", codec: dict[str, Any] | None = None, seed: int = SEED
+    clients: int,
+    rounds: int,
+    task: str = "digits",
+    codec: dict[str, Any] | None = None,
+    seed: int = SEED,
+    gpu_fraction: float = 0.0,
 ) -> dict[str, Any]:
+    """fedmerge's ServerApp and ClientApp on Flower's simulation runtime; ``gpu_fraction`` > 0: each
+    virtual client trains on that fraction of a GPU (``client-device = cuda``), the server on the CPU."""
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
 
@@ -117,11 +124,12 @@ def run_fedmerge(
             "store": store, "num-rounds": rounds, "min-clients": clients, "min-valid": clients,
             "aggregator": "fedavg", **(CODEC if codec is None else codec), "task": task,
             "lr": WORKLOADS[task][0], "local-epochs": WORKLOADS[task][1], "dirichlet-alpha": ALPHA,
-            "seed": seed, **CLIENT_WORK,
+            "seed": seed, **CLIENT_WORK, "client-device": "cuda" if gpu_fraction > 0 else "cpu",
         }  # fmt: skip
         run_simulation_app(
-            server, "fedmerge_clients.app:app", num_supernodes=clients, run_config=config, on_report=on_report
-        )
+            server, "fedmerge_clients.app:app", num_supernodes=clients, run_config=config,
+            num_gpus=gpu_fraction, on_report=on_report,
+        )  # fmt: skip
     return {
         "round_s": [r.wall_s for r in reports],
         "merge_s": [r.merge_s for r in reports],  # last reply judged -> version committed (and evaluated)
@@ -133,9 +141,15 @@ def run_fedmerge(
 
 
 def _flower_apps(
-    rounds: int, clients: int, out: dict[str, Any], task_name: str = "digits", seed: int = SEED
+    rounds: int,
+    clients: int,
+    out: dict[str, Any],
+    task_name: str = "digits",
+    seed: int = SEED,
+    device: str = "cpu",
 ) -> tuple[Any, Any]:
-    """A plain Flower FedAvg ServerApp and a quickstart-style ClientApp on the same task and data."""
+    """A plain Flower FedAvg ServerApp and a quickstart-style ClientApp on the same task and data (the
+    client trains on ``device``, as Flower's quickstart-pytorch does: model and batches moved there)."""
     from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
     from flwr.serverapp import Grid, ServerApp
@@ -156,13 +170,15 @@ def _flower_apps(
         data = partition_for(task_name, num, "dirichlet", ALPHA, seed)[pid]
         model = task.build_model(seed)
         model.load_state_dict(message.content.array_records["arrays"].to_torch_state_dict())
+        model.to(device)
         round_ = int(message.content.config_records["config"]["server-round"])  # type: ignore[arg-type]
         metrics = task.train(
-            model, data, epochs=epochs, lr=lr, batch_size=32, generator=client_generator(seed, round_, pid)
-        )
+            model, data, epochs=epochs, lr=lr, batch_size=32, generator=client_generator(seed, round_, pid),
+            device=device,
+        )  # fmt: skip
         reply = RecordDict(
             {
-                "arrays": ArrayRecord(model.state_dict()),
+                "arrays": ArrayRecord({k: v.cpu() for k, v in model.state_dict().items()}),
                 "metrics": MetricRecord(
                     {"train-loss": metrics["train-loss"], "num-examples": data.num_examples}
                 ),
@@ -197,11 +213,17 @@ def _flower_apps(
     return server, client
 
 
-def run_flower(clients: int, rounds: int, task: str = "digits", seed: int = SEED) -> dict[str, Any]:
+def run_flower(
+    clients: int, rounds: int, task: str = "digits", seed: int = SEED, gpu_fraction: float = 0.0
+) -> dict[str, Any]:
+    """Flower's FedAvg with the quickstart-style ClientApp; ``gpu_fraction`` as in :func:`run_fedmerge`."""
     results: list[dict[str, Any]] = []
-    server, client = _flower_apps(rounds, clients, {"accuracy": []}, task, seed)
+    device = "cuda" if gpu_fraction > 0 else "cpu"
+    server, client = _flower_apps(rounds, clients, {"accuracy": []}, task, seed, device)
     # the same runtime and Ray settings on both sides
-    run_simulation_app(server, client, num_supernodes=clients, on_report=results.append)
+    run_simulation_app(
+        server, client, num_supernodes=clients, num_gpus=gpu_fraction, on_report=results.append
+    )
     return results[-1]
 
 
@@ -209,8 +231,8 @@ def child(
     kind: str, clients: int, rounds: int, task: str = "digits", options: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Run one side in a fresh process and return its JSON result (``task``: for the LoRA legs, the
-    JSON of their run-config overrides; ``options``: ``seed`` and, for fedmerge, ``codec`` — the
-    run-config keys of both directions' codecs, :data:`CODEC` by default)."""
+    JSON of their run-config overrides; ``options``: ``seed``, ``gpu_fraction`` and, for fedmerge,
+    ``codec`` — the run-config keys of both directions' codecs, :data:`CODEC` by default)."""
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
     with tempfile.TemporaryDirectory(prefix="flwr-home-") as home:  # removed after the child's run
         env.setdefault("FLWR_HOME", home)

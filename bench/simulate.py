@@ -14,7 +14,9 @@ and replies, as Flower's does, without evaluating its test split inside ``train`
 ``bench/rounds.py``, which runs both). Updates per minute = clients per round × 60 / steady-state round
 time (rounds 2…R). Two federation sizes: 20 clients (``updates_per_min_vs_flower``) and 100 clients
 (``updates_per_min_vs_flower_100``); quick: 5 and 3 rounds, one run per side; full: 5 rounds each, two
-interleaved runs per side, best of 2.
+interleaved runs per side, best of 2. ``--gpu-fraction F``: every virtual client of both sides trains on
+F of one GPU (Ray's ``num_gpus``; fedmerge's ``client-device = cuda``, Flower's client moves its model
+and batches there as its quickstart does); the servers evaluate on the CPU.
 Final accuracies of both sides are printed (fedmerge's codec is lossy: its accuracy differs from
 Flower's dense exchange; ``python -m bench simulate_profile --accuracy`` measures fedmerge at the codec
 that sends Flower's bytes, and ``python -m bench simulate_profile`` where a round's time goes, by
@@ -46,12 +48,30 @@ CODEC_LABEL = (
 )
 
 
-def measure(clients: int, rounds: int, repeats: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Each side ``repeats`` times, interleaved; the run with the best steady round time per side."""
+def gpu_problem(fraction: float) -> str | None:
+    """Why ``--gpu-fraction fraction`` cannot run here, or None (0 = CPU, always possible)."""
+    if fraction == 0:
+        return None
+    if not 0 < fraction <= 1:  # NaN fails too
+        return f"--gpu-fraction must be in (0, 1], got {fraction:g}"
+    import torch
+
+    if not torch.cuda.is_available():
+        return f"--gpu-fraction {fraction:g} needs a CUDA GPU and torch sees none (leave it out for the CPU)"
+    return None
+
+
+def measure(
+    clients: int, rounds: int, repeats: int, gpu_fraction: float = 0.0
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Each side ``repeats`` times, interleaved; the run with the best steady round time per side.
+    ``gpu_fraction`` > 0: every virtual client of both sides trains on that fraction of the GPU."""
     runs: dict[str, list[dict[str, Any]]] = {"fedmerge": [], "flower": []}
 
     def side(kind: str) -> Any:
-        options = {"codec": CODEC} if kind == "fedmerge" else None
+        options: dict[str, Any] = {"gpu_fraction": gpu_fraction} if gpu_fraction > 0 else {}
+        if kind == "fedmerge":
+            options["codec"] = CODEC
         return lambda: runs[kind].append(child(kind, clients, rounds, options=options))
 
     interleaved(side("fedmerge"), side("flower"), repeats, warmup=False)
@@ -63,13 +83,21 @@ def measure(clients: int, rounds: int, repeats: int) -> tuple[dict[str, Any], di
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench simulate", description=__doc__)
     ap.add_argument("--quick", action="store_true", help="one run per side: 20 clients × 5, 100 × 3 rounds")
+    ap.add_argument(
+        "--gpu-fraction", type=float, default=0.0, metavar="F",
+        help="each virtual client of both sides trains on F of one GPU (0 < F ≤ 1; default 0: CPU)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
+    problem = gpu_problem(args.gpu_fraction)
+    if problem:
+        print(f"python -m bench simulate: {problem}", file=sys.stderr)
+        return 2
     console = Console()
     sizes = [(20, 5), (100, 3)] if args.quick else [(20, 5), (100, 5)]
     repeats = 1 if args.quick else 2
     summary: dict[str, Any] = {}
     for clients, rounds in sizes:
-        ours, ref = measure(clients, rounds, repeats)
+        ours, ref = measure(clients, rounds, repeats, args.gpu_fraction)
         ours_upm = clients * 60 / steady(ours["round_s"])
         ref_upm = clients * 60 / steady(ref["round_s"])
         table = Table(title=f"client updates per minute, {clients} virtual clients, digits, {rounds} rounds")
@@ -89,6 +117,7 @@ def main(argv: list[str]) -> int:
             f"flower_accuracy{suffix}": round(ref["accuracy"][-1], 4),
         }
     summary["codec"] = CODEC_LABEL
+    summary["client_device"] = f"cuda ({args.gpu_fraction:g} GPU per client)" if args.gpu_fraction else "cpu"
     summary["clients"] = 20
     summary["load_average_1min"] = round(load_average()[0], 2)
     print(json.dumps(summary))
