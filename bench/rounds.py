@@ -3,7 +3,7 @@
     python -m bench rounds [--quick] [--task digits|tiny_lm]
 
 Same task (``--task``: digits, or the tiny causal transformer), same non-IID partitions (Dirichlet
-α=0.5), same local training (SGD; lr and epochs per task in ``WORKLOADS``), same number of clients
+α=0.5), same local training (the task's optimizer; lr and epochs in ``WORKLOADS``), same number of clients
 and rounds, both on Flower's simulation engine in the same run:
 
 * **fedmerge**: the fedmerge ServerApp/ClientApp — clients send task vectors whose weight matrices
@@ -61,10 +61,13 @@ from fedmerge_bench import _lora_example
 from fedmerge_bench.timing import interleaved, load_average, load_line
 
 ALPHA, SEED = 0.5, 0
-# task → (lr, local epochs): the same local training on both sides. Both built-in tasks are small
-# (a client update takes ~5 ms on digits' MLP, ~30 ms on tiny_lm's 90 k-parameter transformer), so
-# round times measure fixed per-round costs, Flower's 0.1 s polling ticks included.
-WORKLOADS: dict[str, tuple[float, int]] = {"digits": (0.1, 2), "tiny_lm": (0.05, 1)}
+# task → (lr, local epochs): the same local training on both sides (digits: SGD; tiny_lm: Adam, the
+# task's local optimizer). Both built-in tasks are small (a client update takes ~5 ms on digits' MLP,
+# ~30 ms on tiny_lm's 90 k-parameter transformer), so round times measure fixed per-round costs,
+# Flower's 0.1 s polling ticks included. tiny_lm's lr was 0.05 until 2026-12-07: Adam at that rate
+# left both sides at chance (1/16 on the answer tokens, loss ln 16) and every tiny_lm comparison before
+# then measured noise; at 0.003 Flower's FedAvg reaches 0.64 after 10 rounds (bench/RESULTS.md)
+WORKLOADS: dict[str, tuple[float, int]] = {"digits": (0.1, 2), "tiny_lm": (0.003, 1)}
 # fedmerge's codec: the smallest point of `python -m bench frontier` (digits, 10 clients, 20 rounds)
 # within 0.5 points of Flower's final accuracy pooled over every run of it (15 seed runs, -0.26): the
 # weight matrices as rank-8 factor pairs up and rank-4 pairs down, int4 values, the biases top-20 %
