@@ -12,12 +12,13 @@ over seeds).
 
 The points (``POINTS``):
 
-* fedmerge's top-k with int4 values both ways (``bench rounds``' codec before sign values) and with
-  sign values — top-k + sign + error feedback both ways is sparse ternary compression (STC, Sattler
-  et al. 2019, built for non-IID federated learning in both directions) at several densities;
+* fedmerge's top-k with int4 values both ways (20 %, ``bench rounds``' codec before sign values, and
+  50 %) and with sign values — top-k + sign + error feedback both ways is sparse ternary compression
+  (STC, Sattler et al. 2019, built for non-IID federated learning in both directions) at several
+  densities;
 * low-rank factor pairs of every weight matrix both ways (``codec-rank``/``downlink-rank``, the
   truncated SVD with error feedback, as PowerSGD — Vogels et al. 2019 — approximates it) with int4
-  factors, biases top-20 % int4, at one rank both ways and at a lower rank down than up (the merged
+  factors, biases top-20 % int4, at one rank both ways (2 to 16) and at a lower rank down than up (the merged
   update each node receives loses less to a low rank than a node's own update does);
 * the operating point of Deep Gradient Compression (Lin et al. 2018) that fedmerge reproduces: top-k
   with error feedback ("gradient accumulation") of fp32 values on the uplink only, the downlink dense
@@ -103,6 +104,9 @@ POINTS: tuple[Point, ...] = (
     Point("low rank: rank 8 up, rank 4 down, int4 (biases top-20 %)", LOW_RANK, _low_rank(8, "int4", 4)),
     Point("low rank: rank 8 up, rank 3 down, int4 (biases top-20 %)", LOW_RANK, _low_rank(8, "int4", 3)),
     Point("low rank: rank 6 up, rank 3 down, int4 (biases top-20 %)", LOW_RANK, _low_rank(6, "int4", 3)),
+    # more bytes: where tiny_lm (Adam, 10 rounds) comes within a point of Flower (bench/RESULTS.md)
+    Point("low rank: rank 16, int4 both ways (biases top-20 %)", LOW_RANK, _low_rank(16, "int4")),
+    Point("top-50 % int4 both ways", "fedmerge int4", _both(0.5, "int4")),
     Point(
         "low rank: rank 8, int4 both ways, not deflated",
         LOW_RANK,
