@@ -131,6 +131,14 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
+def _exited(pid: int) -> bool:
+    """Whether process ``pid`` has ended (gone, or a zombie not yet reaped)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def wait_until(
     condition: Callable[[], bool],
     what: str,
@@ -149,7 +157,9 @@ def wait_until(
     cpu = tree_cpu_seconds(pid)
     while not condition():
         now = time.monotonic()
-        if not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+        if _exited(pid):
+            if condition():  # it came true as the process ended, between the two checks
+                return
             raise NoProgress(f"{what}: process {pid} exited after {now - start:.0f} s")
         used = tree_cpu_seconds(pid)
         if used - cpu >= min_cpu_s:

@@ -74,3 +74,22 @@ def test_wait_until_waits_while_the_process_works_and_stops_when_it_idles(tmp_pa
     gone.wait()
     with pytest.raises(NoProgress, match="exited"):
         wait_until(lambda: False, "never", pid=gone.pid, idle_s=5.0)
+
+
+def test_a_condition_that_came_true_as_the_process_ended_is_met() -> None:
+    """The process exits between a false check and the exit check (a fuzzing run that ends on time,
+    say): the condition is checked once more, and holds, so that is not a failure."""
+    ended = subprocess.Popen(["true"])
+    while psutil.Process(ended.pid).status() != psutil.STATUS_ZOMBIE:  # ended, not reaped
+        time.sleep(0.01)
+    calls = []
+
+    def done() -> bool:  # false when first asked, true once the process is seen to have ended
+        calls.append(1)
+        return len(calls) > 1
+
+    try:
+        wait_until(done, "the run", pid=ended.pid, idle_s=5.0)
+    finally:
+        ended.wait()
+    assert len(calls) == 2
