@@ -89,6 +89,12 @@ def peak_rss_bytes() -> int:
         return int(next(line for line in f if line.startswith("VmHWM")).split()[1]) * 1024
 
 
+def client_device(gpu_fraction: float) -> str:
+    """The device a virtual client of either side trains on: ``cuda`` when it is given a fraction of a
+    GPU, else ``cpu``."""
+    return "cuda" if gpu_fraction > 0 else "cpu"
+
+
 def run_fedmerge(
     clients: int,
     rounds: int,
@@ -127,7 +133,7 @@ def run_fedmerge(
             "store": store, "num-rounds": rounds, "min-clients": clients, "min-valid": clients,
             "aggregator": "fedavg", **(CODEC if codec is None else codec), "task": task,
             "lr": WORKLOADS[task][0], "local-epochs": WORKLOADS[task][1], "dirichlet-alpha": ALPHA,
-            "seed": seed, **CLIENT_WORK, "client-device": "cuda" if gpu_fraction > 0 else "cpu",
+            "seed": seed, **CLIENT_WORK, "client-device": client_device(gpu_fraction),
         }  # fmt: skip
         run_simulation_app(
             server, "fedmerge_clients.app:app", num_supernodes=clients, run_config=config,
@@ -221,8 +227,7 @@ def run_flower(
 ) -> dict[str, Any]:
     """Flower's FedAvg with the quickstart-style ClientApp; ``gpu_fraction`` as in :func:`run_fedmerge`."""
     results: list[dict[str, Any]] = []
-    device = "cuda" if gpu_fraction > 0 else "cpu"
-    server, client = _flower_apps(rounds, clients, {"accuracy": []}, task, seed, device)
+    server, client = _flower_apps(rounds, clients, {"accuracy": []}, task, seed, client_device(gpu_fraction))
     # the same runtime and Ray settings on both sides
     run_simulation_app(
         server, client, num_supernodes=clients, num_gpus=gpu_fraction, on_report=results.append

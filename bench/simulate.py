@@ -33,7 +33,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from fedmerge_bench.rounds import child, steady
+from fedmerge_bench.rounds import child, client_device, steady
 from fedmerge_bench.timing import interleaved, load_average
 
 # the codec of every simulate measurement since 2026-12-07 05:00 (STC: top-20 % sign both ways)
@@ -117,7 +117,8 @@ def main(argv: list[str]) -> int:
             f"flower_accuracy{suffix}": round(ref["accuracy"][-1], 4),
         }
     summary["codec"] = CODEC_LABEL
-    summary["client_device"] = f"cuda ({args.gpu_fraction:g} GPU per client)" if args.gpu_fraction else "cpu"
+    share = f" ({args.gpu_fraction:g} GPU per client)" if args.gpu_fraction > 0 else ""
+    summary["client_device"] = client_device(args.gpu_fraction) + share
     summary["clients"] = 20
     summary["load_average_1min"] = round(load_average()[0], 2)
     print(json.dumps(summary))
